@@ -1,0 +1,86 @@
+//! The CLI's JSON-RPC client: WebSocket over the daemon's Unix socket, typed by tools_schema operations.
+use std::path::Path;
+use std::time::Duration;
+
+use jsonrpsee::client_transport::ws::{Url, WsTransportClientBuilder};
+use jsonrpsee::core::client::{ClientBuilder, ClientT};
+use jsonrpsee::core::params::ObjectParams;
+use tokio::net::UnixStream;
+use tools_schema::ops::Operation;
+use tools_schema::{ApiError, ErrorCode};
+
+pub struct Daemon {
+    client: jsonrpsee::core::client::Client,
+}
+
+/// Why a call failed: the daemon answered with an error, or it could not be reached.
+#[derive(Debug)]
+pub enum CallError {
+    Api(ApiError),
+    Unreachable(String),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Api(e) => write!(f, "{}", e.display_with_hint()),
+            CallError::Unreachable(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
+
+impl Daemon {
+    pub async fn connect(socket: &Path) -> Result<Daemon, CallError> {
+        let stream = UnixStream::connect(socket).await.map_err(|e| {
+            CallError::Unreachable(format!(
+                "cannot reach the banger daemon at {} ({e})\n  hint: start it with `banger daemon start`",
+                socket.display()
+            ))
+        })?;
+        let url = Url::parse("ws://localhost/").expect("static url");
+        let (tx, rx) = WsTransportClientBuilder::default()
+            .max_request_size(16 << 20)
+            .max_response_size(64 << 20)
+            .build_with_stream(url, stream)
+            .await
+            .map_err(|e| {
+                CallError::Unreachable(format!("websocket handshake with the daemon failed: {e}"))
+            })?;
+        let client = ClientBuilder::default()
+            // VM boots and image builds are long; the daemon enforces its own deadlines.
+            .request_timeout(Duration::from_secs(3600))
+            .max_buffer_capacity_per_subscription(1024)
+            .build_with_tokio(tx, rx);
+        Ok(Daemon { client })
+    }
+
+    /// Calls an operation with typed params and result.
+    pub async fn call<O: Operation>(&self, params: &O::Params) -> Result<O::Result, CallError> {
+        let value = serde_json::to_value(params)
+            .map_err(|e| CallError::Unreachable(format!("encoding params: {e}")))?;
+        let mut obj = ObjectParams::new();
+        if let serde_json::Value::Object(m) = value {
+            for (k, v) in m {
+                obj.insert(&k, v)
+                    .map_err(|e| CallError::Unreachable(e.to_string()))?;
+            }
+        }
+        self.client
+            .request::<O::Result, _>(O::METHOD, obj)
+            .await
+            .map_err(|e| match e {
+                jsonrpsee::core::ClientError::Call(obj) => {
+                    let api = obj
+                        .data()
+                        .and_then(|d| serde_json::from_str::<ApiError>(d.get()).ok())
+                        .unwrap_or_else(|| {
+                            ApiError::new(ErrorCode::Internal, obj.message().to_string())
+                        });
+                    CallError::Api(api)
+                }
+                other => CallError::Unreachable(format!("talking to the daemon failed: {other}")),
+            })
+    }
+}

@@ -1,0 +1,283 @@
+//! `banger vm ...`.
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use tools_schema::daemon::VmmKind;
+use tools_schema::ops;
+use tools_schema::vm::{
+    VmBatchResult, VmCreateParams, VmExecParams, VmInfo, VmLogsParams, VmRef, VmRefs,
+};
+
+use crate::{output, Ctx};
+
+#[derive(Subcommand)]
+pub enum VmCmd {
+    /// Create a VM and wait until it is ready.
+    #[command(
+        after_help = "Examples:\n  banger vm create\n  banger vm create --name dev --vcpus 2 --memory 1024"
+    )]
+    Create(CreateArgs),
+    /// List VMs.
+    List,
+    /// Show one VM.
+    Show { vm: String },
+    /// Boot stopped VMs.
+    #[command(after_help = "Example:\n  banger vm start dev test")]
+    Start {
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// Shut VMs down gracefully (forced after a grace period). Disks are kept.
+    Stop {
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// Stop, then start VMs.
+    Restart {
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// Force VMs off immediately. Disks are kept.
+    Kill {
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// Delete VMs and their disks.
+    Delete {
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// Run a command in a VM; exits with the command's exit code.
+    #[command(
+        after_help = "Examples:\n  banger vm exec dev -- uname -a\n  banger vm exec dev --cwd /tmp --env A=1 -- sh -c 'echo $A'"
+    )]
+    Exec(ExecArgs),
+    /// Show the tail of a VM's console log.
+    Logs {
+        vm: String,
+        /// Number of lines.
+        #[arg(long, default_value_t = 200)]
+        tail: u32,
+    },
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    /// VM name (also its DNS name <name>.vm). Generated when omitted.
+    #[arg(long)]
+    name: Option<String>,
+    /// Image name or id (default image when omitted).
+    #[arg(long)]
+    image: Option<String>,
+    /// Virtual CPUs (1-32).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=32))]
+    vcpus: Option<u32>,
+    /// Guest memory in MiB (128-65536).
+    #[arg(long = "memory", value_parser = clap::value_parser!(u32).range(128..=65536))]
+    memory_mib: Option<u32>,
+    /// Force a VMM: firecracker or qemu.
+    #[arg(long)]
+    vmm: Option<VmmKind>,
+}
+
+#[derive(Args)]
+pub struct ExecArgs {
+    vm: String,
+    /// Working directory in the guest (default /root).
+    #[arg(long)]
+    cwd: Option<String>,
+    /// Environment variable KEY=VALUE (repeatable).
+    #[arg(long = "env", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Kill the command after this many seconds (default 600).
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Send this text as the command's standard input.
+    #[arg(long)]
+    stdin: Option<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
+}
+
+fn vm_rows(vms: &[VmInfo]) -> Vec<Vec<String>> {
+    vms.iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                v.state.as_str().to_string(),
+                v.image.clone(),
+                v.vcpus.to_string(),
+                format!("{} MiB", v.memory_mib),
+                v.vmm.as_str().to_string(),
+                v.id.clone(),
+                output::ago(v.created_at),
+            ]
+        })
+        .collect()
+}
+
+const VM_HEADER: &[&str] = &[
+    "NAME", "STATE", "IMAGE", "VCPUS", "MEMORY", "VMM", "ID", "CREATED",
+];
+
+fn print_batch(verb: &str, r: &VmBatchResult, json: bool) -> ExitCode {
+    if json {
+        output::json(r);
+    } else {
+        for o in &r.results {
+            match (&o.info, &o.error) {
+                (_, Some(e)) => eprintln!("{}: {}", o.vm, e.display_with_hint()),
+                (Some(i), None) => println!("{}: {verb} ({})", o.vm, i.state.as_str()),
+                (None, None) => println!("{}: {verb}", o.vm),
+            }
+        }
+    }
+    if r.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    let d = ctx.daemon().await?;
+    match cmd {
+        VmCmd::Create(a) => {
+            let p = VmCreateParams {
+                name: a.name,
+                image: a.image,
+                vcpus: a.vcpus,
+                memory_mib: a.memory_mib,
+                vmm: a.vmm,
+            };
+            p.validate().map_err(|e| anyhow::anyhow!(e))?;
+            let started = std::time::Instant::now();
+            if !ctx.json {
+                eprintln!(
+                    "creating VM{}...",
+                    p.name.as_ref().map(|n| format!(" {n}")).unwrap_or_default()
+                );
+            }
+            let vm = d.call::<ops::VmCreate>(&p).await?;
+            if ctx.json {
+                output::json(&vm);
+            } else {
+                println!(
+                    "{} is {} ({:.1}s)",
+                    vm.name,
+                    vm.state.as_str(),
+                    started.elapsed().as_secs_f64()
+                );
+                println!("  run a command:  banger vm exec {} -- uname -a", vm.name);
+                println!("  delete it:      banger vm delete {}", vm.name);
+            }
+        }
+        VmCmd::List => {
+            let list = d.call::<ops::VmList>(&Default::default()).await?;
+            if ctx.json {
+                output::json(&list)
+            } else {
+                output::table(VM_HEADER, &vm_rows(&list.vms))
+            }
+        }
+        VmCmd::Show { vm } => {
+            let info = d.call::<ops::VmShow>(&VmRef { vm }).await?;
+            if ctx.json {
+                output::json(&info)
+            } else {
+                output::table(VM_HEADER, &vm_rows(&[info]))
+            }
+        }
+        VmCmd::Start { vms } => {
+            return Ok(print_batch(
+                "started",
+                &d.call::<ops::VmStart>(&VmRefs { vms }).await?,
+                ctx.json,
+            ))
+        }
+        VmCmd::Stop { vms } => {
+            return Ok(print_batch(
+                "stopped",
+                &d.call::<ops::VmStop>(&VmRefs { vms }).await?,
+                ctx.json,
+            ))
+        }
+        VmCmd::Restart { vms } => {
+            return Ok(print_batch(
+                "restarted",
+                &d.call::<ops::VmRestart>(&VmRefs { vms }).await?,
+                ctx.json,
+            ))
+        }
+        VmCmd::Kill { vms } => {
+            return Ok(print_batch(
+                "killed",
+                &d.call::<ops::VmKill>(&VmRefs { vms }).await?,
+                ctx.json,
+            ))
+        }
+        VmCmd::Delete { vms } => {
+            return Ok(print_batch(
+                "deleted",
+                &d.call::<ops::VmDelete>(&VmRefs { vms }).await?,
+                ctx.json,
+            ))
+        }
+        VmCmd::Exec(a) => {
+            let p = VmExecParams {
+                vm: a.vm,
+                command: a.command,
+                env: a.env.into_iter().collect::<BTreeMap<_, _>>(),
+                cwd: a.cwd,
+                stdin: a.stdin,
+                timeout_secs: a.timeout,
+            };
+            p.validate().map_err(|e| anyhow::anyhow!(e))?;
+            let r = d.call::<ops::VmExec>(&p).await?;
+            if ctx.json {
+                output::json(&r);
+            } else {
+                use std::io::Write;
+                std::io::stdout().write_all(r.stdout.as_bytes())?;
+                std::io::stderr().write_all(r.stderr.as_bytes())?;
+                if r.stdout_truncated || r.stderr_truncated {
+                    eprintln!("banger: output was longer than 8 MiB and was cut");
+                }
+                if r.timed_out {
+                    eprintln!("banger: command timed out and was killed");
+                }
+            }
+            // Like a shell: the command's code, 128+signal when killed, 124 on timeout.
+            let code = if r.timed_out {
+                124
+            } else {
+                r.exit_code.unwrap_or(128 + r.signal.unwrap_or(0))
+            };
+            return Ok(ExitCode::from(code.clamp(0, 255) as u8));
+        }
+        VmCmd::Logs { vm, tail } => {
+            let logs = d
+                .call::<ops::VmLogs>(&VmLogsParams {
+                    vm,
+                    tail: Some(tail),
+                })
+                .await?;
+            if ctx.json {
+                output::json(&logs);
+            } else {
+                for l in &logs.lines {
+                    println!("{l}");
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

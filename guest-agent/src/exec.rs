@@ -1,0 +1,146 @@
+//! Running a program for the host: streamed stdout/stderr, stdin from the host, timeout and cancel.
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+use tools_schema::guest::{ExecSpec, ExitStatus, Frame, FrameKind, GuestResponse};
+
+use crate::serve::respond;
+
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const CHUNK: usize = 64 * 1024;
+
+pub enum ExecInput {
+    Data(Vec<u8>),
+    Eof,
+    Cancel,
+}
+
+pub async fn run(
+    stream: u32,
+    spec: ExecSpec,
+    mut input: mpsc::UnboundedReceiver<ExecInput>,
+    out: mpsc::UnboundedSender<Frame>,
+) {
+    let started = Instant::now();
+    let mut cmd = Command::new(&spec.argv[0]);
+    cmd.args(&spec.argv[1..])
+        .env_clear()
+        .env("PATH", DEFAULT_PATH)
+        .env("HOME", "/root")
+        .env("USER", "root")
+        .env("LANG", "C.UTF-8")
+        .envs(&spec.env)
+        .current_dir(spec.cwd.as_deref().unwrap_or("/root"))
+        .stdin(if spec.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Own process group, so a timeout or cancel ends everything the command started.
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let cwd = spec.cwd.as_deref().unwrap_or("/root");
+            respond(
+                &out,
+                stream,
+                GuestResponse::Error {
+                    message: format!("cannot run `{}` in {cwd}: {e}", spec.argv[0]),
+                },
+            );
+            return;
+        }
+    };
+    let pgid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
+    let stdout = tokio::spawn(pump(
+        child.stdout.take().unwrap(),
+        FrameKind::Stdout,
+        stream,
+        out.clone(),
+    ));
+    let stderr = tokio::spawn(pump(
+        child.stderr.take().unwrap(),
+        FrameKind::Stderr,
+        stream,
+        out.clone(),
+    ));
+    let mut stdin = child.stdin.take();
+    let deadline = spec
+        .timeout_ms
+        .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+    let kill_group = || {
+        if let Some(pg) = pgid {
+            let _ = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGKILL);
+        }
+    };
+    let mut timed_out = false;
+    let mut input_open = true;
+    let status = loop {
+        tokio::select! {
+            st = child.wait() => break st,
+            msg = input.recv(), if input_open => match msg {
+                Some(ExecInput::Data(d)) => {
+                    if let Some(w) = stdin.as_mut() {
+                        // A program that closed its stdin early is not an error of ours.
+                        if w.write_all(&d).await.is_err() { stdin = None; }
+                    }
+                }
+                Some(ExecInput::Eof) => stdin = None,
+                Some(ExecInput::Cancel) | None => { input_open = false; kill_group(); }
+            },
+            _ = async { tokio::time::sleep_until(deadline.unwrap()).await }, if deadline.is_some() && !timed_out => {
+                timed_out = true;
+                kill_group();
+            }
+        }
+    };
+    // Output still buffered in the pipes belongs to the command. A background process that inherited the
+    // pipes may hold them open for ever, so give the readers a short grace and then move on.
+    for pump in [stdout, stderr] {
+        let _ = tokio::time::timeout(Duration::from_millis(500), pump).await;
+    }
+    let response = match status {
+        Ok(st) => {
+            use std::os::unix::process::ExitStatusExt;
+            GuestResponse::Exited(ExitStatus {
+                code: st.code(),
+                signal: st.signal(),
+                timed_out,
+                duration_ms: started.elapsed().as_millis() as u64,
+            })
+        }
+        Err(e) => GuestResponse::Error {
+            message: format!("waiting for `{}`: {e}", spec.argv[0]),
+        },
+    };
+    respond(&out, stream, response);
+}
+
+async fn pump(
+    mut r: impl AsyncRead + Unpin,
+    kind: FrameKind,
+    stream: u32,
+    out: mpsc::UnboundedSender<Frame>,
+) {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if out
+                    .send(Frame::new(kind, stream, buf[..n].to_vec()))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    }
+}

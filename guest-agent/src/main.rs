@@ -1,0 +1,27 @@
+//! banger-agent: runs inside every banger guest and answers the daemon over the host-guest channel.
+//!
+//! `banger-agent init` is PID 1 (the initramfs hands over to it): it mounts the pseudo filesystems, sets
+//! the hostname, then supervises `banger-agent serve` and reaps orphans. The split keeps PID 1's
+//! `waitpid(-1)` from stealing the exit statuses the server needs for the commands it runs.
+//! `banger-agent serve` speaks the guest protocol (tools_schema::guest) and can also run as an ordinary
+//! service under another init.
+mod channel;
+mod exec;
+mod init;
+mod serve;
+
+fn main() -> anyhow::Result<()> {
+    let mode = std::env::args().nth(1).unwrap_or_default();
+    match mode.as_str() {
+        "init" => init::run(),
+        "serve" => serve::run(),
+        "version" | "--version" => {
+            println!("banger-agent {}", tools_schema::BuildInfo::current());
+            Ok(())
+        }
+        _ => {
+            eprintln!("usage: banger-agent init|serve|version");
+            std::process::exit(2);
+        }
+    }
+}

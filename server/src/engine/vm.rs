@@ -1,0 +1,696 @@
+//! VM lifecycle: create, start, stop, restart, kill, delete, list, show, exec, logs; and reconcile at
+//! daemon start.
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use tokio_util::sync::CancellationToken;
+use tools_schema::daemon::{Empty, VmmKind};
+use tools_schema::guest::{ExecSpec, GuestRequest};
+use tools_schema::vm::{
+    VmBatchResult, VmCreateParams, VmExecParams, VmExecResult, VmInfo, VmList, VmLogs,
+    VmLogsParams, VmOutcome, VmRef, VmRefs, VmState,
+};
+use tools_schema::{ApiError, ErrorCode};
+
+use super::{new_id, now, CallContext, Engine};
+use crate::guest::{GuestConn, GuestError};
+use crate::store::{ImageRow, VmRow};
+use crate::vmm::{self, BootSpec, VmPaths, VmmError};
+
+/// Largest stdout or stderr `vm.exec` returns; more is cut and flagged.
+const EXEC_OUTPUT_LIMIT: usize = 8 << 20;
+const DEFAULT_EXEC_TIMEOUT_SECS: u64 = 600;
+
+fn vmm_error(e: VmmError) -> ApiError {
+    match e {
+        VmmError::MissingBinary { .. } => ApiError::new(ErrorCode::HostUnsupported, e.to_string())
+            .with_hint("run scripts/setup-host.sh, then `banger doctor`"),
+        VmmError::Unsupported { .. } => ApiError::new(ErrorCode::HostUnsupported, e.to_string())
+            .with_hint("use --vmm qemu (works on every host)"),
+        VmmError::Launch { .. } => {
+            ApiError::internal(e.to_string()).with_hint("`banger doctor` checks the host set-up")
+        }
+        VmmError::Io { .. } => ApiError::internal(format!(
+            "{e}: {}",
+            std::error::Error::source(&e)
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+        )),
+    }
+}
+
+fn guest_error(vm: &str, e: GuestError) -> ApiError {
+    match e {
+        GuestError::Cancelled => ApiError::new(ErrorCode::Cancelled, "cancelled by the caller"),
+        GuestError::Timeout(_) => ApiError::new(ErrorCode::Timeout, format!("VM {vm}: {e}"))
+            .with_hint(format!("`banger vm logs {vm}` shows the guest console")),
+        GuestError::Agent(ref m) if m.starts_with("cannot run") => ApiError::invalid(m.clone()),
+        other => ApiError::new(ErrorCode::GuestUnreachable, format!("VM {vm}: {other}"))
+            .with_hint(format!(
+            "`banger vm logs {vm}` shows the guest console; `banger vm restart {vm}` reboots it"
+        )),
+    }
+}
+
+impl Engine {
+    pub(crate) async fn vm_info(&self, row: &VmRow) -> VmInfo {
+        let image = self
+            .store
+            .images()
+            .await
+            .ok()
+            .and_then(|imgs| {
+                imgs.into_iter()
+                    .find(|i| i.id == row.image_id)
+                    .map(|i| i.name)
+            })
+            .unwrap_or_else(|| row.image_id.clone());
+        VmInfo {
+            id: row.id.clone(),
+            name: row.name.clone(),
+            state: row.state,
+            image,
+            vcpus: row.vcpus,
+            memory_mib: row.memory_mib,
+            vmm: row.vmm,
+            pid: row.pid,
+            created_at: row.created_at,
+            started_at: row.started_at,
+            last_error: row.last_error.clone(),
+        }
+    }
+
+    fn vm_paths(&self, id: &str) -> VmPaths {
+        VmPaths::new(self.cfg.vms_dir().join(id))
+    }
+
+    /// Finds a VM by exact id, exact name, or unique id prefix (4+ characters).
+    pub(crate) async fn resolve_vm(&self, r: &str) -> Result<VmRow, ApiError> {
+        if r.is_empty() {
+            return Err(ApiError::invalid("VM reference is empty"));
+        }
+        let vms = self.store.vms().await?;
+        if let Some(v) = vms.iter().find(|v| v.id == r || v.name == r) {
+            return Ok(v.clone());
+        }
+        let by_prefix: Vec<&VmRow> = if r.len() >= 4 {
+            vms.iter().filter(|v| v.id.starts_with(r)).collect()
+        } else {
+            vec![]
+        };
+        match by_prefix.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(ApiError::not_found(format!("no VM named `{r}`"))
+                .with_hint("`banger vm list` shows every VM")),
+            many => Err(ApiError::invalid(format!(
+                "`{r}` matches several VMs: {}",
+                many.iter()
+                    .map(|v| v.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .with_hint("use the full name or a longer id prefix")),
+        }
+    }
+
+    async fn reload(&self, id: &str) -> Result<VmRow, ApiError> {
+        self.store
+            .vm(id.to_string())
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("VM {id} was deleted")))
+    }
+
+    pub async fn vm_list(self: &Arc<Self>, _: Empty, _: CallContext) -> Result<VmList, ApiError> {
+        let rows = self.store.vms().await?;
+        let mut vms = Vec::with_capacity(rows.len());
+        for r in &rows {
+            vms.push(self.vm_info(r).await);
+        }
+        Ok(VmList { vms })
+    }
+
+    pub async fn vm_show(self: &Arc<Self>, p: VmRef, _: CallContext) -> Result<VmInfo, ApiError> {
+        let row = self.resolve_vm(&p.vm).await?;
+        Ok(self.vm_info(&row).await)
+    }
+
+    pub async fn vm_create(
+        self: &Arc<Self>,
+        p: VmCreateParams,
+        ctx: CallContext,
+    ) -> Result<VmInfo, ApiError> {
+        p.validate().map_err(ApiError::invalid)?;
+        let image = self.resolve_image(p.image.as_deref()).await?;
+        let vmm = p.vmm.unwrap_or(self.vmm.vmm);
+        if vmm == VmmKind::Firecracker {
+            return Err(vmm_error(VmmError::Unsupported { vmm: "firecracker" }));
+        }
+        let existing = self.store.vms().await?;
+        let name = match p.name {
+            Some(n) => {
+                if existing.iter().any(|v| v.name == n) {
+                    return Err(ApiError::new(
+                        ErrorCode::AlreadyExists,
+                        format!("a VM named `{n}` already exists"),
+                    )
+                    .with_hint(format!(
+                        "pick another name, or `banger vm delete {n}` first"
+                    )));
+                }
+                n
+            }
+            None => generate_name(&existing),
+        };
+        let row = VmRow {
+            id: new_id(),
+            name,
+            image_id: image.id.clone(),
+            vcpus: p.vcpus.unwrap_or(self.cfg.default_vcpus),
+            memory_mib: p.memory_mib.unwrap_or(self.cfg.default_memory_mib),
+            vmm,
+            state: VmState::Starting,
+            pid: None,
+            created_at: now(),
+            started_at: None,
+            last_error: None,
+        };
+        let lock = self.vm_lock(&row.id);
+        let _held = lock.lock().await;
+        self.store.insert_vm(row.clone()).await.map_err(|e| {
+            // The unique index catches a concurrent create of the same name.
+            ApiError::new(
+                ErrorCode::AlreadyExists,
+                format!("cannot record VM `{}`: {e}", row.name),
+            )
+        })?;
+        tracing::info!(vm = %row.name, id = %row.id, image = %image.name, "creating VM");
+        // The work runs in its own task so that a caller who disconnects cannot abandon it half-way: the
+        // task sees the cancellation and rolls back everything it made.
+        let engine = self.clone();
+        let cancel = ctx.cancel.clone();
+        let task_row = row.clone();
+        let outcome =
+            tokio::spawn(async move { engine.create_inner(task_row, image, cancel).await })
+                .await
+                .map_err(|e| ApiError::internal(format!("create task: {e}")))?;
+        match outcome {
+            Ok(()) => Ok(self.vm_info(&self.reload(&row.id).await?).await),
+            Err(e) => {
+                tracing::warn!(vm = %row.name, error = %e.message, "create failed; rolled back");
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_inner(
+        self: Arc<Self>,
+        row: VmRow,
+        image: ImageRow,
+        cancel: CancellationToken,
+    ) -> Result<(), ApiError> {
+        let paths = self.vm_paths(&row.id);
+        let result = async {
+            tokio::fs::create_dir_all(&paths.dir).await.map_err(|e| {
+                ApiError::internal(format!("creating {}: {e}", paths.dir.display()))
+            })?;
+            vmm::create_root_disk(
+                &self.cfg,
+                std::path::Path::new(&image.rootfs),
+                &paths.root_disk(),
+            )
+            .await
+            .map_err(vmm_error)?;
+            if cancel.is_cancelled() {
+                return Err(ApiError::new(ErrorCode::Cancelled, "VM creation cancelled"));
+            }
+            self.boot(&row, &image, &cancel).await
+        }
+        .await;
+        if result.is_err() {
+            // Roll back in reverse: process (boot already killed it on its own failure), files, record.
+            if let Some(v) = self.store.vm(row.id.clone()).await.ok().flatten() {
+                if let Some(pid) = v.pid {
+                    vmm::kill(pid, &row.id).await;
+                }
+            }
+            self.drop_guest(&row.id);
+            let _ = tokio::fs::remove_dir_all(&paths.dir).await;
+            let _ = self.store.delete_vm(row.id.clone()).await;
+        }
+        result
+    }
+
+    /// Starts the VMM and waits for the guest agent. On failure the VMM process is gone and the VM is
+    /// recorded as failed, with the reason.
+    async fn boot(
+        &self,
+        row: &VmRow,
+        image: &ImageRow,
+        cancel: &CancellationToken,
+    ) -> Result<(), ApiError> {
+        let paths = self.vm_paths(&row.id);
+        let spec = BootSpec {
+            vm_id: row.id.clone(),
+            hostname: row.name.clone(),
+            vcpus: row.vcpus,
+            memory_mib: row.memory_mib,
+            kernel: image.kernel.clone().into(),
+            initrd: image.initrd.clone().map(Into::into),
+            root_disk: paths.root_disk(),
+            dir: paths.dir.clone(),
+        };
+        let started = std::time::Instant::now();
+        self.store
+            .set_vm_state(row.id.clone(), VmState::Starting, None, None, None)
+            .await?;
+        let launched = vmm::launch(row.vmm, &self.cfg, &self.vmm.qemu_accel, &spec)
+            .await
+            .map_err(vmm_error);
+        let launched = match launched {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = self
+                    .store
+                    .set_vm_state(
+                        row.id.clone(),
+                        VmState::Failed,
+                        None,
+                        None,
+                        Some(e.message.clone()),
+                    )
+                    .await;
+                return Err(e);
+            }
+        };
+        self.store
+            .set_vm_state(
+                row.id.clone(),
+                VmState::Starting,
+                Some(launched.pid),
+                None,
+                None,
+            )
+            .await?;
+        let ready = async {
+            let conn = GuestConn::connect(&paths.channel()).await.map_err(|e| guest_error(&row.name, e))?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(self.cfg.boot_timeout_secs);
+            // Watch the VMM while waiting: a guest that died will never answer.
+            let marker = vmm::process_marker(&row.id);
+            let died = async {
+                while crate::host::process_matches(launched.pid, &marker) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            };
+            let agent = tokio::select! {
+                r = conn.wait_ready(deadline, cancel) => r.map_err(|e| guest_error(&row.name, e))?,
+                _ = died => return Err(ApiError::internal(format!("VM {}'s VMM exited during boot", row.name))
+                    .with_hint(format!("`banger vm logs {}` shows the guest console", row.name))),
+            };
+            Ok::<_, ApiError>((conn, agent))
+        }
+        .await;
+        match ready {
+            Ok((conn, agent)) => {
+                self.guests.lock().unwrap().insert(row.id.clone(), conn);
+                self.store
+                    .set_vm_state(
+                        row.id.clone(),
+                        VmState::Running,
+                        Some(launched.pid),
+                        Some(now()),
+                        None,
+                    )
+                    .await?;
+                tracing::info!(vm = %row.name, pid = launched.pid, agent = %agent, boot_ms = started.elapsed().as_millis() as u64, "VM ready");
+                Ok(())
+            }
+            Err(e) => {
+                vmm::kill(launched.pid, &row.id).await;
+                let _ = self
+                    .store
+                    .set_vm_state(
+                        row.id.clone(),
+                        VmState::Failed,
+                        None,
+                        None,
+                        Some(e.message.clone()),
+                    )
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    fn drop_guest(&self, id: &str) {
+        if let Some(c) = self.guests.lock().unwrap().remove(id) {
+            c.close();
+        }
+    }
+
+    /// The live guest connection of a running VM, reconnecting if the old one broke.
+    pub(crate) async fn guest(&self, row: &VmRow) -> Result<Arc<GuestConn>, ApiError> {
+        if row.state != VmState::Running {
+            return Err(ApiError::precondition(format!(
+                "VM {} is {}",
+                row.name,
+                row.state.as_str()
+            ))
+            .with_hint(format!("start it first: banger vm start {}", row.name)));
+        }
+        let existing = self
+            .guests
+            .lock()
+            .unwrap()
+            .get(&row.id)
+            .filter(|c| !c.is_closed())
+            .cloned();
+        if let Some(c) = existing {
+            return Ok(c);
+        }
+        let conn = GuestConn::connect(&self.vm_paths(&row.id).channel())
+            .await
+            .map_err(|e| guest_error(&row.name, e))?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        conn.wait_ready(deadline, &CancellationToken::new())
+            .await
+            .map_err(|e| guest_error(&row.name, e))?;
+        self.guests
+            .lock()
+            .unwrap()
+            .insert(row.id.clone(), conn.clone());
+        Ok(conn)
+    }
+
+    /// Runs `op` for each distinct ref concurrently; results come back in the order the refs were given.
+    async fn batch<F, Fut>(self: &Arc<Self>, refs: VmRefs, op: F) -> Result<VmBatchResult, ApiError>
+    where
+        F: Fn(Arc<Engine>, VmRow) -> Fut,
+        Fut: std::future::Future<Output = Result<Option<VmInfo>, ApiError>>,
+    {
+        if refs.vms.is_empty() {
+            return Err(ApiError::invalid("name at least one VM"));
+        }
+        let mut unique: Vec<String> = vec![];
+        for r in refs.vms {
+            if !unique.contains(&r) {
+                unique.push(r);
+            }
+        }
+        let futures = unique.iter().map(|r| {
+            let engine = self.clone();
+            let op = &op;
+            async move {
+                let result = match engine.resolve_vm(r).await {
+                    Ok(row) => op(engine.clone(), row).await,
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(info) => VmOutcome {
+                        vm: r.clone(),
+                        info,
+                        error: None,
+                    },
+                    Err(e) => VmOutcome {
+                        vm: r.clone(),
+                        info: None,
+                        error: Some(e),
+                    },
+                }
+            }
+        });
+        let results = join_all(futures).await;
+        let ok = results.iter().all(|r| r.error.is_none());
+        Ok(VmBatchResult { results, ok })
+    }
+
+    pub async fn vm_start(
+        self: &Arc<Self>,
+        p: VmRefs,
+        ctx: CallContext,
+    ) -> Result<VmBatchResult, ApiError> {
+        self.batch(p, |engine, row| {
+            let cancel = ctx.cancel.clone();
+            async move { engine.start_one(row, cancel).await.map(Some) }
+        })
+        .await
+    }
+
+    async fn start_one(
+        self: Arc<Self>,
+        row: VmRow,
+        cancel: CancellationToken,
+    ) -> Result<VmInfo, ApiError> {
+        let lock = self.vm_lock(&row.id);
+        let _held = lock.lock().await;
+        let row = self.reload(&row.id).await?;
+        if row.state == VmState::Running && self.is_alive(&row) {
+            return Ok(self.vm_info(&row).await);
+        }
+        let image = self.resolve_image(Some(&row.image_id)).await?;
+        let engine = self.clone();
+        let task_row = row.clone();
+        tokio::spawn(async move { engine.boot(&task_row, &image, &cancel).await })
+            .await
+            .map_err(|e| ApiError::internal(format!("start task: {e}")))??;
+        Ok(self.vm_info(&self.reload(&row.id).await?).await)
+    }
+
+    fn is_alive(&self, row: &VmRow) -> bool {
+        row.pid
+            .is_some_and(|pid| crate::host::process_matches(pid, &vmm::process_marker(&row.id)))
+    }
+
+    pub async fn vm_stop(
+        self: &Arc<Self>,
+        p: VmRefs,
+        _: CallContext,
+    ) -> Result<VmBatchResult, ApiError> {
+        self.batch(p, |engine, row| async move {
+            engine.stop_one(row, false).await.map(Some)
+        })
+        .await
+    }
+
+    pub async fn vm_kill(
+        self: &Arc<Self>,
+        p: VmRefs,
+        _: CallContext,
+    ) -> Result<VmBatchResult, ApiError> {
+        self.batch(p, |engine, row| async move {
+            engine.stop_one(row, true).await.map(Some)
+        })
+        .await
+    }
+
+    pub async fn vm_restart(
+        self: &Arc<Self>,
+        p: VmRefs,
+        ctx: CallContext,
+    ) -> Result<VmBatchResult, ApiError> {
+        self.batch(p, |engine, row| {
+            let cancel = ctx.cancel.clone();
+            async move {
+                engine.clone().stop_one(row.clone(), false).await?;
+                engine.start_one(row, cancel).await.map(Some)
+            }
+        })
+        .await
+    }
+
+    /// Stops a VM: asks the guest to power off and waits up to the grace period, then forces it.
+    async fn stop_one(self: Arc<Self>, row: VmRow, force: bool) -> Result<VmInfo, ApiError> {
+        let lock = self.vm_lock(&row.id);
+        let _held = lock.lock().await;
+        let row = self.reload(&row.id).await?;
+        self.halt(&row, force).await?;
+        Ok(self.vm_info(&self.reload(&row.id).await?).await)
+    }
+
+    /// Brings a VM to `stopped`, whatever state it is in. Caller holds the VM lock.
+    async fn halt(&self, row: &VmRow, force: bool) -> Result<(), ApiError> {
+        let marker = vmm::process_marker(&row.id);
+        if let Some(pid) = row.pid.filter(|_| self.is_alive(row)) {
+            self.store
+                .set_vm_state(row.id.clone(), VmState::Stopping, Some(pid), None, None)
+                .await?;
+            let mut gone = false;
+            if !force {
+                let grace = Duration::from_secs(self.cfg.stop_grace_secs);
+                let conn = self.guests.lock().unwrap().get(&row.id).cloned();
+                if let Some(conn) = conn {
+                    let _ = conn
+                        .request(
+                            &GuestRequest::Shutdown { reboot: false },
+                            Duration::from_secs(3),
+                        )
+                        .await;
+                }
+                gone = vmm::wait_exit(pid, &marker, grace).await;
+                if !gone {
+                    tracing::warn!(vm = %row.name, "guest did not power off within the grace period; forcing");
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGTERM,
+                    );
+                    gone = vmm::wait_exit(pid, &marker, Duration::from_secs(3)).await;
+                }
+            }
+            if !gone {
+                vmm::kill(pid, &row.id).await;
+            }
+        }
+        self.drop_guest(&row.id);
+        self.store
+            .set_vm_state(row.id.clone(), VmState::Stopped, None, None, None)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn vm_delete(
+        self: &Arc<Self>,
+        p: VmRefs,
+        _: CallContext,
+    ) -> Result<VmBatchResult, ApiError> {
+        self.batch(p, |engine, row| async move {
+            let lock = engine.vm_lock(&row.id);
+            let _held = lock.lock().await;
+            let row = engine.reload(&row.id).await?;
+            engine.halt(&row, true).await?;
+            let dir = engine.vm_paths(&row.id).dir;
+            if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(ApiError::internal(format!(
+                        "removing {}: {e}",
+                        dir.display()
+                    )));
+                }
+            }
+            engine.store.delete_vm(row.id.clone()).await?;
+            tracing::info!(vm = %row.name, id = %row.id, "VM deleted");
+            Ok(None)
+        })
+        .await
+    }
+
+    pub async fn vm_exec(
+        self: &Arc<Self>,
+        p: VmExecParams,
+        ctx: CallContext,
+    ) -> Result<VmExecResult, ApiError> {
+        p.validate().map_err(ApiError::invalid)?;
+        let row = self.resolve_vm(&p.vm).await?;
+        let conn = self.guest(&row).await?;
+        let timeout_secs = p.timeout_secs.unwrap_or(DEFAULT_EXEC_TIMEOUT_SECS);
+        let spec = ExecSpec {
+            argv: p.command.clone(),
+            env: p.env.clone(),
+            cwd: p.cwd.clone(),
+            stdin: false,
+            timeout_ms: Some(timeout_secs * 1000),
+        };
+        // The guest enforces the timeout; the host waits a little longer in case the guest cannot answer.
+        let host_wait = Duration::from_secs(timeout_secs + 15);
+        let out = tokio::time::timeout(
+            host_wait,
+            conn.exec(
+                spec,
+                p.stdin.map(String::into_bytes),
+                EXEC_OUTPUT_LIMIT,
+                &ctx.cancel,
+            ),
+        )
+        .await
+        .map_err(|_| guest_error(&row.name, GuestError::Timeout(host_wait)))?
+        .map_err(|e| guest_error(&row.name, e))?;
+        Ok(VmExecResult {
+            exit_code: out.status.code,
+            signal: out.status.signal,
+            timed_out: out.status.timed_out,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            stdout_truncated: out.stdout_truncated,
+            stderr_truncated: out.stderr_truncated,
+            duration_ms: out.status.duration_ms,
+        })
+    }
+
+    pub async fn vm_logs(
+        self: &Arc<Self>,
+        p: VmLogsParams,
+        _: CallContext,
+    ) -> Result<VmLogs, ApiError> {
+        let row = self.resolve_vm(&p.vm).await?;
+        let tail = p.tail.unwrap_or(200) as usize;
+        let path = self.vm_paths(&row.id).console_log();
+        let text = match tokio::fs::read(&path).await {
+            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                return Err(ApiError::internal(format!(
+                    "reading {}: {e}",
+                    path.display()
+                )))
+            }
+        };
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let start = lines.len().saturating_sub(tail);
+        Ok(VmLogs {
+            lines: lines[start..].to_vec(),
+            path: path.display().to_string(),
+        })
+    }
+
+    /// Brings the store in line with reality after a daemon (re)start: running VMs whose VMM is still
+    /// alive are adopted; dead ones are marked stopped; a create that never finished is rolled back.
+    pub async fn reconcile(self: &Arc<Self>) -> Result<(), ApiError> {
+        for row in self.store.vms().await? {
+            let alive = self.is_alive(&row);
+            match row.state {
+                VmState::Starting if row.started_at.is_none() => {
+                    tracing::warn!(vm = %row.name, "rolling back a create interrupted by a daemon restart");
+                    if let Some(pid) = row.pid {
+                        vmm::kill(pid, &row.id).await;
+                    }
+                    let _ = tokio::fs::remove_dir_all(self.vm_paths(&row.id).dir).await;
+                    self.store.delete_vm(row.id.clone()).await?;
+                }
+                VmState::Running if alive => {
+                    tracing::info!(vm = %row.name, pid = ?row.pid, "re-adopted running VM")
+                }
+                VmState::Running | VmState::Starting | VmState::Stopping => {
+                    if let Some(pid) = row.pid.filter(|_| alive) {
+                        vmm::kill(pid, &row.id).await;
+                    }
+                    tracing::info!(vm = %row.name, "VM was not running after daemon restart; marked stopped");
+                    self.store
+                        .set_vm_state(row.id.clone(), VmState::Stopped, None, None, None)
+                        .await?;
+                }
+                VmState::Stopped | VmState::Failed => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+const ADJECTIVES: &[&str] = &[
+    "brisk", "calm", "eager", "fuzzy", "jolly", "lucky", "mellow", "nimble", "quiet", "rapid",
+    "sunny", "witty",
+];
+const NOUNS: &[&str] = &[
+    "otter", "falcon", "badger", "heron", "lynx", "marten", "panda", "raven", "tapir", "walrus",
+    "yak", "zebra",
+];
+
+fn generate_name(existing: &[VmRow]) -> String {
+    loop {
+        let a = ADJECTIVES[rand::random_range(0..ADJECTIVES.len())];
+        let n = NOUNS[rand::random_range(0..NOUNS.len())];
+        let suffix: u16 = rand::random_range(0..1000);
+        let name = format!("{a}-{n}-{suffix}");
+        if !existing.iter().any(|v| v.name == name) {
+            return name;
+        }
+    }
+}

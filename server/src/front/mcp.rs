@@ -1,0 +1,145 @@
+//! MCP over the Unix socket (newline-delimited JSON-RPC, as `banger mcp` relays it from stdio), served
+//! by rmcp. Tools are generated from `tools_schema::ops::OPERATIONS`.
+use std::sync::Arc;
+
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
+    ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
+    ToolAnnotations,
+};
+use rmcp::service::RequestContext;
+use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, ServiceExt};
+use tokio::net::UnixStream;
+use tokio_util::sync::CancellationToken;
+use tools_schema::ops::{OperationSpec, OPERATIONS};
+use tools_schema::{ApiError, BuildInfo, ErrorCode};
+
+use crate::engine::{CallContext, Engine};
+
+#[derive(Clone)]
+pub struct McpServer {
+    engine: Arc<Engine>,
+}
+
+fn schema_object(schema: schemars::Schema) -> Arc<serde_json::Map<String, serde_json::Value>> {
+    match schema.to_value() {
+        serde_json::Value::Object(m) => Arc::new(m),
+        _ => Arc::new(serde_json::Map::new()),
+    }
+}
+
+/// The MCP tool for an operation.
+pub fn tool(op: &OperationSpec) -> Tool {
+    let annotations = ToolAnnotations::new()
+        .read_only(op.read_only)
+        .destructive(op.destructive)
+        .idempotent(op.idempotent)
+        // banger acts on VMs on this host only.
+        .open_world(false);
+    Tool::new_with_raw(
+        op.tool_name(),
+        Some(op.description.into()),
+        schema_object((op.params_schema)()),
+    )
+    .with_raw_output_schema(schema_object((op.result_schema)()))
+    .with_annotations(annotations)
+}
+
+impl ServerHandler for McpServer {
+    fn get_info(&self) -> ServerConfig {
+        let mut info = ServerConfig::new(ServerCapabilities::builder().enable_tools().build());
+        info.server_info = Implementation::new("banger", BuildInfo::current().version);
+        info.instructions = Some(
+            "banger runs microVM sandboxes on this host. Create one with vm_create, run commands with vm_exec, \
+             and delete it with vm_delete when done. Every tool returns structured content; errors carry a \
+             code and a hint."
+                .into(),
+        );
+        info
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, McpError> {
+        Ok(ListToolsResult::with_all_items(
+            OPERATIONS.iter().map(tool).collect(),
+        ))
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        let Some(op) = OperationSpec::by_tool_name(&request.name) else {
+            let err = ApiError::new(
+                ErrorCode::UnknownMethod,
+                format!("unknown tool `{}`", request.name),
+            )
+            .with_hint("tools/list shows every banger tool");
+            return Ok(error_result(err).into());
+        };
+        let params = serde_json::Value::Object(request.arguments.unwrap_or_default());
+        let cancel = CancellationToken::new();
+        let _guard = cancel.clone().drop_guard();
+        let work = self.engine.dispatch(
+            op.method,
+            params,
+            CallContext {
+                cancel: cancel.clone(),
+            },
+        );
+        let result = tokio::select! {
+            r = work => r,
+            _ = context.ct.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "cancelled by the client")),
+        };
+        Ok(match result {
+            Ok(value) => {
+                let summary = summarize(op, &value);
+                let mut r = CallToolResult::structured(value);
+                r.content = vec![ContentBlock::text(summary)];
+                r
+            }
+            Err(e) => error_result(e),
+        }
+        .into())
+    }
+}
+
+fn error_result(e: ApiError) -> CallToolResult {
+    let text = e.display_with_hint();
+    let mut r = CallToolResult::structured_error(serde_json::to_value(&e).unwrap_or_default());
+    r.content = vec![ContentBlock::text(text)];
+    r
+}
+
+/// A short text rendering for clients that only show `content`; the full result is in structuredContent.
+fn summarize(op: &OperationSpec, value: &serde_json::Value) -> String {
+    let text = value.to_string();
+    const MAX: usize = 4000;
+    if text.len() <= MAX {
+        text
+    } else {
+        let mut cut = MAX;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        format!(
+            "{}… ({} result truncated in this text view; structuredContent has all of it)",
+            &text[..cut],
+            op.method
+        )
+    }
+}
+
+pub async fn serve(stream: UnixStream, engine: Arc<Engine>) {
+    let server = McpServer { engine };
+    match server.serve(stream).await {
+        Ok(running) => {
+            let _ = running.waiting().await;
+        }
+        Err(e) => tracing::debug!(error = %e, "mcp session ended during initialisation"),
+    }
+}

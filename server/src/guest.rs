@@ -1,0 +1,296 @@
+//! The daemon's end of the guest channel: one multiplexed connection per running VM.
+//!
+//! The VMM exposes the guest's channel as a Unix socket (a QEMU virtio-serial chardev). One reader task
+//! routes incoming frames to the stream that owns them; writes go through one writer task, so frames of
+//! concurrent requests never interleave.
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tools_schema::guest::{
+    ExecSpec, ExitStatus, Frame, FrameDecoder, FrameKind, GuestHealth, GuestRequest, GuestResponse,
+    MAX_PAYLOAD, PROTOCOL_VERSION,
+};
+use tools_schema::BuildInfo;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    #[error("cannot connect to the guest channel")]
+    Connect(#[source] std::io::Error),
+    #[error("the guest channel closed")]
+    Closed,
+    #[error("the guest agent did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the guest agent reported: {0}")]
+    Agent(String),
+    #[error("the guest agent sent an unexpected reply: {0}")]
+    Protocol(String),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+type Routes = Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Frame>>>>;
+
+pub struct GuestConn {
+    out: mpsc::UnboundedSender<Frame>,
+    routes: Routes,
+    next_stream: AtomicU32,
+    closed: CancellationToken,
+}
+
+/// Output and status of a finished guest command.
+pub struct ExecOutput {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+}
+
+impl GuestConn {
+    /// Connects to the channel socket. This does not wait for the guest: see `wait_ready`.
+    pub async fn connect(path: &Path) -> Result<Arc<GuestConn>, GuestError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(GuestError::Connect)?;
+        let (mut rd, mut wr) = stream.into_split();
+        let (out, mut out_rx) = mpsc::unbounded_channel::<Frame>();
+        let routes: Routes = Arc::default();
+        let closed = CancellationToken::new();
+        let conn = Arc::new(GuestConn {
+            out,
+            routes: routes.clone(),
+            next_stream: AtomicU32::new(1),
+            closed: closed.clone(),
+        });
+        let closed_w = closed.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    f = out_rx.recv() => match f {
+                        Some(f) => if wr.write_all(&f.encode()).await.is_err() { break },
+                        None => break,
+                    },
+                    _ = closed_w.cancelled() => break,
+                }
+            }
+            closed_w.cancel();
+        });
+        tokio::spawn(async move {
+            let mut dec = FrameDecoder::new();
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = tokio::select! {
+                    r = rd.read(&mut buf) => match r { Ok(0) | Err(_) => break, Ok(n) => n },
+                    _ = closed.cancelled() => break,
+                };
+                dec.push(&buf[..n]);
+                loop {
+                    match dec.next_frame() {
+                        Ok(Some(frame)) => {
+                            let mut routes = routes.lock().unwrap();
+                            let done = frame.kind == FrameKind::Response;
+                            let stream = frame.stream;
+                            if let Some(tx) = routes.get(&stream) {
+                                let _ = tx.send(frame);
+                            }
+                            if done {
+                                routes.remove(&stream);
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => tracing::warn!(error = %e, "guest channel decode"),
+                    }
+                }
+            }
+            closed.cancel();
+            // Wake every waiter: their streams can no longer complete.
+            routes.lock().unwrap().clear();
+        });
+        Ok(conn)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
+
+    fn open_stream(&self) -> (u32, mpsc::UnboundedReceiver<Frame>) {
+        // Host-opened streams are odd, leaving even ids for guest-opened streams in a later protocol.
+        let id = self.next_stream.fetch_add(2, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.routes.lock().unwrap().insert(id, tx);
+        (id, rx)
+    }
+
+    fn send(&self, frame: Frame) -> Result<(), GuestError> {
+        self.out.send(frame).map_err(|_| GuestError::Closed)
+    }
+
+    /// Sends a request and waits for its single response.
+    pub async fn request(
+        &self,
+        req: &GuestRequest,
+        timeout: Duration,
+    ) -> Result<GuestResponse, GuestError> {
+        let (id, mut rx) = self.open_stream();
+        self.send(Frame::json(FrameKind::Request, id, req))?;
+        let res = tokio::time::timeout(timeout, async {
+            while let Some(f) = rx.recv().await {
+                if f.kind == FrameKind::Response {
+                    return f
+                        .parse::<GuestResponse>()
+                        .map_err(|e| GuestError::Protocol(e.to_string()));
+                }
+            }
+            Err(GuestError::Closed)
+        })
+        .await;
+        if res.is_err() {
+            self.routes.lock().unwrap().remove(&id);
+        }
+        res.map_err(|_| GuestError::Timeout(timeout))?
+    }
+
+    /// Repeats `Hello` until the agent answers (the guest may still be booting), then checks the protocol.
+    pub async fn wait_ready(
+        &self,
+        deadline: tokio::time::Instant,
+        cancel: &CancellationToken,
+    ) -> Result<BuildInfo, GuestError> {
+        loop {
+            if self.is_closed() {
+                return Err(GuestError::Closed);
+            }
+            let attempt = self.request(
+                &GuestRequest::Hello {
+                    protocol: PROTOCOL_VERSION,
+                },
+                Duration::from_millis(500),
+            );
+            let res = tokio::select! {
+                r = attempt => r,
+                _ = cancel.cancelled() => return Err(GuestError::Cancelled),
+            };
+            match res {
+                Ok(GuestResponse::Hello { protocol, agent }) if protocol == PROTOCOL_VERSION => {
+                    return Ok(agent)
+                }
+                Ok(GuestResponse::Error { message }) => return Err(GuestError::Agent(message)),
+                Ok(other) => return Err(GuestError::Protocol(format!("{other:?}"))),
+                Err(GuestError::Timeout(_)) if tokio::time::Instant::now() < deadline => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub async fn health(&self) -> Result<GuestHealth, GuestError> {
+        match self
+            .request(&GuestRequest::Health, Duration::from_secs(5))
+            .await?
+        {
+            GuestResponse::Health(h) => Ok(h),
+            GuestResponse::Error { message } => Err(GuestError::Agent(message)),
+            other => Err(GuestError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Runs a command to completion, keeping at most `limit` bytes of each output stream.
+    pub async fn exec(
+        &self,
+        spec: ExecSpec,
+        stdin: Option<Vec<u8>>,
+        limit: usize,
+        cancel: &CancellationToken,
+    ) -> Result<ExecOutput, GuestError> {
+        let (id, mut rx) = self.open_stream();
+        let has_stdin = stdin.is_some();
+        self.send(Frame::json(
+            FrameKind::Request,
+            id,
+            &GuestRequest::Exec(ExecSpec {
+                stdin: has_stdin,
+                ..spec
+            }),
+        ))?;
+        if let Some(data) = stdin {
+            for chunk in data.chunks(MAX_PAYLOAD) {
+                self.send(Frame::new(FrameKind::Stdin, id, chunk.to_vec()))?;
+            }
+            self.send(Frame::new(FrameKind::StdinEof, id, vec![]))?;
+        }
+        let mut out = ExecOutput {
+            status: ExitStatus {
+                code: None,
+                signal: None,
+                timed_out: false,
+                duration_ms: 0,
+            },
+            stdout: vec![],
+            stderr: vec![],
+            stdout_truncated: false,
+            stderr_truncated: false,
+        };
+        let mut cancelled = false;
+        loop {
+            let frame = tokio::select! {
+                f = rx.recv() => f,
+                _ = cancel.cancelled(), if !cancelled => {
+                    // Ask the guest to kill the command; its final response still arrives.
+                    cancelled = true;
+                    let _ = self.send(Frame::new(FrameKind::Cancel, id, vec![]));
+                    continue;
+                }
+            };
+            let Some(frame) = frame else {
+                return Err(GuestError::Closed);
+            };
+            match frame.kind {
+                FrameKind::Stdout => append_capped(
+                    &mut out.stdout,
+                    &frame.payload,
+                    limit,
+                    &mut out.stdout_truncated,
+                ),
+                FrameKind::Stderr => append_capped(
+                    &mut out.stderr,
+                    &frame.payload,
+                    limit,
+                    &mut out.stderr_truncated,
+                ),
+                FrameKind::Response => {
+                    return match frame
+                        .parse::<GuestResponse>()
+                        .map_err(|e| GuestError::Protocol(e.to_string()))?
+                    {
+                        _ if cancelled => Err(GuestError::Cancelled),
+                        GuestResponse::Exited(st) => {
+                            out.status = st;
+                            Ok(out)
+                        }
+                        GuestResponse::Error { message } => Err(GuestError::Agent(message)),
+                        other => Err(GuestError::Protocol(format!("{other:?}"))),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn append_capped(buf: &mut Vec<u8>, data: &[u8], limit: usize, truncated: &mut bool) {
+    let room = limit.saturating_sub(buf.len());
+    if data.len() > room {
+        *truncated = true;
+    }
+    buf.extend_from_slice(&data[..data.len().min(room)]);
+}

@@ -1,0 +1,20 @@
+//! bangerd: the daemon that owns every banger VM, image, disk, network device and guest session.
+//!
+//! Layers, outside in:
+//! - `front`: the two front doors on one Unix socket, JSON-RPC (jsonrpsee) and MCP (rmcp). They only
+//!   translate; every operation goes through `Engine::dispatch`.
+//! - `engine`: one typed handler per operation in `tools_schema::ops`, the only place that changes state.
+//! - `vmm`, `guest`, `store`, `host`: the parts the engine drives (VMM processes, the guest agent channel,
+//!   SQLite, host facts).
+pub mod config;
+pub mod daemon;
+pub mod engine;
+pub mod front;
+pub mod guest;
+pub mod host;
+pub mod logging;
+pub mod store;
+pub mod vmm;
+
+pub use config::Config;
+pub use engine::{CallContext, Engine};

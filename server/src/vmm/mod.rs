@@ -1,0 +1,145 @@
+//! Virtual machine monitors behind one interface.
+//!
+//! A VMM process runs detached from the daemon (its own session, not the daemon's child), so VMs keep
+//! running across a daemon restart; the daemon finds them again by pid and by the VM id on their command
+//! line. Each VM's runtime files live in its directory: the console log, the guest channel socket and the
+//! VMM's control socket.
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tools_schema::daemon::VmmKind;
+
+pub mod qemu;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("{binary} is not installed")]
+    MissingBinary { binary: &'static str },
+    #[error("{what} failed: {detail}")]
+    Launch { what: String, detail: String },
+    #[error("{vmm} is not supported by this build of banger yet")]
+    Unsupported { vmm: &'static str },
+    #[error("i/o error while {what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct BootSpec {
+    pub vm_id: String,
+    pub hostname: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// The VM's writable root disk.
+    pub root_disk: PathBuf,
+    pub dir: PathBuf,
+}
+
+/// Runtime files of a VM, all inside its directory.
+#[derive(Debug, Clone)]
+pub struct VmPaths {
+    pub dir: PathBuf,
+}
+
+impl VmPaths {
+    pub fn new(dir: PathBuf) -> Self {
+        VmPaths { dir }
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    pub fn channel(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+    pub fn control(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+    pub fn pidfile(&self) -> PathBuf {
+        self.dir.join("vmm.pid")
+    }
+    pub fn root_disk(&self) -> PathBuf {
+        self.dir.join("root.qcow2")
+    }
+}
+
+/// The marker on every VMM command line that ties the process to its VM.
+pub fn process_marker(vm_id: &str) -> String {
+    format!("banger-vm-{vm_id}")
+}
+
+pub struct Launched {
+    pub pid: u32,
+}
+
+/// Starts the VM's VMM process and returns once it runs (not once the guest is ready).
+pub async fn launch(
+    kind: VmmKind,
+    cfg: &crate::Config,
+    accel: &str,
+    spec: &BootSpec,
+) -> Result<Launched, VmmError> {
+    match kind {
+        VmmKind::Qemu => qemu::launch(cfg, accel, spec).await,
+        VmmKind::Firecracker => Err(VmmError::Unsupported { vmm: "firecracker" }),
+    }
+}
+
+/// Creates the VM's copy-on-write root disk over the image's read-only base. Nothing is copied: the
+/// overlay starts empty and holds only the blocks the guest writes.
+pub async fn create_root_disk(
+    cfg: &crate::Config,
+    base: &Path,
+    disk: &Path,
+) -> Result<(), VmmError> {
+    let qemu_img = cfg
+        .find_binary("qemu-img")
+        .ok_or(VmmError::MissingBinary { binary: "qemu-img" })?;
+    let out = tokio::process::Command::new(qemu_img)
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(base)
+        .arg(disk)
+        .output()
+        .await
+        .map_err(|source| VmmError::Io {
+            what: "running qemu-img".into(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(VmmError::Launch {
+            what: "creating the root disk".into(),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Sends SIGKILL to a VMM process if it is still the VM's, and waits for it to go.
+pub async fn kill(pid: u32, vm_id: &str) {
+    let marker = process_marker(vm_id);
+    if !crate::host::process_matches(pid, &marker) {
+        return;
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    wait_exit(pid, &marker, Duration::from_secs(5)).await;
+}
+
+/// Waits until the process is gone; true if it went within `timeout`.
+pub async fn wait_exit(pid: u32, marker: &str, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while crate::host::process_matches(pid, marker) {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    true
+}

@@ -1,0 +1,115 @@
+//! QEMU `microvm`: KVM-accelerated where hardware KVM works, software emulation (TCG) elsewhere.
+use tokio::process::Command;
+
+use super::{process_marker, BootSpec, Launched, VmPaths, VmmError};
+use crate::Config;
+
+pub async fn launch(cfg: &Config, accel: &str, spec: &BootSpec) -> Result<Launched, VmmError> {
+    let qemu = cfg
+        .find_binary("qemu-system-x86_64")
+        .ok_or(VmmError::MissingBinary {
+            binary: "qemu-system-x86_64",
+        })?;
+    let paths = VmPaths::new(spec.dir.clone());
+    for stale in [paths.channel(), paths.control(), paths.pidfile()] {
+        let _ = std::fs::remove_file(stale);
+    }
+    let mut cmdline = vec![
+        "console=ttyS0".to_string(),
+        "quiet".into(),
+        "panic=-1".into(),
+        format!("banger.hostname={}", spec.hostname),
+    ];
+    if accel == "tcg" {
+        // Without these, most TCG boots hang calibrating the timer.
+        if let Some(khz) = crate::host::tsc_khz() {
+            cmdline.push(format!("tsc_early_khz={khz}"));
+        }
+        cmdline.push("tsc=reliable".into());
+    }
+    let mut cmd = Command::new(qemu);
+    cmd.arg("-name")
+        .arg(format!(
+            "{},process={}",
+            spec.hostname,
+            process_marker(&spec.vm_id)
+        ))
+        .args(["-M", "microvm,acpi=on,pit=on,pic=on,rtc=on"])
+        .args([
+            "-m",
+            &spec.memory_mib.to_string(),
+            "-smp",
+            &spec.vcpus.to_string(),
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(&spec.kernel)
+        .args(["-append", &cmdline.join(" ")]);
+    if accel == "tcg" {
+        // A smaller translation cache keeps idle RSS down without a measurable slowdown.
+        cmd.args(["-accel", "tcg,tb-size=64"]);
+    } else {
+        cmd.args(["-accel", "kvm", "-cpu", "host"]);
+    }
+    if let Some(initrd) = &spec.initrd {
+        cmd.arg("-initrd").arg(initrd);
+    }
+    cmd.arg("-chardev")
+        .arg(format!(
+            "file,id=console,path={},append=on",
+            paths.console_log().display()
+        ))
+        .args(["-serial", "chardev:console"])
+        .arg("-drive")
+        .arg(format!(
+            "id=root,file={},format=qcow2,if=none,discard=unmap,cache=writeback",
+            spec.root_disk.display()
+        ))
+        .args(["-device", "virtio-blk-device,drive=root"])
+        .args(["-device", "virtio-rng-device"])
+        .args(["-device", "virtio-serial-device"])
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            paths.channel().display()
+        ))
+        .arg("-device")
+        .arg(format!(
+            "virtserialport,chardev=agent,name={}",
+            tools_schema::guest::VIRTIO_PORT_NAME
+        ))
+        .arg("-qmp")
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            paths.control().display()
+        ))
+        // -daemonize: QEMU reports start-up errors before detaching, then lives on its own, so a daemon
+        // restart does not take VMs with it.
+        .arg("-daemonize")
+        .arg("-pidfile")
+        .arg(paths.pidfile());
+    let out = cmd.output().await.map_err(|source| VmmError::Io {
+        what: "starting qemu".into(),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(VmmError::Launch {
+            what: "starting qemu".into(),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    let pid = std::fs::read_to_string(paths.pidfile())
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .ok_or_else(|| VmmError::Launch {
+            what: "starting qemu".into(),
+            detail: "qemu wrote no pid file".into(),
+        })?;
+    Ok(Launched { pid })
+}

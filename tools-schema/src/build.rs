@@ -1,0 +1,36 @@
+//! The build identity stamped into every banger binary.
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Which build of banger this is. `banger`, `bangerd` and `banger-agent` from one build report the same
+/// value, so a mismatch between them is visible.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct BuildInfo {
+    /// Semantic version of the banger release.
+    pub version: String,
+    /// Git commit the binaries were built from (`-dirty` when the tree had uncommitted changes).
+    pub commit: String,
+    /// Build time, seconds since the Unix epoch (UTC).
+    pub build_time: i64,
+}
+
+impl BuildInfo {
+    /// The build identity of the running binary.
+    pub fn current() -> Self {
+        BuildInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            commit: env!("BANGER_BUILD_COMMIT").to_string(),
+            build_time: env!("BANGER_BUILD_TIME").parse().unwrap_or(0),
+        }
+    }
+}
+
+impl std::fmt::Display for BuildInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (commit {}, built {})",
+            self.version, self.commit, self.build_time
+        )
+    }
+}

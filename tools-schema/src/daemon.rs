@@ -1,0 +1,136 @@
+//! Daemon-level operations: ping, status, doctor.
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::BuildInfo;
+
+/// No parameters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
+/// The daemon answered.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct PingResult {
+    /// The running daemon's build.
+    pub build: BuildInfo,
+    /// The daemon's process id.
+    pub pid: u32,
+    /// Seconds since the daemon started.
+    pub uptime_secs: u64,
+}
+
+/// Which virtual machine monitor drives guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmmKind {
+    /// Firecracker, on hosts with hardware KVM (Intel VT-x or AMD-V).
+    Firecracker,
+    /// QEMU `microvm` machine: KVM-accelerated where hardware KVM works, software emulation (TCG) otherwise.
+    Qemu,
+}
+
+impl VmmKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmmKind::Firecracker => "firecracker",
+            VmmKind::Qemu => "qemu",
+        }
+    }
+}
+
+impl std::str::FromStr for VmmKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "firecracker" => Ok(VmmKind::Firecracker),
+            "qemu" => Ok(VmmKind::Qemu),
+            other => Err(format!(
+                "unknown VMM `{other}`: expected `firecracker` or `qemu`"
+            )),
+        }
+    }
+}
+
+/// How the host accelerates guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Acceleration {
+    /// Hardware KVM (vmx/svm): full-speed guests.
+    HardwareKvm,
+    /// A KVM device exists but is not hardware virtualisation (e.g. the paravirtual kvm_pvm module):
+    /// ordinary guest kernels cannot boot on it.
+    ParavirtKvm,
+    /// No usable KVM: software emulation only.
+    None,
+}
+
+/// The VMM this host will use for new VMs, and why.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct VmmChoice {
+    /// The VMM new VMs get unless a VM or the config asks for another.
+    pub vmm: VmmKind,
+    /// Whether QEMU runs guests with KVM or with software emulation (TCG).
+    pub qemu_accel: String,
+    /// What the host offers.
+    pub acceleration: Acceleration,
+    /// Why this VMM was chosen, in a sentence.
+    pub reason: String,
+}
+
+/// The daemon's state at a glance.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct DaemonStatus {
+    /// The running daemon's build.
+    pub build: BuildInfo,
+    /// The daemon's process id.
+    pub pid: u32,
+    /// Seconds since the daemon started.
+    pub uptime_secs: u64,
+    /// The Unix socket the daemon serves JSON-RPC and MCP on.
+    pub socket: String,
+    /// Where the daemon keeps its database, VM disks and runtime files.
+    pub state_dir: String,
+    /// The daemon's structured (JSON) log file, when it logs to a file.
+    pub log_file: Option<String>,
+    /// The VMM new VMs will use, and why.
+    pub vmm: VmmChoice,
+    /// Number of VMs known to the daemon.
+    pub vms_total: u32,
+    /// Number of VMs currently running.
+    pub vms_running: u32,
+    /// Number of registered images.
+    pub images: u32,
+}
+
+/// Outcome of one doctor check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckStatus {
+    Pass,
+    Warn,
+    Fail,
+}
+
+/// One prerequisite the doctor looked at.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct DoctorCheck {
+    /// Short name of the check, e.g. `qemu`.
+    pub name: String,
+    pub status: CheckStatus,
+    /// What was found.
+    pub detail: String,
+    /// How to fix it, when it is not a pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+/// Every prerequisite banger needs on this host, and the VMM it will use.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct DoctorReport {
+    pub checks: Vec<DoctorCheck>,
+    /// The VMM new VMs will use, and why.
+    pub vmm: VmmChoice,
+    /// True when no check failed.
+    pub ok: bool,
+}

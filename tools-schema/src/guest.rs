@@ -1,0 +1,289 @@
+//! The guest protocol: how the daemon talks to `banger-agent` over a host-guest byte stream
+//! (virtio-serial or vsock).
+//!
+//! One connection carries any number of concurrent requests. Everything is a frame:
+//!
+//! ```text
+//! magic "BG" (2) | version (1) | kind (1) | stream id (u32 BE) | payload length (u32 BE) | payload
+//! ```
+//!
+//! The host opens a stream by sending a `Request` frame with a fresh odd stream id; every other frame of
+//! that exchange carries the same id, and the stream ends with one `Response` frame. Control payloads are
+//! JSON; data payloads (stdin/stdout/stderr) are raw bytes, so binary content costs nothing extra.
+//! A decoder that meets bytes that are not a valid header skips to the next magic, so a half-written frame
+//! from a host that died mid-write cannot wedge the channel.
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::BuildInfo;
+
+/// Version of this protocol. Both ends must agree; `Hello` checks it before anything else is sent.
+pub const PROTOCOL_VERSION: u8 = 1;
+pub const MAGIC: [u8; 2] = *b"BG";
+pub const HEADER_LEN: usize = 12;
+/// Largest payload of one frame. Bigger data is split into several data frames.
+pub const MAX_PAYLOAD: usize = 1 << 20;
+/// Name of the virtio-serial port the agent listens on.
+pub const VIRTIO_PORT_NAME: &str = "org.banger.agent.0";
+/// vsock port the agent listens on.
+pub const VSOCK_PORT: u32 = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// Host -> guest: JSON `GuestRequest`, opens the stream.
+    Request = 1,
+    /// Guest -> host: JSON `GuestResponse`, closes the stream.
+    Response = 2,
+    /// Host -> guest: stdin bytes for an exec stream.
+    Stdin = 3,
+    /// Host -> guest: stdin is finished (empty payload).
+    StdinEof = 4,
+    /// Guest -> host: stdout bytes.
+    Stdout = 5,
+    /// Guest -> host: stderr bytes.
+    Stderr = 6,
+    /// Host -> guest: abandon the stream (kill its process); the guest still sends a `Response`.
+    Cancel = 7,
+}
+
+impl FrameKind {
+    fn from_u8(b: u8) -> Option<Self> {
+        Some(match b {
+            1 => FrameKind::Request,
+            2 => FrameKind::Response,
+            3 => FrameKind::Stdin,
+            4 => FrameKind::StdinEof,
+            5 => FrameKind::Stdout,
+            6 => FrameKind::Stderr,
+            7 => FrameKind::Cancel,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: FrameKind,
+    pub stream: u32,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    pub fn new(kind: FrameKind, stream: u32, payload: Vec<u8>) -> Self {
+        Frame {
+            kind,
+            stream,
+            payload,
+        }
+    }
+    pub fn json<T: Serialize>(kind: FrameKind, stream: u32, msg: &T) -> Self {
+        Frame::new(
+            kind,
+            stream,
+            serde_json::to_vec(msg).expect("guest messages always serialise"),
+        )
+    }
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + self.payload.len());
+        out.extend_from_slice(&MAGIC);
+        out.push(PROTOCOL_VERSION);
+        out.push(self.kind as u8);
+        out.extend_from_slice(&self.stream.to_be_bytes());
+        out.extend_from_slice(&(self.payload.len() as u32).to_be_bytes());
+        out.extend_from_slice(&self.payload);
+        out
+    }
+    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_slice(&self.payload)
+    }
+}
+
+/// Something the decoder had to skip or refuse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("peer speaks guest protocol version {0}, this side speaks {PROTOCOL_VERSION}")]
+    VersionMismatch(u8),
+    #[error("skipped {0} bytes that were not a frame")]
+    Resynced(usize),
+}
+
+/// Incremental frame decoder: feed it bytes as they arrive, take frames out.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+}
+
+impl FrameDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+    /// Forget any partial frame (the peer reconnected).
+    pub fn reset(&mut self) {
+        self.buf.clear();
+    }
+    /// The next complete frame, `Ok(None)` when more bytes are needed. An `Err` reports skipped garbage or
+    /// a version mismatch; decoding can continue after it.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, DecodeError> {
+        let garbage = self.skip_to_header();
+        if garbage > 0 {
+            return Err(DecodeError::Resynced(garbage));
+        }
+        if self.buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let version = self.buf[2];
+        if version != PROTOCOL_VERSION {
+            // Drop the magic so the next call resyncs past this frame.
+            self.buf.drain(..2);
+            return Err(DecodeError::VersionMismatch(version));
+        }
+        let kind = FrameKind::from_u8(self.buf[3]).expect("checked by skip_to_header");
+        let stream = u32::from_be_bytes(self.buf[4..8].try_into().unwrap());
+        let len = u32::from_be_bytes(self.buf[8..12].try_into().unwrap()) as usize;
+        if self.buf.len() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        let payload = self.buf[HEADER_LEN..HEADER_LEN + len].to_vec();
+        self.buf.drain(..HEADER_LEN + len);
+        Ok(Some(Frame {
+            kind,
+            stream,
+            payload,
+        }))
+    }
+
+    /// Drops bytes before the first plausible header; returns how many were dropped.
+    fn skip_to_header(&mut self) -> usize {
+        let mut i = 0;
+        while i < self.buf.len() {
+            let rest = &self.buf[i..];
+            let plausible = rest[0] == MAGIC[0]
+                && (rest.len() < 2 || rest[1] == MAGIC[1])
+                && (rest.len() < 4
+                    || FrameKind::from_u8(rest[3]).is_some()
+                    || rest[2] != PROTOCOL_VERSION)
+                && (rest.len() < HEADER_LEN
+                    || u32::from_be_bytes(rest[8..12].try_into().unwrap()) as usize <= MAX_PAYLOAD);
+            if plausible {
+                break;
+            }
+            i += 1;
+        }
+        self.buf.drain(..i);
+        i
+    }
+}
+
+/// What the host asks of the guest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum GuestRequest {
+    /// First request on a connection: agree on the protocol.
+    Hello { protocol: u8 },
+    /// Is the agent alive, and which build is it.
+    Health,
+    /// Run a program. Output arrives as Stdout/Stderr frames, then an `Exited` response.
+    Exec(ExecSpec),
+    /// Power the guest off (or reboot it). The agent syncs filesystems first.
+    Shutdown { reboot: bool },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecSpec {
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// When false the program's stdin is /dev/null; when true the host sends Stdin frames and a StdinEof.
+    #[serde(default)]
+    pub stdin: bool,
+    /// Kill the program (and its process group) after this long.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// What the guest answers; exactly one per stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum GuestResponse {
+    Hello { protocol: u8, agent: BuildInfo },
+    Health(GuestHealth),
+    Exited(ExitStatus),
+    Ok,
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestHealth {
+    pub agent: BuildInfo,
+    /// Milliseconds since the guest kernel booted.
+    pub uptime_ms: u64,
+    pub hostname: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    pub duration_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_when_fed_byte_by_byte() {
+        let frames = vec![
+            Frame::json(FrameKind::Request, 1, &GuestRequest::Health),
+            Frame::new(FrameKind::Stdout, 3, vec![0, 255, b'B', b'G', 1, 2]),
+            Frame::new(FrameKind::StdinEof, 3, vec![]),
+        ];
+        let bytes: Vec<u8> = frames.iter().flat_map(|f| f.encode()).collect();
+        let mut dec = FrameDecoder::new();
+        let mut out = vec![];
+        for b in bytes {
+            dec.push(&[b]);
+            while let Some(f) = dec.next_frame().unwrap() {
+                out.push(f);
+            }
+        }
+        assert_eq!(out, frames);
+    }
+
+    #[test]
+    fn decoder_skips_garbage_from_a_half_written_frame() {
+        let good = Frame::json(FrameKind::Request, 5, &GuestRequest::Health);
+        let mut dec = FrameDecoder::new();
+        dec.push(b"xyz\x00garbage");
+        dec.push(&good.encode());
+        let err = dec.next_frame().unwrap_err();
+        assert!(matches!(err, DecodeError::Resynced(n) if n > 0));
+        assert_eq!(dec.next_frame().unwrap(), Some(good));
+    }
+
+    #[test]
+    fn decoder_reports_a_version_mismatch() {
+        let mut bytes = Frame::json(FrameKind::Request, 1, &GuestRequest::Health).encode();
+        bytes[2] = PROTOCOL_VERSION + 1;
+        let mut dec = FrameDecoder::new();
+        dec.push(&bytes);
+        assert_eq!(
+            dec.next_frame(),
+            Err(DecodeError::VersionMismatch(PROTOCOL_VERSION + 1))
+        );
+    }
+
+    #[test]
+    fn request_json_is_tagged_by_op() {
+        let v = serde_json::to_value(GuestRequest::Shutdown { reboot: false }).unwrap();
+        assert_eq!(v, serde_json::json!({"op": "shutdown", "reboot": false}));
+    }
+}

@@ -1,0 +1,155 @@
+//! The list of operations: one entry per daemon operation, shared by every front door.
+//!
+//! Naming rule: JSON-RPC method `vm.create` is MCP tool `vm_create`, CLI command `banger vm create` and
+//! daemon handler `Engine::vm_create`. `for_each_operation!` hands the list to a callback macro so the
+//! daemon can generate its dispatcher from it; `OPERATIONS` is the same list as data.
+use schemars::{JsonSchema, Schema};
+use serde::{de::DeserializeOwned, Serialize};
+
+/// A typed operation: its method name and its parameter and result types.
+pub trait Operation {
+    const METHOD: &'static str;
+    type Params: Serialize + DeserializeOwned + JsonSchema;
+    type Result: Serialize + DeserializeOwned + JsonSchema;
+}
+
+/// An operation described as data, for tool listings, docs and schema snapshots.
+#[derive(Debug, Clone, Copy)]
+pub struct OperationSpec {
+    /// JSON-RPC method name, e.g. `vm.create`.
+    pub method: &'static str,
+    /// What the operation does and when to use it.
+    pub description: &'static str,
+    /// Changes nothing.
+    pub read_only: bool,
+    /// May destroy something the user had (a VM, its disks, an image).
+    pub destructive: bool,
+    /// Repeating it with the same arguments has no further effect.
+    pub idempotent: bool,
+    pub params_schema: fn() -> Schema,
+    pub result_schema: fn() -> Schema,
+}
+
+impl OperationSpec {
+    /// MCP tool name: the method with `.` replaced by `_`.
+    pub fn tool_name(&self) -> String {
+        self.method.replace('.', "_")
+    }
+    /// The method for an MCP tool name, if there is one.
+    pub fn by_tool_name(tool: &str) -> Option<&'static OperationSpec> {
+        OPERATIONS.iter().find(|op| op.tool_name() == tool)
+    }
+    pub fn by_method(method: &str) -> Option<&'static OperationSpec> {
+        OPERATIONS.iter().find(|op| op.method == method)
+    }
+}
+
+/// Calls `$callback! { (Type, handler_ident, "method", Params, Result, read_only, destructive, idempotent, "description"), ... }`
+/// with every operation. The single list of banger's public operations.
+#[macro_export]
+macro_rules! for_each_operation {
+    ($callback:ident) => {
+        $callback! {
+            (DaemonPing, daemon_ping, "daemon.ping",
+             $crate::daemon::Empty, $crate::daemon::PingResult, true, false, true,
+             "Check that the banger daemon is up and report its build (version, commit, build time)."),
+            (DaemonStatus, daemon_status, "daemon.status",
+             $crate::daemon::Empty, $crate::daemon::DaemonStatus, true, false, true,
+             "Report the daemon's build, socket, state directory, log file, VM and image counts, and which VMM \
+              new VMs will use and why."),
+            (DoctorRun, doctor_run, "doctor.run",
+             $crate::daemon::Empty, $crate::daemon::DoctorReport, true, false, true,
+             "Check every host prerequisite (VMM binaries, KVM kind, guest kernel, images, networking tools, \
+              socket permissions) and report pass/warn/fail with the fix for each."),
+            (ImageRegister, image_register, "image.register",
+             $crate::image::ImageRegisterParams, $crate::image::ImageInfo, false, false, false,
+             "Register an existing guest kernel, optional initramfs and ext4 root filesystem as a named image. \
+              The daemon copies the files into its store."),
+            (ImageList, image_list, "image.list",
+             $crate::daemon::Empty, $crate::image::ImageList, true, false, true,
+             "List registered images; the default image is marked."),
+            (ImageShow, image_show, "image.show",
+             $crate::image::ImageRef, $crate::image::ImageInfo, true, false, true,
+             "Show one image by name or id."),
+            (ImagePromote, image_promote, "image.promote",
+             $crate::image::ImageRef, $crate::image::ImageInfo, false, false, true,
+             "Make an image the default for new VMs."),
+            (ImageDelete, image_delete, "image.delete",
+             $crate::image::ImageRef, $crate::image::ImageDeleted, false, true, false,
+             "Delete an image and its files. Refused while any VM still uses it."),
+            (VmCreate, vm_create, "vm.create",
+             $crate::vm::VmCreateParams, $crate::vm::VmInfo, false, false, false,
+             "Create a VM from an image (the default image unless named) and boot it. Returns when the guest \
+              agent answers, so the VM is ready for vm_exec. A failure or cancellation rolls back everything \
+              the create made."),
+            (VmList, vm_list, "vm.list",
+             $crate::daemon::Empty, $crate::vm::VmList, true, false, true,
+             "List every VM with its state, image, size and VMM."),
+            (VmShow, vm_show, "vm.show",
+             $crate::vm::VmRef, $crate::vm::VmInfo, true, false, true,
+             "Show one VM by name or id."),
+            (VmStart, vm_start, "vm.start",
+             $crate::vm::VmRefs, $crate::vm::VmBatchResult, false, false, true,
+             "Boot one or more stopped VMs, keeping their disks. Waits until each guest agent answers."),
+            (VmStop, vm_stop, "vm.stop",
+             $crate::vm::VmRefs, $crate::vm::VmBatchResult, false, false, true,
+             "Shut down one or more VMs gracefully (forced after a grace period). Disks are kept; vm_start \
+              boots them again."),
+            (VmRestart, vm_restart, "vm.restart",
+             $crate::vm::VmRefs, $crate::vm::VmBatchResult, false, false, false,
+             "Stop then start one or more VMs."),
+            (VmKill, vm_kill, "vm.kill",
+             $crate::vm::VmRefs, $crate::vm::VmBatchResult, false, false, true,
+             "Force off one or more VMs at once, without a guest shutdown. Disks are kept."),
+            (VmDelete, vm_delete, "vm.delete",
+             $crate::vm::VmRefs, $crate::vm::VmBatchResult, false, true, false,
+             "Delete one or more VMs: stops them if running and removes their disks and records. Irreversible."),
+            (VmExec, vm_exec, "vm.exec",
+             $crate::vm::VmExecParams, $crate::vm::VmExecResult, false, false, false,
+             "Run a command in a running VM through its guest agent (no guest network needed) and return its \
+              exit code, stdout and stderr. Use [\"sh\", \"-c\", \"...\"] for shell syntax."),
+            (VmLogs, vm_logs, "vm.logs",
+             $crate::vm::VmLogsParams, $crate::vm::VmLogs, true, false, true,
+             "Return the tail of a VM's console (boot) log. The first place to look when a VM failed to start."),
+        }
+    };
+}
+
+macro_rules! define_operations {
+    ($( ($ty:ident, $handler:ident, $method:literal, $params:ty, $result:ty,
+         $ro:literal, $destructive:literal, $idem:literal, $desc:literal) ),* $(,)?) => {
+        $(
+            #[doc = $desc]
+            pub struct $ty;
+            impl Operation for $ty {
+                const METHOD: &'static str = $method;
+                type Params = $params;
+                type Result = $result;
+            }
+        )*
+        /// Every operation, in a stable order.
+        pub const OPERATIONS: &[OperationSpec] = &[
+            $(
+                OperationSpec {
+                    method: $method,
+                    description: $desc,
+                    read_only: $ro,
+                    destructive: $destructive,
+                    idempotent: $idem,
+                    params_schema: || schemars::schema_for!($params),
+                    result_schema: || schemars::schema_for!($result),
+                },
+            )*
+        ];
+    };
+}
+
+crate::for_each_operation!(define_operations);
+
+/// Params with all fields optional serialise to `{}`; JSON-RPC callers may also send no params at all.
+pub fn params_or_empty(params: Option<serde_json::Value>) -> serde_json::Value {
+    match params {
+        None | Some(serde_json::Value::Null) => serde_json::Value::Object(Default::default()),
+        Some(v) => v,
+    }
+}

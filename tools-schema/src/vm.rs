@@ -1,0 +1,255 @@
+//! VM operations.
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::daemon::VmmKind;
+use crate::error::ApiError;
+
+/// Largest vCPU count a VM may ask for.
+pub const MAX_VCPUS: u32 = 32;
+/// Smallest and largest guest memory, MiB.
+pub const MIN_MEMORY_MIB: u32 = 128;
+pub const MAX_MEMORY_MIB: u32 = 65536;
+
+/// Create a VM from an image and boot it. Returns once the guest agent answers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmCreateParams {
+    /// VM name, also its DNS name `<name>.vm`: 1-63 characters, lowercase letters, digits and `-`,
+    /// starting with a letter. A name is generated when omitted.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Image name or id. The default image when omitted.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Number of virtual CPUs (1-32). Default 1.
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 32))]
+    pub vcpus: Option<u32>,
+    /// Guest memory in MiB (128-65536). Default 512.
+    #[serde(default)]
+    #[schemars(range(min = 128, max = 65536))]
+    pub memory_mib: Option<u32>,
+    /// Force a VMM for this VM instead of the host's choice.
+    #[serde(default)]
+    pub vmm: Option<VmmKind>,
+}
+
+/// Refers to one VM by name or id.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmRef {
+    /// VM name or id (a unique id prefix works too).
+    pub vm: String,
+}
+
+/// Refers to one or more VMs. Repeated refs are acted on once; results come back in the order given.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmRefs {
+    /// VM names or ids.
+    #[schemars(length(min = 1))]
+    pub vms: Vec<String>,
+}
+
+/// Lifecycle state of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Being created or started; not ready yet.
+    Starting,
+    /// The guest agent answers.
+    Running,
+    /// Being stopped.
+    Stopping,
+    /// Not running; its disks are kept.
+    Stopped,
+    /// Its VMM died unexpectedly or it failed to start; see `vm logs`.
+    Failed,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+            VmState::Stopped => "stopped",
+            VmState::Failed => "failed",
+        }
+    }
+}
+
+/// One VM.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct VmInfo {
+    pub id: String,
+    pub name: String,
+    pub state: VmState,
+    /// Name of the image the VM was created from.
+    pub image: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// The VMM that runs this VM.
+    pub vmm: VmmKind,
+    /// VMM process id while running.
+    pub pid: Option<u32>,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_at: i64,
+    /// Last boot time, seconds since the Unix epoch.
+    pub started_at: Option<i64>,
+    /// Why the VM is `failed`, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// All VMs.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct VmList {
+    pub vms: Vec<VmInfo>,
+}
+
+/// The outcome for one VM of a multi-VM operation.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct VmOutcome {
+    /// The ref as the caller gave it.
+    pub vm: String,
+    /// The VM after the operation, when it succeeded (absent after delete).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<VmInfo>,
+    /// Why it failed for this VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiError>,
+}
+
+/// Per-VM results of a multi-VM operation, in the order the refs were given.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct VmBatchResult {
+    pub results: Vec<VmOutcome>,
+    /// True when every VM succeeded.
+    pub ok: bool,
+}
+
+/// Run a command inside a running VM and wait for it.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmExecParams {
+    /// VM name or id.
+    pub vm: String,
+    /// Program and arguments, e.g. `["uname", "-a"]`. Use `["sh", "-c", "..."]` for shell syntax.
+    #[schemars(length(min = 1))]
+    pub command: Vec<String>,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory inside the guest. Default `/root`.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Text written to the command's standard input, which is then closed. Without it stdin is empty.
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// Kill the command after this many seconds (1-86400). Default 600.
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 86400))]
+    pub timeout_secs: Option<u64>,
+}
+
+/// How a command ended, and what it printed.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct VmExecResult {
+    /// Exit code; absent when the command was killed by a signal.
+    pub exit_code: Option<i32>,
+    /// Signal that killed the command, if any.
+    pub signal: Option<i32>,
+    /// True when the command was killed because it ran past its timeout.
+    pub timed_out: bool,
+    /// Standard output (lossy UTF-8).
+    pub stdout: String,
+    /// Standard error (lossy UTF-8).
+    pub stderr: String,
+    /// True when stdout was longer than the 8 MiB limit and was cut there.
+    pub stdout_truncated: bool,
+    /// True when stderr was longer than the 8 MiB limit and was cut there.
+    pub stderr_truncated: bool,
+    /// Wall time in milliseconds.
+    pub duration_ms: u64,
+}
+
+/// The VM's console (boot) log.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmLogsParams {
+    /// VM name or id.
+    pub vm: String,
+    /// Return at most this many trailing lines (default 200).
+    #[serde(default)]
+    pub tail: Option<u32>,
+}
+
+/// Console log lines.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct VmLogs {
+    pub lines: Vec<String>,
+    /// Path of the full log on the host.
+    pub path: String,
+}
+
+/// Validates a VM or image name; returns a message saying what is wrong.
+pub fn validate_name(kind: &str, name: &str) -> Result<(), String> {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if name.is_empty() || name.len() > 63 {
+        return Err(format!("{kind} name `{name}` must be 1-63 characters long"));
+    }
+    if !ok_chars || !name.starts_with(|c: char| c.is_ascii_lowercase()) || name.ends_with('-') {
+        return Err(format!(
+            "{kind} name `{name}` is invalid: use lowercase letters, digits and `-`, start with a letter, \
+             and do not end with `-`"
+        ));
+    }
+    Ok(())
+}
+
+impl VmCreateParams {
+    /// Checks every field that can be checked without daemon state.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(n) = &self.name {
+            validate_name("VM", n)?;
+        }
+        if let Some(v) = self.vcpus {
+            if v == 0 || v > MAX_VCPUS {
+                return Err(format!("vcpus must be between 1 and {MAX_VCPUS}, got {v}"));
+            }
+        }
+        if let Some(m) = self.memory_mib {
+            if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&m) {
+                return Err(format!(
+                    "memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, got {m}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VmExecParams {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.command.is_empty() || self.command[0].is_empty() {
+            return Err("command must name a program, e.g. [\"uname\", \"-a\"]".into());
+        }
+        if let Some(t) = self.timeout_secs {
+            if t == 0 || t > 86400 {
+                return Err(format!("timeout_secs must be between 1 and 86400, got {t}"));
+            }
+        }
+        if let Some(cwd) = &self.cwd {
+            if !cwd.starts_with('/') {
+                return Err(format!("cwd must be an absolute path, got `{cwd}`"));
+            }
+        }
+        Ok(())
+    }
+}
