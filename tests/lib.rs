@@ -1,1 +1,423 @@
+//! Harness for banger's end-to-end tests: a real bangerd per test, in a network namespace the test
+//! creates, with its own state directory, talking to real guests.
+//!
+//! Guest tests need the boot assets that `scripts/test.sh` prepares and exports as `BANGER_TEST_KERNEL`,
+//! `BANGER_TEST_INITRD` and `BANGER_TEST_ROOTFS`; without them they fail and say so (they never skip
+//! silently). Everything a test starts is ended by PID when its `TestDaemon` drops, and the namespace is
+//! deleted.
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
+pub use serde_json::{json, Value};
+
+/// The workspace's built binaries (built by `cargo build --workspace` before the tests run).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is not built: run `cargo build --workspace` first (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// Boot assets for guest tests.
+pub struct TestImage {
+    pub kernel: String,
+    pub initrd: String,
+    pub rootfs: String,
+}
+
+pub fn test_image() -> TestImage {
+    let var = |k: &str| {
+        std::env::var(k).unwrap_or_else(|_| {
+            panic!("{k} is not set: guest tests need the boot assets that scripts/test.sh builds; run the suite with scripts/test.sh")
+        })
+    };
+    TestImage {
+        kernel: var("BANGER_TEST_KERNEL"),
+        initrd: var("BANGER_TEST_INITRD"),
+        rootfs: var("BANGER_TEST_ROOTFS"),
+    }
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Whether a process is alive: it exists and is not a zombie.
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// A network namespace owned by one test; deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new() -> Netns {
+        let name = format!(
+            "banger-t{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let st = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("running ip netns add");
+        assert!(
+            st.success(),
+            "ip netns add {name} failed (tests need root and iproute2)"
+        );
+        let _ = Command::new("ip")
+            .args(["netns", "exec", &name, "ip", "link", "set", "lo", "up"])
+            .status();
+        Netns { name }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+pub struct TestDaemon {
+    pub dir: tempfile::TempDir,
+    pub netns: Netns,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl TestDaemon {
+    /// Starts bangerd in a fresh namespace and state directory and waits until it answers.
+    pub fn start() -> TestDaemon {
+        let dir = tempfile::Builder::new()
+            .prefix("banger-e2e-")
+            .tempdir()
+            .expect("tempdir");
+        let socket = dir.path().join("bangerd.sock");
+        let state_dir = dir.path().join("state");
+        let mut d = TestDaemon {
+            netns: Netns::new(),
+            socket,
+            state_dir,
+            child: None,
+            dir,
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("bangerd.out")).unwrap();
+        // An explicit (empty) config: a test never picks up the host's /etc/banger/config.toml.
+        let config = self.dir.path().join("config.toml");
+        if !config.exists() {
+            std::fs::write(&config, "# test daemon: defaults only\n").unwrap();
+        }
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.netns.name])
+            .arg(bin("bangerd"))
+            .args(["--log-level", "debug"])
+            .env("BANGER_SOCKET", &self.socket)
+            .env("BANGER_STATE_DIR", &self.state_dir)
+            .env("BANGER_CONFIG", &config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting bangerd");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let started = Instant::now();
+        loop {
+            if self.try_ping().is_some() {
+                return;
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "bangerd exited ({st}) before answering:\n{}",
+                    self.daemon_output()
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "bangerd did not answer in 20s:\n{}",
+                self.daemon_output()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn try_ping(&self) -> Option<Value> {
+        let (status, body) = http_post(
+            &self.socket,
+            &json!({"jsonrpc":"2.0","id":1,"method":"daemon.ping"}).to_string(),
+        )
+        .ok()?;
+        (status == 200)
+            .then(|| serde_json::from_str(&body).ok())
+            .flatten()
+    }
+
+    pub fn daemon_output(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("bangerd.out")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Stops the daemon with SIGTERM (VMs keep running) and starts a new one on the same state.
+    pub fn restart(&mut self) {
+        self.stop_daemon(nix::sys::signal::Signal::SIGTERM);
+        self.spawn();
+    }
+
+    /// SIGKILLs the daemon mid-whatever and starts a new one on the same state.
+    pub fn crash_and_restart(&mut self) {
+        self.stop_daemon(nix::sys::signal::Signal::SIGKILL);
+        self.spawn();
+    }
+
+    fn stop_daemon(&mut self, sig: nix::sys::signal::Signal) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while c.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Runs the `banger` CLI against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("banger"))
+            .args(args)
+            .env("BANGER_SOCKET", &self.socket)
+            .output()
+            .expect("running banger")
+    }
+
+    /// Runs the CLI and returns its JSON output, failing the test on a non-zero exit.
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "banger {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "banger {args:?} printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Calls a JSON-RPC method over plain HTTP POST; returns the whole response object.
+    pub fn rpc_raw(&self, method: &str, params: Value) -> Value {
+        let body =
+            json!({"jsonrpc": "2.0", "id": 7, "method": method, "params": params}).to_string();
+        let (status, text) = http_post(&self.socket, &body).expect("HTTP POST to the daemon");
+        assert_eq!(status, 200, "HTTP status for {method}: {text}");
+        serde_json::from_str(&text).expect("JSON-RPC response is JSON")
+    }
+
+    /// Calls a JSON-RPC method and returns its result, failing the test on an error.
+    pub fn rpc(&self, method: &str, params: Value) -> Value {
+        let r = self.rpc_raw(method, params);
+        match r.get("result") {
+            Some(v) => v.clone(),
+            None => panic!("{method} failed: {r}"),
+        }
+    }
+
+    /// Registers the guest test image as the default image.
+    pub fn register_test_image(&self) -> Value {
+        let img = test_image();
+        self.rpc(
+            "image.register",
+            json!({"name": "test", "kernel": img.kernel, "initrd": img.initrd, "rootfs": img.rootfs, "make_default": true}),
+        )
+    }
+
+    /// Pids of live processes whose command line mentions this test's directory (VMMs and helpers).
+    pub fn processes_of_this_test(&self) -> Vec<(u32, String)> {
+        let marker = self.dir.path().to_string_lossy().to_string();
+        let mut found = vec![];
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                if cmd.contains(&marker) {
+                    found.push((pid, cmd));
+                }
+            }
+        }
+        found
+    }
+
+    /// Waits for VMM processes of this test to be gone and fails if any remain.
+    pub fn assert_no_leaked_processes(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let procs = self.processes_of_this_test();
+            if procs.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "leaked processes: {procs:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        self.stop_daemon(nix::sys::signal::Signal::SIGTERM);
+        // Anything this test's daemon started and left behind (a failing test may leave VMs running).
+        for (pid, _) in self.processes_of_this_test() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if std::thread::panicking() {
+            eprintln!("--- bangerd output ---\n{}", self.daemon_output());
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 POST over a Unix socket, independent of banger's own client code.
+pub fn http_post(socket: &Path, body: &str) -> std::io::Result<(u16, String)> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(600)))?;
+    write!(
+        s,
+        "POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    // A server that refuses a request (e.g. too large) answers and closes before reading it all; the
+    // answer is still there to read.
+    if let Err(e) = s.write_all(body.as_bytes()) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe
+            && e.kind() != std::io::ErrorKind::ConnectionReset
+        {
+            return Err(e);
+        }
+    }
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    let text = String::from_utf8_lossy(&resp).to_string();
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n.min(rest.len())]);
+        s = rest.get(n + 2..).unwrap_or("");
+    }
+    out
+}
+
+/// A raw MCP session over the daemon socket: newline-delimited JSON, no SDK.
+pub struct RawMcp {
+    stream: UnixStream,
+    buf: Vec<u8>,
+}
+
+impl RawMcp {
+    pub fn connect(socket: &Path) -> RawMcp {
+        let stream = UnixStream::connect(socket).expect("connect to daemon");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        RawMcp {
+            stream,
+            buf: vec![],
+        }
+    }
+    pub fn send_line(&mut self, line: &str) {
+        self.stream.write_all(line.as_bytes()).unwrap();
+        self.stream.write_all(b"\n").unwrap();
+    }
+    pub fn recv(&mut self) -> Value {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                return serde_json::from_slice(&line).expect("MCP line is JSON");
+            }
+            let mut chunk = [0u8; 65536];
+            let n = self.stream.read(&mut chunk).expect("read from daemon");
+            assert!(n > 0, "daemon closed the MCP session");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+    /// Sends a request and returns the response with the same id (skipping notifications).
+    pub fn request(&mut self, id: u64, method: &str, params: Value) -> Value {
+        self.send_line(
+            &json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string(),
+        );
+        loop {
+            let m = self.recv();
+            if m.get("id") == Some(&json!(id)) {
+                return m;
+            }
+        }
+    }
+    pub fn initialize(&mut self) {
+        let r = self.request(
+            0,
+            "initialize",
+            json!({"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw-test", "version": "0"}}),
+        );
+        assert!(r.get("result").is_some(), "initialize failed: {r}");
+        self.send_line(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
+    }
+}

@@ -45,8 +45,17 @@ impl Daemon {
             .max_response_size(64 << 20)
             .build_with_stream(url, stream)
             .await
-            .map_err(|e| {
-                CallError::Unreachable(format!("websocket handshake with the daemon failed: {e}"))
+            .map_err(|e| match e {
+                jsonrpsee::client_transport::ws::WsHandshakeError::Rejected { status_code: 403 } => {
+                    CallError::Unreachable(format!(
+                        "the banger daemon at {} refused this user (uid {}): only its owner, root and members of \
+                         its socket_group may use it\n  hint: ask the daemon's owner to set socket_group in its \
+                         config and add you to that group",
+                        socket.display(),
+                        nix::unistd::getuid()
+                    ))
+                }
+                other => CallError::Unreachable(format!("websocket handshake with the daemon failed: {other}")),
             })?;
         let client = ClientBuilder::default()
             // VM boots and image builds are long; the daemon enforces its own deadlines.

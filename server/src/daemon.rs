@@ -27,6 +27,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             cfg.state_dir.display()
         )
     })?;
+    // Detached VMM processes are reparented to us rather than to PID 1 (which may not reap at all in a
+    // container), so we can reap them when they exit.
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        tracing::warn!(error = %e, "cannot become a child subreaper; exited VMMs are left to init to reap");
+    }
     let store = Store::open(&cfg.db_path())
         .with_context(|| format!("opening {}", cfg.db_path().display()))?;
     let engine = Engine::new(cfg.clone(), store);

@@ -10,6 +10,7 @@
 
 pub mod build;
 pub mod daemon;
+pub mod doc;
 pub mod error;
 pub mod guest;
 pub mod image;

@@ -74,8 +74,16 @@ fn decode_params<T: serde::de::DeserializeOwned>(
     method: &str,
     params: serde_json::Value,
 ) -> Result<T, ApiError> {
-    serde_json::from_value(params).map_err(|e| {
-        ApiError::invalid(format!("invalid params for {method}: {e}")).with_hint(format!(
+    serde_path_to_error::deserialize(params).map_err(|e| {
+        // Name the offending field, so the caller knows what to fix.
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let detail = if path == "." {
+            inner.to_string()
+        } else {
+            format!("{path}: {inner}")
+        };
+        ApiError::invalid(format!("invalid params for {method}: {detail}")).with_hint(format!(
             "see the schema of {method} (MCP tools/list, or docs/API.md)"
         ))
     })

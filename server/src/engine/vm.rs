@@ -46,10 +46,11 @@ fn guest_error(vm: &str, e: GuestError) -> ApiError {
         GuestError::Timeout(_) => ApiError::new(ErrorCode::Timeout, format!("VM {vm}: {e}"))
             .with_hint(format!("`banger vm logs {vm}` shows the guest console")),
         GuestError::Agent(ref m) if m.starts_with("cannot run") => ApiError::invalid(m.clone()),
-        other => ApiError::new(ErrorCode::GuestUnreachable, format!("VM {vm}: {other}"))
-            .with_hint(format!(
+        other => ApiError::new(ErrorCode::GuestUnreachable, format!("VM {vm}: {other}")).with_hint(
+            format!(
             "`banger vm logs {vm}` shows the guest console; `banger vm restart {vm}` reboots it"
-        )),
+        ),
+        ),
     }
 }
 
@@ -644,22 +645,27 @@ impl Engine {
     /// Brings the store in line with reality after a daemon (re)start: running VMs whose VMM is still
     /// alive are adopted; dead ones are marked stopped; a create that never finished is rolled back.
     pub async fn reconcile(self: &Arc<Self>) -> Result<(), ApiError> {
-        for row in self.store.vms().await? {
-            let alive = self.is_alive(&row);
+        let rows = self.store.vms().await?;
+        for row in &rows {
+            // The store may not have the pid yet if the daemon died right after launching the VMM; the
+            // VMM's own pid file does.
+            let pid = row.pid.or_else(|| self.pid_from_pidfile(&row.id));
+            let marker = vmm::process_marker(&row.id);
+            let alive = pid.is_some_and(|p| crate::host::process_matches(p, &marker));
             match row.state {
                 VmState::Starting if row.started_at.is_none() => {
                     tracing::warn!(vm = %row.name, "rolling back a create interrupted by a daemon restart");
-                    if let Some(pid) = row.pid {
+                    if let Some(pid) = pid {
                         vmm::kill(pid, &row.id).await;
                     }
                     let _ = tokio::fs::remove_dir_all(self.vm_paths(&row.id).dir).await;
                     self.store.delete_vm(row.id.clone()).await?;
                 }
                 VmState::Running if alive => {
-                    tracing::info!(vm = %row.name, pid = ?row.pid, "re-adopted running VM")
+                    tracing::info!(vm = %row.name, pid = ?pid, "re-adopted running VM")
                 }
                 VmState::Running | VmState::Starting | VmState::Stopping => {
-                    if let Some(pid) = row.pid.filter(|_| alive) {
+                    if let Some(pid) = pid.filter(|_| alive) {
                         vmm::kill(pid, &row.id).await;
                     }
                     tracing::info!(vm = %row.name, "VM was not running after daemon restart; marked stopped");
@@ -667,10 +673,38 @@ impl Engine {
                         .set_vm_state(row.id.clone(), VmState::Stopped, None, None, None)
                         .await?;
                 }
-                VmState::Stopped | VmState::Failed => {}
+                VmState::Stopped | VmState::Failed => {
+                    if let Some(pid) = pid.filter(|_| alive) {
+                        tracing::warn!(vm = %row.name, pid, "killing a VMM that outlived its stopped VM");
+                        vmm::kill(pid, &row.id).await;
+                    }
+                }
+            }
+        }
+        // Directories with no record are leftovers of a create or delete that died half-way.
+        let known: std::collections::HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        if let Ok(entries) = std::fs::read_dir(self.cfg.vms_dir()) {
+            for e in entries.flatten() {
+                let id = e.file_name().to_string_lossy().to_string();
+                if known.contains(id.as_str()) {
+                    continue;
+                }
+                tracing::warn!(id = %id, "removing an orphaned VM directory");
+                if let Some(pid) = self.pid_from_pidfile(&id) {
+                    vmm::kill(pid, &id).await;
+                }
+                let _ = tokio::fs::remove_dir_all(e.path()).await;
             }
         }
         Ok(())
+    }
+
+    fn pid_from_pidfile(&self, id: &str) -> Option<u32> {
+        std::fs::read_to_string(self.vm_paths(id).pidfile())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 }
 

@@ -132,10 +132,20 @@ pub async fn kill(pid: u32, vm_id: &str) {
     wait_exit(pid, &marker, Duration::from_secs(5)).await;
 }
 
+/// Reaps an exited VMM if it is our child. VMMs detach (`-daemonize`), and bangerd is a child subreaper,
+/// so they are reparented to it; reaping them by pid (never `waitpid(-1)`) leaves tokio's own children alone.
+pub fn reap(pid: u32) {
+    let _ = nix::sys::wait::waitpid(
+        nix::unistd::Pid::from_raw(pid as i32),
+        Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+    );
+}
+
 /// Waits until the process is gone; true if it went within `timeout`.
 pub async fn wait_exit(pid: u32, marker: &str, timeout: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
     while crate::host::process_matches(pid, marker) {
+        reap(pid);
         if tokio::time::Instant::now() >= deadline {
             return false;
         }

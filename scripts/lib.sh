@@ -1,0 +1,30 @@
+# Shared by quickstart.sh and test.sh. Source it; it defines functions and CACHE/ROOT.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${BANGER_CACHE:-/var/cache/banger}"
+AGENT_TARGET=x86_64-unknown-linux-gnu
+
+log() { printf '[%s %s] %s\n' "$(basename "$0" .sh)" "$(date +%H:%M:%S)" "$*" >&2; }
+
+# Builds banger-agent as a static binary (it runs inside guests, whatever libc they have) and prints its path.
+build_agent() {
+  (cd "$ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build -q --release -p banger-agent --target "$AGENT_TARGET")
+  echo "$ROOT/target/$AGENT_TARGET/release/banger-agent"
+}
+
+# assemble_image RECIPE AGENT: prints the path of an ext4 root filesystem built from the recipe's cached root
+# tar plus this agent. Cached by content, so it is rebuilt only when the recipe or the agent changes.
+assemble_image() {
+  local recipe="$1" agent="$2" tar hash out
+  tar="$(readlink -f "$CACHE/rootfs/$recipe.tar")"
+  hash="$(cat "$tar.sha256" 2>/dev/null || sha256sum "$tar" | cut -c1-16 | tee "$tar.sha256")"
+  hash="$(printf '%s %s %s' "$hash" "$(sha256sum "$agent" | cut -c1-16)" "$(sha256sum "$ROOT/images/assemble.sh" | cut -c1-16)" | sha256sum | cut -c1-12)"
+  out="$CACHE/images/$recipe-$hash.ext4"
+  mkdir -p "$CACHE/images"
+  if [[ ! -f $out ]]; then
+    log "assembling image $recipe ($hash)"
+    "$ROOT/images/assemble.sh" "$tar" "$agent" "$out" >&2
+    # Keep the three newest builds of each recipe.
+    ls -1t "$CACHE/images/$recipe"-*.ext4 | tail -n +4 | xargs -r rm -f
+  fi
+  echo "$out"
+}

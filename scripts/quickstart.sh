@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# banger's main job on a fresh machine: set the host up, build and install banger, start the daemon,
+# register the default image, boot a sandbox, run a command in it, and print what to do next.
+# Safe to run again: every step reuses what is already there.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$ROOT"
+[[ $(id -u) == 0 ]] || { echo "quickstart: run as root (bangerd manages VMs, disks and network devices)" >&2; exit 1; }
+
+"$ROOT/scripts/setup-host.sh"
+log "building banger (release)"
+cargo build -q --release --workspace --bins
+agent="$(build_agent)"
+install -m 0755 target/release/banger target/release/bangerd "$agent" /usr/local/bin/
+rootfs="$(assemble_image debian-minimal "$agent")"
+
+# A daemon from an older build is replaced, so CLI and daemon always agree.
+if banger daemon ping >/dev/null 2>&1; then
+  v="$(banger version --json)"
+  if [[ $(jq -r '.cli.commit + .cli.version' <<<"$v" 2>/dev/null || python3 -c 'import json,sys; v=json.load(sys.stdin); print(v["cli"]["commit"]+v["cli"]["version"])' <<<"$v") != \
+        $(python3 -c 'import json,sys; v=json.load(sys.stdin); d=v["daemon"] or {}; print(d.get("commit","")+d.get("version",""))' <<<"$v") ]]; then
+    log "restarting bangerd onto the new build"
+    banger daemon stop
+  fi
+fi
+banger daemon start
+
+image="debian-minimal-$(basename "$rootfs" .ext4 | rev | cut -d- -f1 | rev)"
+if ! banger image show "$image" >/dev/null 2>&1; then
+  banger image register --name "$image" --default \
+    --kernel "$CACHE/kernel/default/vmlinuz" --kernel-elf "$CACHE/kernel/default/vmlinux" \
+    --initrd "$CACHE/kernel/default/initramfs.cpio.gz" --rootfs "$rootfs"
+else
+  banger image promote "$image" >/dev/null
+fi
+
+if banger vm show quickstart >/dev/null 2>&1; then
+  banger vm start quickstart
+else
+  banger vm create --name quickstart
+fi
+echo
+echo "\$ banger vm exec quickstart -- sh -c 'uname -sr; . /etc/os-release; echo \$PRETTY_NAME'"
+banger vm exec quickstart -- sh -c 'uname -sr; . /etc/os-release; echo $PRETTY_NAME'
+cat <<'NEXT'
+
+banger is up, with a sandbox named "quickstart". Next:
+  banger vm exec quickstart -- sh -c 'echo hello from the guest'   run anything inside it
+  banger vm list                                                   see your sandboxes (add --json for scripts)
+  banger vm create --name work --vcpus 2 --memory 1024             make another one
+  banger doctor                                                    check the host, and see which VMM it uses
+  claude mcp add banger -- banger mcp                              give Claude Code the banger tools
+  banger vm delete quickstart                                      clean up
+NEXT

@@ -1,0 +1,342 @@
+//! The daemon's two front doors and the CLI, against a real daemon: same typed results over MCP and
+//! JSON-RPC, every operation listed with schemas, bad input rejected specifically, private socket.
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+
+use banger_e2e::*;
+use rmcp::model::CallToolRequestParams;
+use rmcp::transport::TokioChildProcess;
+use rmcp::ServiceExt;
+
+/// Small stand-in files: registration copies and fingerprints files but never boots them.
+fn fake_image_files(d: &TestDaemon) -> (String, String) {
+    let kernel = d.dir.path().join("fake-kernel");
+    let rootfs = d.dir.path().join("fake-rootfs.ext4");
+    std::fs::write(&kernel, b"not really a kernel").unwrap();
+    std::fs::write(&rootfs, vec![7u8; 4096]).unwrap();
+    (kernel.display().to_string(), rootfs.display().to_string())
+}
+
+async fn mcp_client(d: &TestDaemon) -> rmcp::service::RunningService<rmcp::RoleClient, ()> {
+    let mut cmd = tokio::process::Command::new(bin("banger"));
+    cmd.arg("mcp").env("BANGER_SOCKET", &d.socket);
+    ().serve(TokioChildProcess::new(cmd).expect("spawn banger mcp"))
+        .await
+        .expect("MCP initialize through banger mcp")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mcp_over_stdio_lists_every_operation_with_schemas_and_truthful_annotations() {
+    let d = TestDaemon::start();
+    let client = mcp_client(&d).await;
+    let info = client.peer_info().expect("server info after initialize");
+    assert_eq!(
+        info.server_info.as_ref().map(|s| s.name.as_str()),
+        Some("banger")
+    );
+    let tools = client.list_all_tools().await.unwrap();
+    let names: Vec<String> = tools.iter().map(|t| t.name.to_string()).collect();
+    for op in tools_schema::ops::OPERATIONS {
+        let t = tools
+            .iter()
+            .find(|t| t.name == op.tool_name())
+            .unwrap_or_else(|| panic!("{} missing from {names:?}", op.tool_name()));
+        assert_eq!(
+            t.input_schema.get("type"),
+            Some(&json!("object")),
+            "{} input schema",
+            op.method
+        );
+        assert!(
+            t.output_schema.is_some(),
+            "{} has no output schema",
+            op.method
+        );
+        let a = t.annotations.as_ref().expect("annotations");
+        assert_eq!(a.read_only_hint, Some(op.read_only), "{}", op.method);
+        assert_eq!(a.destructive_hint, Some(op.destructive), "{}", op.method);
+    }
+    assert_eq!(tools.len(), tools_schema::ops::OPERATIONS.len());
+    // Spot-check that the annotations say what the operations do.
+    let by = |n: &str| {
+        tools
+            .iter()
+            .find(|t| t.name == n)
+            .unwrap()
+            .annotations
+            .clone()
+            .unwrap()
+    };
+    assert_eq!(by("vm_delete").destructive_hint, Some(true));
+    assert_eq!(by("vm_list").read_only_hint, Some(true));
+    assert_eq!(by("vm_create").read_only_hint, Some(false));
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_operation_returns_the_same_typed_result_over_mcp_and_json_rpc() {
+    let d = TestDaemon::start();
+    let (kernel, rootfs) = fake_image_files(&d);
+    d.rpc(
+        "image.register",
+        json!({"name": "fake", "kernel": kernel, "rootfs": rootfs}),
+    );
+    let over_rpc = d.rpc("image.list", json!({}));
+    let client = mcp_client(&d).await;
+    let r = client
+        .call_tool(CallToolRequestParams::new("image_list"))
+        .await
+        .unwrap();
+    assert_eq!(r.is_error, Some(false));
+    let over_mcp = r.structured_content.expect("structured content");
+    assert_eq!(over_mcp, over_rpc);
+    let list: tools_schema::image::ImageList =
+        serde_json::from_value(over_mcp).expect("typed result");
+    assert_eq!(list.images.len(), 1);
+    assert!(
+        list.images[0].is_default,
+        "the first image becomes the default"
+    );
+    // And a typed error is the same kind on both doors.
+    let mcp_err = client
+        .call_tool(
+            CallToolRequestParams::new("vm_show")
+                .with_arguments(json!({"vm": "ghost"}).as_object().unwrap().clone()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(mcp_err.is_error, Some(true));
+    assert_eq!(mcp_err.structured_content.unwrap()["code"], "not_found");
+    let rpc_err = d.rpc_raw("vm.show", json!({"vm": "ghost"}));
+    assert_eq!(rpc_err["error"]["data"]["code"], "not_found");
+    assert!(rpc_err["error"]["data"]["hint"]
+        .as_str()
+        .unwrap()
+        .contains("banger vm list"));
+    client.cancel().await.unwrap();
+}
+
+#[test]
+fn bad_input_gets_specific_errors_on_json_rpc_and_never_crashes_the_daemon() {
+    let d = TestDaemon::start();
+    let err = |method: &str, params: Value| d.rpc_raw(method, params)["error"].clone();
+
+    let e = err("vm.explode", json!({}));
+    assert_eq!(e["code"], -32601, "unknown method: {e}");
+
+    let e = err("vm.create", json!({"vcpus": "two"}));
+    assert_eq!(e["code"], -32602, "wrong type: {e}");
+    assert_eq!(e["data"]["code"], "invalid_argument");
+    assert!(
+        e["message"].as_str().unwrap().contains("invalid type"),
+        "{e}"
+    );
+
+    let e = err("vm.show", json!({}));
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("missing field `vm`"),
+        "missing field: {e}"
+    );
+
+    let e = err("vm.create", json!({"vcpus": 0}));
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("vcpus must be between 1 and 32"),
+        "range: {e}"
+    );
+
+    let e = err("vm.create", json!({"name": "Bad_Name"}));
+    assert!(
+        e["message"].as_str().unwrap().contains("is invalid"),
+        "name: {e}"
+    );
+
+    let e = err("vm.create", json!({"cpus": 2}));
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `cpus`"),
+        "unknown field: {e}"
+    );
+
+    let e = err("vm.exec", json!({"vm": "x", "command": []}));
+    assert_eq!(e["data"]["code"], "invalid_argument", "empty command: {e}");
+
+    // Not JSON at all.
+    let (status, body) = http_post(&d.socket, "{this is not json").unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"]["code"],
+        -32700,
+        "{body}"
+    );
+
+    // 17 MiB of params: over the 16 MiB limit.
+    let big = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"vm.show","params":{{"vm":"{}"}}}}"#,
+        "a".repeat(17 << 20)
+    );
+    let (status, body) = http_post(&d.socket, &big).unwrap();
+    assert!(
+        status == 413 || body.contains("too big"),
+        "oversize request: {status} {}",
+        &body[..body.len().min(200)]
+    );
+
+    // A client that vanishes mid-request.
+    {
+        use std::io::Write;
+        let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+        s.write_all(b"POST / HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{\"jsonrpc\"")
+            .unwrap();
+    }
+
+    assert_eq!(
+        d.rpc("daemon.ping", json!({}))["pid"],
+        json!(d.pid()),
+        "daemon still serves"
+    );
+}
+
+#[test]
+fn bad_input_gets_specific_errors_on_mcp_and_never_crashes_the_daemon() {
+    let d = TestDaemon::start();
+    let mut m = RawMcp::connect(&d.socket);
+    m.initialize();
+    let r = m.request(
+        1,
+        "tools/call",
+        json!({"name": "vm_explode", "arguments": {}}),
+    );
+    assert_eq!(r["result"]["isError"], true, "{r}");
+    assert_eq!(r["result"]["structuredContent"]["code"], "unknown_method");
+
+    let r = m.request(
+        2,
+        "tools/call",
+        json!({"name": "vm_create", "arguments": {"memory_mib": "lots"}}),
+    );
+    assert_eq!(r["result"]["isError"], true, "{r}");
+    assert_eq!(r["result"]["structuredContent"]["code"], "invalid_argument");
+    assert!(
+        r["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("memory_mib"),
+        "{r}"
+    );
+
+    let r = m.request(3, "tools/call", json!({"name": "vm_show", "arguments": {}}));
+    assert!(
+        r["result"]["structuredContent"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("missing field `vm`"),
+        "{r}"
+    );
+
+    let r = m.request(4, "no/such/method", json!({}));
+    assert_eq!(r["error"]["code"], -32601, "{r}");
+
+    // Malformed JSON on the wire, then an oversize line: the session may end, the daemon must not.
+    m.send_line("{not json");
+    m.send_line(&format!(
+        r#"{{"jsonrpc":"2.0","id":9,"method":"tools/list","params":{{"x":"{}"}}}}"#,
+        "a".repeat(17 << 20)
+    ));
+    drop(m);
+
+    let mut m2 = RawMcp::connect(&d.socket);
+    m2.initialize();
+    let r = m2.request(
+        1,
+        "tools/call",
+        json!({"name": "daemon_ping", "arguments": {}}),
+    );
+    assert_eq!(
+        r["result"]["structuredContent"]["pid"],
+        json!(d.pid()),
+        "{r}"
+    );
+}
+
+#[test]
+fn the_socket_is_private_and_other_users_are_refused_by_credentials() {
+    let d = TestDaemon::start();
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode");
+    // Open the file permissions up, as a careless admin might: the credential check must still refuse.
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = std::process::Command::new(bin("banger"))
+        .args(["daemon", "ping"])
+        .env("BANGER_SOCKET", &d.socket)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refused this user (uid 65534)"),
+        "stderr: {stderr}"
+    );
+    // Root (the owner here) is still served.
+    assert!(d.cli(&["daemon", "ping"]).status.success());
+}
+
+#[test]
+fn every_binary_reports_the_same_build() {
+    let d = TestDaemon::start();
+    let v = d.cli_json(&["version"]);
+    assert_eq!(v["cli"], v["daemon"], "CLI and daemon builds differ: {v}");
+    let daemon_cli = std::process::Command::new(bin("bangerd"))
+        .arg("--build-info")
+        .output()
+        .unwrap();
+    let daemon_build: Value = serde_json::from_slice(&daemon_cli.stdout).unwrap();
+    assert_eq!(daemon_build, v["cli"]);
+    let status = d.cli_json(&["daemon", "status"]);
+    assert_eq!(status["build"], v["cli"]);
+    assert_eq!(status["socket"], json!(d.socket.display().to_string()));
+    assert!(!v["cli"]["commit"].as_str().unwrap().is_empty());
+}
+
+#[test]
+fn doctor_names_the_vmm_and_why() {
+    let d = TestDaemon::start();
+    let r = d.rpc("doctor.run", json!({}));
+    let vmm = &r["vmm"];
+    assert!(["qemu", "firecracker"].contains(&vmm["vmm"].as_str().unwrap()));
+    let accel = vmm["acceleration"].as_str().unwrap();
+    // On hosts without hardware KVM, QEMU with TCG is the only way guests boot.
+    if accel != "hardware_kvm" {
+        assert_eq!(vmm["vmm"], "qemu");
+        assert_eq!(vmm["qemu_accel"], "tcg");
+    }
+    assert!(vmm["reason"].as_str().unwrap().len() > 20);
+    let checks = r["checks"].as_array().unwrap();
+    let check = |n: &str| {
+        checks
+            .iter()
+            .find(|c| c["name"] == n)
+            .unwrap_or_else(|| panic!("no {n} check"))
+    };
+    assert_eq!(check("qemu-system-x86_64")["status"], "pass");
+    // No image is registered in a fresh daemon: the doctor fails that check and says how to fix it.
+    assert_eq!(check("default-image")["status"], "fail");
+    assert!(check("default-image")["fix"]
+        .as_str()
+        .unwrap()
+        .contains("quickstart"));
+    assert_eq!(r["ok"], false);
+    let out = d.cli(&["doctor"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("VMM: "));
+}

@@ -1,0 +1,49 @@
+//! The JSON-RPC/MCP reference (docs/API.md), generated from the operation list and schemas so it cannot
+//! drift from the code. `cargo test -p tools-schema` fails when the committed file is stale;
+//! `BANGER_UPDATE_DOCS=1 cargo test -p tools-schema` rewrites it.
+use crate::ops::OPERATIONS;
+
+pub fn api_reference() -> String {
+    let mut out = String::from(
+        "# banger API reference\n\n\
+         Generated from `tools-schema` (do not edit by hand: `BANGER_UPDATE_DOCS=1 cargo test -p tools-schema`).\n\n\
+         Every operation is a JSON-RPC 2.0 method on the daemon socket and an MCP tool of the same name with `.`\n\
+         replaced by `_` (`vm.create` is the tool `vm_create` and the CLI command `banger vm create`).\n\
+         Errors carry `error.data` = `{code, message, hint}` on JSON-RPC, and the same object as\n\
+         `structuredContent` of an `isError` result on MCP. Error codes: `invalid_argument`, `not_found`,\n\
+         `already_exists`, `failed_precondition`, `busy`, `guest_unreachable`, `host_unsupported`, `timeout`,\n\
+         `cancelled`, `permission_denied`, `unknown_method`, `internal`.\n\n\
+         | method | MCP tool | read-only | destructive | idempotent |\n|---|---|---|---|---|\n",
+    );
+    for op in OPERATIONS {
+        out.push_str(&format!(
+            "| [`{}`](#{}) | `{}` | {} | {} | {} |\n",
+            op.method,
+            op.method.replace('.', ""),
+            op.tool_name(),
+            yes(op.read_only),
+            yes(op.destructive),
+            yes(op.idempotent)
+        ));
+    }
+    for op in OPERATIONS {
+        out.push_str(&format!("\n## {}\n\n{}\n\n", op.method, op.description));
+        let params =
+            serde_json::to_string_pretty(&(op.params_schema)()).expect("schema serialises");
+        let result =
+            serde_json::to_string_pretty(&(op.result_schema)()).expect("schema serialises");
+        out.push_str(&format!(
+            "<details><summary>params schema</summary>\n\n```json\n{params}\n```\n</details>\n\n\
+             <details><summary>result schema</summary>\n\n```json\n{result}\n```\n</details>\n"
+        ));
+    }
+    out
+}
+
+fn yes(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
