@@ -16,9 +16,8 @@ rootfs="$(assemble_image debian-minimal "$agent")"
 
 # A daemon from an older build is replaced, so CLI and daemon always agree.
 if banger daemon ping >/dev/null 2>&1; then
-  v="$(banger version --json)"
-  if [[ $(jq -r '.cli.commit + .cli.version' <<<"$v" 2>/dev/null || python3 -c 'import json,sys; v=json.load(sys.stdin); print(v["cli"]["commit"]+v["cli"]["version"])' <<<"$v") != \
-        $(python3 -c 'import json,sys; v=json.load(sys.stdin); d=v["daemon"] or {}; print(d.get("commit","")+d.get("version",""))' <<<"$v") ]]; then
+  same="$(banger version --json | python3 -c 'import json,sys; v=json.load(sys.stdin); print(v["cli"] == v["daemon"])')"
+  if [[ $same != True ]]; then
     log "restarting bangerd onto the new build"
     banger daemon stop
   fi

@@ -232,3 +232,25 @@ fn a_daemon_killed_mid_create_leaks_nothing_after_restart() {
         0
     );
 }
+
+#[test]
+fn an_mcp_client_that_disconnects_mid_create_cancels_it() {
+    let d = TestDaemon::start();
+    d.register_test_image();
+    let mut m = RawMcp::connect(&d.socket);
+    m.initialize();
+    m.send_line(&json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+        "params": {"name": "vm_create", "arguments": {"name": "mcp-abandoned"}}}).to_string());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d.processes_of_this_test().is_empty() {
+        assert!(Instant::now() < deadline, "the VMM never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(m);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d.rpc("vm.list", json!({}))["vms"] != json!([]) {
+        assert!(Instant::now() < deadline, "abandoned MCP create was not rolled back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    d.assert_no_leaked_processes();
+}
