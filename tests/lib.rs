@@ -20,11 +20,7 @@ pub fn bin(name: &str) -> PathBuf {
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} is not built: run `cargo build --workspace` first (scripts/test.sh does)",
-        p.display()
-    );
+    assert!(p.exists(), "{} is not built: run `cargo build --workspace` first (scripts/test.sh does)", p.display());
     p
 }
 
@@ -50,14 +46,14 @@ pub fn test_image() -> TestImage {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// The bridge gateway of the default network config (the host's address on the VM network).
+pub const GATEWAY: &str = "10.254.77.1";
+
 /// Whether a process is alive: it exists and is not a zombie.
 pub fn process_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
-        })
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with('Z')))
         .unwrap_or(false)
 }
 
@@ -68,31 +64,29 @@ pub struct Netns {
 
 impl Netns {
     pub fn new() -> Netns {
-        let name = format!(
-            "banger-t{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        );
-        let st = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("running ip netns add");
-        assert!(
-            st.success(),
-            "ip netns add {name} failed (tests need root and iproute2)"
-        );
-        let _ = Command::new("ip")
-            .args(["netns", "exec", &name, "ip", "link", "set", "lo", "up"])
-            .status();
+        let name = format!("banger-t{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let st = Command::new("ip").args(["netns", "add", &name]).status().expect("running ip netns add");
+        assert!(st.success(), "ip netns add {name} failed (tests need root and iproute2)");
+        let _ = Command::new("ip").args(["netns", "exec", &name, "ip", "link", "set", "lo", "up"]).status();
+        // Processes run with `ip netns exec` see this resolv.conf: banger's DNS on the bridge gateway, so the
+        // host side of a test resolves `<name>.vm` the way a configured workstation would.
+        let etc = PathBuf::from("/etc/netns").join(&name);
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(etc.join("resolv.conf"), format!("nameserver {GATEWAY}\noptions timeout:1 attempts:2\n"))
+            .unwrap();
         Netns { name }
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, args: &[&str]) -> Output {
+        Command::new("ip").args(["netns", "exec", &self.name]).args(args).output().expect("ip netns exec")
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(&self.name));
     }
 }
 
@@ -107,19 +101,10 @@ pub struct TestDaemon {
 impl TestDaemon {
     /// Starts bangerd in a fresh namespace and state directory and waits until it answers.
     pub fn start() -> TestDaemon {
-        let dir = tempfile::Builder::new()
-            .prefix("banger-e2e-")
-            .tempdir()
-            .expect("tempdir");
+        let dir = tempfile::Builder::new().prefix("banger-e2e-").tempdir().expect("tempdir");
         let socket = dir.path().join("bangerd.sock");
         let state_dir = dir.path().join("state");
-        let mut d = TestDaemon {
-            netns: Netns::new(),
-            socket,
-            state_dir,
-            child: None,
-            dir,
-        };
+        let mut d = TestDaemon { netns: Netns::new(), socket, state_dir, child: None, dir };
         d.spawn();
         d
     }
@@ -154,10 +139,7 @@ impl TestDaemon {
                 return;
             }
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "bangerd exited ({st}) before answering:\n{}",
-                    self.daemon_output()
-                );
+                panic!("bangerd exited ({st}) before answering:\n{}", self.daemon_output());
             }
             assert!(
                 started.elapsed() < Duration::from_secs(20),
@@ -169,14 +151,9 @@ impl TestDaemon {
     }
 
     fn try_ping(&self) -> Option<Value> {
-        let (status, body) = http_post(
-            &self.socket,
-            &json!({"jsonrpc":"2.0","id":1,"method":"daemon.ping"}).to_string(),
-        )
-        .ok()?;
-        (status == 200)
-            .then(|| serde_json::from_str(&body).ok())
-            .flatten()
+        let (status, body) =
+            http_post(&self.socket, &json!({"jsonrpc":"2.0","id":1,"method":"daemon.ping"}).to_string()).ok()?;
+        (status == 200).then(|| serde_json::from_str(&body).ok()).flatten()
     }
 
     pub fn daemon_output(&self) -> String {
@@ -195,7 +172,13 @@ impl TestDaemon {
 
     /// SIGKILLs the daemon mid-whatever and starts a new one on the same state.
     pub fn crash_and_restart(&mut self) {
+        self.crash_and_restart_with(|| {});
+    }
+
+    /// Like `crash_and_restart`, running `while_down` between the crash and the restart.
+    pub fn crash_and_restart_with(&mut self, while_down: impl FnOnce()) {
         self.stop_daemon(nix::sys::signal::Signal::SIGKILL);
+        while_down();
         self.spawn();
     }
 
@@ -214,11 +197,7 @@ impl TestDaemon {
 
     /// Runs the `banger` CLI against this daemon.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin("banger"))
-            .args(args)
-            .env("BANGER_SOCKET", &self.socket)
-            .output()
-            .expect("running banger")
+        Command::new(bin("banger")).args(args).env("BANGER_SOCKET", &self.socket).output().expect("running banger")
     }
 
     /// Runs the CLI and returns its JSON output, failing the test on a non-zero exit.
@@ -233,17 +212,13 @@ impl TestDaemon {
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "banger {args:?} printed no JSON ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
-            )
+            panic!("banger {args:?} printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
         })
     }
 
     /// Calls a JSON-RPC method over plain HTTP POST; returns the whole response object.
     pub fn rpc_raw(&self, method: &str, params: Value) -> Value {
-        let body =
-            json!({"jsonrpc": "2.0", "id": 7, "method": method, "params": params}).to_string();
+        let body = json!({"jsonrpc": "2.0", "id": 7, "method": method, "params": params}).to_string();
         let (status, text) = http_post(&self.socket, &body).expect("HTTP POST to the daemon");
         assert_eq!(status, 200, "HTTP status for {method}: {text}");
         serde_json::from_str(&text).expect("JSON-RPC response is JSON")
@@ -304,10 +279,7 @@ impl Drop for TestDaemon {
         self.stop_daemon(nix::sys::signal::Signal::SIGTERM);
         // Anything this test's daemon started and left behind (a failing test may leave VMs running).
         for (pid, _) in self.processes_of_this_test() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
         }
         if std::thread::panicking() {
             eprintln!("--- bangerd output ---\n{}", self.daemon_output());
@@ -327,9 +299,7 @@ pub fn http_post(socket: &Path, body: &str) -> std::io::Result<(u16, String)> {
     // A server that refuses a request (e.g. too large) answers and closes before reading it all; the
     // answer is still there to read.
     if let Err(e) = s.write_all(body.as_bytes()) {
-        if e.kind() != std::io::ErrorKind::BrokenPipe
-            && e.kind() != std::io::ErrorKind::ConnectionReset
-        {
+        if e.kind() != std::io::ErrorKind::BrokenPipe && e.kind() != std::io::ErrorKind::ConnectionReset {
             return Err(e);
         }
     }
@@ -337,19 +307,9 @@ pub fn http_post(socket: &Path, body: &str) -> std::io::Result<(u16, String)> {
     s.read_to_end(&mut resp)?;
     let text = String::from_utf8_lossy(&resp).to_string();
     let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(rest)
-    } else {
-        rest.to_string()
-    };
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body =
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.to_string() };
     Ok((status, body))
 }
 
@@ -375,13 +335,8 @@ pub struct RawMcp {
 impl RawMcp {
     pub fn connect(socket: &Path) -> RawMcp {
         let stream = UnixStream::connect(socket).expect("connect to daemon");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(60)))
-            .unwrap();
-        RawMcp {
-            stream,
-            buf: vec![],
-        }
+        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        RawMcp { stream, buf: vec![] }
     }
     pub fn send_line(&mut self, line: &str) {
         self.stream.write_all(line.as_bytes()).unwrap();
@@ -401,9 +356,7 @@ impl RawMcp {
     }
     /// Sends a request and returns the response with the same id (skipping notifications).
     pub fn request(&mut self, id: u64, method: &str, params: Value) -> Value {
-        self.send_line(
-            &json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string(),
-        );
+        self.send_line(&json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string());
         loop {
             let m = self.recv();
             if m.get("id") == Some(&json!(id)) {

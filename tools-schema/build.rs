@@ -11,25 +11,16 @@ fn main() {
             .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     };
-    let commit = std::env::var("BANGER_COMMIT")
-        .ok()
-        .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]));
-    let dirty =
-        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    let commit = std::env::var("BANGER_COMMIT").ok().or_else(|| git(&["rev-parse", "--short=12", "HEAD"]));
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
     let commit = match commit {
         Some(c) if dirty => format!("{c}-dirty"),
         Some(c) => c,
         None => "unknown".into(),
     };
-    let build_time = std::env::var("SOURCE_DATE_EPOCH")
-        .ok()
-        .and_then(|s| s.parse::<i64>().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or(0)
-        });
+    let build_time = std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|s| s.parse::<i64>().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    });
     println!("cargo:rustc-env=BANGER_BUILD_COMMIT={commit}");
     println!("cargo:rustc-env=BANGER_BUILD_TIME={build_time}");
     if let Some(top) = git(&["rev-parse", "--show-toplevel"]) {

@@ -67,29 +67,23 @@ impl Daemon {
 
     /// Calls an operation with typed params and result.
     pub async fn call<O: Operation>(&self, params: &O::Params) -> Result<O::Result, CallError> {
-        let value = serde_json::to_value(params)
-            .map_err(|e| CallError::Unreachable(format!("encoding params: {e}")))?;
+        let value =
+            serde_json::to_value(params).map_err(|e| CallError::Unreachable(format!("encoding params: {e}")))?;
         let mut obj = ObjectParams::new();
         if let serde_json::Value::Object(m) = value {
             for (k, v) in m {
-                obj.insert(&k, v)
-                    .map_err(|e| CallError::Unreachable(e.to_string()))?;
+                obj.insert(&k, v).map_err(|e| CallError::Unreachable(e.to_string()))?;
             }
         }
-        self.client
-            .request::<O::Result, _>(O::METHOD, obj)
-            .await
-            .map_err(|e| match e {
-                jsonrpsee::core::ClientError::Call(obj) => {
-                    let api = obj
-                        .data()
-                        .and_then(|d| serde_json::from_str::<ApiError>(d.get()).ok())
-                        .unwrap_or_else(|| {
-                            ApiError::new(ErrorCode::Internal, obj.message().to_string())
-                        });
-                    CallError::Api(api)
-                }
-                other => CallError::Unreachable(format!("talking to the daemon failed: {other}")),
-            })
+        self.client.request::<O::Result, _>(O::METHOD, obj).await.map_err(|e| match e {
+            jsonrpsee::core::ClientError::Call(obj) => {
+                let api = obj
+                    .data()
+                    .and_then(|d| serde_json::from_str::<ApiError>(d.get()).ok())
+                    .unwrap_or_else(|| ApiError::new(ErrorCode::Internal, obj.message().to_string()));
+                CallError::Api(api)
+            }
+            other => CallError::Unreachable(format!("talking to the daemon failed: {other}")),
+        })
     }
 }

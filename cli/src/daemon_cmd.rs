@@ -11,9 +11,7 @@ use crate::{output, Ctx};
 #[derive(Subcommand)]
 pub enum DaemonCmd {
     /// Start bangerd in the background (or in the foreground with --foreground) and wait until it answers.
-    #[command(
-        after_help = "Examples:\n  banger daemon start\n  banger daemon start --foreground --log-format text"
-    )]
+    #[command(after_help = "Examples:\n  banger daemon start\n  banger daemon start --foreground --log-format text")]
     Start {
         /// Run in this terminal instead of detaching.
         #[arg(long)]
@@ -56,21 +54,14 @@ pub async fn run(cmd: DaemonCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             let bin = bangerd_path();
             if foreground {
                 let status = std::process::Command::new(&bin).args(&args).status()?;
-                return Ok(if status.success() {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::from(1)
-                });
+                return Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::from(1) });
             }
             let cfg = banger_server::Config::load(None)?;
             std::fs::create_dir_all(&cfg.state_dir)?;
             let out_path = cfg.state_dir.join("bangerd.out");
             let out = std::fs::File::create(&out_path)?;
             let mut cmd = std::process::Command::new(&bin);
-            cmd.args(&args)
-                .stdin(Stdio::null())
-                .stdout(out.try_clone()?)
-                .stderr(out);
+            cmd.args(&args).stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
             // Its own session: the daemon must not die with this terminal.
             unsafe {
                 use std::os::unix::process::CommandExt;
@@ -79,9 +70,7 @@ pub async fn run(cmd: DaemonCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                     Ok(())
                 });
             }
-            let mut child = cmd
-                .spawn()
-                .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", bin.display()))?;
+            let mut child = cmd.spawn().map_err(|e| anyhow::anyhow!("cannot run {}: {e}", bin.display()))?;
             let started = Instant::now();
             loop {
                 if let Ok(d) = ctx.daemon().await {
@@ -101,21 +90,11 @@ pub async fn run(cmd: DaemonCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 }
                 if let Some(status) = child.try_wait()? {
                     let log = std::fs::read_to_string(&out_path).unwrap_or_default();
-                    let tail: Vec<&str> = log
-                        .lines()
-                        .rev()
-                        .take(10)
-                        .collect::<Vec<_>>()
-                        .into_iter()
-                        .rev()
-                        .collect();
+                    let tail: Vec<&str> = log.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect();
                     anyhow::bail!("bangerd exited ({status}) before answering:\n{}\n  hint: `banger daemon start --foreground` shows why", tail.join("\n"));
                 }
                 if started.elapsed() > Duration::from_secs(20) {
-                    anyhow::bail!(
-                        "bangerd did not answer within 20s; see {}",
-                        out_path.display()
-                    );
+                    anyhow::bail!("bangerd did not answer within 20s; see {}", out_path.display());
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -130,10 +109,7 @@ pub async fn run(cmd: DaemonCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             };
             let p = d.call::<ops::DaemonPing>(&Default::default()).await?;
             drop(d);
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(p.pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            )?;
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid as i32), nix::sys::signal::Signal::SIGTERM)?;
             let started = Instant::now();
             while std::path::Path::new(&format!("/proc/{}", p.pid)).exists() {
                 if started.elapsed() > Duration::from_secs(20) {
@@ -144,18 +120,11 @@ pub async fn run(cmd: DaemonCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             println!("bangerd stopped (pid {})", p.pid);
         }
         DaemonCmd::Status => {
-            let s = ctx
-                .daemon()
-                .await?
-                .call::<ops::DaemonStatus>(&Default::default())
-                .await?;
+            let s = ctx.daemon().await?.call::<ops::DaemonStatus>(&Default::default()).await?;
             if ctx.json {
                 output::json(&s);
             } else {
-                println!(
-                    "bangerd   {} (pid {}, up {}s)",
-                    s.build, s.pid, s.uptime_secs
-                );
+                println!("bangerd   {} (pid {}, up {}s)", s.build, s.pid, s.uptime_secs);
                 println!("socket    {}", s.socket);
                 println!("state     {}", s.state_dir);
                 println!("log       {}", s.log_file.as_deref().unwrap_or("-"));
@@ -165,11 +134,7 @@ pub async fn run(cmd: DaemonCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             }
         }
         DaemonCmd::Ping => {
-            let p = ctx
-                .daemon()
-                .await?
-                .call::<ops::DaemonPing>(&Default::default())
-                .await?;
+            let p = ctx.daemon().await?.call::<ops::DaemonPing>(&Default::default()).await?;
             if ctx.json {
                 output::json(&p)
             } else {

@@ -103,14 +103,8 @@ fn absolute(p: PathBuf) -> String {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let socket = cli
-        .socket
-        .clone()
-        .unwrap_or_else(|| banger_server::config::Defaults::detect().socket);
-    let ctx = Ctx {
-        socket,
-        json: cli.json,
-    };
+    let socket = cli.socket.clone().unwrap_or_else(|| banger_server::config::Defaults::detect().socket);
+    let ctx = Ctx { socket, json: cli.json };
     match run(cli.command, &ctx).await {
         Ok(code) => code,
         Err(e) => {
@@ -126,11 +120,7 @@ async fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         Command::Version => {
             let cli_build = tools_schema::BuildInfo::current();
             let daemon = match ctx.daemon().await {
-                Ok(d) => d
-                    .call::<ops::DaemonPing>(&Default::default())
-                    .await
-                    .ok()
-                    .map(|p| p.build),
+                Ok(d) => d.call::<ops::DaemonPing>(&Default::default()).await.ok().map(|p| p.build),
                 Err(_) => None,
             };
             if ctx.json {
@@ -140,11 +130,7 @@ async fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 match daemon {
                     Some(d) => println!(
                         "bangerd {d}{}",
-                        if d == cli_build {
-                            ""
-                        } else {
-                            "  (differs from the CLI: restart the daemon)"
-                        }
+                        if d == cli_build { "" } else { "  (differs from the CLI: restart the daemon)" }
                     ),
                     None => println!("bangerd not running"),
                 }
@@ -152,11 +138,7 @@ async fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         }
         Command::Daemon(d) => return daemon_cmd::run(d, ctx).await,
         Command::Doctor => {
-            let report = ctx
-                .daemon()
-                .await?
-                .call::<ops::DoctorRun>(&Default::default())
-                .await?;
+            let report = ctx.daemon().await?.call::<ops::DoctorRun>(&Default::default()).await?;
             if ctx.json {
                 output::json(&report);
             } else {
@@ -222,14 +204,11 @@ async fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                         output::table(&["NAME", "ID", "ROOTFS", "FINGERPRINT", "CREATED"], &rows);
                     }
                 }
-                ImageCmd::Show { image } => output::json(
-                    &d.call::<ops::ImageShow>(&tools_schema::image::ImageRef { image })
-                        .await?,
-                ),
+                ImageCmd::Show { image } => {
+                    output::json(&d.call::<ops::ImageShow>(&tools_schema::image::ImageRef { image }).await?)
+                }
                 ImageCmd::Promote { image } => {
-                    let img = d
-                        .call::<ops::ImagePromote>(&tools_schema::image::ImageRef { image })
-                        .await?;
+                    let img = d.call::<ops::ImagePromote>(&tools_schema::image::ImageRef { image }).await?;
                     if ctx.json {
                         output::json(&img)
                     } else {
@@ -237,9 +216,7 @@ async fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                     }
                 }
                 ImageCmd::Delete { image } => {
-                    let r = d
-                        .call::<ops::ImageDelete>(&tools_schema::image::ImageRef { image })
-                        .await?;
+                    let r = d.call::<ops::ImageDelete>(&tools_schema::image::ImageRef { image }).await?;
                     if ctx.json {
                         output::json(&r)
                     } else {

@@ -8,7 +8,10 @@ use tokio::net::UnixStream;
 
 pub async fn run(socket: &Path) -> anyhow::Result<ExitCode> {
     let stream = UnixStream::connect(socket).await.map_err(|e| {
-        anyhow::anyhow!("cannot reach the banger daemon at {} ({e})\n  hint: start it with `banger daemon start`", socket.display())
+        anyhow::anyhow!(
+            "cannot reach the banger daemon at {} ({e})\n  hint: start it with `banger daemon start`",
+            socket.display()
+        )
     })?;
     let (mut rd, mut wr) = stream.into_split();
     // stdin -> daemon runs on its own; when the client closes stdin the daemon sees EOF and ends the session.

@@ -3,10 +3,7 @@ use serde::Serialize;
 
 /// Prints `value` as pretty JSON.
 pub fn json<T: Serialize>(value: &T) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).expect("results always serialise")
-    );
+    println!("{}", serde_json::to_string_pretty(value).expect("results always serialise"));
 }
 
 /// Prints rows under a header, columns padded to the widest cell.
@@ -35,10 +32,8 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
 }
 
 pub fn ago(epoch: i64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     let d = (now - epoch).max(0);
     match d {
         0..=59 => format!("{d}s ago"),

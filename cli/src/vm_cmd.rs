@@ -5,18 +5,14 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 use tools_schema::daemon::VmmKind;
 use tools_schema::ops;
-use tools_schema::vm::{
-    VmBatchResult, VmCreateParams, VmExecParams, VmInfo, VmLogsParams, VmRef, VmRefs,
-};
+use tools_schema::vm::{VmBatchResult, VmCreateParams, VmExecParams, VmInfo, VmLogsParams, VmRef, VmRefs};
 
 use crate::{output, Ctx};
 
 #[derive(Subcommand)]
 pub enum VmCmd {
     /// Create a VM and wait until it is ready.
-    #[command(
-        after_help = "Examples:\n  banger vm create\n  banger vm create --name dev --vcpus 2 --memory 1024"
-    )]
+    #[command(after_help = "Examples:\n  banger vm create\n  banger vm create --name dev --vcpus 2 --memory 1024")]
     Create(CreateArgs),
     /// List VMs.
     List,
@@ -79,6 +75,9 @@ pub struct CreateArgs {
     /// Force a VMM: firecracker or qemu.
     #[arg(long)]
     vmm: Option<VmmKind>,
+    /// Let the VM reach other networks through NAT (by default it reaches only other VMs and DNS).
+    #[arg(long)]
+    nat: bool,
 }
 
 #[derive(Args)]
@@ -102,9 +101,7 @@ pub struct ExecArgs {
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
+    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
 }
 
 fn vm_rows(vms: &[VmInfo]) -> Vec<Vec<String>> {
@@ -124,9 +121,7 @@ fn vm_rows(vms: &[VmInfo]) -> Vec<Vec<String>> {
         .collect()
 }
 
-const VM_HEADER: &[&str] = &[
-    "NAME", "STATE", "IMAGE", "VCPUS", "MEMORY", "VMM", "ID", "CREATED",
-];
+const VM_HEADER: &[&str] = &["NAME", "STATE", "IMAGE", "VCPUS", "MEMORY", "VMM", "ID", "CREATED"];
 
 fn print_batch(verb: &str, r: &VmBatchResult, json: bool) -> ExitCode {
     if json {
@@ -157,25 +152,18 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 vcpus: a.vcpus,
                 memory_mib: a.memory_mib,
                 vmm: a.vmm,
+                nat: Some(a.nat),
             };
             p.validate().map_err(|e| anyhow::anyhow!(e))?;
             let started = std::time::Instant::now();
             if !ctx.json {
-                eprintln!(
-                    "creating VM{}...",
-                    p.name.as_ref().map(|n| format!(" {n}")).unwrap_or_default()
-                );
+                eprintln!("creating VM{}...", p.name.as_ref().map(|n| format!(" {n}")).unwrap_or_default());
             }
             let vm = d.call::<ops::VmCreate>(&p).await?;
             if ctx.json {
                 output::json(&vm);
             } else {
-                println!(
-                    "{} is {} ({:.1}s)",
-                    vm.name,
-                    vm.state.as_str(),
-                    started.elapsed().as_secs_f64()
-                );
+                println!("{} is {} ({:.1}s)", vm.name, vm.state.as_str(), started.elapsed().as_secs_f64());
                 println!("  run a command:  banger vm exec {} -- uname -a", vm.name);
                 println!("  delete it:      banger vm delete {}", vm.name);
             }
@@ -197,39 +185,19 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             }
         }
         VmCmd::Start { vms } => {
-            return Ok(print_batch(
-                "started",
-                &d.call::<ops::VmStart>(&VmRefs { vms }).await?,
-                ctx.json,
-            ))
+            return Ok(print_batch("started", &d.call::<ops::VmStart>(&VmRefs { vms }).await?, ctx.json))
         }
         VmCmd::Stop { vms } => {
-            return Ok(print_batch(
-                "stopped",
-                &d.call::<ops::VmStop>(&VmRefs { vms }).await?,
-                ctx.json,
-            ))
+            return Ok(print_batch("stopped", &d.call::<ops::VmStop>(&VmRefs { vms }).await?, ctx.json))
         }
         VmCmd::Restart { vms } => {
-            return Ok(print_batch(
-                "restarted",
-                &d.call::<ops::VmRestart>(&VmRefs { vms }).await?,
-                ctx.json,
-            ))
+            return Ok(print_batch("restarted", &d.call::<ops::VmRestart>(&VmRefs { vms }).await?, ctx.json))
         }
         VmCmd::Kill { vms } => {
-            return Ok(print_batch(
-                "killed",
-                &d.call::<ops::VmKill>(&VmRefs { vms }).await?,
-                ctx.json,
-            ))
+            return Ok(print_batch("killed", &d.call::<ops::VmKill>(&VmRefs { vms }).await?, ctx.json))
         }
         VmCmd::Delete { vms } => {
-            return Ok(print_batch(
-                "deleted",
-                &d.call::<ops::VmDelete>(&VmRefs { vms }).await?,
-                ctx.json,
-            ))
+            return Ok(print_batch("deleted", &d.call::<ops::VmDelete>(&VmRefs { vms }).await?, ctx.json))
         }
         VmCmd::Exec(a) => {
             let p = VmExecParams {
@@ -256,20 +224,11 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 }
             }
             // Like a shell: the command's code, 128+signal when killed, 124 on timeout.
-            let code = if r.timed_out {
-                124
-            } else {
-                r.exit_code.unwrap_or(128 + r.signal.unwrap_or(0))
-            };
+            let code = if r.timed_out { 124 } else { r.exit_code.unwrap_or(128 + r.signal.unwrap_or(0)) };
             return Ok(ExitCode::from(code.clamp(0, 255) as u8));
         }
         VmCmd::Logs { vm, tail } => {
-            let logs = d
-                .call::<ops::VmLogs>(&VmLogsParams {
-                    vm,
-                    tail: Some(tail),
-                })
-                .await?;
+            let logs = d.call::<ops::VmLogs>(&VmLogsParams { vm, tail: Some(tail) }).await?;
             if ctx.json {
                 output::json(&logs);
             } else {

@@ -33,12 +33,7 @@ pub enum Incoming {
 
 /// Opens the port and starts a reader and a writer thread. Frames sent to the returned sender are written
 /// in order; frames read arrive on the returned receiver.
-pub fn open(
-    path: PathBuf,
-) -> std::io::Result<(
-    mpsc::UnboundedSender<Frame>,
-    mpsc::UnboundedReceiver<Incoming>,
-)> {
+pub fn open(path: PathBuf) -> std::io::Result<(mpsc::UnboundedSender<Frame>, mpsc::UnboundedReceiver<Incoming>)> {
     let file = Arc::new(OpenOptions::new().read(true).write(true).open(&path)?);
     let (in_tx, in_rx) = mpsc::unbounded_channel();
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Frame>();

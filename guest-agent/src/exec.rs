@@ -34,11 +34,7 @@ pub async fn run(
         .env("LANG", "C.UTF-8")
         .envs(&spec.env)
         .current_dir(spec.cwd.as_deref().unwrap_or("/root"))
-        .stdin(if spec.stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(if spec.stdin { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // Own process group, so a timeout or cancel ends everything the command started.
@@ -51,30 +47,16 @@ pub async fn run(
             respond(
                 &out,
                 stream,
-                GuestResponse::Error {
-                    message: format!("cannot run `{}` in {cwd}: {e}", spec.argv[0]),
-                },
+                GuestResponse::Error { message: format!("cannot run `{}` in {cwd}: {e}", spec.argv[0]) },
             );
             return;
         }
     };
     let pgid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
-    let stdout = tokio::spawn(pump(
-        child.stdout.take().unwrap(),
-        FrameKind::Stdout,
-        stream,
-        out.clone(),
-    ));
-    let stderr = tokio::spawn(pump(
-        child.stderr.take().unwrap(),
-        FrameKind::Stderr,
-        stream,
-        out.clone(),
-    ));
+    let stdout = tokio::spawn(pump(child.stdout.take().unwrap(), FrameKind::Stdout, stream, out.clone()));
+    let stderr = tokio::spawn(pump(child.stderr.take().unwrap(), FrameKind::Stderr, stream, out.clone()));
     let mut stdin = child.stdin.take();
-    let deadline = spec
-        .timeout_ms
-        .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
+    let deadline = spec.timeout_ms.map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms));
     let kill_group = || {
         if let Some(pg) = pgid {
             let _ = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGKILL);
@@ -116,28 +98,18 @@ pub async fn run(
                 duration_ms: started.elapsed().as_millis() as u64,
             })
         }
-        Err(e) => GuestResponse::Error {
-            message: format!("waiting for `{}`: {e}", spec.argv[0]),
-        },
+        Err(e) => GuestResponse::Error { message: format!("waiting for `{}`: {e}", spec.argv[0]) },
     };
     respond(&out, stream, response);
 }
 
-async fn pump(
-    mut r: impl AsyncRead + Unpin,
-    kind: FrameKind,
-    stream: u32,
-    out: mpsc::UnboundedSender<Frame>,
-) {
+async fn pump(mut r: impl AsyncRead + Unpin, kind: FrameKind, stream: u32, out: mpsc::UnboundedSender<Frame>) {
     let mut buf = vec![0u8; CHUNK];
     loop {
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
-                if out
-                    .send(Frame::new(kind, stream, buf[..n].to_vec()))
-                    .is_err()
-                {
+                if out.send(Frame::new(kind, stream, buf[..n].to_vec())).is_err() {
                     return;
                 }
             }

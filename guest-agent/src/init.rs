@@ -15,18 +15,16 @@ pub fn run() -> anyhow::Result<()> {
             eprintln!("banger-agent: sethostname {name}: {e}");
         }
     }
-    // The loopback interface is needed by almost every program; guest networking proper is configured by
-    // the daemon through the agent.
-    let _ = Command::new("ip")
-        .args(["link", "set", "lo", "up"])
-        .status();
+    let _ = Command::new("ip").args(["link", "set", "lo", "up"]).status();
+    let hostname = kernel_arg(&cmdline, "banger.hostname").unwrap_or("localhost");
+    if let Err(e) = configure_network(&cmdline, hostname) {
+        eprintln!("banger-agent: network: {e}");
+    }
     let self_exe = std::env::current_exe().unwrap_or_else(|_| "/usr/local/bin/banger-agent".into());
     let mut server = spawn_server(&self_exe);
     loop {
         match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::empty())) {
-            Ok(WaitStatus::Exited(pid, _)) | Ok(WaitStatus::Signaled(pid, _, _))
-                if Some(pid) == server =>
-            {
+            Ok(WaitStatus::Exited(pid, _)) | Ok(WaitStatus::Signaled(pid, _, _)) if Some(pid) == server => {
                 eprintln!("banger-agent: server exited; restarting it");
                 std::thread::sleep(Duration::from_millis(500));
                 server = spawn_server(&self_exe);
@@ -38,13 +36,52 @@ pub fn run() -> anyhow::Result<()> {
     }
 }
 
+/// Static network settings from the kernel command line (`banger.ip=ADDR/PREFIX banger.gw=GW banger.dns=DNS
+/// banger.mac=MAC`), applied with iproute2. The NIC is found by its MAC, so no interface naming scheme is assumed.
+fn configure_network(cmdline: &str, hostname: &str) -> anyhow::Result<()> {
+    let hosts = format!("127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\t{hostname}.vm {hostname}\n");
+    std::fs::write("/etc/hostname", format!("{hostname}\n"))?;
+    std::fs::write("/etc/hosts", hosts)?;
+    let (Some(ip), Some(mac)) = (kernel_arg(cmdline, "banger.ip"), kernel_arg(cmdline, "banger.mac")) else {
+        return Ok(()); // no NIC for this VM
+    };
+    let iface = find_interface_by_mac(mac).ok_or_else(|| anyhow::anyhow!("no interface has MAC {mac}"))?;
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let st = Command::new("ip").args(args).status()?;
+        anyhow::ensure!(st.success(), "ip {} failed", args.join(" "));
+        Ok(())
+    };
+    run(&["addr", "add", ip, "dev", &iface])?;
+    run(&["link", "set", &iface, "up"])?;
+    if let Some(gw) = kernel_arg(cmdline, "banger.gw") {
+        run(&["route", "add", "default", "via", gw, "dev", &iface])?;
+    }
+    if let Some(dns) = kernel_arg(cmdline, "banger.dns") {
+        // `search vm` makes bare VM names resolve too.
+        let _ = std::fs::remove_file("/etc/resolv.conf"); // may be a dangling symlink in some images
+        std::fs::write("/etc/resolv.conf", format!("nameserver {dns}\nsearch vm\noptions timeout:1 attempts:2\n"))?;
+    }
+    Ok(())
+}
+
+fn find_interface_by_mac(mac: &str) -> Option<String> {
+    for _ in 0..100 {
+        if let Ok(entries) = std::fs::read_dir("/sys/class/net") {
+            for e in entries.flatten() {
+                let addr = std::fs::read_to_string(e.path().join("address")).unwrap_or_default();
+                if addr.trim().eq_ignore_ascii_case(mac) {
+                    return Some(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+        }
+        // virtio_net may still be probing.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
 fn spawn_server(exe: &Path) -> Option<Pid> {
-    match Command::new(exe)
-        .arg("serve")
-        .env_clear()
-        .env("PATH", crate::exec::DEFAULT_PATH)
-        .spawn()
-    {
+    match Command::new(exe).arg("serve").env_clear().env("PATH", crate::exec::DEFAULT_PATH).spawn() {
         Ok(child) => Some(Pid::from_raw(child.id() as i32)),
         Err(e) => {
             eprintln!("banger-agent: cannot start server: {e}");
@@ -58,30 +95,18 @@ fn mount_pseudo_filesystems() {
         ("proc", "/proc", "proc", ""),
         ("sysfs", "/sys", "sysfs", ""),
         ("devtmpfs", "/dev", "devtmpfs", "mode=0755"),
-        (
-            "devpts",
-            "/dev/pts",
-            "devpts",
-            "gid=5,mode=620,ptmxmode=666",
-        ),
+        ("devpts", "/dev/pts", "devpts", "gid=5,mode=620,ptmxmode=666"),
         ("tmpfs", "/dev/shm", "tmpfs", "mode=1777"),
         ("tmpfs", "/run", "tmpfs", "mode=0755"),
     ];
     let mounted = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     for (src, target, fstype, data) in mounts {
-        if mounted
-            .lines()
-            .any(|l| l.split_whitespace().nth(1) == Some(target))
-        {
+        if mounted.lines().any(|l| l.split_whitespace().nth(1) == Some(target)) {
             continue;
         }
         let _ = std::fs::create_dir_all(target);
         let flags = MsFlags::MS_NOSUID
-            | if *fstype == "devtmpfs" || *fstype == "devpts" {
-                MsFlags::empty()
-            } else {
-                MsFlags::MS_NODEV
-            };
+            | if *fstype == "devtmpfs" || *fstype == "devpts" { MsFlags::empty() } else { MsFlags::MS_NODEV };
         if let Err(e) = mount(Some(*src), *target, Some(*fstype), flags, Some(*data)) {
             eprintln!("banger-agent: mount {target}: {e}");
         }
@@ -90,7 +115,5 @@ fn mount_pseudo_filesystems() {
 
 /// Value of `key=value` on the kernel command line.
 pub fn kernel_arg<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
-    cmdline
-        .split_whitespace()
-        .find_map(|a| a.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+    cmdline.split_whitespace().find_map(|a| a.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
 }

@@ -3,18 +3,14 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tools_schema::guest::{
-    Frame, FrameKind, GuestHealth, GuestRequest, GuestResponse, PROTOCOL_VERSION,
-};
+use tools_schema::guest::{Frame, FrameKind, GuestHealth, GuestRequest, GuestResponse, PROTOCOL_VERSION};
 use tools_schema::BuildInfo;
 
 use crate::channel::{self, Incoming};
 use crate::exec::{self, ExecInput};
 
 pub fn run() -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(serve())
 }
 
@@ -47,23 +43,14 @@ async fn serve() -> anyhow::Result<()> {
                 let request: GuestRequest = match frame.parse() {
                     Ok(r) => r,
                     Err(e) => {
-                        respond(
-                            &out,
-                            stream,
-                            GuestResponse::Error {
-                                message: format!("malformed request: {e}"),
-                            },
-                        );
+                        respond(&out, stream, GuestResponse::Error { message: format!("malformed request: {e}") });
                         continue;
                     }
                 };
                 match request {
                     GuestRequest::Hello { protocol } => {
                         let reply = if protocol == PROTOCOL_VERSION {
-                            GuestResponse::Hello {
-                                protocol: PROTOCOL_VERSION,
-                                agent: BuildInfo::current(),
-                            }
+                            GuestResponse::Hello { protocol: PROTOCOL_VERSION, agent: BuildInfo::current() }
                         } else {
                             GuestResponse::Error {
                                 message: format!(
@@ -96,10 +83,7 @@ async fn serve() -> anyhow::Result<()> {
                 }
             }
             FrameKind::Response | FrameKind::Stdout | FrameKind::Stderr => {
-                eprintln!(
-                    "banger-agent: ignoring a guest-bound {:?} frame",
-                    frame.kind
-                );
+                eprintln!("banger-agent: ignoring a guest-bound {:?} frame", frame.kind);
             }
         }
     }
@@ -113,35 +97,19 @@ pub fn respond(out: &mpsc::UnboundedSender<Frame>, stream: u32, response: GuestR
 fn health() -> GuestHealth {
     let uptime_ms = std::fs::read_to_string("/proc/uptime")
         .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<f64>().ok())
-        })
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()))
         .map(|secs| (secs * 1000.0) as u64)
         .unwrap_or(0);
-    let hostname = nix::unistd::gethostname()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    GuestHealth {
-        agent: BuildInfo::current(),
-        uptime_ms,
-        hostname,
-    }
+    let hostname = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+    GuestHealth { agent: BuildInfo::current(), uptime_ms, hostname }
 }
 
 /// Ends every process, flushes the disks and powers off, after the `Ok` reply has had time to leave.
 async fn power_off(reboot: bool) {
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(-1),
-        nix::sys::signal::Signal::SIGTERM,
-    );
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-1), nix::sys::signal::Signal::SIGTERM);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(-1),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-1), nix::sys::signal::Signal::SIGKILL);
     nix::unistd::sync();
     let _ = nix::mount::mount(
         None::<&str>,
@@ -151,10 +119,7 @@ async fn power_off(reboot: bool) {
         None::<&str>,
     );
     nix::unistd::sync();
-    let how = if reboot {
-        nix::sys::reboot::RebootMode::RB_AUTOBOOT
-    } else {
-        nix::sys::reboot::RebootMode::RB_POWER_OFF
-    };
+    let how =
+        if reboot { nix::sys::reboot::RebootMode::RB_AUTOBOOT } else { nix::sys::reboot::RebootMode::RB_POWER_OFF };
     let _ = nix::sys::reboot::reboot(how);
 }

@@ -52,6 +52,46 @@ pub struct Config {
     pub stop_grace_secs: u64,
     /// Seconds a boot may take before it is declared failed.
     pub boot_timeout_secs: u64,
+    pub network: NetworkConfig,
+}
+
+/// The VM network: one bridge, the host as gateway, guests numbered from the subnet.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Give VMs a network at all. Without it guests are still managed (the guest channel needs no network).
+    pub enabled: bool,
+    /// Bridge name (created if missing).
+    pub bridge: String,
+    /// IPv4 subnet of the bridge; the host takes the first address, guests the rest.
+    pub subnet: String,
+    /// Idle TAP devices kept ready so a boot does not wait for one.
+    pub tap_pool: usize,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig { enabled: true, bridge: "banger0".into(), subnet: "10.254.77.0/24".into(), tap_pool: 2 }
+    }
+}
+
+impl NetworkConfig {
+    pub fn subnet(&self) -> Result<ipnetwork::Ipv4Network, ConfigError> {
+        let net: ipnetwork::Ipv4Network =
+            self.subnet.parse().map_err(|e| ConfigError::Invalid(format!("network.subnet `{}`: {e}", self.subnet)))?;
+        if net.prefix() > 29 || net.prefix() < 16 {
+            return Err(ConfigError::Invalid(format!("network.subnet `{}` must be between /16 and /29", self.subnet)));
+        }
+        if net.network() != net.ip() {
+            return Err(ConfigError::Invalid(format!(
+                "network.subnet `{}` has host bits set; use {}/{}",
+                self.subnet,
+                net.network(),
+                net.prefix()
+            )));
+        }
+        Ok(net)
+    }
 }
 
 impl Default for Config {
@@ -70,6 +110,7 @@ impl Default for Config {
             stop_grace_secs: 10,
             // Software-emulated guests boot in seconds, but a loaded CI host can be slow.
             boot_timeout_secs: 120,
+            network: NetworkConfig::default(),
         }
     }
 }
@@ -83,11 +124,7 @@ pub struct Defaults {
 
 impl Defaults {
     pub fn detect() -> Self {
-        let env = |k: &str| {
-            std::env::var_os(k)
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-        };
+        let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
         let home = env("HOME").unwrap_or_else(|| PathBuf::from("/root"));
         let (socket, state_dir, config_file) = if nix::unistd::geteuid().is_root() {
             (
@@ -99,11 +136,7 @@ impl Defaults {
             let runtime = env("XDG_RUNTIME_DIR").unwrap_or_else(|| std::env::temp_dir());
             let state = env("XDG_STATE_HOME").unwrap_or_else(|| home.join(".local/state"));
             let config = env("XDG_CONFIG_HOME").unwrap_or_else(|| home.join(".config"));
-            (
-                runtime.join("banger/bangerd.sock"),
-                state.join("banger"),
-                config.join("banger/config.toml"),
-            )
+            (runtime.join("banger/bangerd.sock"), state.join("banger"), config.join("banger/config.toml"))
         };
         Defaults {
             socket: env("BANGER_SOCKET").unwrap_or(socket),
@@ -117,15 +150,10 @@ impl Config {
     /// Loads the config file if it exists (a missing default file is fine; a missing explicit one is not).
     pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
         let defaults = Defaults::detect();
-        let path = explicit
-            .map(Path::to_path_buf)
-            .unwrap_or(defaults.config_file);
+        let path = explicit.map(Path::to_path_buf).unwrap_or(defaults.config_file);
         let mut config = match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str::<Config>(&text)
-                .map_err(|source| ConfigError::Parse { path, source })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => {
-                Config::default()
-            }
+            Ok(text) => toml::from_str::<Config>(&text).map_err(|source| ConfigError::Parse { path, source })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => Config::default(),
             Err(source) => return Err(ConfigError::Read { path, source }),
         };
         // Environment overrides beat the file, so a test can point one daemon at its own directory.
@@ -141,9 +169,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !self.socket.is_absolute() || !self.state_dir.is_absolute() {
-            return Err(ConfigError::Invalid(
-                "socket and state_dir must be absolute paths".into(),
-            ));
+            return Err(ConfigError::Invalid("socket and state_dir must be absolute paths".into()));
         }
         if !["json", "text"].contains(&self.log_format.as_str()) {
             return Err(ConfigError::Invalid(format!(
@@ -156,9 +182,7 @@ impl Config {
             memory_mib: Some(self.default_memory_mib),
             ..Default::default()
         };
-        probe
-            .validate()
-            .map_err(|e| ConfigError::Invalid(format!("default VM shape: {e}")))?;
+        probe.validate().map_err(|e| ConfigError::Invalid(format!("default VM shape: {e}")))?;
         Ok(())
     }
 
@@ -177,9 +201,8 @@ impl Config {
 
     /// Finds an executable in `bin_dirs`, then in PATH.
     pub fn find_binary(&self, name: &str) -> Option<PathBuf> {
-        let path_dirs = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-            .unwrap_or_default();
+        let path_dirs =
+            std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default();
         let extra = ["/usr/sbin", "/sbin", "/usr/bin"].map(PathBuf::from);
         self.bin_dirs
             .iter()
@@ -192,7 +215,5 @@ impl Config {
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }

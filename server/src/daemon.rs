@@ -12,15 +12,13 @@ use crate::store::Store;
 
 /// Runs the daemon until SIGTERM or SIGINT. VMs keep running when it exits; the next start adopts them.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.state_dir)
-        .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("creating {}", cfg.state_dir.display()))?;
     for d in [cfg.images_dir(), cfg.vms_dir()] {
         std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     }
     // One daemon per state directory: a second one would fight the first over VMs and the database.
     let lock_path = cfg.state_dir.join("bangerd.lock");
-    let lock_file =
-        File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
+    let lock_file = File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
     let _lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
         anyhow::anyhow!(
             "another bangerd already owns {} ({e}); stop it first: banger daemon stop",
@@ -32,8 +30,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
         tracing::warn!(error = %e, "cannot become a child subreaper; exited VMMs are left to init to reap");
     }
-    let store = Store::open(&cfg.db_path())
-        .with_context(|| format!("opening {}", cfg.db_path().display()))?;
+    let store = Store::open(&cfg.db_path()).with_context(|| format!("opening {}", cfg.db_path().display()))?;
     let engine = Engine::new(cfg.clone(), store);
     tracing::info!(
         build = %tools_schema::BuildInfo::current(),
@@ -43,18 +40,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         reason = %engine.vmm.reason,
         "bangerd starting"
     );
-    engine
-        .reconcile()
-        .await
-        .map_err(|e| anyhow::anyhow!("reconciling VM state: {}", e.message))?;
-    let (listener, access) = crate::front::bind(&cfg.socket, cfg.socket_group.as_deref()).await?;
+    engine.reconcile().await.map_err(|e| anyhow::anyhow!("reconciling VM state: {}", e.message))?;
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(crate::front::serve(
-        listener,
-        access,
-        Arc::clone(&engine),
-        shutdown.clone(),
-    ));
+    engine.start_network(shutdown.clone()).await?;
+    let (listener, access) = crate::front::bind(&cfg.socket, cfg.socket_group.as_deref()).await?;
+    let server = tokio::spawn(crate::front::serve(listener, access, Arc::clone(&engine), shutdown.clone()));
     tracing::info!("bangerd ready");
     wait_for_signal().await;
     tracing::info!("bangerd stopping; VMs keep running and are re-adopted at the next start");

@@ -14,8 +14,8 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tools_schema::guest::{
-    ExecSpec, ExitStatus, Frame, FrameDecoder, FrameKind, GuestHealth, GuestRequest, GuestResponse,
-    MAX_PAYLOAD, PROTOCOL_VERSION,
+    ExecSpec, ExitStatus, Frame, FrameDecoder, FrameKind, GuestHealth, GuestRequest, GuestResponse, MAX_PAYLOAD,
+    PROTOCOL_VERSION,
 };
 use tools_schema::BuildInfo;
 
@@ -56,19 +56,13 @@ pub struct ExecOutput {
 impl GuestConn {
     /// Connects to the channel socket. This does not wait for the guest: see `wait_ready`.
     pub async fn connect(path: &Path) -> Result<Arc<GuestConn>, GuestError> {
-        let stream = UnixStream::connect(path)
-            .await
-            .map_err(GuestError::Connect)?;
+        let stream = UnixStream::connect(path).await.map_err(GuestError::Connect)?;
         let (mut rd, mut wr) = stream.into_split();
         let (out, mut out_rx) = mpsc::unbounded_channel::<Frame>();
         let routes: Routes = Arc::default();
         let closed = CancellationToken::new();
-        let conn = Arc::new(GuestConn {
-            out,
-            routes: routes.clone(),
-            next_stream: AtomicU32::new(1),
-            closed: closed.clone(),
-        });
+        let conn =
+            Arc::new(GuestConn { out, routes: routes.clone(), next_stream: AtomicU32::new(1), closed: closed.clone() });
         let closed_w = closed.clone();
         tokio::spawn(async move {
             loop {
@@ -137,19 +131,13 @@ impl GuestConn {
     }
 
     /// Sends a request and waits for its single response.
-    pub async fn request(
-        &self,
-        req: &GuestRequest,
-        timeout: Duration,
-    ) -> Result<GuestResponse, GuestError> {
+    pub async fn request(&self, req: &GuestRequest, timeout: Duration) -> Result<GuestResponse, GuestError> {
         let (id, mut rx) = self.open_stream();
         self.send(Frame::json(FrameKind::Request, id, req))?;
         let res = tokio::time::timeout(timeout, async {
             while let Some(f) = rx.recv().await {
                 if f.kind == FrameKind::Response {
-                    return f
-                        .parse::<GuestResponse>()
-                        .map_err(|e| GuestError::Protocol(e.to_string()));
+                    return f.parse::<GuestResponse>().map_err(|e| GuestError::Protocol(e.to_string()));
                 }
             }
             Err(GuestError::Closed)
@@ -171,20 +159,13 @@ impl GuestConn {
             if self.is_closed() {
                 return Err(GuestError::Closed);
             }
-            let attempt = self.request(
-                &GuestRequest::Hello {
-                    protocol: PROTOCOL_VERSION,
-                },
-                Duration::from_millis(500),
-            );
+            let attempt = self.request(&GuestRequest::Hello { protocol: PROTOCOL_VERSION }, Duration::from_millis(500));
             let res = tokio::select! {
                 r = attempt => r,
                 _ = cancel.cancelled() => return Err(GuestError::Cancelled),
             };
             match res {
-                Ok(GuestResponse::Hello { protocol, agent }) if protocol == PROTOCOL_VERSION => {
-                    return Ok(agent)
-                }
+                Ok(GuestResponse::Hello { protocol, agent }) if protocol == PROTOCOL_VERSION => return Ok(agent),
                 Ok(GuestResponse::Error { message }) => return Err(GuestError::Agent(message)),
                 Ok(other) => return Err(GuestError::Protocol(format!("{other:?}"))),
                 Err(GuestError::Timeout(_)) if tokio::time::Instant::now() < deadline => continue,
@@ -194,10 +175,7 @@ impl GuestConn {
     }
 
     pub async fn health(&self) -> Result<GuestHealth, GuestError> {
-        match self
-            .request(&GuestRequest::Health, Duration::from_secs(5))
-            .await?
-        {
+        match self.request(&GuestRequest::Health, Duration::from_secs(5)).await? {
             GuestResponse::Health(h) => Ok(h),
             GuestResponse::Error { message } => Err(GuestError::Agent(message)),
             other => Err(GuestError::Protocol(format!("{other:?}"))),
@@ -214,14 +192,7 @@ impl GuestConn {
     ) -> Result<ExecOutput, GuestError> {
         let (id, mut rx) = self.open_stream();
         let has_stdin = stdin.is_some();
-        self.send(Frame::json(
-            FrameKind::Request,
-            id,
-            &GuestRequest::Exec(ExecSpec {
-                stdin: has_stdin,
-                ..spec
-            }),
-        ))?;
+        self.send(Frame::json(FrameKind::Request, id, &GuestRequest::Exec(ExecSpec { stdin: has_stdin, ..spec })))?;
         if let Some(data) = stdin {
             for chunk in data.chunks(MAX_PAYLOAD) {
                 self.send(Frame::new(FrameKind::Stdin, id, chunk.to_vec()))?;
@@ -229,12 +200,7 @@ impl GuestConn {
             self.send(Frame::new(FrameKind::StdinEof, id, vec![]))?;
         }
         let mut out = ExecOutput {
-            status: ExitStatus {
-                code: None,
-                signal: None,
-                timed_out: false,
-                duration_ms: 0,
-            },
+            status: ExitStatus { code: None, signal: None, timed_out: false, duration_ms: 0 },
             stdout: vec![],
             stderr: vec![],
             stdout_truncated: false,
@@ -255,23 +221,10 @@ impl GuestConn {
                 return Err(GuestError::Closed);
             };
             match frame.kind {
-                FrameKind::Stdout => append_capped(
-                    &mut out.stdout,
-                    &frame.payload,
-                    limit,
-                    &mut out.stdout_truncated,
-                ),
-                FrameKind::Stderr => append_capped(
-                    &mut out.stderr,
-                    &frame.payload,
-                    limit,
-                    &mut out.stderr_truncated,
-                ),
+                FrameKind::Stdout => append_capped(&mut out.stdout, &frame.payload, limit, &mut out.stdout_truncated),
+                FrameKind::Stderr => append_capped(&mut out.stderr, &frame.payload, limit, &mut out.stderr_truncated),
                 FrameKind::Response => {
-                    return match frame
-                        .parse::<GuestResponse>()
-                        .map_err(|e| GuestError::Protocol(e.to_string()))?
-                    {
+                    return match frame.parse::<GuestResponse>().map_err(|e| GuestError::Protocol(e.to_string()))? {
                         _ if cancelled => Err(GuestError::Cancelled),
                         GuestResponse::Exited(st) => {
                             out.status = st;

@@ -28,22 +28,16 @@ pub fn acceleration() -> Acceleration {
 /// installed, QEMU otherwise (KVM-accelerated on hardware KVM, TCG software emulation elsewhere).
 pub fn choose_vmm(cfg: &Config) -> VmmChoice {
     let accel = acceleration();
-    let qemu_accel = if accel == Acceleration::HardwareKvm {
-        "kvm"
-    } else {
-        "tcg"
-    }
-    .to_string();
+    let qemu_accel = if accel == Acceleration::HardwareKvm { "kvm" } else { "tcg" }.to_string();
     let have_fc = cfg.find_binary("firecracker").is_some();
     let (vmm, reason) = match (cfg.vmm, accel) {
         (Some(v), _) => (v, format!("the config file sets vmm = \"{}\"", v.as_str())),
         (None, Acceleration::HardwareKvm) if have_fc => {
             (VmmKind::Firecracker, "hardware KVM is available and Firecracker is installed".to_string())
         }
-        (None, Acceleration::HardwareKvm) => (
-            VmmKind::Qemu,
-            "hardware KVM is available but Firecracker is not installed; QEMU uses KVM".to_string(),
-        ),
+        (None, Acceleration::HardwareKvm) => {
+            (VmmKind::Qemu, "hardware KVM is available but Firecracker is not installed; QEMU uses KVM".to_string())
+        }
         (None, Acceleration::ParavirtKvm) => (
             VmmKind::Qemu,
             "/dev/kvm is paravirtual (kvm_pvm, no vmx/svm CPU flag): ordinary guest kernels cannot boot on it, \
@@ -54,12 +48,7 @@ pub fn choose_vmm(cfg: &Config) -> VmmChoice {
             (VmmKind::Qemu, "no KVM on this host: guests run under QEMU with software emulation (TCG)".to_string())
         }
     };
-    VmmChoice {
-        vmm,
-        qemu_accel,
-        acceleration: accel,
-        reason,
-    }
+    VmmChoice { vmm, qemu_accel, acceleration: accel, reason }
 }
 
 /// The host TSC frequency in kHz. Software-emulated guests need it on their command line
@@ -71,14 +60,7 @@ pub fn tsc_khz() -> Option<u64> {
         }
     }
     let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = info
-        .lines()
-        .find(|l| l.starts_with("cpu MHz"))?
-        .split(':')
-        .nth(1)?
-        .trim()
-        .parse()
-        .ok()?;
+    let mhz: f64 = info.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
     Some((mhz * 1000.0) as u64)
 }
 
@@ -96,9 +78,6 @@ pub fn process_matches(pid: u32, marker: &str) -> bool {
 fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
         .unwrap_or(false)
 }

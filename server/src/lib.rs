@@ -13,6 +13,7 @@ pub mod front;
 pub mod guest;
 pub mod host;
 pub mod logging;
+pub mod network;
 pub mod store;
 pub mod vmm;
 

@@ -12,34 +12,16 @@ use tracing_subscriber::{fmt, EnvFilter, Layer};
 pub fn init(level: &str, stderr_format: &str, file: Option<&Path>) -> anyhow::Result<()> {
     let filter = || EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(level));
     let stderr_layer = match stderr_format {
-        "text" => fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_filter(filter()?)
-            .boxed(),
-        _ => fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_writer(std::io::stderr)
-            .with_filter(filter()?)
-            .boxed(),
+        "text" => fmt::layer().with_writer(std::io::stderr).with_filter(filter()?).boxed(),
+        _ => fmt::layer().json().flatten_event(true).with_writer(std::io::stderr).with_filter(filter()?).boxed(),
     };
     let file_layer = match file {
         Some(path) => {
             let f = Arc::new(OpenOptions::new().create(true).append(true).open(path)?);
-            Some(
-                fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_ansi(false)
-                    .with_writer(f)
-                    .with_filter(filter()?),
-            )
+            Some(fmt::layer().json().flatten_event(true).with_ansi(false).with_writer(f).with_filter(filter()?))
         }
         None => None,
     };
-    tracing_subscriber::registry()
-        .with(stderr_layer)
-        .with(file_layer)
-        .try_init()?;
+    tracing_subscriber::registry().with(stderr_layer).with(file_layer).try_init()?;
     Ok(())
 }

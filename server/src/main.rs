@@ -24,10 +24,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.build_info {
-        println!(
-            "{}",
-            serde_json::to_string(&tools_schema::BuildInfo::current())?
-        );
+        println!("{}", serde_json::to_string(&tools_schema::BuildInfo::current())?);
         return Ok(());
     }
     let mut cfg = banger_server::Config::load(args.config.as_deref())?;
@@ -40,9 +37,7 @@ fn main() -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&cfg.state_dir)?;
     banger_server::logging::init(&cfg.log_level, &cfg.log_format, Some(&cfg.log_file()))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(banger_server::daemon::run(cfg))
         .inspect_err(|e| tracing::error!(error = format!("{e:#}"), "bangerd failed"))
 }

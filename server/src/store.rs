@@ -48,6 +48,12 @@ const MIGRATIONS: &[&str] = &[
         started_at INTEGER,
         last_error TEXT
      );",
+    // 2: networking. A unique address per VM; the TAP it holds while running; NAT opt-in.
+    "ALTER TABLE vms ADD COLUMN ip TEXT;
+     ALTER TABLE vms ADD COLUMN mac TEXT;
+     ALTER TABLE vms ADD COLUMN tap TEXT;
+     ALTER TABLE vms ADD COLUMN nat INTEGER NOT NULL DEFAULT 0;
+     CREATE UNIQUE INDEX vms_ip ON vms(ip) WHERE ip IS NOT NULL;",
 ];
 
 #[derive(Debug, Clone)]
@@ -77,6 +83,10 @@ pub struct VmRow {
     pub created_at: i64,
     pub started_at: Option<i64>,
     pub last_error: Option<String>,
+    pub ip: Option<std::net::Ipv4Addr>,
+    pub mac: Option<String>,
+    pub tap: Option<String>,
+    pub nat: bool,
 }
 
 #[derive(Clone)]
@@ -97,9 +107,7 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let mut conn = open_connection(path)?;
         migrate(&mut conn)?;
-        Ok(Store {
-            conn: Arc::new(Mutex::new(conn)),
-        })
+        Ok(Store { conn: Arc::new(Mutex::new(conn)) })
     }
 
     /// Runs `f` with the connection on the blocking pool.
@@ -119,9 +127,7 @@ impl Store {
     pub async fn images(&self) -> Result<Vec<ImageRow>, StoreError> {
         self.call(|c| {
             let mut st = c.prepare("SELECT * FROM images ORDER BY created_at, name")?;
-            let rows = st
-                .query_map([], image_from_row)?
-                .collect::<rusqlite::Result<Vec<_>>>();
+            let rows = st.query_map([], image_from_row)?.collect::<rusqlite::Result<Vec<_>>>();
             rows
         })
         .await
@@ -154,39 +160,31 @@ impl Store {
     }
 
     pub async fn delete_image(&self, id: String) -> Result<(), StoreError> {
-        self.call(move |c| {
-            c.execute("DELETE FROM images WHERE id = ?1", [id])
-                .map(|_| ())
-        })
-        .await
+        self.call(move |c| c.execute("DELETE FROM images WHERE id = ?1", [id]).map(|_| ())).await
     }
 
     pub async fn vms(&self) -> Result<Vec<VmRow>, StoreError> {
         self.call(|c| {
             let mut st = c.prepare("SELECT * FROM vms ORDER BY created_at, name")?;
-            let rows = st
-                .query_map([], vm_from_row)?
-                .collect::<rusqlite::Result<Vec<_>>>();
+            let rows = st.query_map([], vm_from_row)?.collect::<rusqlite::Result<Vec<_>>>();
             rows
         })
         .await
     }
 
     pub async fn vm(&self, id: String) -> Result<Option<VmRow>, StoreError> {
-        self.call(move |c| {
-            c.query_row("SELECT * FROM vms WHERE id = ?1", [id], vm_from_row)
-                .optional()
-        })
-        .await
+        self.call(move |c| c.query_row("SELECT * FROM vms WHERE id = ?1", [id], vm_from_row).optional()).await
     }
 
     pub async fn insert_vm(&self, vm: VmRow) -> Result<(), StoreError> {
         self.call(move |c| {
             c.execute(
-                "INSERT INTO vms (id, name, image_id, vcpus, memory_mib, vmm, state, pid, created_at, started_at, last_error)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                "INSERT INTO vms (id, name, image_id, vcpus, memory_mib, vmm, state, pid, created_at, started_at, last_error,
+                                  ip, mac, tap, nat)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
                 params![vm.id, vm.name, vm.image_id, vm.vcpus, vm.memory_mib, vm.vmm.as_str(), vm.state.as_str(),
-                        vm.pid, vm.created_at, vm.started_at, vm.last_error],
+                        vm.pid, vm.created_at, vm.started_at, vm.last_error, vm.ip.map(|i| i.to_string()), vm.mac,
+                        vm.tap, vm.nat],
             )
             .map(|_| ())
         })
@@ -212,9 +210,13 @@ impl Store {
         .await
     }
 
+    /// Records which TAP a VM holds (None once released).
+    pub async fn set_vm_tap(&self, id: String, tap: Option<String>) -> Result<(), StoreError> {
+        self.call(move |c| c.execute("UPDATE vms SET tap = ?2 WHERE id = ?1", params![id, tap]).map(|_| ())).await
+    }
+
     pub async fn delete_vm(&self, id: String) -> Result<(), StoreError> {
-        self.call(move |c| c.execute("DELETE FROM vms WHERE id = ?1", [id]).map(|_| ()))
-            .await
+        self.call(move |c| c.execute("DELETE FROM vms WHERE id = ?1", [id]).map(|_| ())).await
     }
 }
 
@@ -222,10 +224,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let known = MIGRATIONS.len() as i64;
     if version > known {
-        return Err(StoreError::TooNew {
-            found: version,
-            known,
-        });
+        return Err(StoreError::TooNew { found: version, known });
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = conn.transaction()?;
@@ -252,9 +251,8 @@ fn image_from_row(r: &Row) -> rusqlite::Result<ImageRow> {
 }
 
 fn vm_from_row(r: &Row) -> rusqlite::Result<VmRow> {
-    let text_err = |i: usize, msg: String| {
-        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, msg.into())
-    };
+    let text_err =
+        |i: usize, msg: String| rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, msg.into());
     let vmm: String = r.get("vmm")?;
     let state: String = r.get("state")?;
     Ok(VmRow {
@@ -264,25 +262,25 @@ fn vm_from_row(r: &Row) -> rusqlite::Result<VmRow> {
         vcpus: r.get("vcpus")?,
         memory_mib: r.get("memory_mib")?,
         vmm: vmm.parse().map_err(|e: String| text_err(5, e))?,
-        state: parse_state(&state)
-            .ok_or_else(|| text_err(6, format!("unknown VM state `{state}`")))?,
+        state: parse_state(&state).ok_or_else(|| text_err(6, format!("unknown VM state `{state}`")))?,
         pid: r.get("pid")?,
         created_at: r.get("created_at")?,
         started_at: r.get("started_at")?,
         last_error: r.get("last_error")?,
+        ip: r
+            .get::<_, Option<String>>("ip")?
+            .map(|s| s.parse().map_err(|e| text_err(11, format!("bad ip `{s}`: {e}"))))
+            .transpose()?,
+        mac: r.get("mac")?,
+        tap: r.get("tap")?,
+        nat: r.get("nat")?,
     })
 }
 
 fn parse_state(s: &str) -> Option<VmState> {
-    [
-        VmState::Starting,
-        VmState::Running,
-        VmState::Stopping,
-        VmState::Stopped,
-        VmState::Failed,
-    ]
-    .into_iter()
-    .find(|st| st.as_str() == s)
+    [VmState::Starting, VmState::Running, VmState::Stopping, VmState::Stopped, VmState::Failed]
+        .into_iter()
+        .find(|st| st.as_str() == s)
 }
 
 #[cfg(test)]
@@ -326,11 +324,12 @@ mod tests {
             created_at: 0,
             started_at: None,
             last_error: None,
+            ip: None,
+            mac: None,
+            tap: None,
+            nat: false,
         };
-        assert!(
-            store.insert_vm(vm).await.is_err(),
-            "foreign keys must be enforced"
-        );
+        assert!(store.insert_vm(vm).await.is_err(), "foreign keys must be enforced");
     }
 
     #[tokio::test]
@@ -340,9 +339,6 @@ mod tests {
         let c = open_connection(&path).unwrap();
         c.pragma_update(None, "user_version", 99).unwrap();
         drop(c);
-        assert!(matches!(
-            Store::open(&path),
-            Err(StoreError::TooNew { found: 99, .. })
-        ));
+        assert!(matches!(Store::open(&path), Err(StoreError::TooNew { found: 99, .. })));
     }
 }

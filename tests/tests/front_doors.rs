@@ -20,9 +20,7 @@ fn fake_image_files(d: &TestDaemon) -> (String, String) {
 async fn mcp_client(d: &TestDaemon) -> rmcp::service::RunningService<rmcp::RoleClient, ()> {
     let mut cmd = tokio::process::Command::new(bin("banger"));
     cmd.arg("mcp").env("BANGER_SOCKET", &d.socket);
-    ().serve(TokioChildProcess::new(cmd).expect("spawn banger mcp"))
-        .await
-        .expect("MCP initialize through banger mcp")
+    ().serve(TokioChildProcess::new(cmd).expect("spawn banger mcp")).await.expect("MCP initialize through banger mcp")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -30,10 +28,7 @@ async fn mcp_over_stdio_lists_every_operation_with_schemas_and_truthful_annotati
     let d = TestDaemon::start();
     let client = mcp_client(&d).await;
     let info = client.peer_info().expect("server info after initialize");
-    assert_eq!(
-        info.server_info.as_ref().map(|s| s.name.as_str()),
-        Some("banger")
-    );
+    assert_eq!(info.server_info.as_ref().map(|s| s.name.as_str()), Some("banger"));
     let tools = client.list_all_tools().await.unwrap();
     let names: Vec<String> = tools.iter().map(|t| t.name.to_string()).collect();
     for op in tools_schema::ops::OPERATIONS {
@@ -41,32 +36,15 @@ async fn mcp_over_stdio_lists_every_operation_with_schemas_and_truthful_annotati
             .iter()
             .find(|t| t.name == op.tool_name())
             .unwrap_or_else(|| panic!("{} missing from {names:?}", op.tool_name()));
-        assert_eq!(
-            t.input_schema.get("type"),
-            Some(&json!("object")),
-            "{} input schema",
-            op.method
-        );
-        assert!(
-            t.output_schema.is_some(),
-            "{} has no output schema",
-            op.method
-        );
+        assert_eq!(t.input_schema.get("type"), Some(&json!("object")), "{} input schema", op.method);
+        assert!(t.output_schema.is_some(), "{} has no output schema", op.method);
         let a = t.annotations.as_ref().expect("annotations");
         assert_eq!(a.read_only_hint, Some(op.read_only), "{}", op.method);
         assert_eq!(a.destructive_hint, Some(op.destructive), "{}", op.method);
     }
     assert_eq!(tools.len(), tools_schema::ops::OPERATIONS.len());
     // Spot-check that the annotations say what the operations do.
-    let by = |n: &str| {
-        tools
-            .iter()
-            .find(|t| t.name == n)
-            .unwrap()
-            .annotations
-            .clone()
-            .unwrap()
-    };
+    let by = |n: &str| tools.iter().find(|t| t.name == n).unwrap().annotations.clone().unwrap();
     assert_eq!(by("vm_delete").destructive_hint, Some(true));
     assert_eq!(by("vm_list").read_only_hint, Some(true));
     assert_eq!(by("vm_create").read_only_hint, Some(false));
@@ -77,31 +55,20 @@ async fn mcp_over_stdio_lists_every_operation_with_schemas_and_truthful_annotati
 async fn the_same_operation_returns_the_same_typed_result_over_mcp_and_json_rpc() {
     let d = TestDaemon::start();
     let (kernel, rootfs) = fake_image_files(&d);
-    d.rpc(
-        "image.register",
-        json!({"name": "fake", "kernel": kernel, "rootfs": rootfs}),
-    );
+    d.rpc("image.register", json!({"name": "fake", "kernel": kernel, "rootfs": rootfs}));
     let over_rpc = d.rpc("image.list", json!({}));
     let client = mcp_client(&d).await;
-    let r = client
-        .call_tool(CallToolRequestParams::new("image_list"))
-        .await
-        .unwrap();
+    let r = client.call_tool(CallToolRequestParams::new("image_list")).await.unwrap();
     assert_eq!(r.is_error, Some(false));
     let over_mcp = r.structured_content.expect("structured content");
     assert_eq!(over_mcp, over_rpc);
-    let list: tools_schema::image::ImageList =
-        serde_json::from_value(over_mcp).expect("typed result");
+    let list: tools_schema::image::ImageList = serde_json::from_value(over_mcp).expect("typed result");
     assert_eq!(list.images.len(), 1);
-    assert!(
-        list.images[0].is_default,
-        "the first image becomes the default"
-    );
+    assert!(list.images[0].is_default, "the first image becomes the default");
     // And a typed error is the same kind on both doors.
     let mcp_err = client
         .call_tool(
-            CallToolRequestParams::new("vm_show")
-                .with_arguments(json!({"vm": "ghost"}).as_object().unwrap().clone()),
+            CallToolRequestParams::new("vm_show").with_arguments(json!({"vm": "ghost"}).as_object().unwrap().clone()),
         )
         .await
         .unwrap();
@@ -109,10 +76,7 @@ async fn the_same_operation_returns_the_same_typed_result_over_mcp_and_json_rpc(
     assert_eq!(mcp_err.structured_content.unwrap()["code"], "not_found");
     let rpc_err = d.rpc_raw("vm.show", json!({"vm": "ghost"}));
     assert_eq!(rpc_err["error"]["data"]["code"], "not_found");
-    assert!(rpc_err["error"]["data"]["hint"]
-        .as_str()
-        .unwrap()
-        .contains("banger vm list"));
+    assert!(rpc_err["error"]["data"]["hint"].as_str().unwrap().contains("banger vm list"));
     client.cancel().await.unwrap();
 }
 
@@ -127,43 +91,19 @@ fn bad_input_gets_specific_errors_on_json_rpc_and_never_crashes_the_daemon() {
     let e = err("vm.create", json!({"vcpus": "two"}));
     assert_eq!(e["code"], -32602, "wrong type: {e}");
     assert_eq!(e["data"]["code"], "invalid_argument");
-    assert!(
-        e["message"].as_str().unwrap().contains("invalid type"),
-        "{e}"
-    );
+    assert!(e["message"].as_str().unwrap().contains("invalid type"), "{e}");
 
     let e = err("vm.show", json!({}));
-    assert!(
-        e["message"]
-            .as_str()
-            .unwrap()
-            .contains("missing field `vm`"),
-        "missing field: {e}"
-    );
+    assert!(e["message"].as_str().unwrap().contains("missing field `vm`"), "missing field: {e}");
 
     let e = err("vm.create", json!({"vcpus": 0}));
-    assert!(
-        e["message"]
-            .as_str()
-            .unwrap()
-            .contains("vcpus must be between 1 and 32"),
-        "range: {e}"
-    );
+    assert!(e["message"].as_str().unwrap().contains("vcpus must be between 1 and 32"), "range: {e}");
 
     let e = err("vm.create", json!({"name": "Bad_Name"}));
-    assert!(
-        e["message"].as_str().unwrap().contains("is invalid"),
-        "name: {e}"
-    );
+    assert!(e["message"].as_str().unwrap().contains("is invalid"), "name: {e}");
 
     let e = err("vm.create", json!({"cpus": 2}));
-    assert!(
-        e["message"]
-            .as_str()
-            .unwrap()
-            .contains("unknown field `cpus`"),
-        "unknown field: {e}"
-    );
+    assert!(e["message"].as_str().unwrap().contains("unknown field `cpus`"), "unknown field: {e}");
 
     let e = err("vm.exec", json!({"vm": "x", "command": []}));
     assert_eq!(e["data"]["code"], "invalid_argument", "empty command: {e}");
@@ -171,37 +111,21 @@ fn bad_input_gets_specific_errors_on_json_rpc_and_never_crashes_the_daemon() {
     // Not JSON at all.
     let (status, body) = http_post(&d.socket, "{this is not json").unwrap();
     assert_eq!(status, 200);
-    assert_eq!(
-        serde_json::from_str::<Value>(&body).unwrap()["error"]["code"],
-        -32700,
-        "{body}"
-    );
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["error"]["code"], -32700, "{body}");
 
     // 17 MiB of params: over the 16 MiB limit.
-    let big = format!(
-        r#"{{"jsonrpc":"2.0","id":1,"method":"vm.show","params":{{"vm":"{}"}}}}"#,
-        "a".repeat(17 << 20)
-    );
+    let big = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"vm.show","params":{{"vm":"{}"}}}}"#, "a".repeat(17 << 20));
     let (status, body) = http_post(&d.socket, &big).unwrap();
-    assert!(
-        status == 413 || body.contains("too big"),
-        "oversize request: {status} {}",
-        &body[..body.len().min(200)]
-    );
+    assert!(status == 413 || body.contains("too big"), "oversize request: {status} {}", &body[..body.len().min(200)]);
 
     // A client that vanishes mid-request.
     {
         use std::io::Write;
         let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
-        s.write_all(b"POST / HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{\"jsonrpc\"")
-            .unwrap();
+        s.write_all(b"POST / HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{\"jsonrpc\"").unwrap();
     }
 
-    assert_eq!(
-        d.rpc("daemon.ping", json!({}))["pid"],
-        json!(d.pid()),
-        "daemon still serves"
-    );
+    assert_eq!(d.rpc("daemon.ping", json!({}))["pid"], json!(d.pid()), "daemon still serves");
 }
 
 #[test]
@@ -209,37 +133,17 @@ fn bad_input_gets_specific_errors_on_mcp_and_never_crashes_the_daemon() {
     let d = TestDaemon::start();
     let mut m = RawMcp::connect(&d.socket);
     m.initialize();
-    let r = m.request(
-        1,
-        "tools/call",
-        json!({"name": "vm_explode", "arguments": {}}),
-    );
+    let r = m.request(1, "tools/call", json!({"name": "vm_explode", "arguments": {}}));
     assert_eq!(r["result"]["isError"], true, "{r}");
     assert_eq!(r["result"]["structuredContent"]["code"], "unknown_method");
 
-    let r = m.request(
-        2,
-        "tools/call",
-        json!({"name": "vm_create", "arguments": {"memory_mib": "lots"}}),
-    );
+    let r = m.request(2, "tools/call", json!({"name": "vm_create", "arguments": {"memory_mib": "lots"}}));
     assert_eq!(r["result"]["isError"], true, "{r}");
     assert_eq!(r["result"]["structuredContent"]["code"], "invalid_argument");
-    assert!(
-        r["result"]["content"][0]["text"]
-            .as_str()
-            .unwrap()
-            .contains("memory_mib"),
-        "{r}"
-    );
+    assert!(r["result"]["content"][0]["text"].as_str().unwrap().contains("memory_mib"), "{r}");
 
     let r = m.request(3, "tools/call", json!({"name": "vm_show", "arguments": {}}));
-    assert!(
-        r["result"]["structuredContent"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("missing field `vm`"),
-        "{r}"
-    );
+    assert!(r["result"]["structuredContent"]["message"].as_str().unwrap().contains("missing field `vm`"), "{r}");
 
     let r = m.request(4, "no/such/method", json!({}));
     assert_eq!(r["error"]["code"], -32601, "{r}");
@@ -254,16 +158,8 @@ fn bad_input_gets_specific_errors_on_mcp_and_never_crashes_the_daemon() {
 
     let mut m2 = RawMcp::connect(&d.socket);
     m2.initialize();
-    let r = m2.request(
-        1,
-        "tools/call",
-        json!({"name": "daemon_ping", "arguments": {}}),
-    );
-    assert_eq!(
-        r["result"]["structuredContent"]["pid"],
-        json!(d.pid()),
-        "{r}"
-    );
+    let r = m2.request(1, "tools/call", json!({"name": "daemon_ping", "arguments": {}}));
+    assert_eq!(r["result"]["structuredContent"]["pid"], json!(d.pid()), "{r}");
 }
 
 #[test]
@@ -283,10 +179,7 @@ fn the_socket_is_private_and_other_users_are_refused_by_credentials() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("refused this user (uid 65534)"),
-        "stderr: {stderr}"
-    );
+    assert!(stderr.contains("refused this user (uid 65534)"), "stderr: {stderr}");
     // Root (the owner here) is still served.
     assert!(d.cli(&["daemon", "ping"]).status.success());
 }
@@ -296,10 +189,7 @@ fn every_binary_reports_the_same_build() {
     let d = TestDaemon::start();
     let v = d.cli_json(&["version"]);
     assert_eq!(v["cli"], v["daemon"], "CLI and daemon builds differ: {v}");
-    let daemon_cli = std::process::Command::new(bin("bangerd"))
-        .arg("--build-info")
-        .output()
-        .unwrap();
+    let daemon_cli = std::process::Command::new(bin("bangerd")).arg("--build-info").output().unwrap();
     let daemon_build: Value = serde_json::from_slice(&daemon_cli.stdout).unwrap();
     assert_eq!(daemon_build, v["cli"]);
     let status = d.cli_json(&["daemon", "status"]);
@@ -322,19 +212,11 @@ fn doctor_names_the_vmm_and_why() {
     }
     assert!(vmm["reason"].as_str().unwrap().len() > 20);
     let checks = r["checks"].as_array().unwrap();
-    let check = |n: &str| {
-        checks
-            .iter()
-            .find(|c| c["name"] == n)
-            .unwrap_or_else(|| panic!("no {n} check"))
-    };
+    let check = |n: &str| checks.iter().find(|c| c["name"] == n).unwrap_or_else(|| panic!("no {n} check"));
     assert_eq!(check("qemu-system-x86_64")["status"], "pass");
     // No image is registered in a fresh daemon: the doctor fails that check and says how to fix it.
     assert_eq!(check("default-image")["status"], "fail");
-    assert!(check("default-image")["fix"]
-        .as_str()
-        .unwrap()
-        .contains("quickstart"));
+    assert!(check("default-image")["fix"].as_str().unwrap().contains("quickstart"));
     assert_eq!(r["ok"], false);
     let out = d.cli(&["doctor"]);
     assert_eq!(out.status.code(), Some(1));

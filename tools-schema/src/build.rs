@@ -27,10 +27,6 @@ impl BuildInfo {
 
 impl std::fmt::Display for BuildInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} (commit {}, built {})",
-            self.version, self.commit, self.build_time
-        )
+        write!(f, "{} (commit {}, built {})", self.version, self.commit, self.build_time)
     }
 }

@@ -45,9 +45,7 @@ impl std::str::FromStr for VmmKind {
         match s {
             "firecracker" => Ok(VmmKind::Firecracker),
             "qemu" => Ok(VmmKind::Qemu),
-            other => Err(format!(
-                "unknown VMM `{other}`: expected `firecracker` or `qemu`"
-            )),
+            other => Err(format!("unknown VMM `{other}`: expected `firecracker` or `qemu`")),
         }
     }
 }

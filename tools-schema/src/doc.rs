@@ -28,10 +28,8 @@ pub fn api_reference() -> String {
     }
     for op in OPERATIONS {
         out.push_str(&format!("\n## {}\n\n{}\n\n", op.method, op.description));
-        let params =
-            serde_json::to_string_pretty(&(op.params_schema)()).expect("schema serialises");
-        let result =
-            serde_json::to_string_pretty(&(op.result_schema)()).expect("schema serialises");
+        let params = serde_json::to_string_pretty(&(op.params_schema)()).expect("schema serialises");
+        let result = serde_json::to_string_pretty(&(op.result_schema)()).expect("schema serialises");
         out.push_str(&format!(
             "<details><summary>params schema</summary>\n\n```json\n{params}\n```\n</details>\n\n\
              <details><summary>result schema</summary>\n\n```json\n{result}\n```\n</details>\n"

@@ -72,18 +72,10 @@ pub struct Frame {
 
 impl Frame {
     pub fn new(kind: FrameKind, stream: u32, payload: Vec<u8>) -> Self {
-        Frame {
-            kind,
-            stream,
-            payload,
-        }
+        Frame { kind, stream, payload }
     }
     pub fn json<T: Serialize>(kind: FrameKind, stream: u32, msg: &T) -> Self {
-        Frame::new(
-            kind,
-            stream,
-            serde_json::to_vec(msg).expect("guest messages always serialise"),
-        )
+        Frame::new(kind, stream, serde_json::to_vec(msg).expect("guest messages always serialise"))
     }
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_LEN + self.payload.len());
@@ -150,11 +142,7 @@ impl FrameDecoder {
         }
         let payload = self.buf[HEADER_LEN..HEADER_LEN + len].to_vec();
         self.buf.drain(..HEADER_LEN + len);
-        Ok(Some(Frame {
-            kind,
-            stream,
-            payload,
-        }))
+        Ok(Some(Frame { kind, stream, payload }))
     }
 
     /// Drops bytes before the first plausible header; returns how many were dropped.
@@ -164,9 +152,7 @@ impl FrameDecoder {
             let rest = &self.buf[i..];
             let plausible = rest[0] == MAGIC[0]
                 && (rest.len() < 2 || rest[1] == MAGIC[1])
-                && (rest.len() < 4
-                    || FrameKind::from_u8(rest[3]).is_some()
-                    || rest[2] != PROTOCOL_VERSION)
+                && (rest.len() < 4 || FrameKind::from_u8(rest[3]).is_some() || rest[2] != PROTOCOL_VERSION)
                 && (rest.len() < HEADER_LEN
                     || u32::from_be_bytes(rest[8..12].try_into().unwrap()) as usize <= MAX_PAYLOAD);
             if plausible {
@@ -275,10 +261,7 @@ mod tests {
         bytes[2] = PROTOCOL_VERSION + 1;
         let mut dec = FrameDecoder::new();
         dec.push(&bytes);
-        assert_eq!(
-            dec.next_frame(),
-            Err(DecodeError::VersionMismatch(PROTOCOL_VERSION + 1))
-        );
+        assert_eq!(dec.next_frame(), Err(DecodeError::VersionMismatch(PROTOCOL_VERSION + 1)));
     }
 
     #[test]

@@ -56,15 +56,15 @@ macro_rules! for_each_operation {
             (DaemonStatus, daemon_status, "daemon.status",
              $crate::daemon::Empty, $crate::daemon::DaemonStatus, true, false, true,
              "Report the daemon's build, socket, state directory, log file, VM and image counts, and which VMM \
-              new VMs will use and why."),
+new VMs will use and why."),
             (DoctorRun, doctor_run, "doctor.run",
              $crate::daemon::Empty, $crate::daemon::DoctorReport, true, false, true,
              "Check every host prerequisite (VMM binaries, KVM kind, guest kernel, images, networking tools, \
-              socket permissions) and report pass/warn/fail with the fix for each."),
+socket permissions) and report pass/warn/fail with the fix for each."),
             (ImageRegister, image_register, "image.register",
              $crate::image::ImageRegisterParams, $crate::image::ImageInfo, false, false, false,
              "Register an existing guest kernel, optional initramfs and ext4 root filesystem as a named image. \
-              The daemon copies the files into its store."),
+The daemon copies the files into its store."),
             (ImageList, image_list, "image.list",
              $crate::daemon::Empty, $crate::image::ImageList, true, false, true,
              "List registered images; the default image is marked."),
@@ -80,8 +80,8 @@ macro_rules! for_each_operation {
             (VmCreate, vm_create, "vm.create",
              $crate::vm::VmCreateParams, $crate::vm::VmInfo, false, false, false,
              "Create a VM from an image (the default image unless named) and boot it. Returns when the guest \
-              agent answers, so the VM is ready for vm_exec. A failure or cancellation rolls back everything \
-              the create made."),
+agent answers, so the VM is ready for vm_exec. A failure or cancellation rolls back everything \
+the create made."),
             (VmList, vm_list, "vm.list",
              $crate::daemon::Empty, $crate::vm::VmList, true, false, true,
              "List every VM with its state, image, size and VMM."),
@@ -94,7 +94,7 @@ macro_rules! for_each_operation {
             (VmStop, vm_stop, "vm.stop",
              $crate::vm::VmRefs, $crate::vm::VmBatchResult, false, false, true,
              "Shut down one or more VMs gracefully (forced after a grace period). Disks are kept; vm_start \
-              boots them again."),
+boots them again."),
             (VmRestart, vm_restart, "vm.restart",
              $crate::vm::VmRefs, $crate::vm::VmBatchResult, false, false, false,
              "Stop then start one or more VMs."),
@@ -107,7 +107,7 @@ macro_rules! for_each_operation {
             (VmExec, vm_exec, "vm.exec",
              $crate::vm::VmExecParams, $crate::vm::VmExecResult, false, false, false,
              "Run a command in a running VM through its guest agent (no guest network needed) and return its \
-              exit code, stdout and stderr. Use [\"sh\", \"-c\", \"...\"] for shell syntax."),
+exit code, stdout and stderr. Use [\"sh\", \"-c\", \"...\"] for shell syntax."),
             (VmLogs, vm_logs, "vm.logs",
              $crate::vm::VmLogsParams, $crate::vm::VmLogs, true, false, true,
              "Return the tail of a VM's console (boot) log. The first place to look when a VM failed to start."),

@@ -35,6 +35,10 @@ pub struct VmCreateParams {
     /// Force a VMM for this VM instead of the host's choice.
     #[serde(default)]
     pub vmm: Option<VmmKind>,
+    /// Give the VM a route to other networks through NAT. Default false: a guest reaches only the other
+    /// guests and the host's DNS, never the host's own services.
+    #[serde(default)]
+    pub nat: Option<bool>,
 }
 
 /// Refers to one VM by name or id.
@@ -103,6 +107,12 @@ pub struct VmInfo {
     /// Why the VM is `failed`, when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The guest's IPv4 address on the banger bridge, when networking is enabled.
+    pub ip: Option<String>,
+    /// DNS name of the VM, answered by banger's DNS server on the bridge: `<name>.vm`.
+    pub dns_name: String,
+    /// Whether the VM can reach other networks through NAT.
+    pub nat: bool,
 }
 
 /// All VMs.
@@ -198,9 +208,7 @@ pub struct VmLogs {
 
 /// Validates a VM or image name; returns a message saying what is wrong.
 pub fn validate_name(kind: &str, name: &str) -> Result<(), String> {
-    let ok_chars = name
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    let ok_chars = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
     if name.is_empty() || name.len() > 63 {
         return Err(format!("{kind} name `{name}` must be 1-63 characters long"));
     }
@@ -226,9 +234,7 @@ impl VmCreateParams {
         }
         if let Some(m) = self.memory_mib {
             if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&m) {
-                return Err(format!(
-                    "memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, got {m}"
-                ));
+                return Err(format!("memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, got {m}"));
             }
         }
         Ok(())

@@ -30,16 +30,8 @@ fn every_operation_is_well_formed() {
         assert!(seen.insert(op.method), "{} listed twice", op.method);
         let (group, verb) = op.method.split_once('.').expect("methods are group.verb");
         assert!(!group.is_empty() && !verb.is_empty());
-        assert!(
-            op.description.len() > 30,
-            "{} needs a description an agent can act on",
-            op.method
-        );
-        assert!(
-            !(op.read_only && op.destructive),
-            "{} cannot be read-only and destructive",
-            op.method
-        );
+        assert!(op.description.len() > 30, "{} needs a description an agent can act on", op.method);
+        assert!(!(op.read_only && op.destructive), "{} cannot be read-only and destructive", op.method);
         for schema in [(op.params_schema)(), (op.result_schema)()] {
             assert_eq!(
                 schema.get("type"),
@@ -59,8 +51,5 @@ fn the_api_reference_is_current() {
         std::fs::write(&path, &fresh).unwrap();
     }
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(
-        committed == fresh,
-        "docs/API.md is stale: run `BANGER_UPDATE_DOCS=1 cargo test -p tools-schema`"
-    );
+    assert!(committed == fresh, "docs/API.md is stale: run `BANGER_UPDATE_DOCS=1 cargo test -p tools-schema`");
 }

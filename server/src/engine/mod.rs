@@ -39,6 +39,10 @@ pub struct Engine {
     guests: Mutex<HashMap<String, Arc<GuestConn>>>,
     /// Serialises image registry changes (register, promote, delete).
     image_lock: tokio::sync::Mutex<()>,
+    /// Serialises address allocation (the store's unique index is the backstop).
+    pub(crate) ip_lock: tokio::sync::Mutex<()>,
+    /// The VM network; set once at start-up, after reconcile, unless networking is disabled.
+    pub(crate) net: std::sync::OnceLock<Arc<crate::network::Network>>,
 }
 
 impl Engine {
@@ -52,6 +56,8 @@ impl Engine {
             vm_locks: Mutex::default(),
             guests: Mutex::default(),
             image_lock: tokio::sync::Mutex::new(()),
+            ip_lock: tokio::sync::Mutex::new(()),
+            net: std::sync::OnceLock::new(),
         })
     }
 
@@ -59,33 +65,62 @@ impl Engine {
         &self.cfg
     }
 
+    pub fn network(&self) -> Option<&Arc<crate::network::Network>> {
+        self.net.get()
+    }
+
+    /// Sets up the VM network for the VMs that survived reconcile (their TAPs, NAT rules and DNS names
+    /// are kept; everything else of banger's is removed).
+    pub async fn start_network(&self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        if !self.cfg.network.enabled {
+            tracing::info!("networking disabled in the config; VMs get no NIC");
+            return Ok(());
+        }
+        let rows = self.store.vms().await?;
+        let running: Vec<crate::network::RunningVm> = rows
+            .iter()
+            .filter(|r| r.state == tools_schema::vm::VmState::Running)
+            .map(|r| crate::network::RunningVm { name: r.name.clone(), tap: r.tap.clone(), ip: r.ip, nat: r.nat })
+            .collect();
+        let nft = self
+            .cfg
+            .find_binary("nft")
+            .ok_or_else(|| anyhow::anyhow!("nft is not installed (apt-get install nftables)"))?;
+        let net = crate::network::Network::setup(
+            &self.cfg.network.bridge,
+            self.cfg.network.subnet()?,
+            self.cfg.network.tap_pool,
+            nft,
+            &running,
+            shutdown,
+        )
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "setting up the VM network on bridge {}: {e}\n  hint: bangerd needs root (CAP_NET_ADMIN) for networking; \
+                 or set `[network] enabled = false` in the config",
+                self.cfg.network.bridge
+            )
+        })?;
+        tracing::info!(bridge = %net.bridge, gateway = %net.gateway, subnet = %net.subnet, "VM network ready");
+        let _ = self.net.set(Arc::new(net));
+        Ok(())
+    }
+
     pub(crate) fn vm_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.vm_locks
-            .lock()
-            .unwrap()
-            .entry(id.to_string())
-            .or_default()
-            .clone()
+        self.vm_locks.lock().unwrap().entry(id.to_string()).or_default().clone()
     }
 }
 
 /// Parses operation params, naming the operation in the error.
-fn decode_params<T: serde::de::DeserializeOwned>(
-    method: &str,
-    params: serde_json::Value,
-) -> Result<T, ApiError> {
+fn decode_params<T: serde::de::DeserializeOwned>(method: &str, params: serde_json::Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(params).map_err(|e| {
         // Name the offending field, so the caller knows what to fix.
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let detail = if path == "." {
-            inner.to_string()
-        } else {
-            format!("{path}: {inner}")
-        };
-        ApiError::invalid(format!("invalid params for {method}: {detail}")).with_hint(format!(
-            "see the schema of {method} (MCP tools/list, or docs/API.md)"
-        ))
+        let detail = if path == "." { inner.to_string() } else { format!("{path}: {inner}") };
+        ApiError::invalid(format!("invalid params for {method}: {detail}"))
+            .with_hint(format!("see the schema of {method} (MCP tools/list, or docs/API.md)"))
     })
 }
 
@@ -120,21 +155,13 @@ tools_schema::for_each_operation!(dispatch_table);
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = ?e, "store");
-        ApiError::internal(format!(
-            "{e}: {}",
-            std::error::Error::source(&e)
-                .map(|s| s.to_string())
-                .unwrap_or_default()
-        ))
-        .with_hint("the daemon log has details; check free space in the state directory")
+        ApiError::internal(format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()))
+            .with_hint("the daemon log has details; check free space in the state directory")
     }
 }
 
 pub(crate) fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 pub(crate) fn new_id() -> String {

@@ -8,8 +8,8 @@ use tokio_util::sync::CancellationToken;
 use tools_schema::daemon::{Empty, VmmKind};
 use tools_schema::guest::{ExecSpec, GuestRequest};
 use tools_schema::vm::{
-    VmBatchResult, VmCreateParams, VmExecParams, VmExecResult, VmInfo, VmList, VmLogs,
-    VmLogsParams, VmOutcome, VmRef, VmRefs, VmState,
+    VmBatchResult, VmCreateParams, VmExecParams, VmExecResult, VmInfo, VmList, VmLogs, VmLogsParams, VmOutcome, VmRef,
+    VmRefs, VmState,
 };
 use tools_schema::{ApiError, ErrorCode};
 
@@ -26,16 +26,15 @@ fn vmm_error(e: VmmError) -> ApiError {
     match e {
         VmmError::MissingBinary { .. } => ApiError::new(ErrorCode::HostUnsupported, e.to_string())
             .with_hint("run scripts/setup-host.sh, then `banger doctor`"),
-        VmmError::Unsupported { .. } => ApiError::new(ErrorCode::HostUnsupported, e.to_string())
-            .with_hint("use --vmm qemu (works on every host)"),
+        VmmError::Unsupported { .. } => {
+            ApiError::new(ErrorCode::HostUnsupported, e.to_string()).with_hint("use --vmm qemu (works on every host)")
+        }
         VmmError::Launch { .. } => {
             ApiError::internal(e.to_string()).with_hint("`banger doctor` checks the host set-up")
         }
         VmmError::Io { .. } => ApiError::internal(format!(
             "{e}: {}",
-            std::error::Error::source(&e)
-                .map(|s| s.to_string())
-                .unwrap_or_default()
+            std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()
         )),
     }
 }
@@ -46,11 +45,8 @@ fn guest_error(vm: &str, e: GuestError) -> ApiError {
         GuestError::Timeout(_) => ApiError::new(ErrorCode::Timeout, format!("VM {vm}: {e}"))
             .with_hint(format!("`banger vm logs {vm}` shows the guest console")),
         GuestError::Agent(ref m) if m.starts_with("cannot run") => ApiError::invalid(m.clone()),
-        other => ApiError::new(ErrorCode::GuestUnreachable, format!("VM {vm}: {other}")).with_hint(
-            format!(
-            "`banger vm logs {vm}` shows the guest console; `banger vm restart {vm}` reboots it"
-        ),
-        ),
+        other => ApiError::new(ErrorCode::GuestUnreachable, format!("VM {vm}: {other}"))
+            .with_hint(format!("`banger vm logs {vm}` shows the guest console; `banger vm restart {vm}` reboots it")),
     }
 }
 
@@ -61,11 +57,7 @@ impl Engine {
             .images()
             .await
             .ok()
-            .and_then(|imgs| {
-                imgs.into_iter()
-                    .find(|i| i.id == row.image_id)
-                    .map(|i| i.name)
-            })
+            .and_then(|imgs| imgs.into_iter().find(|i| i.id == row.image_id).map(|i| i.name))
             .unwrap_or_else(|| row.image_id.clone());
         VmInfo {
             id: row.id.clone(),
@@ -78,6 +70,9 @@ impl Engine {
             pid: row.pid,
             created_at: row.created_at,
             started_at: row.started_at,
+            ip: row.ip.map(|i| i.to_string()),
+            dns_name: format!("{}.vm", row.name),
+            nat: row.nat,
             last_error: row.last_error.clone(),
         }
     }
@@ -95,31 +90,21 @@ impl Engine {
         if let Some(v) = vms.iter().find(|v| v.id == r || v.name == r) {
             return Ok(v.clone());
         }
-        let by_prefix: Vec<&VmRow> = if r.len() >= 4 {
-            vms.iter().filter(|v| v.id.starts_with(r)).collect()
-        } else {
-            vec![]
-        };
+        let by_prefix: Vec<&VmRow> =
+            if r.len() >= 4 { vms.iter().filter(|v| v.id.starts_with(r)).collect() } else { vec![] };
         match by_prefix.as_slice() {
             [one] => Ok((*one).clone()),
-            [] => Err(ApiError::not_found(format!("no VM named `{r}`"))
-                .with_hint("`banger vm list` shows every VM")),
+            [] => Err(ApiError::not_found(format!("no VM named `{r}`")).with_hint("`banger vm list` shows every VM")),
             many => Err(ApiError::invalid(format!(
                 "`{r}` matches several VMs: {}",
-                many.iter()
-                    .map(|v| v.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                many.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", ")
             ))
             .with_hint("use the full name or a longer id prefix")),
         }
     }
 
     async fn reload(&self, id: &str) -> Result<VmRow, ApiError> {
-        self.store
-            .vm(id.to_string())
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("VM {id} was deleted")))
+        self.store.vm(id.to_string()).await?.ok_or_else(|| ApiError::not_found(format!("VM {id} was deleted")))
     }
 
     pub async fn vm_list(self: &Arc<Self>, _: Empty, _: CallContext) -> Result<VmList, ApiError> {
@@ -136,11 +121,7 @@ impl Engine {
         Ok(self.vm_info(&row).await)
     }
 
-    pub async fn vm_create(
-        self: &Arc<Self>,
-        p: VmCreateParams,
-        ctx: CallContext,
-    ) -> Result<VmInfo, ApiError> {
+    pub async fn vm_create(self: &Arc<Self>, p: VmCreateParams, ctx: CallContext) -> Result<VmInfo, ApiError> {
         p.validate().map_err(ApiError::invalid)?;
         let image = self.resolve_image(p.image.as_deref()).await?;
         let vmm = p.vmm.unwrap_or(self.vmm.vmm);
@@ -151,17 +132,24 @@ impl Engine {
         let name = match p.name {
             Some(n) => {
                 if existing.iter().any(|v| v.name == n) {
-                    return Err(ApiError::new(
-                        ErrorCode::AlreadyExists,
-                        format!("a VM named `{n}` already exists"),
-                    )
-                    .with_hint(format!(
-                        "pick another name, or `banger vm delete {n}` first"
-                    )));
+                    return Err(ApiError::new(ErrorCode::AlreadyExists, format!("a VM named `{n}` already exists"))
+                        .with_hint(format!("pick another name, or `banger vm delete {n}` first")));
                 }
                 n
             }
             None => generate_name(&existing),
+        };
+        // Addresses are handed out under a lock; the store's unique index is the backstop.
+        let ip_guard = self.ip_lock.lock().await;
+        let ip = match self.network() {
+            Some(net) => {
+                let used = self.store.vms().await?.into_iter().filter_map(|v| v.ip).collect();
+                Some(net.allocate_ip(&used).map_err(|e| {
+                    ApiError::new(ErrorCode::FailedPrecondition, e.to_string())
+                        .with_hint("delete VMs you no longer need, or use a larger network.subnet")
+                })?)
+            }
+            None => None,
         };
         let row = VmRow {
             id: new_id(),
@@ -175,26 +163,27 @@ impl Engine {
             created_at: now(),
             started_at: None,
             last_error: None,
+            ip,
+            mac: ip.map(|_| random_mac()),
+            tap: None,
+            nat: p.nat.unwrap_or(false),
         };
         let lock = self.vm_lock(&row.id);
         let _held = lock.lock().await;
         self.store.insert_vm(row.clone()).await.map_err(|e| {
             // The unique index catches a concurrent create of the same name.
-            ApiError::new(
-                ErrorCode::AlreadyExists,
-                format!("cannot record VM `{}`: {e}", row.name),
-            )
+            ApiError::new(ErrorCode::AlreadyExists, format!("cannot record VM `{}`: {e}", row.name))
         })?;
+        drop(ip_guard);
         tracing::info!(vm = %row.name, id = %row.id, image = %image.name, "creating VM");
         // The work runs in its own task so that a caller who disconnects cannot abandon it half-way: the
         // task sees the cancellation and rolls back everything it made.
         let engine = self.clone();
         let cancel = ctx.cancel.clone();
         let task_row = row.clone();
-        let outcome =
-            tokio::spawn(async move { engine.create_inner(task_row, image, cancel).await })
-                .await
-                .map_err(|e| ApiError::internal(format!("create task: {e}")))?;
+        let outcome = tokio::spawn(async move { engine.create_inner(task_row, image, cancel).await })
+            .await
+            .map_err(|e| ApiError::internal(format!("create task: {e}")))?;
         match outcome {
             Ok(()) => Ok(self.vm_info(&self.reload(&row.id).await?).await),
             Err(e) => {
@@ -212,16 +201,12 @@ impl Engine {
     ) -> Result<(), ApiError> {
         let paths = self.vm_paths(&row.id);
         let result = async {
-            tokio::fs::create_dir_all(&paths.dir).await.map_err(|e| {
-                ApiError::internal(format!("creating {}: {e}", paths.dir.display()))
-            })?;
-            vmm::create_root_disk(
-                &self.cfg,
-                std::path::Path::new(&image.rootfs),
-                &paths.root_disk(),
-            )
-            .await
-            .map_err(vmm_error)?;
+            tokio::fs::create_dir_all(&paths.dir)
+                .await
+                .map_err(|e| ApiError::internal(format!("creating {}: {e}", paths.dir.display())))?;
+            vmm::create_root_disk(&self.cfg, std::path::Path::new(&image.rootfs), &paths.root_disk())
+                .await
+                .map_err(vmm_error)?;
             if cancel.is_cancelled() {
                 return Err(ApiError::new(ErrorCode::Cancelled, "VM creation cancelled"));
             }
@@ -244,13 +229,19 @@ impl Engine {
 
     /// Starts the VMM and waits for the guest agent. On failure the VMM process is gone and the VM is
     /// recorded as failed, with the reason.
-    async fn boot(
-        &self,
-        row: &VmRow,
-        image: &ImageRow,
-        cancel: &CancellationToken,
-    ) -> Result<(), ApiError> {
+    async fn boot(&self, row: &VmRow, image: &ImageRow, cancel: &CancellationToken) -> Result<(), ApiError> {
         let paths = self.vm_paths(&row.id);
+        let net = match (self.network(), row.ip, &row.mac) {
+            (Some(net), Some(ip), Some(mac)) => {
+                let tap = net.acquire_tap().await.map_err(|e| {
+                    ApiError::internal(format!("cannot get a TAP device: {e}"))
+                        .with_hint("`banger doctor` checks networking")
+                })?;
+                self.store.set_vm_tap(row.id.clone(), Some(tap.clone())).await?;
+                Some((tap, net.guest_net(ip, mac)))
+            }
+            _ => None,
+        };
         let spec = BootSpec {
             vm_id: row.id.clone(),
             hostname: row.name.clone(),
@@ -260,39 +251,21 @@ impl Engine {
             initrd: image.initrd.clone().map(Into::into),
             root_disk: paths.root_disk(),
             dir: paths.dir.clone(),
+            net,
         };
         let started = std::time::Instant::now();
-        self.store
-            .set_vm_state(row.id.clone(), VmState::Starting, None, None, None)
-            .await?;
-        let launched = vmm::launch(row.vmm, &self.cfg, &self.vmm.qemu_accel, &spec)
-            .await
-            .map_err(vmm_error);
+        self.store.set_vm_state(row.id.clone(), VmState::Starting, None, None, None).await?;
+        let launched = vmm::launch(row.vmm, &self.cfg, &self.vmm.qemu_accel, &spec).await.map_err(vmm_error);
         let launched = match launched {
             Ok(l) => l,
             Err(e) => {
-                let _ = self
-                    .store
-                    .set_vm_state(
-                        row.id.clone(),
-                        VmState::Failed,
-                        None,
-                        None,
-                        Some(e.message.clone()),
-                    )
-                    .await;
+                self.release_net(row).await;
+                let _ =
+                    self.store.set_vm_state(row.id.clone(), VmState::Failed, None, None, Some(e.message.clone())).await;
                 return Err(e);
             }
         };
-        self.store
-            .set_vm_state(
-                row.id.clone(),
-                VmState::Starting,
-                Some(launched.pid),
-                None,
-                None,
-            )
-            .await?;
+        self.store.set_vm_state(row.id.clone(), VmState::Starting, Some(launched.pid), None, None).await?;
         let ready = async {
             let conn = GuestConn::connect(&paths.channel()).await.map_err(|e| guest_error(&row.name, e))?;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(self.cfg.boot_timeout_secs);
@@ -314,30 +287,33 @@ impl Engine {
         match ready {
             Ok((conn, agent)) => {
                 self.guests.lock().unwrap().insert(row.id.clone(), conn);
+                if let (Some(net), Some(ip)) = (self.network(), row.ip) {
+                    net.dns.set(&row.name, ip);
+                    if row.nat {
+                        if let Err(e) = net.enable_nat(ip).await {
+                            vmm::kill(launched.pid, &row.id).await;
+                            self.release_net(row).await;
+                            let msg = format!("cannot enable NAT for {}: {e}", row.name);
+                            let _ = self
+                                .store
+                                .set_vm_state(row.id.clone(), VmState::Failed, None, None, Some(msg.clone()))
+                                .await;
+                            return Err(ApiError::new(ErrorCode::HostUnsupported, msg)
+                                .with_hint("`banger doctor` checks nftables"));
+                        }
+                    }
+                }
                 self.store
-                    .set_vm_state(
-                        row.id.clone(),
-                        VmState::Running,
-                        Some(launched.pid),
-                        Some(now()),
-                        None,
-                    )
+                    .set_vm_state(row.id.clone(), VmState::Running, Some(launched.pid), Some(now()), None)
                     .await?;
                 tracing::info!(vm = %row.name, pid = launched.pid, agent = %agent, boot_ms = started.elapsed().as_millis() as u64, "VM ready");
                 Ok(())
             }
             Err(e) => {
                 vmm::kill(launched.pid, &row.id).await;
-                let _ = self
-                    .store
-                    .set_vm_state(
-                        row.id.clone(),
-                        VmState::Failed,
-                        None,
-                        None,
-                        Some(e.message.clone()),
-                    )
-                    .await;
+                self.release_net(row).await;
+                let _ =
+                    self.store.set_vm_state(row.id.clone(), VmState::Failed, None, None, Some(e.message.clone())).await;
                 Err(e)
             }
         }
@@ -352,34 +328,18 @@ impl Engine {
     /// The live guest connection of a running VM, reconnecting if the old one broke.
     pub(crate) async fn guest(&self, row: &VmRow) -> Result<Arc<GuestConn>, ApiError> {
         if row.state != VmState::Running {
-            return Err(ApiError::precondition(format!(
-                "VM {} is {}",
-                row.name,
-                row.state.as_str()
-            ))
-            .with_hint(format!("start it first: banger vm start {}", row.name)));
+            return Err(ApiError::precondition(format!("VM {} is {}", row.name, row.state.as_str()))
+                .with_hint(format!("start it first: banger vm start {}", row.name)));
         }
-        let existing = self
-            .guests
-            .lock()
-            .unwrap()
-            .get(&row.id)
-            .filter(|c| !c.is_closed())
-            .cloned();
+        let existing = self.guests.lock().unwrap().get(&row.id).filter(|c| !c.is_closed()).cloned();
         if let Some(c) = existing {
             return Ok(c);
         }
-        let conn = GuestConn::connect(&self.vm_paths(&row.id).channel())
-            .await
-            .map_err(|e| guest_error(&row.name, e))?;
+        let conn =
+            GuestConn::connect(&self.vm_paths(&row.id).channel()).await.map_err(|e| guest_error(&row.name, e))?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        conn.wait_ready(deadline, &CancellationToken::new())
-            .await
-            .map_err(|e| guest_error(&row.name, e))?;
-        self.guests
-            .lock()
-            .unwrap()
-            .insert(row.id.clone(), conn.clone());
+        conn.wait_ready(deadline, &CancellationToken::new()).await.map_err(|e| guest_error(&row.name, e))?;
+        self.guests.lock().unwrap().insert(row.id.clone(), conn.clone());
         Ok(conn)
     }
 
@@ -407,16 +367,8 @@ impl Engine {
                     Err(e) => Err(e),
                 };
                 match result {
-                    Ok(info) => VmOutcome {
-                        vm: r.clone(),
-                        info,
-                        error: None,
-                    },
-                    Err(e) => VmOutcome {
-                        vm: r.clone(),
-                        info: None,
-                        error: Some(e),
-                    },
+                    Ok(info) => VmOutcome { vm: r.clone(), info, error: None },
+                    Err(e) => VmOutcome { vm: r.clone(), info: None, error: Some(e) },
                 }
             }
         });
@@ -425,11 +377,7 @@ impl Engine {
         Ok(VmBatchResult { results, ok })
     }
 
-    pub async fn vm_start(
-        self: &Arc<Self>,
-        p: VmRefs,
-        ctx: CallContext,
-    ) -> Result<VmBatchResult, ApiError> {
+    pub async fn vm_start(self: &Arc<Self>, p: VmRefs, ctx: CallContext) -> Result<VmBatchResult, ApiError> {
         self.batch(p, |engine, row| {
             let cancel = ctx.cancel.clone();
             async move { engine.start_one(row, cancel).await.map(Some) }
@@ -437,11 +385,7 @@ impl Engine {
         .await
     }
 
-    async fn start_one(
-        self: Arc<Self>,
-        row: VmRow,
-        cancel: CancellationToken,
-    ) -> Result<VmInfo, ApiError> {
+    async fn start_one(self: Arc<Self>, row: VmRow, cancel: CancellationToken) -> Result<VmInfo, ApiError> {
         let lock = self.vm_lock(&row.id);
         let _held = lock.lock().await;
         let row = self.reload(&row.id).await?;
@@ -458,37 +402,18 @@ impl Engine {
     }
 
     fn is_alive(&self, row: &VmRow) -> bool {
-        row.pid
-            .is_some_and(|pid| crate::host::process_matches(pid, &vmm::process_marker(&row.id)))
+        row.pid.is_some_and(|pid| crate::host::process_matches(pid, &vmm::process_marker(&row.id)))
     }
 
-    pub async fn vm_stop(
-        self: &Arc<Self>,
-        p: VmRefs,
-        _: CallContext,
-    ) -> Result<VmBatchResult, ApiError> {
-        self.batch(p, |engine, row| async move {
-            engine.stop_one(row, false).await.map(Some)
-        })
-        .await
+    pub async fn vm_stop(self: &Arc<Self>, p: VmRefs, _: CallContext) -> Result<VmBatchResult, ApiError> {
+        self.batch(p, |engine, row| async move { engine.stop_one(row, false).await.map(Some) }).await
     }
 
-    pub async fn vm_kill(
-        self: &Arc<Self>,
-        p: VmRefs,
-        _: CallContext,
-    ) -> Result<VmBatchResult, ApiError> {
-        self.batch(p, |engine, row| async move {
-            engine.stop_one(row, true).await.map(Some)
-        })
-        .await
+    pub async fn vm_kill(self: &Arc<Self>, p: VmRefs, _: CallContext) -> Result<VmBatchResult, ApiError> {
+        self.batch(p, |engine, row| async move { engine.stop_one(row, true).await.map(Some) }).await
     }
 
-    pub async fn vm_restart(
-        self: &Arc<Self>,
-        p: VmRefs,
-        ctx: CallContext,
-    ) -> Result<VmBatchResult, ApiError> {
+    pub async fn vm_restart(self: &Arc<Self>, p: VmRefs, ctx: CallContext) -> Result<VmBatchResult, ApiError> {
         self.batch(p, |engine, row| {
             let cancel = ctx.cancel.clone();
             async move {
@@ -512,20 +437,13 @@ impl Engine {
     async fn halt(&self, row: &VmRow, force: bool) -> Result<(), ApiError> {
         let marker = vmm::process_marker(&row.id);
         if let Some(pid) = row.pid.filter(|_| self.is_alive(row)) {
-            self.store
-                .set_vm_state(row.id.clone(), VmState::Stopping, Some(pid), None, None)
-                .await?;
+            self.store.set_vm_state(row.id.clone(), VmState::Stopping, Some(pid), None, None).await?;
             let mut gone = false;
             if !force {
                 let grace = Duration::from_secs(self.cfg.stop_grace_secs);
                 let conn = self.guests.lock().unwrap().get(&row.id).cloned();
                 if let Some(conn) = conn {
-                    let _ = conn
-                        .request(
-                            &GuestRequest::Shutdown { reboot: false },
-                            Duration::from_secs(3),
-                        )
-                        .await;
+                    let _ = conn.request(&GuestRequest::Shutdown { reboot: false }, Duration::from_secs(3)).await;
                 }
                 gone = vmm::wait_exit(pid, &marker, grace).await;
                 if !gone {
@@ -542,17 +460,33 @@ impl Engine {
             }
         }
         self.drop_guest(&row.id);
-        self.store
-            .set_vm_state(row.id.clone(), VmState::Stopped, None, None, None)
-            .await?;
+        self.release_net(row).await;
+        self.store.set_vm_state(row.id.clone(), VmState::Stopped, None, None, None).await?;
         Ok(())
     }
 
-    pub async fn vm_delete(
-        self: &Arc<Self>,
-        p: VmRefs,
-        _: CallContext,
-    ) -> Result<VmBatchResult, ApiError> {
+    /// Gives back what a VM holds on the network while it runs: its TAP, DNS name and NAT rule. The
+    /// address stays allocated to the VM until it is deleted.
+    async fn release_net(&self, row: &VmRow) {
+        let Some(net) = self.network() else { return };
+        net.dns.remove(&row.name);
+        if let (true, Some(ip)) = (row.nat, row.ip) {
+            if let Err(e) = net.disable_nat(ip).await {
+                tracing::warn!(vm = %row.name, error = %e, "cannot remove NAT rule");
+            }
+        }
+        // The row we hold may predate the TAP assignment; the store has the truth.
+        let tap = match self.store.vm(row.id.clone()).await {
+            Ok(Some(r)) => r.tap,
+            _ => row.tap.clone(),
+        };
+        if let Some(tap) = tap {
+            net.release_tap(&tap).await;
+            let _ = self.store.set_vm_tap(row.id.clone(), None).await;
+        }
+    }
+
+    pub async fn vm_delete(self: &Arc<Self>, p: VmRefs, _: CallContext) -> Result<VmBatchResult, ApiError> {
         self.batch(p, |engine, row| async move {
             let lock = engine.vm_lock(&row.id);
             let _held = lock.lock().await;
@@ -561,10 +495,7 @@ impl Engine {
             let dir = engine.vm_paths(&row.id).dir;
             if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
                 if e.kind() != std::io::ErrorKind::NotFound {
-                    return Err(ApiError::internal(format!(
-                        "removing {}: {e}",
-                        dir.display()
-                    )));
+                    return Err(ApiError::internal(format!("removing {}: {e}", dir.display())));
                 }
             }
             engine.store.delete_vm(row.id.clone()).await?;
@@ -574,11 +505,7 @@ impl Engine {
         .await
     }
 
-    pub async fn vm_exec(
-        self: &Arc<Self>,
-        p: VmExecParams,
-        ctx: CallContext,
-    ) -> Result<VmExecResult, ApiError> {
+    pub async fn vm_exec(self: &Arc<Self>, p: VmExecParams, ctx: CallContext) -> Result<VmExecResult, ApiError> {
         p.validate().map_err(ApiError::invalid)?;
         let row = self.resolve_vm(&p.vm).await?;
         let conn = self.guest(&row).await?;
@@ -594,12 +521,7 @@ impl Engine {
         let host_wait = Duration::from_secs(timeout_secs + 15);
         let out = tokio::time::timeout(
             host_wait,
-            conn.exec(
-                spec,
-                p.stdin.map(String::into_bytes),
-                EXEC_OUTPUT_LIMIT,
-                &ctx.cancel,
-            ),
+            conn.exec(spec, p.stdin.map(String::into_bytes), EXEC_OUTPUT_LIMIT, &ctx.cancel),
         )
         .await
         .map_err(|_| guest_error(&row.name, GuestError::Timeout(host_wait)))?
@@ -616,30 +538,18 @@ impl Engine {
         })
     }
 
-    pub async fn vm_logs(
-        self: &Arc<Self>,
-        p: VmLogsParams,
-        _: CallContext,
-    ) -> Result<VmLogs, ApiError> {
+    pub async fn vm_logs(self: &Arc<Self>, p: VmLogsParams, _: CallContext) -> Result<VmLogs, ApiError> {
         let row = self.resolve_vm(&p.vm).await?;
         let tail = p.tail.unwrap_or(200) as usize;
         let path = self.vm_paths(&row.id).console_log();
         let text = match tokio::fs::read(&path).await {
             Ok(b) => String::from_utf8_lossy(&b).into_owned(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => {
-                return Err(ApiError::internal(format!(
-                    "reading {}: {e}",
-                    path.display()
-                )))
-            }
+            Err(e) => return Err(ApiError::internal(format!("reading {}: {e}", path.display()))),
         };
         let lines: Vec<String> = text.lines().map(str::to_string).collect();
         let start = lines.len().saturating_sub(tail);
-        Ok(VmLogs {
-            lines: lines[start..].to_vec(),
-            path: path.display().to_string(),
-        })
+        Ok(VmLogs { lines: lines[start..].to_vec(), path: path.display().to_string() })
     }
 
     /// Brings the store in line with reality after a daemon (re)start: running VMs whose VMM is still
@@ -669,9 +579,9 @@ impl Engine {
                         vmm::kill(pid, &row.id).await;
                     }
                     tracing::info!(vm = %row.name, "VM was not running after daemon restart; marked stopped");
-                    self.store
-                        .set_vm_state(row.id.clone(), VmState::Stopped, None, None, None)
-                        .await?;
+                    self.store.set_vm_state(row.id.clone(), VmState::Stopped, None, None, None).await?;
+                    // Network set-up, which runs next, reclaims TAPs no running VM holds.
+                    self.store.set_vm_tap(row.id.clone(), None).await?;
                 }
                 VmState::Stopped | VmState::Failed => {
                     if let Some(pid) = pid.filter(|_| alive) {
@@ -700,22 +610,14 @@ impl Engine {
     }
 
     fn pid_from_pidfile(&self, id: &str) -> Option<u32> {
-        std::fs::read_to_string(self.vm_paths(id).pidfile())
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        std::fs::read_to_string(self.vm_paths(id).pidfile()).ok()?.trim().parse().ok()
     }
 }
 
-const ADJECTIVES: &[&str] = &[
-    "brisk", "calm", "eager", "fuzzy", "jolly", "lucky", "mellow", "nimble", "quiet", "rapid",
-    "sunny", "witty",
-];
-const NOUNS: &[&str] = &[
-    "otter", "falcon", "badger", "heron", "lynx", "marten", "panda", "raven", "tapir", "walrus",
-    "yak", "zebra",
-];
+const ADJECTIVES: &[&str] =
+    &["brisk", "calm", "eager", "fuzzy", "jolly", "lucky", "mellow", "nimble", "quiet", "rapid", "sunny", "witty"];
+const NOUNS: &[&str] =
+    &["otter", "falcon", "badger", "heron", "lynx", "marten", "panda", "raven", "tapir", "walrus", "yak", "zebra"];
 
 fn generate_name(existing: &[VmRow]) -> String {
     loop {
@@ -727,4 +629,10 @@ fn generate_name(existing: &[VmRow]) -> String {
             return name;
         }
     }
+}
+
+/// A random locally administered unicast MAC address.
+fn random_mac() -> String {
+    let b: [u8; 5] = rand::random();
+    format!("02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4])
 }

@@ -3,9 +3,8 @@
 use std::sync::Arc;
 
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
-    ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
-    ToolAnnotations,
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation, ListToolsResult,
+    PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool, ToolAnnotations,
 };
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, ServiceExt};
@@ -19,6 +18,33 @@ use crate::engine::{CallContext, Engine};
 #[derive(Clone)]
 pub struct McpServer {
     engine: Arc<Engine>,
+    /// Cancelled the moment the client's side of the connection closes. rmcp itself lets in-flight
+    /// handlers run for a grace period after EOF; banger's rule is that a client that goes away cancels
+    /// its work (and a create rolls back), so handlers watch this too.
+    closed: CancellationToken,
+}
+
+/// The read half of a connection, cancelling a token at EOF or on a read error.
+struct EofSignal<R> {
+    inner: R,
+    closed: CancellationToken,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for EofSignal<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        match &poll {
+            std::task::Poll::Ready(Ok(())) if buf.filled().len() == before => self.closed.cancel(),
+            std::task::Poll::Ready(Err(_)) => self.closed.cancel(),
+            _ => {}
+        }
+        poll
+    }
 }
 
 fn schema_object(schema: schemars::Schema) -> Arc<serde_json::Map<String, serde_json::Value>> {
@@ -36,13 +62,9 @@ pub fn tool(op: &OperationSpec) -> Tool {
         .idempotent(op.idempotent)
         // banger acts on VMs on this host only.
         .open_world(false);
-    Tool::new_with_raw(
-        op.tool_name(),
-        Some(op.description.into()),
-        schema_object((op.params_schema)()),
-    )
-    .with_raw_output_schema(schema_object((op.result_schema)()))
-    .with_annotations(annotations)
+    Tool::new_with_raw(op.tool_name(), Some(op.description.into()), schema_object((op.params_schema)()))
+        .with_raw_output_schema(schema_object((op.result_schema)()))
+        .with_annotations(annotations)
 }
 
 impl ServerHandler for McpServer {
@@ -63,9 +85,7 @@ impl ServerHandler for McpServer {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
-        Ok(ListToolsResult::with_all_items(
-            OPERATIONS.iter().map(tool).collect(),
-        ))
+        Ok(ListToolsResult::with_all_items(OPERATIONS.iter().map(tool).collect()))
     }
 
     async fn call_tool(
@@ -74,26 +94,18 @@ impl ServerHandler for McpServer {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         let Some(op) = OperationSpec::by_tool_name(&request.name) else {
-            let err = ApiError::new(
-                ErrorCode::UnknownMethod,
-                format!("unknown tool `{}`", request.name),
-            )
-            .with_hint("tools/list shows every banger tool");
+            let err = ApiError::new(ErrorCode::UnknownMethod, format!("unknown tool `{}`", request.name))
+                .with_hint("tools/list shows every banger tool");
             return Ok(error_result(err).into());
         };
         let params = serde_json::Value::Object(request.arguments.unwrap_or_default());
         let cancel = CancellationToken::new();
         let _guard = cancel.clone().drop_guard();
-        let work = self.engine.dispatch(
-            op.method,
-            params,
-            CallContext {
-                cancel: cancel.clone(),
-            },
-        );
+        let work = self.engine.dispatch(op.method, params, CallContext { cancel: cancel.clone() });
         let result = tokio::select! {
             r = work => r,
             _ = context.ct.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "cancelled by the client")),
+            _ = self.closed.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "the client disconnected")),
         };
         Ok(match result {
             Ok(value) => {
@@ -126,17 +138,15 @@ fn summarize(op: &OperationSpec, value: &serde_json::Value) -> String {
         while !text.is_char_boundary(cut) {
             cut -= 1;
         }
-        format!(
-            "{}… ({} result truncated in this text view; structuredContent has all of it)",
-            &text[..cut],
-            op.method
-        )
+        format!("{}… ({} result truncated in this text view; structuredContent has all of it)", &text[..cut], op.method)
     }
 }
 
 pub async fn serve(stream: UnixStream, engine: Arc<Engine>) {
-    let server = McpServer { engine };
-    match server.serve(stream).await {
+    let closed = CancellationToken::new();
+    let (rd, wr) = stream.into_split();
+    let server = McpServer { engine, closed: closed.clone() };
+    match server.serve((EofSignal { inner: rd, closed }, wr)).await {
         Ok(running) => {
             let _ = running.waiting().await;
         }

@@ -46,18 +46,13 @@ pub struct Access {
 
 impl Access {
     fn allows(&self, stream: &UnixStream) -> Result<(), String> {
-        let cred = stream
-            .peer_cred()
-            .map_err(|e| format!("cannot read peer credentials: {e}"))?;
+        let cred = stream.peer_cred().map_err(|e| format!("cannot read peer credentials: {e}"))?;
         let uid = cred.uid();
         if uid == 0 || uid == self.owner_uid {
             return Ok(());
         }
         if let Some(gid) = self.group_gid {
-            let in_group = cred.gid() == gid
-                || cred
-                    .pid()
-                    .is_some_and(|pid| supplementary_groups(pid).contains(&gid));
+            let in_group = cred.gid() == gid || cred.pid().is_some_and(|pid| supplementary_groups(pid).contains(&gid));
             if in_group {
                 return Ok(());
             }
@@ -71,21 +66,14 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
         .unwrap_or_default()
         .lines()
         .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| {
-            g.split_whitespace()
-                .filter_map(|x| x.parse().ok())
-                .collect()
-        })
+        .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
         .unwrap_or_default()
 }
 
 /// Binds the socket private to its owner (and group, if configured). Refuses to steal a live daemon's
 /// socket; removes a stale one.
 pub async fn bind(path: &Path, group: Option<&str>) -> Result<(UnixListener, Access), ListenError> {
-    let bind_err = |source| ListenError::Bind {
-        path: path.display().to_string(),
-        source,
-    };
+    let bind_err = |source| ListenError::Bind { path: path.display().to_string(), source };
     let group_gid = match group {
         Some(g) => Some(
             nix::unistd::Group::from_name(g)
@@ -112,26 +100,14 @@ pub async fn bind(path: &Path, group: Option<&str>) -> Result<(UnixListener, Acc
     nix::sys::stat::umask(old);
     let listener = listener.map_err(bind_err)?;
     if let Some(gid) = group_gid {
-        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
-            .map_err(|e| bind_err(e.into()))?;
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid))).map_err(|e| bind_err(e.into()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(bind_err)?;
     }
-    Ok((
-        listener,
-        Access {
-            owner_uid: nix::unistd::geteuid().as_raw(),
-            group_gid,
-        },
-    ))
+    Ok((listener, Access { owner_uid: nix::unistd::geteuid().as_raw(), group_gid }))
 }
 
 /// Accepts connections until `shutdown` fires.
-pub async fn serve(
-    listener: UnixListener,
-    access: Access,
-    engine: Arc<Engine>,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(listener: UnixListener, access: Access, engine: Arc<Engine>, shutdown: CancellationToken) {
     let rpc = rpc::JsonRpc::new(engine.clone());
     loop {
         let stream = tokio::select! {
@@ -145,12 +121,7 @@ pub async fn serve(
             },
             _ = shutdown.cancelled() => break,
         };
-        let (access, engine, rpc, shutdown) = (
-            access.clone(),
-            engine.clone(),
-            rpc.clone(),
-            shutdown.clone(),
-        );
+        let (access, engine, rpc, shutdown) = (access.clone(), engine.clone(), rpc.clone(), shutdown.clone());
         tokio::spawn(async move {
             if let Err(why) = access.allows(&stream) {
                 tracing::warn!(%why, "refused a connection");
@@ -172,12 +143,8 @@ async fn first_byte(stream: &UnixStream) -> Option<u8> {
         stream.readable().await.ok()?;
         let mut b = [0u8; 1];
         let res = stream.try_io(tokio::io::Interest::READABLE, || {
-            nix::sys::socket::recv(
-                stream.as_raw_fd(),
-                &mut b,
-                nix::sys::socket::MsgFlags::MSG_PEEK,
-            )
-            .map_err(std::io::Error::from)
+            nix::sys::socket::recv(stream.as_raw_fd(), &mut b, nix::sys::socket::MsgFlags::MSG_PEEK)
+                .map_err(std::io::Error::from)
         });
         match res {
             Ok(0) => return None,

@@ -2,8 +2,7 @@
 use std::sync::Arc;
 
 use jsonrpsee::server::{
-    serve_with_graceful_shutdown, stop_channel, Methods, RpcModule, Server, ServerConfig,
-    StopHandle,
+    serve_with_graceful_shutdown, stop_channel, Methods, RpcModule, Server, ServerConfig, StopHandle,
 };
 use jsonrpsee::types::ErrorObjectOwned;
 use tokio::net::UnixStream;
@@ -31,29 +30,21 @@ impl JsonRpc {
             let method = op.method;
             module
                 .register_async_method(method, move |params, engine, _| async move {
-                    let params: Option<serde_json::Value> =
-                        params.parse().map_err(|e: ErrorObjectOwned| {
-                            to_rpc_error(ApiError::invalid(format!(
-                                "params of {method} are not valid JSON: {}",
-                                e.message()
-                            )))
-                        })?;
+                    let params: Option<serde_json::Value> = params.parse().map_err(|e: ErrorObjectOwned| {
+                        to_rpc_error(ApiError::invalid(format!(
+                            "params of {method} are not valid JSON: {}",
+                            e.message()
+                        )))
+                    })?;
                     // Dropping this future (the client went away) cancels the token, and with it the work.
                     let cancel = CancellationToken::new();
                     let _guard = cancel.clone().drop_guard();
-                    engine
-                        .dispatch(method, params_or_empty(params), CallContext { cancel })
-                        .await
-                        .map_err(to_rpc_error)
+                    engine.dispatch(method, params_or_empty(params), CallContext { cancel }).await.map_err(to_rpc_error)
                 })
                 .expect("operation names are unique");
         }
         let (stop, handle) = stop_channel();
-        JsonRpc {
-            methods: module.into(),
-            stop,
-            _server_handle: Arc::new(handle),
-        }
+        JsonRpc { methods: module.into(), stop, _server_handle: Arc::new(handle) }
     }
 
     pub async fn serve(&self, stream: UnixStream, shutdown: CancellationToken) {
@@ -63,8 +54,7 @@ impl JsonRpc {
             .build();
         let builder = Server::builder().set_config(config).to_service_builder();
         let svc = builder.build(self.methods.clone(), self.stop.clone());
-        if let Err(e) = serve_with_graceful_shutdown(stream, svc, shutdown.cancelled_owned()).await
-        {
+        if let Err(e) = serve_with_graceful_shutdown(stream, svc, shutdown.cancelled_owned()).await {
             tracing::debug!(error = %e, "json-rpc connection ended");
         }
     }

@@ -39,6 +39,8 @@ pub struct BootSpec {
     /// The VM's writable root disk.
     pub root_disk: PathBuf,
     pub dir: PathBuf,
+    /// The VM's NIC: a TAP on the bridge and the guest's network settings.
+    pub net: Option<(String, crate::network::GuestNet)>,
 }
 
 /// Runtime files of a VM, all inside its directory.
@@ -78,12 +80,7 @@ pub struct Launched {
 }
 
 /// Starts the VM's VMM process and returns once it runs (not once the guest is ready).
-pub async fn launch(
-    kind: VmmKind,
-    cfg: &crate::Config,
-    accel: &str,
-    spec: &BootSpec,
-) -> Result<Launched, VmmError> {
+pub async fn launch(kind: VmmKind, cfg: &crate::Config, accel: &str, spec: &BootSpec) -> Result<Launched, VmmError> {
     match kind {
         VmmKind::Qemu => qemu::launch(cfg, accel, spec).await,
         VmmKind::Firecracker => Err(VmmError::Unsupported { vmm: "firecracker" }),
@@ -92,24 +89,15 @@ pub async fn launch(
 
 /// Creates the VM's copy-on-write root disk over the image's read-only base. Nothing is copied: the
 /// overlay starts empty and holds only the blocks the guest writes.
-pub async fn create_root_disk(
-    cfg: &crate::Config,
-    base: &Path,
-    disk: &Path,
-) -> Result<(), VmmError> {
-    let qemu_img = cfg
-        .find_binary("qemu-img")
-        .ok_or(VmmError::MissingBinary { binary: "qemu-img" })?;
+pub async fn create_root_disk(cfg: &crate::Config, base: &Path, disk: &Path) -> Result<(), VmmError> {
+    let qemu_img = cfg.find_binary("qemu-img").ok_or(VmmError::MissingBinary { binary: "qemu-img" })?;
     let out = tokio::process::Command::new(qemu_img)
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
         .arg(base)
         .arg(disk)
         .output()
         .await
-        .map_err(|source| VmmError::Io {
-            what: "running qemu-img".into(),
-            source,
-        })?;
+        .map_err(|source| VmmError::Io { what: "running qemu-img".into(), source })?;
     if !out.status.success() {
         return Err(VmmError::Launch {
             what: "creating the root disk".into(),
@@ -125,20 +113,14 @@ pub async fn kill(pid: u32, vm_id: &str) {
     if !crate::host::process_matches(pid, &marker) {
         return;
     }
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
     wait_exit(pid, &marker, Duration::from_secs(5)).await;
 }
 
 /// Reaps an exited VMM if it is our child. VMMs detach (`-daemonize`), and bangerd is a child subreaper,
 /// so they are reparented to it; reaping them by pid (never `waitpid(-1)`) leaves tokio's own children alone.
 pub fn reap(pid: u32) {
-    let _ = nix::sys::wait::waitpid(
-        nix::unistd::Pid::from_raw(pid as i32),
-        Some(nix::sys::wait::WaitPidFlag::WNOHANG),
-    );
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
 }
 
 /// Waits until the process is gone; true if it went within `timeout`.

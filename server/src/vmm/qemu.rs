@@ -5,11 +5,7 @@ use super::{process_marker, BootSpec, Launched, VmPaths, VmmError};
 use crate::Config;
 
 pub async fn launch(cfg: &Config, accel: &str, spec: &BootSpec) -> Result<Launched, VmmError> {
-    let qemu = cfg
-        .find_binary("qemu-system-x86_64")
-        .ok_or(VmmError::MissingBinary {
-            binary: "qemu-system-x86_64",
-        })?;
+    let qemu = cfg.find_binary("qemu-system-x86_64").ok_or(VmmError::MissingBinary { binary: "qemu-system-x86_64" })?;
     let paths = VmPaths::new(spec.dir.clone());
     for stale in [paths.channel(), paths.control(), paths.pidfile()] {
         let _ = std::fs::remove_file(stale);
@@ -20,6 +16,9 @@ pub async fn launch(cfg: &Config, accel: &str, spec: &BootSpec) -> Result<Launch
         "panic=-1".into(),
         format!("banger.hostname={}", spec.hostname),
     ];
+    if let Some((_, net)) = &spec.net {
+        cmdline.extend(net.kernel_args());
+    }
     if accel == "tcg" {
         // Without these, most TCG boots hang calibrating the timer.
         if let Some(khz) = crate::host::tsc_khz() {
@@ -29,25 +28,10 @@ pub async fn launch(cfg: &Config, accel: &str, spec: &BootSpec) -> Result<Launch
     }
     let mut cmd = Command::new(qemu);
     cmd.arg("-name")
-        .arg(format!(
-            "{},process={}",
-            spec.hostname,
-            process_marker(&spec.vm_id)
-        ))
+        .arg(format!("{},process={}", spec.hostname, process_marker(&spec.vm_id)))
         .args(["-M", "microvm,acpi=on,pit=on,pic=on,rtc=on"])
-        .args([
-            "-m",
-            &spec.memory_mib.to_string(),
-            "-smp",
-            &spec.vcpus.to_string(),
-        ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
+        .args(["-m", &spec.memory_mib.to_string(), "-smp", &spec.vcpus.to_string()])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
         .arg("-kernel")
         .arg(&spec.kernel)
         .args(["-append", &cmdline.join(" ")]);
@@ -60,44 +44,32 @@ pub async fn launch(cfg: &Config, accel: &str, spec: &BootSpec) -> Result<Launch
     if let Some(initrd) = &spec.initrd {
         cmd.arg("-initrd").arg(initrd);
     }
+    if let Some((tap, net)) = &spec.net {
+        cmd.arg("-netdev")
+            .arg(format!("tap,id=net0,ifname={tap},script=no,downscript=no"))
+            .arg("-device")
+            .arg(format!("virtio-net-device,netdev=net0,mac={}", net.mac));
+    }
     cmd.arg("-chardev")
-        .arg(format!(
-            "file,id=console,path={},append=on",
-            paths.console_log().display()
-        ))
+        .arg(format!("file,id=console,path={},append=on", paths.console_log().display()))
         .args(["-serial", "chardev:console"])
         .arg("-drive")
-        .arg(format!(
-            "id=root,file={},format=qcow2,if=none,discard=unmap,cache=writeback",
-            spec.root_disk.display()
-        ))
+        .arg(format!("id=root,file={},format=qcow2,if=none,discard=unmap,cache=writeback", spec.root_disk.display()))
         .args(["-device", "virtio-blk-device,drive=root"])
         .args(["-device", "virtio-rng-device"])
         .args(["-device", "virtio-serial-device"])
         .arg("-chardev")
-        .arg(format!(
-            "socket,id=agent,path={},server=on,wait=off",
-            paths.channel().display()
-        ))
+        .arg(format!("socket,id=agent,path={},server=on,wait=off", paths.channel().display()))
         .arg("-device")
-        .arg(format!(
-            "virtserialport,chardev=agent,name={}",
-            tools_schema::guest::VIRTIO_PORT_NAME
-        ))
+        .arg(format!("virtserialport,chardev=agent,name={}", tools_schema::guest::VIRTIO_PORT_NAME))
         .arg("-qmp")
-        .arg(format!(
-            "unix:{},server=on,wait=off",
-            paths.control().display()
-        ))
+        .arg(format!("unix:{},server=on,wait=off", paths.control().display()))
         // -daemonize: QEMU reports start-up errors before detaching, then lives on its own, so a daemon
         // restart does not take VMs with it.
         .arg("-daemonize")
         .arg("-pidfile")
         .arg(paths.pidfile());
-    let out = cmd.output().await.map_err(|source| VmmError::Io {
-        what: "starting qemu".into(),
-        source,
-    })?;
+    let out = cmd.output().await.map_err(|source| VmmError::Io { what: "starting qemu".into(), source })?;
     if !out.status.success() {
         return Err(VmmError::Launch {
             what: "starting qemu".into(),
@@ -107,9 +79,6 @@ pub async fn launch(cfg: &Config, accel: &str, spec: &BootSpec) -> Result<Launch
     let pid = std::fs::read_to_string(paths.pidfile())
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok())
-        .ok_or_else(|| VmmError::Launch {
-            what: "starting qemu".into(),
-            detail: "qemu wrote no pid file".into(),
-        })?;
+        .ok_or_else(|| VmmError::Launch { what: "starting qemu".into(), detail: "qemu wrote no pid file".into() })?;
     Ok(Launched { pid })
 }

@@ -1,0 +1,303 @@
+//! VM networking: one bridge with the host as gateway, a TAP per running VM (from a warm pool), addresses
+//! from the bridge's subnet recorded in the store, opt-in NAT per VM, and `<name>.vm` DNS on the gateway.
+//!
+//! Guests reach each other and the host's DNS; nothing else on the host (nftables input rules), and other
+//! networks only through NAT. Everything lives in the daemon's network namespace, so a test that runs the
+//! daemon in a throwaway namespace gets all of it cleaned up with the namespace.
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use futures::TryStreamExt;
+use ipnetwork::Ipv4Network;
+use rtnetlink::{LinkBridge, LinkUnspec};
+
+pub mod dns;
+pub mod nft;
+pub mod tap;
+
+/// Prefix of every TAP banger creates; anything else on the host is never touched.
+pub const TAP_PREFIX: &str = "bgtap";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("netlink: {0}")]
+    Netlink(String),
+    #[error("creating TAP {name}")]
+    Tap {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Nft(#[from] nft::NftError),
+    #[error(transparent)]
+    Dns(#[from] dns::DnsError),
+    #[error("no free address left in {0}")]
+    Exhausted(Ipv4Network),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn nl(e: rtnetlink::Error) -> NetError {
+    NetError::Netlink(e.to_string())
+}
+
+/// Network settings of one VM, as the guest gets them on its kernel command line.
+#[derive(Debug, Clone)]
+pub struct GuestNet {
+    pub ip: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Ipv4Addr,
+    pub mac: String,
+}
+
+impl GuestNet {
+    pub fn kernel_args(&self) -> Vec<String> {
+        vec![
+            format!("banger.ip={}/{}", self.ip, self.prefix),
+            format!("banger.gw={}", self.gateway),
+            format!("banger.dns={}", self.gateway),
+            format!("banger.mac={}", self.mac),
+        ]
+    }
+}
+
+pub struct Network {
+    pub bridge: String,
+    pub subnet: Ipv4Network,
+    pub gateway: Ipv4Addr,
+    pub dns: dns::DnsRecords,
+    handle: rtnetlink::Handle,
+    nft: PathBuf,
+    idle_taps: Mutex<Vec<String>>,
+    pool_size: usize,
+    _dns_task: tokio::task::JoinHandle<()>,
+}
+
+/// A VM that is running when the daemon starts: its TAP and NAT rule must survive set-up.
+pub struct RunningVm {
+    pub name: String,
+    pub tap: Option<String>,
+    pub ip: Option<Ipv4Addr>,
+    pub nat: bool,
+}
+
+impl Network {
+    /// Brings the bridge, firewall table, TAP pool and DNS server to the state the running VMs need,
+    /// removing leftovers (TAPs and rules) of VMs that are gone.
+    pub async fn setup(
+        bridge: &str,
+        subnet: Ipv4Network,
+        pool_size: usize,
+        nft_bin: PathBuf,
+        running: &[RunningVm],
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Result<Network, NetError> {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(conn);
+        let gateway = subnet.nth(1).ok_or(NetError::Exhausted(subnet))?;
+        let bridge_index = ensure_bridge(&handle, bridge, gateway, subnet.prefix()).await?;
+        let nat: Vec<Ipv4Addr> = running.iter().filter(|v| v.nat).filter_map(|v| v.ip).collect();
+        nft::install(&nft_bin, bridge, &nat).await?;
+        if !nat.is_empty() {
+            enable_forwarding()?;
+        }
+        // Sort existing TAPs into in-use (kept), idle (pooled) and surplus (deleted).
+        let in_use: HashSet<&str> = running.iter().filter_map(|v| v.tap.as_deref()).collect();
+        let mut idle = vec![];
+        for (name, index) in list_taps(&handle).await? {
+            if in_use.contains(name.as_str()) {
+                continue;
+            }
+            if idle.len() < pool_size {
+                attach(&handle, index, bridge_index).await?;
+                idle.push(name);
+            } else {
+                tracing::info!(tap = %name, "deleting a leftover TAP");
+                handle.link().del(index).execute().await.map_err(nl)?;
+            }
+        }
+        let records = dns::DnsRecords::new();
+        for v in running {
+            if let Some(ip) = v.ip {
+                records.set(&v.name, ip);
+            }
+        }
+        let dns_task = dns::serve(SocketAddr::new(IpAddr::V4(gateway), 53), records.clone(), shutdown).await?;
+        let net = Network {
+            bridge: bridge.to_string(),
+            subnet,
+            gateway,
+            dns: records,
+            handle,
+            nft: nft_bin,
+            idle_taps: Mutex::new(idle),
+            pool_size,
+            _dns_task: dns_task,
+        };
+        net.refill_pool().await;
+        Ok(net)
+    }
+
+    /// The lowest free guest address.
+    pub fn allocate_ip(&self, used: &HashSet<Ipv4Addr>) -> Result<Ipv4Addr, NetError> {
+        self.subnet
+            .iter()
+            .skip(2) // network address and gateway
+            .take_while(|ip| *ip != self.subnet.broadcast())
+            .find(|ip| !used.contains(ip))
+            .ok_or(NetError::Exhausted(self.subnet))
+    }
+
+    pub fn guest_net(&self, ip: Ipv4Addr, mac: &str) -> GuestNet {
+        GuestNet { ip, prefix: self.subnet.prefix(), gateway: self.gateway, mac: mac.to_string() }
+    }
+
+    /// A TAP on the bridge, ready for a VMM: from the warm pool when it has one.
+    pub async fn acquire_tap(&self) -> Result<String, NetError> {
+        let pooled = self.idle_taps.lock().unwrap().pop();
+        let name = match pooled {
+            Some(n) => n,
+            None => self.create_tap().await?,
+        };
+        Ok(name)
+    }
+
+    /// Returns a TAP whose VMM has exited: back to the pool, or deleted when the pool is full.
+    pub async fn release_tap(&self, name: &str) {
+        let keep = {
+            let mut idle = self.idle_taps.lock().unwrap();
+            if idle.len() < self.pool_size && !idle.iter().any(|n| n == name) {
+                idle.push(name.to_string());
+                true
+            } else {
+                false
+            }
+        };
+        if !keep {
+            if let Err(e) = self.delete_tap(name).await {
+                tracing::warn!(tap = %name, error = %e, "cannot delete TAP");
+            }
+        }
+    }
+
+    /// Tops the warm pool up to its configured size.
+    pub async fn refill_pool(&self) {
+        while self.idle_taps.lock().unwrap().len() < self.pool_size {
+            match self.create_tap().await {
+                Ok(n) => self.idle_taps.lock().unwrap().push(n),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot refill the TAP pool");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn create_tap(&self) -> Result<String, NetError> {
+        let existing: HashSet<String> = list_taps(&self.handle).await?.into_iter().map(|(n, _)| n).collect();
+        let name = (0..).map(|i| format!("{TAP_PREFIX}{i}")).find(|n| !existing.contains(n)).expect("unbounded");
+        tap::create_persistent(&name).map_err(|source| NetError::Tap { name: name.clone(), source })?;
+        let index =
+            link_index(&self.handle, &name).await?.ok_or_else(|| NetError::Netlink(format!("{name} vanished")))?;
+        let bridge = link_index(&self.handle, &self.bridge)
+            .await?
+            .ok_or_else(|| NetError::Netlink(format!("bridge {} vanished", self.bridge)))?;
+        if let Err(e) = attach(&self.handle, index, bridge).await {
+            let _ = self.handle.link().del(index).execute().await;
+            return Err(e);
+        }
+        Ok(name)
+    }
+
+    async fn delete_tap(&self, name: &str) -> Result<(), NetError> {
+        if let Some(index) = link_index(&self.handle, name).await? {
+            self.handle.link().del(index).execute().await.map_err(nl)?;
+        }
+        Ok(())
+    }
+
+    pub async fn enable_nat(&self, ip: Ipv4Addr) -> Result<(), NetError> {
+        enable_forwarding()?;
+        Ok(nft::add_nat(&self.nft, ip).await?)
+    }
+
+    pub async fn disable_nat(&self, ip: Ipv4Addr) -> Result<(), NetError> {
+        Ok(nft::remove_nat(&self.nft, ip).await?)
+    }
+
+    /// Idle TAPs in the pool (for status and tests).
+    pub fn idle_taps(&self) -> Vec<String> {
+        self.idle_taps.lock().unwrap().clone()
+    }
+}
+
+/// NAT needs IPv4 forwarding in the daemon's namespace.
+fn enable_forwarding() -> Result<(), NetError> {
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+    Ok(())
+}
+
+async fn link_index(handle: &rtnetlink::Handle, name: &str) -> Result<Option<u32>, NetError> {
+    let mut links = handle.link().get().match_name(name.to_string()).execute();
+    match links.try_next().await {
+        Ok(Some(msg)) => Ok(Some(msg.header.index)),
+        Ok(None) => Ok(None),
+        // The kernel answers ENODEV for a name that does not exist.
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(e) => Err(nl(e)),
+    }
+}
+
+async fn list_taps(handle: &rtnetlink::Handle) -> Result<Vec<(String, u32)>, NetError> {
+    use rtnetlink::packet_route::link::LinkAttribute;
+    let mut out = vec![];
+    let mut links = handle.link().get().execute();
+    while let Some(msg) = links.try_next().await.map_err(nl)? {
+        for attr in &msg.attributes {
+            if let LinkAttribute::IfName(name) = attr {
+                if name.starts_with(TAP_PREFIX) {
+                    out.push((name.clone(), msg.header.index));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn attach(handle: &rtnetlink::Handle, index: u32, bridge: u32) -> Result<(), NetError> {
+    let msg = LinkUnspec::new_with_index(index).controller(bridge).up().build();
+    handle.link().set(msg).execute().await.map_err(nl)
+}
+
+/// Creates the bridge if needed, gives it the gateway address, and brings it up. Returns its index.
+async fn ensure_bridge(handle: &rtnetlink::Handle, name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<u32, NetError> {
+    let index = match link_index(handle, name).await? {
+        Some(i) => i,
+        None => {
+            handle.link().add(LinkBridge::new(name).build()).execute().await.map_err(nl)?;
+            link_index(handle, name)
+                .await?
+                .ok_or_else(|| NetError::Netlink(format!("bridge {name} not found after creating it")))?
+        }
+    };
+    let has_addr = {
+        use rtnetlink::packet_route::address::AddressAttribute;
+        let mut addrs = handle.address().get().set_link_index_filter(index).execute();
+        let mut found = false;
+        while let Some(a) = addrs.try_next().await.map_err(nl)? {
+            if a.attributes.iter().any(|at| matches!(at, AddressAttribute::Address(IpAddr::V4(ip)) if *ip == gateway)) {
+                found = true;
+            }
+        }
+        found
+    };
+    if !has_addr {
+        handle.address().add(index, IpAddr::V4(gateway), prefix).execute().await.map_err(nl)?;
+    }
+    let up = LinkUnspec::new_with_index(index).up().build();
+    handle.link().set(up).execute().await.map_err(nl)?;
+    Ok(index)
+}

@@ -1,0 +1,187 @@
+//! The VM network, with real guests: names resolve to addresses for guests and the host, guests reach each
+//! other, never the host's services, and reach other networks only with NAT. A second namespace plays the
+//! outside world (TEST-NET-2 addresses, owned by this test), so no traffic leaves the test's namespaces.
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use banger_e2e::*;
+
+fn sh(d: &TestDaemon, vm: &str, script: &str) -> Value {
+    d.rpc("vm.exec", json!({"vm": vm, "command": ["sh", "-c", script], "timeout_secs": 60}))
+}
+
+fn ok_stdout(d: &TestDaemon, vm: &str, script: &str) -> String {
+    let r = sh(d, vm, script);
+    assert_eq!(r["exit_code"], 0, "`{script}` in {vm}: {r}");
+    r["stdout"].as_str().unwrap().to_string()
+}
+
+/// A namespace with a web server at 198.51.100.2:8080, linked to the daemon's namespace by a veth pair
+/// whose daemon end is 198.51.100.1 and is the daemon namespace's default route.
+struct OutsideWorld {
+    ns: Netns,
+    server: Child,
+}
+
+impl OutsideWorld {
+    fn new(daemon_ns: &Netns) -> OutsideWorld {
+        let ns = Netns::new();
+        let dir = tempfile::tempdir().unwrap().keep();
+        std::fs::write(dir.join("hello.txt"), "hello from outside\n").unwrap();
+        let (a, b) = (format!("vo{}", std::process::id() % 100000), format!("vi{}", std::process::id() % 100000));
+        let run = |args: &[&str]| assert!(Command::new("ip").args(args).status().unwrap().success(), "ip {args:?}");
+        run(&["-n", &daemon_ns.name, "link", "add", &a, "type", "veth", "peer", "name", &b, "netns", &ns.name]);
+        run(&["-n", &daemon_ns.name, "addr", "add", "198.51.100.1/24", "dev", &a]);
+        run(&["-n", &daemon_ns.name, "link", "set", &a, "up"]);
+        run(&["-n", &daemon_ns.name, "route", "add", "default", "via", "198.51.100.2"]);
+        run(&["-n", &ns.name, "addr", "add", "198.51.100.2/24", "dev", &b]);
+        run(&["-n", &ns.name, "link", "set", &b, "up"]);
+        // A log line per request says which source address the outside saw.
+        let server = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "python3", "-m", "http.server", "8080", "--bind", "198.51.100.2"])
+            .current_dir(&dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("access.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !String::from_utf8_lossy(&ns.exec(&["ss", "-ltn"]).stdout).contains("198.51.100.2:8080") {
+            assert!(Instant::now() < deadline, "outside web server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        OutsideWorld { ns, server }
+    }
+}
+
+impl Drop for OutsideWorld {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+#[test]
+fn guests_resolve_and_reach_each_other_and_the_host_reaches_them_by_name() {
+    let d = TestDaemon::start();
+    d.register_test_image();
+    let a = d.rpc("vm.create", json!({"name": "alpha", "memory_mib": 256}));
+    let b = d.rpc("vm.create", json!({"name": "beta", "memory_mib": 256}));
+    let (a_ip, b_ip) = (a["ip"].as_str().unwrap().to_string(), b["ip"].as_str().unwrap().to_string());
+    assert_ne!(a_ip, b_ip);
+    assert_eq!(b["dns_name"], "beta.vm");
+
+    // Names resolve inside guests, to the right addresses; bare names work through `search vm`.
+    assert_eq!(ok_stdout(&d, "alpha", "getent hosts beta.vm | cut -d' ' -f1").trim(), b_ip);
+    assert_eq!(ok_stdout(&d, "alpha", "getent hosts beta | cut -d' ' -f1").trim(), b_ip);
+
+    // Guest to guest over TCP, by name.
+    ok_stdout(&d, "beta", "mkdir -p /srv && echo served-by-beta > /srv/index.html && busybox httpd -p 8080 -h /srv");
+    assert_eq!(ok_stdout(&d, "alpha", "timeout 5 busybox wget -q -O - http://beta.vm:8080/"), "served-by-beta\n");
+
+    // Host to guest, by name (the host resolver in this namespace points at banger's DNS).
+    let out = d.netns.exec(&[
+        "python3",
+        "-c",
+        "import urllib.request as u; print(u.urlopen('http://beta.vm:8080/', timeout=5).read().decode(), end='')",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "served-by-beta\n", "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A stopped VM's name no longer resolves; its address stays reserved for it.
+    d.rpc("vm.stop", json!({"vms": ["beta"]}));
+    let out = d.netns.exec(&["getent", "hosts", "beta.vm"]);
+    assert!(!out.status.success(), "beta.vm still resolves after stop");
+    d.rpc("vm.start", json!({"vms": ["beta"]}));
+    assert_eq!(d.rpc("vm.show", json!({"vm": "beta"}))["ip"], json!(b_ip));
+    assert_eq!(ok_stdout(&d, "alpha", "getent hosts beta.vm | cut -d' ' -f1").trim(), b_ip);
+
+    d.rpc("vm.delete", json!({"vms": ["alpha", "beta"]}));
+    d.assert_no_leaked_processes();
+}
+
+#[test]
+fn guests_cannot_reach_host_services_and_reach_outside_only_with_nat() {
+    let d = TestDaemon::start();
+    let outside = OutsideWorld::new(&d.netns);
+    d.register_test_image();
+    // A service on the host side of the bridge: guests must not reach it (the daemon's own sockets alike).
+    let mut host_service = Command::new("ip")
+        .args(["netns", "exec", &d.netns.name, "python3", "-m", "http.server", "8099", "--bind", GATEWAY])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    d.rpc("vm.create", json!({"name": "walled", "memory_mib": 256}));
+    d.rpc("vm.create", json!({"name": "natted", "memory_mib": 256, "nat": true}));
+    let natted_ip = d.rpc("vm.show", json!({"vm": "natted"}))["ip"].as_str().unwrap().to_string();
+
+    let fetch = "timeout 3 busybox wget -q -O - http://198.51.100.2:8080/hello.txt";
+    assert_eq!(ok_stdout(&d, "natted", fetch), "hello from outside\n");
+    let log = std::fs::read_to_string(outside.server_log()).unwrap();
+    assert!(log.contains("198.51.100.1"), "the outside saw the masqueraded host address: {log}");
+    assert!(!log.contains(&natted_ip), "the guest's own address leaked outside: {log}");
+    assert_ne!(sh(&d, "walled", fetch)["exit_code"], 0, "a VM without NAT reached the outside");
+
+    for vm in ["walled", "natted"] {
+        let r = sh(&d, vm, &format!("timeout 3 busybox wget -q -O - http://{GATEWAY}:8099/"));
+        assert_ne!(r["exit_code"], 0, "{vm} reached a host service: {r}");
+        // DNS on the host is the one thing allowed.
+        assert_eq!(ok_stdout(&d, vm, "getent hosts walled.vm | wc -l").trim(), "1");
+    }
+
+    // The NAT rule lives exactly as long as the VM runs.
+    let set = || {
+        String::from_utf8_lossy(&d.netns.exec(&["nft", "list", "set", "inet", "banger", "nat_sources"]).stdout)
+            .to_string()
+    };
+    assert!(set().contains(&natted_ip), "{}", set());
+    d.rpc("vm.stop", json!({"vms": ["natted"]}));
+    assert!(!set().contains(&natted_ip), "NAT rule survived stop: {}", set());
+
+    let _ = host_service.kill();
+    let _ = host_service.wait();
+    d.rpc("vm.delete", json!({"vms": ["walled", "natted"]}));
+    drop(outside);
+}
+
+impl OutsideWorld {
+    fn server_log(&self) -> std::path::PathBuf {
+        // The server's cwd is where its log lives.
+        let cwd = std::fs::read_link(format!("/proc/{}/cwd", self.server.id())).unwrap();
+        let _ = &self.ns;
+        cwd.join("access.log")
+    }
+}
+
+#[test]
+fn taps_come_from_a_warm_pool_and_nothing_network_leaks_across_a_crash() {
+    let mut d = TestDaemon::start();
+    d.register_test_image();
+    let taps = |d: &TestDaemon| -> Vec<String> {
+        let out = d.netns.exec(&["ip", "-o", "link", "show"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap().to_string())
+            .filter(|n| n.starts_with("bgtap"))
+            .collect()
+    };
+    assert_eq!(taps(&d).len(), 2, "the warm pool holds two idle TAPs: {:?}", taps(&d));
+    d.rpc("vm.create", json!({"name": "one", "memory_mib": 256}));
+    d.rpc("vm.create", json!({"name": "two", "memory_mib": 256}));
+    d.rpc("vm.create", json!({"name": "three", "memory_mib": 256}));
+    assert_eq!(taps(&d).len(), 3, "three running VMs, pool drained: {:?}", taps(&d));
+    d.rpc("vm.delete", json!({"vms": ["one", "two"]}));
+    assert_eq!(taps(&d).len(), 3, "one in use, two back in the pool: {:?}", taps(&d));
+
+    // The daemon dies; the VM dies with nobody watching; the next daemon finds the leftovers.
+    let pid = d.rpc("vm.show", json!({"vm": "three"}))["pid"].as_u64().unwrap() as i32;
+    d.crash_and_restart_with(|| {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    });
+    assert_eq!(d.rpc("vm.show", json!({"vm": "three"}))["state"], "stopped");
+    assert_eq!(taps(&d).len(), 2, "only the warm pool is left: {:?}", taps(&d));
+    let out = d.netns.exec(&["getent", "hosts", "three.vm"]);
+    assert!(!out.status.success(), "a dead VM's name still resolves");
+    d.rpc("vm.delete", json!({"vms": ["three"]}));
+    d.assert_no_leaked_processes();
+}
