@@ -114,7 +114,9 @@ impl TestDaemon {
         // An explicit (empty) config: a test never picks up the host's /etc/banger/config.toml.
         let config = self.dir.path().join("config.toml");
         if !config.exists() {
-            std::fs::write(&config, "# test daemon: defaults only\n").unwrap();
+            // Never the real ~/.ssh/config: the managed block goes into the test's own directory.
+            let ssh = self.dir.path().join("ssh_config");
+            std::fs::write(&config, format!("ssh_config = \"{}\"\n", ssh.display())).unwrap();
         }
         let child = Command::new("ip")
             .args(["netns", "exec", &self.netns.name])

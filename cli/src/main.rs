@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 mod client;
 mod daemon_cmd;
 mod mcp_bridge;
+mod operation_cmd;
 mod output;
 mod vm_cmd;
 
@@ -47,6 +48,9 @@ enum Command {
     /// Manage VMs.
     #[command(subcommand)]
     Vm(vm_cmd::VmCmd),
+    /// Follow or cancel long-running operations (VM creates).
+    #[command(subcommand)]
+    Operation(operation_cmd::OperationCmd),
     /// Serve MCP on stdio, relayed to the daemon (for `claude mcp add banger -- banger mcp`).
     Mcp,
 }
@@ -226,6 +230,7 @@ async fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Vm(v) => return vm_cmd::run(v, ctx).await,
+        Command::Operation(o) => return operation_cmd::run(o, ctx).await,
         Command::Mcp => return mcp_bridge::run(&ctx.socket).await,
     }
     Ok(ExitCode::SUCCESS)

@@ -155,17 +155,23 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 nat: Some(a.nat),
             };
             p.validate().map_err(|e| anyhow::anyhow!(e))?;
-            let started = std::time::Instant::now();
-            if !ctx.json {
-                eprintln!("creating VM{}...", p.name.as_ref().map(|n| format!(" {n}")).unwrap_or_default());
-            }
-            let vm = d.call::<ops::VmCreate>(&p).await?;
-            if ctx.json {
-                output::json(&vm);
-            } else {
-                println!("{} is {} ({:.1}s)", vm.name, vm.state.as_str(), started.elapsed().as_secs_f64());
-                println!("  run a command:  banger vm exec {} -- uname -a", vm.name);
-                println!("  delete it:      banger vm delete {}", vm.name);
+            let op = d.call::<ops::VmCreateBegin>(&p).await?;
+            let done = crate::operation_cmd::follow(&d, op, !ctx.json).await?;
+            match (done.vm, done.error) {
+                (Some(vm), _) => {
+                    if ctx.json {
+                        output::json(&vm);
+                    } else {
+                        println!("{} is {} ({:.1}s)", vm.name, vm.state.as_str(), done.elapsed_ms as f64 / 1000.0);
+                        if let Some(ip) = &vm.ip {
+                            println!("  address:        {ip} ({})", vm.dns_name);
+                        }
+                        println!("  run a command:  banger vm exec {} -- uname -a", vm.name);
+                        println!("  delete it:      banger vm delete {}", vm.name);
+                    }
+                }
+                (None, Some(e)) => return Err(crate::client::CallError::Api(e).into()),
+                (None, None) => anyhow::bail!("the create ended without a result"),
             }
         }
         VmCmd::List => {

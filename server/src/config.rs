@@ -53,6 +53,10 @@ pub struct Config {
     /// Seconds a boot may take before it is declared failed.
     pub boot_timeout_secs: u64,
     pub network: NetworkConfig,
+    /// The ssh client config that gets banger's managed `Host *.vm` block (default `~/.ssh/config` of the
+    /// daemon's user). `manage_ssh_config = false` leaves it alone.
+    pub ssh_config: Option<PathBuf>,
+    pub manage_ssh_config: bool,
 }
 
 /// The VM network: one bridge, the host as gateway, guests numbered from the subnet.
@@ -111,6 +115,8 @@ impl Default for Config {
             // Software-emulated guests boot in seconds, but a loaded CI host can be slow.
             boot_timeout_secs: 120,
             network: NetworkConfig::default(),
+            ssh_config: None,
+            manage_ssh_config: true,
         }
     }
 }
@@ -195,6 +201,18 @@ impl Config {
     pub fn vms_dir(&self) -> PathBuf {
         self.state_dir.join("vms")
     }
+    /// The managed SSH key banger puts into guests (`vm ssh`, and `ssh <name>.vm` via the config block).
+    pub fn ssh_key(&self) -> PathBuf {
+        self.state_dir.join("ssh/id_ed25519")
+    }
+
+    pub fn ssh_config_path(&self) -> PathBuf {
+        self.ssh_config.clone().unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+            home.join(".ssh/config")
+        })
+    }
+
     pub fn log_file(&self) -> PathBuf {
         self.state_dir.join("bangerd.log")
     }

@@ -43,6 +43,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     engine.reconcile().await.map_err(|e| anyhow::anyhow!("reconciling VM state: {}", e.message))?;
     let shutdown = CancellationToken::new();
     engine.start_network(shutdown.clone()).await?;
+    if cfg.manage_ssh_config {
+        let path = cfg.ssh_config_path();
+        match crate::ssh_config::sync(&path, &cfg.ssh_key()) {
+            Ok(true) => tracing::info!(path = %path.display(), "updated the managed *.vm block"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot manage the ssh config block; `ssh <name>.vm` needs it"),
+        }
+    }
     let (listener, access) = crate::front::bind(&cfg.socket, cfg.socket_group.as_deref()).await?;
     let server = tokio::spawn(crate::front::serve(listener, access, Arc::clone(&engine), shutdown.clone()));
     tracing::info!("bangerd ready");

@@ -222,3 +222,18 @@ fn doctor_names_the_vmm_and_why() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("VMM: "));
 }
+
+#[test]
+fn the_daemon_manages_a_host_block_in_the_ssh_config_and_keeps_the_rest() {
+    let mut d = TestDaemon::start();
+    let path = d.dir.path().join("ssh_config");
+    let text = std::fs::read_to_string(&path).expect("the daemon wrote the ssh config");
+    assert!(text.contains("Host *.vm"), "{text}");
+    assert!(text.contains(&d.state_dir.join("ssh/id_ed25519").display().to_string()), "{text}");
+    // The user edits the file; a restarted daemon keeps their entries and its single block.
+    std::fs::write(&path, format!("{text}\nHost mine\n    User me\n")).unwrap();
+    d.restart();
+    let after = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(after.matches("Host *.vm").count(), 1, "{after}");
+    assert!(after.contains("Host mine\n    User me\n"), "{after}");
+}

@@ -109,36 +109,131 @@ fn several_vms_at_once_with_per_vm_results_in_order() {
     d.assert_no_leaked_processes();
 }
 
-#[test]
-fn a_create_whose_caller_disconnects_is_rolled_back() {
-    let d = TestDaemon::start();
-    d.register_test_image();
-    let mut cli = std::process::Command::new(bin("banger"))
-        .args(["vm", "create", "--name", "abandoned"])
-        .env("BANGER_SOCKET", &d.socket)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    // Wait until the VM is mid-boot (its VMM runs), then kill the client like a Ctrl-C would.
+fn wait_for_vmm(d: &TestDaemon) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while d.processes_of_this_test().is_empty() {
         assert!(Instant::now() < deadline, "the VMM never started");
         std::thread::sleep(Duration::from_millis(50));
     }
-    cli.kill().unwrap();
-    cli.wait().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let vms = d.rpc("vm.list", json!({}))["vms"].clone();
-        if vms == json!([]) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "abandoned create was not rolled back: {vms}");
+}
+
+fn wait_for_no_vms(d: &TestDaemon, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d.rpc("vm.list", json!({}))["vms"] != json!([]) {
+        assert!(Instant::now() < deadline, "{what} was not rolled back");
         std::thread::sleep(Duration::from_millis(100));
     }
     d.assert_no_leaked_processes();
-    assert_eq!(std::fs::read_dir(d.state_dir.join("vms")).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(d.state_dir.join("vms")).unwrap().count(), 0, "VM directory left behind");
+}
+
+#[test]
+fn a_json_rpc_client_that_disconnects_mid_create_cancels_it() {
+    use std::io::Write;
+    let d = TestDaemon::start();
+    d.register_test_image();
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "vm.create", "params": {"name": "abandoned"}}).to_string();
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    write!(
+        s,
+        "POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    wait_for_vmm(&d);
+    drop(s);
+    wait_for_no_vms(&d, "a create whose HTTP client vanished");
+}
+
+#[test]
+fn operation_cancel_rolls_a_create_back_and_stages_are_reported() {
+    let d = TestDaemon::start();
+    d.register_test_image();
+    let op = d.rpc("vm.create_begin", json!({"name": "halfway"}));
+    assert_eq!(op["state"], "running");
+    assert_eq!(op["target"], "halfway");
+    let names: Vec<&str> = op["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["allocate", "disks", "network", "boot", "agent", "ready"]);
+    wait_for_vmm(&d);
+    let status = d.rpc("operation.status", json!({"id": op["id"]}));
+    assert_eq!(status["stages"][0]["state"], "done", "{status}");
+    let cancelled = d.rpc("operation.cancel", json!({"id": op["id"]}));
+    assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
+    assert_eq!(cancelled["error"]["code"], "cancelled");
+    wait_for_no_vms(&d, "a cancelled create");
+
+    // A create that runs to the end reports every stage done, with timings.
+    let op = d.rpc("vm.create_begin", json!({"name": "whole", "memory_mib": 256}));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let done = loop {
+        let s = d.rpc("operation.status", json!({"id": op["id"]}));
+        if s["state"] != "running" {
+            break s;
+        }
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["vm"]["state"], "running");
+    for stage in done["stages"].as_array().unwrap() {
+        assert_eq!(stage["state"], "done", "{done}");
+        assert!(stage["duration_ms"].is_u64(), "{done}");
+    }
+    let listed = d.rpc("operation.list", json!({}));
+    assert!(listed["operations"].as_array().unwrap().iter().any(|o| o["id"] == op["id"]));
+    d.rpc("vm.delete", json!({"vms": ["whole"]}));
+}
+
+#[test]
+fn ctrl_c_in_the_cli_cancels_the_create_and_says_so() {
+    let d = TestDaemon::start();
+    d.register_test_image();
+    let cli = std::process::Command::new(bin("banger"))
+        .args(["vm", "create", "--name", "interrupted"])
+        .env("BANGER_SOCKET", &d.socket)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_vmm(&d);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(cli.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = cli.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("allocate") && stderr.contains("cancelled"), "{stderr}");
+    wait_for_no_vms(&d, "a create interrupted with Ctrl-C");
+}
+
+#[test]
+fn vm_create_over_mcp_reports_progress_notifications() {
+    let d = TestDaemon::start();
+    d.register_test_image();
+    let mut m = RawMcp::connect(&d.socket);
+    m.initialize();
+    m.send_line(
+        &json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
+        "name": "vm_create", "arguments": {"name": "progressive", "memory_mib": 256},
+        "_meta": {"progressToken": "tok-1"}}})
+        .to_string(),
+    );
+    let mut progress = vec![];
+    let result = loop {
+        let msg = m.recv();
+        if msg["method"] == "notifications/progress" {
+            assert_eq!(msg["params"]["progressToken"], "tok-1");
+            progress.push((
+                msg["params"]["progress"].as_f64().unwrap(),
+                msg["params"]["message"].as_str().unwrap().to_string(),
+            ));
+        } else if msg["id"] == 3 {
+            break msg;
+        }
+    };
+    assert_eq!(result["result"]["structuredContent"]["state"], "running", "{result}");
+    assert!(progress.len() >= 4, "expected a notification per stage: {progress:?}");
+    assert!(progress.windows(2).all(|w| w[0].0 < w[1].0), "progress must increase: {progress:?}");
+    assert!(progress.iter().any(|(_, m)| m.contains("agent")), "{progress:?}");
+    d.rpc("vm.delete", json!({"vms": ["progressive"]}));
 }
 
 #[test]

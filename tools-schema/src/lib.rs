@@ -14,6 +14,7 @@ pub mod doc;
 pub mod error;
 pub mod guest;
 pub mod image;
+pub mod operation;
 pub mod ops;
 pub mod vm;
 

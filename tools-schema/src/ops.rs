@@ -82,6 +82,22 @@ The daemon copies the files into its store."),
              "Create a VM from an image (the default image unless named) and boot it. Returns when the guest \
 agent answers, so the VM is ready for vm_exec. A failure or cancellation rolls back everything \
 the create made."),
+            (VmCreateBegin, vm_create_begin, "vm.create_begin",
+             $crate::vm::VmCreateParams, $crate::operation::OperationInfo, false, false, false,
+             "Start creating a VM and return at once with an operation id. Follow it with operation_status \
+      (stages with timings: allocate, disks, network, boot, agent, ready) and stop it with \
+      operation_cancel, which rolls back everything the create made."),
+            (OperationStatus, operation_status, "operation.status",
+             $crate::operation::OperationRef, $crate::operation::OperationInfo, true, false, true,
+             "Report where a long-running operation is: its state, each stage with its duration, and its \
+      result or error once finished."),
+            (OperationCancel, operation_cancel, "operation.cancel",
+             $crate::operation::OperationRef, $crate::operation::OperationInfo, false, false, true,
+             "Cancel a running operation and wait until it has rolled back what it made. Cancelling a \
+      finished operation changes nothing."),
+            (OperationList, operation_list, "operation.list",
+             $crate::daemon::Empty, $crate::operation::OperationList, true, false, true,
+             "List long-running operations that are running or finished in the last ten minutes."),
             (VmList, vm_list, "vm.list",
              $crate::daemon::Empty, $crate::vm::VmList, true, false, true,
              "List every VM with its state, image, size and VMM."),

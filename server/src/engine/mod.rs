@@ -17,6 +17,7 @@ use crate::store::{Store, StoreError};
 
 mod daemon_ops;
 mod image;
+mod operation;
 mod vm;
 
 /// Per-call context handed to every handler.
@@ -25,6 +26,14 @@ pub struct CallContext {
     /// Cancelled when the caller gives up (cancel request or disconnect). Handlers that create things
     /// roll them back when they see it.
     pub cancel: CancellationToken,
+    /// Where long work reports progress, when the caller asked for it (MCP progress tokens).
+    pub progress: Option<Arc<dyn ProgressSink>>,
+}
+
+/// Receives progress of long work: `progress` of `total` steps (a running step counts half), and what is
+/// happening now.
+pub trait ProgressSink: Send + Sync {
+    fn report(&self, progress: f64, total: f64, message: String);
 }
 
 pub struct Engine {
@@ -39,6 +48,8 @@ pub struct Engine {
     guests: Mutex<HashMap<String, Arc<GuestConn>>>,
     /// Serialises image registry changes (register, promote, delete).
     image_lock: tokio::sync::Mutex<()>,
+    /// Long-running operations (creates), for operation.status / cancel.
+    pub(crate) ops: operation::Ops,
     /// Serialises address allocation (the store's unique index is the backstop).
     pub(crate) ip_lock: tokio::sync::Mutex<()>,
     /// The VM network; set once at start-up, after reconcile, unless networking is disabled.
@@ -57,6 +68,7 @@ impl Engine {
             guests: Mutex::default(),
             image_lock: tokio::sync::Mutex::new(()),
             ip_lock: tokio::sync::Mutex::new(()),
+            ops: operation::Ops::default(),
             net: std::sync::OnceLock::new(),
         })
     }

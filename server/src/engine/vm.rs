@@ -7,12 +7,14 @@ use futures::future::join_all;
 use tokio_util::sync::CancellationToken;
 use tools_schema::daemon::{Empty, VmmKind};
 use tools_schema::guest::{ExecSpec, GuestRequest};
+use tools_schema::operation::{OperationInfo, OperationList, OperationRef, StageState};
 use tools_schema::vm::{
     VmBatchResult, VmCreateParams, VmExecParams, VmExecResult, VmInfo, VmList, VmLogs, VmLogsParams, VmOutcome, VmRef,
     VmRefs, VmState,
 };
 use tools_schema::{ApiError, ErrorCode};
 
+use super::operation::Op;
 use super::{new_id, now, CallContext, Engine};
 use crate::guest::{GuestConn, GuestError};
 use crate::store::{ImageRow, VmRow};
@@ -121,13 +123,100 @@ impl Engine {
         Ok(self.vm_info(&row).await)
     }
 
+    /// Stages of `vm.create`, in order.
+    pub(crate) const CREATE_STAGES: &'static [&'static str] =
+        &["allocate", "disks", "network", "boot", "agent", "ready"];
+
+    /// Creates a VM and waits until it is ready, reporting stages as progress.
     pub async fn vm_create(self: &Arc<Self>, p: VmCreateParams, ctx: CallContext) -> Result<VmInfo, ApiError> {
+        let info = self.vm_create_begin(p, ctx.clone()).await?;
+        let op = self.ops.get(&info.id)?;
+        // A caller that goes away (this future dropped) cancels the create, which then rolls back.
+        let cancel_on_drop = op.cancel.clone().drop_guard();
+        let mut changes = op.subscribe();
+        loop {
+            if let Some(progress) = &ctx.progress {
+                let snap = op.snapshot();
+                let done = snap.stages.iter().filter(|s| s.state == StageState::Done).count() as f64;
+                let running = snap.stages.iter().find(|s| s.state == StageState::Running).map(|s| s.name.clone());
+                let value = if running.is_some() { done + 0.5 } else { done };
+                let message = match running {
+                    Some(stage) => format!("{}: {stage}", snap.target),
+                    None => format!("{}: {:?}", snap.target, snap.state).to_lowercase(),
+                };
+                progress.report(value, snap.stages.len() as f64, message);
+            }
+            if op.is_done() {
+                break;
+            }
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { break },
+                _ = ctx.cancel.cancelled(), if !op.cancel.is_cancelled() => op.cancel.cancel(),
+            }
+        }
+        cancel_on_drop.disarm();
+        let snap = op.snapshot();
+        match (snap.vm, snap.error) {
+            (Some(vm), _) => Ok(vm),
+            (None, Some(e)) => Err(e),
+            (None, None) => Err(ApiError::internal("create ended without a result")),
+        }
+    }
+
+    /// Validates, allocates and records the VM, then boots it in the background. Argument and allocation
+    /// errors come back at once; everything after is reported through the operation.
+    pub async fn vm_create_begin(
+        self: &Arc<Self>,
+        p: VmCreateParams,
+        _: CallContext,
+    ) -> Result<OperationInfo, ApiError> {
         p.validate().map_err(ApiError::invalid)?;
+        let op = self.ops.start("vm.create", p.name.as_deref().unwrap_or(""), Self::CREATE_STAGES);
+        op.stage("allocate");
+        let allocated = self.allocate_vm(p).await;
+        let (row, image) = match allocated {
+            Ok(v) => v,
+            Err(e) => {
+                self.ops.forget(&op.id());
+                return Err(e);
+            }
+        };
+        op.set_target(&row.name);
+        tracing::info!(vm = %row.name, id = %row.id, image = %image.name, op = %op.id(), "creating VM");
+        let engine = self.clone();
+        let task_op = op.clone();
+        tokio::spawn(async move {
+            let lock = engine.vm_lock(&row.id);
+            let _held = lock.lock_owned().await;
+            let result = engine.clone().create_inner(row.clone(), image, &task_op).await;
+            let result = match result {
+                Ok(()) => match engine.reload(&row.id).await {
+                    Ok(r) => Ok(engine.vm_info(&r).await),
+                    Err(e) => Err(e),
+                },
+                Err(e) => {
+                    tracing::warn!(vm = %row.name, error = %e.message, "create failed; rolled back");
+                    Err(e)
+                }
+            };
+            task_op.finish(result);
+            let snap = task_op.snapshot();
+            let stages: Vec<String> =
+                snap.stages.iter().map(|s| format!("{}={}ms", s.name, s.duration_ms.unwrap_or(0))).collect();
+            tracing::info!(vm = %row.name, state = ?snap.state, elapsed_ms = snap.elapsed_ms, stages = %stages.join(" "), "create finished");
+        });
+        Ok(op.snapshot())
+    }
+
+    /// Checks the request against daemon state, picks name and address, and records the VM as starting.
+    async fn allocate_vm(&self, p: VmCreateParams) -> Result<(VmRow, ImageRow), ApiError> {
         let image = self.resolve_image(p.image.as_deref()).await?;
         let vmm = p.vmm.unwrap_or(self.vmm.vmm);
         if vmm == VmmKind::Firecracker {
             return Err(vmm_error(VmmError::Unsupported { vmm: "firecracker" }));
         }
+        // Addresses and names are handed out under a lock; the store's unique indexes are the backstop.
+        let _ip_guard = self.ip_lock.lock().await;
         let existing = self.store.vms().await?;
         let name = match p.name {
             Some(n) => {
@@ -139,11 +228,9 @@ impl Engine {
             }
             None => generate_name(&existing),
         };
-        // Addresses are handed out under a lock; the store's unique index is the backstop.
-        let ip_guard = self.ip_lock.lock().await;
         let ip = match self.network() {
             Some(net) => {
-                let used = self.store.vms().await?.into_iter().filter_map(|v| v.ip).collect();
+                let used = existing.iter().filter_map(|v| v.ip).collect();
                 Some(net.allocate_ip(&used).map_err(|e| {
                     ApiError::new(ErrorCode::FailedPrecondition, e.to_string())
                         .with_hint("delete VMs you no longer need, or use a larger network.subnet")
@@ -168,39 +255,20 @@ impl Engine {
             tap: None,
             nat: p.nat.unwrap_or(false),
         };
-        let lock = self.vm_lock(&row.id);
-        let _held = lock.lock().await;
-        self.store.insert_vm(row.clone()).await.map_err(|e| {
-            // The unique index catches a concurrent create of the same name.
-            ApiError::new(ErrorCode::AlreadyExists, format!("cannot record VM `{}`: {e}", row.name))
-        })?;
-        drop(ip_guard);
-        tracing::info!(vm = %row.name, id = %row.id, image = %image.name, "creating VM");
-        // The work runs in its own task so that a caller who disconnects cannot abandon it half-way: the
-        // task sees the cancellation and rolls back everything it made.
-        let engine = self.clone();
-        let cancel = ctx.cancel.clone();
-        let task_row = row.clone();
-        let outcome = tokio::spawn(async move { engine.create_inner(task_row, image, cancel).await })
+        self.store
+            .insert_vm(row.clone())
             .await
-            .map_err(|e| ApiError::internal(format!("create task: {e}")))?;
-        match outcome {
-            Ok(()) => Ok(self.vm_info(&self.reload(&row.id).await?).await),
-            Err(e) => {
-                tracing::warn!(vm = %row.name, error = %e.message, "create failed; rolled back");
-                Err(e)
-            }
-        }
+            .map_err(|e| ApiError::new(ErrorCode::AlreadyExists, format!("cannot record VM `{}`: {e}", row.name)))?;
+        Ok((row, image))
     }
 
-    async fn create_inner(
-        self: Arc<Self>,
-        row: VmRow,
-        image: ImageRow,
-        cancel: CancellationToken,
-    ) -> Result<(), ApiError> {
+    async fn create_inner(self: Arc<Self>, row: VmRow, image: ImageRow, op: &Op) -> Result<(), ApiError> {
         let paths = self.vm_paths(&row.id);
+        let cancel = op.cancel.clone();
+        let cancelled =
+            || ApiError::new(ErrorCode::Cancelled, format!("creating VM {} was cancelled; nothing was kept", row.name));
         let result = async {
+            op.stage("disks");
             tokio::fs::create_dir_all(&paths.dir)
                 .await
                 .map_err(|e| ApiError::internal(format!("creating {}: {e}", paths.dir.display())))?;
@@ -208,11 +276,16 @@ impl Engine {
                 .await
                 .map_err(vmm_error)?;
             if cancel.is_cancelled() {
-                return Err(ApiError::new(ErrorCode::Cancelled, "VM creation cancelled"));
+                return Err(cancelled());
             }
-            self.boot(&row, &image, &cancel).await
+            self.boot(&row, &image, &cancel, Some(op)).await
         }
         .await;
+        let result = match result {
+            Err(e) if cancel.is_cancelled() && e.code != ErrorCode::Cancelled => Err(cancelled()),
+            Err(e) if e.code == ErrorCode::Cancelled => Err(cancelled()),
+            other => other,
+        };
         if result.is_err() {
             // Roll back in reverse: process (boot already killed it on its own failure), files, record.
             if let Some(v) = self.store.vm(row.id.clone()).await.ok().flatten() {
@@ -221,16 +294,53 @@ impl Engine {
                 }
             }
             self.drop_guest(&row.id);
+            self.release_net(&row).await;
             let _ = tokio::fs::remove_dir_all(&paths.dir).await;
             let _ = self.store.delete_vm(row.id.clone()).await;
         }
         result
     }
 
+    pub async fn operation_status(
+        self: &Arc<Self>,
+        p: OperationRef,
+        _: CallContext,
+    ) -> Result<OperationInfo, ApiError> {
+        Ok(self.ops.get(&p.id)?.snapshot())
+    }
+
+    pub async fn operation_cancel(
+        self: &Arc<Self>,
+        p: OperationRef,
+        _: CallContext,
+    ) -> Result<OperationInfo, ApiError> {
+        let op = self.ops.get(&p.id)?;
+        op.cancel.cancel();
+        // Report the rolled-back outcome, not a half-way state.
+        let _ = tokio::time::timeout(Duration::from_secs(60), op.wait()).await;
+        Ok(op.snapshot())
+    }
+
+    pub async fn operation_list(self: &Arc<Self>, _: Empty, _: CallContext) -> Result<OperationList, ApiError> {
+        Ok(OperationList { operations: self.ops.list() })
+    }
+
     /// Starts the VMM and waits for the guest agent. On failure the VMM process is gone and the VM is
     /// recorded as failed, with the reason.
-    async fn boot(&self, row: &VmRow, image: &ImageRow, cancel: &CancellationToken) -> Result<(), ApiError> {
+    async fn boot(
+        &self,
+        row: &VmRow,
+        image: &ImageRow,
+        cancel: &CancellationToken,
+        op: Option<&Op>,
+    ) -> Result<(), ApiError> {
+        let stage = |name: &str| {
+            if let Some(op) = op {
+                op.stage(name)
+            }
+        };
         let paths = self.vm_paths(&row.id);
+        stage("network");
         let net = match (self.network(), row.ip, &row.mac) {
             (Some(net), Some(ip), Some(mac)) => {
                 let tap = net.acquire_tap().await.map_err(|e| {
@@ -255,6 +365,7 @@ impl Engine {
         };
         let started = std::time::Instant::now();
         self.store.set_vm_state(row.id.clone(), VmState::Starting, None, None, None).await?;
+        stage("boot");
         let launched = vmm::launch(row.vmm, &self.cfg, &self.vmm.qemu_accel, &spec).await.map_err(vmm_error);
         let launched = match launched {
             Ok(l) => l,
@@ -266,6 +377,7 @@ impl Engine {
             }
         };
         self.store.set_vm_state(row.id.clone(), VmState::Starting, Some(launched.pid), None, None).await?;
+        stage("agent");
         let ready = async {
             let conn = GuestConn::connect(&paths.channel()).await.map_err(|e| guest_error(&row.name, e))?;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(self.cfg.boot_timeout_secs);
@@ -286,6 +398,7 @@ impl Engine {
         .await;
         match ready {
             Ok((conn, agent)) => {
+                stage("ready");
                 self.guests.lock().unwrap().insert(row.id.clone(), conn);
                 if let (Some(net), Some(ip)) = (self.network(), row.ip) {
                     net.dns.set(&row.name, ip);
@@ -395,7 +508,7 @@ impl Engine {
         let image = self.resolve_image(Some(&row.image_id)).await?;
         let engine = self.clone();
         let task_row = row.clone();
-        tokio::spawn(async move { engine.boot(&task_row, &image, &cancel).await })
+        tokio::spawn(async move { engine.boot(&task_row, &image, &cancel, None).await })
             .await
             .map_err(|e| ApiError::internal(format!("start task: {e}")))??;
         Ok(self.vm_info(&self.reload(&row.id).await?).await)

@@ -6,14 +6,15 @@ use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation, ListToolsResult,
     PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool, ToolAnnotations,
 };
-use rmcp::service::RequestContext;
+use rmcp::model::{ProgressNotificationParam, ProgressToken};
+use rmcp::service::{Peer, RequestContext};
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, ServiceExt};
 use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
 use tools_schema::ops::{OperationSpec, OPERATIONS};
 use tools_schema::{ApiError, BuildInfo, ErrorCode};
 
-use crate::engine::{CallContext, Engine};
+use crate::engine::{CallContext, Engine, ProgressSink};
 
 #[derive(Clone)]
 pub struct McpServer {
@@ -101,7 +102,8 @@ impl ServerHandler for McpServer {
         let params = serde_json::Value::Object(request.arguments.unwrap_or_default());
         let cancel = CancellationToken::new();
         let _guard = cancel.clone().drop_guard();
-        let work = self.engine.dispatch(op.method, params, CallContext { cancel: cancel.clone() });
+        let progress = context.meta.get_progress_token().map(|token| progress_forwarder(token, context.peer.clone()));
+        let work = self.engine.dispatch(op.method, params, CallContext { cancel: cancel.clone(), progress });
         let result = tokio::select! {
             r = work => r,
             _ = context.ct.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "cancelled by the client")),
@@ -118,6 +120,36 @@ impl ServerHandler for McpServer {
         }
         .into())
     }
+}
+
+/// Sends progress notifications for a call, in order, dropping any that would not increase (MCP requires
+/// progress to grow with each notification).
+struct ProgressChannel(tokio::sync::mpsc::UnboundedSender<(f64, f64, String)>);
+
+impl ProgressSink for ProgressChannel {
+    fn report(&self, progress: f64, total: f64, message: String) {
+        let _ = self.0.send((progress, total, message));
+    }
+}
+
+fn progress_forwarder(token: ProgressToken, peer: Peer<RoleServer>) -> Arc<dyn ProgressSink> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(f64, f64, String)>();
+    tokio::spawn(async move {
+        let mut last = f64::MIN;
+        while let Some((progress, total, message)) = rx.recv().await {
+            if progress <= last {
+                continue;
+            }
+            last = progress;
+            let mut p = ProgressNotificationParam::new(token.clone(), progress);
+            p.total = Some(total);
+            p.message = Some(message);
+            if peer.notify_progress(p).await.is_err() {
+                return;
+            }
+        }
+    });
+    Arc::new(ProgressChannel(tx))
 }
 
 fn error_result(e: ApiError) -> CallToolResult {

@@ -39,7 +39,10 @@ impl JsonRpc {
                     // Dropping this future (the client went away) cancels the token, and with it the work.
                     let cancel = CancellationToken::new();
                     let _guard = cancel.clone().drop_guard();
-                    engine.dispatch(method, params_or_empty(params), CallContext { cancel }).await.map_err(to_rpc_error)
+                    engine
+                        .dispatch(method, params_or_empty(params), CallContext { cancel, progress: None })
+                        .await
+                        .map_err(to_rpc_error)
                 })
                 .expect("operation names are unique");
         }

@@ -1,0 +1,115 @@
+//! Following long-running operations: live stages with timings, Ctrl-C to cancel (which rolls back).
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Subcommand;
+use tools_schema::operation::{OperationInfo, OperationRef, OperationState, StageState};
+use tools_schema::ops;
+
+use crate::client::Daemon;
+use crate::{output, Ctx};
+
+#[derive(Subcommand)]
+pub enum OperationCmd {
+    /// List running and recently finished operations.
+    List,
+    /// Show one operation's stages and outcome.
+    Status { id: String },
+    /// Cancel a running operation and wait for its rollback.
+    Cancel { id: String },
+}
+
+pub async fn run(cmd: OperationCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
+    let d = ctx.daemon().await?;
+    let info = match cmd {
+        OperationCmd::List => {
+            let list = d.call::<ops::OperationList>(&Default::default()).await?;
+            if ctx.json {
+                output::json(&list);
+            } else {
+                let rows = list
+                    .operations
+                    .iter()
+                    .map(|o| {
+                        vec![
+                            o.id.clone(),
+                            o.kind.clone(),
+                            o.target.clone(),
+                            format!("{:?}", o.state).to_lowercase(),
+                            format!("{:.1}s", o.elapsed_ms as f64 / 1000.0),
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                output::table(&["ID", "KIND", "TARGET", "STATE", "ELAPSED"], &rows);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        OperationCmd::Status { id } => d.call::<ops::OperationStatus>(&OperationRef { id }).await?,
+        OperationCmd::Cancel { id } => d.call::<ops::OperationCancel>(&OperationRef { id }).await?,
+    };
+    if ctx.json {
+        output::json(&info);
+    } else {
+        print_stages(&info);
+        println!("{} {} {}: {:?}", info.kind, info.target, info.id, info.state);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_stages(info: &OperationInfo) {
+    for s in &info.stages {
+        let mark = match s.state {
+            StageState::Done => "ok",
+            StageState::Failed => "FAILED",
+            StageState::Running => "...",
+            StageState::Pending => "-",
+        };
+        let ms = s.duration_ms.map(|d| format!("{d:>6} ms")).unwrap_or_default();
+        println!("  {:<10} {:<7} {ms}", s.name, mark);
+    }
+}
+
+/// Polls an operation until it finishes, printing each stage as it completes (when `live`). Ctrl-C asks
+/// the daemon to cancel it and waits for the rollback.
+pub async fn follow(d: &Daemon, mut info: OperationInfo, live: bool) -> anyhow::Result<OperationInfo> {
+    let mut printed = 0usize;
+    let mut cancelling = false;
+    let print_done = |info: &OperationInfo, printed: &mut usize| {
+        while *printed < info.stages.len() {
+            let s = &info.stages[*printed];
+            match s.state {
+                StageState::Done | StageState::Failed => {
+                    if live {
+                        let mark = if s.state == StageState::Done { "ok" } else { "FAILED" };
+                        eprintln!("  {:<8} {:<6} {:>6} ms", s.name, mark, s.duration_ms.unwrap_or(0));
+                    }
+                    *printed += 1;
+                }
+                _ => break,
+            }
+        }
+        let _ = std::io::stderr().flush();
+    };
+    if live {
+        eprintln!("{} {} (Ctrl-C cancels and rolls back)", info.kind, info.target);
+    }
+    loop {
+        print_done(&info, &mut printed);
+        if info.state != OperationState::Running {
+            return Ok(info);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(150)) => {}
+            _ = tokio::signal::ctrl_c(), if !cancelling => {
+                cancelling = true;
+                if live {
+                    eprintln!("  cancelling...");
+                }
+                info = d.call::<ops::OperationCancel>(&OperationRef { id: info.id.clone() }).await?;
+                continue;
+            }
+        }
+        info = d.call::<ops::OperationStatus>(&OperationRef { id: info.id.clone() }).await?;
+    }
+}
