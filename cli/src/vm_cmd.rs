@@ -39,6 +39,13 @@ pub enum VmCmd {
         #[arg(required = true)]
         vms: Vec<String>,
     },
+    /// Change vcpus, memory, disk size or NAT of stopped VMs (applies at the next start).
+    #[command(
+        after_help = "Examples:\n  banger vm set dev --vcpus 2 --memory 2048\n  banger vm set dev test --disk 20 --nat true"
+    )]
+    Set(SetArgs),
+    /// Show a VM's resource use (host and guest view).
+    Stats { vm: String },
     /// Delete VMs and their disks.
     Delete {
         #[arg(required = true)]
@@ -78,6 +85,24 @@ pub struct CreateArgs {
     /// Let the VM reach other networks through NAT (by default it reaches only other VMs and DNS).
     #[arg(long)]
     nat: bool,
+}
+
+#[derive(Args)]
+pub struct SetArgs {
+    #[arg(required = true)]
+    vms: Vec<String>,
+    /// Virtual CPUs (1-32).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=32))]
+    vcpus: Option<u32>,
+    /// Guest memory in MiB (128-65536).
+    #[arg(long = "memory", value_parser = clap::value_parser!(u32).range(128..=65536))]
+    memory_mib: Option<u32>,
+    /// Root disk size in GiB (grow only, 1-1024).
+    #[arg(long = "disk", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    disk_gib: Option<u32>,
+    /// NAT to other networks: true or false.
+    #[arg(long)]
+    nat: Option<bool>,
 }
 
 #[derive(Args)]
@@ -201,6 +226,44 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         }
         VmCmd::Kill { vms } => {
             return Ok(print_batch("killed", &d.call::<ops::VmKill>(&VmRefs { vms }).await?, ctx.json))
+        }
+        VmCmd::Set(a) => {
+            let p = tools_schema::vm::VmSetParams {
+                vms: a.vms,
+                vcpus: a.vcpus,
+                memory_mib: a.memory_mib,
+                disk_gib: a.disk_gib,
+                nat: a.nat,
+            };
+            p.validate().map_err(|e| anyhow::anyhow!(e))?;
+            return Ok(print_batch("updated", &d.call::<ops::VmSet>(&p).await?, ctx.json));
+        }
+        VmCmd::Stats { vm } => {
+            let s = d.call::<ops::VmStats>(&VmRef { vm }).await?;
+            if ctx.json {
+                output::json(&s);
+            } else {
+                let mib = |b: u64| format!("{} MiB", b >> 20);
+                println!("{} ({})", s.name, s.state.as_str());
+                if let (Some(cpu), Some(rss)) = (s.host_cpu_seconds, s.host_rss_bytes) {
+                    println!("  host:  VMM cpu {cpu:.1}s, rss {}", mib(rss));
+                }
+                if let (Some(size), Some(used)) = (s.disk_bytes, s.disk_host_bytes) {
+                    println!("  disk:  {} virtual, {} used on the host", mib(size), mib(used));
+                }
+                if let Some(g) = &s.guest {
+                    println!(
+                        "  guest: up {:.0}s, load {:.2}, mem {} of {} free, root {} of {} used, {} processes",
+                        g.uptime_secs,
+                        g.load1,
+                        mib(g.mem_available_bytes),
+                        mib(g.mem_total_bytes),
+                        mib(g.root_used_bytes),
+                        mib(g.root_total_bytes),
+                        g.processes
+                    );
+                }
+            }
         }
         VmCmd::Delete { vms } => {
             return Ok(print_batch("deleted", &d.call::<ops::VmDelete>(&VmRefs { vms }).await?, ctx.json))

@@ -17,6 +17,14 @@ pub fn run() -> anyhow::Result<()> {
     }
     let _ = Command::new("ip").args(["link", "set", "lo", "up"]).status();
     let hostname = kernel_arg(&cmdline, "banger.hostname").unwrap_or("localhost");
+    // The root disk was grown while the VM was stopped: grow the filesystem to match (online, ext4).
+    if let Some(dev) = kernel_arg(&cmdline, "banger.growfs") {
+        match Command::new("resize2fs").arg(dev).output() {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!("banger-agent: resize2fs {dev}: {}", String::from_utf8_lossy(&o.stderr).trim()),
+            Err(e) => eprintln!("banger-agent: resize2fs {dev}: {e}"),
+        }
+    }
     if let Err(e) = configure_network(&cmdline, hostname) {
         eprintln!("banger-agent: network: {e}");
     }

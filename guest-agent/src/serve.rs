@@ -66,6 +66,7 @@ async fn serve() -> anyhow::Result<()> {
                         inputs.insert(stream, tx);
                         tokio::spawn(exec::run(stream, spec, rx, out.clone()));
                     }
+                    GuestRequest::Stats => respond(&out, stream, GuestResponse::Stats(stats())),
                     GuestRequest::Shutdown { reboot } => {
                         respond(&out, stream, GuestResponse::Ok);
                         tokio::spawn(power_off(reboot));
@@ -102,6 +103,40 @@ fn health() -> GuestHealth {
         .unwrap_or(0);
     let hostname = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
     GuestHealth { agent: BuildInfo::current(), uptime_ms, hostname }
+}
+
+fn stats() -> tools_schema::vm::GuestStats {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let first_f64 = |s: String| s.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let meminfo = read("/proc/meminfo");
+    let mem_kib = |key: &str| {
+        meminfo
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    let (root_total, root_used) = match nix::sys::statvfs::statvfs("/") {
+        Ok(st) => {
+            let frag = st.fragment_size() as u64;
+            (st.blocks() as u64 * frag, (st.blocks() - st.blocks_free()) as u64 * frag)
+        }
+        Err(_) => (0, 0),
+    };
+    let processes = std::fs::read_dir("/proc")
+        .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().chars().all(|c| c.is_ascii_digit())).count())
+        .unwrap_or(0) as u32;
+    tools_schema::vm::GuestStats {
+        uptime_secs: first_f64(read("/proc/uptime")),
+        load1: first_f64(read("/proc/loadavg")),
+        mem_total_bytes: mem_kib("MemTotal:"),
+        mem_available_bytes: mem_kib("MemAvailable:"),
+        root_total_bytes: root_total,
+        root_used_bytes: root_used,
+        processes,
+    }
 }
 
 /// Ends every process, flushes the disks and powers off, after the `Ok` reply has had time to leave.

@@ -210,6 +210,25 @@ impl Store {
         .await
     }
 
+    /// Changes a VM's shape; `None` keeps a value.
+    pub async fn set_vm_shape(
+        &self,
+        id: String,
+        vcpus: Option<u32>,
+        memory_mib: Option<u32>,
+        nat: Option<bool>,
+    ) -> Result<(), StoreError> {
+        self.call(move |c| {
+            c.execute(
+                "UPDATE vms SET vcpus = COALESCE(?2, vcpus), memory_mib = COALESCE(?3, memory_mib), nat = COALESCE(?4, nat)
+                 WHERE id = ?1",
+                params![id, vcpus, memory_mib, nat],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
     /// Records which TAP a VM holds (None once released).
     pub async fn set_vm_tap(&self, id: String, tap: Option<String>) -> Result<(), StoreError> {
         self.call(move |c| c.execute("UPDATE vms SET tap = ?2 WHERE id = ?1", params![id, tap]).map(|_| ())).await

@@ -283,3 +283,46 @@ fn an_mcp_client_that_disconnects_mid_create_cancels_it() {
     }
     d.assert_no_leaked_processes();
 }
+
+#[test]
+fn set_changes_shape_of_a_stopped_vm_and_grows_its_disk_and_stats_report_both_views() {
+    let d = TestDaemon::start();
+    d.register_test_image();
+    d.rpc("vm.create", json!({"name": "shape", "memory_mib": 256}));
+    let s = d.rpc("vm.stats", json!({"vm": "shape"}));
+    assert!(s["host_rss_bytes"].as_u64().unwrap() > 10 << 20, "{s}");
+    assert!(s["guest"]["mem_total_bytes"].as_u64().unwrap() > 128 << 20, "{s}");
+    assert!(s["guest"]["processes"].as_u64().unwrap() >= 2, "{s}");
+    let root_before = s["guest"]["root_total_bytes"].as_u64().unwrap();
+
+    // Running VMs cannot change shape; the error says how.
+    let r = d.rpc("vm.set", json!({"vms": ["shape"], "vcpus": 2}));
+    assert_eq!(r["results"][0]["error"]["code"], "failed_precondition", "{r}");
+    assert!(r["results"][0]["error"]["hint"].as_str().unwrap().contains("banger vm stop shape"));
+
+    // Bad values are refused before anything changes, at the daemon and in the CLI.
+    let e = d.rpc_raw("vm.set", json!({"vms": ["shape"], "memory_mib": 64}));
+    assert!(e["error"]["message"].as_str().unwrap().contains("memory_mib must be between"), "{e}");
+    let e = d.rpc_raw("vm.set", json!({"vms": ["shape"]}));
+    assert!(e["error"]["message"].as_str().unwrap().contains("nothing to change"), "{e}");
+    let out = d.cli(&["vm", "set", "shape", "--vcpus", "0"]);
+    assert_eq!(out.status.code(), Some(2), "clap rejects it: {}", String::from_utf8_lossy(&out.stderr));
+
+    d.rpc("vm.stop", json!({"vms": ["shape"]}));
+    let e = d.rpc("vm.set", json!({"vms": ["shape"], "disk_gib": 1}));
+    assert_eq!(e["results"][0]["error"]["code"], "invalid_argument", "disks only grow: {e}");
+    let r = d.rpc("vm.set", json!({"vms": ["shape"], "vcpus": 2, "memory_mib": 384, "disk_gib": 3}));
+    assert_eq!(r["ok"], true, "{r}");
+    let info = &r["results"][0]["info"];
+    assert_eq!(info["vcpus"], 2);
+    assert_eq!(info["memory_mib"], 384);
+    assert_eq!(info["disk_bytes"], 3u64 << 30);
+
+    d.rpc("vm.start", json!({"vms": ["shape"]}));
+    let nproc = d.rpc("vm.exec", json!({"vm": "shape", "command": ["nproc"]}));
+    assert_eq!(nproc["stdout"], "2\n");
+    let s = d.rpc("vm.stats", json!({"vm": "shape"}));
+    let root_after = s["guest"]["root_total_bytes"].as_u64().unwrap();
+    assert!(root_after > root_before + (512 << 20), "the filesystem grew with the disk: {root_before} -> {root_after}");
+    d.rpc("vm.delete", json!({"vms": ["shape"]}));
+}

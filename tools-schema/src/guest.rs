@@ -177,6 +177,8 @@ pub enum GuestRequest {
     Exec(ExecSpec),
     /// Power the guest off (or reboot it). The agent syncs filesystems first.
     Shutdown { reboot: bool },
+    /// Resource use as the guest sees it.
+    Stats,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -201,6 +203,7 @@ pub enum GuestResponse {
     Hello { protocol: u8, agent: BuildInfo },
     Health(GuestHealth),
     Exited(ExitStatus),
+    Stats(crate::vm::GuestStats),
     Ok,
     Error { message: String },
 }

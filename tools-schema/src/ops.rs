@@ -85,16 +85,16 @@ the create made."),
             (VmCreateBegin, vm_create_begin, "vm.create_begin",
              $crate::vm::VmCreateParams, $crate::operation::OperationInfo, false, false, false,
              "Start creating a VM and return at once with an operation id. Follow it with operation_status \
-      (stages with timings: allocate, disks, network, boot, agent, ready) and stop it with \
-      operation_cancel, which rolls back everything the create made."),
+(stages with timings: allocate, disks, network, boot, agent, ready) and stop it with \
+operation_cancel, which rolls back everything the create made."),
             (OperationStatus, operation_status, "operation.status",
              $crate::operation::OperationRef, $crate::operation::OperationInfo, true, false, true,
              "Report where a long-running operation is: its state, each stage with its duration, and its \
-      result or error once finished."),
+result or error once finished."),
             (OperationCancel, operation_cancel, "operation.cancel",
              $crate::operation::OperationRef, $crate::operation::OperationInfo, false, false, true,
              "Cancel a running operation and wait until it has rolled back what it made. Cancelling a \
-      finished operation changes nothing."),
+finished operation changes nothing."),
             (OperationList, operation_list, "operation.list",
              $crate::daemon::Empty, $crate::operation::OperationList, true, false, true,
              "List long-running operations that are running or finished in the last ten minutes."),
@@ -117,6 +117,14 @@ boots them again."),
             (VmKill, vm_kill, "vm.kill",
              $crate::vm::VmRefs, $crate::vm::VmBatchResult, false, false, true,
              "Force off one or more VMs at once, without a guest shutdown. Disks are kept."),
+            (VmSet, vm_set, "vm.set",
+             $crate::vm::VmSetParams, $crate::vm::VmBatchResult, false, false, true,
+             "Change vcpus, memory, root disk size (grow only) or NAT of one or more stopped VMs. Values are \
+      checked before anything changes; the new shape applies at the next vm_start."),
+            (VmStats, vm_stats, "vm.stats",
+             $crate::vm::VmRef, $crate::vm::VmStats, true, false, true,
+             "Resource use of a VM: the VMM's CPU time and memory on the host, disk size and host space used, \
+      and, while it runs, the guest's uptime, load, memory and root filesystem use."),
             (VmDelete, vm_delete, "vm.delete",
              $crate::vm::VmRefs, $crate::vm::VmBatchResult, false, true, false,
              "Delete one or more VMs: stops them if running and removes their disks and records. Irreversible."),

@@ -113,6 +113,8 @@ pub struct VmInfo {
     pub dns_name: String,
     /// Whether the VM can reach other networks through NAT.
     pub nat: bool,
+    /// Size of the VM's root disk in bytes (its filesystem grows to it at boot).
+    pub disk_bytes: Option<u64>,
 }
 
 /// All VMs.
@@ -204,6 +206,81 @@ pub struct VmLogs {
     pub lines: Vec<String>,
     /// Path of the full log on the host.
     pub path: String,
+}
+
+/// Largest root disk, GiB.
+pub const MAX_DISK_GIB: u32 = 1024;
+
+/// Change the shape of stopped VMs. Only the fields given change.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmSetParams {
+    /// VM names or ids. Each must be stopped (its VMM cannot change shape while running).
+    #[schemars(length(min = 1))]
+    pub vms: Vec<String>,
+    /// Virtual CPUs (1-32).
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 32))]
+    pub vcpus: Option<u32>,
+    /// Guest memory in MiB (128-65536).
+    #[serde(default)]
+    #[schemars(range(min = 128, max = 65536))]
+    pub memory_mib: Option<u32>,
+    /// Root disk size in GiB (1-1024). Disks only grow; the guest's filesystem grows at the next boot.
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 1024))]
+    pub disk_gib: Option<u32>,
+    /// Give the VM NAT to other networks (or take it away), from the next start.
+    #[serde(default)]
+    pub nat: Option<bool>,
+}
+
+impl VmSetParams {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.vms.is_empty() {
+            return Err("name at least one VM".into());
+        }
+        if self.vcpus.is_none() && self.memory_mib.is_none() && self.disk_gib.is_none() && self.nat.is_none() {
+            return Err("nothing to change: give vcpus, memory_mib, disk_gib or nat".into());
+        }
+        VmCreateParams { vcpus: self.vcpus, memory_mib: self.memory_mib, ..Default::default() }.validate()?;
+        if let Some(d) = self.disk_gib {
+            if d == 0 || d > MAX_DISK_GIB {
+                return Err(format!("disk_gib must be between 1 and {MAX_DISK_GIB}, got {d}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Resource use of one VM.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct VmStats {
+    pub name: String,
+    pub state: VmState,
+    /// CPU time the VMM process has used, seconds (host view).
+    pub host_cpu_seconds: Option<f64>,
+    /// Resident memory of the VMM process, bytes (host view).
+    pub host_rss_bytes: Option<u64>,
+    /// Root disk: virtual size and host space actually used, bytes.
+    pub disk_bytes: Option<u64>,
+    pub disk_host_bytes: Option<u64>,
+    /// What the guest reports, while it runs.
+    pub guest: Option<GuestStats>,
+}
+
+/// The guest's own view of its resources.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct GuestStats {
+    pub uptime_secs: f64,
+    /// 1-minute load average.
+    pub load1: f64,
+    pub mem_total_bytes: u64,
+    pub mem_available_bytes: u64,
+    /// Root filesystem size and use, bytes.
+    pub root_total_bytes: u64,
+    pub root_used_bytes: u64,
+    pub processes: u32,
 }
 
 /// Validates a VM or image name; returns a message saying what is wrong.

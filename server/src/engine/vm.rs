@@ -10,7 +10,7 @@ use tools_schema::guest::{ExecSpec, GuestRequest};
 use tools_schema::operation::{OperationInfo, OperationList, OperationRef, StageState};
 use tools_schema::vm::{
     VmBatchResult, VmCreateParams, VmExecParams, VmExecResult, VmInfo, VmList, VmLogs, VmLogsParams, VmOutcome, VmRef,
-    VmRefs, VmState,
+    VmRefs, VmSetParams, VmState, VmStats,
 };
 use tools_schema::{ApiError, ErrorCode};
 
@@ -75,6 +75,7 @@ impl Engine {
             ip: row.ip.map(|i| i.to_string()),
             dns_name: format!("{}.vm", row.name),
             nat: row.nat,
+            disk_bytes: vmm::qcow2_virtual_size(&self.vm_paths(&row.id).root_disk()),
             last_error: row.last_error.clone(),
         }
     }
@@ -362,6 +363,11 @@ impl Engine {
             root_disk: paths.root_disk(),
             dir: paths.dir.clone(),
             net,
+            // A root disk grown by `vm set` gets its filesystem grown by the agent at boot.
+            extra_args: match vmm::qcow2_virtual_size(&paths.root_disk()) {
+                Some(size) if size > image.rootfs_bytes => vec!["banger.growfs=/dev/vda".to_string()],
+                _ => vec![],
+            },
         };
         let started = std::time::Instant::now();
         self.store.set_vm_state(row.id.clone(), VmState::Starting, None, None, None).await?;
@@ -597,6 +603,92 @@ impl Engine {
             net.release_tap(&tap).await;
             let _ = self.store.set_vm_tap(row.id.clone(), None).await;
         }
+    }
+
+    pub async fn vm_set(self: &Arc<Self>, p: VmSetParams, _: CallContext) -> Result<VmBatchResult, ApiError> {
+        p.validate().map_err(ApiError::invalid)?;
+        let refs = VmRefs { vms: p.vms.clone() };
+        self.batch(refs, |engine, row| {
+            let p = p.clone();
+            async move {
+                let lock = engine.vm_lock(&row.id);
+                let _held = lock.lock().await;
+                let row = engine.reload(&row.id).await?;
+                if matches!(row.state, VmState::Running | VmState::Starting | VmState::Stopping) {
+                    return Err(ApiError::precondition(format!(
+                        "VM {} is {}; its shape can change only while stopped",
+                        row.name,
+                        row.state.as_str()
+                    ))
+                    .with_hint(format!(
+                        "banger vm stop {0} && banger vm set {0} ... && banger vm start {0}",
+                        row.name
+                    )));
+                }
+                let disk = engine.vm_paths(&row.id).root_disk();
+                if let Some(gib) = p.disk_gib {
+                    let want = u64::from(gib) << 30;
+                    let have = vmm::qcow2_virtual_size(&disk).unwrap_or(0);
+                    if want < have {
+                        return Err(ApiError::invalid(format!(
+                            "VM {} has a {:.1} GiB disk; disks only grow, so disk_gib must be at least {}",
+                            row.name,
+                            have as f64 / (1u64 << 30) as f64,
+                            have.div_ceil(1 << 30)
+                        )));
+                    }
+                    if want > have {
+                        vmm::resize_root_disk(&engine.cfg, &disk, want).await.map_err(vmm_error)?;
+                    }
+                }
+                engine.store.set_vm_shape(row.id.clone(), p.vcpus, p.memory_mib, p.nat).await?;
+                Ok(Some(engine.vm_info(&engine.reload(&row.id).await?).await))
+            }
+        })
+        .await
+    }
+
+    pub async fn vm_stats(self: &Arc<Self>, p: VmRef, _: CallContext) -> Result<VmStats, ApiError> {
+        let row = self.resolve_vm(&p.vm).await?;
+        let disk = self.vm_paths(&row.id).root_disk();
+        let (mut cpu, mut rss) = (None, None);
+        if let Some(pid) = row.pid.filter(|_| self.is_alive(&row)) {
+            // utime and stime are fields 14 and 15 of /proc/PID/stat, in clock ticks.
+            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                let fields: Vec<&str> =
+                    stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+                let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+                let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+                cpu = Some((ticks(11) + ticks(12)) / hz);
+            }
+            rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("VmRSS:"))
+                        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                })
+                .map(|kib| kib * 1024);
+        }
+        let guest = if row.state == VmState::Running {
+            let conn = self.guest(&row).await?;
+            match conn.request(&GuestRequest::Stats, Duration::from_secs(5)).await {
+                Ok(tools_schema::guest::GuestResponse::Stats(s)) => Some(s),
+                Ok(_) | Err(_) => None,
+            }
+        } else {
+            None
+        };
+        use std::os::unix::fs::MetadataExt;
+        Ok(VmStats {
+            name: row.name.clone(),
+            state: row.state,
+            host_cpu_seconds: cpu,
+            host_rss_bytes: rss,
+            disk_bytes: vmm::qcow2_virtual_size(&disk),
+            disk_host_bytes: std::fs::metadata(&disk).ok().map(|m| m.blocks() * 512),
+            guest,
+        })
     }
 
     pub async fn vm_delete(self: &Arc<Self>, p: VmRefs, _: CallContext) -> Result<VmBatchResult, ApiError> {

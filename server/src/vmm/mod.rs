@@ -41,6 +41,8 @@ pub struct BootSpec {
     pub dir: PathBuf,
     /// The VM's NIC: a TAP on the bridge and the guest's network settings.
     pub net: Option<(String, crate::network::GuestNet)>,
+    /// More kernel command-line arguments for the guest agent.
+    pub extra_args: Vec<String>,
 }
 
 /// Runtime files of a VM, all inside its directory.
@@ -101,6 +103,33 @@ pub async fn create_root_disk(cfg: &crate::Config, base: &Path, disk: &Path) -> 
     if !out.status.success() {
         return Err(VmmError::Launch {
             what: "creating the root disk".into(),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Virtual size of a qcow2 disk, from its header (bytes 24..32, big-endian).
+pub fn qcow2_virtual_size(path: &Path) -> Option<u64> {
+    use std::io::Read;
+    let mut header = [0u8; 32];
+    std::fs::File::open(path).ok()?.read_exact(&mut header).ok()?;
+    (&header[..4] == b"QFI\xfb").then(|| u64::from_be_bytes(header[24..32].try_into().unwrap()))
+}
+
+/// Grows a stopped VM's root disk to `bytes`.
+pub async fn resize_root_disk(cfg: &crate::Config, disk: &Path, bytes: u64) -> Result<(), VmmError> {
+    let qemu_img = cfg.find_binary("qemu-img").ok_or(VmmError::MissingBinary { binary: "qemu-img" })?;
+    let out = tokio::process::Command::new(qemu_img)
+        .args(["resize", "-q", "-f", "qcow2"])
+        .arg(disk)
+        .arg(bytes.to_string())
+        .output()
+        .await
+        .map_err(|source| VmmError::Io { what: "running qemu-img".into(), source })?;
+    if !out.status.success() {
+        return Err(VmmError::Launch {
+            what: "resizing the root disk".into(),
             detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }

@@ -19,6 +19,7 @@ pub async fn launch(cfg: &Config, accel: &str, spec: &BootSpec) -> Result<Launch
     if let Some((_, net)) = &spec.net {
         cmdline.extend(net.kernel_args());
     }
+    cmdline.extend(spec.extra_args.iter().cloned());
     if accel == "tcg" {
         // Without these, most TCG boots hang calibrating the timer.
         if let Some(khz) = crate::host::tsc_khz() {
