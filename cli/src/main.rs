@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+mod bench_cmd;
 mod client;
 mod daemon_cmd;
 mod mcp_bridge;
@@ -51,6 +52,9 @@ enum Command {
     /// Follow or cancel long-running operations (VM creates).
     #[command(subcommand)]
     Operation(operation_cmd::OperationCmd),
+    /// Benchmarks that print numbers (never pass/fail on timing).
+    #[command(subcommand)]
+    Bench(bench_cmd::BenchCmd),
     /// Serve MCP on stdio, relayed to the daemon (for `claude mcp add banger -- banger mcp`).
     Mcp,
 }
@@ -231,6 +235,7 @@ async fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         }
         Command::Vm(v) => return vm_cmd::run(v, ctx).await,
         Command::Operation(o) => return operation_cmd::run(o, ctx).await,
+        Command::Bench(b) => return bench_cmd::run(b, ctx).await,
         Command::Mcp => return mcp_bridge::run(&ctx.socket).await,
     }
     Ok(ExitCode::SUCCESS)

@@ -326,3 +326,46 @@ fn set_changes_shape_of_a_stopped_vm_and_grows_its_disk_and_stats_report_both_vi
     assert!(root_after > root_before + (512 << 20), "the filesystem grew with the disk: {root_before} -> {root_after}");
     d.rpc("vm.delete", json!({"vms": ["shape"]}));
 }
+
+#[test]
+fn restart_reboots_and_a_daemon_killed_with_vms_running_adopts_them() {
+    let mut d = TestDaemon::start();
+    d.register_test_image();
+    d.rpc("vm.create", json!({"name": "phoenix", "memory_mib": 256}));
+    let boot_id = |d: &TestDaemon| {
+        d.rpc("vm.exec", json!({"vm": "phoenix", "command": ["cat", "/proc/sys/kernel/random/boot_id"]}))["stdout"]
+            .clone()
+    };
+    let first = boot_id(&d);
+    let r = d.rpc("vm.restart", json!({"vms": ["phoenix"]}));
+    assert_eq!(r["results"][0]["info"]["state"], "running", "{r}");
+    let second = boot_id(&d);
+    assert_ne!(first, second, "restart must reboot the guest");
+
+    let pid = d.rpc("vm.show", json!({"vm": "phoenix"}))["pid"].clone();
+    d.crash_and_restart();
+    let vm = d.rpc("vm.show", json!({"vm": "phoenix"}));
+    assert_eq!(vm["state"], "running");
+    assert_eq!(vm["pid"], pid, "the same VMM was adopted, not a new one");
+    assert_eq!(boot_id(&d), second, "the guest kept running through the daemon crash");
+    // Its network came back with it: the name resolves again.
+    let out = d.netns.exec(&["getent", "hosts", "phoenix.vm"]);
+    assert!(out.status.success(), "phoenix.vm does not resolve after the daemon crash");
+    d.rpc("vm.delete", json!({"vms": ["phoenix"]}));
+    d.assert_no_leaked_processes();
+}
+
+#[test]
+fn bench_create_prints_numbers_for_banger_and_the_bare_vmm() {
+    let d = TestDaemon::start();
+    d.register_test_image();
+    let r = d.cli_json(&["bench", "create", "--runs", "1", "--execs", "3"]);
+    // Numbers are printed, not judged: only their presence and sanity are checked.
+    for key in ["create_to_ready", "bare_vmm_boot_to_ready", "noop_exec"] {
+        assert!(r[key]["p50_ms"].as_f64().unwrap() > 0.0, "{key}: {r}");
+    }
+    assert_eq!(r["noop_exec"]["n"], 3);
+    assert!(r["overhead_ratio_p50"].as_f64().unwrap() > 0.0);
+    assert_eq!(d.rpc("vm.list", json!({}))["vms"], json!([]), "bench leaves no VM behind");
+    d.assert_no_leaked_processes();
+}

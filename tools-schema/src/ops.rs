@@ -120,11 +120,11 @@ boots them again."),
             (VmSet, vm_set, "vm.set",
              $crate::vm::VmSetParams, $crate::vm::VmBatchResult, false, false, true,
              "Change vcpus, memory, root disk size (grow only) or NAT of one or more stopped VMs. Values are \
-      checked before anything changes; the new shape applies at the next vm_start."),
+checked before anything changes; the new shape applies at the next vm_start."),
             (VmStats, vm_stats, "vm.stats",
              $crate::vm::VmRef, $crate::vm::VmStats, true, false, true,
              "Resource use of a VM: the VMM's CPU time and memory on the host, disk size and host space used, \
-      and, while it runs, the guest's uptime, load, memory and root filesystem use."),
+and, while it runs, the guest's uptime, load, memory and root filesystem use."),
             (VmDelete, vm_delete, "vm.delete",
              $crate::vm::VmRefs, $crate::vm::VmBatchResult, false, true, false,
              "Delete one or more VMs: stops them if running and removes their disks and records. Irreversible."),

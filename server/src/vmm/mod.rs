@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tools_schema::daemon::VmmKind;
 
+pub mod firecracker;
 pub mod qemu;
 
 #[derive(Debug, thiserror::Error)]
