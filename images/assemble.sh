@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Assembles a bootable ext4 root filesystem from a recipe's root tar and the banger-agent binary.
-# Usage: assemble.sh ROOTFS.tar AGENT_BINARY OUTPUT.ext4 [SIZE (default 2G)]
-# The output is sparse: SIZE is the guest's disk size, not space used on the host.
+# Assembles a bootable ext4 root filesystem from a recipe's root tar and the banger-agent binary, plus the
+# image's work seed: /root as its own ext4 (label banger-work), which every VM of the image clones for its
+# work disk. Usage: assemble.sh ROOTFS.tar AGENT_BINARY OUTPUT.ext4 [SIZE (default 2G)]
+# Writes OUTPUT.ext4 and OUTPUT.work.ext4 (next to it, with .work before .ext4). Both are sparse.
 set -euo pipefail
 tar_in="$1"; agent="$2"; out="$3"; size="${4:-2G}"
 dir="$(mktemp -d)"; trap 'rm -rf "$dir"' EXIT
@@ -9,6 +10,10 @@ tar -C "$dir" --numeric-owner -xf "$tar_in"
 install -D -m 0755 "$agent" "$dir/usr/local/bin/banger-agent"
 mkdir -p "$dir/etc/banger"
 "$agent" version > "$dir/etc/banger/agent-version"
-rm -f "$out.tmp"
+work="${out%.ext4}.work.ext4"
+mkdir -p "$dir/root"
+rm -f "$work.tmp" "$out.tmp"
+mkfs.ext4 -q -F -L banger-work -d "$dir/root" "$work.tmp" 1G
 mkfs.ext4 -q -F -L banger-root -d "$dir" "$out.tmp" "$size"
+mv "$work.tmp" "$work"
 mv "$out.tmp" "$out"

@@ -12,7 +12,7 @@ build_agent() {
 }
 
 # assemble_image RECIPE AGENT: prints the path of an ext4 root filesystem built from the recipe's cached root
-# tar plus this agent. Cached by content, so it is rebuilt only when the recipe or the agent changes.
+# tar plus this agent (its work seed is next to it, ending in .work.ext4). Cached by content, so it is rebuilt only when the recipe or the agent changes.
 assemble_image() {
   local recipe="$1" agent="$2" tar hash out
   tar="$(readlink -f "$CACHE/rootfs/$recipe.tar")"
@@ -24,7 +24,7 @@ assemble_image() {
     log "assembling image $recipe ($hash)"
     "$ROOT/images/assemble.sh" "$tar" "$agent" "$out" >&2
     # Keep the three newest builds of each recipe.
-    ls -1t "$CACHE/images/$recipe"-*.ext4 | tail -n +4 | xargs -r rm -f
+    ls -1t "$CACHE/images/$recipe"-*[0-9a-f].ext4 | tail -n +4 | while read -r old; do rm -f "$old" "${old%.ext4}.work.ext4"; done
   fi
   echo "$out"
 }

@@ -29,6 +29,7 @@ pub struct TestImage {
     pub kernel: String,
     pub initrd: String,
     pub rootfs: String,
+    pub work_seed: String,
 }
 
 pub fn test_image() -> TestImage {
@@ -41,6 +42,7 @@ pub fn test_image() -> TestImage {
         kernel: var("BANGER_TEST_KERNEL"),
         initrd: var("BANGER_TEST_INITRD"),
         rootfs: var("BANGER_TEST_ROOTFS"),
+        work_seed: var("BANGER_TEST_WORK_SEED"),
     }
 }
 
@@ -240,7 +242,8 @@ impl TestDaemon {
         let img = test_image();
         self.rpc(
             "image.register",
-            json!({"name": "test", "kernel": img.kernel, "initrd": img.initrd, "rootfs": img.rootfs, "make_default": true}),
+            json!({"name": "test", "kernel": img.kernel, "initrd": img.initrd, "rootfs": img.rootfs,
+                   "work_seed": img.work_seed, "make_default": true}),
         )
     }
 

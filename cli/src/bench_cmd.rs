@@ -185,6 +185,7 @@ async fn bare_boot(image: &tools_schema::image::ImageInfo, memory_mib: u32) -> a
             kernel: image.kernel.clone().into(),
             initrd: image.initrd.clone().map(Into::into),
             root_disk: paths.root_disk(),
+            work_disk: None,
             dir: dir.clone(),
             net: None,
             extra_args: vec![],

@@ -88,6 +88,9 @@ struct RegisterArgs {
     initrd: Option<PathBuf>,
     #[arg(long)]
     rootfs: PathBuf,
+    /// ext4 with the initial /root (label banger-work); an empty one is made when omitted.
+    #[arg(long)]
+    work_seed: Option<PathBuf>,
     /// Make it the default image.
     #[arg(long)]
     default: bool,
@@ -177,6 +180,7 @@ async fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                         kernel_elf: a.kernel_elf.map(absolute),
                         initrd: a.initrd.map(absolute),
                         rootfs: absolute(a.rootfs),
+                        work_seed: a.work_seed.map(absolute),
                         make_default: a.default,
                     };
                     let img = d.call::<ops::ImageRegister>(&p).await?;

@@ -100,6 +100,9 @@ pub struct SetArgs {
     /// Root disk size in GiB (grow only, 1-1024).
     #[arg(long = "disk", value_parser = clap::value_parser!(u32).range(1..=1024))]
     disk_gib: Option<u32>,
+    /// Work disk (/root) size in GiB (grow only, 1-1024).
+    #[arg(long = "work-disk", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    work_disk_gib: Option<u32>,
     /// NAT to other networks: true or false.
     #[arg(long)]
     nat: Option<bool>,
@@ -233,6 +236,7 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 vcpus: a.vcpus,
                 memory_mib: a.memory_mib,
                 disk_gib: a.disk_gib,
+                work_disk_gib: a.work_disk_gib,
                 nat: a.nat,
             };
             p.validate().map_err(|e| anyhow::anyhow!(e))?;

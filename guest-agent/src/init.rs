@@ -17,14 +17,13 @@ pub fn run() -> anyhow::Result<()> {
     }
     let _ = Command::new("ip").args(["link", "set", "lo", "up"]).status();
     let hostname = kernel_arg(&cmdline, "banger.hostname").unwrap_or("localhost");
-    // The root disk was grown while the VM was stopped: grow the filesystem to match (online, ext4).
-    if let Some(dev) = kernel_arg(&cmdline, "banger.growfs") {
-        match Command::new("resize2fs").arg(dev).output() {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => eprintln!("banger-agent: resize2fs {dev}: {}", String::from_utf8_lossy(&o.stderr).trim()),
-            Err(e) => eprintln!("banger-agent: resize2fs {dev}: {e}"),
+    let grow: Vec<&str> = kernel_arg(&cmdline, "banger.growfs").map(|g| g.split(',').collect()).unwrap_or_default();
+    if grow.contains(&"root") {
+        if let Some(dev) = find_by_label("banger-root") {
+            grow_fs(&dev);
         }
     }
+    mount_work_disk(grow.contains(&"work"));
     if let Err(e) = configure_network(&cmdline, hostname) {
         eprintln!("banger-agent: network: {e}");
     }
@@ -86,6 +85,35 @@ fn find_interface_by_mac(mac: &str) -> Option<String> {
         std::thread::sleep(Duration::from_millis(20));
     }
     None
+}
+
+/// The device holding the ext4 filesystem with this label (disks are found by label: virtio-mmio does not
+/// promise which one becomes vda).
+fn find_by_label(label: &str) -> Option<String> {
+    let out = Command::new("findfs").arg(format!("LABEL={label}")).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string()).filter(|d| !d.is_empty())
+}
+
+/// Grows an ext4 filesystem to its (grown) disk, online.
+fn grow_fs(dev: &str) {
+    match Command::new("resize2fs").arg(dev).output() {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => eprintln!("banger-agent: resize2fs {dev}: {}", String::from_utf8_lossy(&o.stderr).trim()),
+        Err(e) => eprintln!("banger-agent: resize2fs {dev}: {e}"),
+    }
+}
+
+/// Mounts the VM's work disk at /root: the user's and agents' files live there, on a disk of its own.
+fn mount_work_disk(grow: bool) {
+    let Some(dev) = find_by_label("banger-work") else { return };
+    let _ = std::fs::create_dir_all("/root");
+    if let Err(e) = mount(Some(dev.as_str()), "/root", Some("ext4"), MsFlags::MS_NOATIME, None::<&str>) {
+        eprintln!("banger-agent: mount {dev} on /root: {e}");
+        return;
+    }
+    if grow {
+        grow_fs(&dev);
+    }
 }
 
 fn spawn_server(exe: &Path) -> Option<Pid> {

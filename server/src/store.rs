@@ -54,6 +54,8 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE vms ADD COLUMN tap TEXT;
      ALTER TABLE vms ADD COLUMN nat INTEGER NOT NULL DEFAULT 0;
      CREATE UNIQUE INDEX vms_ip ON vms(ip) WHERE ip IS NOT NULL;",
+    // 3: images carry a work seed, the ext4 each VM's /root disk is cloned from ('' for older images).
+    "ALTER TABLE images ADD COLUMN work_seed TEXT NOT NULL DEFAULT '';",
 ];
 
 #[derive(Debug, Clone)]
@@ -68,6 +70,7 @@ pub struct ImageRow {
     pub fingerprint: String,
     pub is_default: bool,
     pub created_at: i64,
+    pub work_seed: String,
 }
 
 #[derive(Debug, Clone)]
@@ -140,10 +143,11 @@ impl Store {
                 tx.execute("UPDATE images SET is_default = 0", [])?;
             }
             tx.execute(
-                "INSERT INTO images (id, name, kernel, kernel_elf, initrd, rootfs, rootfs_bytes, fingerprint, is_default, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT INTO images (id, name, kernel, kernel_elf, initrd, rootfs, rootfs_bytes, fingerprint, is_default, created_at,
+                                     work_seed)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![img.id, img.name, img.kernel, img.kernel_elf, img.initrd, img.rootfs, img.rootfs_bytes as i64,
-                        img.fingerprint, img.is_default, img.created_at],
+                        img.fingerprint, img.is_default, img.created_at, img.work_seed],
             )?;
             tx.commit()
         })
@@ -266,6 +270,7 @@ fn image_from_row(r: &Row) -> rusqlite::Result<ImageRow> {
         fingerprint: r.get("fingerprint")?,
         is_default: r.get("is_default")?,
         created_at: r.get("created_at")?,
+        work_seed: r.get("work_seed")?,
     })
 }
 

@@ -294,6 +294,14 @@ fn set_changes_shape_of_a_stopped_vm_and_grows_its_disk_and_stats_report_both_vi
     assert!(s["guest"]["mem_total_bytes"].as_u64().unwrap() > 128 << 20, "{s}");
     assert!(s["guest"]["processes"].as_u64().unwrap() >= 2, "{s}");
     let root_before = s["guest"]["root_total_bytes"].as_u64().unwrap();
+    // /root is the VM's own work disk, cloned from the image's work seed.
+    let work = |d: &TestDaemon| {
+        let r = d.rpc("vm.exec", json!({"vm": "shape", "command": ["sh", "-c", "mountpoint -q /root && findfs LABEL=banger-work && df -B1 --output=size /root | tail -1"]}));
+        assert_eq!(r["exit_code"], 0, "/root is not the work disk: {r}");
+        r["stdout"].as_str().unwrap().lines().last().unwrap().trim().parse::<u64>().unwrap()
+    };
+    let work_before = work(&d);
+    d.rpc("vm.exec", json!({"vm": "shape", "command": ["sh", "-c", "echo mine > /root/own-file"]}));
 
     // Running VMs cannot change shape; the error says how.
     let r = d.rpc("vm.set", json!({"vms": ["shape"], "vcpus": 2}));
@@ -311,12 +319,14 @@ fn set_changes_shape_of_a_stopped_vm_and_grows_its_disk_and_stats_report_both_vi
     d.rpc("vm.stop", json!({"vms": ["shape"]}));
     let e = d.rpc("vm.set", json!({"vms": ["shape"], "disk_gib": 1}));
     assert_eq!(e["results"][0]["error"]["code"], "invalid_argument", "disks only grow: {e}");
-    let r = d.rpc("vm.set", json!({"vms": ["shape"], "vcpus": 2, "memory_mib": 384, "disk_gib": 3}));
+    let r =
+        d.rpc("vm.set", json!({"vms": ["shape"], "vcpus": 2, "memory_mib": 384, "disk_gib": 3, "work_disk_gib": 2}));
     assert_eq!(r["ok"], true, "{r}");
     let info = &r["results"][0]["info"];
     assert_eq!(info["vcpus"], 2);
     assert_eq!(info["memory_mib"], 384);
     assert_eq!(info["disk_bytes"], 3u64 << 30);
+    assert_eq!(info["work_disk_bytes"], 2u64 << 30);
 
     d.rpc("vm.start", json!({"vms": ["shape"]}));
     let nproc = d.rpc("vm.exec", json!({"vm": "shape", "command": ["nproc"]}));
@@ -324,6 +334,14 @@ fn set_changes_shape_of_a_stopped_vm_and_grows_its_disk_and_stats_report_both_vi
     let s = d.rpc("vm.stats", json!({"vm": "shape"}));
     let root_after = s["guest"]["root_total_bytes"].as_u64().unwrap();
     assert!(root_after > root_before + (512 << 20), "the filesystem grew with the disk: {root_before} -> {root_after}");
+    let work_after = work(&d);
+    assert!(work_after > work_before + (512 << 20), "/root grew with its disk: {work_before} -> {work_after}");
+    assert_eq!(d.rpc("vm.exec", json!({"vm": "shape", "command": ["cat", "/root/own-file"]}))["stdout"], "mine\n");
+    // Another VM of the same image gets its own /root, without the first VM's files.
+    d.rpc("vm.create", json!({"name": "other", "memory_mib": 256}));
+    let r = d.rpc("vm.exec", json!({"vm": "other", "command": ["test", "-e", "/root/own-file"]}));
+    assert_eq!(r["exit_code"], 1, "work disks must not be shared: {r}");
+    d.rpc("vm.delete", json!({"vms": ["other"]}));
     d.rpc("vm.delete", json!({"vms": ["shape"]}));
 }
 

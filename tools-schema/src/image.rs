@@ -19,6 +19,11 @@ pub struct ImageRegisterParams {
     /// Absolute path of the ext4 root filesystem image. The daemon copies it into its own store, so the
     /// source may be removed afterwards.
     pub rootfs: String,
+    /// Absolute path of the image's work seed: an ext4 filesystem (label `banger-work`) with the initial
+    /// contents of /root. Each VM's work disk is a copy-on-write clone of it. An empty 1 GiB seed is made
+    /// when omitted.
+    #[serde(default)]
+    pub work_seed: Option<String>,
     /// Make this the default image for new VMs.
     #[serde(default)]
     pub make_default: bool,
@@ -48,6 +53,8 @@ pub struct ImageInfo {
     pub rootfs: String,
     /// Size of the root filesystem in bytes.
     pub rootfs_bytes: u64,
+    /// The work seed every VM's /root disk is cloned from.
+    pub work_seed: String,
     /// Content fingerprint (sha256 of kernel, initrd and rootfs), so a VM can tell which build it runs.
     pub fingerprint: String,
     /// Creation time, seconds since the Unix epoch.

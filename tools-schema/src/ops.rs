@@ -119,7 +119,7 @@ boots them again."),
              "Force off one or more VMs at once, without a guest shutdown. Disks are kept."),
             (VmSet, vm_set, "vm.set",
              $crate::vm::VmSetParams, $crate::vm::VmBatchResult, false, false, true,
-             "Change vcpus, memory, root disk size (grow only) or NAT of one or more stopped VMs. Values are \
+             "Change vcpus, memory, root or work disk size (grow only) or NAT of one or more stopped VMs. Values are \
 checked before anything changes; the new shape applies at the next vm_start."),
             (VmStats, vm_stats, "vm.stats",
              $crate::vm::VmRef, $crate::vm::VmStats, true, false, true,

@@ -115,6 +115,8 @@ pub struct VmInfo {
     pub nat: bool,
     /// Size of the VM's root disk in bytes (its filesystem grows to it at boot).
     pub disk_bytes: Option<u64>,
+    /// Size of the VM's work disk (mounted at /root) in bytes.
+    pub work_disk_bytes: Option<u64>,
 }
 
 /// All VMs.
@@ -230,6 +232,11 @@ pub struct VmSetParams {
     #[serde(default)]
     #[schemars(range(min = 1, max = 1024))]
     pub disk_gib: Option<u32>,
+    /// Size of the work disk mounted at /root, in GiB (1-1024). Grow only; its filesystem grows at the
+    /// next boot.
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 1024))]
+    pub work_disk_gib: Option<u32>,
     /// Give the VM NAT to other networks (or take it away), from the next start.
     #[serde(default)]
     pub nat: Option<bool>,
@@ -240,13 +247,20 @@ impl VmSetParams {
         if self.vms.is_empty() {
             return Err("name at least one VM".into());
         }
-        if self.vcpus.is_none() && self.memory_mib.is_none() && self.disk_gib.is_none() && self.nat.is_none() {
-            return Err("nothing to change: give vcpus, memory_mib, disk_gib or nat".into());
+        if self.vcpus.is_none()
+            && self.memory_mib.is_none()
+            && self.disk_gib.is_none()
+            && self.work_disk_gib.is_none()
+            && self.nat.is_none()
+        {
+            return Err("nothing to change: give vcpus, memory_mib, disk_gib, work_disk_gib or nat".into());
         }
         VmCreateParams { vcpus: self.vcpus, memory_mib: self.memory_mib, ..Default::default() }.validate()?;
-        if let Some(d) = self.disk_gib {
-            if d == 0 || d > MAX_DISK_GIB {
-                return Err(format!("disk_gib must be between 1 and {MAX_DISK_GIB}, got {d}"));
+        for (field, value) in [("disk_gib", self.disk_gib), ("work_disk_gib", self.work_disk_gib)] {
+            if let Some(d) = value {
+                if d == 0 || d > MAX_DISK_GIB {
+                    return Err(format!("{field} must be between 1 and {MAX_DISK_GIB}, got {d}"));
+                }
             }
         }
         Ok(())

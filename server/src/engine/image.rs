@@ -22,6 +22,7 @@ pub(crate) fn image_info(r: &ImageRow) -> ImageInfo {
         initrd: r.initrd.clone(),
         rootfs: r.rootfs.clone(),
         rootfs_bytes: r.rootfs_bytes,
+        work_seed: r.work_seed.clone(),
         fingerprint: r.fingerprint.clone(),
         created_at: r.created_at,
     }
@@ -39,6 +40,7 @@ impl Engine {
             ("kernel_elf", p.kernel_elf.as_ref()),
             ("initrd", p.initrd.as_ref()),
             ("rootfs", Some(&p.rootfs)),
+            ("work_seed", p.work_seed.as_ref()),
         ];
         for (field, path) in &sources {
             if let Some(path) = path {
@@ -70,7 +72,7 @@ impl Engine {
             r = work => r.map_err(|e| ApiError::internal(format!("image copy task: {e}")))?,
             _ = ctx.cancel.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "image registration cancelled")),
         };
-        let (kernel, kernel_elf, initrd, rootfs, fingerprint) = match copied {
+        let (kernel, kernel_elf, initrd, rootfs, work_seed, fingerprint) = match copied {
             Ok(v) => v,
             Err(e) => {
                 let _ = tokio::fs::remove_dir_all(&dir).await;
@@ -90,6 +92,7 @@ impl Engine {
             fingerprint,
             is_default: p.make_default || is_first,
             created_at: now(),
+            work_seed: work_seed.display().to_string(),
         };
         if let Err(e) = self.store.insert_image(row.clone()).await {
             let _ = tokio::fs::remove_dir_all(&dir).await;
@@ -104,7 +107,7 @@ impl Engine {
         &self,
         dir: &Path,
         p: &ImageRegisterParams,
-    ) -> Result<(PathBuf, Option<PathBuf>, Option<PathBuf>, PathBuf, String), ApiError> {
+    ) -> Result<(PathBuf, Option<PathBuf>, Option<PathBuf>, PathBuf, PathBuf, String), ApiError> {
         tokio::fs::create_dir_all(dir)
             .await
             .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
@@ -137,8 +140,34 @@ impl Engine {
             None => None,
         };
         let rootfs = copy(p.rootfs.clone(), "rootfs.ext4").await?;
+        let work_seed = match &p.work_seed {
+            Some(seed) => copy(seed.clone(), "work-seed.ext4").await?,
+            None => {
+                // An empty /root, labelled so the guest finds it.
+                let seed = dir.join("work-seed.ext4");
+                let out = tokio::process::Command::new(
+                    self.cfg.find_binary("mkfs.ext4").unwrap_or_else(|| "mkfs.ext4".into()),
+                )
+                .args(["-q", "-F", "-L", "banger-work"])
+                .arg(&seed)
+                .arg("1G")
+                .output()
+                .await
+                .map_err(|e| {
+                    ApiError::new(ErrorCode::HostUnsupported, format!("running mkfs.ext4: {e}"))
+                        .with_hint("apt-get install e2fsprogs")
+                })?;
+                if !out.status.success() {
+                    return Err(ApiError::internal(format!(
+                        "making an empty work seed: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )));
+                }
+                seed
+            }
+        };
         // Read-only on the host too: every VM's overlay depends on the base never changing.
-        let mut files = vec![kernel.clone(), rootfs.clone()];
+        let mut files = vec![kernel.clone(), rootfs.clone(), work_seed.clone()];
         files.extend(kernel_elf.clone());
         files.extend(initrd.clone());
         for f in &files {
@@ -150,7 +179,7 @@ impl Engine {
             .await
             .map_err(|e| ApiError::internal(format!("fingerprint task: {e}")))?
             .map_err(|e| ApiError::internal(format!("fingerprinting image: {e}")))?;
-        Ok((kernel, kernel_elf, initrd, rootfs, fingerprint))
+        Ok((kernel, kernel_elf, initrd, rootfs, work_seed, fingerprint))
     }
 
     pub async fn image_list(self: &Arc<Self>, _: Empty, _: CallContext) -> Result<ImageList, ApiError> {

@@ -76,6 +76,7 @@ impl Engine {
             dns_name: format!("{}.vm", row.name),
             nat: row.nat,
             disk_bytes: vmm::qcow2_virtual_size(&self.vm_paths(&row.id).root_disk()),
+            work_disk_bytes: vmm::qcow2_virtual_size(&self.vm_paths(&row.id).work_disk()),
             last_error: row.last_error.clone(),
         }
     }
@@ -276,6 +277,11 @@ impl Engine {
             vmm::create_root_disk(&self.cfg, std::path::Path::new(&image.rootfs), &paths.root_disk())
                 .await
                 .map_err(vmm_error)?;
+            if !image.work_seed.is_empty() {
+                vmm::create_root_disk(&self.cfg, std::path::Path::new(&image.work_seed), &paths.work_disk())
+                    .await
+                    .map_err(vmm_error)?;
+            }
             if cancel.is_cancelled() {
                 return Err(cancelled());
             }
@@ -363,11 +369,8 @@ impl Engine {
             root_disk: paths.root_disk(),
             dir: paths.dir.clone(),
             net,
-            // A root disk grown by `vm set` gets its filesystem grown by the agent at boot.
-            extra_args: match vmm::qcow2_virtual_size(&paths.root_disk()) {
-                Some(size) if size > image.rootfs_bytes => vec!["banger.growfs=/dev/vda".to_string()],
-                _ => vec![],
-            },
+            work_disk: Some(paths.work_disk()).filter(|w| w.exists()),
+            extra_args: grow_args(&paths, image),
         };
         let started = std::time::Instant::now();
         self.store.set_vm_state(row.id.clone(), VmState::Starting, None, None, None).await?;
@@ -625,21 +628,35 @@ impl Engine {
                         row.name
                     )));
                 }
-                let disk = engine.vm_paths(&row.id).root_disk();
-                if let Some(gib) = p.disk_gib {
+                let paths = engine.vm_paths(&row.id);
+                // Check both disks before growing either, so a refusal changes nothing.
+                let mut grow = vec![];
+                for (field, gib, disk) in
+                    [("disk_gib", p.disk_gib, paths.root_disk()), ("work_disk_gib", p.work_disk_gib, paths.work_disk())]
+                {
+                    let Some(gib) = gib else { continue };
+                    let have = vmm::qcow2_virtual_size(&disk).ok_or_else(|| {
+                        ApiError::precondition(format!(
+                            "VM {} has no {} to resize",
+                            row.name,
+                            if field == "disk_gib" { "root disk" } else { "work disk" }
+                        ))
+                    })?;
                     let want = u64::from(gib) << 30;
-                    let have = vmm::qcow2_virtual_size(&disk).unwrap_or(0);
                     if want < have {
                         return Err(ApiError::invalid(format!(
-                            "VM {} has a {:.1} GiB disk; disks only grow, so disk_gib must be at least {}",
+                            "VM {} has a {:.1} GiB disk; disks only grow, so {field} must be at least {}",
                             row.name,
                             have as f64 / (1u64 << 30) as f64,
                             have.div_ceil(1 << 30)
                         )));
                     }
                     if want > have {
-                        vmm::resize_root_disk(&engine.cfg, &disk, want).await.map_err(vmm_error)?;
+                        grow.push((disk, want));
                     }
+                }
+                for (disk, want) in grow {
+                    vmm::resize_root_disk(&engine.cfg, &disk, want).await.map_err(vmm_error)?;
                 }
                 engine.store.set_vm_shape(row.id.clone(), p.vcpus, p.memory_mib, p.nat).await?;
                 Ok(Some(engine.vm_info(&engine.reload(&row.id).await?).await))
@@ -840,4 +857,21 @@ fn generate_name(existing: &[VmRow]) -> String {
 fn random_mac() -> String {
     let b: [u8; 5] = rand::random();
     format!("02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4])
+}
+
+/// Tells the agent which filesystems to grow at boot: a disk grown by `vm set` is bigger than its base.
+fn grow_args(paths: &VmPaths, image: &ImageRow) -> Vec<String> {
+    let mut grow = vec![];
+    if vmm::qcow2_virtual_size(&paths.root_disk()).is_some_and(|s| s > image.rootfs_bytes) {
+        grow.push("root");
+    }
+    let seed = std::fs::metadata(&image.work_seed).map(|m| m.len()).unwrap_or(u64::MAX);
+    if vmm::qcow2_virtual_size(&paths.work_disk()).is_some_and(|s| s > seed) {
+        grow.push("work");
+    }
+    if grow.is_empty() {
+        vec![]
+    } else {
+        vec![format!("banger.growfs={}", grow.join(","))]
+    }
 }

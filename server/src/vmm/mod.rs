@@ -39,6 +39,8 @@ pub struct BootSpec {
     pub initrd: Option<PathBuf>,
     /// The VM's writable root disk.
     pub root_disk: PathBuf,
+    /// The VM's work disk, mounted at /root by the guest agent.
+    pub work_disk: Option<PathBuf>,
     pub dir: PathBuf,
     /// The VM's NIC: a TAP on the bridge and the guest's network settings.
     pub net: Option<(String, crate::network::GuestNet)>,
@@ -71,6 +73,10 @@ impl VmPaths {
     pub fn root_disk(&self) -> PathBuf {
         self.dir.join("root.qcow2")
     }
+    /// The VM's /root, cloned from the image's work seed.
+    pub fn work_disk(&self) -> PathBuf {
+        self.dir.join("work.qcow2")
+    }
 }
 
 /// The marker on every VMM command line that ties the process to its VM.
@@ -90,8 +96,8 @@ pub async fn launch(kind: VmmKind, cfg: &crate::Config, accel: &str, spec: &Boot
     }
 }
 
-/// Creates the VM's copy-on-write root disk over the image's read-only base. Nothing is copied: the
-/// overlay starts empty and holds only the blocks the guest writes.
+/// Creates a VM disk as a copy-on-write overlay (qcow2) over an image's read-only base (root filesystem or
+/// work seed). Nothing is copied: the overlay starts empty and holds only the blocks the guest writes.
 pub async fn create_root_disk(cfg: &crate::Config, base: &Path, disk: &Path) -> Result<(), VmmError> {
     let qemu_img = cfg.find_binary("qemu-img").ok_or(VmmError::MissingBinary { binary: "qemu-img" })?;
     let out = tokio::process::Command::new(qemu_img)
@@ -118,7 +124,7 @@ pub fn qcow2_virtual_size(path: &Path) -> Option<u64> {
     (&header[..4] == b"QFI\xfb").then(|| u64::from_be_bytes(header[24..32].try_into().unwrap()))
 }
 
-/// Grows a stopped VM's root disk to `bytes`.
+/// Grows a stopped VM's disk (root or work) to `bytes`.
 pub async fn resize_root_disk(cfg: &crate::Config, disk: &Path, bytes: u64) -> Result<(), VmmError> {
     let qemu_img = cfg.find_binary("qemu-img").ok_or(VmmError::MissingBinary { binary: "qemu-img" })?;
     let out = tokio::process::Command::new(qemu_img)

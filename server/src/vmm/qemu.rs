@@ -56,8 +56,13 @@ pub async fn launch(cfg: &Config, accel: &str, spec: &BootSpec) -> Result<Launch
         .args(["-serial", "chardev:console"])
         .arg("-drive")
         .arg(format!("id=root,file={},format=qcow2,if=none,discard=unmap,cache=writeback", spec.root_disk.display()))
-        .args(["-device", "virtio-blk-device,drive=root"])
-        .args(["-device", "virtio-rng-device"])
+        .args(["-device", "virtio-blk-device,drive=root"]);
+    if let Some(work) = &spec.work_disk {
+        cmd.arg("-drive")
+            .arg(format!("id=work,file={},format=qcow2,if=none,discard=unmap,cache=writeback", work.display()))
+            .args(["-device", "virtio-blk-device,drive=work"]);
+    }
+    cmd.args(["-device", "virtio-rng-device"])
         .args(["-device", "virtio-serial-device"])
         .arg("-chardev")
         .arg(format!("socket,id=agent,path={},server=on,wait=off", paths.channel().display()))
