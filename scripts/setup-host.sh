@@ -76,7 +76,7 @@ if [[ ! -f $kdir/vmlinux ]]; then
 fi
 
 # Initramfs: busybox, the virtio modules the cloud kernel lacks built in, and banger's guest init.
-initramfs_hash="$(cat "$HERE/images/initramfs/init" "$HERE/images/initramfs/modules" /bin/busybox | sha256sum | cut -c1-16)"
+initramfs_hash="$(cat "$HERE/images/initramfs/"{init,modules,build.sh} /bin/busybox | sha256sum | cut -c1-16)"
 if [[ ! -f $kdir/initramfs-$initramfs_hash.cpio.gz ]]; then
   log "initramfs: building"
   "$HERE/images/initramfs/build.sh" "$kdir/modules" "$kdir/initramfs-$initramfs_hash.cpio.gz"

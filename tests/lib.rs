@@ -98,15 +98,22 @@ pub struct TestDaemon {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     child: Option<Child>,
+    extra_config: String,
 }
 
 impl TestDaemon {
     /// Starts bangerd in a fresh namespace and state directory and waits until it answers.
     pub fn start() -> TestDaemon {
+        Self::start_with_config("")
+    }
+
+    /// Like `start`, with extra lines for the daemon's config file.
+    pub fn start_with_config(extra: &str) -> TestDaemon {
         let dir = tempfile::Builder::new().prefix("banger-e2e-").tempdir().expect("tempdir");
         let socket = dir.path().join("bangerd.sock");
         let state_dir = dir.path().join("state");
-        let mut d = TestDaemon { netns: Netns::new(), socket, state_dir, child: None, dir };
+        let mut d =
+            TestDaemon { netns: Netns::new(), socket, state_dir, child: None, dir, extra_config: extra.to_string() };
         d.spawn();
         d
     }
@@ -118,7 +125,7 @@ impl TestDaemon {
         if !config.exists() {
             // Never the real ~/.ssh/config: the managed block goes into the test's own directory.
             let ssh = self.dir.path().join("ssh_config");
-            std::fs::write(&config, format!("ssh_config = \"{}\"\n", ssh.display())).unwrap();
+            std::fs::write(&config, format!("ssh_config = \"{}\"\n{}\n", ssh.display(), self.extra_config)).unwrap();
         }
         let child = Command::new("ip")
             .args(["netns", "exec", &self.netns.name])

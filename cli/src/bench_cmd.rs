@@ -186,19 +186,19 @@ async fn bare_boot(image: &tools_schema::image::ImageInfo, memory_mib: u32) -> a
             initrd: image.initrd.clone().map(Into::into),
             root_disk: paths.root_disk(),
             work_disk: None,
+            vsock: cfg.qemu_channel == "vsock",
             dir: dir.clone(),
             net: None,
             extra_args: vec![],
         };
         let accel = banger_server::host::choose_vmm(&cfg).qemu_accel;
         let launched = vmm::launch(tools_schema::daemon::VmmKind::Qemu, &cfg, &accel, &spec).await?;
-        let conn = banger_server::guest::GuestConn::connect(&paths.channel()).await?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        let ready = conn.wait_ready(deadline, &Default::default()).await;
+        let ready = paths.guest_channel().ready(deadline, &Default::default()).await;
         let elapsed = started.elapsed();
-        conn.close();
         vmm::kill(launched.pid, &vm_id).await;
-        ready?;
+        vmm::stop_helpers(&dir).await;
+        ready?.0.close();
         Ok::<f64, anyhow::Error>(ms(elapsed))
     }
     .await;

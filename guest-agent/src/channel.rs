@@ -31,6 +31,47 @@ pub enum Incoming {
     HostGone,
 }
 
+/// Serves one async byte stream (a vsock connection): frames out through a writer task, frames in from a
+/// reader task, which reports `HostGone` at EOF.
+pub fn from_stream<R, W>(mut rd: R, mut wr: W) -> (mpsc::UnboundedSender<Frame>, mpsc::UnboundedReceiver<Incoming>)
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (in_tx, in_rx) = mpsc::unbounded_channel();
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Frame>();
+    tokio::spawn(async move {
+        let mut dec = FrameDecoder::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            dec.push(&buf[..n]);
+            loop {
+                match dec.next_frame() {
+                    Ok(Some(f)) => {
+                        let _ = in_tx.send(Incoming::Frame(f));
+                    }
+                    Ok(None) => break,
+                    Err(e) => eprintln!("banger-agent: channel: {e}"),
+                }
+            }
+        }
+        let _ = in_tx.send(Incoming::HostGone);
+    });
+    tokio::spawn(async move {
+        while let Some(frame) = out_rx.recv().await {
+            if wr.write_all(&frame.encode()).await.is_err() {
+                return;
+            }
+        }
+    });
+    (out_tx, in_rx)
+}
+
 /// Opens the port and starts a reader and a writer thread. Frames sent to the returned sender are written
 /// in order; frames read arrive on the returned receiver.
 pub fn open(path: PathBuf) -> std::io::Result<(mpsc::UnboundedSender<Frame>, mpsc::UnboundedReceiver<Incoming>)> {

@@ -15,6 +15,10 @@ pub fn run() -> anyhow::Result<()> {
 }
 
 async fn serve() -> anyhow::Result<()> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if crate::init::kernel_arg(&cmdline, "banger.channel") == Some("vsock") {
+        return serve_vsock().await;
+    }
     let port = loop {
         // The port appears once virtio_console has probed; that is normally before we get here.
         if let Some(p) = channel::find_port() {
@@ -22,7 +26,37 @@ async fn serve() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let (out, mut incoming) = channel::open(port)?;
+    let (out, incoming) = channel::open(port)?;
+    serve_connection(out, incoming, true).await;
+    Ok(())
+}
+
+/// vsock (Firecracker, or QEMU with vhost-user-vsock): every host connection is its own session.
+async fn serve_vsock() -> anyhow::Result<()> {
+    use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
+    let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, tools_schema::guest::VSOCK_PORT))?;
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let (rd, wr) = stream.into_split();
+                let (out, incoming) = channel::from_stream(rd, wr);
+                tokio::spawn(serve_connection(out, incoming, false));
+            }
+            Err(e) => {
+                eprintln!("banger-agent: vsock accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Answers the frames of one host connection. A `persistent` channel (the virtio-serial port) outlives
+/// its host connections; a vsock connection ends with its host.
+async fn serve_connection(
+    out: mpsc::UnboundedSender<Frame>,
+    mut incoming: mpsc::UnboundedReceiver<Incoming>,
+    persistent: bool,
+) {
     // Inputs of running exec streams, by stream id.
     let mut inputs: HashMap<u32, mpsc::UnboundedSender<ExecInput>> = HashMap::new();
     while let Some(ev) = incoming.recv().await {
@@ -33,7 +67,10 @@ async fn serve() -> anyhow::Result<()> {
                 for (_, tx) in inputs.drain() {
                     let _ = tx.send(ExecInput::Cancel);
                 }
-                continue;
+                if persistent {
+                    continue;
+                }
+                return;
             }
         };
         inputs.retain(|_, tx| !tx.is_closed());
@@ -88,7 +125,6 @@ async fn serve() -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
 }
 
 pub fn respond(out: &mpsc::UnboundedSender<Frame>, stream: u32, response: GuestResponse) {

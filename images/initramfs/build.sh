@@ -19,7 +19,8 @@ add() { # add MODULE_PATH after its dependencies; modules.dep lists deps so the 
 }
 while read -r name; do
   [[ -z $name || $name == \#* ]] && continue
-  path="$(awk -F: -v n="/$name.ko" 'index($1, n) == length($1) - length(n) + 1 {print $1; exit}' "$moddir/modules.dep")"
+  # The module whose path ends in /NAME.ko (index() is 0 when absent, so check it is positive).
+  path="$(awk -F: -v n="/$name.ko" '{ i = index($1, n); if (i > 0 && i == length($1) - length(n) + 1) { print $1; exit } }' "$moddir/modules.dep")"
   [[ -n $path ]] || { echo "module $name not found in $moddir" >&2; exit 1; }
   add "$path"
 done < "$here/modules"

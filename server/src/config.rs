@@ -57,6 +57,9 @@ pub struct Config {
     /// daemon's user). `manage_ssh_config = false` leaves it alone.
     pub ssh_config: Option<PathBuf>,
     pub manage_ssh_config: bool,
+    /// Guest channel of QEMU VMs: `virtio-serial` (default; survives snapshot restore) or `vsock`
+    /// (vhost-device-vsock, the same hybrid-vsock protocol Firecracker speaks).
+    pub qemu_channel: String,
 }
 
 /// The VM network: one bridge, the host as gateway, guests numbered from the subnet.
@@ -117,6 +120,7 @@ impl Default for Config {
             network: NetworkConfig::default(),
             ssh_config: None,
             manage_ssh_config: true,
+            qemu_channel: "virtio-serial".into(),
         }
     }
 }
@@ -189,6 +193,16 @@ impl Config {
             ..Default::default()
         };
         probe.validate().map_err(|e| ConfigError::Invalid(format!("default VM shape: {e}")))?;
+        self.network.subnet()?;
+        if self.network.bridge.is_empty() || self.network.bridge.len() > 15 {
+            return Err(ConfigError::Invalid("network.bridge must be 1-15 characters".into()));
+        }
+        if !["virtio-serial", "vsock"].contains(&self.qemu_channel.as_str()) {
+            return Err(ConfigError::Invalid(format!(
+                "qemu_channel must be `virtio-serial` or `vsock`, not `{}`",
+                self.qemu_channel
+            )));
+        }
         Ok(())
     }
 

@@ -54,9 +54,20 @@ pub struct ExecOutput {
 }
 
 impl GuestConn {
-    /// Connects to the channel socket. This does not wait for the guest: see `wait_ready`.
+    /// Connects to a virtio-serial channel socket. This does not wait for the guest: see `wait_ready`.
     pub async fn connect(path: &Path) -> Result<Arc<GuestConn>, GuestError> {
         let stream = UnixStream::connect(path).await.map_err(GuestError::Connect)?;
+        Ok(Self::from_stream(stream))
+    }
+
+    /// Connects to the guest agent's vsock port through a hybrid vsock Unix socket (Firecracker's, or
+    /// vhost-device-vsock's for QEMU). Fails while the guest is not listening yet; callers retry.
+    pub async fn connect_vsock(uds: &Path, port: u32) -> Result<Arc<GuestConn>, GuestError> {
+        let stream = crate::vmm::firecracker::vsock_connect(uds, port).await.map_err(GuestError::Connect)?;
+        Ok(Self::from_stream(stream))
+    }
+
+    fn from_stream(stream: UnixStream) -> Arc<GuestConn> {
         let (mut rd, mut wr) = stream.into_split();
         let (out, mut out_rx) = mpsc::unbounded_channel::<Frame>();
         let routes: Routes = Arc::default();
@@ -107,7 +118,7 @@ impl GuestConn {
             // Wake every waiter: their streams can no longer complete.
             routes.lock().unwrap().clear();
         });
-        Ok(conn)
+        conn
     }
 
     pub fn is_closed(&self) -> bool {

@@ -41,13 +41,25 @@ fn vmm_error(e: VmmError) -> ApiError {
     }
 }
 
+/// An error and its causes, `a: b: c`.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 fn guest_error(vm: &str, e: GuestError) -> ApiError {
     match e {
         GuestError::Cancelled => ApiError::new(ErrorCode::Cancelled, "cancelled by the caller"),
         GuestError::Timeout(_) => ApiError::new(ErrorCode::Timeout, format!("VM {vm}: {e}"))
             .with_hint(format!("`banger vm logs {vm}` shows the guest console")),
         GuestError::Agent(ref m) if m.starts_with("cannot run") => ApiError::invalid(m.clone()),
-        other => ApiError::new(ErrorCode::GuestUnreachable, format!("VM {vm}: {other}"))
+        other => ApiError::new(ErrorCode::GuestUnreachable, format!("VM {vm}: {}", error_chain(&other)))
             .with_hint(format!("`banger vm logs {vm}` shows the guest console; `banger vm restart {vm}` reboots it")),
     }
 }
@@ -298,6 +310,7 @@ impl Engine {
             if let Some(v) = self.store.vm(row.id.clone()).await.ok().flatten() {
                 if let Some(pid) = v.pid {
                     vmm::kill(pid, &row.id).await;
+                    vmm::stop_helpers(&self.vm_paths(&row.id).dir).await;
                 }
             }
             self.drop_guest(&row.id);
@@ -371,6 +384,7 @@ impl Engine {
             net,
             work_disk: Some(paths.work_disk()).filter(|w| w.exists()),
             extra_args: grow_args(&paths, image),
+            vsock: self.cfg.qemu_channel == "vsock",
         };
         let started = std::time::Instant::now();
         self.store.set_vm_state(row.id.clone(), VmState::Starting, None, None, None).await?;
@@ -388,7 +402,6 @@ impl Engine {
         self.store.set_vm_state(row.id.clone(), VmState::Starting, Some(launched.pid), None, None).await?;
         stage("agent");
         let ready = async {
-            let conn = GuestConn::connect(&paths.channel()).await.map_err(|e| guest_error(&row.name, e))?;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(self.cfg.boot_timeout_secs);
             // Watch the VMM while waiting: a guest that died will never answer.
             let marker = vmm::process_marker(&row.id);
@@ -397,12 +410,13 @@ impl Engine {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             };
+            let channel = paths.guest_channel();
             let agent = tokio::select! {
-                r = conn.wait_ready(deadline, cancel) => r.map_err(|e| guest_error(&row.name, e))?,
+                r = channel.ready(deadline, cancel) => r.map_err(|e| guest_error(&row.name, e))?,
                 _ = died => return Err(ApiError::internal(format!("VM {}'s VMM exited during boot", row.name))
                     .with_hint(format!("`banger vm logs {}` shows the guest console", row.name))),
             };
-            Ok::<_, ApiError>((conn, agent))
+            Ok::<_, ApiError>(agent)
         }
         .await;
         match ready {
@@ -414,6 +428,7 @@ impl Engine {
                     if row.nat {
                         if let Err(e) = net.enable_nat(ip).await {
                             vmm::kill(launched.pid, &row.id).await;
+                            vmm::stop_helpers(&self.vm_paths(&row.id).dir).await;
                             self.release_net(row).await;
                             let msg = format!("cannot enable NAT for {}: {e}", row.name);
                             let _ = self
@@ -433,6 +448,7 @@ impl Engine {
             }
             Err(e) => {
                 vmm::kill(launched.pid, &row.id).await;
+                vmm::stop_helpers(&self.vm_paths(&row.id).dir).await;
                 self.release_net(row).await;
                 let _ =
                     self.store.set_vm_state(row.id.clone(), VmState::Failed, None, None, Some(e.message.clone())).await;
@@ -457,10 +473,13 @@ impl Engine {
         if let Some(c) = existing {
             return Ok(c);
         }
-        let conn =
-            GuestConn::connect(&self.vm_paths(&row.id).channel()).await.map_err(|e| guest_error(&row.name, e))?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        conn.wait_ready(deadline, &CancellationToken::new()).await.map_err(|e| guest_error(&row.name, e))?;
+        let (conn, _) = self
+            .vm_paths(&row.id)
+            .guest_channel()
+            .ready(deadline, &CancellationToken::new())
+            .await
+            .map_err(|e| guest_error(&row.name, e))?;
         self.guests.lock().unwrap().insert(row.id.clone(), conn.clone());
         Ok(conn)
     }
@@ -579,9 +598,11 @@ impl Engine {
             }
             if !gone {
                 vmm::kill(pid, &row.id).await;
+                vmm::stop_helpers(&self.vm_paths(&row.id).dir).await;
             }
         }
         self.drop_guest(&row.id);
+        vmm::stop_helpers(&self.vm_paths(&row.id).dir).await;
         self.release_net(row).await;
         self.store.set_vm_state(row.id.clone(), VmState::Stopped, None, None, None).await?;
         Ok(())
@@ -789,6 +810,7 @@ impl Engine {
                     tracing::warn!(vm = %row.name, "rolling back a create interrupted by a daemon restart");
                     if let Some(pid) = pid {
                         vmm::kill(pid, &row.id).await;
+                        vmm::stop_helpers(&self.vm_paths(&row.id).dir).await;
                     }
                     let _ = tokio::fs::remove_dir_all(self.vm_paths(&row.id).dir).await;
                     self.store.delete_vm(row.id.clone()).await?;
@@ -799,6 +821,7 @@ impl Engine {
                 VmState::Running | VmState::Starting | VmState::Stopping => {
                     if let Some(pid) = pid.filter(|_| alive) {
                         vmm::kill(pid, &row.id).await;
+                        vmm::stop_helpers(&self.vm_paths(&row.id).dir).await;
                     }
                     tracing::info!(vm = %row.name, "VM was not running after daemon restart; marked stopped");
                     self.store.set_vm_state(row.id.clone(), VmState::Stopped, None, None, None).await?;
@@ -809,6 +832,7 @@ impl Engine {
                     if let Some(pid) = pid.filter(|_| alive) {
                         tracing::warn!(vm = %row.name, pid, "killing a VMM that outlived its stopped VM");
                         vmm::kill(pid, &row.id).await;
+                        vmm::stop_helpers(&self.vm_paths(&row.id).dir).await;
                     }
                 }
             }
@@ -824,6 +848,7 @@ impl Engine {
                 tracing::warn!(id = %id, "removing an orphaned VM directory");
                 if let Some(pid) = self.pid_from_pidfile(&id) {
                     vmm::kill(pid, &id).await;
+                    vmm::stop_helpers(&e.path()).await;
                 }
                 let _ = tokio::fs::remove_dir_all(e.path()).await;
             }

@@ -742,30 +742,37 @@ mod tests {
         assert!(parse_ok_line(b"OK five").is_err());
     }
 
-    fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt;
-        let path = dir.join(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        path
-    }
-
     #[tokio::test]
     async fn spawn_reports_a_vmm_that_exits_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let fake = script(dir.path(), "fc", "echo 'bad things' >&2; exit 3");
         let log = dir.path().join("console.log");
-        let err = spawn(&fake, dir.path(), "banger-vm-t1", &log).await.unwrap_err();
-        assert!(matches!(&err, FcError::ExitedEarly { status, .. } if status.contains('3')), "{err:?}");
-        assert!(std::fs::read_to_string(&log).unwrap().contains("bad things"));
+        // sh rejects Firecracker's options and exits 2, complaining on stderr.
+        let err = spawn(Path::new("/bin/sh"), dir.path(), "banger-vm-t1", &log).await.unwrap_err();
+        assert!(matches!(&err, FcError::ExitedEarly { status, .. } if status.contains('2')), "{err:?}");
+        assert!(std::fs::read_to_string(&log).unwrap().contains("Illegal option"));
     }
 
     #[tokio::test]
     async fn spawn_kills_a_vmm_whose_api_never_answers() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let fake = script(dir.path(), "fc", "exec sleep 30");
+        let fake = dir.path().join("fc");
+        std::fs::write(&fake, "#!/bin/sh\nexec sleep 30\n").unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
         let log = dir.path().join("console.log");
-        let err = spawn_within(&fake, dir.path(), "banger-vm-t2", &log, Duration::from_millis(300)).await.unwrap_err();
+        let wait = Duration::from_millis(300);
+        let mut result = spawn_within(&fake, dir.path(), "banger-vm-t2", &log, wait).await;
+        // A fork in a concurrently running test may briefly hold the script open for writing.
+        for _ in 0..20 {
+            match &result {
+                Err(FcError::Spawn { source, .. }) if source.raw_os_error() == Some(libc::ETXTBSY) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    result = spawn_within(&fake, dir.path(), "banger-vm-t2", &log, wait).await;
+                }
+                _ => break,
+            }
+        }
+        let err = result.unwrap_err();
         let FcError::ApiSocketTimeout { pid, .. } = err else { panic!("expected a timeout, got {err:?}") };
         // Killed and reaped by spawn: no such process any more, not even a zombie.
         assert!(!Path::new(&format!("/proc/{pid}")).exists(), "pid {pid} is still there");

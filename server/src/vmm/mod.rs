@@ -28,6 +28,47 @@ pub enum VmmError {
     },
 }
 
+/// The host end of a VM's guest channel.
+#[derive(Debug, Clone)]
+pub enum GuestChannel {
+    VirtioSerial(PathBuf),
+    Vsock(PathBuf),
+}
+
+impl GuestChannel {
+    /// Connects once (a vsock connect fails until the guest agent listens; callers retry).
+    pub async fn connect(&self) -> Result<std::sync::Arc<crate::guest::GuestConn>, crate::guest::GuestError> {
+        match self {
+            GuestChannel::VirtioSerial(p) => crate::guest::GuestConn::connect(p).await,
+            GuestChannel::Vsock(p) => crate::guest::GuestConn::connect_vsock(p, tools_schema::guest::VSOCK_PORT).await,
+        }
+    }
+
+    /// Connects and waits until the agent answers, retrying connects until `deadline`.
+    pub async fn ready(
+        &self,
+        deadline: tokio::time::Instant,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<(std::sync::Arc<crate::guest::GuestConn>, tools_schema::BuildInfo), crate::guest::GuestError> {
+        loop {
+            match self.connect().await {
+                Ok(conn) => match conn.wait_ready(deadline, cancel).await {
+                    Ok(agent) => return Ok((conn, agent)),
+                    // A vsock connection accepted before the agent listened is closed at once: retry.
+                    Err(crate::guest::GuestError::Closed) if tokio::time::Instant::now() < deadline => {}
+                    Err(e) => return Err(e),
+                },
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => {}
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = cancel.cancelled() => return Err(crate::guest::GuestError::Cancelled),
+            }
+        }
+    }
+}
+
 /// What to boot.
 #[derive(Debug, Clone)]
 pub struct BootSpec {
@@ -46,6 +87,8 @@ pub struct BootSpec {
     pub net: Option<(String, crate::network::GuestNet)>,
     /// More kernel command-line arguments for the guest agent.
     pub extra_args: Vec<String>,
+    /// Use vsock instead of virtio-serial for the guest channel (QEMU; Firecracker always uses vsock).
+    pub vsock: bool,
 }
 
 /// Runtime files of a VM, all inside its directory.
@@ -63,6 +106,25 @@ impl VmPaths {
     }
     pub fn channel(&self) -> PathBuf {
         self.dir.join("agent.sock")
+    }
+    /// Hybrid vsock socket (host side of the guest's vsock), when the VM uses vsock.
+    pub fn vsock(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+    /// vhost-user control socket between QEMU and vhost-device-vsock.
+    pub fn vhost_vsock(&self) -> PathBuf {
+        self.dir.join("vhost-vsock.sock")
+    }
+    pub fn vhost_vsock_pidfile(&self) -> PathBuf {
+        self.dir.join("vhost-vsock.pid")
+    }
+    /// How the host reaches this VM's agent: vsock when the VM was booted with it.
+    pub fn guest_channel(&self) -> GuestChannel {
+        if self.vsock().exists() || self.vhost_vsock().exists() {
+            GuestChannel::Vsock(self.vsock())
+        } else {
+            GuestChannel::VirtioSerial(self.channel())
+        }
     }
     pub fn control(&self) -> PathBuf {
         self.dir.join("control.sock")
@@ -141,6 +203,20 @@ pub async fn resize_root_disk(cfg: &crate::Config, disk: &Path, bytes: u64) -> R
         });
     }
     Ok(())
+}
+
+/// Ends the VM's helper processes (vhost-device-vsock), once its VMM is gone.
+pub async fn stop_helpers(dir: &Path) {
+    let pidfile = dir.join("vhost-vsock.pid");
+    let Some(pid) = std::fs::read_to_string(&pidfile).ok().and_then(|s| s.trim().parse::<u32>().ok()) else { return };
+    // Its command line names its socket inside the VM's directory: that identifies it.
+    let marker = dir.join("vhost-vsock.sock").display().to_string();
+    if crate::host::process_matches(pid, &marker) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        wait_exit(pid, &marker, Duration::from_secs(5)).await;
+    }
+    reap(pid);
+    let _ = std::fs::remove_file(pidfile);
 }
 
 /// Sends SIGKILL to a VMM process if it is still the VM's, and waits for it to go.

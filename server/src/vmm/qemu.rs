@@ -10,6 +10,9 @@ pub async fn launch(cfg: &Config, accel: &str, spec: &BootSpec) -> Result<Launch
     for stale in [paths.channel(), paths.control(), paths.pidfile()] {
         let _ = std::fs::remove_file(stale);
     }
+    if spec.vsock {
+        start_vhost_vsock(cfg, &paths).await?;
+    }
     let mut cmdline = vec![
         "console=ttyS0".to_string(),
         "quiet".into(),
@@ -20,6 +23,9 @@ pub async fn launch(cfg: &Config, accel: &str, spec: &BootSpec) -> Result<Launch
         cmdline.extend(net.kernel_args());
     }
     cmdline.extend(spec.extra_args.iter().cloned());
+    if spec.vsock {
+        cmdline.push("banger.channel=vsock".into());
+    }
     if accel == "tcg" {
         // Without these, most TCG boots hang calibrating the timer.
         if let Some(khz) = crate::host::tsc_khz() {
@@ -28,6 +34,15 @@ pub async fn launch(cfg: &Config, accel: &str, spec: &BootSpec) -> Result<Launch
         cmdline.push("tsc=reliable".into());
     }
     let mut cmd = Command::new(qemu);
+    if spec.vsock {
+        // vhost-user devices need guest RAM the backend can map: a shared memfd.
+        cmd.arg("-object")
+            .arg(format!("memory-backend-memfd,id=mem,size={}M,share=on", spec.memory_mib))
+            .args(["-machine", "memory-backend=mem"])
+            .arg("-chardev")
+            .arg(format!("socket,id=vhostvsock,path={}", paths.vhost_vsock().display()))
+            .args(["-device", "vhost-user-vsock-device,chardev=vhostvsock"]);
+    }
     cmd.arg("-name")
         .arg(format!("{},process={}", spec.hostname, process_marker(&spec.vm_id)))
         .args(["-M", "microvm,acpi=on,pit=on,pic=on,rtc=on"])
@@ -87,4 +102,45 @@ pub async fn launch(cfg: &Config, accel: &str, spec: &BootSpec) -> Result<Launch
         .and_then(|s| s.trim().parse::<u32>().ok())
         .ok_or_else(|| VmmError::Launch { what: "starting qemu".into(), detail: "qemu wrote no pid file".into() })?;
     Ok(Launched { pid })
+}
+
+/// Starts vhost-device-vsock for the VM (detached, like the VMM) and waits for its vhost-user socket.
+async fn start_vhost_vsock(cfg: &Config, paths: &VmPaths) -> Result<(), VmmError> {
+    let bin = cfg.find_binary("vhost-device-vsock").ok_or(VmmError::MissingBinary { binary: "vhost-device-vsock" })?;
+    for stale in [paths.vhost_vsock(), paths.vsock()] {
+        let _ = std::fs::remove_file(stale);
+    }
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| VmmError::Io { what, source }
+    };
+    let log = std::fs::File::create(paths.dir.join("vhost-vsock.log")).map_err(io("creating the vhost-vsock log"))?;
+    let mut cmd = std::process::Command::new(bin);
+    cmd.arg("--vm")
+        .arg(format!("guest-cid=3,socket={},uds-path={}", paths.vhost_vsock().display(), paths.vsock().display()))
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().map_err(io("logging"))?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; it detaches the helper from the daemon's session.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+    }
+    let child = cmd.spawn().map_err(io("starting vhost-device-vsock"))?;
+    let pid = child.id();
+    drop(child); // a std Child is not reaped on drop; the daemon reaps helpers by pid, like VMMs
+    std::fs::write(paths.vhost_vsock_pidfile(), pid.to_string()).map_err(io("writing the vhost-vsock pid file"))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !paths.vhost_vsock().exists() {
+        if std::time::Instant::now() > deadline {
+            super::stop_helpers(&paths.dir).await;
+            let log = std::fs::read_to_string(paths.dir.join("vhost-vsock.log")).unwrap_or_default();
+            return Err(VmmError::Launch {
+                what: "starting vhost-device-vsock".into(),
+                detail: log.trim().to_string(),
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    Ok(())
 }
