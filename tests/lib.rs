@@ -27,6 +27,7 @@ pub fn bin(name: &str) -> PathBuf {
 /// Boot assets for guest tests.
 pub struct TestImage {
     pub kernel: String,
+    pub kernel_elf: String,
     pub initrd: String,
     pub rootfs: String,
     pub work_seed: String,
@@ -42,6 +43,7 @@ pub fn test_image() -> TestImage {
         kernel: var("BANGER_TEST_KERNEL"),
         initrd: var("BANGER_TEST_INITRD"),
         rootfs: var("BANGER_TEST_ROOTFS"),
+        kernel_elf: var("BANGER_TEST_KERNEL_ELF"),
         work_seed: var("BANGER_TEST_WORK_SEED"),
     }
 }
@@ -249,7 +251,7 @@ impl TestDaemon {
         let img = test_image();
         self.rpc(
             "image.register",
-            json!({"name": "test", "kernel": img.kernel, "initrd": img.initrd, "rootfs": img.rootfs,
+            json!({"name": "test", "kernel": img.kernel, "kernel_elf": img.kernel_elf, "initrd": img.initrd, "rootfs": img.rootfs,
                    "work_seed": img.work_seed, "make_default": true}),
         )
     }

@@ -185,6 +185,8 @@ async fn bare_boot(image: &tools_schema::image::ImageInfo, memory_mib: u32) -> a
             kernel: image.kernel.clone().into(),
             initrd: image.initrd.clone().map(Into::into),
             root_disk: paths.root_disk(),
+            base_rootfs: image.rootfs.clone().into(),
+            kernel_elf: image.kernel_elf.clone().map(Into::into),
             work_disk: None,
             vsock: cfg.qemu_channel == "vsock",
             dir: dir.clone(),

@@ -190,7 +190,14 @@ async fn power_off(reboot: bool) {
         None::<&str>,
     );
     nix::unistd::sync();
-    let how =
-        if reboot { nix::sys::reboot::RebootMode::RB_AUTOBOOT } else { nix::sys::reboot::RebootMode::RB_POWER_OFF };
+    // Firecracker has no ACPI power-off: a guest "reboot" (reboot=k) is how its VMM exits. QEMU runs with
+    // -no-reboot, so both paths end the VMM there.
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let firecracker = crate::init::kernel_arg(&cmdline, "banger.vmm") == Some("firecracker");
+    let how = if reboot || firecracker {
+        nix::sys::reboot::RebootMode::RB_AUTOBOOT
+    } else {
+        nix::sys::reboot::RebootMode::RB_POWER_OFF
+    };
     let _ = nix::sys::reboot::reboot(how);
 }

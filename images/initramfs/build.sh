@@ -5,7 +5,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 moddir="$1"; out="$2"
 root="$(mktemp -d)"; trap 'rm -rf "$root"' EXIT
-mkdir -p "$root"/{bin,dev,proc,sys,newroot,lib/modules,etc}
+mkdir -p "$root"/{bin,dev,proc,sys,newroot,lower,upper,lib/modules,etc}
 cp /bin/busybox "$root/bin/busybox"
 cp "$here/init" "$root/init"; chmod 0755 "$root/init"
 declare -A seen=()

@@ -60,6 +60,9 @@ pub struct Config {
     /// Guest channel of QEMU VMs: `virtio-serial` (default; survives snapshot restore) or `vsock`
     /// (vhost-device-vsock, the same hybrid-vsock protocol Firecracker speaks).
     pub qemu_channel: String,
+    /// Let `--vmm firecracker` start on hosts without hardware KVM. Guests cannot boot there (paravirtual
+    /// KVM kills ordinary kernels), so this only exercises the driver, e.g. in banger's own tests.
+    pub allow_firecracker_without_hardware_kvm: bool,
 }
 
 /// The VM network: one bridge, the host as gateway, guests numbered from the subnet.
@@ -121,6 +124,7 @@ impl Default for Config {
             ssh_config: None,
             manage_ssh_config: true,
             qemu_channel: "virtio-serial".into(),
+            allow_firecracker_without_hardware_kvm: false,
         }
     }
 }

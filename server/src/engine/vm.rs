@@ -222,12 +222,39 @@ impl Engine {
         Ok(op.snapshot())
     }
 
+    /// Firecracker needs hardware KVM (on paravirtual KVM an ordinary guest kernel dies mid-boot), its
+    /// binary, and an ELF kernel in the image. Said before anything is made.
+    fn check_firecracker(&self, image: &ImageRow) -> Result<(), ApiError> {
+        use tools_schema::daemon::Acceleration;
+        if self.vmm.acceleration != Acceleration::HardwareKvm && !self.cfg.allow_firecracker_without_hardware_kvm {
+            return Err(ApiError::new(
+                ErrorCode::HostUnsupported,
+                format!(
+                    "Firecracker needs hardware KVM; this host has {:?}: {}",
+                    self.vmm.acceleration, self.vmm.reason
+                ),
+            )
+            .with_hint("use --vmm qemu (or leave --vmm out): QEMU runs guests on this host"));
+        }
+        if self.cfg.find_binary("firecracker").is_none() {
+            return Err(vmm_error(VmmError::MissingBinary { binary: "firecracker" }));
+        }
+        if image.kernel_elf.is_none() {
+            return Err(ApiError::precondition(format!(
+                "image {} has no ELF kernel, which Firecracker boots",
+                image.name
+            ))
+            .with_hint("register the image again with --kernel-elf (scripts/quickstart.sh does)"));
+        }
+        Ok(())
+    }
+
     /// Checks the request against daemon state, picks name and address, and records the VM as starting.
     async fn allocate_vm(&self, p: VmCreateParams) -> Result<(VmRow, ImageRow), ApiError> {
         let image = self.resolve_image(p.image.as_deref()).await?;
         let vmm = p.vmm.unwrap_or(self.vmm.vmm);
         if vmm == VmmKind::Firecracker {
-            return Err(vmm_error(VmmError::Unsupported { vmm: "firecracker" }));
+            self.check_firecracker(&image)?;
         }
         // Addresses and names are handed out under a lock; the store's unique indexes are the backstop.
         let _ip_guard = self.ip_lock.lock().await;
@@ -286,13 +313,20 @@ impl Engine {
             tokio::fs::create_dir_all(&paths.dir)
                 .await
                 .map_err(|e| ApiError::internal(format!("creating {}: {e}", paths.dir.display())))?;
-            vmm::create_root_disk(&self.cfg, std::path::Path::new(&image.rootfs), &paths.root_disk())
-                .await
-                .map_err(vmm_error)?;
-            if !image.work_seed.is_empty() {
-                vmm::create_root_disk(&self.cfg, std::path::Path::new(&image.work_seed), &paths.work_disk())
+            let (base, seed) = (std::path::Path::new(&image.rootfs), std::path::Path::new(&image.work_seed));
+            if row.vmm == VmmKind::Firecracker {
+                // Firecracker takes raw disks only: writes go to an overlay disk, /root to a sparse copy.
+                vmm::create_ext4_disk(&self.cfg, &paths.overlay_disk(), "banger-overlay", 4 << 30)
                     .await
                     .map_err(vmm_error)?;
+                if !image.work_seed.is_empty() {
+                    vmm::copy_sparse(seed, &paths.work_disk_raw()).await.map_err(vmm_error)?;
+                }
+            } else {
+                vmm::create_root_disk(&self.cfg, base, &paths.root_disk()).await.map_err(vmm_error)?;
+                if !image.work_seed.is_empty() {
+                    vmm::create_root_disk(&self.cfg, seed, &paths.work_disk()).await.map_err(vmm_error)?;
+                }
             }
             if cancel.is_cancelled() {
                 return Err(cancelled());
@@ -380,9 +414,11 @@ impl Engine {
             kernel: image.kernel.clone().into(),
             initrd: image.initrd.clone().map(Into::into),
             root_disk: paths.root_disk(),
+            base_rootfs: image.rootfs.clone().into(),
+            kernel_elf: image.kernel_elf.clone().map(Into::into),
             dir: paths.dir.clone(),
             net,
-            work_disk: Some(paths.work_disk()).filter(|w| w.exists()),
+            work_disk: [paths.work_disk(), paths.work_disk_raw()].into_iter().find(|w| w.exists()),
             extra_args: grow_args(&paths, image),
             vsock: self.cfg.qemu_channel == "vsock",
         };

@@ -78,8 +78,11 @@ pub struct BootSpec {
     pub memory_mib: u32,
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
-    /// The VM's writable root disk.
+    /// The VM's writable root disk (QEMU: a qcow2 overlay of the image's root filesystem).
     pub root_disk: PathBuf,
+    /// The image's read-only root filesystem and ELF kernel (Firecracker boots these, with an overlay disk).
+    pub base_rootfs: PathBuf,
+    pub kernel_elf: Option<PathBuf>,
     /// The VM's work disk, mounted at /root by the guest agent.
     pub work_disk: Option<PathBuf>,
     pub dir: PathBuf,
@@ -139,6 +142,14 @@ impl VmPaths {
     pub fn work_disk(&self) -> PathBuf {
         self.dir.join("work.qcow2")
     }
+    /// Firecracker VMs (raw disks only): the overlayfs upper layer over the image's read-only root...
+    pub fn overlay_disk(&self) -> PathBuf {
+        self.dir.join("overlay.ext4")
+    }
+    /// ...and a sparse raw copy of the work seed.
+    pub fn work_disk_raw(&self) -> PathBuf {
+        self.dir.join("work.ext4")
+    }
 }
 
 /// The marker on every VMM command line that ties the process to its VM.
@@ -154,8 +165,112 @@ pub struct Launched {
 pub async fn launch(kind: VmmKind, cfg: &crate::Config, accel: &str, spec: &BootSpec) -> Result<Launched, VmmError> {
     match kind {
         VmmKind::Qemu => qemu::launch(cfg, accel, spec).await,
-        VmmKind::Firecracker => Err(VmmError::Unsupported { vmm: "firecracker" }),
+        VmmKind::Firecracker => launch_firecracker(cfg, spec).await,
     }
+}
+
+/// Boots a Firecracker VM: the image's root filesystem read-only, an overlay disk for its writes, a raw work
+/// disk, the TAP, and the guest channel on vsock.
+async fn launch_firecracker(cfg: &crate::Config, spec: &BootSpec) -> Result<Launched, VmmError> {
+    let bin = cfg.find_binary("firecracker").ok_or(VmmError::MissingBinary { binary: "firecracker" })?;
+    let kernel = spec.kernel_elf.clone().ok_or_else(|| VmmError::Launch {
+        what: "starting firecracker".into(),
+        detail: "the image has no ELF kernel (vmlinux); register it with --kernel-elf".into(),
+    })?;
+    let paths = VmPaths::new(spec.dir.clone());
+    for stale in [paths.vsock(), paths.pidfile(), paths.dir.join(firecracker::API_SOCKET_NAME)] {
+        let _ = std::fs::remove_file(stale);
+    }
+    let fc_err =
+        |e: firecracker::FcError| VmmError::Launch { what: "starting firecracker".into(), detail: e.to_string() };
+    let machine = firecracker::spawn(&bin, &spec.dir, &process_marker(&spec.vm_id), &paths.console_log())
+        .await
+        .map_err(fc_err)?;
+    // Written at once, so a daemon that dies from here on still finds (and cleans up) the process.
+    let _ = std::fs::write(paths.pidfile(), machine.pid.to_string());
+    let mut args = vec![
+        "console=ttyS0".to_string(),
+        "reboot=k".into(),
+        "panic=1".into(),
+        "pci=off".into(),
+        "quiet".into(),
+        format!("banger.hostname={}", spec.hostname),
+        "banger.channel=vsock".into(),
+        "banger.overlay=1".into(),
+        "banger.vmm=firecracker".into(),
+    ];
+    if let Some((_, net)) = &spec.net {
+        args.extend(net.kernel_args());
+    }
+    args.extend(spec.extra_args.iter().cloned());
+    let mut drives = vec![
+        firecracker::FcDrive { id: "base".into(), path: spec.base_rootfs.clone(), read_only: true, is_root: false },
+        firecracker::FcDrive { id: "overlay".into(), path: paths.overlay_disk(), read_only: false, is_root: false },
+    ];
+    if let Some(work) = &spec.work_disk {
+        drives.push(firecracker::FcDrive { id: "work".into(), path: work.clone(), read_only: false, is_root: false });
+    }
+    let config = firecracker::FcConfig {
+        vcpus: spec.vcpus,
+        memory_mib: spec.memory_mib,
+        kernel,
+        initrd: spec.initrd.clone(),
+        boot_args: args.join(" "),
+        drives,
+        net: spec.net.as_ref().map(|(tap, net)| (tap.clone(), net.mac.clone())),
+        vsock: Some((3, paths.vsock())),
+    };
+    let started = async {
+        machine.configure(&config).await?;
+        machine.start().await
+    }
+    .await;
+    if let Err(e) = started {
+        kill(machine.pid, &spec.vm_id).await;
+        return Err(fc_err(e));
+    }
+    Ok(Launched { pid: machine.pid })
+}
+
+/// Makes an empty ext4 disk (sparse) with a label, for VMMs that take raw disks.
+pub async fn create_ext4_disk(cfg: &crate::Config, path: &Path, label: &str, bytes: u64) -> Result<(), VmmError> {
+    let mkfs = cfg.find_binary("mkfs.ext4").ok_or(VmmError::MissingBinary { binary: "mkfs.ext4" })?;
+    let out = tokio::process::Command::new(mkfs)
+        .args(["-q", "-F", "-L", label])
+        .arg(path)
+        .arg(format!("{}k", bytes / 1024))
+        .output()
+        .await
+        .map_err(|source| VmmError::Io { what: "running mkfs.ext4".into(), source })?;
+    if !out.status.success() {
+        return Err(VmmError::Launch {
+            what: format!("making {label}"),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Copies a disk image sparsely (holes stay holes, reflinked where the filesystem can).
+pub async fn copy_sparse(from: &Path, to: &Path) -> Result<(), VmmError> {
+    let out = tokio::process::Command::new("cp")
+        .args(["--sparse=always", "--reflink=auto", "--"])
+        .arg(from)
+        .arg(to)
+        .output()
+        .await
+        .map_err(|source| VmmError::Io { what: "running cp".into(), source })?;
+    if !out.status.success() {
+        return Err(VmmError::Launch {
+            what: "copying the work seed".into(),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    // The image's files are read-only; the VM's copy is its own.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o644))
+        .map_err(|source| VmmError::Io { what: "making the work disk writable".into(), source })?;
+    Ok(())
 }
 
 /// Creates a VM disk as a copy-on-write overlay (qcow2) over an image's read-only base (root filesystem or
