@@ -114,19 +114,9 @@ impl Engine {
         let copy = |src: String, name: &'static str| {
             let dst = dir.join(name);
             async move {
-                let out = tokio::process::Command::new("cp")
-                    .args(["--sparse=always", "--reflink=auto", "--"])
-                    .arg(&src)
-                    .arg(&dst)
-                    .output()
+                crate::vmm::copy_sparse(std::path::Path::new(&src), &dst)
                     .await
-                    .map_err(|e| ApiError::internal(format!("running cp: {e}")))?;
-                if !out.status.success() {
-                    return Err(ApiError::internal(format!(
-                        "copying {src}: {}",
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    )));
-                }
+                    .map_err(|e| ApiError::internal(format!("copying {src}: {}", super::vm::error_chain(&e))))?;
                 Ok::<PathBuf, ApiError>(dst)
             }
         };
@@ -145,24 +135,13 @@ impl Engine {
             None => {
                 // An empty /root, labelled so the guest finds it.
                 let seed = dir.join("work-seed.ext4");
-                let out = tokio::process::Command::new(
-                    self.cfg.find_binary("mkfs.ext4").unwrap_or_else(|| "mkfs.ext4".into()),
-                )
-                .args(["-q", "-F", "-L", "banger-work"])
-                .arg(&seed)
-                .arg("1G")
-                .output()
-                .await
-                .map_err(|e| {
-                    ApiError::new(ErrorCode::HostUnsupported, format!("running mkfs.ext4: {e}"))
-                        .with_hint("apt-get install e2fsprogs")
+                crate::vmm::create_ext4_disk(&self.cfg, &seed, "banger-work", 1 << 30).await.map_err(|e| {
+                    ApiError::new(
+                        ErrorCode::HostUnsupported,
+                        format!("making an empty work seed: {}", super::vm::error_chain(&e)),
+                    )
+                    .with_hint("apt-get install e2fsprogs")
                 })?;
-                if !out.status.success() {
-                    return Err(ApiError::internal(format!(
-                        "making an empty work seed: {}",
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    )));
-                }
                 seed
             }
         };

@@ -321,6 +321,10 @@ impl Engine {
                     .map_err(vmm_error)?;
                 if !image.work_seed.is_empty() {
                     vmm::copy_sparse(seed, &paths.work_disk_raw()).await.map_err(vmm_error)?;
+                    // The image's files are read-only; the VM's copy is its own.
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(paths.work_disk_raw(), std::fs::Permissions::from_mode(0o644))
+                        .map_err(|e| ApiError::internal(format!("making the work disk writable: {e}")))?;
                 }
             } else {
                 vmm::create_root_disk(&self.cfg, base, &paths.root_disk()).await.map_err(vmm_error)?;

@@ -266,10 +266,6 @@ pub async fn copy_sparse(from: &Path, to: &Path) -> Result<(), VmmError> {
             detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
-    // The image's files are read-only; the VM's copy is its own.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o644))
-        .map_err(|source| VmmError::Io { what: "making the work disk writable".into(), source })?;
     Ok(())
 }
 
