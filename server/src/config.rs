@@ -114,7 +114,12 @@ impl Default for Config {
             log_level: "info".into(),
             log_format: "json".into(),
             vmm: None,
-            bin_dirs: vec![PathBuf::from("/var/cache/banger/bin")],
+            // Where scripts/setup-host.sh installs Firecracker, jailer and vhost-device-vsock.
+            bin_dirs: vec![std::env::var_os("BANGER_CACHE")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/var/cache/banger"))
+                .join("bin")],
             default_vcpus: 1,
             default_memory_mib: 512,
             stop_grace_secs: 10,
