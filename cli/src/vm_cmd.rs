@@ -46,6 +46,9 @@ pub enum VmCmd {
     Set(SetArgs),
     /// Show a VM's resource use (host and guest view).
     Stats { vm: String },
+    /// List a VM's listening ports: PROTO ENDPOINT PROCESS COMMAND (web services as URLs).
+    #[command(after_help = "Example:\n  banger vm ports dev")]
+    Ports { vm: String },
     /// Delete VMs and their disks.
     Delete {
         #[arg(required = true)]
@@ -241,6 +244,29 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             };
             p.validate().map_err(|e| anyhow::anyhow!(e))?;
             return Ok(print_batch("updated", &d.call::<ops::VmSet>(&p).await?, ctx.json));
+        }
+        VmCmd::Ports { vm } => {
+            let p = d.call::<ops::VmPorts>(&VmRef { vm }).await?;
+            if ctx.json {
+                output::json(&p);
+            } else {
+                let rows = p
+                    .ports
+                    .iter()
+                    .map(|x| {
+                        vec![
+                            serde_json::to_value(x.proto)
+                                .ok()
+                                .and_then(|v| v.as_str().map(str::to_string))
+                                .unwrap_or_default(),
+                            x.endpoint.clone(),
+                            x.process.clone().unwrap_or_else(|| "-".into()),
+                            x.command.clone().unwrap_or_else(|| "-".into()),
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                output::table(&["PROTO", "ENDPOINT", "PROCESS", "COMMAND"], &rows);
+            }
         }
         VmCmd::Stats { vm } => {
             let s = d.call::<ops::VmStats>(&VmRef { vm }).await?;

@@ -8,6 +8,7 @@
 mod channel;
 mod exec;
 mod init;
+mod ports;
 mod serve;
 
 fn main() -> anyhow::Result<()> {

@@ -104,6 +104,9 @@ async fn serve_connection(
                         tokio::spawn(exec::run(stream, spec, rx, out.clone()));
                     }
                     GuestRequest::Stats => respond(&out, stream, GuestResponse::Stats(stats())),
+                    GuestRequest::Ports => {
+                        respond(&out, stream, GuestResponse::Ports { listeners: crate::ports::listeners() })
+                    }
                     GuestRequest::Shutdown { reboot } => {
                         respond(&out, stream, GuestResponse::Ok);
                         tokio::spawn(power_off(reboot));

@@ -14,6 +14,7 @@ pub mod guest;
 pub mod host;
 pub mod logging;
 pub mod network;
+pub mod probe;
 pub mod ssh_config;
 pub mod store;
 pub mod vmm;

@@ -185,3 +185,45 @@ fn taps_come_from_a_warm_pool_and_nothing_network_leaks_across_a_crash() {
     d.rpc("vm.delete", json!({"vms": ["three"]}));
     d.assert_no_leaked_processes();
 }
+
+#[test]
+fn ports_lists_listeners_with_processes_labels_web_services_and_shows_each_once() {
+    let d = TestDaemon::start();
+    d.register_test_image();
+    d.rpc("vm.create", json!({"name": "webby", "memory_mib": 256}));
+    ok_stdout(
+        &d,
+        "webby",
+        "mkdir -p /srv && echo hi > /srv/index.html && busybox httpd -p 8080 -h /srv \
+        && busybox httpd -p 127.0.0.1:9090 -h /srv && (busybox nc -l -p 7000 >/dev/null 2>&1 &) && sleep 0.3",
+    );
+    let r = d.rpc("vm.ports", json!({"vm": "webby"}));
+    let ports = r["ports"].as_array().unwrap();
+    let find =
+        |port: u64| ports.iter().find(|p| p["port"] == port).unwrap_or_else(|| panic!("no port {port}: {r}")).clone();
+    let web = find(8080);
+    assert_eq!(web["proto"], "http", "{web}");
+    assert_eq!(web["endpoint"], "http://webby.vm:8080/");
+    assert_eq!(web["process"], "busybox");
+    assert!(web["command"].as_str().unwrap().contains("httpd -p 8080"), "{web}");
+    let local = find(9090);
+    assert_eq!(local["endpoint"], "127.0.0.1:9090 (guest only)", "{local}");
+    let raw = find(7000);
+    assert_eq!(raw["proto"], "tcp", "{raw}");
+    assert_eq!(raw["endpoint"], "webby.vm:7000");
+    // Shown once each, whatever mix of IPv4 and IPv6 sockets the programs bound.
+    let mut keys: Vec<(String, String)> =
+        ports.iter().map(|p| (p["proto"].to_string(), p["endpoint"].to_string())).collect();
+    let n = keys.len();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), n, "duplicate rows: {r}");
+    // The human table.
+    let out = d.cli(&["vm", "ports", "webby"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.starts_with("PROTO") && table.contains("ENDPOINT") && table.contains("http://webby.vm:8080/"),
+        "{table}"
+    );
+    d.rpc("vm.delete", json!({"vms": ["webby"]}));
+}

@@ -179,6 +179,8 @@ pub enum GuestRequest {
     Shutdown { reboot: bool },
     /// Resource use as the guest sees it.
     Stats,
+    /// Sockets listening in the guest (TCP listeners, bound UDP sockets), with their processes.
+    Ports,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -204,8 +206,23 @@ pub enum GuestResponse {
     Health(GuestHealth),
     Exited(ExitStatus),
     Stats(crate::vm::GuestStats),
+    Ports { listeners: Vec<GuestListener> },
     Ok,
     Error { message: String },
+}
+
+/// One listening socket, as the guest's kernel reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestListener {
+    /// `tcp` or `udp`.
+    pub proto: String,
+    /// Bound address (`0.0.0.0`, `::`, `127.0.0.1`...).
+    pub address: String,
+    pub port: u16,
+    pub pid: Option<u32>,
+    /// Process name and full command line of the owner.
+    pub process: Option<String>,
+    pub command: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

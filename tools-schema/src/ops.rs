@@ -132,6 +132,11 @@ and, while it runs, the guest's uptime, load, memory and root filesystem use."),
              $crate::vm::VmExecParams, $crate::vm::VmExecResult, false, false, false,
              "Run a command in a running VM through its guest agent (no guest network needed) and return its \
 exit code, stdout and stderr. Use [\"sh\", \"-c\", \"...\"] for shell syntax."),
+            (VmPorts, vm_ports, "vm.ports",
+             $crate::vm::VmRef, $crate::vm::VmPorts, true, false, true,
+             "List a running VM's listening ports with the owning process and command line, and where to reach \
+      each from the host (<name>.vm:PORT). TCP ports are probed: HTTPS first, then HTTP, so web \
+      services come back as clickable URLs."),
             (VmLogs, vm_logs, "vm.logs",
              $crate::vm::VmLogsParams, $crate::vm::VmLogs, true, false, true,
              "Return the tail of a VM's console (boot) log. The first place to look when a VM failed to start."),

@@ -297,6 +297,41 @@ pub struct GuestStats {
     pub processes: u32,
 }
 
+/// What kind of service a listening port speaks, as far as banger can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PortProtocol {
+    Tcp,
+    Udp,
+    /// TCP that completed a TLS handshake probe (checked before plain HTTP, so TLS services that answer bad
+    /// cleartext requests with an HTTP error are not mislabelled).
+    Https,
+    /// TCP that answered an HTTP request.
+    Http,
+}
+
+/// One listening port of a guest.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct VmPort {
+    pub proto: PortProtocol,
+    /// Where to reach it from the host: `<name>.vm:PORT`, a URL for http(s), or `127.0.0.1:PORT (guest
+    /// only)` for loopback listeners.
+    pub endpoint: String,
+    pub port: u16,
+    /// Address the socket is bound to in the guest.
+    pub bind: String,
+    pub pid: Option<u32>,
+    pub process: Option<String>,
+    pub command: Option<String>,
+}
+
+/// Listening ports of a VM, dual-stack duplicates shown once.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct VmPorts {
+    pub vm: String,
+    pub ports: Vec<VmPort>,
+}
+
 /// Validates a VM or image name; returns a message saying what is wrong.
 pub fn validate_name(kind: &str, name: &str) -> Result<(), String> {
     let ok_chars = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');

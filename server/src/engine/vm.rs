@@ -9,8 +9,8 @@ use tools_schema::daemon::{Empty, VmmKind};
 use tools_schema::guest::{ExecSpec, GuestRequest};
 use tools_schema::operation::{OperationInfo, OperationList, OperationRef, StageState};
 use tools_schema::vm::{
-    VmBatchResult, VmCreateParams, VmExecParams, VmExecResult, VmInfo, VmList, VmLogs, VmLogsParams, VmOutcome, VmRef,
-    VmRefs, VmSetParams, VmState, VmStats,
+    PortProtocol, VmBatchResult, VmCreateParams, VmExecParams, VmExecResult, VmInfo, VmList, VmLogs, VmLogsParams,
+    VmOutcome, VmPort, VmPorts, VmRef, VmRefs, VmSetParams, VmState, VmStats,
 };
 use tools_schema::{ApiError, ErrorCode};
 
@@ -767,6 +767,58 @@ impl Engine {
             disk_host_bytes: std::fs::metadata(&disk).ok().map(|m| m.blocks() * 512),
             guest,
         })
+    }
+
+    pub async fn vm_ports(self: &Arc<Self>, p: VmRef, _: CallContext) -> Result<VmPorts, ApiError> {
+        let row = self.resolve_vm(&p.vm).await?;
+        let conn = self.guest(&row).await?;
+        let listeners = match conn.request(&GuestRequest::Ports, Duration::from_secs(10)).await {
+            Ok(tools_schema::guest::GuestResponse::Ports { listeners }) => listeners,
+            Ok(tools_schema::guest::GuestResponse::Error { message }) => {
+                return Err(guest_error(&row.name, GuestError::Agent(message)))
+            }
+            Ok(other) => return Err(guest_error(&row.name, GuestError::Protocol(format!("{other:?}")))),
+            Err(e) => return Err(guest_error(&row.name, e)),
+        };
+        let host = format!("{}.vm", row.name);
+        let mut seen = std::collections::HashSet::new();
+        let mut ports = vec![];
+        for l in listeners {
+            let loopback = l.address.starts_with("127.") || l.address == "::1";
+            // 0.0.0.0 and :: on one port are one service: show it once.
+            if !seen.insert((l.proto.clone(), l.port, loopback)) {
+                continue;
+            }
+            let mut proto = if l.proto == "udp" { PortProtocol::Udp } else { PortProtocol::Tcp };
+            let endpoint = if loopback {
+                format!("{}:{} (guest only)", l.address, l.port)
+            } else {
+                if proto == PortProtocol::Tcp {
+                    if let Some(ip) = row.ip {
+                        proto = match crate::probe::probe(std::net::SocketAddr::from((ip, l.port)), &host).await {
+                            crate::probe::Speaks::Tls => PortProtocol::Https,
+                            crate::probe::Speaks::Http => PortProtocol::Http,
+                            crate::probe::Speaks::Unknown => PortProtocol::Tcp,
+                        };
+                    }
+                }
+                match proto {
+                    PortProtocol::Https => format!("https://{host}:{}/", l.port),
+                    PortProtocol::Http => format!("http://{host}:{}/", l.port),
+                    _ => format!("{host}:{}", l.port),
+                }
+            };
+            ports.push(VmPort {
+                proto,
+                endpoint,
+                port: l.port,
+                bind: l.address,
+                pid: l.pid,
+                process: l.process,
+                command: l.command,
+            });
+        }
+        Ok(VmPorts { vm: row.name, ports })
     }
 
     pub async fn vm_delete(self: &Arc<Self>, p: VmRefs, _: CallContext) -> Result<VmBatchResult, ApiError> {
