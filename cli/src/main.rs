@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod bench_cmd;
 mod client;
+mod cp;
 mod daemon_cmd;
 mod mcp_bridge;
 mod operation_cmd;

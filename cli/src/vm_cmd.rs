@@ -46,6 +46,11 @@ pub enum VmCmd {
     Set(SetArgs),
     /// Show a VM's resource use (host and guest view).
     Stats { vm: String },
+    /// Copy a file into or out of a VM (any size, binary-safe, mode kept). One side is VM:/path.
+    #[command(
+        after_help = "Examples:\n  banger vm cp ./build.tar dev:/root/build.tar\n  banger vm cp dev:/root/out.log ./out.log"
+    )]
+    Cp { src: String, dst: String },
     /// List a VM's listening ports: PROTO ENDPOINT PROCESS COMMAND (web services as URLs).
     #[command(after_help = "Example:\n  banger vm ports dev")]
     Ports { vm: String },
@@ -244,6 +249,14 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             };
             p.validate().map_err(|e| anyhow::anyhow!(e))?;
             return Ok(print_batch("updated", &d.call::<ops::VmSet>(&p).await?, ctx.json));
+        }
+        VmCmd::Cp { src, dst } => {
+            let report = crate::cp::copy(&d, &src, &dst).await?;
+            if ctx.json {
+                output::json(&report);
+            } else {
+                println!("copied {} bytes to {} (sha256 {})", report.bytes, report.to, report.sha256);
+            }
         }
         VmCmd::Ports { vm } => {
             let p = d.call::<ops::VmPorts>(&VmRef { vm }).await?;

@@ -7,6 +7,7 @@
 //! service under another init.
 mod channel;
 mod exec;
+mod files;
 mod init;
 mod ports;
 mod serve;

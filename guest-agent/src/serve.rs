@@ -104,6 +104,15 @@ async fn serve_connection(
                         tokio::spawn(exec::run(stream, spec, rx, out.clone()));
                     }
                     GuestRequest::Stats => respond(&out, stream, GuestResponse::Stats(stats())),
+                    GuestRequest::WriteFile { path, mode, append, make_dirs } => {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        inputs.insert(stream, tx);
+                        tokio::spawn(crate::files::write(stream, path, mode, append, make_dirs, rx, out.clone()));
+                    }
+                    GuestRequest::ReadFile { path, offset, limit } => {
+                        let out = out.clone();
+                        tokio::task::spawn_blocking(move || crate::files::read(stream, &path, offset, limit, &out));
+                    }
                     GuestRequest::Ports => {
                         respond(&out, stream, GuestResponse::Ports { listeners: crate::ports::listeners() })
                     }

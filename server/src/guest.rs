@@ -251,6 +251,60 @@ impl GuestConn {
     }
 }
 
+impl GuestConn {
+    /// Writes `data` to a file in the guest; returns the file's size afterwards.
+    pub async fn write_file(
+        &self,
+        path: &str,
+        mode: Option<u32>,
+        append: bool,
+        data: &[u8],
+    ) -> Result<u64, GuestError> {
+        let (id, mut rx) = self.open_stream();
+        let req = GuestRequest::WriteFile { path: path.to_string(), mode, append, make_dirs: true };
+        self.send(Frame::json(FrameKind::Request, id, &req))?;
+        for chunk in data.chunks(MAX_PAYLOAD) {
+            self.send(Frame::new(FrameKind::Stdin, id, chunk.to_vec()))?;
+        }
+        self.send(Frame::new(FrameKind::StdinEof, id, vec![]))?;
+        while let Some(f) = rx.recv().await {
+            if f.kind == FrameKind::Response {
+                return match f.parse::<GuestResponse>().map_err(|e| GuestError::Protocol(e.to_string()))? {
+                    GuestResponse::Written { size, .. } => Ok(size),
+                    GuestResponse::Error { message } => Err(GuestError::Agent(message)),
+                    other => Err(GuestError::Protocol(format!("{other:?}"))),
+                };
+            }
+        }
+        Err(GuestError::Closed)
+    }
+
+    /// Reads up to `limit` bytes at `offset`; returns them with the file's size and mode.
+    pub async fn read_file(&self, path: &str, offset: u64, limit: u64) -> Result<(Vec<u8>, u64, u32), GuestError> {
+        let (id, mut rx) = self.open_stream();
+        self.send(Frame::json(
+            FrameKind::Request,
+            id,
+            &GuestRequest::ReadFile { path: path.to_string(), offset, limit },
+        ))?;
+        let mut data = vec![];
+        while let Some(f) = rx.recv().await {
+            match f.kind {
+                FrameKind::Stdout => data.extend_from_slice(&f.payload),
+                FrameKind::Response => {
+                    return match f.parse::<GuestResponse>().map_err(|e| GuestError::Protocol(e.to_string()))? {
+                        GuestResponse::FileData { size, mode } => Ok((data, size, mode)),
+                        GuestResponse::Error { message } => Err(GuestError::Agent(message)),
+                        other => Err(GuestError::Protocol(format!("{other:?}"))),
+                    };
+                }
+                _ => {}
+            }
+        }
+        Err(GuestError::Closed)
+    }
+}
+
 fn append_capped(buf: &mut Vec<u8>, data: &[u8], limit: usize, truncated: &mut bool) {
     let room = limit.saturating_sub(buf.len());
     if data.len() > room {

@@ -410,3 +410,58 @@ fn guests_are_managed_over_vsock_too() {
     d.rpc("vm.delete", json!({"vms": ["socky"]}));
     d.assert_no_leaked_processes();
 }
+
+#[test]
+fn files_round_trip_binary_and_large_with_modes_and_clear_errors() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = TestDaemon::start();
+    d.register_test_image();
+    d.rpc("vm.create", json!({"name": "filer", "memory_mib": 256}));
+
+    // Text through the API, parent directories made, mode set.
+    let w = d.rpc(
+        "vm.file_write",
+        json!({"vm": "filer", "path": "/root/a/b/hello.sh", "content": "#!/bin/sh\necho hi\n", "mode": "0755"}),
+    );
+    assert_eq!(w["bytes"], 18);
+    let r = d.rpc("vm.exec", json!({"vm": "filer", "command": ["/root/a/b/hello.sh"]}));
+    assert_eq!(r["stdout"], "hi\n", "the mode made it executable: {r}");
+    let back = d.rpc("vm.file_read", json!({"vm": "filer", "path": "/root/a/b/hello.sh"}));
+    assert_eq!(back["content"], "#!/bin/sh\necho hi\n");
+    assert_eq!(back["encoding"], "text");
+    assert_eq!(back["mode"], "0755");
+    assert_eq!(back["eof"], true);
+    // Binary comes back as base64; a partial read says where to go on.
+    d.rpc("vm.file_write", json!({"vm": "filer", "path": "/root/bin", "content": "AP8BgA==", "encoding": "base64"}));
+    let part = d.rpc("vm.file_read", json!({"vm": "filer", "path": "/root/bin", "limit": 2}));
+    assert_eq!(part["encoding"], "base64");
+    assert_eq!(part["content"], "AP8=");
+    assert_eq!(part["eof"], false);
+    assert_eq!(part["next_offset"], 2);
+
+    let e = d.rpc_raw("vm.file_read", json!({"vm": "filer", "path": "/no/such/file"}));
+    assert_eq!(e["error"]["data"]["code"], "not_found", "{e}");
+    let e = d.rpc_raw("vm.file_write", json!({"vm": "filer", "path": "relative.txt", "content": "x"}));
+    assert!(e["error"]["message"].as_str().unwrap().contains("must be absolute"), "{e}");
+    let e = d.rpc_raw("vm.file_write", json!({"vm": "filer", "path": "/root/x", "content": "x", "mode": "999"}));
+    assert!(e["error"]["message"].as_str().unwrap().contains("not octal"), "{e}");
+
+    // 20 MiB of random bytes up and back down with `banger vm cp` (several chunks each way).
+    let src = d.dir.path().join("blob");
+    let data: Vec<u8> = (0..(20 << 20)).map(|i: u32| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o750)).unwrap();
+    let up = d.cli_json(&["vm", "cp", src.to_str().unwrap(), "filer:/root/blob"]);
+    assert_eq!(up["bytes"], 20u64 << 20);
+    let sum = d.rpc("vm.exec", json!({"vm": "filer", "command": ["sha256sum", "/root/blob"]}));
+    assert!(
+        sum["stdout"].as_str().unwrap().starts_with(up["sha256"].as_str().unwrap()),
+        "guest checksum {sum} vs {up}"
+    );
+    let dst = d.dir.path().join("blob.back");
+    let down = d.cli_json(&["vm", "cp", "filer:/root/blob", dst.to_str().unwrap()]);
+    assert_eq!(down["sha256"], up["sha256"]);
+    assert_eq!(std::fs::read(&dst).unwrap(), data);
+    assert_eq!(std::fs::metadata(&dst).unwrap().permissions().mode() & 0o777, 0o750, "mode kept both ways");
+    d.rpc("vm.delete", json!({"vms": ["filer"]}));
+}

@@ -181,6 +181,10 @@ pub enum GuestRequest {
     Stats,
     /// Sockets listening in the guest (TCP listeners, bound UDP sockets), with their processes.
     Ports,
+    /// Write a file from the Stdin frames that follow (ended by StdinEof). Answered with `Written`.
+    WriteFile { path: String, mode: Option<u32>, append: bool, make_dirs: bool },
+    /// Read up to `limit` bytes from `offset`, sent as Stdout frames. Answered with `FileData`.
+    ReadFile { path: String, offset: u64, limit: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -207,6 +211,8 @@ pub enum GuestResponse {
     Exited(ExitStatus),
     Stats(crate::vm::GuestStats),
     Ports { listeners: Vec<GuestListener> },
+    Written { bytes: u64, size: u64 },
+    FileData { size: u64, mode: u32 },
     Ok,
     Error { message: String },
 }

@@ -332,6 +332,96 @@ pub struct VmPorts {
     pub ports: Vec<VmPort>,
 }
 
+/// Largest file content one `vm.file_write` or `vm.file_read` call carries; larger files go in chunks
+/// (`append` to write, `offset` to read).
+pub const MAX_FILE_CHUNK: u64 = 8 << 20;
+
+/// How file content is carried in JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ContentEncoding {
+    /// UTF-8 text as is.
+    Text,
+    /// Any bytes, base64 (standard alphabet, padded).
+    Base64,
+}
+
+/// Write a file inside a running VM (parent directories are created).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmFileWriteParams {
+    pub vm: String,
+    /// Absolute path in the guest.
+    pub path: String,
+    /// The content, at most 8 MiB once decoded; write bigger files in chunks with `append`.
+    pub content: String,
+    /// `text` (default) or `base64` for binary content.
+    #[serde(default)]
+    pub encoding: Option<ContentEncoding>,
+    /// Permission bits as an octal string, e.g. "0755". Default "0644" for new files.
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// Append to the file instead of replacing it.
+    #[serde(default)]
+    pub append: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct VmFileWriteResult {
+    pub path: String,
+    /// Bytes written by this call.
+    pub bytes: u64,
+    /// Size of the file afterwards.
+    pub size: u64,
+    /// sha256 of the bytes written by this call, hex.
+    pub sha256: String,
+}
+
+/// Read (part of) a file inside a running VM.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmFileReadParams {
+    pub vm: String,
+    /// Absolute path in the guest.
+    pub path: String,
+    /// Byte offset to start at (default 0).
+    #[serde(default)]
+    pub offset: Option<u64>,
+    /// Bytes to read, at most 8 MiB (the default).
+    #[serde(default)]
+    pub limit: Option<u64>,
+    /// `text` or `base64`; by default text when the bytes are valid UTF-8, base64 otherwise.
+    #[serde(default)]
+    pub encoding: Option<ContentEncoding>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct VmFileReadResult {
+    pub path: String,
+    pub content: String,
+    pub encoding: ContentEncoding,
+    pub offset: u64,
+    /// Bytes in this chunk.
+    pub bytes: u64,
+    /// Size of the whole file.
+    pub size: u64,
+    /// True when this chunk reaches the end of the file; otherwise read on from `next_offset`.
+    pub eof: bool,
+    pub next_offset: Option<u64>,
+    /// Permission bits, octal, e.g. "0644".
+    pub mode: String,
+    /// sha256 of the bytes in this chunk, hex.
+    pub sha256: String,
+}
+
+/// Parses an octal permission string like "0755".
+pub fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("mode `{s}` is not octal permission bits like \"0644\""))
+}
+
 /// Validates a VM or image name; returns a message saying what is wrong.
 pub fn validate_name(kind: &str, name: &str) -> Result<(), String> {
     let ok_chars = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');

@@ -9,10 +9,13 @@ use tools_schema::daemon::{Empty, VmmKind};
 use tools_schema::guest::{ExecSpec, GuestRequest};
 use tools_schema::operation::{OperationInfo, OperationList, OperationRef, StageState};
 use tools_schema::vm::{
-    PortProtocol, VmBatchResult, VmCreateParams, VmExecParams, VmExecResult, VmInfo, VmList, VmLogs, VmLogsParams,
-    VmOutcome, VmPort, VmPorts, VmRef, VmRefs, VmSetParams, VmState, VmStats,
+    parse_mode, ContentEncoding, PortProtocol, VmBatchResult, VmCreateParams, VmExecParams, VmExecResult,
+    VmFileReadParams, VmFileReadResult, VmFileWriteParams, VmFileWriteResult, VmInfo, VmList, VmLogs, VmLogsParams,
+    VmOutcome, VmPort, VmPorts, VmRef, VmRefs, VmSetParams, VmState, VmStats, MAX_FILE_CHUNK,
 };
 use tools_schema::{ApiError, ErrorCode};
+
+use sha2::Digest;
 
 use super::operation::Op;
 use super::{new_id, now, CallContext, Engine};
@@ -51,6 +54,15 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+/// File errors from the agent: a missing file is the caller's `not_found`, a bad path `invalid_argument`.
+fn file_error(vm: &str, e: GuestError) -> ApiError {
+    match e {
+        GuestError::Agent(m) if m.contains("No such file") => ApiError::not_found(m),
+        GuestError::Agent(m) => ApiError::invalid(m),
+        other => guest_error(vm, other),
+    }
 }
 
 fn guest_error(vm: &str, e: GuestError) -> ApiError {
@@ -819,6 +831,81 @@ impl Engine {
             });
         }
         Ok(VmPorts { vm: row.name, ports })
+    }
+
+    pub async fn vm_file_write(
+        self: &Arc<Self>,
+        p: VmFileWriteParams,
+        _: CallContext,
+    ) -> Result<VmFileWriteResult, ApiError> {
+        use base64::Engine as _;
+        if !p.path.starts_with('/') {
+            return Err(ApiError::invalid(format!("path must be absolute, got `{}`", p.path)));
+        }
+        let mode = p.mode.as_deref().map(parse_mode).transpose().map_err(ApiError::invalid)?;
+        let data = match p.encoding.unwrap_or(ContentEncoding::Text) {
+            ContentEncoding::Text => p.content.into_bytes(),
+            ContentEncoding::Base64 => base64::engine::general_purpose::STANDARD
+                .decode(p.content.as_bytes())
+                .map_err(|e| ApiError::invalid(format!("content is not valid base64: {e}")))?,
+        };
+        if data.len() as u64 > MAX_FILE_CHUNK {
+            return Err(ApiError::invalid(format!(
+                "content is {} bytes; at most {MAX_FILE_CHUNK} per call",
+                data.len()
+            ))
+            .with_hint("write bigger files in chunks with append: true (banger vm cp does)"));
+        }
+        let row = self.resolve_vm(&p.vm).await?;
+        let conn = self.guest(&row).await?;
+        let size = conn.write_file(&p.path, mode, p.append, &data).await.map_err(|e| file_error(&row.name, e))?;
+        Ok(VmFileWriteResult {
+            path: p.path,
+            bytes: data.len() as u64,
+            size,
+            sha256: hex::encode(sha2::Sha256::digest(&data)),
+        })
+    }
+
+    pub async fn vm_file_read(
+        self: &Arc<Self>,
+        p: VmFileReadParams,
+        _: CallContext,
+    ) -> Result<VmFileReadResult, ApiError> {
+        use base64::Engine as _;
+        if !p.path.starts_with('/') {
+            return Err(ApiError::invalid(format!("path must be absolute, got `{}`", p.path)));
+        }
+        let limit = p.limit.unwrap_or(MAX_FILE_CHUNK);
+        if limit == 0 || limit > MAX_FILE_CHUNK {
+            return Err(ApiError::invalid(format!("limit must be between 1 and {MAX_FILE_CHUNK}, got {limit}")));
+        }
+        let offset = p.offset.unwrap_or(0);
+        let row = self.resolve_vm(&p.vm).await?;
+        let conn = self.guest(&row).await?;
+        let (data, size, mode) = conn.read_file(&p.path, offset, limit).await.map_err(|e| file_error(&row.name, e))?;
+        let end = offset + data.len() as u64;
+        let sha256 = hex::encode(sha2::Sha256::digest(&data));
+        let (content, encoding) = match (p.encoding, String::from_utf8(data.clone())) {
+            (Some(ContentEncoding::Text), Ok(text)) | (None, Ok(text)) => (text, ContentEncoding::Text),
+            (Some(ContentEncoding::Text), Err(_)) => {
+                return Err(ApiError::invalid(format!("{} is not UTF-8 text", p.path))
+                    .with_hint("read it with encoding: base64"))
+            }
+            _ => (base64::engine::general_purpose::STANDARD.encode(&data), ContentEncoding::Base64),
+        };
+        Ok(VmFileReadResult {
+            path: p.path,
+            content,
+            encoding,
+            offset,
+            bytes: end - offset,
+            size,
+            eof: end >= size,
+            next_offset: (end < size).then_some(end),
+            mode: format!("{mode:04o}"),
+            sha256,
+        })
     }
 
     pub async fn vm_delete(self: &Arc<Self>, p: VmRefs, _: CallContext) -> Result<VmBatchResult, ApiError> {
