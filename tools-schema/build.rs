@@ -18,9 +18,14 @@ fn main() {
         Some(c) => c,
         None => "unknown".into(),
     };
-    let build_time = std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|s| s.parse::<i64>().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-    });
+    // Reproducible: SOURCE_DATE_EPOCH if set, else the commit's own time. Wall-clock time would differ
+    // between compilations of this crate in one build (cargo compiles it again for another feature set,
+    // e.g. for the tests), and then banger and bangerd from the same tree would disagree.
+    let build_time = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|s| s.parse::<i64>().ok())
+        .or_else(|| git(&["log", "-1", "--format=%ct", "HEAD"]).and_then(|s| s.parse().ok()))
+        .unwrap_or(0);
     println!("cargo:rustc-env=BANGER_BUILD_COMMIT={commit}");
     println!("cargo:rustc-env=BANGER_BUILD_TIME={build_time}");
     if let Some(top) = git(&["rev-parse", "--show-toplevel"]) {

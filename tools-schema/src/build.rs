@@ -10,7 +10,8 @@ pub struct BuildInfo {
     pub version: String,
     /// Git commit the binaries were built from (`-dirty` when the tree had uncommitted changes).
     pub commit: String,
-    /// Build time, seconds since the Unix epoch (UTC).
+    /// Build time, seconds since the Unix epoch (UTC): SOURCE_DATE_EPOCH when set, else the time of the
+    /// commit built, so every compilation of one tree stamps the same value.
     pub build_time: i64,
 }
 
