@@ -46,6 +46,14 @@ pub enum VmCmd {
     Set(SetArgs),
     /// Show a VM's resource use (host and guest view).
     Stats { vm: String },
+    /// Open a shell (or run a command) in a VM over SSH as root, with banger's managed key.
+    #[command(after_help = "Examples:\n  banger vm ssh dev\n  banger vm ssh dev -- uptime")]
+    Ssh {
+        vm: String,
+        /// Command to run instead of a login shell.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
     /// Copy a file into or out of a VM (any size, binary-safe, mode kept). One side is VM:/path.
     #[command(
         after_help = "Examples:\n  banger vm cp ./build.tar dev:/root/build.tar\n  banger vm cp dev:/root/out.log ./out.log"
@@ -134,6 +142,14 @@ pub struct ExecArgs {
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     command: Vec<String>,
+}
+
+/// One word for a POSIX shell: single-quoted, with embedded single quotes spelled '\''.
+fn shell_quote(word: &str) -> String {
+    if !word.is_empty() && word.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:@,+".contains(&b)) {
+        return word.to_string();
+    }
+    format!("'{}'", word.replace('\'', r"'\''"))
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -249,6 +265,31 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             };
             p.validate().map_err(|e| anyhow::anyhow!(e))?;
             return Ok(print_batch("updated", &d.call::<ops::VmSet>(&p).await?, ctx.json));
+        }
+        VmCmd::Ssh { vm, command } => {
+            let info = d.call::<ops::VmShow>(&VmRef { vm: vm.clone() }).await?;
+            if info.state != tools_schema::vm::VmState::Running {
+                anyhow::bail!("VM {} is {}\n  hint: banger vm start {}", info.name, info.state.as_str(), info.name);
+            }
+            let ip = info
+                .ip
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("VM {} has no network address (networking is disabled)", info.name))?;
+            let key = d.call::<ops::DaemonStatus>(&Default::default()).await?.ssh_key;
+            let status = std::process::Command::new("ssh")
+                .args(["-i", &key, "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no"])
+                .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"])
+                .arg(format!("root@{ip}"))
+                // ssh hands the remote shell one string; quote each word so it arrives as given.
+                .args(command.iter().map(|w| shell_quote(w)))
+                .status()
+                .map_err(|e| anyhow::anyhow!("cannot run ssh ({e})\n  hint: apt-get install openssh-client"))?;
+            if let Ok(after) = d.call::<ops::VmShow>(&VmRef { vm: vm.clone() }).await {
+                if after.state == tools_schema::vm::VmState::Running {
+                    eprintln!("banger: {} is still running (`banger vm stop {}` stops it)", after.name, after.name);
+                }
+            }
+            return Ok(ExitCode::from(status.code().unwrap_or(255).clamp(0, 255) as u8));
         }
         VmCmd::Cp { src, dst } => {
             let report = crate::cp::copy(&d, &src, &dst).await?;

@@ -24,6 +24,9 @@ pub fn run() -> anyhow::Result<()> {
         }
     }
     mount_work_disk(grow.contains(&"work"));
+    if let Err(e) = start_sshd(&cmdline) {
+        eprintln!("banger-agent: ssh: {e}");
+    }
     if let Err(e) = configure_network(&cmdline, hostname) {
         eprintln!("banger-agent: network: {e}");
     }
@@ -114,6 +117,45 @@ fn mount_work_disk(grow: bool) {
     if grow {
         grow_fs(&dev);
     }
+}
+
+/// Authorises banger's key for root, makes this VM's own host key (images carry none), and starts sshd
+/// without waiting for it, so SSH never delays readiness.
+fn start_sshd(cmdline: &str) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    use std::os::unix::fs::PermissionsExt;
+    if !Path::new("/usr/sbin/sshd").exists() {
+        return Ok(());
+    }
+    if let Some(encoded) = kernel_arg(cmdline, "banger.sshkey") {
+        let key = String::from_utf8(base64::engine::general_purpose::STANDARD_NO_PAD.decode(encoded)?)?;
+        std::fs::create_dir_all("/root/.ssh")?;
+        std::fs::set_permissions("/root/.ssh", std::fs::Permissions::from_mode(0o700))?;
+        let path = "/root/.ssh/authorized_keys";
+        let existing = std::fs::read_to_string(path).unwrap_or_default();
+        if !existing.lines().any(|l| l.trim() == key.trim()) {
+            std::fs::write(
+                path,
+                format!(
+                    "{existing}{}{}\n",
+                    if existing.is_empty() || existing.ends_with('\n') { "" } else { "\n" },
+                    key.trim()
+                ),
+            )?;
+        }
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    let host_key = "/etc/ssh/ssh_host_ed25519_key";
+    if !Path::new(host_key).exists() {
+        let st = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f", host_key]).status()?;
+        anyhow::ensure!(st.success(), "ssh-keygen failed");
+    }
+    std::fs::create_dir_all("/run/sshd")?;
+    // sshd daemonises itself; init reaps it if it ever exits.
+    Command::new("/usr/sbin/sshd")
+        .args(["-o", &format!("HostKey={host_key}"), "-o", "PermitRootLogin=prohibit-password"])
+        .spawn()?;
+    Ok(())
 }
 
 fn spawn_server(exe: &Path) -> Option<Pid> {

@@ -57,6 +57,9 @@ pub struct Config {
     /// daemon's user). `manage_ssh_config = false` leaves it alone.
     pub ssh_config: Option<PathBuf>,
     pub manage_ssh_config: bool,
+    /// Private key for guests (its `.pub` next to it goes into each guest's authorized_keys). Default: a
+    /// managed key in the state directory, generated on first use.
+    pub ssh_key: Option<PathBuf>,
     /// Guest channel of QEMU VMs: `virtio-serial` (default; survives snapshot restore) or `vsock`
     /// (vhost-device-vsock, the same hybrid-vsock protocol Firecracker speaks).
     pub qemu_channel: String,
@@ -128,6 +131,7 @@ impl Default for Config {
             network: NetworkConfig::default(),
             ssh_config: None,
             manage_ssh_config: true,
+            ssh_key: None,
             qemu_channel: "virtio-serial".into(),
             allow_firecracker_without_hardware_kvm: false,
         }
@@ -224,9 +228,10 @@ impl Config {
     pub fn vms_dir(&self) -> PathBuf {
         self.state_dir.join("vms")
     }
-    /// The managed SSH key banger puts into guests (`vm ssh`, and `ssh <name>.vm` via the config block).
+    /// The SSH key banger puts into guests (`vm ssh`, and `ssh <name>.vm` via the config block): the
+    /// configured `ssh_key`, else a managed ed25519 key generated on first use.
     pub fn ssh_key(&self) -> PathBuf {
-        self.state_dir.join("ssh/id_ed25519")
+        self.ssh_key.clone().unwrap_or_else(|| self.state_dir.join("ssh/id_ed25519"))
     }
 
     pub fn ssh_config_path(&self) -> PathBuf {

@@ -43,6 +43,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     engine.reconcile().await.map_err(|e| anyhow::anyhow!("reconciling VM state: {}", e.message))?;
     let shutdown = CancellationToken::new();
     engine.start_network(shutdown.clone()).await?;
+    if let Err(e) = ensure_ssh_key(&cfg.ssh_key()).await {
+        tracing::warn!(error = %e, "no SSH key for guests; `vm ssh` will not work");
+    }
     if cfg.manage_ssh_config {
         let path = cfg.ssh_config_path();
         match crate::ssh_config::sync(&path, &cfg.ssh_key()) {
@@ -59,6 +62,28 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     shutdown.cancel();
     let _ = server.await;
     let _ = std::fs::remove_file(&cfg.socket);
+    Ok(())
+}
+
+/// Generates the managed ed25519 key on first use (ssh-keygen from openssh-client; the key never leaves
+/// the host, only its public half goes into guests).
+async fn ensure_ssh_key(key: &std::path::Path) -> anyhow::Result<()> {
+    if key.exists() && key.with_extension("pub").exists() {
+        return Ok(());
+    }
+    if let Some(dir) = key.parent() {
+        std::fs::create_dir_all(dir)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let out = tokio::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "banger-managed", "-f"])
+        .arg(key)
+        .output()
+        .await
+        .map_err(|e| anyhow::anyhow!("running ssh-keygen ({e}); apt-get install openssh-client"))?;
+    anyhow::ensure!(out.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&out.stderr).trim());
+    tracing::info!(key = %key.display(), "generated the managed SSH key");
     Ok(())
 }
 

@@ -227,3 +227,46 @@ fn ports_lists_listeners_with_processes_labels_web_services_and_shows_each_once(
     );
     d.rpc("vm.delete", json!({"vms": ["webby"]}));
 }
+
+#[test]
+fn vm_ssh_and_plain_ssh_by_name_log_in_with_the_managed_key() {
+    let d = TestDaemon::start();
+    d.register_test_image();
+    d.rpc("vm.create", json!({"name": "shelly", "memory_mib": 256}));
+    let key = d.rpc("daemon.status", json!({}))["ssh_key"].as_str().unwrap().to_string();
+    assert!(std::path::Path::new(&key).exists(), "managed key generated at {key}");
+    // The image carried no host key; this VM made its own.
+    let r = ok_stdout(&d, "shelly", "ls /etc/ssh/ssh_host_ed25519_key && cat /root/.ssh/authorized_keys");
+    assert!(r.contains("banger-managed"), "{r}");
+    // sshd may still be starting right after boot.
+    let socket = d.socket.display().to_string();
+    let ssh_cli = || {
+        d.netns.exec(&[
+            "env",
+            &format!("BANGER_SOCKET={socket}"),
+            bin("banger").to_str().unwrap(),
+            "vm",
+            "ssh",
+            "shelly",
+            "--",
+            "sh",
+            "-c",
+            "echo $(id -un)@$(hostname)",
+        ])
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let out = loop {
+        let out = ssh_cli();
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "root@shelly\n", "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shelly is still running"), "reminder on exit");
+    // Plain ssh with the managed config block: `ssh shelly.vm`.
+    let config = d.dir.path().join("ssh_config");
+    let out = d.netns.exec(&["ssh", "-F", config.to_str().unwrap(), "-o", "BatchMode=yes", "shelly.vm", "hostname"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "shelly\n", "{}", String::from_utf8_lossy(&out.stderr));
+    d.rpc("vm.delete", json!({"vms": ["shelly"]}));
+}

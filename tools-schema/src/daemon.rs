@@ -99,6 +99,8 @@ pub struct DaemonStatus {
     pub vms_running: u32,
     /// Number of registered images.
     pub images: u32,
+    /// Private key that logs into guests as root (`banger vm ssh`, `ssh <name>.vm`).
+    pub ssh_key: String,
 }
 
 /// Outcome of one doctor check.

@@ -140,12 +140,12 @@ services come back as clickable URLs."),
             (VmFileWrite, vm_file_write, "vm.file_write",
              $crate::vm::VmFileWriteParams, $crate::vm::VmFileWriteResult, false, true, false,
              "Write a file in a running VM (text, or base64 for binary; up to 8 MiB per call, use append for \
-      more), creating parent directories, with an optional octal mode. Replaces the file unless \
-      append is set."),
+more), creating parent directories, with an optional octal mode. Replaces the file unless \
+append is set."),
             (VmFileRead, vm_file_read, "vm.file_read",
              $crate::vm::VmFileReadParams, $crate::vm::VmFileReadResult, true, false, true,
              "Read a file in a running VM: up to 8 MiB per call from an offset, as text or base64, with the \
-      file's size, mode, a checksum, and next_offset when there is more to read."),
+file's size, mode, a checksum, and next_offset when there is more to read."),
             (VmLogs, vm_logs, "vm.logs",
              $crate::vm::VmLogsParams, $crate::vm::VmLogs, true, false, true,
              "Return the tail of a VM's console (boot) log. The first place to look when a VM failed to start."),

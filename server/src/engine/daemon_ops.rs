@@ -31,6 +31,7 @@ impl Engine {
             vms_total: vms.len() as u32,
             vms_running: vms.iter().filter(|v| v.state == VmState::Running).count() as u32,
             images: images.len() as u32,
+            ssh_key: self.cfg.ssh_key().display().to_string(),
         })
     }
 

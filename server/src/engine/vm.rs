@@ -435,7 +435,7 @@ impl Engine {
             dir: paths.dir.clone(),
             net,
             work_disk: [paths.work_disk(), paths.work_disk_raw()].into_iter().find(|w| w.exists()),
-            extra_args: grow_args(&paths, image),
+            extra_args: grow_args(&paths, image).into_iter().chain(self.ssh_key_arg()).collect(),
             vsock: self.cfg.qemu_channel == "vsock",
         };
         let started = std::time::Instant::now();
@@ -1061,6 +1061,15 @@ fn generate_name(existing: &[VmRow]) -> String {
 fn random_mac() -> String {
     let b: [u8; 5] = rand::random();
     format!("02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4])
+}
+
+impl Engine {
+    /// The public key for the guest's authorized_keys, on the kernel command line (base64, no spaces).
+    fn ssh_key_arg(&self) -> Option<String> {
+        use base64::Engine as _;
+        let public = std::fs::read_to_string(self.cfg.ssh_key().with_extension("pub")).ok()?;
+        Some(format!("banger.sshkey={}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(public.trim())))
+    }
 }
 
 /// Tells the agent which filesystems to grow at boot: a disk grown by `vm set` is bigger than its base.
