@@ -53,6 +53,15 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 /// The bridge gateway of the default network config (the host's address on the VM network).
 pub const GATEWAY: &str = "10.254.77.1";
 
+/// Polls `cond` every 50 ms until it holds; fails the test, naming `what`, after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Whether a process is alive: it exists and is not a zombie.
 pub fn process_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

@@ -48,7 +48,10 @@ fn firecracker_is_refused_up_front_where_it_cannot_boot_guests() {
     let d = TestDaemon::start();
     d.register_test_image();
     if hardware_kvm(&d) {
-        return; // nothing to refuse on this host; firecracker_guest_boots_and_runs_commands covers it
+        // Nothing to refuse here: Firecracker is what this host picks by default (its guest boot is covered by
+        // firecracker_guest_boots_and_runs_commands).
+        assert_eq!(d.rpc("daemon.status", json!({}))["vmm"]["vmm"], "firecracker");
+        return;
     }
     let e = d.rpc_raw("vm.create", json!({"name": "fc", "vmm": "firecracker"}));
     assert_eq!(e["error"]["data"]["code"], "host_unsupported", "{e}");

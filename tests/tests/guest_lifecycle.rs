@@ -110,19 +110,13 @@ fn several_vms_at_once_with_per_vm_results_in_order() {
 }
 
 fn wait_for_vmm(d: &TestDaemon) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while d.processes_of_this_test().is_empty() {
-        assert!(Instant::now() < deadline, "the VMM never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("the VMM to start", Duration::from_secs(30), || !d.processes_of_this_test().is_empty());
 }
 
 fn wait_for_no_vms(d: &TestDaemon, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while d.rpc("vm.list", json!({}))["vms"] != json!([]) {
-        assert!(Instant::now() < deadline, "{what} was not rolled back");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(&format!("{what} to be rolled back"), Duration::from_secs(30), || {
+        d.rpc("vm.list", json!({}))["vms"] == json!([])
+    });
     d.assert_no_leaked_processes();
     assert_eq!(std::fs::read_dir(d.state_dir.join("vms")).unwrap().count(), 0, "VM directory left behind");
 }
@@ -247,11 +241,7 @@ fn a_daemon_killed_mid_create_leaks_nothing_after_restart() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while d.processes_of_this_test().is_empty() {
-        assert!(Instant::now() < deadline, "the VMM never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_vmm(&d);
     d.crash_and_restart();
     let _ = cli.wait();
     assert_eq!(d.rpc("vm.list", json!({}))["vms"], json!([]));
@@ -270,18 +260,9 @@ fn an_mcp_client_that_disconnects_mid_create_cancels_it() {
         "params": {"name": "vm_create", "arguments": {"name": "mcp-abandoned"}}})
         .to_string(),
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while d.processes_of_this_test().is_empty() {
-        assert!(Instant::now() < deadline, "the VMM never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_vmm(&d);
     drop(m);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while d.rpc("vm.list", json!({}))["vms"] != json!([]) {
-        assert!(Instant::now() < deadline, "abandoned MCP create was not rolled back");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    d.assert_no_leaked_processes();
+    wait_for_no_vms(&d, "a create whose MCP client vanished");
 }
 
 #[test]

@@ -78,12 +78,16 @@ fn guest_error(vm: &str, e: GuestError) -> ApiError {
 
 impl Engine {
     pub(crate) async fn vm_info(&self, row: &VmRow) -> VmInfo {
-        let image = self
-            .store
-            .images()
-            .await
-            .ok()
-            .and_then(|imgs| imgs.into_iter().find(|i| i.id == row.image_id).map(|i| i.name))
+        let images = self.store.images().await.unwrap_or_default();
+        self.vm_info_with(row, &images)
+    }
+
+    /// `vm_info` with the image list already loaded (one query for a whole `vm.list`).
+    fn vm_info_with(&self, row: &VmRow, images: &[ImageRow]) -> VmInfo {
+        let image = images
+            .iter()
+            .find(|i| i.id == row.image_id)
+            .map(|i| i.name.clone())
             .unwrap_or_else(|| row.image_id.clone());
         VmInfo {
             id: row.id.clone(),
@@ -136,12 +140,8 @@ impl Engine {
     }
 
     pub async fn vm_list(self: &Arc<Self>, _: Empty, _: CallContext) -> Result<VmList, ApiError> {
-        let rows = self.store.vms().await?;
-        let mut vms = Vec::with_capacity(rows.len());
-        for r in &rows {
-            vms.push(self.vm_info(r).await);
-        }
-        Ok(VmList { vms })
+        let (rows, images) = (self.store.vms().await?, self.store.images().await?);
+        Ok(VmList { vms: rows.iter().map(|r| self.vm_info_with(r, &images)).collect() })
     }
 
     pub async fn vm_show(self: &Arc<Self>, p: VmRef, _: CallContext) -> Result<VmInfo, ApiError> {
