@@ -176,7 +176,7 @@ async fn bare_boot(image: &tools_schema::image::ImageInfo, memory_mib: u32) -> a
     let paths = vmm::VmPaths::new(dir.clone());
     let result = async {
         let started = Instant::now();
-        vmm::create_root_disk(&cfg, std::path::Path::new(&image.rootfs), &paths.root_disk()).await?;
+        vmm::create_overlay_disk(&cfg, std::path::Path::new(&image.rootfs), &paths.root_disk()).await?;
         let spec = vmm::BootSpec {
             vm_id: vm_id.clone(),
             hostname: "bench".into(),
@@ -198,8 +198,7 @@ async fn bare_boot(image: &tools_schema::image::ImageInfo, memory_mib: u32) -> a
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         let ready = paths.guest_channel().ready(deadline, &Default::default()).await;
         let elapsed = started.elapsed();
-        vmm::kill(launched.pid, &vm_id).await;
-        vmm::stop_helpers(&dir).await;
+        vmm::stop_vm_processes(&dir, &vm_id, Some(launched.pid)).await;
         ready?.0.close();
         Ok::<f64, anyhow::Error>(ms(elapsed))
     }

@@ -446,3 +446,23 @@ fn files_round_trip_binary_and_large_with_modes_and_clear_errors() {
     assert_eq!(std::fs::metadata(&dst).unwrap().permissions().mode() & 0o777, 0o750, "mode kept both ways");
     d.rpc("vm.delete", json!({"vms": ["filer"]}));
 }
+
+#[test]
+fn a_vmm_that_fails_to_start_leaves_no_helper_process_or_vm_behind() {
+    // QEMU refuses a kernel that is not one, after the vsock helper for the VM is already running.
+    let d = TestDaemon::start_with_config("qemu_channel = \"vsock\"");
+    let img = test_image();
+    let bogus = d.dir.path().join("not-a-kernel");
+    std::fs::write(&bogus, vec![0u8; 4096]).unwrap();
+    d.rpc(
+        "image.register",
+        json!({"name": "broken", "kernel": bogus.display().to_string(), "initrd": img.initrd,
+        "rootfs": img.rootfs, "work_seed": img.work_seed}),
+    );
+    let e = d.rpc_raw("vm.create", json!({"name": "doomed", "image": "broken"}));
+    assert!(e["error"]["message"].as_str().unwrap().contains("starting qemu failed"), "{e}");
+    assert!(e["error"]["data"]["hint"].is_string(), "the error says what to do next: {e}");
+    assert_eq!(d.rpc("vm.list", json!({}))["vms"], json!([]), "the failed create was rolled back");
+    d.assert_no_leaked_processes();
+    assert_eq!(std::fs::read_dir(d.state_dir.join("vms")).unwrap().count(), 0);
+}

@@ -31,9 +31,6 @@ fn vmm_error(e: VmmError) -> ApiError {
     match e {
         VmmError::MissingBinary { .. } => ApiError::new(ErrorCode::HostUnsupported, e.to_string())
             .with_hint("run scripts/setup-host.sh, then `banger doctor`"),
-        VmmError::Unsupported { .. } => {
-            ApiError::new(ErrorCode::HostUnsupported, e.to_string()).with_hint("use --vmm qemu (works on every host)")
-        }
         VmmError::Launch { .. } => {
             ApiError::internal(e.to_string()).with_hint("`banger doctor` checks the host set-up")
         }
@@ -339,9 +336,9 @@ impl Engine {
                         .map_err(|e| ApiError::internal(format!("making the work disk writable: {e}")))?;
                 }
             } else {
-                vmm::create_root_disk(&self.cfg, base, &paths.root_disk()).await.map_err(vmm_error)?;
+                vmm::create_overlay_disk(&self.cfg, base, &paths.root_disk()).await.map_err(vmm_error)?;
                 if !image.work_seed.is_empty() {
-                    vmm::create_root_disk(&self.cfg, seed, &paths.work_disk()).await.map_err(vmm_error)?;
+                    vmm::create_overlay_disk(&self.cfg, seed, &paths.work_disk()).await.map_err(vmm_error)?;
                 }
             }
             if cancel.is_cancelled() {
@@ -359,8 +356,7 @@ impl Engine {
             // Roll back in reverse: process (boot already killed it on its own failure), files, record.
             if let Some(v) = self.store.vm(row.id.clone()).await.ok().flatten() {
                 if let Some(pid) = v.pid {
-                    vmm::kill(pid, &row.id).await;
-                    vmm::stop_helpers(&self.vm_paths(&row.id).dir).await;
+                    vmm::stop_vm_processes(&self.vm_paths(&row.id).dir, &row.id, Some(pid)).await;
                 }
             }
             self.drop_guest(&row.id);
@@ -479,8 +475,7 @@ impl Engine {
                     net.dns.set(&row.name, ip);
                     if row.nat {
                         if let Err(e) = net.enable_nat(ip).await {
-                            vmm::kill(launched.pid, &row.id).await;
-                            vmm::stop_helpers(&self.vm_paths(&row.id).dir).await;
+                            vmm::stop_vm_processes(&self.vm_paths(&row.id).dir, &row.id, Some(launched.pid)).await;
                             self.release_net(row).await;
                             let msg = format!("cannot enable NAT for {}: {e}", row.name);
                             let _ = self
@@ -499,8 +494,7 @@ impl Engine {
                 Ok(())
             }
             Err(e) => {
-                vmm::kill(launched.pid, &row.id).await;
-                vmm::stop_helpers(&self.vm_paths(&row.id).dir).await;
+                vmm::stop_vm_processes(&self.vm_paths(&row.id).dir, &row.id, Some(launched.pid)).await;
                 self.release_net(row).await;
                 let _ =
                     self.store.set_vm_state(row.id.clone(), VmState::Failed, None, None, Some(e.message.clone())).await;
@@ -649,12 +643,11 @@ impl Engine {
                 }
             }
             if !gone {
-                vmm::kill(pid, &row.id).await;
-                vmm::stop_helpers(&self.vm_paths(&row.id).dir).await;
+                vmm::stop_vm_processes(&self.vm_paths(&row.id).dir, &row.id, Some(pid)).await;
             }
         }
         self.drop_guest(&row.id);
-        vmm::stop_helpers(&self.vm_paths(&row.id).dir).await;
+        vmm::stop_vm_processes(&self.vm_paths(&row.id).dir, &row.id, None).await;
         self.release_net(row).await;
         self.store.set_vm_state(row.id.clone(), VmState::Stopped, None, None, None).await?;
         Ok(())
@@ -729,7 +722,7 @@ impl Engine {
                     }
                 }
                 for (disk, want) in grow {
-                    vmm::resize_root_disk(&engine.cfg, &disk, want).await.map_err(vmm_error)?;
+                    vmm::resize_disk(&engine.cfg, &disk, want).await.map_err(vmm_error)?;
                 }
                 engine.store.set_vm_shape(row.id.clone(), p.vcpus, p.memory_mib, p.nat).await?;
                 Ok(Some(engine.vm_info(&engine.reload(&row.id).await?).await))
@@ -988,8 +981,7 @@ impl Engine {
                 VmState::Starting if row.started_at.is_none() => {
                     tracing::warn!(vm = %row.name, "rolling back a create interrupted by a daemon restart");
                     if let Some(pid) = pid {
-                        vmm::kill(pid, &row.id).await;
-                        vmm::stop_helpers(&self.vm_paths(&row.id).dir).await;
+                        vmm::stop_vm_processes(&self.vm_paths(&row.id).dir, &row.id, Some(pid)).await;
                     }
                     let _ = tokio::fs::remove_dir_all(self.vm_paths(&row.id).dir).await;
                     self.store.delete_vm(row.id.clone()).await?;
@@ -999,8 +991,7 @@ impl Engine {
                 }
                 VmState::Running | VmState::Starting | VmState::Stopping => {
                     if let Some(pid) = pid.filter(|_| alive) {
-                        vmm::kill(pid, &row.id).await;
-                        vmm::stop_helpers(&self.vm_paths(&row.id).dir).await;
+                        vmm::stop_vm_processes(&self.vm_paths(&row.id).dir, &row.id, Some(pid)).await;
                     }
                     tracing::info!(vm = %row.name, "VM was not running after daemon restart; marked stopped");
                     self.store.set_vm_state(row.id.clone(), VmState::Stopped, None, None, None).await?;
@@ -1010,8 +1001,7 @@ impl Engine {
                 VmState::Stopped | VmState::Failed => {
                     if let Some(pid) = pid.filter(|_| alive) {
                         tracing::warn!(vm = %row.name, pid, "killing a VMM that outlived its stopped VM");
-                        vmm::kill(pid, &row.id).await;
-                        vmm::stop_helpers(&self.vm_paths(&row.id).dir).await;
+                        vmm::stop_vm_processes(&self.vm_paths(&row.id).dir, &row.id, Some(pid)).await;
                     }
                 }
             }
@@ -1025,10 +1015,7 @@ impl Engine {
                     continue;
                 }
                 tracing::warn!(id = %id, "removing an orphaned VM directory");
-                if let Some(pid) = self.pid_from_pidfile(&id) {
-                    vmm::kill(pid, &id).await;
-                    vmm::stop_helpers(&e.path()).await;
-                }
+                vmm::stop_vm_processes(&e.path(), &id, self.pid_from_pidfile(&id)).await;
                 let _ = tokio::fs::remove_dir_all(e.path()).await;
             }
         }

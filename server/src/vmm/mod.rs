@@ -18,8 +18,6 @@ pub enum VmmError {
     MissingBinary { binary: &'static str },
     #[error("{what} failed: {detail}")]
     Launch { what: String, detail: String },
-    #[error("{vmm} is not supported by this build of banger yet")]
-    Unsupported { vmm: &'static str },
     #[error("i/o error while {what}")]
     Io {
         what: String,
@@ -271,7 +269,7 @@ pub async fn copy_sparse(from: &Path, to: &Path) -> Result<(), VmmError> {
 
 /// Creates a VM disk as a copy-on-write overlay (qcow2) over an image's read-only base (root filesystem or
 /// work seed). Nothing is copied: the overlay starts empty and holds only the blocks the guest writes.
-pub async fn create_root_disk(cfg: &crate::Config, base: &Path, disk: &Path) -> Result<(), VmmError> {
+pub async fn create_overlay_disk(cfg: &crate::Config, base: &Path, disk: &Path) -> Result<(), VmmError> {
     let qemu_img = cfg.find_binary("qemu-img").ok_or(VmmError::MissingBinary { binary: "qemu-img" })?;
     let out = tokio::process::Command::new(qemu_img)
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
@@ -298,7 +296,7 @@ pub fn qcow2_virtual_size(path: &Path) -> Option<u64> {
 }
 
 /// Grows a stopped VM's disk (root or work) to `bytes`.
-pub async fn resize_root_disk(cfg: &crate::Config, disk: &Path, bytes: u64) -> Result<(), VmmError> {
+pub async fn resize_disk(cfg: &crate::Config, disk: &Path, bytes: u64) -> Result<(), VmmError> {
     let qemu_img = cfg.find_binary("qemu-img").ok_or(VmmError::MissingBinary { binary: "qemu-img" })?;
     let out = tokio::process::Command::new(qemu_img)
         .args(["resize", "-q", "-f", "qcow2"])
@@ -314,6 +312,15 @@ pub async fn resize_root_disk(cfg: &crate::Config, disk: &Path, bytes: u64) -> R
         });
     }
     Ok(())
+}
+
+/// Ends everything a VM runs on the host: its VMM (when `pid` is known) and its helpers. The one way to
+/// stop a VM's processes, used by stop, rollback and recovery alike.
+pub async fn stop_vm_processes(dir: &Path, vm_id: &str, pid: Option<u32>) {
+    if let Some(pid) = pid {
+        kill(pid, vm_id).await;
+    }
+    stop_helpers(dir).await;
 }
 
 /// Ends the VM's helper processes (vhost-device-vsock), once its VMM is gone.

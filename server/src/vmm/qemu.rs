@@ -90,18 +90,28 @@ pub async fn launch(cfg: &Config, accel: &str, spec: &BootSpec) -> Result<Launch
         .arg("-daemonize")
         .arg("-pidfile")
         .arg(paths.pidfile());
-    let out = cmd.output().await.map_err(|source| VmmError::Io { what: "starting qemu".into(), source })?;
-    if !out.status.success() {
-        return Err(VmmError::Launch {
-            what: "starting qemu".into(),
-            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+    let launched = async {
+        let out = cmd.output().await.map_err(|source| VmmError::Io { what: "starting qemu".into(), source })?;
+        if !out.status.success() {
+            return Err(VmmError::Launch {
+                what: "starting qemu".into(),
+                detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        std::fs::read_to_string(paths.pidfile())
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .ok_or_else(|| VmmError::Launch { what: "starting qemu".into(), detail: "qemu wrote no pid file".into() })
     }
-    let pid = std::fs::read_to_string(paths.pidfile())
-        .ok()
-        .and_then(|s| s.trim().parse::<u32>().ok())
-        .ok_or_else(|| VmmError::Launch { what: "starting qemu".into(), detail: "qemu wrote no pid file".into() })?;
-    Ok(Launched { pid })
+    .await;
+    match launched {
+        Ok(pid) => Ok(Launched { pid }),
+        Err(e) => {
+            // No VMM came up, so nobody else will end the helper started for it.
+            super::stop_helpers(&paths.dir).await;
+            Err(e)
+        }
+    }
 }
 
 /// Starts vhost-device-vsock for the VM (detached, like the VMM) and waits for its vhost-user socket.
