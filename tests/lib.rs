@@ -136,7 +136,21 @@ impl TestDaemon {
         if !config.exists() {
             // Never the real ~/.ssh/config: the managed block goes into the test's own directory.
             let ssh = self.dir.path().join("ssh_config");
-            std::fs::write(&config, format!("ssh_config = \"{}\"\n{}\n", ssh.display(), self.extra_config)).unwrap();
+            let mut text = format!("ssh_config = \"{}\"\n", ssh.display());
+            // Image builds put this agent into images and boot them with the test kernel.
+            for (key, var) in [
+                ("agent_binary", "BANGER_TEST_AGENT"),
+                ("kernel", "BANGER_TEST_KERNEL"),
+                ("kernel_elf", "BANGER_TEST_KERNEL_ELF"),
+                ("initrd", "BANGER_TEST_INITRD"),
+            ] {
+                if let Ok(v) = std::env::var(var) {
+                    if !self.extra_config.contains(&format!("{key} =")) {
+                        text.push_str(&format!("{key} = \"{v}\"\n"));
+                    }
+                }
+            }
+            std::fs::write(&config, format!("{text}{}\n", self.extra_config)).unwrap();
         }
         let child = Command::new("ip")
             .args(["netns", "exec", &self.netns.name])
@@ -252,6 +266,34 @@ impl TestDaemon {
         match r.get("result") {
             Some(v) => v.clone(),
             None => panic!("{method} failed: {r}"),
+        }
+    }
+
+    /// Runs a shell script in a guest (60 s timeout) and returns the exec result.
+    pub fn guest_sh(&self, vm: &str, script: &str) -> Value {
+        self.rpc("vm.exec", json!({"vm": vm, "command": ["sh", "-c", script], "timeout_secs": 60}))
+    }
+
+    /// Runs a shell script in a guest, asserts it succeeded, and returns its stdout.
+    pub fn guest_ok(&self, vm: &str, script: &str) -> String {
+        let r = self.guest_sh(vm, script);
+        assert_eq!(r["exit_code"], 0, "`{script}` in {vm}: {r}");
+        r["stdout"].as_str().unwrap().to_string()
+    }
+
+    /// `banger vm ssh VM -- ARGS` from the daemon's namespace, retried for up to 30 s while sshd starts.
+    pub fn vm_ssh(&self, vm: &str, args: &[&str]) -> Output {
+        let socket = format!("BANGER_SOCKET={}", self.socket.display());
+        let banger = bin("banger");
+        let mut cmd = vec!["env", &socket, banger.to_str().unwrap(), "vm", "ssh", vm, "--"];
+        cmd.extend_from_slice(args);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.netns.exec(&cmd);
+            if out.status.success() || Instant::now() > deadline {
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(300));
         }
     }
 

@@ -5,12 +5,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 
 mod bench_cmd;
 mod client;
 mod cp;
 mod daemon_cmd;
+mod image_cmd;
 mod mcp_bridge;
 mod operation_cmd;
 mod output;
@@ -46,7 +47,7 @@ enum Command {
     Doctor,
     /// Manage images.
     #[command(subcommand)]
-    Image(ImageCmd),
+    Image(image_cmd::ImageCmd),
     /// Manage VMs.
     #[command(subcommand)]
     Vm(vm_cmd::VmCmd),
@@ -60,43 +61,6 @@ enum Command {
     Mcp,
 }
 
-#[derive(Subcommand)]
-enum ImageCmd {
-    /// Register an existing kernel, initramfs and ext4 root filesystem as an image.
-    #[command(
-        after_help = "Example:\n  banger image register --name debian --kernel /path/vmlinuz --initrd /path/initrd --rootfs /path/root.ext4 --default"
-    )]
-    Register(RegisterArgs),
-    /// List images.
-    List,
-    /// Show one image.
-    Show { image: String },
-    /// Make an image the default for new VMs.
-    Promote { image: String },
-    /// Delete an image (refused while VMs use it).
-    Delete { image: String },
-}
-
-#[derive(Args)]
-struct RegisterArgs {
-    #[arg(long)]
-    name: String,
-    #[arg(long)]
-    kernel: PathBuf,
-    #[arg(long)]
-    kernel_elf: Option<PathBuf>,
-    #[arg(long)]
-    initrd: Option<PathBuf>,
-    #[arg(long)]
-    rootfs: PathBuf,
-    /// ext4 with the initial /root (label banger-work); an empty one is made when omitted.
-    #[arg(long)]
-    work_seed: Option<PathBuf>,
-    /// Make it the default image.
-    #[arg(long)]
-    default: bool,
-}
-
 pub struct Ctx {
     pub socket: PathBuf,
     pub json: bool,
@@ -108,7 +72,7 @@ impl Ctx {
     }
 }
 
-fn absolute(p: PathBuf) -> String {
+pub(crate) fn absolute(p: PathBuf) -> String {
     std::path::absolute(&p).unwrap_or(p).display().to_string()
 }
 
@@ -171,73 +135,7 @@ async fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             }
         }
-        Command::Image(i) => {
-            let d = ctx.daemon().await?;
-            match i {
-                ImageCmd::Register(a) => {
-                    let p = tools_schema::image::ImageRegisterParams {
-                        name: a.name,
-                        kernel: absolute(a.kernel),
-                        kernel_elf: a.kernel_elf.map(absolute),
-                        initrd: a.initrd.map(absolute),
-                        rootfs: absolute(a.rootfs),
-                        work_seed: a.work_seed.map(absolute),
-                        make_default: a.default,
-                    };
-                    let img = d.call::<ops::ImageRegister>(&p).await?;
-                    if ctx.json {
-                        output::json(&img)
-                    } else {
-                        println!(
-                            "registered image {} ({}){}",
-                            img.name,
-                            img.fingerprint,
-                            if img.is_default { ", default" } else { "" }
-                        )
-                    }
-                }
-                ImageCmd::List => {
-                    let list = d.call::<ops::ImageList>(&Default::default()).await?;
-                    if ctx.json {
-                        output::json(&list);
-                    } else {
-                        let rows = list
-                            .images
-                            .iter()
-                            .map(|i| {
-                                vec![
-                                    format!("{}{}", i.name, if i.is_default { " *" } else { "" }),
-                                    i.id.clone(),
-                                    format!("{} MiB", i.rootfs_bytes >> 20),
-                                    i.fingerprint.clone(),
-                                    output::ago(i.created_at),
-                                ]
-                            })
-                            .collect::<Vec<_>>();
-                        output::table(&["NAME", "ID", "ROOTFS", "FINGERPRINT", "CREATED"], &rows);
-                    }
-                }
-                ImageCmd::Show { image } => {
-                    output::json(&d.call::<ops::ImageShow>(&tools_schema::image::ImageRef { image }).await?)
-                }
-                ImageCmd::Promote { image } => {
-                    let img = d.call::<ops::ImagePromote>(&tools_schema::image::ImageRef { image }).await?;
-                    if ctx.json {
-                        output::json(&img)
-                    } else {
-                        println!("{} is now the default image", img.name)
-                    }
-                }
-                ImageCmd::Delete { image } => {
-                    let r = d.call::<ops::ImageDelete>(&tools_schema::image::ImageRef { image }).await?;
-                    if ctx.json {
-                        output::json(&r)
-                    } else {
-                        println!("deleted image {}", r.name)
-                    }
-                }
-            }
-        }
+        Command::Image(i) => return image_cmd::run(i, ctx).await,
         Command::Vm(v) => return vm_cmd::run(v, ctx).await,
         Command::Operation(o) => return operation_cmd::run(o, ctx).await,
         Command::Bench(b) => return bench_cmd::run(b, ctx).await,

@@ -94,8 +94,15 @@ pub async fn follow(d: &Daemon, mut info: OperationInfo, live: bool) -> anyhow::
     if live {
         eprintln!("{} {} (Ctrl-C cancels and rolls back)", info.kind, info.target);
     }
+    let mut last_detail: Option<String> = None;
     loop {
         print_done(&info, &mut printed);
+        // What the running stage is doing (e.g. a recipe's output), each new line once.
+        if live && info.detail.is_some() && info.detail != last_detail {
+            let running = info.stages.iter().find(|s| s.state == StageState::Running).map(|s| s.name.as_str());
+            eprintln!("    {}: {}", running.unwrap_or("-"), info.detail.as_deref().unwrap_or_default());
+            last_detail = info.detail.clone();
+        }
         if info.state != OperationState::Running {
             return Ok(info);
         }

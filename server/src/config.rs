@@ -66,6 +66,19 @@ pub struct Config {
     /// Let `--vmm firecracker` start on hosts without hardware KVM. Guests cannot boot there (paravirtual
     /// KVM kills ordinary kernels), so this only exercises the driver, e.g. in banger's own tests.
     pub allow_firecracker_without_hardware_kvm: bool,
+    /// Build cache shared by image builds (recipe root filesystems) and host set-up (kernels, VMM binaries).
+    /// Default `$BANGER_CACHE`, else `/var/cache/banger`.
+    pub cache_dir: PathBuf,
+    /// Image recipes (`<name>/recipe.sh`) and `assemble.sh`. Default: the `images/` folder banger was built
+    /// from, else `/usr/local/share/banger/images`.
+    pub recipes_dir: Option<PathBuf>,
+    /// The static `banger-agent` binary put into built images. Default: next to `bangerd`, else on PATH.
+    pub agent_binary: Option<PathBuf>,
+    /// Guest kernel (bzImage, its ELF `vmlinux`, and the initramfs) for images built from recipes.
+    /// Default: what scripts/setup-host.sh installs under `<cache_dir>/kernel/default/`.
+    pub kernel: Option<PathBuf>,
+    pub kernel_elf: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
 }
 
 /// The VM network: one bridge, the host as gateway, guests numbered from the subnet.
@@ -118,11 +131,7 @@ impl Default for Config {
             log_format: "json".into(),
             vmm: None,
             // Where scripts/setup-host.sh installs Firecracker, jailer and vhost-device-vsock.
-            bin_dirs: vec![std::env::var_os("BANGER_CACHE")
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("/var/cache/banger"))
-                .join("bin")],
+            bin_dirs: vec![default_cache_dir().join("bin")],
             default_vcpus: 1,
             default_memory_mib: 512,
             stop_grace_secs: 10,
@@ -134,8 +143,21 @@ impl Default for Config {
             ssh_key: None,
             qemu_channel: "virtio-serial".into(),
             allow_firecracker_without_hardware_kvm: false,
+            cache_dir: default_cache_dir(),
+            recipes_dir: None,
+            agent_binary: None,
+            kernel: None,
+            kernel_elf: None,
+            initrd: None,
         }
     }
+}
+
+fn default_cache_dir() -> PathBuf {
+    std::env::var_os("BANGER_CACHE")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/banger".into())
 }
 
 /// The default paths for the current user.
@@ -243,6 +265,36 @@ impl Config {
 
     pub fn log_file(&self) -> PathBuf {
         self.state_dir.join("bangerd.log")
+    }
+
+    pub fn recipes_dir(&self) -> PathBuf {
+        self.recipes_dir.clone().unwrap_or_else(|| {
+            let source_tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images");
+            if source_tree.join("assemble.sh").is_file() {
+                source_tree
+            } else {
+                PathBuf::from("/usr/local/share/banger/images")
+            }
+        })
+    }
+
+    /// The guest agent binary for image builds, if one can be found.
+    pub fn agent_binary(&self) -> Option<PathBuf> {
+        if let Some(p) = &self.agent_binary {
+            return Some(p.clone());
+        }
+        let sibling = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("banger-agent")));
+        sibling.filter(|p| is_executable(p)).or_else(|| self.find_binary("banger-agent"))
+    }
+
+    /// Kernel, ELF kernel and initramfs for recipe builds: configured, else set-up's default kernel.
+    pub fn build_kernel(&self) -> (PathBuf, PathBuf, PathBuf) {
+        let d = self.cache_dir.join("kernel/default");
+        (
+            self.kernel.clone().unwrap_or_else(|| d.join("vmlinuz")),
+            self.kernel_elf.clone().unwrap_or_else(|| d.join("vmlinux")),
+            self.initrd.clone().unwrap_or_else(|| d.join("initramfs.cpio.gz")),
+        )
     }
 
     /// Finds an executable in `bin_dirs`, then in PATH.

@@ -56,6 +56,9 @@ const MIGRATIONS: &[&str] = &[
      CREATE UNIQUE INDEX vms_ip ON vms(ip) WHERE ip IS NOT NULL;",
     // 3: images carry a work seed, the ext4 each VM's /root disk is cloned from ('' for older images).
     "ALTER TABLE images ADD COLUMN work_seed TEXT NOT NULL DEFAULT '';",
+    // 4: built images record their build id (stamped into the image as /etc/banger/image.json) and source.
+    "ALTER TABLE images ADD COLUMN build_id TEXT;
+     ALTER TABLE images ADD COLUMN source TEXT;",
 ];
 
 #[derive(Debug, Clone)]
@@ -71,6 +74,10 @@ pub struct ImageRow {
     pub is_default: bool,
     pub created_at: i64,
     pub work_seed: String,
+    /// Set for images made by `image.build`: the id of the build's inputs, also inside the image.
+    pub build_id: Option<String>,
+    /// What a built image was made from, e.g. `recipe debian-agent`.
+    pub source: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -144,10 +151,10 @@ impl Store {
             }
             tx.execute(
                 "INSERT INTO images (id, name, kernel, kernel_elf, initrd, rootfs, rootfs_bytes, fingerprint, is_default, created_at,
-                                     work_seed)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                                     work_seed, build_id, source)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                 params![img.id, img.name, img.kernel, img.kernel_elf, img.initrd, img.rootfs, img.rootfs_bytes as i64,
-                        img.fingerprint, img.is_default, img.created_at, img.work_seed],
+                        img.fingerprint, img.is_default, img.created_at, img.work_seed, img.build_id, img.source],
             )?;
             tx.commit()
         })
@@ -271,6 +278,8 @@ fn image_from_row(r: &Row) -> rusqlite::Result<ImageRow> {
         is_default: r.get("is_default")?,
         created_at: r.get("created_at")?,
         work_seed: r.get("work_seed")?,
+        build_id: r.get("build_id")?,
+        source: r.get("source")?,
     })
 }
 

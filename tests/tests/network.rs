@@ -6,16 +6,6 @@ use std::time::{Duration, Instant};
 
 use banger_e2e::*;
 
-fn sh(d: &TestDaemon, vm: &str, script: &str) -> Value {
-    d.rpc("vm.exec", json!({"vm": vm, "command": ["sh", "-c", script], "timeout_secs": 60}))
-}
-
-fn ok_stdout(d: &TestDaemon, vm: &str, script: &str) -> String {
-    let r = sh(d, vm, script);
-    assert_eq!(r["exit_code"], 0, "`{script}` in {vm}: {r}");
-    r["stdout"].as_str().unwrap().to_string()
-}
-
 /// A namespace with a web server at 198.51.100.2:8080, linked to the daemon's namespace by a veth pair
 /// whose daemon end is 198.51.100.1 and is the daemon namespace's default route.
 struct OutsideWorld {
@@ -71,12 +61,12 @@ fn guests_resolve_and_reach_each_other_and_the_host_reaches_them_by_name() {
     assert_eq!(b["dns_name"], "beta.vm");
 
     // Names resolve inside guests, to the right addresses; bare names work through `search vm`.
-    assert_eq!(ok_stdout(&d, "alpha", "getent hosts beta.vm | cut -d' ' -f1").trim(), b_ip);
-    assert_eq!(ok_stdout(&d, "alpha", "getent hosts beta | cut -d' ' -f1").trim(), b_ip);
+    assert_eq!(d.guest_ok("alpha", "getent hosts beta.vm | cut -d' ' -f1").trim(), b_ip);
+    assert_eq!(d.guest_ok("alpha", "getent hosts beta | cut -d' ' -f1").trim(), b_ip);
 
     // Guest to guest over TCP, by name.
-    ok_stdout(&d, "beta", "mkdir -p /srv && echo served-by-beta > /srv/index.html && busybox httpd -p 8080 -h /srv");
-    assert_eq!(ok_stdout(&d, "alpha", "timeout 5 busybox wget -q -O - http://beta.vm:8080/"), "served-by-beta\n");
+    d.guest_ok("beta", "mkdir -p /srv && echo served-by-beta > /srv/index.html && busybox httpd -p 8080 -h /srv");
+    assert_eq!(d.guest_ok("alpha", "timeout 5 busybox wget -q -O - http://beta.vm:8080/"), "served-by-beta\n");
 
     // Host to guest, by name (the host resolver in this namespace points at banger's DNS).
     let out = d.netns.exec(&[
@@ -92,7 +82,7 @@ fn guests_resolve_and_reach_each_other_and_the_host_reaches_them_by_name() {
     assert!(!out.status.success(), "beta.vm still resolves after stop");
     d.rpc("vm.start", json!({"vms": ["beta"]}));
     assert_eq!(d.rpc("vm.show", json!({"vm": "beta"}))["ip"], json!(b_ip));
-    assert_eq!(ok_stdout(&d, "alpha", "getent hosts beta.vm | cut -d' ' -f1").trim(), b_ip);
+    assert_eq!(d.guest_ok("alpha", "getent hosts beta.vm | cut -d' ' -f1").trim(), b_ip);
 
     d.rpc("vm.delete", json!({"vms": ["alpha", "beta"]}));
     d.assert_no_leaked_processes();
@@ -115,17 +105,17 @@ fn guests_cannot_reach_host_services_and_reach_outside_only_with_nat() {
     let natted_ip = d.rpc("vm.show", json!({"vm": "natted"}))["ip"].as_str().unwrap().to_string();
 
     let fetch = "timeout 3 busybox wget -q -O - http://198.51.100.2:8080/hello.txt";
-    assert_eq!(ok_stdout(&d, "natted", fetch), "hello from outside\n");
+    assert_eq!(d.guest_ok("natted", fetch), "hello from outside\n");
     let log = std::fs::read_to_string(outside.server_log()).unwrap();
     assert!(log.contains("198.51.100.1"), "the outside saw the masqueraded host address: {log}");
     assert!(!log.contains(&natted_ip), "the guest's own address leaked outside: {log}");
-    assert_ne!(sh(&d, "walled", fetch)["exit_code"], 0, "a VM without NAT reached the outside");
+    assert_ne!(d.guest_sh("walled", fetch)["exit_code"], 0, "a VM without NAT reached the outside");
 
     for vm in ["walled", "natted"] {
-        let r = sh(&d, vm, &format!("timeout 3 busybox wget -q -O - http://{GATEWAY}:8099/"));
+        let r = d.guest_sh(vm, &format!("timeout 3 busybox wget -q -O - http://{GATEWAY}:8099/"));
         assert_ne!(r["exit_code"], 0, "{vm} reached a host service: {r}");
         // DNS on the host is the one thing allowed.
-        assert_eq!(ok_stdout(&d, vm, "getent hosts walled.vm | wc -l").trim(), "1");
+        assert_eq!(d.guest_ok(vm, "getent hosts walled.vm | wc -l").trim(), "1");
     }
 
     // The NAT rule lives exactly as long as the VM runs.
@@ -191,8 +181,7 @@ fn ports_lists_listeners_with_processes_labels_web_services_and_shows_each_once(
     let d = TestDaemon::start();
     d.register_test_image();
     d.rpc("vm.create", json!({"name": "webby", "memory_mib": 256}));
-    ok_stdout(
-        &d,
+    d.guest_ok(
         "webby",
         "mkdir -p /srv && echo hi > /srv/index.html && busybox httpd -p 8080 -h /srv \
         && busybox httpd -p 127.0.0.1:9090 -h /srv && (busybox nc -l -p 7000 >/dev/null 2>&1 &) && sleep 0.3",
@@ -236,32 +225,9 @@ fn vm_ssh_and_plain_ssh_by_name_log_in_with_the_managed_key() {
     let key = d.rpc("daemon.status", json!({}))["ssh_key"].as_str().unwrap().to_string();
     assert!(std::path::Path::new(&key).exists(), "managed key generated at {key}");
     // The image carried no host key; this VM made its own.
-    let r = ok_stdout(&d, "shelly", "ls /etc/ssh/ssh_host_ed25519_key && cat /root/.ssh/authorized_keys");
+    let r = d.guest_ok("shelly", "ls /etc/ssh/ssh_host_ed25519_key && cat /root/.ssh/authorized_keys");
     assert!(r.contains("banger-managed"), "{r}");
-    // sshd may still be starting right after boot.
-    let socket = d.socket.display().to_string();
-    let ssh_cli = || {
-        d.netns.exec(&[
-            "env",
-            &format!("BANGER_SOCKET={socket}"),
-            bin("banger").to_str().unwrap(),
-            "vm",
-            "ssh",
-            "shelly",
-            "--",
-            "sh",
-            "-c",
-            "echo $(id -un)@$(hostname)",
-        ])
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let out = loop {
-        let out = ssh_cli();
-        if out.status.success() || Instant::now() > deadline {
-            break out;
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    };
+    let out = d.vm_ssh("shelly", &["sh", "-c", "echo $(id -un)@$(hostname)"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "root@shelly\n", "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("shelly is still running"), "reminder on exit");
     // Plain ssh with the managed config block: `ssh shelly.vm`.

@@ -59,6 +59,14 @@ pub struct ImageInfo {
     pub fingerprint: String,
     /// Creation time, seconds since the Unix epoch.
     pub created_at: i64,
+    /// For images made by `image.build`: the id of the build's inputs (recipe or base image, script,
+    /// guest agent, assembly). The same id is inside the image at `/etc/banger/image.json`, so a VM can
+    /// tell which build it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_id: Option<String>,
+    /// What a built image was made from, e.g. `recipe debian-agent` or `image debian-minimal + script`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// All registered images.
@@ -72,4 +80,83 @@ pub struct ImageList {
 pub struct ImageDeleted {
     pub id: String,
     pub name: String,
+}
+
+/// Largest root filesystem `image.build` makes, in GiB (sparse: only what the image holds uses disk).
+pub const MAX_IMAGE_GIB: u32 = 256;
+
+/// Build an image on the host from a recipe or from a registered image, then register it. Nothing runs in a
+/// guest and no network is needed inside one: recipes fetch packages with the host's network.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImageBuildParams {
+    /// Name of the new image: 1-63 characters, lowercase letters, digits and `-`, starting with a letter.
+    pub name: String,
+    /// Recipe to build from: a folder name in the daemon's recipes directory (`debian-minimal`,
+    /// `debian-agent`) or the absolute path of a recipe folder (an executable `recipe.sh OUTPUT.tar` that
+    /// writes a root filesystem tar, and optionally a `size_gib` file). Exactly one of `recipe` and
+    /// `from_image`.
+    #[serde(default)]
+    pub recipe: Option<String>,
+    /// Build on top of this registered image's root filesystem (name or id) instead of a recipe; the
+    /// kernel and initramfs are the base image's.
+    #[serde(default)]
+    pub from_image: Option<String>,
+    /// Absolute path of a host script run as `script ROOT_DIR` on the new root filesystem before it is
+    /// assembled, e.g. `chroot "$1" apt-get install -y postgresql` or `npm install -g --prefix
+    /// "$1/usr/local" some-cli`. Runs on the host with the host's network.
+    #[serde(default)]
+    pub script: Option<String>,
+    /// Size of the root filesystem in GiB (default: the recipe's `size_gib`, else the base image's size,
+    /// else 4). Files are sparse, so unused space costs no disk.
+    #[serde(default)]
+    pub size_gib: Option<u32>,
+    /// Make the new image the default for new VMs.
+    #[serde(default)]
+    pub make_default: bool,
+    /// Ignore the cached root filesystem and run the recipe again.
+    #[serde(default)]
+    pub no_cache: bool,
+}
+
+impl ImageBuildParams {
+    /// Checks every field that can be checked without daemon state.
+    pub fn validate(&self) -> Result<(), String> {
+        crate::vm::validate_name("image", &self.name)?;
+        match (&self.recipe, &self.from_image) {
+            (None, None) => return Err("give a recipe (e.g. `debian-agent`) or a base image to build from".into()),
+            (Some(_), Some(_)) => return Err("give either a recipe or a base image, not both".into()),
+            _ => {}
+        }
+        if let Some(r) = &self.recipe {
+            let as_name = !r.contains('/');
+            if r.is_empty() || (as_name && (r.starts_with('.') || r.contains(char::is_whitespace))) {
+                return Err(format!("recipe `{r}` is not a recipe name or an absolute folder path"));
+            }
+            if !as_name && !r.starts_with('/') {
+                return Err(format!("recipe path `{r}` must be absolute"));
+            }
+        }
+        if let Some(s) = &self.script {
+            if !s.starts_with('/') {
+                return Err(format!("script must be an absolute path, got `{s}`"));
+            }
+        }
+        if let Some(g) = self.size_gib {
+            if g == 0 || g > MAX_IMAGE_GIB {
+                return Err(format!("size_gib must be between 1 and {MAX_IMAGE_GIB}, got {g}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A finished image build.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct ImageBuildResult {
+    pub image: ImageInfo,
+    /// An image with this name and the same build id was already registered: nothing was built.
+    pub reused: bool,
+    /// The recipe's root filesystem came from the build cache instead of running the recipe.
+    pub rootfs_cached: bool,
 }

@@ -28,7 +28,8 @@ pub enum StageState {
 /// One step of an operation.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct Stage {
-    /// Stage name, e.g. `allocate`, `disks`, `network`, `boot`, `agent`, `ready`.
+    /// Stage name, e.g. `allocate`, `disks`, `network`, `boot`, `agent`, `ready` (vm.create) or `rootfs`,
+    /// `customize`, `assemble`, `register` (image.build).
     pub name: String,
     pub state: StageState,
     /// How long the stage took (so far, while running), in milliseconds.
@@ -51,6 +52,12 @@ pub struct OperationInfo {
     /// The VM, once a VM operation has succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<VmInfo>,
+    /// The build, once an image build has succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_build: Option<crate::image::ImageBuildResult>,
+    /// The latest line of output from the running stage (e.g. what a recipe is doing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
     /// Why it failed or was cancelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ApiError>,

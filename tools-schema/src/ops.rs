@@ -65,6 +65,17 @@ socket permissions) and report pass/warn/fail with the fix for each."),
              $crate::image::ImageRegisterParams, $crate::image::ImageInfo, false, false, false,
              "Register an existing guest kernel, optional initramfs and ext4 root filesystem as a named image. \
 The daemon copies the files into its store."),
+            (ImageBuild, image_build, "image.build",
+             $crate::image::ImageBuildParams, $crate::image::ImageBuildResult, false, false, true,
+             "Build an image on the host from a recipe (`debian-minimal`; `debian-agent` adds node, claude, \
+opencode, pi, tmux and build tools) or from a registered image plus a host script, and register it. Waits until \
+done and reports stages (rootfs, customize, assemble, register) as progress; cancelling removes everything the \
+build made. Building the same inputs again under the same name returns the existing image (`reused`); the \
+recipe's root filesystem is cached between builds."),
+            (ImageBuildBegin, image_build_begin, "image.build_begin",
+             $crate::image::ImageBuildParams, $crate::operation::OperationInfo, false, false, false,
+             "Start an image build (see image_build) and return at once with an operation to follow with \
+operation_status or stop with operation_cancel."),
             (ImageList, image_list, "image.list",
              $crate::daemon::Empty, $crate::image::ImageList, true, false, true,
              "List registered images; the default image is marked."),

@@ -12,6 +12,17 @@ use tools_schema::{ApiError, ErrorCode};
 use super::{new_id, now, CallContext, Engine};
 use crate::store::ImageRow;
 
+/// Where an image's files come from.
+pub(crate) struct ImageSources {
+    pub kernel: PathBuf,
+    pub kernel_elf: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub rootfs: PathBuf,
+    pub work_seed: Option<PathBuf>,
+    /// Move the root filesystem and work seed instead of copying them (a build's own output).
+    pub take_disks: bool,
+}
+
 pub(crate) fn image_info(r: &ImageRow) -> ImageInfo {
     ImageInfo {
         id: r.id.clone(),
@@ -25,6 +36,8 @@ pub(crate) fn image_info(r: &ImageRow) -> ImageInfo {
         work_seed: r.work_seed.clone(),
         fingerprint: r.fingerprint.clone(),
         created_at: r.created_at,
+        build_id: r.build_id.clone(),
+        source: r.source.clone(),
     }
 }
 
@@ -54,10 +67,32 @@ impl Engine {
                 }
             }
         }
+        let sources = ImageSources {
+            kernel: p.kernel.into(),
+            kernel_elf: p.kernel_elf.map(Into::into),
+            initrd: p.initrd.map(Into::into),
+            rootfs: p.rootfs.into(),
+            work_seed: p.work_seed.map(Into::into),
+            take_disks: false,
+        };
+        let row = self.install_image(&p.name, sources, p.make_default, None, &ctx.cancel).await?;
+        Ok(image_info(&row))
+    }
+
+    /// Puts an image's files into the store (copied, or moved when `take_disks`), fingerprints them and
+    /// records the image. The name is checked under the image lock; on any failure or cancel nothing is left.
+    pub(crate) async fn install_image(
+        self: &Arc<Self>,
+        name: &str,
+        sources: ImageSources,
+        make_default: bool,
+        build: Option<(String, String)>,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<ImageRow, ApiError> {
         let _guard = self.image_lock.lock().await;
-        if self.store.images().await?.iter().any(|i| i.name == p.name) {
-            return Err(ApiError::new(ErrorCode::AlreadyExists, format!("an image named `{}` already exists", p.name))
-                .with_hint(format!("pick another name, or `banger image delete {}` first", p.name)));
+        if self.store.images().await?.iter().any(|i| i.name == name) {
+            return Err(ApiError::new(ErrorCode::AlreadyExists, format!("an image named `{name}` already exists"))
+                .with_hint(format!("pick another name, or `banger image delete {name}` first")));
         }
         let id = new_id();
         let dir = self.cfg.images_dir().join(&id);
@@ -65,12 +100,11 @@ impl Engine {
         let engine = self.clone();
         let work = tokio::spawn({
             let dir = dir.clone();
-            let p = p.clone();
-            async move { engine.copy_image_files(&dir, &p).await }
+            async move { engine.copy_image_files(&dir, &sources).await }
         });
         let copied = tokio::select! {
             r = work => r.map_err(|e| ApiError::internal(format!("image copy task: {e}")))?,
-            _ = ctx.cancel.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "image registration cancelled")),
+            _ = cancel.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "image registration cancelled")),
         };
         let (kernel, kernel_elf, initrd, rootfs, work_seed, fingerprint) = match copied {
             Ok(v) => v,
@@ -81,57 +115,64 @@ impl Engine {
         };
         let rootfs_bytes = std::fs::metadata(&rootfs).map(|m| m.len()).unwrap_or(0);
         let is_first = self.store.images().await?.is_empty();
+        let (build_id, source) = build.unzip();
         let row = ImageRow {
             id,
-            name: p.name.clone(),
+            name: name.to_string(),
             kernel: kernel.display().to_string(),
             kernel_elf: kernel_elf.map(|k| k.display().to_string()),
             initrd: initrd.map(|k| k.display().to_string()),
             rootfs: rootfs.display().to_string(),
             rootfs_bytes,
             fingerprint,
-            is_default: p.make_default || is_first,
+            is_default: make_default || is_first,
             created_at: now(),
             work_seed: work_seed.display().to_string(),
+            build_id,
+            source,
         };
         if let Err(e) = self.store.insert_image(row.clone()).await {
             let _ = tokio::fs::remove_dir_all(&dir).await;
             return Err(e.into());
         }
         tracing::info!(image = %row.name, id = %row.id, fingerprint = %row.fingerprint, "image registered");
-        Ok(image_info(&row))
+        Ok(row)
     }
 
     /// Copies the image's files into `dir` (sparse, so a mostly empty rootfs stays small) and fingerprints them.
     async fn copy_image_files(
         &self,
         dir: &Path,
-        p: &ImageRegisterParams,
+        p: &ImageSources,
     ) -> Result<(PathBuf, Option<PathBuf>, Option<PathBuf>, PathBuf, PathBuf, String), ApiError> {
         tokio::fs::create_dir_all(dir)
             .await
             .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
-        let copy = |src: String, name: &'static str| {
+        let copy = |src: &Path, name: &'static str, take: bool| {
             let dst = dir.join(name);
+            let src = src.to_path_buf();
             async move {
-                crate::vmm::copy_sparse(std::path::Path::new(&src), &dst)
-                    .await
-                    .map_err(|e| ApiError::internal(format!("copying {src}: {}", super::vm::error_chain(&e))))?;
+                let moved = take && tokio::fs::rename(&src, &dst).await.is_ok();
+                if !moved {
+                    crate::vmm::copy_sparse(&src, &dst).await.map_err(|e| {
+                        ApiError::internal(format!("copying {}: {}", src.display(), super::vm::error_chain(&e)))
+                    })?;
+                }
                 Ok::<PathBuf, ApiError>(dst)
             }
         };
-        let kernel = copy(p.kernel.clone(), "vmlinuz").await?;
+        let kernel = copy(&p.kernel, "vmlinuz", false).await?;
         let kernel_elf = match &p.kernel_elf {
-            Some(k) => Some(copy(k.clone(), "vmlinux").await?),
+            Some(k) => Some(copy(k, "vmlinux", false).await?),
             None => None,
         };
         let initrd = match &p.initrd {
-            Some(k) => Some(copy(k.clone(), "initrd.img").await?),
+            Some(k) => Some(copy(k, "initrd.img", false).await?),
             None => None,
         };
-        let rootfs = copy(p.rootfs.clone(), "rootfs.ext4").await?;
+        let rootfs = copy(&p.rootfs, "rootfs.ext4", p.take_disks).await?;
         let work_seed = match &p.work_seed {
-            Some(seed) => copy(seed.clone(), "work-seed.ext4").await?,
+            Some(seed) => copy(seed, "work-seed.ext4", p.take_disks).await?,
             None => {
                 // An empty /root, labelled so the guest finds it.
                 let seed = dir.join("work-seed.ext4");

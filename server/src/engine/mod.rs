@@ -17,6 +17,7 @@ use crate::store::{Store, StoreError};
 
 mod daemon_ops;
 mod image;
+mod image_build;
 mod operation;
 mod vm;
 

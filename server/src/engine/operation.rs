@@ -6,9 +6,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tools_schema::image::ImageBuildResult;
 use tools_schema::operation::{OperationInfo, OperationState, Stage, StageState};
 use tools_schema::vm::VmInfo;
 use tools_schema::ApiError;
+
+use super::CallContext;
 
 /// Finished operations stay visible this long.
 const KEEP_FINISHED: Duration = Duration::from_secs(600);
@@ -39,6 +42,8 @@ impl Op {
                 .collect(),
             elapsed_ms: 0,
             vm: None,
+            image_build: None,
+            detail: None,
             error: None,
         };
         Op {
@@ -71,14 +76,24 @@ impl Op {
         self.changed.send_modify(|v| *v += 1);
     }
 
-    pub fn finish(&self, result: Result<VmInfo, ApiError>) {
+    /// The latest line of output of the running stage, shown to followers.
+    pub fn detail(&self, line: &str) {
+        self.inner.lock().unwrap().info.detail = Some(line.to_string());
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    pub fn finish(&self, result: Result<impl Into<Outcome>, ApiError>) {
         {
             let mut inner = self.inner.lock().unwrap();
+            inner.info.detail = None;
             match result {
-                Ok(vm) => {
+                Ok(outcome) => {
                     close_running(&mut inner, StageState::Done);
                     inner.info.state = OperationState::Succeeded;
-                    inner.info.vm = Some(vm);
+                    match outcome.into() {
+                        Outcome::Vm(vm) => inner.info.vm = Some(vm),
+                        Outcome::ImageBuild(b) => inner.info.image_build = Some(b),
+                    }
                 }
                 Err(e) => {
                     close_running(&mut inner, StageState::Failed);
@@ -128,6 +143,55 @@ impl Op {
             }
         }
     }
+}
+
+/// What a successful operation produced.
+pub(crate) enum Outcome {
+    Vm(VmInfo),
+    ImageBuild(ImageBuildResult),
+}
+
+impl From<VmInfo> for Outcome {
+    fn from(vm: VmInfo) -> Self {
+        Outcome::Vm(vm)
+    }
+}
+
+impl From<ImageBuildResult> for Outcome {
+    fn from(b: ImageBuildResult) -> Self {
+        Outcome::ImageBuild(b)
+    }
+}
+
+/// Waits for `op` on behalf of a blocking call (`vm.create`, `image.build`): reports its stages to the
+/// caller's progress sink, cancels it when the caller cancels or goes away (this future dropped), and
+/// returns its final state.
+pub(crate) async fn follow(op: &Op, ctx: &CallContext) -> OperationInfo {
+    let cancel_on_drop = op.cancel.clone().drop_guard();
+    let mut changes = op.subscribe();
+    loop {
+        if let Some(progress) = &ctx.progress {
+            let snap = op.snapshot();
+            let done = snap.stages.iter().filter(|s| s.state == StageState::Done).count() as f64;
+            let running = snap.stages.iter().find(|s| s.state == StageState::Running).map(|s| s.name.clone());
+            let value = if running.is_some() { done + 0.5 } else { done };
+            let message = match (running, &snap.detail) {
+                (Some(stage), Some(detail)) => format!("{}: {stage}: {detail}", snap.target),
+                (Some(stage), None) => format!("{}: {stage}", snap.target),
+                (None, _) => format!("{}: {:?}", snap.target, snap.state).to_lowercase(),
+            };
+            progress.report(value, snap.stages.len() as f64, message);
+        }
+        if op.is_done() {
+            break;
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { break },
+            _ = ctx.cancel.cancelled(), if !op.cancel.is_cancelled() => op.cancel.cancel(),
+        }
+    }
+    cancel_on_drop.disarm();
+    op.snapshot()
 }
 
 fn close_running(inner: &mut OpInner, to: StageState) {

@@ -7,7 +7,7 @@ use futures::future::join_all;
 use tokio_util::sync::CancellationToken;
 use tools_schema::daemon::{Empty, VmmKind};
 use tools_schema::guest::{ExecSpec, GuestRequest};
-use tools_schema::operation::{OperationInfo, OperationList, OperationRef, StageState};
+use tools_schema::operation::{OperationInfo, OperationList, OperationRef};
 use tools_schema::vm::{
     parse_mode, ContentEncoding, PortProtocol, VmBatchResult, VmCreateParams, VmExecParams, VmExecResult,
     VmFileReadParams, VmFileReadResult, VmFileWriteParams, VmFileWriteResult, VmInfo, VmList, VmLogs, VmLogsParams,
@@ -154,31 +154,7 @@ impl Engine {
     pub async fn vm_create(self: &Arc<Self>, p: VmCreateParams, ctx: CallContext) -> Result<VmInfo, ApiError> {
         let info = self.vm_create_begin(p, ctx.clone()).await?;
         let op = self.ops.get(&info.id)?;
-        // A caller that goes away (this future dropped) cancels the create, which then rolls back.
-        let cancel_on_drop = op.cancel.clone().drop_guard();
-        let mut changes = op.subscribe();
-        loop {
-            if let Some(progress) = &ctx.progress {
-                let snap = op.snapshot();
-                let done = snap.stages.iter().filter(|s| s.state == StageState::Done).count() as f64;
-                let running = snap.stages.iter().find(|s| s.state == StageState::Running).map(|s| s.name.clone());
-                let value = if running.is_some() { done + 0.5 } else { done };
-                let message = match running {
-                    Some(stage) => format!("{}: {stage}", snap.target),
-                    None => format!("{}: {:?}", snap.target, snap.state).to_lowercase(),
-                };
-                progress.report(value, snap.stages.len() as f64, message);
-            }
-            if op.is_done() {
-                break;
-            }
-            tokio::select! {
-                r = changes.changed() => if r.is_err() { break },
-                _ = ctx.cancel.cancelled(), if !op.cancel.is_cancelled() => op.cancel.cancel(),
-            }
-        }
-        cancel_on_drop.disarm();
-        let snap = op.snapshot();
+        let snap = super::operation::follow(&op, &ctx).await;
         match (snap.vm, snap.error) {
             (Some(vm), _) => Ok(vm),
             (None, Some(e)) => Err(e),

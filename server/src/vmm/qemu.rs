@@ -52,8 +52,10 @@ pub async fn launch(cfg: &Config, accel: &str, spec: &BootSpec) -> Result<Launch
         .arg(&spec.kernel)
         .args(["-append", &cmdline.join(" ")]);
     if accel == "tcg" {
-        // A smaller translation cache keeps idle RSS down without a measurable slowdown.
-        cmd.args(["-accel", "tcg,tb-size=64"]);
+        // A smaller translation cache keeps idle RSS down without a measurable slowdown. `-cpu max` offers
+        // every instruction set extension TCG emulates (SSE4, AVX2, ...): the default qemu64 model has none, and
+        // modern binaries (Bun-built CLIs such as claude and opencode) die with SIGILL on it.
+        cmd.args(["-accel", "tcg,tb-size=64", "-cpu", "max"]);
     } else {
         cmd.args(["-accel", "kvm", "-cpu", "host"]);
     }
