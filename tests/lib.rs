@@ -150,7 +150,13 @@ impl TestDaemon {
                     }
                 }
             }
-            std::fs::write(&config, format!("{text}{}\n", self.extra_config)).unwrap();
+            text.push_str(&self.extra_config);
+            text.push('\n');
+            // Guests never get the real user's logins: sync from an empty home in the test's directory.
+            if !self.extra_config.contains("[guest_sync]") {
+                text.push_str(&format!("[guest_sync]\nhome = \"{}\"\n", self.dir.path().join("home").display()));
+            }
+            std::fs::write(&config, text).unwrap();
         }
         let child = Command::new("ip")
             .args(["netns", "exec", &self.netns.name])

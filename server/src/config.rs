@@ -79,6 +79,69 @@ pub struct Config {
     pub kernel: Option<PathBuf>,
     pub kernel_elf: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
+    pub guest_sync: GuestSyncConfig,
+}
+
+/// What the daemon copies into every guest each time it boots. Nothing of it is ever baked into an image.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GuestSyncConfig {
+    /// Whose files are copied. Default: the home of `$SUDO_USER` when the daemon was started with sudo, else
+    /// `$HOME`.
+    pub home: Option<PathBuf>,
+    /// Set `user.name` and `user.email` in the guest's global git config from the host's, so plain shells in
+    /// the guest can commit.
+    pub git_identity: bool,
+    /// Host files (relative to `home`, or absolute) copied to guest paths with mode 0600 at every boot. A
+    /// missing host file is skipped with a warning, leaving whatever the guest has.
+    pub auth_files: Vec<SyncedFile>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SyncedFile {
+    pub host: PathBuf,
+    pub guest: String,
+}
+
+impl Default for GuestSyncConfig {
+    fn default() -> Self {
+        let file = |host: &str, guest: &str| SyncedFile { host: host.into(), guest: guest.into() };
+        GuestSyncConfig {
+            home: None,
+            git_identity: true,
+            auth_files: vec![
+                // Claude Code, opencode and pi keep their logins here on Linux.
+                file(".claude/.credentials.json", "/root/.claude/.credentials.json"),
+                file(".local/share/opencode/auth.json", "/root/.local/share/opencode/auth.json"),
+                file(".pi/agent/auth.json", "/root/.pi/agent/auth.json"),
+            ],
+        }
+    }
+}
+
+impl GuestSyncConfig {
+    /// The home folder host files are read from.
+    pub fn home(&self) -> PathBuf {
+        if let Some(h) = &self.home {
+            return h.clone();
+        }
+        let sudo_home = std::env::var("SUDO_USER")
+            .ok()
+            .and_then(|u| nix::unistd::User::from_name(&u).ok().flatten())
+            .map(|u| u.dir);
+        sudo_home
+            .or_else(|| std::env::var_os("HOME").filter(|h| !h.is_empty()).map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("/root"))
+    }
+
+    pub fn host_path(&self, f: &SyncedFile) -> PathBuf {
+        if f.host.is_absolute() {
+            f.host.clone()
+        } else {
+            self.home().join(&f.host)
+        }
+    }
 }
 
 /// The VM network: one bridge, the host as gateway, guests numbered from the subnet.
@@ -149,6 +212,7 @@ impl Default for Config {
             kernel: None,
             kernel_elf: None,
             initrd: None,
+            guest_sync: GuestSyncConfig::default(),
         }
     }
 }
@@ -237,6 +301,14 @@ impl Config {
                 "qemu_channel must be `virtio-serial` or `vsock`, not `{}`",
                 self.qemu_channel
             )));
+        }
+        for f in &self.guest_sync.auth_files {
+            if !f.guest.starts_with('/') {
+                return Err(ConfigError::Invalid(format!(
+                    "guest_sync.auth_files: guest path `{}` must be absolute",
+                    f.guest
+                )));
+            }
         }
         Ok(())
     }

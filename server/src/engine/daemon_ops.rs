@@ -123,8 +123,33 @@ impl Engine {
                 fix: Some("run scripts/quickstart.sh, or `banger image register ... --default`".into()),
             },
         });
+        checks.push(self.guest_sync_check());
         let ok = checks.iter().all(|c| c.status != CheckStatus::Fail);
         Ok(DoctorReport { checks, vmm: self.vmm.clone(), ok })
+    }
+
+    /// Which agent logins will reach guests at boot. Missing ones are a warning: guests work without them.
+    fn guest_sync_check(&self) -> DoctorCheck {
+        let sync = &self.cfg.guest_sync;
+        let (found, missing): (Vec<_>, Vec<_>) =
+            sync.auth_files.iter().map(|f| sync.host_path(f)).partition(|p| p.is_file());
+        let show = |v: &[std::path::PathBuf]| v.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        DoctorCheck {
+            name: "agent-logins".into(),
+            status: if missing.is_empty() { CheckStatus::Pass } else { CheckStatus::Warn },
+            detail: if missing.is_empty() {
+                format!("copied into guests at boot: {}", show(&found))
+            } else {
+                format!("not found, so guests start logged out of: {} (found: {})", show(&missing), show(&found))
+            },
+            fix: (!missing.is_empty()).then(|| {
+                format!(
+                    "log in on the host (claude, opencode auth login, pi) as the user whose home is {}, or set \
+                     guest_sync.home in the config",
+                    sync.home().display()
+                )
+            }),
+        }
     }
 
     fn state_dir_check(&self) -> DoctorCheck {

@@ -446,6 +446,7 @@ impl Engine {
         match ready {
             Ok((conn, agent)) => {
                 stage("ready");
+                self.sync_into_guest(&row.name, &conn).await;
                 self.guests.lock().unwrap().insert(row.id.clone(), conn);
                 if let (Some(net), Some(ip)) = (self.network(), row.ip) {
                     net.dns.set(&row.name, ip);
