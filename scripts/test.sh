@@ -20,5 +20,25 @@ export BANGER_TEST_INITRD="$CACHE/kernel/default/initramfs.cpio.gz"
 export BANGER_TEST_ROOTFS="$rootfs"
 export BANGER_TEST_WORK_SEED="${rootfs%.ext4}.work.ext4"
 export BANGER_TEST_AGENT="$agent"
+# Independent MCP clients the tests drive banger with: the official Python SDK and the MCP Inspector CLI.
+# Pinned, installed once into the cache.
+MCP_PY_VERSION=2.3.0
+INSPECTOR_VERSION=2.12.0
+if [[ ! -x $CACHE/venv/mcp-$MCP_PY_VERSION/bin/python ]]; then
+  log "installing the Python MCP SDK (mcp==$MCP_PY_VERSION)"
+  rm -rf "$CACHE/venv/mcp-$MCP_PY_VERSION.tmp"
+  python3 -m venv "$CACHE/venv/mcp-$MCP_PY_VERSION.tmp"
+  "$CACHE/venv/mcp-$MCP_PY_VERSION.tmp/bin/pip" install -q "mcp==$MCP_PY_VERSION"
+  mv "$CACHE/venv/mcp-$MCP_PY_VERSION.tmp" "$CACHE/venv/mcp-$MCP_PY_VERSION"
+fi
+if [[ ! -x $CACHE/npm/inspector-$INSPECTOR_VERSION/node_modules/.bin/mcp-inspector ]]; then
+  log "installing the MCP Inspector ($INSPECTOR_VERSION)"
+  rm -rf "$CACHE/npm/inspector-$INSPECTOR_VERSION"
+  mkdir -p "$CACHE/npm/inspector-$INSPECTOR_VERSION"
+  (cd "$CACHE/npm/inspector-$INSPECTOR_VERSION" && npm install -q --no-fund --no-audit --loglevel=error \
+    "@modelcontextprotocol/inspector@$INSPECTOR_VERSION" >/dev/null)
+fi
+export BANGER_TEST_PYTHON_MCP="$CACHE/venv/mcp-$MCP_PY_VERSION/bin/python"
+export BANGER_TEST_MCP_INSPECTOR="$CACHE/npm/inspector-$INSPECTOR_VERSION/node_modules/.bin/mcp-inspector"
 log "running the tests"
 exec cargo nextest run --workspace --profile ci "$@"

@@ -50,6 +50,13 @@ pub fn test_image() -> TestImage {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// The typed error of a failed MCP tool call (`isError`): `{code, message, hint}`, carried as JSON text.
+pub fn mcp_error(result: &Value) -> Value {
+    assert_eq!(result["isError"], true, "expected a failed tool call: {result}");
+    let text = result["content"][0]["text"].as_str().unwrap_or_else(|| panic!("error text in {result}"));
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("error text is not JSON ({e}): {text}"))
+}
+
 /// The bridge gateway of the default network config (the host's address on the VM network).
 pub const GATEWAY: &str = "10.254.77.1";
 

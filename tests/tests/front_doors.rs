@@ -73,7 +73,8 @@ async fn the_same_operation_returns_the_same_typed_result_over_mcp_and_json_rpc(
         .await
         .unwrap();
     assert_eq!(mcp_err.is_error, Some(true));
-    assert_eq!(mcp_err.structured_content.unwrap()["code"], "not_found");
+    assert!(mcp_err.structured_content.is_none(), "errors do not pretend to match the output schema");
+    assert_eq!(mcp_error(&serde_json::to_value(&mcp_err).unwrap())["code"], "not_found");
     let rpc_err = d.rpc_raw("vm.show", json!({"vm": "ghost"}));
     assert_eq!(rpc_err["error"]["data"]["code"], "not_found");
     assert!(rpc_err["error"]["data"]["hint"].as_str().unwrap().contains("banger vm list"));
@@ -135,15 +136,15 @@ fn bad_input_gets_specific_errors_on_mcp_and_never_crashes_the_daemon() {
     m.initialize();
     let r = m.request(1, "tools/call", json!({"name": "vm_explode", "arguments": {}}));
     assert_eq!(r["result"]["isError"], true, "{r}");
-    assert_eq!(r["result"]["structuredContent"]["code"], "unknown_method");
+    assert_eq!(mcp_error(&r["result"])["code"], "unknown_method");
 
     let r = m.request(2, "tools/call", json!({"name": "vm_create", "arguments": {"memory_mib": "lots"}}));
     assert_eq!(r["result"]["isError"], true, "{r}");
-    assert_eq!(r["result"]["structuredContent"]["code"], "invalid_argument");
-    assert!(r["result"]["content"][0]["text"].as_str().unwrap().contains("memory_mib"), "{r}");
+    assert_eq!(mcp_error(&r["result"])["code"], "invalid_argument");
+    assert!(mcp_error(&r["result"])["message"].as_str().unwrap().contains("memory_mib"), "{r}");
 
     let r = m.request(3, "tools/call", json!({"name": "vm_show", "arguments": {}}));
-    assert!(r["result"]["structuredContent"]["message"].as_str().unwrap().contains("missing field `vm`"), "{r}");
+    assert!(mcp_error(&r["result"])["message"].as_str().unwrap().contains("missing field `vm`"), "{r}");
 
     let r = m.request(4, "no/such/method", json!({}));
     assert_eq!(r["error"]["code"], -32601, "{r}");

@@ -74,8 +74,9 @@ impl ServerHandler for McpServer {
         info.server_info = Implementation::new("banger", BuildInfo::current().version);
         info.instructions = Some(
             "banger runs microVM sandboxes on this host. Create one with vm_create, run commands with vm_exec, \
-             and delete it with vm_delete when done. Every tool returns structured content; errors carry a \
-             code and a hint."
+             and delete it with vm_delete when done. Every tool returns structured content; a failed call has \
+             isError set and its text is a JSON error {code, message, hint}: code tells not_found from busy from \
+             guest_unreachable from invalid_argument, and hint says what to do next."
                 .into(),
         );
         info
@@ -152,11 +153,10 @@ fn progress_forwarder(token: ProgressToken, peer: Peer<RoleServer>) -> Arc<dyn P
     Arc::new(ProgressChannel(tx))
 }
 
+/// A failed call: `isError` with the typed error (`{code, message, hint}`) as JSON text. Not as
+/// structuredContent: clients validate that against the tool's output schema, which describes success.
 fn error_result(e: ApiError) -> CallToolResult {
-    let text = e.display_with_hint();
-    let mut r = CallToolResult::structured_error(serde_json::to_value(&e).unwrap_or_default());
-    r.content = vec![ContentBlock::text(text)];
-    r
+    CallToolResult::error(vec![ContentBlock::text(serde_json::to_string(&e).unwrap_or_else(|_| e.display_with_hint()))])
 }
 
 /// A short text rendering for clients that only show `content`; the full result is in structuredContent.

@@ -1,0 +1,65 @@
+//! banger driven by MCP clients it shares no code with: the MCP Inspector CLI (npm
+//! `@modelcontextprotocol/inspector`) and the official Python SDK (PyPI `mcp`), both over `banger mcp`.
+//! scripts/test.sh installs them and exports their paths.
+use std::process::Command;
+
+use banger_e2e::*;
+use tools_schema::ops::OPERATIONS;
+
+fn inspector() -> String {
+    std::env::var("BANGER_TEST_MCP_INSPECTOR")
+        .expect("BANGER_TEST_MCP_INSPECTOR is not set: scripts/test.sh installs the MCP Inspector and sets it")
+}
+
+/// Runs the Inspector CLI against `banger mcp` for this test's daemon and returns its JSON answer.
+fn inspect(d: &TestDaemon, args: &[&str]) -> Value {
+    let out = Command::new(inspector())
+        .arg("--cli")
+        .arg("-e")
+        .arg(format!("BANGER_SOCKET={}", d.socket.display()))
+        .arg(bin("banger"))
+        .arg("mcp")
+        .args(args)
+        // The Inspector keeps a catalog under $HOME: keep it in the test's directory.
+        .env("HOME", d.dir.path())
+        .output()
+        .expect("running the MCP Inspector");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!("Inspector output is not JSON ({e}): {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+#[test]
+fn the_mcp_inspector_lists_every_tool_with_truthful_annotations_and_calls_a_read_only_one() {
+    let d = TestDaemon::start();
+    let list = inspect(&d, &["--method", "tools/list"]);
+    let tools = list["tools"].as_array().expect("tools/list answered");
+    assert_eq!(tools.len(), OPERATIONS.len(), "one tool per operation");
+    for op in OPERATIONS {
+        let name = op.tool_name();
+        let tool = tools.iter().find(|t| t["name"] == name.as_str()).unwrap_or_else(|| panic!("{name} is listed"));
+        assert!(
+            tool["description"].as_str().is_some_and(|s| s.len() > 20),
+            "{name} has a description an agent can act on"
+        );
+        assert_eq!(tool["inputSchema"]["type"], "object", "{name}");
+        assert!(tool["outputSchema"].is_object(), "{name} declares its output");
+        let a = &tool["annotations"];
+        assert_eq!(a["readOnlyHint"], op.read_only, "{name}");
+        assert_eq!(a["destructiveHint"], op.destructive, "{name}");
+        assert_eq!(a["idempotentHint"], op.idempotent, "{name}");
+    }
+
+    // A read-only tool, called: the typed result is the structured content.
+    let status = inspect(&d, &["--method", "tools/call", "--tool-name", "daemon_status"]);
+    let s = &status["structuredContent"];
+    assert_eq!(s["socket"], d.socket.display().to_string(), "{status}");
+    assert_eq!(s["vms_total"], 0, "{status}");
+    assert_eq!(status["isError"].as_bool().unwrap_or(false), false);
+    // With arguments, and a typed error an agent can act on.
+    let missing = inspect(&d, &["--method", "tools/call", "--tool-name", "vm_show", "--tool-arg", "vm=ghost"]);
+    let e = mcp_error(&missing);
+    assert_eq!(e["code"], "not_found", "{missing}");
+    assert!(e["message"].as_str().unwrap().contains("ghost") && e["hint"].is_string(), "{missing}");
+}
