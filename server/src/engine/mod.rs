@@ -19,6 +19,7 @@ mod daemon_ops;
 mod image;
 mod operation;
 mod vm;
+mod workspace;
 
 /// Per-call context handed to every handler.
 #[derive(Clone, Default)]
