@@ -467,6 +467,29 @@ impl Engine {
         Stages { op, progress: ctx.progress.clone(), names, target: vm.to_string() }
     }
 
+    /// Runs `work` in its own task under the VM's lock, so a caller that disconnects cancels it (drop guard)
+    /// instead of dropping it half-way: the task still rolls back and records the outcome.
+    async fn run_workspace_op<T: Send + 'static>(
+        self: &Arc<Self>,
+        stages: Arc<Stages>,
+        row: VmRow,
+        work: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let engine = self.clone();
+        let lock = self.vm_lock(&row.id);
+        let task_stages = stages.clone();
+        let task = tokio::spawn(async move {
+            let _held = lock.lock_owned().await;
+            let result = work.await;
+            engine.finish_op(&task_stages, &row, result.as_ref().err()).await;
+            result
+        });
+        let cancel_on_drop = stages.op.cancel.clone().drop_guard();
+        let result = task.await.unwrap_or_else(|e| Err(ApiError::internal(format!("workspace task failed: {e}"))));
+        cancel_on_drop.disarm();
+        result
+    }
+
     /// Records the outcome for `operation.status` and ends the cancel watcher.
     async fn finish_op(&self, stages: &Stages, row: &VmRow, error: Option<&ApiError>) {
         let outcome = match error {
@@ -486,12 +509,10 @@ impl Engine {
         let row = self.resolve_vm(&p.vm).await?;
         let conn = self.guest(&row).await?;
         let top = work_tree_top("path", &p.path).await?;
-        let lock = self.vm_lock(&row.id);
-        let _held = lock.lock().await;
-        let stages = self.workspace_op("workspace.prepare", &row.name, PREPARE_STAGES, &ctx);
-        let result = self.prepare_inner(&row, &conn, &top, p, &stages).await;
-        self.finish_op(&stages, &row, result.as_ref().err()).await;
-        result
+        let stages = Arc::new(self.workspace_op("workspace.prepare", &row.name, PREPARE_STAGES, &ctx));
+        let (engine, task_row, task_stages) = (self.clone(), row.clone(), stages.clone());
+        let work = async move { engine.prepare_inner(&task_row, &conn, &top, p, &task_stages).await };
+        self.run_workspace_op(stages, row, work).await
     }
 
     async fn prepare_inner(
@@ -645,12 +666,10 @@ impl Engine {
             Some(path) => Some(work_tree_top("check_repo", path).await?),
             None => None,
         };
-        let lock = self.vm_lock(&row.id);
-        let _held = lock.lock().await;
-        let stages = self.workspace_op("workspace.export", &row.name, EXPORT_STAGES, &ctx);
-        let result = self.export_inner(&row, &conn, check_top.as_deref(), p, &stages).await;
-        self.finish_op(&stages, &row, result.as_ref().err()).await;
-        result
+        let stages = Arc::new(self.workspace_op("workspace.export", &row.name, EXPORT_STAGES, &ctx));
+        let (engine, task_row, task_stages) = (self.clone(), row.clone(), stages.clone());
+        let work = async move { engine.export_inner(&task_row, &conn, check_top.as_deref(), p, &task_stages).await };
+        self.run_workspace_op(stages, row, work).await
     }
 
     async fn export_inner(
