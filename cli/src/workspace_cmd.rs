@@ -61,9 +61,14 @@ fn canonical(what: &str, p: &Path) -> anyhow::Result<String> {
     c.to_str().map(str::to_string).ok_or_else(|| anyhow::anyhow!("{what} {} is not valid UTF-8", c.display()))
 }
 
-/// `git config --get KEY` in `repo` as the user running the CLI, so their global config counts.
+/// `git config --get KEY` in `repo` as the user running the CLI, so their global config counts. Reading
+/// config runs nothing, so a repository owned by someone else (safe.directory) may be read too; otherwise its
+/// own identity would be skipped for the reader's global one.
 fn user_git_config(repo: &str, key: &str) -> Option<String> {
-    let out = std::process::Command::new("git").args(["-C", repo, "config", "--get", key]).output().ok()?;
+    let out = std::process::Command::new("git")
+        .args(["-c", "safe.directory=*", "-C", repo, "config", "--get", key])
+        .output()
+        .ok()?;
     let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
     (out.status.success() && !v.is_empty()).then_some(v)
 }

@@ -213,11 +213,12 @@ pub(crate) struct Packed {
     pub files: u64,
 }
 
-/// Runs host git in `dir` as the daemon (root) on a repository that may belong to someone else.
+/// Runs host git in `dir` as the daemon (root) on a repository that may belong to someone else. Trusting it
+/// (safe.directory) would let its config run programs, so the settings that run programs for the commands
+/// used here are switched off.
 async fn host_git(dir: &Path, args: &[&str]) -> Result<std::process::Output, ApiError> {
     tokio::process::Command::new("git")
-        .arg("-c")
-        .arg("safe.directory=*")
+        .args(["-c", "safe.directory=*", "-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null"])
         .arg("-C")
         .arg(dir)
         .args(args)
