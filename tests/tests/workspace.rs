@@ -191,6 +191,17 @@ fn full_mode_force_and_errors() {
     assert_eq!(guest_sh(&d, "wsx", "test -e /root/repo/agent-work.txt && echo yes || echo no").trim(), "no");
     assert_eq!(guest_sh(&d, "wsx", "ls -A /root | grep -c banger-replaced || true").trim(), "0");
 
+    // A patch bigger than the inline limit is never cut: it stays whole in the guest, named with its hash.
+    guest_sh(&d, "wsx", "head -c 300000 /dev/urandom > /root/repo/big.bin");
+    let r = d.rpc("workspace.export", json!({"vm": "wsx", "max_inline_bytes": 1000}));
+    assert_eq!(r["patch_inline"], false, "{r}");
+    assert!(r.get("patch").is_none());
+    assert!(r["patch_bytes"].as_u64().unwrap() > 300_000);
+    let path = r["patch_path"].as_str().unwrap();
+    let sum = guest_sh(&d, "wsx", &format!("sha256sum < {path}"));
+    assert_eq!(sum.split_whitespace().next(), r["patch_sha256"].as_str());
+    assert_eq!(r["files"], json!([{"status": "added", "path": "big.bin"}]));
+
     // A base that is not a commit in the guest, or not a revision at all.
     let e = d.rpc_raw("workspace.export", json!({"vm": "wsx", "base": "no-such-ref"}));
     assert_eq!(e["error"]["data"]["code"], "invalid_argument", "{e}");
