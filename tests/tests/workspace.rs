@@ -202,6 +202,37 @@ fn full_mode_force_and_errors() {
     assert_eq!(sum.split_whitespace().next(), r["patch_sha256"].as_str());
     assert_eq!(r["files"], json!([{"status": "added", "path": "big.bin"}]));
 
+    // Over MCP, export reports its stages as progress notifications; both operations show up, finished
+    // with their stages, in operation.list.
+    let mut m = RawMcp::connect(&d.socket);
+    m.initialize();
+    m.send_line(
+        &json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
+        "name": "workspace_export", "arguments": {"vm": "wsx"}, "_meta": {"progressToken": "ws-1"}}})
+        .to_string(),
+    );
+    let mut progress = vec![];
+    let result = loop {
+        let msg = m.recv();
+        if msg["method"] == "notifications/progress" {
+            progress.push((msg["params"]["progress"].as_f64().unwrap(), msg["params"]["message"].to_string()));
+        } else if msg["id"] == 3 {
+            break msg;
+        }
+    };
+    assert_eq!(result["result"]["structuredContent"]["patch_inline"], true, "{result}");
+    assert!(progress.windows(2).all(|w| w[0].0 <= w[1].0), "progress must not go back: {progress:?}");
+    for stage in ["diff", "fetch", "check"] {
+        assert!(progress.iter().any(|(_, msg)| msg.contains(stage)), "no {stage} progress: {progress:?}");
+    }
+    let ops = d.rpc("operation.list", json!({}));
+    let prepares: Vec<&Value> =
+        ops["operations"].as_array().unwrap().iter().filter(|o| o["kind"] == "workspace.prepare").collect();
+    assert_eq!(prepares.len(), 3, "{ops}");
+    let last = prepares.last().unwrap();
+    assert_eq!(last["state"], "succeeded", "{ops}");
+    assert!(last["stages"].as_array().unwrap().iter().all(|s| s["state"] == "done"), "{ops}");
+
     // A base that is not a commit in the guest, or not a revision at all.
     let e = d.rpc_raw("workspace.export", json!({"vm": "wsx", "base": "no-such-ref"}));
     assert_eq!(e["error"]["data"]["code"], "invalid_argument", "{e}");
