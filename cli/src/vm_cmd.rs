@@ -72,6 +72,9 @@ pub enum VmCmd {
         after_help = "Examples:\n  banger vm exec dev -- uname -a\n  banger vm exec dev --cwd /tmp --env A=1 -- sh -c 'echo $A'"
     )]
     Exec(ExecArgs),
+    /// Copy a host git repository into a VM, and bring its changes back as a patch.
+    #[command(subcommand)]
+    Workspace(crate::workspace_cmd::WorkspaceCmd),
     /// Show the tail of a VM's console log.
     Logs {
         vm: String,
@@ -380,6 +383,7 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             let code = if r.timed_out { 124 } else { r.exit_code.unwrap_or(128 + r.signal.unwrap_or(0)) };
             return Ok(ExitCode::from(code.clamp(0, 255) as u8));
         }
+        VmCmd::Workspace(w) => return crate::workspace_cmd::run(w, &d, ctx).await,
         VmCmd::Logs { vm, tail } => {
             let logs = d.call::<ops::VmLogs>(&VmLogsParams { vm, tail: Some(tail) }).await?;
             if ctx.json {

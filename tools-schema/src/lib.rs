@@ -17,6 +17,7 @@ pub mod image;
 pub mod operation;
 pub mod ops;
 pub mod vm;
+pub mod workspace;
 
 pub use build::BuildInfo;
 pub use error::{ApiError, ErrorCode};

@@ -157,6 +157,20 @@ append is set."),
              $crate::vm::VmFileReadParams, $crate::vm::VmFileReadResult, true, false, true,
              "Read a file in a running VM: up to 8 MiB per call from an offset, as text or base64, with the \
 file's size, mode, a checksum, and next_offset when there is more to read."),
+            (WorkspacePrepare, workspace_prepare, "workspace.prepare",
+             $crate::workspace::WorkspacePrepareParams, $crate::workspace::WorkspacePrepareResult, false, true, false,
+             "Copy a host git repository into a running VM at /root/repo: its history (same HEAD hash), the \
+working-tree copies of tracked files (uncommitted edits included) and, in full mode, untracked files and \
+submodule contents; sets the guest repo's user.name/user.email from the host. Returns base_commit, which \
+workspace_export diffs against. Refuses a non-empty /root/repo unless force. Reports stages as progress \
+and can be cancelled (nothing half-made is kept)."),
+            (WorkspaceExport, workspace_export, "workspace.export",
+             $crate::workspace::WorkspaceExportParams, $crate::workspace::WorkspaceExportResult, false, false, true,
+             "One binary-safe patch of everything the guest changed in /root/repo since the prepare base: commits \
+made in the guest, uncommitted and untracked changes, deletions and renames (the guest's own index is not \
+touched). Returns the changed files, the base used, the guest HEAD, and the patch inline or, when larger \
+than max_inline_bytes, its guest path for vm_file_read. With check_repo, says whether the patch applies \
+cleanly to that host repository."),
             (VmLogs, vm_logs, "vm.logs",
              $crate::vm::VmLogsParams, $crate::vm::VmLogs, true, false, true,
              "Return the tail of a VM's console (boot) log. The first place to look when a VM failed to start."),

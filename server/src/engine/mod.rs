@@ -21,6 +21,7 @@ mod image;
 mod image_build;
 mod operation;
 mod vm;
+mod workspace;
 
 /// Per-call context handed to every handler.
 #[derive(Clone, Default)]

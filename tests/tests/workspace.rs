@@ -1,0 +1,253 @@
+//! workspace prepare/export with real guests: a host repository into the VM and the VM's work back.
+use std::path::Path;
+use std::process::Command;
+
+use banger_e2e::*;
+
+/// Runs a shell script in the guest and returns its stdout; fails the test unless it exits 0.
+fn guest_sh(d: &TestDaemon, vm: &str, script: &str) -> String {
+    let r = d.rpc("vm.exec", json!({"vm": vm, "command": ["sh", "-ec", script]}));
+    assert_eq!(r["exit_code"], 0, "guest script failed: {script}\n{r}");
+    r["stdout"].as_str().unwrap().to_string()
+}
+
+/// Runs a shell script on the host in `dir` (as root, on a repository owned by someone else).
+fn host_sh(dir: &Path, script: &str) -> String {
+    let out = Command::new("sh")
+        .args(["-ec", script])
+        .current_dir(dir)
+        .env("GIT_CONFIG_COUNT", "1")
+        .env("GIT_CONFIG_KEY_0", "safe.directory")
+        .env("GIT_CONFIG_VALUE_0", "*")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "host script failed: {script}\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// sha256 and path of every file of a work tree, .git and the ignored build/ left out.
+const TREE_SUMS: &str =
+    "find . -path ./.git -prune -o -path ./build -prune -o -type f -print0 | sort -z | xargs -0 sha256sum";
+
+/// A repository like a user's: two commits, a binary file, names with spaces, an uncommitted edit, owned
+/// by another user (the daemon runs as root).
+fn user_repo() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix("banger-ws-").tempdir().unwrap();
+    host_sh(
+        dir.path(),
+        "git init -q -b main .
+         git config user.name 'Ada Host'; git config user.email ada@example.invalid
+         printf 'one\\ntwo\\nthree\\n' > a.txt
+         printf 'spaced\\n' > 'name with spaces.txt'
+         head -c 3000 /dev/urandom > blob.bin; printf '\\000\\377' >> blob.bin
+         printf 'gone soon\\n' > doomed.txt; printf 'moving\\n' > move-me.txt
+         printf 'build/\\n' > .gitignore
+         git add -A; git commit -q -m first
+         printf 'four\\n' >> a.txt; git commit -q -am second
+         printf 'uncommitted host edit\\n' >> 'name with spaces.txt'
+         chown -R 65534:65534 .",
+    );
+    dir
+}
+
+fn create_vm(d: &TestDaemon, name: &str) {
+    d.register_test_image();
+    let vm = d.cli_json(&["vm", "create", "--name", name, "--memory", "512"]);
+    assert_eq!(vm["state"], "running");
+}
+
+#[test]
+fn prepare_then_export_brings_back_every_change_and_checks_it_applies() {
+    let d = TestDaemon::start();
+    create_vm(&d, "ws");
+    let repo = user_repo();
+    let repo_path = repo.path().to_str().unwrap();
+    let host_head = host_sh(repo.path(), "git rev-parse HEAD").trim().to_string();
+
+    let r = d.cli_json(&["vm", "workspace", "prepare", "ws", repo_path]);
+    assert_eq!(r["path"], "/root/repo");
+    assert_eq!(r["head_commit"], host_head.as_str());
+    assert_eq!(r["host_head"], host_head.as_str());
+    assert_eq!(r["host_dirty"], true, "{r}");
+    assert_ne!(r["base_commit"], r["head_commit"], "the uncommitted edit makes a snapshot base");
+    assert_eq!(r["branch"], "main");
+    assert_eq!(r["files"], 6);
+    assert_eq!(r["git_user_name"], "Ada Host");
+    let base = r["base_commit"].as_str().unwrap().to_string();
+
+    // The guest has the same HEAD and history, the identity, the host's uncommitted edit and the bytes.
+    assert_eq!(guest_sh(&d, "ws", "git -C /root/repo rev-parse HEAD").trim(), host_head);
+    assert_eq!(guest_sh(&d, "ws", "git -C /root/repo log --format=%s").trim(), "second\nfirst");
+    assert_eq!(guest_sh(&d, "ws", "git -C /root/repo config user.email").trim(), "ada@example.invalid");
+    assert_eq!(guest_sh(&d, "ws", "git -C /root/repo rev-parse refs/banger/base").trim(), base);
+    assert_eq!(guest_sh(&d, "ws", "cat '/root/repo/name with spaces.txt'"), "spaced\nuncommitted host edit\n");
+    assert_eq!(guest_sh(&d, "ws", &format!("cd /root/repo && {TREE_SUMS}")), host_sh(repo.path(), TREE_SUMS));
+
+    // The agent's work: a commit, then uncommitted edits, untracked and binary files, a delete, a rename,
+    // and an ignored build output.
+    guest_sh(
+        &d,
+        "ws",
+        "cd /root/repo
+         printf 'one\\nTWO from guest\\nthree\\nfour\\n' > a.txt; git commit -q -am 'guest commit'
+         printf 'uncommitted guest line\\n' >> a.txt
+         printf 'brand new\\n' > 'new file.txt'
+         head -c 5000 /dev/urandom > new.bin
+         printf 'x' >> blob.bin
+         rm doomed.txt
+         git mv move-me.txt moved.txt
+         mkdir -p build; echo artefact > build/out",
+    );
+    let index_before = guest_sh(&d, "ws", "sha256sum /root/repo/.git/index");
+
+    let patch_file = repo.path().parent().unwrap().join(format!("{}.patch", repo.path().display()));
+    let patch_s = patch_file.to_str().unwrap();
+    let r =
+        d.cli_json(&["vm", "workspace", "export", "ws", "--base", &base, "--output", patch_s, "--check", repo_path]);
+    assert_eq!(r["base_commit"], base.as_str());
+    assert_ne!(r["guest_head"], host_head.as_str(), "the guest committed");
+    assert_eq!(r["check"]["clean"], true, "{r}");
+    let status =
+        |path: &str| r["files"].as_array().unwrap().iter().find(|f| f["path"] == path).map(|f| f["status"].clone());
+    assert_eq!(status("a.txt"), Some(json!("modified")));
+    assert_eq!(status("new file.txt"), Some(json!("added")));
+    assert_eq!(status("new.bin"), Some(json!("added")));
+    assert_eq!(status("blob.bin"), Some(json!("modified")));
+    assert_eq!(status("doomed.txt"), Some(json!("deleted")));
+    assert_eq!(status("moved.txt"), Some(json!("renamed")));
+    assert_eq!(status("name with spaces.txt"), None, "the host's own edit is in the base, not the patch");
+    assert_eq!(r["ignored"], json!(["build/"]), "ignored files are named, not silently dropped");
+    let patch = std::fs::read(&patch_file).unwrap();
+    assert_eq!(r["patch_bytes"], patch.len() as u64);
+    assert_eq!(guest_sh(&d, "ws", "sha256sum /root/repo/.git/index"), index_before, "the agent's index is untouched");
+
+    // Without a base the recorded one is used; the patch on stdout is the same bytes.
+    let out = d.cli(&["vm", "workspace", "export", "ws"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, patch, "stdout carries exactly the patch");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("6 files changed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The host changes a line the guest touched: the check reports the conflict and exits 2.
+    host_sh(repo.path(), "sed -i 's/^two$/two on the host/' a.txt");
+    let out = d.cli(&["vm", "workspace", "export", "ws", "--output", patch_s, "--check", repo_path]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("does NOT apply cleanly") && stdout.contains("a.txt"), "{stdout}");
+    host_sh(repo.path(), "git checkout -q -- a.txt");
+
+    // Applied on the host, the patch makes the host tree the guest tree, file for file and byte for byte.
+    host_sh(repo.path(), &format!("git apply '{patch_s}'"));
+    assert_eq!(host_sh(repo.path(), TREE_SUMS), guest_sh(&d, "ws", &format!("cd /root/repo && {TREE_SUMS}")));
+    assert!(!repo.path().join("doomed.txt").exists() && repo.path().join("moved.txt").exists());
+    let _ = std::fs::remove_file(&patch_file);
+
+    d.rpc("vm.delete", json!({"vms": ["ws"]}));
+    d.assert_no_leaked_processes();
+}
+
+#[test]
+fn full_mode_force_and_errors() {
+    let d = TestDaemon::start();
+    create_vm(&d, "wsx");
+    let repo = user_repo();
+    let repo_path = repo.path().to_str().unwrap();
+    host_sh(repo.path(), "printf 'untracked notes\\n' > notes.txt; mkdir -p build; echo x > build/ignored");
+
+    // Not a git repository: said plainly, nothing made in the guest.
+    let plain = tempfile::tempdir().unwrap();
+    let e = d.rpc_raw("workspace.prepare", json!({"vm": "wsx", "path": plain.path()}));
+    assert_eq!(e["error"]["data"]["code"], "invalid_argument", "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("not inside a git work tree"), "{e}");
+    let e = d.rpc_raw("workspace.prepare", json!({"vm": "wsx", "path": "relative/dir"}));
+    assert!(e["error"]["message"].as_str().unwrap().contains("absolute"), "{e}");
+    // Export before any prepare says what to do.
+    let e = d.rpc_raw("workspace.export", json!({"vm": "wsx"}));
+    assert_eq!(e["error"]["data"]["code"], "failed_precondition", "{e}");
+    assert!(e["error"]["data"]["hint"].as_str().unwrap().contains("workspace prepare"), "{e}");
+    assert_eq!(guest_sh(&d, "wsx", "ls -A /root/repo 2>/dev/null | wc -l").trim(), "0");
+
+    // Full mode brings untracked files, never ignored ones; the base snapshot includes them.
+    let r = d.cli_json(&["vm", "workspace", "prepare", "wsx", repo_path, "--full"]);
+    assert_eq!(r["mode"], "full");
+    assert_eq!(guest_sh(&d, "wsx", "cat /root/repo/notes.txt"), "untracked notes\n");
+    assert_eq!(guest_sh(&d, "wsx", "test -e /root/repo/build && echo yes || echo no").trim(), "no");
+    let r = d.rpc("workspace.export", json!({"vm": "wsx"}));
+    assert_eq!(r["files"], json!([]), "nothing changed in the guest yet: {r}");
+    assert_eq!(r["patch"], "");
+
+    // The agent's work is never replaced without --force.
+    guest_sh(&d, "wsx", "echo precious > /root/repo/agent-work.txt");
+    let out = d.cli(&["vm", "workspace", "prepare", "wsx", repo_path]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already has a non-empty /root/repo") && err.contains("--force"), "{err}");
+    assert_eq!(guest_sh(&d, "wsx", "cat /root/repo/agent-work.txt"), "precious\n");
+    let r = d.cli_json(&["vm", "workspace", "prepare", "wsx", repo_path, "--force"]);
+    assert_eq!(r["replaced"], true);
+    assert_eq!(guest_sh(&d, "wsx", "test -e /root/repo/agent-work.txt && echo yes || echo no").trim(), "no");
+    assert_eq!(guest_sh(&d, "wsx", "ls -A /root | grep -c banger-replaced || true").trim(), "0");
+
+    // A patch bigger than the inline limit is never cut: it stays whole in the guest, named with its hash.
+    guest_sh(&d, "wsx", "head -c 300000 /dev/urandom > /root/repo/big.bin");
+    let r = d.rpc("workspace.export", json!({"vm": "wsx", "max_inline_bytes": 1000}));
+    assert_eq!(r["patch_inline"], false, "{r}");
+    assert!(r.get("patch").is_none());
+    assert!(r["patch_bytes"].as_u64().unwrap() > 300_000);
+    let path = r["patch_path"].as_str().unwrap();
+    let sum = guest_sh(&d, "wsx", &format!("sha256sum < {path}"));
+    assert_eq!(sum.split_whitespace().next(), r["patch_sha256"].as_str());
+    assert_eq!(r["files"], json!([{"status": "added", "path": "big.bin"}]));
+
+    // Over MCP, export reports its stages as progress notifications; both operations show up, finished
+    // with their stages, in operation.list.
+    let mut m = RawMcp::connect(&d.socket);
+    m.initialize();
+    m.send_line(
+        &json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
+        "name": "workspace_export", "arguments": {"vm": "wsx"}, "_meta": {"progressToken": "ws-1"}}})
+        .to_string(),
+    );
+    let mut progress = vec![];
+    let result = loop {
+        let msg = m.recv();
+        if msg["method"] == "notifications/progress" {
+            progress.push((msg["params"]["progress"].as_f64().unwrap(), msg["params"]["message"].to_string()));
+        } else if msg["id"] == 3 {
+            break msg;
+        }
+    };
+    assert_eq!(result["result"]["structuredContent"]["patch_inline"], true, "{result}");
+    assert!(progress.windows(2).all(|w| w[0].0 <= w[1].0), "progress must not go back: {progress:?}");
+    for stage in ["diff", "fetch", "check"] {
+        assert!(progress.iter().any(|(_, msg)| msg.contains(stage)), "no {stage} progress: {progress:?}");
+    }
+    let ops = d.rpc("operation.list", json!({}));
+    let prepares: Vec<&Value> =
+        ops["operations"].as_array().unwrap().iter().filter(|o| o["kind"] == "workspace.prepare").collect();
+    assert_eq!(prepares.len(), 3, "{ops}");
+    let last = prepares.last().unwrap();
+    assert_eq!(last["state"], "succeeded", "{ops}");
+    assert!(last["stages"].as_array().unwrap().iter().all(|s| s["state"] == "done"), "{ops}");
+
+    // A base that is not a commit in the guest, or not a revision at all.
+    let e = d.rpc_raw("workspace.export", json!({"vm": "wsx", "base": "no-such-ref"}));
+    assert_eq!(e["error"]["data"]["code"], "invalid_argument", "{e}");
+    let e = d.rpc_raw("workspace.export", json!({"vm": "wsx", "base": "--output=/etc/x"}));
+    assert_eq!(e["error"]["data"]["code"], "invalid_argument", "{e}");
+
+    // A stopped VM: both operations refuse and say how to start it.
+    d.rpc("vm.stop", json!({"vms": ["wsx"]}));
+    for (method, params) in
+        [("workspace.prepare", json!({"vm": "wsx", "path": repo_path})), ("workspace.export", json!({"vm": "wsx"}))]
+    {
+        let e = d.rpc_raw(method, params);
+        assert_eq!(e["error"]["data"]["code"], "failed_precondition", "{method}: {e}");
+        assert!(e["error"]["data"]["hint"].as_str().unwrap().contains("banger vm start wsx"), "{e}");
+    }
+    d.rpc("vm.delete", json!({"vms": ["wsx"]}));
+    d.assert_no_leaked_processes();
+}
