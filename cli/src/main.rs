@@ -15,6 +15,7 @@ mod image_cmd;
 mod mcp_bridge;
 mod operation_cmd;
 mod output;
+mod run_cmd;
 mod vm_cmd;
 mod workspace_cmd;
 

@@ -7,6 +7,7 @@ use tools_schema::daemon::VmmKind;
 use tools_schema::ops;
 use tools_schema::vm::{VmBatchResult, VmCreateParams, VmExecParams, VmInfo, VmLogsParams, VmRef, VmRefs};
 
+use crate::client::Daemon;
 use crate::{output, Ctx};
 
 #[derive(Subcommand)]
@@ -72,6 +73,13 @@ pub enum VmCmd {
         after_help = "Examples:\n  banger vm exec dev -- uname -a\n  banger vm exec dev --cwd /tmp --env A=1 -- sh -c 'echo $A'"
     )]
     Exec(ExecArgs),
+    /// Create a VM from the default image and prepare the current git repository in it.
+    #[command(
+        after_help = "Examples:\n  banger vm run\n  banger vm run ~/src/app --name app --vcpus 2 --memory 2048 --nat\n\n\
+Then start a coding agent in it as a session, attach to it, and bring its work back with `vm workspace export`;\n\
+the command prints the exact lines."
+    )]
+    Run(crate::run_cmd::RunArgs),
     /// Copy a host git repository into a VM, and bring its changes back as a patch.
     #[command(subcommand)]
     Workspace(crate::workspace_cmd::WorkspaceCmd),
@@ -104,6 +112,31 @@ pub struct CreateArgs {
     /// Let the VM reach other networks through NAT (by default it reaches only other VMs and DNS).
     #[arg(long)]
     nat: bool,
+}
+
+impl CreateArgs {
+    pub fn params(self) -> VmCreateParams {
+        VmCreateParams {
+            name: self.name,
+            image: self.image,
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            vmm: self.vmm,
+            nat: Some(self.nat),
+        }
+    }
+}
+
+/// Creates a VM, showing its stages live (Ctrl-C cancels and rolls back); returns it and how long it took.
+pub async fn create(d: &Daemon, p: VmCreateParams, ctx: &Ctx) -> anyhow::Result<(VmInfo, u64)> {
+    p.validate().map_err(|e| anyhow::anyhow!(e))?;
+    let op = d.call::<ops::VmCreateBegin>(&p).await?;
+    let done = crate::operation_cmd::follow(d, op, !ctx.json).await?;
+    match (done.vm, done.error) {
+        (Some(vm), _) => Ok((vm, done.elapsed_ms)),
+        (None, Some(e)) => Err(crate::client::CallError::Api(e).into()),
+        (None, None) => anyhow::bail!("the create ended without a result"),
+    }
 }
 
 #[derive(Args)]
@@ -201,34 +234,19 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let d = ctx.daemon().await?;
     match cmd {
         VmCmd::Create(a) => {
-            let p = VmCreateParams {
-                name: a.name,
-                image: a.image,
-                vcpus: a.vcpus,
-                memory_mib: a.memory_mib,
-                vmm: a.vmm,
-                nat: Some(a.nat),
-            };
-            p.validate().map_err(|e| anyhow::anyhow!(e))?;
-            let op = d.call::<ops::VmCreateBegin>(&p).await?;
-            let done = crate::operation_cmd::follow(&d, op, !ctx.json).await?;
-            match (done.vm, done.error) {
-                (Some(vm), _) => {
-                    if ctx.json {
-                        output::json(&vm);
-                    } else {
-                        println!("{} is {} ({:.1}s)", vm.name, vm.state.as_str(), done.elapsed_ms as f64 / 1000.0);
-                        if let Some(ip) = &vm.ip {
-                            println!("  address:        {ip} ({})", vm.dns_name);
-                        }
-                        println!("  run a command:  banger vm exec {} -- uname -a", vm.name);
-                        println!("  delete it:      banger vm delete {}", vm.name);
-                    }
+            let (vm, elapsed_ms) = create(&d, a.params(), ctx).await?;
+            if ctx.json {
+                output::json(&vm);
+            } else {
+                println!("{} is {} ({:.1}s)", vm.name, vm.state.as_str(), elapsed_ms as f64 / 1000.0);
+                if let Some(ip) = &vm.ip {
+                    println!("  address:        {ip} ({})", vm.dns_name);
                 }
-                (None, Some(e)) => return Err(crate::client::CallError::Api(e).into()),
-                (None, None) => anyhow::bail!("the create ended without a result"),
+                println!("  run a command:  banger vm exec {} -- uname -a", vm.name);
+                println!("  delete it:      banger vm delete {}", vm.name);
             }
         }
+        VmCmd::Run(a) => return crate::run_cmd::run(a, &d, ctx).await,
         VmCmd::List => {
             let list = d.call::<ops::VmList>(&Default::default()).await?;
             if ctx.json {

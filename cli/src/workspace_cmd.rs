@@ -73,19 +73,25 @@ fn user_git_config(repo: &str, key: &str) -> Option<String> {
     (out.status.success() && !v.is_empty()).then_some(v)
 }
 
+/// The prepare request for a host path, with the identity the user running the CLI would commit as.
+pub fn prepare_params(vm: String, path: &Path, full: bool, force: bool) -> anyhow::Result<WorkspacePrepareParams> {
+    let path = canonical("repository", path)?;
+    let p = WorkspacePrepareParams {
+        vm,
+        git_user_name: user_git_config(&path, "user.name"),
+        git_user_email: user_git_config(&path, "user.email"),
+        path,
+        mode: Some(if full { WorkspaceMode::Full } else { WorkspaceMode::Tracked }),
+        force,
+    };
+    p.validate().map_err(|e| anyhow::anyhow!(e))?;
+    Ok(p)
+}
+
 pub async fn run(cmd: WorkspaceCmd, d: &Daemon, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     match cmd {
         WorkspaceCmd::Prepare { vm, path, full, force } => {
-            let path = canonical("repository", &path)?;
-            let p = WorkspacePrepareParams {
-                vm,
-                git_user_name: user_git_config(&path, "user.name"),
-                git_user_email: user_git_config(&path, "user.email"),
-                path,
-                mode: Some(if full { WorkspaceMode::Full } else { WorkspaceMode::Tracked }),
-                force,
-            };
-            p.validate().map_err(|e| anyhow::anyhow!(e))?;
+            let p = prepare_params(vm, &path, full, force)?;
             let r = d.call::<ops::WorkspacePrepare>(&p).await?;
             if ctx.json {
                 output::json(&r);

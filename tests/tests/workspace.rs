@@ -251,3 +251,28 @@ fn full_mode_force_and_errors() {
     d.rpc("vm.delete", json!({"vms": ["wsx"]}));
     d.assert_no_leaked_processes();
 }
+
+#[test]
+fn vm_run_creates_a_vm_for_the_repository_prepares_it_and_prints_next_steps() {
+    let d = TestDaemon::start();
+    d.register_test_image();
+    // Not a repository: refused before any VM exists.
+    let plain = tempfile::tempdir().unwrap();
+    let out = d.cli(&["vm", "run", plain.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not inside a git repository"), "{out:?}");
+    assert!(d.rpc("vm.list", json!({}))["vms"].as_array().unwrap().is_empty(), "no VM was made");
+
+    let repo = user_repo();
+    let out = d.cli(&["vm", "run", repo.path().to_str().unwrap(), "--memory", "256"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Named after the repository's folder, and the next steps name it.
+    let name = repo.path().file_name().unwrap().to_string_lossy().to_lowercase();
+    assert!(stdout.contains(&format!("banger vm workspace export {name} | git apply")), "{stdout}");
+    assert!(stdout.contains("banger vm session start"), "{stdout}");
+    assert_eq!(d.rpc("vm.show", json!({"vm": name}))["state"], "running");
+    let host_head = host_sh(repo.path(), "git rev-parse HEAD");
+    assert_eq!(guest_sh(&d, &name, "git -C /root/repo rev-parse HEAD"), host_head);
+    d.rpc("vm.delete", json!({"vms": [name]}));
+}
