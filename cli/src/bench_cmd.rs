@@ -107,6 +107,7 @@ pub async fn run(cmd: BenchCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                         cwd: None,
                         stdin: None,
                         timeout_secs: None,
+                        max_inline_bytes: None,
                     })
                     .await?;
                 execs.push(ms(t.elapsed()));

@@ -5,7 +5,10 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 use tools_schema::daemon::VmmKind;
 use tools_schema::ops;
-use tools_schema::vm::{VmBatchResult, VmCreateParams, VmExecParams, VmInfo, VmLogsParams, VmRef, VmRefs};
+use tools_schema::vm::{
+    ContentEncoding, ExecStream, VmBatchResult, VmCreateParams, VmExecOutputParams, VmExecParams, VmInfo, VmLogsParams,
+    VmRef, VmRefs, EXEC_INLINE_MAX,
+};
 
 use crate::client::Daemon;
 use crate::{output, Ctx};
@@ -123,6 +126,35 @@ impl CreateArgs {
             memory_mib: self.memory_mib,
             vmm: self.vmm,
             nat: Some(self.nat),
+        }
+    }
+}
+
+/// Writes a kept command output stream to `to`, in chunks.
+async fn copy_exec_output(
+    d: &Daemon,
+    vm: &str,
+    output_id: &str,
+    stream: ExecStream,
+    to: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    let mut offset = 0;
+    loop {
+        let chunk = d
+            .call::<ops::VmExecOutput>(&VmExecOutputParams {
+                vm: vm.to_string(),
+                output_id: output_id.to_string(),
+                stream,
+                offset: Some(offset),
+                limit: Some(EXEC_INLINE_MAX),
+                encoding: Some(ContentEncoding::Base64),
+            })
+            .await?;
+        to.write_all(&base64::engine::general_purpose::STANDARD.decode(&chunk.content)?)?;
+        match chunk.next_offset {
+            Some(next) => offset = next,
+            None => return Ok(()),
         }
     }
 }
@@ -381,17 +413,27 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 cwd: a.cwd,
                 stdin: a.stdin,
                 timeout_secs: a.timeout,
+                max_inline_bytes: None,
             };
             p.validate().map_err(|e| anyhow::anyhow!(e))?;
+            let vm = p.vm.clone();
             let r = d.call::<ops::VmExec>(&p).await?;
             if ctx.json {
                 output::json(&r);
             } else {
                 use std::io::Write;
-                std::io::stdout().write_all(r.stdout.as_bytes())?;
-                std::io::stderr().write_all(r.stderr.as_bytes())?;
-                if r.stdout_truncated || r.stderr_truncated {
-                    eprintln!("banger: output was longer than 8 MiB and was cut");
+                // A cut stream is fetched whole, byte for byte, from what the daemon kept.
+                match (&r.output_id, r.stdout_truncated) {
+                    (Some(id), true) => {
+                        copy_exec_output(&d, &vm, id, ExecStream::Stdout, &mut std::io::stdout()).await?
+                    }
+                    _ => std::io::stdout().write_all(r.stdout.as_bytes())?,
+                }
+                match (&r.output_id, r.stderr_truncated) {
+                    (Some(id), true) => {
+                        copy_exec_output(&d, &vm, id, ExecStream::Stderr, &mut std::io::stderr()).await?
+                    }
+                    _ => std::io::stderr().write_all(r.stderr.as_bytes())?,
                 }
                 if r.timed_out {
                     eprintln!("banger: command timed out and was killed");

@@ -4,7 +4,9 @@
 //! routes incoming frames to the stream that owns them; writes go through one writer task, so frames of
 //! concurrent requests never interleave.
 use std::collections::HashMap;
-use std::path::Path;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -201,6 +203,26 @@ impl GuestConn {
         limit: usize,
         cancel: &CancellationToken,
     ) -> Result<ExecOutput, GuestError> {
+        let (mut out, mut err) = (Capture::new(limit, None), Capture::new(limit, None));
+        let status = self.exec_captured(spec, stdin, &mut out, &mut err, cancel).await?;
+        Ok(ExecOutput {
+            status,
+            stdout_truncated: out.truncated(),
+            stderr_truncated: err.truncated(),
+            stdout: out.inline,
+            stderr: err.inline,
+        })
+    }
+
+    /// Runs a command to completion, passing its output to the two captures.
+    pub async fn exec_captured(
+        &self,
+        spec: ExecSpec,
+        stdin: Option<Vec<u8>>,
+        stdout: &mut Capture,
+        stderr: &mut Capture,
+        cancel: &CancellationToken,
+    ) -> Result<ExitStatus, GuestError> {
         let (id, mut rx) = self.open_stream();
         let has_stdin = stdin.is_some();
         self.send(Frame::json(FrameKind::Request, id, &GuestRequest::Exec(ExecSpec { stdin: has_stdin, ..spec })))?;
@@ -210,13 +232,6 @@ impl GuestConn {
             }
             self.send(Frame::new(FrameKind::StdinEof, id, vec![]))?;
         }
-        let mut out = ExecOutput {
-            status: ExitStatus { code: None, signal: None, timed_out: false, duration_ms: 0 },
-            stdout: vec![],
-            stderr: vec![],
-            stdout_truncated: false,
-            stderr_truncated: false,
-        };
         let mut cancelled = false;
         loop {
             let frame = tokio::select! {
@@ -232,15 +247,12 @@ impl GuestConn {
                 return Err(GuestError::Closed);
             };
             match frame.kind {
-                FrameKind::Stdout => append_capped(&mut out.stdout, &frame.payload, limit, &mut out.stdout_truncated),
-                FrameKind::Stderr => append_capped(&mut out.stderr, &frame.payload, limit, &mut out.stderr_truncated),
+                FrameKind::Stdout => stdout.push(&frame.payload),
+                FrameKind::Stderr => stderr.push(&frame.payload),
                 FrameKind::Response => {
                     return match frame.parse::<GuestResponse>().map_err(|e| GuestError::Protocol(e.to_string()))? {
                         _ if cancelled => Err(GuestError::Cancelled),
-                        GuestResponse::Exited(st) => {
-                            out.status = st;
-                            Ok(out)
-                        }
+                        GuestResponse::Exited(st) => Ok(st),
                         GuestResponse::Error { message } => Err(GuestError::Agent(message)),
                         other => Err(GuestError::Protocol(format!("{other:?}"))),
                     };
@@ -305,10 +317,65 @@ impl GuestConn {
     }
 }
 
-fn append_capped(buf: &mut Vec<u8>, data: &[u8], limit: usize, truncated: &mut bool) {
-    let room = limit.saturating_sub(buf.len());
-    if data.len() > room {
-        *truncated = true;
+/// One output stream of a command: its first `limit` bytes in memory and, when a spool path is given, the
+/// whole stream in that file, made only once the stream outgrows the limit (so most commands never touch
+/// the disk). A spool that cannot be written, or that reaches `MAX_SPOOL` bytes, stops there and the stream
+/// is reported as cut.
+pub struct Capture {
+    pub inline: Vec<u8>,
+    limit: usize,
+    spool_path: Option<PathBuf>,
+    spool: Option<std::fs::File>,
+    spooled: u64,
+    /// Every byte the command wrote to this stream.
+    pub total: u64,
+    spool_failed: bool,
+}
+
+/// Largest spooled stream: output beyond it is dropped and the stream reported as cut.
+pub const MAX_SPOOL: u64 = 1 << 30;
+
+impl Capture {
+    pub fn new(limit: usize, spool_path: Option<PathBuf>) -> Capture {
+        Capture { inline: vec![], limit, spool_path, spool: None, spooled: 0, total: 0, spool_failed: false }
     }
-    buf.extend_from_slice(&data[..data.len().min(room)]);
+
+    fn push(&mut self, data: &[u8]) {
+        self.total += data.len() as u64;
+        let room = self.limit.saturating_sub(self.inline.len());
+        if self.spool.is_none() && data.len() > room && !self.spool_failed {
+            if let Some(path) = &self.spool_path {
+                let opened = std::fs::OpenOptions::new().create_new(true).write(true).mode(0o600).open(path);
+                match opened.and_then(|mut f| f.write_all(&self.inline).map(|_| f)) {
+                    Ok(f) => {
+                        self.spooled = self.inline.len() as u64;
+                        self.spool = Some(f);
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot spool command output");
+                        self.spool_failed = true;
+                    }
+                }
+            }
+        }
+        if let Some(f) = &mut self.spool {
+            let take = data.len().min((MAX_SPOOL - self.spooled) as usize);
+            if f.write_all(&data[..take]).is_err() {
+                self.spool = None;
+                self.spool_failed = true;
+            }
+            self.spooled += take as u64;
+        }
+        self.inline.extend_from_slice(&data[..data.len().min(room)]);
+    }
+
+    /// More was written than came back inline.
+    pub fn truncated(&self) -> bool {
+        self.total > self.inline.len() as u64
+    }
+
+    /// The whole stream is in the spool file.
+    pub fn spooled_whole(&self) -> bool {
+        self.spooled > 0 && self.spooled == self.total
+    }
 }

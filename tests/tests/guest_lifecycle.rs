@@ -41,12 +41,42 @@ fn create_exec_stop_start_restart_daemon_delete() {
     assert!(r["exit_code"].is_null() && r["signal"] == 9, "{r}");
     assert!(started.elapsed() < Duration::from_secs(15));
 
-    // Large output arrives whole: 3 MiB, checked by content.
-    let r = exec(&d, "alpha", &["sh", "-c", "head -c 3145728 /dev/zero | tr '\\0' 'x'"], json!({}));
+    // Large output arrives whole when asked for: 3 MiB inline, checked by content.
+    let big = ["sh", "-c", "head -c 3145728 /dev/zero | tr '\\0' 'x'; echo done >&2"];
+    let r = exec(&d, "alpha", &big, json!({"max_inline_bytes": 4 << 20}));
     let out = r["stdout"].as_str().unwrap();
     assert_eq!(out.len(), 3 << 20);
     assert!(out.bytes().all(|b| b == b'x'));
     assert_eq!(r["stdout_truncated"], false);
+    assert!(r["output_id"].is_null(), "nothing was cut, nothing is kept: {}", r["output_id"]);
+    // By default a result stays small, says it was cut, and the rest is kept behind a cursor.
+    let r = exec(&d, "alpha", &big, json!({}));
+    assert_eq!(r["stdout"].as_str().unwrap().len(), 256 << 10);
+    assert_eq!((r["stdout_truncated"].as_bool(), r["stdout_bytes"].as_u64()), (Some(true), Some(3 << 20)));
+    assert_eq!((r["stderr"].as_str(), r["stderr_truncated"].as_bool()), (Some("done\n"), Some(false)));
+    let id = r["output_id"].as_str().expect("a cut result has an output_id").to_string();
+    let (mut offset, mut whole) = (256u64 << 10, r["stdout"].as_str().unwrap().to_string());
+    loop {
+        let chunk = d.rpc(
+            "vm.exec_output",
+            json!({"vm": "alpha", "output_id": id, "stream": "stdout", "offset": offset, "limit": 1 << 20}),
+        );
+        whole.push_str(chunk["content"].as_str().unwrap());
+        assert_eq!(chunk["total_bytes"], 3u64 << 20);
+        match chunk["next_offset"].as_u64() {
+            Some(next) => offset = next,
+            None => break assert_eq!(chunk["eof"], true),
+        }
+    }
+    assert_eq!(whole.len(), 3 << 20);
+    assert!(whole.bytes().all(|b| b == b'x'));
+    // A stream that was not cut has nothing kept, and an unknown id is a clear miss.
+    let e = d.rpc_raw("vm.exec_output", json!({"vm": "alpha", "output_id": id, "stream": "stderr"}));
+    assert_eq!(e["error"]["data"]["code"], "not_found", "{e}");
+    // The CLI prints all of it, byte for byte.
+    let out = d.cli(&["vm", "exec", "alpha", "--", "sh", "-c", "head -c 3145728 /dev/zero | tr '\\0' 'x'"]);
+    assert_eq!(out.stdout.len(), 3 << 20);
+    assert!(out.stdout.iter().all(|b| *b == b'x'));
 
     // A program that does not exist is the caller's mistake, said plainly.
     let e = d.rpc_raw("vm.exec", json!({"vm": "alpha", "command": ["no-such-program"]}));

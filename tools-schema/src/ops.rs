@@ -142,7 +142,12 @@ and, while it runs, the guest's uptime, load, memory and root filesystem use."),
             (VmExec, vm_exec, "vm.exec",
              $crate::vm::VmExecParams, $crate::vm::VmExecResult, false, false, false,
              "Run a command in a running VM through its guest agent (no guest network needed) and return its \
-exit code, stdout and stderr. Use [\"sh\", \"-c\", \"...\"] for shell syntax."),
+exit code, stdout and stderr. Use [\"sh\", \"-c\", \"...\"] for shell syntax. Each stream comes back inline up to \
+max_inline_bytes (256 KiB by default); longer output is kept whole and read with vm_exec_output."),
+            (VmExecOutput, vm_exec_output, "vm.exec_output",
+             $crate::vm::VmExecOutputParams, $crate::vm::VmExecOutputChunk, true, false, true,
+             "Read more of a command's output when its vm_exec result was cut (stdout_truncated or \
+stderr_truncated, with an output_id): a chunk of stdout or stderr from an offset, with next_offset to go on."),
             (VmPorts, vm_ports, "vm.ports",
              $crate::vm::VmRef, $crate::vm::VmPorts, true, false, true,
              "List a running VM's listening ports with the owning process and command line, and where to reach \

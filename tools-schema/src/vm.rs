@@ -168,7 +168,16 @@ pub struct VmExecParams {
     #[serde(default)]
     #[schemars(range(min = 1, max = 86400))]
     pub timeout_secs: Option<u64>,
+    /// Bytes of each output stream returned in the result (default 256 KiB, at most 8 MiB). The rest is
+    /// kept: read it with vm_exec_output and the result's `output_id`.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 8388608))]
+    pub max_inline_bytes: Option<u64>,
 }
+
+/// Default and largest `max_inline_bytes` of vm.exec.
+pub const EXEC_INLINE_DEFAULT: u64 = 256 << 10;
+pub const EXEC_INLINE_MAX: u64 = 8 << 20;
 
 /// How a command ended, and what it printed.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -183,10 +192,20 @@ pub struct VmExecResult {
     pub stdout: String,
     /// Standard error (lossy UTF-8).
     pub stderr: String,
-    /// True when stdout was longer than the 8 MiB limit and was cut there.
+    /// True when stdout is longer than what came back inline (`stdout_bytes` says how long): read the rest
+    /// with vm_exec_output.
     pub stdout_truncated: bool,
-    /// True when stderr was longer than the 8 MiB limit and was cut there.
+    /// True when stderr is longer than what came back inline.
     pub stderr_truncated: bool,
+    /// Everything the command wrote to stdout, in bytes.
+    #[serde(default)]
+    pub stdout_bytes: u64,
+    #[serde(default)]
+    pub stderr_bytes: u64,
+    /// Set when output was cut: pass it to vm_exec_output to read the whole streams. Kept for the VM's last
+    /// 16 such commands, and until the VM is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_id: Option<String>,
     /// Wall time in milliseconds.
     pub duration_ms: u64,
 }
@@ -472,6 +491,65 @@ impl VmExecParams {
                 return Err(format!("cwd must be an absolute path, got `{cwd}`"));
             }
         }
+        if let Some(m) = self.max_inline_bytes {
+            if m > EXEC_INLINE_MAX {
+                return Err(format!("max_inline_bytes must be at most {EXEC_INLINE_MAX}, got {m}"));
+            }
+        }
         Ok(())
     }
+}
+
+/// One output stream of a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecStream {
+    Stdout,
+    Stderr,
+}
+
+impl ExecStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecStream::Stdout => "stdout",
+            ExecStream::Stderr => "stderr",
+        }
+    }
+}
+
+/// Read the full output of a command whose vm.exec result was cut (it has an `output_id`).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmExecOutputParams {
+    /// VM name or id.
+    pub vm: String,
+    /// The `output_id` of the vm.exec result.
+    pub output_id: String,
+    pub stream: ExecStream,
+    /// Byte offset to start at (default 0).
+    #[serde(default)]
+    pub offset: Option<u64>,
+    /// Bytes to return, at most 8 MiB (default 256 KiB).
+    #[serde(default)]
+    pub limit: Option<u64>,
+    /// `text` or `base64`; by default text when the bytes are valid UTF-8, base64 otherwise.
+    #[serde(default)]
+    pub encoding: Option<ContentEncoding>,
+}
+
+/// A chunk of a command's output.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct VmExecOutputChunk {
+    pub output_id: String,
+    pub stream: ExecStream,
+    pub content: String,
+    pub encoding: ContentEncoding,
+    pub offset: u64,
+    /// Bytes in this chunk.
+    pub bytes: u64,
+    /// Length of the whole stream as kept (everything the command wrote, up to 1 GiB).
+    pub total_bytes: u64,
+    /// True when this chunk reaches the end; otherwise read on from `next_offset`.
+    pub eof: bool,
+    pub next_offset: Option<u64>,
 }

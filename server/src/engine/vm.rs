@@ -9,9 +9,10 @@ use tools_schema::daemon::{Empty, VmmKind};
 use tools_schema::guest::{ExecSpec, GuestRequest};
 use tools_schema::operation::{OperationInfo, OperationList, OperationRef};
 use tools_schema::vm::{
-    parse_mode, ContentEncoding, PortProtocol, VmBatchResult, VmCreateParams, VmExecParams, VmExecResult,
-    VmFileReadParams, VmFileReadResult, VmFileWriteParams, VmFileWriteResult, VmInfo, VmList, VmLogs, VmLogsParams,
-    VmOutcome, VmPort, VmPorts, VmRef, VmRefs, VmSetParams, VmState, VmStats, MAX_FILE_CHUNK,
+    parse_mode, ContentEncoding, ExecStream, PortProtocol, VmBatchResult, VmCreateParams, VmExecOutputChunk,
+    VmExecOutputParams, VmExecParams, VmExecResult, VmFileReadParams, VmFileReadResult, VmFileWriteParams,
+    VmFileWriteResult, VmInfo, VmList, VmLogs, VmLogsParams, VmOutcome, VmPort, VmPorts, VmRef, VmRefs, VmSetParams,
+    VmState, VmStats, EXEC_INLINE_DEFAULT, EXEC_INLINE_MAX, MAX_FILE_CHUNK,
 };
 use tools_schema::{ApiError, ErrorCode};
 
@@ -19,12 +20,13 @@ use sha2::Digest;
 
 use super::operation::Op;
 use super::{new_id, now, CallContext, Engine};
-use crate::guest::{GuestConn, GuestError};
+use crate::guest::{Capture, GuestConn, GuestError};
 use crate::store::{ImageRow, VmRow};
 use crate::vmm::{self, BootSpec, VmPaths, VmmError};
 
 /// Largest stdout or stderr `vm.exec` returns; more is cut and flagged.
-const EXEC_OUTPUT_LIMIT: usize = 8 << 20;
+/// Cut command outputs kept per VM for vm.exec_output; older ones are removed.
+const KEEP_EXEC_OUTPUTS: usize = 16;
 const DEFAULT_EXEC_TIMEOUT_SECS: u64 = 600;
 
 fn vmm_error(e: VmmError) -> ApiError {
@@ -911,22 +913,111 @@ impl Engine {
         };
         // The guest enforces the timeout; the host waits a little longer in case the guest cannot answer.
         let host_wait = Duration::from_secs(timeout_secs + 15);
-        let out = tokio::time::timeout(
-            host_wait,
-            conn.exec(spec, p.stdin.map(String::into_bytes), EXEC_OUTPUT_LIMIT, &ctx.cancel),
-        )
-        .await
-        .map_err(|_| guest_error(&row.name, GuestError::Timeout(host_wait)))?
-        .map_err(|e| guest_error(&row.name, e))?;
+        let inline = p.max_inline_bytes.unwrap_or(EXEC_INLINE_DEFAULT) as usize;
+        let output_id = new_id();
+        let spool_dir = self.vm_paths(&row.id).dir.join("exec-output");
+        tokio::fs::create_dir_all(&spool_dir)
+            .await
+            .map_err(|e| ApiError::internal(format!("creating {}: {e}", spool_dir.display())))?;
+        let spool = |stream: ExecStream| Some(spool_dir.join(format!("{output_id}.{}", stream.as_str())));
+        let mut out = Capture::new(inline, spool(ExecStream::Stdout));
+        let mut err = Capture::new(inline, spool(ExecStream::Stderr));
+        let run = conn.exec_captured(spec, p.stdin.map(String::into_bytes), &mut out, &mut err, &ctx.cancel);
+        let status = tokio::time::timeout(host_wait, run)
+            .await
+            .map_err(|_| guest_error(&row.name, GuestError::Timeout(host_wait)))
+            .and_then(|r| r.map_err(|e| guest_error(&row.name, e)));
+        let spooled = out.truncated() || err.truncated();
+        let status = match status {
+            Ok(st) => st,
+            Err(e) => {
+                remove_spool(&spool_dir, &output_id).await;
+                return Err(e);
+            }
+        };
+        if spooled {
+            prune_spools(&spool_dir, KEEP_EXEC_OUTPUTS).await;
+        }
         Ok(VmExecResult {
-            exit_code: out.status.code,
-            signal: out.status.signal,
-            timed_out: out.status.timed_out,
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            stdout_truncated: out.stdout_truncated,
-            stderr_truncated: out.stderr_truncated,
-            duration_ms: out.status.duration_ms,
+            exit_code: status.code,
+            signal: status.signal,
+            timed_out: status.timed_out,
+            stdout: String::from_utf8_lossy(&out.inline).into_owned(),
+            stderr: String::from_utf8_lossy(&err.inline).into_owned(),
+            stdout_truncated: out.truncated(),
+            stderr_truncated: err.truncated(),
+            stdout_bytes: out.total,
+            stderr_bytes: err.total,
+            output_id: spooled.then_some(output_id),
+            duration_ms: status.duration_ms,
+        })
+    }
+
+    pub async fn vm_exec_output(
+        self: &Arc<Self>,
+        p: VmExecOutputParams,
+        _: CallContext,
+    ) -> Result<VmExecOutputChunk, ApiError> {
+        use base64::Engine as _;
+        use std::io::{Read, Seek};
+        let limit = p.limit.unwrap_or(EXEC_INLINE_DEFAULT);
+        if limit == 0 || limit > EXEC_INLINE_MAX {
+            return Err(ApiError::invalid(format!("limit must be between 1 and {EXEC_INLINE_MAX}, got {limit}")));
+        }
+        if p.output_id.is_empty() || !p.output_id.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(ApiError::invalid(format!("output_id `{}` is not one vm_exec returned", p.output_id)));
+        }
+        let row = self.resolve_vm(&p.vm).await?;
+        let path =
+            self.vm_paths(&row.id).dir.join("exec-output").join(format!("{}.{}", p.output_id, p.stream.as_str()));
+        let offset = p.offset.unwrap_or(0);
+        let read = tokio::task::spawn_blocking(move || -> std::io::Result<Option<(Vec<u8>, u64)>> {
+            let mut f = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let total = f.metadata()?.len();
+            f.seek(std::io::SeekFrom::Start(offset.min(total)))?;
+            let mut data = Vec::new();
+            f.take(limit).read_to_end(&mut data)?;
+            Ok(Some((data, total)))
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("output read task: {e}")))?
+        .map_err(|e| ApiError::internal(format!("reading command output: {e}")))?;
+        let (data, total) = match read {
+            Some(v) => v,
+            // A stream that fit inline has no spool; an unknown id has neither.
+            None => {
+                return Err(ApiError::not_found(format!(
+                    "no kept {} for output `{}` of VM {}",
+                    p.stream.as_str(),
+                    p.output_id,
+                    row.name
+                ))
+                .with_hint("only streams that were cut are kept, for the VM's last 16 such commands; run it again"))
+            }
+        };
+        let end = offset.min(total) + data.len() as u64;
+        let (content, encoding) = match (p.encoding, String::from_utf8(data.clone())) {
+            (Some(ContentEncoding::Text), Ok(text)) | (None, Ok(text)) => (text, ContentEncoding::Text),
+            (Some(ContentEncoding::Text), Err(_)) => {
+                return Err(ApiError::invalid("this chunk is not UTF-8 text (it may split a character)")
+                    .with_hint("read it with encoding: base64"))
+            }
+            _ => (base64::engine::general_purpose::STANDARD.encode(&data), ContentEncoding::Base64),
+        };
+        Ok(VmExecOutputChunk {
+            output_id: p.output_id,
+            stream: p.stream,
+            content,
+            encoding,
+            offset: offset.min(total),
+            bytes: data.len() as u64,
+            total_bytes: total,
+            eof: end >= total,
+            next_offset: (end < total).then_some(end),
         })
     }
 
@@ -1050,5 +1141,30 @@ fn grow_args(paths: &VmPaths, image: &ImageRow) -> Vec<String> {
         vec![]
     } else {
         vec![format!("banger.growfs={}", grow.join(","))]
+    }
+}
+
+async fn remove_spool(dir: &std::path::Path, id: &str) {
+    for stream in [ExecStream::Stdout, ExecStream::Stderr] {
+        let _ = tokio::fs::remove_file(dir.join(format!("{id}.{}", stream.as_str()))).await;
+    }
+}
+
+/// Keeps the spools of the newest `keep` commands in `dir`.
+async fn prune_spools(dir: &std::path::Path, keep: usize) {
+    let Ok(mut rd) = tokio::fs::read_dir(dir).await else { return };
+    let mut ids: std::collections::HashMap<String, std::time::SystemTime> = Default::default();
+    while let Ok(Some(e)) = rd.next_entry().await {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some((id, _)) = name.split_once('.') else { continue };
+        let modified = e.metadata().await.and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
+        let t = ids.entry(id.to_string()).or_insert(modified);
+        *t = (*t).max(modified);
+    }
+    let mut by_age: Vec<(std::time::SystemTime, String)> = ids.into_iter().map(|(id, t)| (t, id)).collect();
+    by_age.sort();
+    let excess = by_age.len().saturating_sub(keep);
+    for (_, id) in by_age.into_iter().take(excess) {
+        remove_spool(dir, &id).await;
     }
 }
