@@ -56,7 +56,7 @@ fn the_mcp_inspector_lists_every_tool_with_truthful_annotations_and_calls_a_read
     let s = &status["structuredContent"];
     assert_eq!(s["socket"], d.socket.display().to_string(), "{status}");
     assert_eq!(s["vms_total"], 0, "{status}");
-    assert_eq!(status["isError"].as_bool().unwrap_or(false), false);
+    assert!(!status["isError"].as_bool().unwrap_or(false), "{status}");
     // With arguments, and a typed error an agent can act on.
     let missing = inspect(&d, &["--method", "tools/call", "--tool-name", "vm_show", "--tool-arg", "vm=ghost"]);
     let e = mcp_error(&missing);
