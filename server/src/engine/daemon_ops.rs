@@ -46,7 +46,11 @@ impl Engine {
                         .arg(version_arg)
                         .output()
                         .ok()
-                        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").trim().to_string())
+                        // Some tools print their version on stderr (mkfs.ext4 -V).
+                        .map(|o| {
+                            let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
+                            String::from_utf8_lossy(&text).lines().next().unwrap_or("").trim().to_string()
+                        })
                         .unwrap_or_default();
                     DoctorCheck {
                         name: name.into(),
@@ -75,6 +79,11 @@ impl Engine {
         );
         binary("jailer", false, "--version", "jails Firecracker processes");
         binary("vhost-device-vsock", false, "--version", "backs vsock for QEMU guests");
+        binary("mkfs.ext4", true, "-V", "makes work disks and images");
+        binary("git", true, "--version", "workspace prepare and export");
+        binary("ssh-keygen", false, "-?", "makes the managed SSH key for vm ssh");
+        binary("debootstrap", false, "--version", "image builds from the Debian recipes");
+        binary("npm", false, "--version", "the debian-agent recipe installs claude, opencode and pi with it");
         checks.push(DoctorCheck {
             name: "kvm".into(),
             status: match self.vmm.acceleration {
@@ -123,6 +132,7 @@ impl Engine {
                 fix: Some("run scripts/quickstart.sh, or `banger image register ... --default`".into()),
             },
         });
+        checks.extend(self.host_checks().await);
         checks.push(self.guest_sync_check());
         let ok = checks.iter().all(|c| c.status != CheckStatus::Fail);
         Ok(DoctorReport { checks, vmm: self.vmm.clone(), ok })

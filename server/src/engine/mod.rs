@@ -16,6 +16,7 @@ use crate::guest::GuestConn;
 use crate::store::{Store, StoreError};
 
 mod daemon_ops;
+mod doctor;
 mod guest_sync;
 mod image;
 mod image_build;

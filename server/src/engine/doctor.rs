@@ -1,0 +1,191 @@
+//! Host checks for `doctor.run` beyond binaries and images: the VM network (TUN, bridge, nftables, DNS), the
+//! guest channel's backend, disk space, and the guest kernel for image builds. Each check says what it found
+//! and, when it is not a pass, the fix.
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use tools_schema::daemon::{CheckStatus, DoctorCheck};
+
+use super::Engine;
+
+fn check(name: &str, status: CheckStatus, detail: impl Into<String>, fix: Option<&str>) -> DoctorCheck {
+    DoctorCheck { name: name.into(), status, detail: detail.into(), fix: fix.map(str::to_string) }
+}
+
+/// Free bytes below which VMs and image builds are likely to fail, and below which doctor warns.
+const DISK_FAIL_BYTES: u64 = 1 << 30;
+const DISK_WARN_BYTES: u64 = 10 << 30;
+
+impl Engine {
+    pub(crate) async fn host_checks(&self) -> Vec<DoctorCheck> {
+        let mut checks = vec![self.disk_check(), self.vsock_check(), self.guest_kernel_check()];
+        if !self.cfg.network.enabled {
+            checks.push(check(
+                "network",
+                CheckStatus::Warn,
+                "disabled in the config: VMs get no network (they are still managed over the guest channel)",
+                Some("set [network] enabled = true"),
+            ));
+            return checks;
+        }
+        checks.push(if Path::new("/dev/net/tun").exists() {
+            check("tun", CheckStatus::Pass, "/dev/net/tun", None)
+        } else {
+            check(
+                "tun",
+                CheckStatus::Fail,
+                "/dev/net/tun is missing: VMs cannot get network devices",
+                Some("modprobe tun"),
+            )
+        });
+        match self.network() {
+            None => checks.push(check(
+                "bridge",
+                CheckStatus::Fail,
+                format!("the VM network ({}) is not up; the daemon log says why", self.cfg.network.bridge),
+                Some("check `banger daemon status` for the log file, fix the cause and restart the daemon"),
+            )),
+            Some(net) => {
+                let up = std::fs::read_to_string(format!("/sys/class/net/{}/operstate", net.bridge)).is_ok();
+                checks.push(if up {
+                    check(
+                        "bridge",
+                        CheckStatus::Pass,
+                        format!("{} with gateway {}/{}", net.bridge, net.gateway, net.subnet.prefix()),
+                        None,
+                    )
+                } else {
+                    check(
+                        "bridge",
+                        CheckStatus::Fail,
+                        format!("bridge {} has gone away", net.bridge),
+                        Some("restart the daemon (it recreates the bridge)"),
+                    )
+                });
+                checks.push(self.nftables_check().await);
+                checks.push(dns_check(net.gateway).await);
+            }
+        }
+        checks
+    }
+
+    fn disk_check(&self) -> DoctorCheck {
+        match nix::sys::statvfs::statvfs(&self.cfg.state_dir) {
+            Ok(st) => {
+                let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+                let detail = format!("{} GiB free in {}", free >> 30, self.cfg.state_dir.display());
+                let fix = Some("free space there, or move state_dir in the config to a bigger filesystem");
+                match free {
+                    f if f < DISK_FAIL_BYTES => check("disk-space", CheckStatus::Fail, detail, fix),
+                    f if f < DISK_WARN_BYTES => check("disk-space", CheckStatus::Warn, detail, fix),
+                    _ => check("disk-space", CheckStatus::Pass, detail, None),
+                }
+            }
+            Err(e) => check(
+                "disk-space",
+                CheckStatus::Fail,
+                format!("cannot stat {}: {e}", self.cfg.state_dir.display()),
+                None,
+            ),
+        }
+    }
+
+    /// The guest channel's backend: virtio-serial needs nothing; vsock under QEMU needs vhost-device-vsock.
+    fn vsock_check(&self) -> DoctorCheck {
+        if self.cfg.qemu_channel != "vsock" {
+            return check(
+                "guest-channel",
+                CheckStatus::Pass,
+                "QEMU guests use virtio-serial (no helper needed); Firecracker guests use its built-in hybrid vsock",
+                None,
+            );
+        }
+        match self.cfg.find_binary("vhost-device-vsock") {
+            Some(p) => check("guest-channel", CheckStatus::Pass, format!("vsock through {}", p.display()), None),
+            None => check(
+                "guest-channel",
+                CheckStatus::Fail,
+                format!(
+                    "qemu_channel = \"vsock\" needs vhost-device-vsock, not found in {:?} or PATH",
+                    self.cfg.bin_dirs
+                ),
+                Some("run scripts/setup-host.sh (installs it), or set qemu_channel = \"virtio-serial\""),
+            ),
+        }
+    }
+
+    fn guest_kernel_check(&self) -> DoctorCheck {
+        let (kernel, _, initrd) = self.cfg.build_kernel();
+        let missing: Vec<String> =
+            [&kernel, &initrd].iter().filter(|p| !p.is_file()).map(|p| p.display().to_string()).collect();
+        if missing.is_empty() {
+            check("guest-kernel", CheckStatus::Pass, format!("{} (for image builds)", kernel.display()), None)
+        } else {
+            check(
+                "guest-kernel",
+                CheckStatus::Warn,
+                format!("image builds from recipes need {}", missing.join(" and ")),
+                Some("run scripts/setup-host.sh, or set kernel and initrd in the config"),
+            )
+        }
+    }
+
+    async fn nftables_check(&self) -> DoctorCheck {
+        let Some(nft) = self.cfg.find_binary("nft") else {
+            return check(
+                "nftables",
+                CheckStatus::Fail,
+                "nft not found: NAT and guest isolation need it",
+                Some("apt-get install nftables"),
+            );
+        };
+        let out = tokio::process::Command::new(nft).args(["list", "table", "inet", "banger"]).output().await;
+        match out {
+            Ok(o) if o.status.success() => {
+                let rules = String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .filter(|l| l.contains("accept") || l.contains("drop") || l.contains("masquerade"))
+                    .count();
+                check("nftables", CheckStatus::Pass, format!("table inet banger with {rules} rules"), None)
+            }
+            Ok(o) => check(
+                "nftables",
+                CheckStatus::Fail,
+                format!("banger's table is missing: {}", String::from_utf8_lossy(&o.stderr).trim()),
+                Some("restart the daemon (it installs the table); check that the nf_tables module loads"),
+            ),
+            Err(e) => {
+                check("nftables", CheckStatus::Fail, format!("cannot run nft: {e}"), Some("apt-get install nftables"))
+            }
+        }
+    }
+}
+
+/// Asks banger's DNS server on the gateway for a name under `vm.`: any answer means it is serving.
+async fn dns_check(gateway: Ipv4Addr) -> DoctorCheck {
+    // A minimal DNS query: id 0xb46e, recursion desired, one question `doctor-probe.vm. IN A`.
+    let mut q = vec![0xb4, 0x6e, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in ["doctor-probe", "vm"] {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let server = SocketAddr::from((gateway, 53));
+    let answered = async {
+        let sock = tokio::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await.ok()?;
+        sock.send_to(&q, server).await.ok()?;
+        let mut buf = [0u8; 512];
+        let (n, _) = sock.recv_from(&mut buf).await.ok()?;
+        (n >= 12 && buf[..2] == q[..2]).then_some(())
+    };
+    match tokio::time::timeout(Duration::from_secs(2), answered).await {
+        Ok(Some(())) => check("dns", CheckStatus::Pass, format!("<name>.vm answered by {server}"), None),
+        _ => check(
+            "dns",
+            CheckStatus::Fail,
+            format!("no answer from banger's DNS at {server}"),
+            Some("restart the daemon; check that nothing else holds port 53 on the bridge address"),
+        ),
+    }
+}
