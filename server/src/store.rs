@@ -10,6 +10,9 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use tools_schema::daemon::VmmKind;
 use tools_schema::vm::VmState;
 
+mod sessions;
+pub use sessions::{is_unique_violation, SessionRow};
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error")]
@@ -56,6 +59,18 @@ const MIGRATIONS: &[&str] = &[
      CREATE UNIQUE INDEX vms_ip ON vms(ip) WHERE ip IS NOT NULL;",
     // 3: images carry a work seed, the ext4 each VM's /root disk is cloned from ('' for older images).
     "ALTER TABLE images ADD COLUMN work_seed TEXT NOT NULL DEFAULT '';",
+    // 4: pipe-mode sessions (they run in the guest; this is what the daemon must remember about them).
+    "CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        vm_id TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        name TEXT,
+        command TEXT NOT NULL,
+        cwd TEXT NOT NULL,
+        env TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        final_status TEXT
+     );
+     CREATE UNIQUE INDEX sessions_vm_name ON sessions(vm_id, name) WHERE name IS NOT NULL;",
 ];
 
 #[derive(Debug, Clone)]

@@ -18,7 +18,10 @@ use crate::store::{Store, StoreError};
 mod daemon_ops;
 mod image;
 mod operation;
+mod session;
 mod vm;
+
+pub use session::SessionFollower;
 
 /// Per-call context handed to every handler.
 #[derive(Clone, Default)]
@@ -54,6 +57,8 @@ pub struct Engine {
     pub(crate) ip_lock: tokio::sync::Mutex<()>,
     /// The VM network; set once at start-up, after reconcile, unless networking is disabled.
     pub(crate) net: std::sync::OnceLock<Arc<crate::network::Network>>,
+    /// Which sessions have an attached client (one at a time).
+    attachments: session::Attachments,
 }
 
 impl Engine {
@@ -70,6 +75,7 @@ impl Engine {
             ip_lock: tokio::sync::Mutex::new(()),
             ops: operation::Ops::default(),
             net: std::sync::OnceLock::new(),
+            attachments: session::Attachments::default(),
         })
     }
 
