@@ -14,6 +14,7 @@ mod daemon_cmd;
 mod mcp_bridge;
 mod operation_cmd;
 mod output;
+mod session_cmd;
 mod vm_cmd;
 
 use client::{CallError, Daemon};

@@ -72,6 +72,9 @@ pub enum VmCmd {
         after_help = "Examples:\n  banger vm exec dev -- uname -a\n  banger vm exec dev --cwd /tmp --env A=1 -- sh -c 'echo $A'"
     )]
     Exec(ExecArgs),
+    /// Pipe-mode sessions: long-lived guest commands you can send to, attach to and replay.
+    #[command(subcommand)]
+    Session(crate::session_cmd::SessionCmd),
     /// Show the tail of a VM's console log.
     Logs {
         vm: String,
@@ -152,7 +155,7 @@ fn shell_quote(word: &str) -> String {
     format!("'{}'", word.replace('\'', r"'\''"))
 }
 
-fn parse_env(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_env(s: &str) -> Result<(String, String), String> {
     s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
 }
 
@@ -380,6 +383,7 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             let code = if r.timed_out { 124 } else { r.exit_code.unwrap_or(128 + r.signal.unwrap_or(0)) };
             return Ok(ExitCode::from(code.clamp(0, 255) as u8));
         }
+        VmCmd::Session(s) => return crate::session_cmd::run(s, ctx, &d).await,
         VmCmd::Logs { vm, tail } => {
             let logs = d.call::<ops::VmLogs>(&VmLogsParams { vm, tail: Some(tail) }).await?;
             if ctx.json {

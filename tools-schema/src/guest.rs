@@ -219,20 +219,41 @@ pub struct ExecSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum GuestResponse {
-    Hello { protocol: u8, agent: BuildInfo },
+    Hello {
+        protocol: u8,
+        agent: BuildInfo,
+    },
     Health(GuestHealth),
     Exited(ExitStatus),
     Stats(crate::vm::GuestStats),
-    Ports { listeners: Vec<GuestListener> },
-    Written { bytes: u64, size: u64 },
-    FileData { size: u64, mode: u32 },
+    Ports {
+        listeners: Vec<GuestListener>,
+    },
+    Written {
+        bytes: u64,
+        size: u64,
+    },
+    FileData {
+        size: u64,
+        mode: u32,
+    },
     SessionStatus(crate::session::GuestSessionStatus),
-    SessionSent { bytes: u64, stdin_open: bool },
+    SessionSent {
+        bytes: u64,
+        stdin_open: bool,
+    },
     /// After the data frames of a `SessionRead`: the bytes sent start at `from`; `status` as of the read.
-    SessionData { from: u64, status: crate::session::GuestSessionStatus },
-    Sessions { sessions: Vec<crate::session::GuestSessionStatus> },
+    SessionData {
+        from: u64,
+        status: crate::session::GuestSessionStatus,
+    },
+    Sessions {
+        sessions: Vec<crate::session::GuestSessionStatus>,
+    },
     Ok,
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 /// One listening socket, as the guest's kernel reports it.

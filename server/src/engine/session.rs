@@ -90,7 +90,9 @@ fn session_error(vm: &str, e: GuestError) -> ApiError {
         GuestError::Agent(m) if m.starts_with("offset") => {
             ApiError::invalid(m).with_hint("continue from the next_offset of the previous read, or from 0")
         }
-        GuestError::Agent(m) if m.contains("no longer reads") || m.contains("closed") || m.contains("stopped reading") => {
+        GuestError::Agent(m)
+            if m.contains("no longer reads") || m.contains("closed") || m.contains("stopped reading") =>
+        {
             ApiError::precondition(m).with_hint("`banger vm session show` says how the session ended")
         }
         other => guest_error(vm, other),
@@ -139,8 +141,7 @@ impl Engine {
             .into_iter()
             .filter(|s| vm_row.as_ref().is_none_or(|v| v.id == s.vm_id))
             .collect();
-        let exact: Vec<&SessionRow> =
-            rows.iter().filter(|s| s.id == r || s.name.as_deref() == Some(r)).collect();
+        let exact: Vec<&SessionRow> = rows.iter().filter(|s| s.id == r || s.name.as_deref() == Some(r)).collect();
         let found: Vec<&SessionRow> = if exact.is_empty() && r.len() >= 4 {
             rows.iter().filter(|s| s.id.starts_with(r)).collect()
         } else {
@@ -162,7 +163,11 @@ impl Engine {
         };
         let vm = match vm_row {
             Some(v) => v,
-            None => self.store.vm(row.vm_id.clone()).await?.ok_or_else(|| ApiError::not_found("the session's VM is gone"))?,
+            None => self
+                .store
+                .vm(row.vm_id.clone())
+                .await?
+                .ok_or_else(|| ApiError::not_found("the session's VM is gone"))?,
         };
         Ok((row, vm))
     }
@@ -221,7 +226,11 @@ impl Engine {
         Ok(self.session_info(row, vm, live.as_ref()))
     }
 
-    pub async fn session_start(self: &Arc<Self>, p: SessionStartParams, _: CallContext) -> Result<SessionInfo, ApiError> {
+    pub async fn session_start(
+        self: &Arc<Self>,
+        p: SessionStartParams,
+        _: CallContext,
+    ) -> Result<SessionInfo, ApiError> {
         p.validate().map_err(ApiError::invalid)?;
         let vm = self.resolve_vm(&p.vm).await?;
         let conn = self.guest(&vm).await?;
@@ -249,7 +258,12 @@ impl Engine {
             // The unique index is the backstop for two starts racing for one name (or one random id).
             return Err(if is_unique_violation(&e) { taken() } else { e.into() });
         }
-        let spec = GuestSessionSpec { id: row.id.clone(), argv: row.command.clone(), env: row.env.clone(), cwd: row.cwd.clone() };
+        let spec = GuestSessionSpec {
+            id: row.id.clone(),
+            argv: row.command.clone(),
+            env: row.env.clone(),
+            cwd: row.cwd.clone(),
+        };
         let started = match conn.request(&GuestRequest::SessionStart(spec), Duration::from_secs(15)).await {
             Ok(GuestResponse::SessionStatus(s)) => Ok(s),
             Ok(GuestResponse::Error { message }) => Err(session_error(&vm.name, GuestError::Agent(message))),
@@ -269,7 +283,11 @@ impl Engine {
         }
     }
 
-    pub async fn session_send(self: &Arc<Self>, p: SessionSendParams, _: CallContext) -> Result<SessionSendResult, ApiError> {
+    pub async fn session_send(
+        self: &Arc<Self>,
+        p: SessionSendParams,
+        _: CallContext,
+    ) -> Result<SessionSendResult, ApiError> {
         use base64::Engine as _;
         let data = match p.encoding.unwrap_or(ContentEncoding::Text) {
             ContentEncoding::Text => p.data.into_bytes(),
@@ -291,12 +309,17 @@ impl Engine {
         Ok(SessionSendResult { session: row.id, bytes, stdin_closed: !stdin_open })
     }
 
-    pub async fn session_logs(self: &Arc<Self>, p: SessionLogsParams, ctx: CallContext) -> Result<SessionLogs, ApiError> {
+    pub async fn session_logs(
+        self: &Arc<Self>,
+        p: SessionLogsParams,
+        ctx: CallContext,
+    ) -> Result<SessionLogs, ApiError> {
         p.validate().map_err(ApiError::invalid)?;
         let (row, vm) = self.resolve_session(&p.session, p.vm.as_deref()).await?;
-        let conn = self.guest(&vm).await.map_err(|e| {
-            e.with_hint(format!("a session's output lives in its VM: start {} to read it", vm.name))
-        })?;
+        let conn = self
+            .guest(&vm)
+            .await
+            .map_err(|e| e.with_hint(format!("a session's output lives in its VM: start {} to read it", vm.name)))?;
         let from = p.from.unwrap_or(0);
         let read = tokio::select! {
             r = conn.session_read(&row.id, from, p.limit.unwrap_or(DEFAULT_LOGS_LIMIT), p.wait_ms.unwrap_or(0)) => r,
@@ -329,7 +352,9 @@ impl Engine {
             if !live_by_vm.contains_key(&row.vm_id) {
                 let Some(vm) = self.store.vm(row.vm_id.clone()).await? else { continue };
                 // One guest request per VM; a guest that does not answer leaves its sessions unknown (lost).
-                let live = if vm.state == VmState::Running && rows.iter().any(|r| r.vm_id == vm.id && r.final_status.is_none()) {
+                let live = if vm.state == VmState::Running
+                    && rows.iter().any(|r| r.vm_id == vm.id && r.final_status.is_none())
+                {
                     self.guest_sessions(&vm).await.unwrap_or_default()
                 } else {
                     HashMap::new()
@@ -357,7 +382,13 @@ impl Engine {
         self.signal_session(&p.session, p.vm.as_deref(), libc::SIGKILL, 0).await
     }
 
-    async fn signal_session(&self, r: &str, vm: Option<&str>, signal: i32, grace_ms: u64) -> Result<SessionInfo, ApiError> {
+    async fn signal_session(
+        &self,
+        r: &str,
+        vm: Option<&str>,
+        signal: i32,
+        grace_ms: u64,
+    ) -> Result<SessionInfo, ApiError> {
         let (row, vm) = self.resolve_session(r, vm).await?;
         let info = self.session_info_live(&row, &vm).await?;
         if info.state.is_final() {
@@ -415,7 +446,8 @@ impl Engine {
                 status.lost_reason = Some(format!("VM {} stopped while the session ran", vm.name));
                 status.stdin_open = false;
             } else if status.state == SessionState::Lost && status.lost_reason.is_none() {
-                status.lost_reason = Some(format!("VM {} stopped; its guest agent did not say how the session ended", vm.name));
+                status.lost_reason =
+                    Some(format!("VM {} stopped; its guest agent did not say how the session ended", vm.name));
             }
             if let Err(e) = self.store.set_session_final(row.id.clone(), Some(status)).await {
                 tracing::warn!(session = %row.id, error = %e, "cannot record a session's final state");
@@ -434,14 +466,25 @@ impl Engine {
         let info = self.session_info_live(&row, &vm).await?;
         let from = p.from.unwrap_or(info.output_bytes);
         if from > info.output_bytes && info.state.is_final() {
-            return Err(ApiError::invalid(format!("from {from} is past the end of the log ({} bytes)", info.output_bytes)));
+            return Err(ApiError::invalid(format!(
+                "from {from} is past the end of the log ({} bytes)",
+                info.output_bytes
+            )));
         }
         if attach && info.state.is_final() {
             return Err(ApiError::precondition(format!("session {} is {}", row.id, info.state.as_str()))
                 .with_hint("read its output with `banger vm session logs`"));
         }
         let claim = if attach { Some(self.attachments.claim(&row.id, p.steal)?) } else { None };
-        Ok(SessionFollower { engine: self.clone(), row, vm, offset: from, claim, pending: VecDeque::new(), done: false })
+        Ok(SessionFollower {
+            engine: self.clone(),
+            row,
+            vm,
+            offset: from,
+            claim,
+            pending: VecDeque::new(),
+            done: false,
+        })
     }
 }
 

@@ -80,14 +80,13 @@ fn register_session_subscriptions(module: &mut RpcModule<Arc<Engine>>) {
                         return pending.reject(to_rpc_error(ApiError::invalid(msg))).await;
                     }
                 };
-                let follow: SessionFollowParams =
-                    match serde_json::from_value(params_or_empty(params)).map_err(|e| {
-                        ApiError::invalid(format!("invalid params for {method}: {e}"))
-                            .with_hint("see the session subscriptions in docs/API.md")
-                    }) {
-                        Ok(p) => p,
-                        Err(e) => return pending.reject(to_rpc_error(e)).await,
-                    };
+                let follow: SessionFollowParams = match serde_json::from_value(params_or_empty(params)).map_err(|e| {
+                    ApiError::invalid(format!("invalid params for {method}: {e}"))
+                        .with_hint("see the session subscriptions in docs/API.md")
+                }) {
+                    Ok(p) => p,
+                    Err(e) => return pending.reject(to_rpc_error(e)).await,
+                };
                 let mut follower = match engine.session_follow(follow, attach).await {
                     Ok(f) => f,
                     Err(e) => return pending.reject(to_rpc_error(e)).await,
