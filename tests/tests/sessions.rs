@@ -128,18 +128,21 @@ fn sessions_survive_daemon_restarts_and_keep_messages_whole() {
     assert_eq!(e["error"]["data"]["code"], "invalid_argument", "{e}");
 
     // A second session that ends on SIGTERM with its own code (via the CLI).
-    let sleeper = d.cli_json(&[
+    let out = d.cli(&[
         "vm",
         "session",
         "start",
         "sess",
         "--name",
         "sleeper",
+        "--json",
         "--",
         "sh",
         "-c",
         "trap 'exit 7' TERM; while true; do sleep 1; done",
     ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let sleeper: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(sleeper["state"], "running");
 
     // The daemon dies; the sessions do not, and their output is intact.
@@ -269,6 +272,8 @@ fn attach_is_exclusive_bridges_a_line_protocol_and_subscriptions_push_output() {
             client.subscribe::<Value, _>("session.attach", obj(json!({"session": &id})), "session.detach").await;
         assert!(format!("{:?}", refused.err().unwrap()).contains("already attached"));
         let mut thief = attach_child(&d, &id, &["--steal", "--replay"]);
+        // Held open until the end: `wait` would close it, and end of input detaches.
+        let thief_stdin = thief.stdin.take();
         let ev = tokio::time::timeout(Duration::from_secs(30), held.next()).await.unwrap().unwrap().unwrap();
         assert_eq!(ev["event"], "detached", "{ev}");
 
@@ -290,6 +295,7 @@ fn attach_is_exclusive_bridges_a_line_protocol_and_subscriptions_push_output() {
         .unwrap();
         assert_eq!(ev["session"]["signal"], 9, "{ev}");
         let st = thief.wait().unwrap();
+        drop(thief_stdin);
         assert_eq!(st.code(), Some(137), "attach exits like a shell after SIGKILL");
     });
     d.rpc("vm.delete", json!({"vms": ["bridge"]}));
