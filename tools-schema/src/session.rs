@@ -248,7 +248,7 @@ pub enum SessionEvent {
     /// New output.
     Output(OutputChunk),
     /// The session ended and every byte of output has been delivered; the subscription closes.
-    Ended { session: SessionInfo },
+    Ended { session: Box<SessionInfo> },
     /// Another client took the attachment (`steal`); the subscription closes, the session runs on.
     Detached { reason: String },
 }

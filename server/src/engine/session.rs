@@ -562,7 +562,7 @@ impl SessionFollower {
             Err(_) => self.row.clone(),
         };
         let session = self.engine.session_info(&row, &self.vm, status.as_ref());
-        self.pending.push_back(SessionEvent::Ended { session });
+        self.pending.push_back(SessionEvent::Ended { session: Box::new(session) });
         self.done = true;
     }
 }
