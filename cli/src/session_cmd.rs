@@ -13,7 +13,7 @@ use tools_schema::session::{
 };
 use tools_schema::vm::ContentEncoding;
 
-use crate::client::Daemon;
+use crate::client::{CallError, Daemon};
 use crate::{output, Ctx};
 
 #[derive(Subcommand)]
@@ -287,7 +287,7 @@ pub async fn run(cmd: SessionCmd, ctx: &Ctx, d: &Daemon) -> anyhow::Result<ExitC
                 );
             }
         }
-        SessionCmd::Attach(a) => return attach(d, a).await,
+        SessionCmd::Attach(a) => return attach(ctx, d, a).await,
         SessionCmd::Logs(a) => {
             if a.follow {
                 let p = SessionFollowParams { session: a.r.session, vm: a.r.vm, from: Some(a.from), steal: false };
@@ -372,16 +372,45 @@ async fn stream(
     }
 }
 
-/// The stdio bridge: stdin lines to the session, its output to stdout/stderr.
-async fn attach(d: &Daemon, a: AttachArgs) -> anyhow::Result<ExitCode> {
+type Subscription = jsonrpsee::core::client::Subscription<SessionEvent>;
+
+/// Connects and claims the attachment from log offset `from`.
+async fn subscribe_attach(
+    ctx: &Ctx,
+    a: &AttachArgs,
+    from: u64,
+    steal: bool,
+) -> Result<(Daemon, Subscription), CallError> {
+    let d = ctx.daemon().await?;
+    let p = SessionFollowParams { session: a.r.session.clone(), vm: a.r.vm.clone(), from: Some(from), steal };
+    let sub = d.subscribe::<SessionEvent>("session.attach", "session.detach", &p).await?;
+    Ok((d, sub))
+}
+
+/// After the daemon went away (restart, crash): attach again where the output left off. The session
+/// never noticed; the daemon keeps no attach state worth restoring (the claim died with the connection).
+async fn reattach(ctx: &Ctx, a: &AttachArgs, from: u64) -> anyhow::Result<(Daemon, Subscription)> {
+    eprintln!("banger: lost the daemon connection; re-attaching (the session keeps running)");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match subscribe_attach(ctx, a, from, false).await {
+            Ok(x) => return Ok(x),
+            Err(CallError::Unreachable(_)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The stdio bridge: stdin lines to the session, its output to stdout/stderr. Survives daemon restarts
+/// by re-attaching from the last offset it printed.
+async fn attach(ctx: &Ctx, d: &Daemon, a: AttachArgs) -> anyhow::Result<ExitCode> {
     let session = a.r.session.clone();
-    let p = SessionFollowParams {
-        session: session.clone(),
-        vm: a.r.vm.clone(),
-        from: a.replay.then_some(0),
-        steal: a.steal,
-    };
-    let mut sub = d.subscribe::<SessionEvent>("session.attach", "session.detach", &p).await?;
+    let info = d.call::<ops::SessionShow>(&SessionRef { session: session.clone(), vm: a.r.vm.clone() }).await?;
+    // An explicit cursor from the start, so a re-attach can continue exactly where this one was.
+    let mut cursor = if a.replay { 0 } else { info.output_bytes };
+    let (mut daemon, mut sub) = subscribe_attach(ctx, &a, cursor, a.steal).await?;
     // Input goes line by line, each line one send, so another sender's message can only fall between lines.
     let (lines_tx, mut lines_rx) = tokio::sync::mpsc::channel::<(Vec<u8>, bool)>(64);
     tokio::spawn(async move {
@@ -411,11 +440,15 @@ async fn attach(d: &Daemon, a: AttachArgs) -> anyhow::Result<ExitCode> {
         tokio::select! {
             ev = sub.next() => {
                 let Some(ev) = ev else {
-                    eprintln!("banger: lost the daemon connection; the session keeps running (banger vm session attach {session})");
-                    break 1;
+                    (daemon, sub) = reattach(ctx, &a, cursor).await?;
+                    continue;
                 };
                 match ev.map_err(|e| anyhow::anyhow!("bad event from the daemon: {e}"))? {
-                    SessionEvent::Output(c) => print_chunk(&c)?,
+                    SessionEvent::Output(c) => {
+                        let bytes = decode(&c);
+                        cursor = c.offset + bytes.len() as u64;
+                        print_chunk(&c)?
+                    }
                     SessionEvent::Ended { session } => break exit_number(&session),
                     SessionEvent::Detached { reason } => {
                         eprintln!("banger: detached: {reason}");
@@ -428,7 +461,15 @@ async fn attach(d: &Daemon, a: AttachArgs) -> anyhow::Result<ExitCode> {
                 if !bytes.is_empty() || (at_eof && a.eof) {
                     let (data, encoding) = encode(bytes);
                     let p = SessionSendParams { session: session.clone(), vm: a.r.vm.clone(), data, encoding, eof: at_eof && a.eof };
-                    d.call::<ops::SessionSend>(&p).await?;
+                    loop {
+                        match daemon.call::<ops::SessionSend>(&p).await {
+                            Ok(_) => break,
+                            // The daemon went away. The agent writes a message whole or not at all; if the daemon died after
+                            // delivering it, it is delivered twice (at least once, never half).
+                            Err(CallError::Unreachable(_)) => (daemon, sub) = reattach(ctx, &a, cursor).await?,
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
                 }
                 if at_eof {
                     input_open = false;

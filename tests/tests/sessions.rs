@@ -217,7 +217,7 @@ fn attach_child(d: &TestDaemon, session: &str, extra: &[&str]) -> std::process::
 fn attach_is_exclusive_bridges_a_line_protocol_and_subscriptions_push_output() {
     use jsonrpsee::core::client::SubscriptionClientT;
 
-    let d = TestDaemon::start();
+    let mut d = TestDaemon::start();
     d.register_test_image();
     d.rpc("vm.create", json!({"name": "bridge", "memory_mib": 384}));
     let id = start_upper(&d, "bridge", "rpc")["id"].as_str().unwrap().to_string();
@@ -241,6 +241,14 @@ fn attach_is_exclusive_bridges_a_line_protocol_and_subscriptions_push_output() {
         stdout.read_line(&mut line).unwrap();
         assert_eq!(line, format!("GOT:{{\"TYPE\":\"PROMPT\",\"ID\":{i}}}\n"));
     }
+    // The daemon crashes under the bridge: it re-attaches where it left off and the protocol goes on.
+    d.crash_and_restart();
+    writeln!(stdin, "{{\"type\":\"prompt\",\"id\":3}}").unwrap();
+    stdin.flush().unwrap();
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "GOT:{\"TYPE\":\"PROMPT\",\"ID\":3}\n");
+
     // End of input detaches; the session runs on.
     drop(stdin);
     let st = child.wait().unwrap();
@@ -298,6 +306,19 @@ fn attach_is_exclusive_bridges_a_line_protocol_and_subscriptions_push_output() {
         drop(thief_stdin);
         assert_eq!(st.code(), Some(137), "attach exits like a shell after SIGKILL");
     });
+    // The guest agent restarts (init supervises it): the session it ran is reported lost, not running.
+    d.rpc("session.start", json!({"vm": "bridge", "name": "doomed", "command": ["sleep", "1000"]}));
+    let kill_agent = "sleep 1; for d in /proc/[0-9]*; do case \"$(tr '\\0' ' ' < $d/cmdline)\" in \
+                      *banger-agent\\ serve*) kill ${d#/proc/};; esac; done";
+    let r = d.rpc("vm.exec", json!({"vm": "bridge", "command": ["setsid", "-f", "sh", "-c", kill_agent]}));
+    assert_eq!(r["exit_code"], 0, "{r}");
+    wait_until("the session to be reported lost", Duration::from_secs(60), || {
+        let r = d.rpc_raw("session.show", json!({"session": "doomed"}));
+        r["result"]["state"] == "lost"
+    });
+    let doomed = d.rpc("session.show", json!({"session": "doomed"}));
+    assert!(doomed["lost_reason"].as_str().unwrap().contains("guest agent restarted"), "{doomed}");
+
     d.rpc("vm.delete", json!({"vms": ["bridge"]}));
     d.assert_no_leaked_processes();
 }
