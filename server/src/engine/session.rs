@@ -465,7 +465,7 @@ impl Engine {
         let (row, vm) = self.resolve_session(&p.session, p.vm.as_deref()).await?;
         let info = self.session_info_live(&row, &vm).await?;
         let from = p.from.unwrap_or(info.output_bytes);
-        if from > info.output_bytes && info.state.is_final() {
+        if from > info.output_bytes {
             return Err(ApiError::invalid(format!(
                 "from {from} is past the end of the log ({} bytes)",
                 info.output_bytes
@@ -564,5 +564,36 @@ impl SessionFollower {
         let session = self.engine.session_info(&row, &self.vm, status.as_ref());
         self.pending.push_back(SessionEvent::Ended { session: Box::new(session) });
         self.done = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_attacher_at_a_time_and_a_steal_hands_over_cleanly() {
+        let a = Attachments::default();
+        let first = a.claim("s1", false).unwrap();
+        assert_eq!(a.claim("s1", false).err().unwrap().code, ErrorCode::Busy);
+        drop(a.claim("s2", false).expect("other sessions are independent"));
+        let second = a.claim("s1", true).unwrap();
+        assert!(first.stolen.is_cancelled(), "the holder is told");
+        // The old holder leaving must not release the new holder's claim.
+        drop(first);
+        assert!(a.is_attached("s1"));
+        assert_eq!(a.claim("s1", false).err().unwrap().code, ErrorCode::Busy);
+        drop(second);
+        assert!(!a.is_attached("s1"), "released when the attacher goes away");
+        assert!(a.claim("s1", false).is_ok());
+    }
+
+    #[test]
+    fn output_that_is_not_utf8_travels_as_base64() {
+        let c = chunk(FrameKind::Stderr, 7, vec![0xff, b'a']);
+        assert_eq!((c.stream, c.offset, c.encoding), (OutputStream::Stderr, 7, ContentEncoding::Base64));
+        assert_eq!(c.data, "/2E=");
+        let c = chunk(FrameKind::Stdout, 0, b"hi\n".to_vec());
+        assert_eq!((c.data.as_str(), c.encoding), ("hi\n", ContentEncoding::Text));
     }
 }
