@@ -127,6 +127,14 @@ fn sessions_survive_daemon_restarts_and_keep_messages_whole() {
     let e = d.rpc_raw("session.logs", json!({"session": &id, "from": end + 10}));
     assert_eq!(e["error"]["data"]["code"], "invalid_argument", "{e}");
 
+    // The CLI sends a line (newline added) and reads the log back with the streams apart.
+    let out = d.cli(&["vm", "session", "send", "upper", "from the cli"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for_output(&d, &id, "GOT:FROM THE CLI\n");
+    let out = d.cli(&["vm", "session", "logs", "upper", "--from", &end.to_string()]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "GOT:FROM THE CLI\n");
+    let (runs, end) = read_log(&d, &id, 0);
+
     // A second session that ends on SIGTERM with its own code (via the CLI).
     let out = d.cli(&[
         "vm",
@@ -306,6 +314,32 @@ fn attach_is_exclusive_bridges_a_line_protocol_and_subscriptions_push_output() {
         drop(thief_stdin);
         assert_eq!(st.code(), Some(137), "attach exits like a shell after SIGKILL");
     });
+    // MCP: session_logs with wait_ms returns output that arrives while it waits.
+    let id2 = start_upper(&d, "bridge", "mcp")["id"].as_str().unwrap().to_string();
+    let mut mcp = RawMcp::connect(&d.socket);
+    mcp.initialize();
+    // Its greeting on stderr ("hi from /tmp\n") is there first, so the read below has to wait.
+    wait_until("the greeting", Duration::from_secs(30), || {
+        d.rpc("session.show", json!({"session": &id2}))["output_bytes"] == 13
+    });
+    let size = 13;
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(Duration::from_secs(2));
+            d.rpc("session.send", json!({"session": &id2, "data": "late arrival\n"}));
+        });
+        let started = std::time::Instant::now();
+        let r = mcp.request(
+            1,
+            "tools/call",
+            json!({"name": "session_logs", "arguments": {"session": &id2, "from": size, "wait_ms": 30000}}),
+        );
+        let logs = &r["result"]["structuredContent"];
+        assert_eq!(logs["chunks"][0]["data"], "GOT:LATE ARRIVAL\n", "{r}");
+        assert_eq!(logs["from"], size);
+        assert!(started.elapsed() < Duration::from_secs(25), "answered when the output came, not at the deadline");
+    });
+
     // The guest agent restarts (init supervises it): the session it ran is reported lost, not running.
     d.rpc("session.start", json!({"vm": "bridge", "name": "doomed", "command": ["sleep", "1000"]}));
     let kill_agent = "sleep 1; for d in /proc/[0-9]*; do case \"$(tr '\\0' ' ' < $d/cmdline)\" in \
