@@ -67,23 +67,45 @@ impl Daemon {
 
     /// Calls an operation with typed params and result.
     pub async fn call<O: Operation>(&self, params: &O::Params) -> Result<O::Result, CallError> {
-        let value =
-            serde_json::to_value(params).map_err(|e| CallError::Unreachable(format!("encoding params: {e}")))?;
-        let mut obj = ObjectParams::new();
-        if let serde_json::Value::Object(m) = value {
-            for (k, v) in m {
-                obj.insert(&k, v).map_err(|e| CallError::Unreachable(e.to_string()))?;
-            }
+        let obj = object_params(params)?;
+        self.client.request::<O::Result, _>(O::METHOD, obj).await.map_err(call_error)
+    }
+}
+
+impl Daemon {
+    /// Opens a JSON-RPC subscription (e.g. `session.attach`) whose notifications are `N`.
+    pub async fn subscribe<N: serde::de::DeserializeOwned>(
+        &self,
+        method: &str,
+        unsubscribe: &str,
+        params: &impl serde::Serialize,
+    ) -> Result<jsonrpsee::core::client::Subscription<N>, CallError> {
+        use jsonrpsee::core::client::SubscriptionClientT;
+        let obj = object_params(params)?;
+        self.client.subscribe::<N, _>(method, obj, unsubscribe).await.map_err(call_error)
+    }
+}
+
+fn object_params(params: &impl serde::Serialize) -> Result<ObjectParams, CallError> {
+    let value = serde_json::to_value(params).map_err(|e| CallError::Unreachable(format!("encoding params: {e}")))?;
+    let mut obj = ObjectParams::new();
+    if let serde_json::Value::Object(m) = value {
+        for (k, v) in m {
+            obj.insert(&k, v).map_err(|e| CallError::Unreachable(e.to_string()))?;
         }
-        self.client.request::<O::Result, _>(O::METHOD, obj).await.map_err(|e| match e {
-            jsonrpsee::core::ClientError::Call(obj) => {
-                let api = obj
-                    .data()
-                    .and_then(|d| serde_json::from_str::<ApiError>(d.get()).ok())
-                    .unwrap_or_else(|| ApiError::new(ErrorCode::Internal, obj.message().to_string()));
-                CallError::Api(api)
-            }
-            other => CallError::Unreachable(format!("talking to the daemon failed: {other}")),
-        })
+    }
+    Ok(obj)
+}
+
+fn call_error(e: jsonrpsee::core::ClientError) -> CallError {
+    match e {
+        jsonrpsee::core::ClientError::Call(obj) => {
+            let api = obj
+                .data()
+                .and_then(|d| serde_json::from_str::<ApiError>(d.get()).ok())
+                .unwrap_or_else(|| ApiError::new(ErrorCode::Internal, obj.message().to_string()));
+            CallError::Api(api)
+        }
+        other => CallError::Unreachable(format!("talking to the daemon failed: {other}")),
     }
 }

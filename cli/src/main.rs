@@ -16,6 +16,7 @@ mod mcp_bridge;
 mod operation_cmd;
 mod output;
 mod run_cmd;
+mod session_cmd;
 mod vm_cmd;
 mod workspace_cmd;
 

@@ -86,6 +86,9 @@ the command prints the exact lines."
     /// Copy a host git repository into a VM, and bring its changes back as a patch.
     #[command(subcommand)]
     Workspace(crate::workspace_cmd::WorkspaceCmd),
+    /// Pipe-mode sessions: long-lived guest commands you can send to, attach to and replay.
+    #[command(subcommand)]
+    Session(crate::session_cmd::SessionCmd),
     /// Show the tail of a VM's console log.
     Logs {
         vm: String,
@@ -220,7 +223,7 @@ fn shell_quote(word: &str) -> String {
     format!("'{}'", word.replace('\'', r"'\''"))
 }
 
-fn parse_env(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_env(s: &str) -> Result<(String, String), String> {
     s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
 }
 
@@ -444,6 +447,7 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(code.clamp(0, 255) as u8));
         }
         VmCmd::Workspace(w) => return crate::workspace_cmd::run(w, &d, ctx).await,
+        VmCmd::Session(s) => return crate::session_cmd::run(s, ctx, &d).await,
         VmCmd::Logs { vm, tail } => {
             let logs = d.call::<ops::VmLogs>(&VmLogsParams { vm, tail: Some(tail) }).await?;
             if ctx.json {

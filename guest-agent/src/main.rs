@@ -11,6 +11,7 @@ mod files;
 mod init;
 mod ports;
 mod serve;
+mod session;
 
 fn main() -> anyhow::Result<()> {
     let mode = std::env::args().nth(1).unwrap_or_default();

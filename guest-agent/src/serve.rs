@@ -1,5 +1,6 @@
 //! The request loop: demultiplexes frames by stream id and answers each request in its own task.
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -8,6 +9,7 @@ use tools_schema::BuildInfo;
 
 use crate::channel::{self, Incoming};
 use crate::exec::{self, ExecInput};
+use crate::session::Sessions;
 
 pub fn run() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -15,9 +17,11 @@ pub fn run() -> anyhow::Result<()> {
 }
 
 async fn serve() -> anyhow::Result<()> {
+    // Sessions belong to the agent, not to a host connection: loaded once, shared by every connection.
+    let sessions = Sessions::load(std::path::Path::new(crate::session::SESSIONS_DIR));
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     if crate::init::kernel_arg(&cmdline, "banger.channel") == Some("vsock") {
-        return serve_vsock().await;
+        return serve_vsock(sessions).await;
     }
     let port = loop {
         // The port appears once virtio_console has probed; that is normally before we get here.
@@ -27,12 +31,12 @@ async fn serve() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let (out, incoming) = channel::open(port)?;
-    serve_connection(out, incoming, true).await;
+    serve_connection(out, incoming, true, sessions).await;
     Ok(())
 }
 
 /// vsock (Firecracker, or QEMU with vhost-user-vsock): every host connection is its own session.
-async fn serve_vsock() -> anyhow::Result<()> {
+async fn serve_vsock(sessions: Arc<Sessions>) -> anyhow::Result<()> {
     use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
     let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, tools_schema::guest::VSOCK_PORT))?;
     loop {
@@ -40,7 +44,7 @@ async fn serve_vsock() -> anyhow::Result<()> {
             Ok((stream, _)) => {
                 let (rd, wr) = stream.into_split();
                 let (out, incoming) = channel::from_stream(rd, wr);
-                tokio::spawn(serve_connection(out, incoming, false));
+                tokio::spawn(serve_connection(out, incoming, false, sessions.clone()));
             }
             Err(e) => {
                 eprintln!("banger-agent: vsock accept: {e}");
@@ -56,6 +60,7 @@ async fn serve_connection(
     out: mpsc::UnboundedSender<Frame>,
     mut incoming: mpsc::UnboundedReceiver<Incoming>,
     persistent: bool,
+    sessions: Arc<Sessions>,
 ) {
     // Inputs of running exec streams, by stream id.
     let mut inputs: HashMap<u32, mpsc::UnboundedSender<ExecInput>> = HashMap::new();
@@ -116,6 +121,41 @@ async fn serve_connection(
                     GuestRequest::Ports => {
                         respond(&out, stream, GuestResponse::Ports { listeners: crate::ports::listeners() })
                     }
+                    GuestRequest::SessionStart(spec) => {
+                        let reply = match sessions.start(spec) {
+                            Ok(status) => GuestResponse::SessionStatus(status),
+                            Err(message) => GuestResponse::Error { message },
+                        };
+                        respond(&out, stream, reply);
+                    }
+                    GuestRequest::SessionSend { id, eof } => {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        inputs.insert(stream, tx);
+                        tokio::spawn(session_send(sessions.clone(), stream, id, eof, rx, out.clone()));
+                    }
+                    GuestRequest::SessionRead { id, offset, limit, wait_ms } => {
+                        let (sessions, out) = (sessions.clone(), out.clone());
+                        tokio::spawn(async move {
+                            let reply = match sessions.read(&id, offset, limit, wait_ms, stream, &out).await {
+                                Ok(status) => GuestResponse::SessionData { from: offset, status },
+                                Err(message) => GuestResponse::Error { message },
+                            };
+                            respond(&out, stream, reply);
+                        });
+                    }
+                    GuestRequest::SessionList => {
+                        respond(&out, stream, GuestResponse::Sessions { sessions: sessions.list() })
+                    }
+                    GuestRequest::SessionSignal { id, signal, grace_ms } => {
+                        let (sessions, out) = (sessions.clone(), out.clone());
+                        tokio::spawn(async move {
+                            let reply = match sessions.signal(&id, signal, grace_ms).await {
+                                Ok(status) => GuestResponse::SessionStatus(status),
+                                Err(message) => GuestResponse::Error { message },
+                            };
+                            respond(&out, stream, reply);
+                        });
+                    }
                     GuestRequest::Shutdown { reboot } => {
                         respond(&out, stream, GuestResponse::Ok);
                         tokio::spawn(power_off(reboot));
@@ -137,6 +177,34 @@ async fn serve_connection(
             }
         }
     }
+}
+
+/// Collects a whole message from the Stdin frames, then writes it in one go. A host that goes away
+/// mid-message (Cancel) writes nothing, so a session never sees half a message.
+async fn session_send(
+    sessions: Arc<Sessions>,
+    stream: u32,
+    id: String,
+    eof: bool,
+    mut input: mpsc::UnboundedReceiver<ExecInput>,
+    out: mpsc::UnboundedSender<Frame>,
+) {
+    let mut message = vec![];
+    let reply = loop {
+        match input.recv().await {
+            Some(ExecInput::Data(d)) => message.extend_from_slice(&d),
+            Some(ExecInput::Eof) => {
+                break match sessions.send(&id, message, eof).await {
+                    Ok((bytes, stdin_open)) => GuestResponse::SessionSent { bytes, stdin_open },
+                    Err(message) => GuestResponse::Error { message },
+                }
+            }
+            Some(ExecInput::Cancel) | None => {
+                break GuestResponse::Error { message: "send cancelled by the host; nothing was written".into() }
+            }
+        }
+    };
+    respond(&out, stream, reply);
 }
 
 pub fn respond(out: &mpsc::UnboundedSender<Frame>, stream: u32, response: GuestResponse) {

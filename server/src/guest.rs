@@ -379,3 +379,76 @@ impl Capture {
         self.spooled > 0 && self.spooled == self.total
     }
 }
+
+/// Output of a session log read: `(stream, bytes)` runs in log order, starting at `from`.
+pub struct SessionRead {
+    pub from: u64,
+    pub runs: Vec<(FrameKind, Vec<u8>)>,
+    pub status: tools_schema::session::GuestSessionStatus,
+}
+
+impl GuestConn {
+    /// Sends one message to a session's stdin; the agent writes it whole. Returns (bytes, stdin still open).
+    pub async fn session_send(&self, id: &str, data: &[u8], eof: bool) -> Result<(u64, bool), GuestError> {
+        let (stream, mut rx) = self.open_stream();
+        self.send(Frame::json(FrameKind::Request, stream, &GuestRequest::SessionSend { id: id.to_string(), eof }))?;
+        for chunk in data.chunks(MAX_PAYLOAD) {
+            self.send(Frame::new(FrameKind::Stdin, stream, chunk.to_vec()))?;
+        }
+        self.send(Frame::new(FrameKind::StdinEof, stream, vec![]))?;
+        while let Some(f) = rx.recv().await {
+            if f.kind == FrameKind::Response {
+                return match f.parse::<GuestResponse>().map_err(|e| GuestError::Protocol(e.to_string()))? {
+                    GuestResponse::SessionSent { bytes, stdin_open } => Ok((bytes, stdin_open)),
+                    GuestResponse::Error { message } => Err(GuestError::Agent(message)),
+                    other => Err(GuestError::Protocol(format!("{other:?}"))),
+                };
+            }
+        }
+        Err(GuestError::Closed)
+    }
+
+    /// Reads a session's log from `offset`, the agent waiting up to `wait_ms` for output first.
+    pub async fn session_read(
+        &self,
+        id: &str,
+        offset: u64,
+        limit: u64,
+        wait_ms: u64,
+    ) -> Result<SessionRead, GuestError> {
+        let (stream, mut rx) = self.open_stream();
+        let req = GuestRequest::SessionRead { id: id.to_string(), offset, limit, wait_ms };
+        self.send(Frame::json(FrameKind::Request, stream, &req))?;
+        // The agent answers by wait_ms; beyond that (plus transfer time) it is not answering at all.
+        let limit_wait = Duration::from_millis(wait_ms) + Duration::from_secs(30);
+        let mut runs: Vec<(FrameKind, Vec<u8>)> = vec![];
+        let result = tokio::time::timeout(limit_wait, async {
+            while let Some(f) = rx.recv().await {
+                match f.kind {
+                    FrameKind::Stdout | FrameKind::Stderr => match runs.last_mut() {
+                        Some((kind, data)) if *kind == f.kind => data.extend_from_slice(&f.payload),
+                        _ => runs.push((f.kind, f.payload)),
+                    },
+                    FrameKind::Response => {
+                        return match f.parse::<GuestResponse>().map_err(|e| GuestError::Protocol(e.to_string()))? {
+                            GuestResponse::SessionData { from, status } => Ok((from, status)),
+                            GuestResponse::Error { message } => Err(GuestError::Agent(message)),
+                            other => Err(GuestError::Protocol(format!("{other:?}"))),
+                        };
+                    }
+                    _ => {}
+                }
+            }
+            Err(GuestError::Closed)
+        })
+        .await;
+        let (from, status) = match result {
+            Ok(r) => r?,
+            Err(_) => {
+                self.routes.lock().unwrap().remove(&stream);
+                return Err(GuestError::Timeout(limit_wait));
+            }
+        };
+        Ok(SessionRead { from, runs, status })
+    }
+}

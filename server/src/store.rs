@@ -10,6 +10,9 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use tools_schema::daemon::VmmKind;
 use tools_schema::vm::VmState;
 
+mod sessions;
+pub use sessions::{is_unique_violation, SessionRow};
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error")]
@@ -59,6 +62,18 @@ const MIGRATIONS: &[&str] = &[
     // 4: built images record their build id (stamped into the image as /etc/banger/image.json) and source.
     "ALTER TABLE images ADD COLUMN build_id TEXT;
      ALTER TABLE images ADD COLUMN source TEXT;",
+    // 5: pipe-mode sessions (they run in the guest; this is what the daemon must remember about them).
+    "CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        vm_id TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        name TEXT,
+        command TEXT NOT NULL,
+        cwd TEXT NOT NULL,
+        env TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        final_status TEXT
+     );
+     CREATE UNIQUE INDEX sessions_vm_name ON sessions(vm_id, name) WHERE name IS NOT NULL;",
 ];
 
 #[derive(Debug, Clone)]

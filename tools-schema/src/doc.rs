@@ -35,6 +35,27 @@ pub fn api_reference() -> String {
              <details><summary>result schema</summary>\n\n```json\n{result}\n```\n</details>\n"
         ));
     }
+    out.push_str(
+        "\n## JSON-RPC subscriptions\n\n\
+         These stream, so they exist on JSON-RPC over WebSocket only (MCP clients follow output with\n\
+         `session.logs` and `wait_ms`). Subscribe with the method, receive notifications, end with the\n\
+         unsubscribe method or by disconnecting.\n\n\
+         | subscribe | notification | unsubscribe |\n|---|---|---|\n",
+    );
+    for (method, notification, unsubscribe, _) in crate::session::SUBSCRIPTIONS {
+        out.push_str(&format!("| `{method}` | `{notification}` | `{unsubscribe}` |\n"));
+    }
+    for (method, _, _, description) in crate::session::SUBSCRIPTIONS {
+        out.push_str(&format!("\n### {method}\n\n{description}\n"));
+    }
+    let params = serde_json::to_string_pretty(&schemars::schema_for!(crate::session::SessionFollowParams))
+        .expect("schema serialises");
+    let event =
+        serde_json::to_string_pretty(&schemars::schema_for!(crate::session::SessionEvent)).expect("schema serialises");
+    out.push_str(&format!(
+        "\n<details><summary>subscription params schema</summary>\n\n```json\n{params}\n```\n</details>\n\n\
+         <details><summary>notification schema</summary>\n\n```json\n{event}\n```\n</details>\n"
+    ));
     out
 }
 

@@ -185,6 +185,19 @@ pub enum GuestRequest {
     WriteFile { path: String, mode: Option<u32>, append: bool, make_dirs: bool },
     /// Read up to `limit` bytes from `offset`, sent as Stdout frames. Answered with `FileData`.
     ReadFile { path: String, offset: u64, limit: u64 },
+    /// Start a session (after checking its cwd and program). Answered with `SessionStatus`.
+    SessionStart(crate::session::GuestSessionSpec),
+    /// Write the Stdin frames that follow (ended by StdinEof) to a session's stdin as one message, whole,
+    /// then close stdin if `eof`. Answered with `SessionSent`.
+    SessionSend { id: String, eof: bool },
+    /// Send up to `limit` log bytes from `offset` as Stdout/Stderr frames, after waiting up to `wait_ms`
+    /// for output past `offset` (or the end of the session). Answered with `SessionData`.
+    SessionRead { id: String, offset: u64, limit: u64, wait_ms: u64 },
+    /// Every session the agent knows (running, ended, or lost by an earlier agent). Answered with `Sessions`.
+    SessionList,
+    /// Signal a session's process group, SIGKILL after `grace_ms` if it is still running, and wait for the
+    /// end. Answered with `SessionStatus`.
+    SessionSignal { id: String, signal: i32, grace_ms: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -206,15 +219,41 @@ pub struct ExecSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum GuestResponse {
-    Hello { protocol: u8, agent: BuildInfo },
+    Hello {
+        protocol: u8,
+        agent: BuildInfo,
+    },
     Health(GuestHealth),
     Exited(ExitStatus),
     Stats(crate::vm::GuestStats),
-    Ports { listeners: Vec<GuestListener> },
-    Written { bytes: u64, size: u64 },
-    FileData { size: u64, mode: u32 },
+    Ports {
+        listeners: Vec<GuestListener>,
+    },
+    Written {
+        bytes: u64,
+        size: u64,
+    },
+    FileData {
+        size: u64,
+        mode: u32,
+    },
+    SessionStatus(crate::session::GuestSessionStatus),
+    SessionSent {
+        bytes: u64,
+        stdin_open: bool,
+    },
+    /// After the data frames of a `SessionRead`: the bytes sent start at `from`; `status` as of the read.
+    SessionData {
+        from: u64,
+        status: crate::session::GuestSessionStatus,
+    },
+    Sessions {
+        sessions: Vec<crate::session::GuestSessionStatus>,
+    },
     Ok,
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 /// One listening socket, as the guest's kernel reports it.

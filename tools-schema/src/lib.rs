@@ -16,6 +16,7 @@ pub mod guest;
 pub mod image;
 pub mod operation;
 pub mod ops;
+pub mod session;
 pub mod vm;
 pub mod workspace;
 

@@ -179,6 +179,36 @@ cleanly to that host repository."),
             (VmLogs, vm_logs, "vm.logs",
              $crate::vm::VmLogsParams, $crate::vm::VmLogs, true, false, true,
              "Return the tail of a VM's console (boot) log. The first place to look when a VM failed to start."),
+            (SessionStart, session_start, "session.start",
+             $crate::session::SessionStartParams, $crate::session::SessionInfo, false, false, false,
+             "Start a long-lived command (a pipe-mode session) in a running VM with cwd and env. The guest checks \
+first that cwd is a directory and the program exists, and says which is wrong. The session keeps running \
+across daemon restarts and client disconnects; feed it with session_send, read it with session_logs."),
+            (SessionSend, session_send, "session.send",
+             $crate::session::SessionSendParams, $crate::session::SessionSendResult, false, false, false,
+             "Write data to a session's stdin without attaching (add \"\\n\" for line protocols). Each message \
+is written whole, so concurrent sends never interleave; eof: true closes stdin afterwards."),
+            (SessionLogs, session_logs, "session.logs",
+             $crate::session::SessionLogsParams, $crate::session::SessionLogs, true, false, true,
+             "Read a session's output (stdout and stderr, in order, each chunk labelled) from a byte cursor: \
+from: 0 replays everything, from: next_offset continues. wait_ms waits briefly for output that has not \
+arrived yet, so an agent can follow a session without polling fast. Results are capped by limit; more: \
+true means read again from next_offset."),
+            (SessionList, session_list, "session.list",
+             $crate::session::SessionListParams, $crate::session::SessionList, true, false, true,
+             "List sessions of one VM (or of every VM) with state, exit code or signal, and output size."),
+            (SessionShow, session_show, "session.show",
+             $crate::session::SessionRef, $crate::session::SessionInfo, true, false, true,
+             "Show one session: state, exit code or signal, timings, the resolved program and pid, whether \
+stdin is open and whether someone is attached, or why it was lost."),
+            (SessionStop, session_stop, "session.stop",
+             $crate::session::SessionStopParams, $crate::session::SessionInfo, false, false, true,
+             "Stop a session: SIGTERM to its process group, SIGKILL after grace_secs (default 5). Returns the \
+final state with the exit code or signal. Its output log stays readable."),
+            (SessionKill, session_kill, "session.kill",
+             $crate::session::SessionRef, $crate::session::SessionInfo, false, false, true,
+             "Kill a session's process group at once (SIGKILL) and return its final state. Its output log \
+stays readable."),
         }
     };
 }

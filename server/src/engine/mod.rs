@@ -21,8 +21,11 @@ mod guest_sync;
 mod image;
 mod image_build;
 mod operation;
+mod session;
 mod vm;
 mod workspace;
+
+pub use session::SessionFollower;
 
 /// Per-call context handed to every handler.
 #[derive(Clone, Default)]
@@ -58,6 +61,8 @@ pub struct Engine {
     pub(crate) ip_lock: tokio::sync::Mutex<()>,
     /// The VM network; set once at start-up, after reconcile, unless networking is disabled.
     pub(crate) net: std::sync::OnceLock<Arc<crate::network::Network>>,
+    /// Which sessions have an attached client (one at a time).
+    attachments: session::Attachments,
 }
 
 impl Engine {
@@ -74,6 +79,7 @@ impl Engine {
             ip_lock: tokio::sync::Mutex::new(()),
             ops: operation::Ops::default(),
             net: std::sync::OnceLock::new(),
+            attachments: session::Attachments::default(),
         })
     }
 

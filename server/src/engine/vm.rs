@@ -64,7 +64,7 @@ fn file_error(vm: &str, e: GuestError) -> ApiError {
     }
 }
 
-fn guest_error(vm: &str, e: GuestError) -> ApiError {
+pub(crate) fn guest_error(vm: &str, e: GuestError) -> ApiError {
     match e {
         GuestError::Cancelled => ApiError::new(ErrorCode::Cancelled, "cancelled by the caller"),
         GuestError::Timeout(_) => ApiError::new(ErrorCode::Timeout, format!("VM {vm}: {e}"))
@@ -605,9 +605,10 @@ impl Engine {
         if let Some(pid) = row.pid.filter(|_| self.is_alive(row)) {
             self.store.set_vm_state(row.id.clone(), VmState::Stopping, Some(pid), None, None).await?;
             let mut gone = false;
+            let conn = self.guests.lock().unwrap().get(&row.id).cloned();
+            self.record_sessions_at_halt(row, conn.clone()).await;
             if !force {
                 let grace = Duration::from_secs(self.cfg.stop_grace_secs);
-                let conn = self.guests.lock().unwrap().get(&row.id).cloned();
                 if let Some(conn) = conn {
                     let _ = conn.request(&GuestRequest::Shutdown { reboot: false }, Duration::from_secs(3)).await;
                 }

@@ -46,6 +46,7 @@ impl JsonRpc {
                 })
                 .expect("operation names are unique");
         }
+        register_session_subscriptions(&mut module);
         let (stop, handle) = stop_channel();
         JsonRpc { methods: module.into(), stop, _server_handle: Arc::new(handle) }
     }
@@ -60,5 +61,51 @@ impl JsonRpc {
         if let Err(e) = serve_with_graceful_shutdown(stream, svc, shutdown.cancelled_owned()).await {
             tracing::debug!(error = %e, "json-rpc connection ended");
         }
+    }
+}
+
+/// The session subscriptions (`tools_schema::session::SUBSCRIPTIONS`), registered by hand: they stream,
+/// which the generated request/response list cannot express. Params are checked and the attach claim is
+/// taken before the subscription is accepted, so a refusal is an ordinary JSON-RPC error.
+fn register_session_subscriptions(module: &mut RpcModule<Arc<Engine>>) {
+    use tools_schema::session::{SessionFollowParams, SUBSCRIPTIONS};
+    for &(method, notification, unsubscribe, _) in SUBSCRIPTIONS {
+        let attach = method == "session.attach";
+        module
+            .register_subscription(method, notification, unsubscribe, move |params, pending, engine, _| async move {
+                let params: Option<serde_json::Value> = match params.parse() {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let msg = format!("params of {method} are not valid JSON: {}", e.message());
+                        return pending.reject(to_rpc_error(ApiError::invalid(msg))).await;
+                    }
+                };
+                let follow: SessionFollowParams = match serde_json::from_value(params_or_empty(params)).map_err(|e| {
+                    ApiError::invalid(format!("invalid params for {method}: {e}"))
+                        .with_hint("see the session subscriptions in docs/API.md")
+                }) {
+                    Ok(p) => p,
+                    Err(e) => return pending.reject(to_rpc_error(e)).await,
+                };
+                let mut follower = match engine.session_follow(follow, attach).await {
+                    Ok(f) => f,
+                    Err(e) => return pending.reject(to_rpc_error(e)).await,
+                };
+                let Ok(sink) = pending.accept().await else { return };
+                loop {
+                    let event = tokio::select! {
+                        ev = follower.next() => ev,
+                        // The subscriber went away: dropping the follower releases the attachment.
+                        _ = sink.closed() => break,
+                    };
+                    let Some(event) = event else { break };
+                    let msg = serde_json::value::to_raw_value(&event).expect("events serialise");
+                    if sink.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+                tracing::debug!(session = %follower.session_id(), method, "subscription ended");
+            })
+            .expect("subscription names are unique");
     }
 }
