@@ -1,0 +1,146 @@
+//! The workflow banger exists for, end to end with a real guest: a host repository goes into a sandbox, a
+//! long-lived session works on it (and survives a daemon restart), and the work comes back as a patch that
+//! makes the host tree match the guest's exactly. Driven once by a plain JSON-RPC client on the socket and
+//! once by the official Python MCP SDK over `banger mcp`.
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use banger_e2e::*;
+
+fn sh(dir: &Path, script: &str) -> String {
+    let out = Command::new("sh").args(["-ec", script]).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "host script failed: {script}\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// sha256 and path of every file of a work tree except .git.
+const TREE_SUMS: &str = "find . -path ./.git -prune -o -type f -print0 | sort -z | xargs -0 sha256sum";
+
+fn host_repo() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix("banger-flow-").tempdir().unwrap();
+    sh(
+        dir.path(),
+        "git init -q -b main . && git config user.name 'Host Dev' && git config user.email dev@example.invalid
+         printf 'hello\\n' > README.md && mkdir src && printf 'fn main() {}\\n' > src/main.rs
+         head -c 2048 /dev/urandom > logo.bin && git add -A && git commit -qm initial",
+    );
+    dir
+}
+
+/// Reads a session's whole log from offset 0 (the replay), following `more`.
+fn replay(d: &TestDaemon, session: &str) -> (String, Value) {
+    let (mut text, mut from) = (String::new(), 0u64);
+    loop {
+        let logs = d.rpc("session.logs", json!({"session": session, "from": from}));
+        for c in logs["chunks"].as_array().unwrap() {
+            text.push_str(c["data"].as_str().unwrap());
+        }
+        from = logs["next_offset"].as_u64().unwrap();
+        if logs["more"] != true {
+            return (text, logs);
+        }
+    }
+}
+
+#[test]
+fn a_repository_goes_in_a_session_works_through_a_daemon_restart_and_the_patch_reproduces_the_guest_tree() {
+    let mut d = TestDaemon::start();
+    d.register_test_image();
+    let repo = host_repo();
+    d.rpc("vm.create", json!({"name": "flow", "memory_mib": 384}));
+    let prep = d.rpc("workspace.prepare", json!({"vm": "flow", "path": repo.path().display().to_string()}));
+    let base = prep["base_commit"].as_str().unwrap().to_string();
+    assert_eq!(base, sh(repo.path(), "git rev-parse HEAD").trim());
+
+    // The session: commits once, then waits for instructions on stdin.
+    let script = "cd /root/repo
+        printf 'edited in the guest\\n' >> README.md
+        git add -A && git commit -qm 'guest commit' && echo committed
+        while read cmd; do
+          case \"$cmd\" in
+            more) printf '\\000\\001\\377binary' > data.bin; echo 'a new file' > new.txt
+                  printf 'uncommitted\\n' >> src/main.rs; rm logo.bin; echo did-more ;;
+            quit) echo bye; exit 0 ;;
+          esac
+        done";
+    let s = d.rpc("session.start", json!({"vm": "flow", "name": "agent", "command": ["sh", "-c", script]}));
+    let id = s["id"].as_str().unwrap().to_string();
+    wait_until("the guest commit", Duration::from_secs(30), || replay(&d, &id).0.contains("committed"));
+
+    // The daemon goes down hard mid-session; the session does not notice.
+    d.crash_and_restart();
+    assert_eq!(d.rpc("session.show", json!({"session": id}))["state"], "running");
+    d.rpc("session.send", json!({"session": id, "data": "more\n"}));
+    wait_until("the second round of edits", Duration::from_secs(30), || replay(&d, &id).0.contains("did-more"));
+    d.rpc("session.send", json!({"session": id, "data": "quit\n"}));
+    wait_until("the session to end", Duration::from_secs(30), || {
+        d.rpc("session.show", json!({"session": id}))["state"] != "running"
+    });
+    // Replay from the start has everything, in order, across the restart.
+    let (text, last) = replay(&d, &id);
+    assert_eq!(text, "committed\ndid-more\nbye\n");
+    assert_eq!(last["state"], "exited");
+    assert_eq!(d.rpc("session.show", json!({"session": id}))["exit_code"], 0);
+
+    // Export against the base: the guest commit and the uncommitted work, binary and new files, a deletion.
+    let patch_file = repo.path().join("../flow.patch");
+    let out = d.cli(&[
+        "vm",
+        "workspace",
+        "export",
+        "flow",
+        "--base",
+        &base,
+        "--output",
+        patch_file.to_str().unwrap(),
+        "--check",
+        repo.path().to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    sh(repo.path(), &format!("git apply {}", patch_file.display()));
+    let host = sh(repo.path(), TREE_SUMS);
+    let guest = d.guest_ok("flow", &format!("cd /root/repo && {TREE_SUMS}"));
+    assert_eq!(host, guest, "the host tree matches the guest's exactly");
+    assert!(host.contains("./data.bin") && host.contains("./new.txt") && !host.contains("./logo.bin"), "{host}");
+    let _ = std::fs::remove_file(&patch_file);
+    d.rpc("vm.delete", json!({"vms": ["flow"]}));
+}
+
+#[test]
+fn the_python_mcp_sdk_drives_the_whole_workflow_over_banger_mcp() {
+    let python = std::env::var("BANGER_TEST_PYTHON_MCP")
+        .expect("BANGER_TEST_PYTHON_MCP is not set: scripts/test.sh installs the Python MCP SDK and sets it");
+    let d = TestDaemon::start();
+    d.register_test_image();
+    let repo = host_repo();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/mcp_agent_workflow.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg(bin("banger"))
+        .arg(&d.socket)
+        .arg(repo.path())
+        .output()
+        .expect("running the Python MCP client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "python client failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
+
+    assert_eq!(r["server"], "banger");
+    for tool in ["vm_create", "workspace_prepare", "session_start", "session_send", "session_logs", "workspace_export"] {
+        assert!(r["tools"].as_array().unwrap().iter().any(|t| t == tool), "{tool} listed: {}", r["tools"]);
+    }
+    assert_eq!(r["vm_state"], "running");
+    assert!(r["progress"].as_array().unwrap().len() >= 3, "vm_create reported its stages: {}", r["progress"]);
+    assert_eq!(r["session_output"], "noted alpha\nnoted beta\ncommitted\n");
+    assert_eq!(r["base_commit_used"], r["base_commit"]);
+    let files: Vec<&str> = r["files"].as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap()).collect();
+    assert_eq!(files, ["notes.txt"]);
+    // The patch applies to the host repository and brings the agent's file.
+    let patch = r["patch"].as_str().expect("a small patch comes inline");
+    std::fs::write(repo.path().join("../py.patch"), patch).unwrap();
+    sh(repo.path(), "git apply ../py.patch && rm ../py.patch");
+    assert_eq!(std::fs::read_to_string(repo.path().join("notes.txt")).unwrap(), "alpha\nbeta\n");
+    assert_eq!(r["missing_error"]["code"], "not_found", "{}", r["missing_error"]);
+    assert!(d.rpc("vm.list", json!({}))["vms"].as_array().unwrap().is_empty());
+}
