@@ -83,6 +83,8 @@ pub struct Netns {
 }
 
 impl Netns {
+    // Not `Default`: making one creates a kernel object, which a default value should not do.
+    #[allow(clippy::new_without_default)]
     pub fn new() -> Netns {
         let name = format!("banger-t{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
         let st = Command::new("ip").args(["netns", "add", &name]).status().expect("running ip netns add");

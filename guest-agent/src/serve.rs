@@ -236,8 +236,8 @@ fn stats() -> tools_schema::vm::GuestStats {
     };
     let (root_total, root_used) = match nix::sys::statvfs::statvfs("/") {
         Ok(st) => {
-            let frag = st.fragment_size() as u64;
-            (st.blocks() as u64 * frag, (st.blocks() - st.blocks_free()) as u64 * frag)
+            let frag = st.fragment_size();
+            (st.blocks() * frag, (st.blocks() - st.blocks_free()) * frag)
         }
         Err(_) => (0, 0),
     };

@@ -242,7 +242,7 @@ impl Defaults {
                 PathBuf::from("/etc/banger/config.toml"),
             )
         } else {
-            let runtime = env("XDG_RUNTIME_DIR").unwrap_or_else(|| std::env::temp_dir());
+            let runtime = env("XDG_RUNTIME_DIR").unwrap_or_else(std::env::temp_dir);
             let state = env("XDG_STATE_HOME").unwrap_or_else(|| home.join(".local/state"));
             let config = env("XDG_CONFIG_HOME").unwrap_or_else(|| home.join(".config"));
             (runtime.join("banger/bangerd.sock"), state.join("banger"), config.join("banger/config.toml"))

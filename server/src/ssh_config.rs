@@ -62,7 +62,7 @@ pub fn sync(path: &Path, identity: &Path) -> Result<bool, SshConfigError> {
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(io_err)?;
     if let Some(m) = &meta {
         let _ = std::os::unix::fs::chown(&tmp, Some(m.uid()), Some(m.gid()));
-    } else if let Some(owner) = std::fs::metadata(dir).ok() {
+    } else if let Ok(owner) = std::fs::metadata(dir) {
         // A new file belongs to whoever owns ~/.ssh, not to the daemon.
         let _ = std::os::unix::fs::chown(&tmp, Some(owner.uid()), Some(owner.gid()));
     }

@@ -127,7 +127,8 @@ fn the_python_mcp_sdk_drives_the_whole_workflow_over_banger_mcp() {
     let r: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
 
     assert_eq!(r["server"], "banger");
-    for tool in ["vm_create", "workspace_prepare", "session_start", "session_send", "session_logs", "workspace_export"] {
+    for tool in ["vm_create", "workspace_prepare", "session_start", "session_send", "session_logs", "workspace_export"]
+    {
         assert!(r["tools"].as_array().unwrap().iter().any(|t| t == tool), "{tool} listed: {}", r["tools"]);
     }
     assert_eq!(r["vm_state"], "running");

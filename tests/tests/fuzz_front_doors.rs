@@ -87,7 +87,7 @@ fn arguments(rng: &mut Rng, schema: &Value) -> Value {
 }
 
 fn seed() -> u64 {
-    std::env::var("BANGER_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_ba96_e7)
+    std::env::var("BANGER_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5e_edba_96e7)
 }
 
 /// Image builds run programs on the host; a random request that happened to be valid would start one.

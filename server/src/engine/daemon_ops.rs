@@ -166,13 +166,23 @@ impl Engine {
         let dir = &self.cfg.state_dir;
         match nix::sys::statvfs::statvfs(dir) {
             Ok(st) => {
-                let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+                let free = st.blocks_available() * st.fragment_size();
                 let gib = free as f64 / (1u64 << 30) as f64;
+                // Every VM's writes and every image build land here.
+                let status = match free {
+                    f if f < 1 << 30 => CheckStatus::Fail,
+                    f if f < 10 << 30 => CheckStatus::Warn,
+                    _ => CheckStatus::Pass,
+                };
                 DoctorCheck {
                     name: "state-dir".into(),
-                    status: if gib < 2.0 { CheckStatus::Warn } else { CheckStatus::Pass },
                     detail: format!("{} ({gib:.1} GiB free)", dir.display()),
-                    fix: (gib < 2.0).then(|| "free disk space: every VM's writes land here".into()),
+                    fix: (status != CheckStatus::Pass).then(|| {
+                        "free disk space there (every VM's writes and image builds land in it), or move state_dir \
+                         in the config to a bigger filesystem"
+                            .into()
+                    }),
+                    status,
                 }
             }
             Err(e) => DoctorCheck {

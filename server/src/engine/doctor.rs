@@ -1,5 +1,5 @@
 //! Host checks for `doctor.run` beyond binaries and images: the VM network (TUN, bridge, nftables, DNS), the
-//! guest channel's backend, disk space, and the guest kernel for image builds. Each check says what it found
+//! guest channel's backend and the guest kernel for image builds. Each check says what it found
 //! and, when it is not a pass, the fix.
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -13,13 +13,9 @@ fn check(name: &str, status: CheckStatus, detail: impl Into<String>, fix: Option
     DoctorCheck { name: name.into(), status, detail: detail.into(), fix: fix.map(str::to_string) }
 }
 
-/// Free bytes below which VMs and image builds are likely to fail, and below which doctor warns.
-const DISK_FAIL_BYTES: u64 = 1 << 30;
-const DISK_WARN_BYTES: u64 = 10 << 30;
-
 impl Engine {
     pub(crate) async fn host_checks(&self) -> Vec<DoctorCheck> {
-        let mut checks = vec![self.disk_check(), self.vsock_check(), self.guest_kernel_check()];
+        let mut checks = vec![self.vsock_check(), self.guest_kernel_check()];
         if !self.cfg.network.enabled {
             checks.push(check(
                 "network",
@@ -68,27 +64,6 @@ impl Engine {
             }
         }
         checks
-    }
-
-    fn disk_check(&self) -> DoctorCheck {
-        match nix::sys::statvfs::statvfs(&self.cfg.state_dir) {
-            Ok(st) => {
-                let free = st.blocks_available() as u64 * st.fragment_size() as u64;
-                let detail = format!("{} GiB free in {}", free >> 30, self.cfg.state_dir.display());
-                let fix = Some("free space there, or move state_dir in the config to a bigger filesystem");
-                match free {
-                    f if f < DISK_FAIL_BYTES => check("disk-space", CheckStatus::Fail, detail, fix),
-                    f if f < DISK_WARN_BYTES => check("disk-space", CheckStatus::Warn, detail, fix),
-                    _ => check("disk-space", CheckStatus::Pass, detail, None),
-                }
-            }
-            Err(e) => check(
-                "disk-space",
-                CheckStatus::Fail,
-                format!("cannot stat {}: {e}", self.cfg.state_dir.display()),
-                None,
-            ),
-        }
     }
 
     /// The guest channel's backend: virtio-serial needs nothing; vsock under QEMU needs vhost-device-vsock.

@@ -100,17 +100,10 @@ fn session_error(vm: &str, e: GuestError) -> ApiError {
 }
 
 fn chunk(stream: FrameKind, offset: u64, bytes: Vec<u8>) -> OutputChunk {
-    use base64::Engine as _;
     let stream = if stream == FrameKind::Stderr { OutputStream::Stderr } else { OutputStream::Stdout };
-    match String::from_utf8(bytes) {
-        Ok(text) => OutputChunk { stream, offset, data: text, encoding: ContentEncoding::Text },
-        Err(e) => OutputChunk {
-            stream,
-            offset,
-            data: base64::engine::general_purpose::STANDARD.encode(e.as_bytes()),
-            encoding: ContentEncoding::Base64,
-        },
-    }
+    // With no encoding asked for, bytes always encode (text if UTF-8, else base64).
+    let (data, encoding) = super::vm::encode_chunk(&bytes, None, "output").expect("no encoding requested");
+    OutputChunk { stream, offset, data, encoding }
 }
 
 fn chunks(read: crate::guest::SessionRead) -> (Vec<OutputChunk>, u64, GuestSessionStatus) {

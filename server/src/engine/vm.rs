@@ -845,7 +845,6 @@ impl Engine {
         p: VmFileReadParams,
         _: CallContext,
     ) -> Result<VmFileReadResult, ApiError> {
-        use base64::Engine as _;
         if !p.path.starts_with('/') {
             return Err(ApiError::invalid(format!("path must be absolute, got `{}`", p.path)));
         }
@@ -859,14 +858,7 @@ impl Engine {
         let (data, size, mode) = conn.read_file(&p.path, offset, limit).await.map_err(|e| file_error(&row.name, e))?;
         let end = offset + data.len() as u64;
         let sha256 = hex::encode(sha2::Sha256::digest(&data));
-        let (content, encoding) = match (p.encoding, String::from_utf8(data.clone())) {
-            (Some(ContentEncoding::Text), Ok(text)) | (None, Ok(text)) => (text, ContentEncoding::Text),
-            (Some(ContentEncoding::Text), Err(_)) => {
-                return Err(ApiError::invalid(format!("{} is not UTF-8 text", p.path))
-                    .with_hint("read it with encoding: base64"))
-            }
-            _ => (base64::engine::general_purpose::STANDARD.encode(&data), ContentEncoding::Base64),
-        };
+        let (content, encoding) = encode_chunk(&data, p.encoding, &p.path)?;
         Ok(VmFileReadResult {
             path: p.path,
             content,
@@ -959,7 +951,6 @@ impl Engine {
         p: VmExecOutputParams,
         _: CallContext,
     ) -> Result<VmExecOutputChunk, ApiError> {
-        use base64::Engine as _;
         use std::io::{Read, Seek};
         let limit = p.limit.unwrap_or(EXEC_INLINE_DEFAULT);
         if limit == 0 || limit > EXEC_INLINE_MAX {
@@ -1001,14 +992,7 @@ impl Engine {
             }
         };
         let end = offset.min(total) + data.len() as u64;
-        let (content, encoding) = match (p.encoding, String::from_utf8(data.clone())) {
-            (Some(ContentEncoding::Text), Ok(text)) | (None, Ok(text)) => (text, ContentEncoding::Text),
-            (Some(ContentEncoding::Text), Err(_)) => {
-                return Err(ApiError::invalid("this chunk is not UTF-8 text (it may split a character)")
-                    .with_hint("read it with encoding: base64"))
-            }
-            _ => (base64::engine::general_purpose::STANDARD.encode(&data), ContentEncoding::Base64),
-        };
+        let (content, encoding) = encode_chunk(&data, p.encoding, "this chunk (it may split a character)")?;
         Ok(VmExecOutputChunk {
             output_id: p.output_id,
             stream: p.stream,
@@ -1167,5 +1151,22 @@ async fn prune_spools(dir: &std::path::Path, keep: usize) {
     let excess = by_age.len().saturating_sub(keep);
     for (_, id) in by_age.into_iter().take(excess) {
         remove_spool(dir, &id).await;
+    }
+}
+
+/// Bytes for a JSON result: as text when asked for or when they are UTF-8 (unless base64 is asked for),
+/// otherwise base64. Asking for text of bytes that are not UTF-8 is the caller's error; `what` names them.
+pub(crate) fn encode_chunk(
+    data: &[u8],
+    requested: Option<ContentEncoding>,
+    what: &str,
+) -> Result<(String, ContentEncoding), ApiError> {
+    use base64::Engine as _;
+    match (requested, std::str::from_utf8(data)) {
+        (Some(ContentEncoding::Text) | None, Ok(text)) => Ok((text.to_string(), ContentEncoding::Text)),
+        (Some(ContentEncoding::Text), Err(_)) => {
+            Err(ApiError::invalid(format!("{what} is not UTF-8 text")).with_hint("read it with encoding: base64"))
+        }
+        _ => Ok((base64::engine::general_purpose::STANDARD.encode(data), ContentEncoding::Base64)),
     }
 }
