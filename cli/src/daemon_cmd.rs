@@ -21,10 +21,13 @@ pub enum DaemonCmd {
         args: Vec<String>,
     },
     /// Stop the running daemon. VMs keep running; the next daemon adopts them.
+    #[command(after_help = "Example:\n  banger daemon stop")]
     Stop,
     /// Show the daemon's build, socket, state directory, VM counts and VMM choice.
+    #[command(after_help = "Examples:\n  banger daemon status\n  banger daemon status --json")]
     Status,
     /// Check that the daemon answers.
+    #[command(after_help = "Example:\n  banger daemon ping")]
     Ping,
     /// Print a systemd unit file for bangerd.
     #[command(

@@ -41,6 +41,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Show the build of this CLI and of the running daemon.
+    #[command(after_help = "Examples:\n  banger version\n  banger version --json")]
     Version,
     /// Manage the banger daemon.
     #[command(subcommand)]
@@ -54,14 +55,23 @@ enum Command {
     /// Manage VMs.
     #[command(subcommand)]
     Vm(vm_cmd::VmCmd),
-    /// Follow or cancel long-running operations (VM creates).
+    /// Follow or cancel long-running operations (VM creates, image builds, workspace prepare/export).
     #[command(subcommand)]
     Operation(operation_cmd::OperationCmd),
     /// Benchmarks that print numbers (never pass/fail on timing).
     #[command(subcommand)]
     Bench(bench_cmd::BenchCmd),
     /// Serve MCP on stdio, relayed to the daemon (for `claude mcp add banger -- banger mcp`).
+    #[command(after_help = "Examples:\n  claude mcp add --scope user banger -- banger mcp\n  \
+npx @modelcontextprotocol/inspector --cli banger mcp --method tools/list\n\nSee docs/AGENTS.md for opencode and pi.")]
     Mcp,
+    /// Print a shell completion script.
+    #[command(after_help = "Examples:\n  banger completions bash > /etc/bash_completion.d/banger\n  \
+banger completions zsh > \"${fpath[1]}/_banger\"\n  banger completions fish > ~/.config/fish/completions/banger.fish")]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 pub struct Ctx {
@@ -81,6 +91,11 @@ pub(crate) fn absolute(p: PathBuf) -> String {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Like any Unix filter: `banger vm list | head` ends quietly when the reader goes away, instead of
+    // panicking on a broken pipe (Rust ignores SIGPIPE by default).
+    // SAFETY: SIG_DFL installs no handler, so no code of ours runs in signal context.
+    let _ =
+        unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) };
     let cli = Cli::parse();
     let socket = cli.socket.clone().unwrap_or_else(|| banger_server::config::Defaults::detect().socket);
     let ctx = Ctx { socket, json: cli.json };
@@ -143,6 +158,10 @@ async fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         Command::Operation(o) => return operation_cmd::run(o, ctx).await,
         Command::Bench(b) => return bench_cmd::run(b, ctx).await,
         Command::Mcp => return mcp_bridge::run(&ctx.socket).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "banger", &mut std::io::stdout());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -13,10 +13,13 @@ use crate::{output, Ctx};
 #[derive(Subcommand)]
 pub enum OperationCmd {
     /// List running and recently finished operations.
+    #[command(after_help = "Example:\n  banger operation list --json")]
     List,
     /// Show one operation's stages and outcome.
+    #[command(after_help = "Example:\n  banger operation status 3f2a9c1d0b7e4a65")]
     Status { id: String },
     /// Cancel a running operation and wait for its rollback.
+    #[command(after_help = "Example:\n  banger operation cancel 3f2a9c1d0b7e4a65")]
     Cancel { id: String },
 }
 

@@ -19,8 +19,10 @@ pub enum VmCmd {
     #[command(after_help = "Examples:\n  banger vm create\n  banger vm create --name dev --vcpus 2 --memory 1024")]
     Create(CreateArgs),
     /// List VMs.
+    #[command(after_help = "Examples:\n  banger vm list\n  banger vm list --json")]
     List,
     /// Show one VM.
+    #[command(after_help = "Example:\n  banger vm show dev --json")]
     Show { vm: String },
     /// Boot stopped VMs.
     #[command(after_help = "Example:\n  banger vm start dev test")]
@@ -29,16 +31,19 @@ pub enum VmCmd {
         vms: Vec<String>,
     },
     /// Shut VMs down gracefully (forced after a grace period). Disks are kept.
+    #[command(after_help = "Example:\n  banger vm stop dev test")]
     Stop {
         #[arg(required = true)]
         vms: Vec<String>,
     },
     /// Stop, then start VMs.
+    #[command(after_help = "Example:\n  banger vm restart dev")]
     Restart {
         #[arg(required = true)]
         vms: Vec<String>,
     },
     /// Force VMs off immediately. Disks are kept.
+    #[command(after_help = "Example:\n  banger vm kill dev")]
     Kill {
         #[arg(required = true)]
         vms: Vec<String>,
@@ -49,6 +54,7 @@ pub enum VmCmd {
     )]
     Set(SetArgs),
     /// Show a VM's resource use (host and guest view).
+    #[command(after_help = "Example:\n  banger vm stats dev --json")]
     Stats { vm: String },
     /// Open a shell (or run a command) in a VM over SSH as root, with banger's managed key.
     #[command(after_help = "Examples:\n  banger vm ssh dev\n  banger vm ssh dev -- uptime")]
@@ -67,6 +73,7 @@ pub enum VmCmd {
     #[command(after_help = "Example:\n  banger vm ports dev")]
     Ports { vm: String },
     /// Delete VMs and their disks.
+    #[command(after_help = "Example:\n  banger vm delete dev test")]
     Delete {
         #[arg(required = true)]
         vms: Vec<String>,
@@ -90,6 +97,7 @@ the command prints the exact lines."
     #[command(subcommand)]
     Session(crate::session_cmd::SessionCmd),
     /// Show the tail of a VM's console log.
+    #[command(after_help = "Example:\n  banger vm logs dev --tail 50")]
     Logs {
         vm: String,
         /// Number of lines.

@@ -270,3 +270,42 @@ fn the_daemon_manages_a_host_block_in_the_ssh_config_and_keeps_the_rest() {
     assert_eq!(after.matches("Host *.vm").count(), 1, "{after}");
     assert!(after.contains("Host mine\n    User me\n"), "{after}");
 }
+
+#[test]
+fn the_cli_offers_completions_and_every_command_has_an_example() {
+    let d = TestDaemon::start();
+    let out = d.cli(&["completions", "bash"]);
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && script.contains("_banger") && script.contains("session"), "{script}");
+    // Walk the whole command tree: every leaf command's help shows an example.
+    fn walk(d: &TestDaemon, path: Vec<String>, missing: &mut Vec<String>) {
+        let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
+        args.push("--help");
+        let help = String::from_utf8_lossy(&d.cli(&args).stdout).into_owned();
+        let subs: Vec<String> = help
+            .split("Commands:\n")
+            .nth(1)
+            .map(|rest| {
+                rest.lines()
+                    .take_while(|l| !l.trim().is_empty())
+                    .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+                    .filter(|c| c != "help")
+                    .collect()
+            })
+            .unwrap_or_default();
+        if subs.is_empty() {
+            if !help.contains("Example") {
+                missing.push(path.join(" "));
+            }
+        } else {
+            for s in subs {
+                let mut p = path.clone();
+                p.push(s);
+                walk(d, p, missing);
+            }
+        }
+    }
+    let mut missing = vec![];
+    walk(&d, vec![], &mut missing);
+    assert!(missing.is_empty(), "commands without an example in --help: {missing:?}");
+}
