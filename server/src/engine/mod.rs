@@ -57,6 +57,8 @@ pub struct Engine {
     pub(crate) ip_lock: tokio::sync::Mutex<()>,
     /// The VM network; set once at start-up, after reconcile, unless networking is disabled.
     pub(crate) net: std::sync::OnceLock<Arc<crate::network::Network>>,
+    /// The web console's login URL, once it listens (daemon.status reports it).
+    pub(crate) web_url: std::sync::OnceLock<String>,
 }
 
 impl Engine {
@@ -73,11 +75,17 @@ impl Engine {
             ip_lock: tokio::sync::Mutex::new(()),
             ops: operation::Ops::default(),
             net: std::sync::OnceLock::new(),
+            web_url: std::sync::OnceLock::new(),
         })
     }
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Records where the web console listens, for daemon.status.
+    pub fn set_web_url(&self, url: String) {
+        let _ = self.web_url.set(url);
     }
 
     pub fn network(&self) -> Option<&Arc<crate::network::Network>> {
