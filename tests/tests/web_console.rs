@@ -39,6 +39,8 @@ fn a_browser_logs_in_creates_a_vm_watches_it_boot_opens_its_ports_then_stops_and
     assert!(url.ends_with(std::fs::read_to_string(&token_file).unwrap().trim()));
 
     let shots = d.dir.path().join("screenshots");
+    // A file, not a pipe: a pipe nobody reads until the end would block the driver once it fills.
+    let stderr_path = d.dir.path().join("browser.err");
     let vm = "webvm";
     let child = Command::new("ip")
         .args(["netns", "exec", &d.netns.name, "node"])
@@ -51,7 +53,7 @@ fn a_browser_logs_in_creates_a_vm_watches_it_boot_opens_its_ports_then_stops_and
         .env("TMPDIR", d.dir.path())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
         .spawn()
         .expect("running node");
     let mut driver = Driver(child);
@@ -76,8 +78,7 @@ fn a_browser_logs_in_creates_a_vm_watches_it_boot_opens_its_ports_then_stops_and
         transcript.push(line);
     }
     let status = driver.0.wait().unwrap();
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut driver.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
     assert!(status.success(), "browser run failed:\n{}\n{stderr}", transcript.join("\n"));
     assert!(transcript.iter().any(|l| l == "READY"), "the browser never saw the VM ready");
 

@@ -42,6 +42,7 @@ function raw(method, urlPath, headers, body) {
       res.on("end", () => resolve({ status: res.statusCode, body: data }));
     });
     req.on("error", reject);
+    req.setTimeout(20000, () => req.destroy(new Error(method + " " + urlPath + ": no answer in 20 s")));
     if (body) req.write(body);
     req.end();
   });
