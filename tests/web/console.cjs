@@ -4,9 +4,10 @@
 // tests/tests/web_console.rs inside the test daemon's network namespace; it fails (exit 1) on the first wrong
 // thing it sees.
 //
-// Environment: BANGER_TEST_PLAYWRIGHT (the playwright-core package folder), WEB_URL (login URL), SHOTS (folder
-// for screenshots), VM_NAME. Between "ready" and "ports" it prints `READY` and waits for a line on stdin, so
-// the Rust test can start a web server in the guest.
+// Usage: node console.cjs vm|image. Environment: BANGER_TEST_PLAYWRIGHT (the playwright-core package folder),
+// WEB_URL (login URL), SHOTS (folder for screenshots); for `vm` VM_NAME (between "ready" and "ports" it prints
+// `READY` and waits for a line on stdin, so the Rust test can start a web server in the guest); for `image`
+// QUICK_SCRIPT and SLOW_SCRIPT (host customize scripts: one that finishes, one that hangs until cancelled).
 "use strict";
 const http = require("node:http");
 const fs = require("node:fs");
@@ -49,6 +50,8 @@ function raw(method, urlPath, headers, body) {
 }
 
 async function main() {
+  const scenario = process.argv[2];
+  if (scenario !== "vm" && scenario !== "image") throw new Error("usage: console.cjs vm|image");
   fs.mkdirSync(shots, { recursive: true });
   const browser = await chromium.launch({
     executablePath: "/usr/bin/chromium",
@@ -72,6 +75,7 @@ async function main() {
 
     await page.goto(loginUrl);
     check(new URL(page.url()).pathname === "/", "the token URL logs in and lands on the dashboard");
+    if (scenario === "image") return await images(page);
     check((await page.textContent("h1")) === "Dashboard", "the dashboard shows");
     check((await page.textContent("#host")).includes("CPUs"), "the dashboard shows host resources");
     await shot(page, "01-dashboard");
@@ -149,6 +153,38 @@ async function main() {
   } finally {
     await browser.close();
   }
+}
+
+// Builds an image from the form and watches its stages arrive live; starts a second that hangs and cancels it.
+async function images(page) {
+  await page.click("nav >> text=Images");
+  await page.fill("#image-name", "webbuilt");
+  await page.selectOption("#image-from", "test");
+  await page.fill("#image-script", process.env.QUICK_SCRIPT);
+  await Promise.all([page.waitForURL(/\/operations\//), page.click("#build")]);
+  // Marks this document: if it is still there when the build has finished, the page updated itself.
+  await page.evaluate(() => (window.__sameDocument = true));
+  await shot(page, "10-build-running");
+  await page.waitForSelector("#op-state[data-state=succeeded]", { timeout: 240000 });
+  check(await page.evaluate(() => window.__sameDocument === true), "the build's stages arrived live, without a reload");
+  check((await page.locator("#stages .stage-done").count()) === 4, "all four build stages are done");
+  check((await page.textContent("#built")).includes("webbuilt"), "the page says the image is ready");
+  check((await page.locator("#cancel").count()) === 0, "a finished build offers no cancel");
+  await shot(page, "11-build-done");
+
+  await page.click("nav >> text=Images");
+  check((await page.textContent("#images")).includes("webbuilt"), "the images list shows the new image");
+  await page.fill("#image-name", "webslow");
+  await page.selectOption("#image-from", "test");
+  await page.fill("#image-script", process.env.SLOW_SCRIPT);
+  await Promise.all([page.waitForURL(/\/operations\//), page.click("#build")]);
+  await page.waitForSelector("#stages .stage-running >> text=customize", { timeout: 120000 });
+  await shot(page, "12-build-customizing");
+  await Promise.all([page.waitForURL(/\/operations\/[^/]+$/), page.click("#cancel")]);
+  await page.waitForSelector("#op-state[data-state=cancelled]", { timeout: 60000 });
+  await shot(page, "13-build-cancelled");
+  await page.click("nav >> text=Images");
+  check(!(await page.textContent("main")).includes("webslow"), "the cancelled build registered nothing");
 }
 
 main().then(

@@ -37,8 +37,8 @@ use crate::engine::{CallContext, Engine};
 const SESSION_COOKIE: &str = "banger_session";
 /// Sessions kept at once; the oldest is forgotten beyond this (it just logs in again).
 const MAX_SESSIONS: usize = 64;
-/// Largest form a POST may carry (an image build script is the biggest field).
-const MAX_FORM_BYTES: usize = 256 << 10;
+/// Largest form a POST may carry (the forms hold names, numbers and paths).
+const MAX_FORM_BYTES: usize = 64 << 10;
 const STYLE: &str = include_str!("web/console.css");
 const SCRIPT: &str = include_str!("web/console.js");
 
@@ -197,7 +197,7 @@ async fn guard(State(console): State<Arc<Console>>, req: Request, next: Next) ->
             req.headers().get("x-csrf-token").and_then(|v| v.to_str().ok()).map(str::to_string).unwrap_or_default();
         let (parts, body) = req.into_parts();
         let Ok(bytes) = axum::body::to_bytes(body, MAX_FORM_BYTES).await else {
-            return refuse(StatusCode::PAYLOAD_TOO_LARGE, "refused: form larger than 256 KiB");
+            return refuse(StatusCode::PAYLOAD_TOO_LARGE, "refused: form larger than 64 KiB");
         };
         let form_token = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&bytes)
             .ok()
@@ -384,8 +384,8 @@ fn host_resources(state_dir: &Path) -> String {
     };
     let disk = match nix::sys::statvfs::statvfs(state_dir) {
         Ok(s) => {
-            let frag = s.fragment_size() as u64;
-            format!("{} free of {}", bytes(s.blocks_available() as u64 * frag), bytes(s.blocks() as u64 * frag))
+            let frag = s.fragment_size();
+            format!("{} free of {}", bytes(s.blocks_available() * frag), bytes(s.blocks() * frag))
         }
         Err(e) => format!("unreadable: {e}"),
     };
@@ -712,9 +712,10 @@ async fn images(State(c): State<Arc<Console>>, Extension(s): Extension<Session>)
     let body = format!(
         "<h1>Images</h1>{}<h2>Build an image</h2><form method=\"post\" action=\"/images\" class=\"form\">{}\
          <label>Name <input name=\"name\" id=\"image-name\" required></label>\
-         <label>Recipe <input name=\"recipe\" placeholder=\"debian-minimal or debian-agent\"></label>\
-         <label>Or from image <select name=\"from_image\">{from}</select></label>\
-         <label>Host script (run against the root filesystem) <textarea name=\"script\" rows=\"4\"></textarea></label>\
+         <label>Recipe <input name=\"recipe\" id=\"image-recipe\" placeholder=\"debian-minimal or debian-agent\"></label>\
+         <label>Or from image <select name=\"from_image\" id=\"image-from\">{from}</select></label>\
+         <label>Host script (absolute path of an executable, run as <code>script ROOT_DIR</code>) \
+         <input name=\"script\" id=\"image-script\" placeholder=\"/path/to/customize.sh\"></label>\
          <label>Size (GiB) <input name=\"size_gib\" inputmode=\"numeric\"></label>\
          <label><input type=\"checkbox\" name=\"make_default\"> Make it the default image</label>\
          <label><input type=\"checkbox\" name=\"no_cache\"> Rebuild the recipe's root filesystem</label>\
