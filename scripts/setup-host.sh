@@ -22,7 +22,8 @@ log() { printf '[setup %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 mkdir -p "$CACHE"/{bin,kernel,rootfs,tmp}
 
 apt_packages=(qemu-system-x86 qemu-utils debootstrap busybox-static nftables cpio kmod e2fsprogs
-              iproute2 openssh-client git lz4 ca-certificates python3-pip unzip)
+              iproute2 openssh-client git lz4 ca-certificates python3-pip unzip
+              chromium)  # chromium: the web console's browser test
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -24,6 +24,8 @@ export BANGER_TEST_AGENT="$agent"
 # Pinned, installed once into the cache.
 MCP_PY_VERSION=2.3.0
 INSPECTOR_VERSION=2.12.0
+# The web console's browser test drives Debian's chromium (setup-host.sh installs it) with playwright-core.
+PLAYWRIGHT_VERSION=1.65.1
 if [[ ! -x $CACHE/venv/mcp-$MCP_PY_VERSION/bin/python ]]; then
   log "installing the Python MCP SDK (mcp==$MCP_PY_VERSION)"
   rm -rf "$CACHE/venv/mcp-$MCP_PY_VERSION.tmp"
@@ -38,6 +40,14 @@ if [[ ! -x $CACHE/npm/inspector-$INSPECTOR_VERSION/node_modules/.bin/mcp-inspect
   (cd "$CACHE/npm/inspector-$INSPECTOR_VERSION" && npm install -q --no-fund --no-audit --loglevel=error \
     "@modelcontextprotocol/inspector@$INSPECTOR_VERSION" >/dev/null)
 fi
+if [[ ! -f $CACHE/npm/playwright-core-$PLAYWRIGHT_VERSION/node_modules/playwright-core/package.json ]]; then
+  log "installing playwright-core ($PLAYWRIGHT_VERSION)"
+  rm -rf "$CACHE/npm/playwright-core-$PLAYWRIGHT_VERSION"
+  mkdir -p "$CACHE/npm/playwright-core-$PLAYWRIGHT_VERSION"
+  (cd "$CACHE/npm/playwright-core-$PLAYWRIGHT_VERSION" && npm install -q --no-fund --no-audit --loglevel=error \
+    "playwright-core@$PLAYWRIGHT_VERSION" >/dev/null)
+fi
+export BANGER_TEST_PLAYWRIGHT="$CACHE/npm/playwright-core-$PLAYWRIGHT_VERSION/node_modules/playwright-core"
 export BANGER_TEST_PYTHON_MCP="$CACHE/venv/mcp-$MCP_PY_VERSION/bin/python"
 export BANGER_TEST_MCP_INSPECTOR="$CACHE/npm/inspector-$INSPECTOR_VERSION/node_modules/.bin/mcp-inspector"
 log "running the tests"

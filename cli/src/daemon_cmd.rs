@@ -134,6 +134,10 @@ pub async fn run(cmd: DaemonCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 println!("VMs       {} running, {} total", s.vms_running, s.vms_total);
                 println!("images    {}", s.images);
                 println!("VMM       {} ({})", s.vmm.vmm.as_str(), s.vmm.reason);
+                println!(
+                    "console   {}",
+                    s.web_url.as_deref().unwrap_or("- (disabled, or its port was taken: see the log)")
+                );
             }
         }
         DaemonCmd::Ping => {

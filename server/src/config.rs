@@ -80,6 +80,24 @@ pub struct Config {
     pub kernel_elf: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub guest_sync: GuestSyncConfig,
+    pub web: WebConfig,
+}
+
+/// The localhost web console (front/web.rs).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebConfig {
+    /// Serve the console at all.
+    pub enabled: bool,
+    /// Loopback address and port (`127.0.0.1:7878`; port 0 picks a free one). Other addresses are refused:
+    /// the console is for the user at this machine, never for the network.
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        WebConfig { enabled: true, listen: std::net::SocketAddr::from(([127, 0, 0, 1], 7878)) }
+    }
 }
 
 /// What the daemon copies into every guest each time it boots. Nothing of it is ever baked into an image.
@@ -213,6 +231,7 @@ impl Default for Config {
             kernel_elf: None,
             initrd: None,
             guest_sync: GuestSyncConfig::default(),
+            web: WebConfig::default(),
         }
     }
 }
@@ -302,6 +321,13 @@ impl Config {
                 self.qemu_channel
             )));
         }
+        if !self.web.listen.ip().is_loopback() {
+            return Err(ConfigError::Invalid(format!(
+                "web.listen `{}` is not a loopback address; the console serves only this machine: use \
+                 127.0.0.1:PORT or [::1]:PORT (reach it remotely through an SSH tunnel)",
+                self.web.listen
+            )));
+        }
         for f in &self.guest_sync.auth_files {
             if !f.guest.starts_with('/') {
                 return Err(ConfigError::Invalid(format!(
@@ -333,6 +359,11 @@ impl Config {
             let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
             home.join(".ssh/config")
         })
+    }
+
+    /// The web console's login token (0600), generated at the daemon's first start.
+    pub fn web_token_file(&self) -> PathBuf {
+        self.state_dir.join("web-token")
     }
 
     pub fn log_file(&self) -> PathBuf {

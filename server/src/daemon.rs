@@ -56,11 +56,23 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let (listener, access) = crate::front::bind(&cfg.socket, cfg.socket_group.as_deref()).await?;
     let server = tokio::spawn(crate::front::serve(listener, access, Arc::clone(&engine), shutdown.clone()));
+    // The console is a convenience: a taken port must not keep the daemon (and its VMs) from serving.
+    let web = if cfg.web.enabled {
+        crate::front::web::start(Arc::clone(&engine), shutdown.clone())
+            .await
+            .inspect_err(|e| tracing::warn!(error = format!("{e:#}"), "web console disabled"))
+            .ok()
+    } else {
+        None
+    };
     tracing::info!("bangerd ready");
     wait_for_signal().await;
     tracing::info!("bangerd stopping; VMs keep running and are re-adopted at the next start");
     shutdown.cancel();
     let _ = server.await;
+    if let Some(web) = web {
+        let _ = web.await;
+    }
     let _ = std::fs::remove_file(&cfg.socket);
     Ok(())
 }

@@ -101,6 +101,9 @@ pub struct DaemonStatus {
     pub images: u32,
     /// Private key that logs into guests as root (`banger vm ssh`, `ssh <name>.vm`).
     pub ssh_key: String,
+    /// Login URL of the localhost web console, with the install's token; absent when the console is
+    /// disabled or could not listen. Open it in a browser on this machine.
+    pub web_url: Option<String>,
 }
 
 /// Outcome of one doctor check.

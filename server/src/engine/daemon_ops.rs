@@ -32,6 +32,7 @@ impl Engine {
             vms_running: vms.iter().filter(|v| v.state == VmState::Running).count() as u32,
             images: images.len() as u32,
             ssh_key: self.cfg.ssh_key().display().to_string(),
+            web_url: self.web_url.get().cloned(),
         })
     }
 

@@ -63,6 +63,8 @@ pub struct Engine {
     pub(crate) net: std::sync::OnceLock<Arc<crate::network::Network>>,
     /// Which sessions have an attached client (one at a time).
     attachments: session::Attachments,
+    /// The web console's login URL, once it listens (daemon.status reports it).
+    pub(crate) web_url: std::sync::OnceLock<String>,
 }
 
 impl Engine {
@@ -80,11 +82,17 @@ impl Engine {
             ops: operation::Ops::default(),
             net: std::sync::OnceLock::new(),
             attachments: session::Attachments::default(),
+            web_url: std::sync::OnceLock::new(),
         })
     }
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Records where the web console listens, for daemon.status.
+    pub fn set_web_url(&self, url: String) {
+        let _ = self.web_url.set(url);
     }
 
     pub fn network(&self) -> Option<&Arc<crate::network::Network>> {

@@ -17,6 +17,7 @@ use crate::engine::Engine;
 
 pub mod mcp;
 pub mod rpc;
+pub mod web;
 
 /// Largest request a client may send, on either front door.
 pub const MAX_REQUEST_BYTES: u32 = 16 << 20;
