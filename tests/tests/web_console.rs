@@ -138,6 +138,8 @@ fn a_browser_logs_in_creates_a_vm_watches_it_boot_opens_its_ports_then_stops_and
             vm,
             &format!("mkdir -p /srv && echo served-by-{vm} > /srv/index.html && busybox httpd -p 8080 -h /srv"),
         );
+        // And a session, for the VM page to list.
+        d.rpc("session.start", json!({"vm": vm, "name": "webjob", "command": ["sleep", "600"]}));
     });
     assert!(transcript.iter().any(|l| l == "READY"), "the browser never saw the VM ready");
 

@@ -29,6 +29,7 @@ use tools_schema::daemon::Empty;
 use tools_schema::image::ImageBuildParams;
 use tools_schema::operation::{OperationInfo, OperationRef, OperationState};
 use tools_schema::ops::{self, Operation};
+use tools_schema::session::SessionListParams;
 use tools_schema::vm::{PortProtocol, VmCreateParams, VmLogsParams, VmRef, VmRefs, VmState};
 use tools_schema::{ApiError, ErrorCode};
 
@@ -587,6 +588,35 @@ async fn vm_detail(
         Ok(l) => format!("<pre id=\"console-log\">{}</pre>", esc(&l.lines.join("\n"))),
         Err(e) => error_box(&e),
     };
+    let sessions = match c.call::<ops::SessionList>(&SessionListParams { vm: Some(name.clone()) }).await {
+        Ok(l) if l.sessions.is_empty() => {
+            "<p id=\"sessions\">No sessions. Start one with <code>banger vm session start</code>.</p>".to_string()
+        }
+        Ok(l) => {
+            let mut t = String::from(
+                "<table id=\"sessions\"><tr><th>Session</th><th>Command</th><th>State</th><th>Exit</th><th>Output</th>\
+                 <th>Attached</th></tr>",
+            );
+            for ss in &l.sessions {
+                let exit = match (ss.exit_code, ss.signal) {
+                    (Some(code), _) => code.to_string(),
+                    (None, Some(sig)) => format!("signal {sig}"),
+                    _ => "-".into(),
+                };
+                let _ = write!(
+                    t,
+                    "<tr><td>{}</td><td><code>{}</code></td><td>{}</td><td>{exit}</td><td>{}</td><td>{}</td></tr>",
+                    esc(ss.name.as_deref().unwrap_or(&ss.id)),
+                    esc(&ss.command.join(" ")),
+                    esc(ss.state.as_str()),
+                    bytes(ss.output_bytes),
+                    if ss.attached { "yes" } else { "no" }
+                );
+            }
+            t + "</table>"
+        }
+        Err(e) => error_box(&e),
+    };
     let n = seg(&vm.name);
     let mut actions = String::new();
     if matches!(vm.state, VmState::Stopped | VmState::Failed) {
@@ -609,7 +639,7 @@ async fn vm_detail(
          href=\"/vms/{n}/ports\">Ports</a></p><dl class=\"facts\" id=\"vm\"><dt>State</dt><dd>{}</dd>\
          <dt>Image</dt><dd>{}</dd><dt>Shape</dt><dd>{} vCPU, {} MiB</dd><dt>VMM</dt><dd>{}</dd>\
          <dt>IP</dt><dd>{}</dd><dt>DNS name</dt><dd>{}</dd><dt>NAT</dt><dd>{}</dd></dl>\
-         <h2>Stats</h2>{stats}<h2>Console log</h2>{logs}",
+         <h2>Stats</h2>{stats}<h2>Sessions</h2>{sessions}<h2>Console log</h2>{logs}",
         esc(&vm.name),
         state_badge(vm.state),
         esc(&vm.image),
