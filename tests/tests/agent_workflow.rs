@@ -84,20 +84,14 @@ fn a_repository_goes_in_a_session_works_through_a_daemon_restart_and_the_patch_r
     assert_eq!(d.rpc("session.show", json!({"session": id}))["exit_code"], 0);
 
     // Export against the base: the guest commit and the uncommitted work, binary and new files, a deletion.
+    let export =
+        d.rpc("workspace.export", json!({"vm": "flow", "base": base, "check_repo": repo.path().display().to_string()}));
+    assert_eq!(export["base_commit"], base.as_str());
+    assert_eq!(export["check"]["clean"], true, "{}", export["check"]);
+    assert_eq!(export["patch_inline"], true);
+    assert_eq!(export["patch_encoding"], "text", "git's binary patches are text");
     let patch_file = repo.path().join("../flow.patch");
-    let out = d.cli(&[
-        "vm",
-        "workspace",
-        "export",
-        "flow",
-        "--base",
-        &base,
-        "--output",
-        patch_file.to_str().unwrap(),
-        "--check",
-        repo.path().to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&patch_file, export["patch"].as_str().unwrap()).unwrap();
     sh(repo.path(), &format!("git apply {}", patch_file.display()));
     let host = sh(repo.path(), TREE_SUMS);
     let guest = d.guest_ok("flow", &format!("cd /root/repo && {TREE_SUMS}"));

@@ -25,7 +25,7 @@ use std::time::Duration;
 use sha2::Digest;
 use tokio_util::sync::CancellationToken;
 use tools_schema::guest::ExecSpec;
-use tools_schema::vm::{ContentEncoding, MAX_FILE_CHUNK};
+use tools_schema::vm::MAX_FILE_CHUNK;
 use tools_schema::workspace::{
     ApplyCheck, ChangeKind, ChangedFile, WorkspaceExportParams, WorkspaceExportResult, WorkspaceMode,
     WorkspacePrepareParams, WorkspacePrepareResult, BASE_REF, DEFAULT_INLINE_PATCH, GUEST_REPO,
@@ -744,16 +744,12 @@ impl Engine {
             _ => None,
         };
         let (patch, patch_encoding) = match patch.filter(|d| d.len() as u64 <= inline_limit) {
-            Some(data) => match String::from_utf8(data) {
-                Ok(text) => (Some(text), Some(ContentEncoding::Text)),
-                Err(e) => {
-                    use base64::Engine as _;
-                    (
-                        Some(base64::engine::general_purpose::STANDARD.encode(e.into_bytes())),
-                        Some(ContentEncoding::Base64),
-                    )
-                }
-            },
+            Some(data) => {
+                // With no encoding asked for, bytes always encode (text if UTF-8, else base64).
+                let (text, encoding) =
+                    super::vm::encode_chunk(&data, None, "the patch").expect("no encoding requested");
+                (Some(text), Some(encoding))
+            }
             None => (None, None),
         };
         Ok(WorkspaceExportResult {

@@ -159,19 +159,49 @@ fn error_result(e: ApiError) -> CallToolResult {
     CallToolResult::error(vec![ContentBlock::text(serde_json::to_string(&e).unwrap_or_else(|_| e.display_with_hint()))])
 }
 
-/// A short text rendering for clients that only show `content`; the full result is in structuredContent.
+/// The text content of a result: a one-line summary an agent can act on (`vm.create: name=dev state=running
+/// ...`), then the result as JSON for clients that only read text (the MCP spec asks for it), cut at
+/// `TEXT_JSON_MAX` with a note; structuredContent always has all of it.
 fn summarize(op: &OperationSpec, value: &serde_json::Value) -> String {
-    let text = value.to_string();
-    const MAX: usize = 4000;
-    if text.len() <= MAX {
-        text
+    const TEXT_JSON_MAX: usize = 16 << 10;
+    let mut text = format!("{}: {}\n", op.method, summary_line(value));
+    let json = value.to_string();
+    if json.len() <= TEXT_JSON_MAX {
+        text.push_str(&json);
     } else {
-        let mut cut = MAX;
-        while !text.is_char_boundary(cut) {
+        let mut cut = TEXT_JSON_MAX;
+        while !json.is_char_boundary(cut) {
             cut -= 1;
         }
-        format!("{}… ({} result truncated in this text view; structuredContent has all of it)", &text[..cut], op.method)
+        text.push_str(&json[..cut]);
+        text.push_str(&format!(
+            "… (cut at {TEXT_JSON_MAX} of {} bytes in this text; structuredContent has the whole result)",
+            json.len()
+        ));
     }
+    text
+}
+
+/// Top-level facts of a result, briefly: scalars as `key=value` (long strings shortened), lists and objects
+/// as counts.
+fn summary_line(value: &serde_json::Value) -> String {
+    use serde_json::Value;
+    let Value::Object(map) = value else { return String::new() };
+    let mut parts = vec![];
+    for (k, v) in map {
+        let shown = match v {
+            Value::Null => continue,
+            Value::String(s) if s.chars().count() > 60 => {
+                format!("{}… ({} bytes)", s.chars().take(40).collect::<String>(), s.len())
+            }
+            Value::String(s) => s.replace('\n', "\\n"),
+            Value::Array(a) => format!("[{} items]", a.len()),
+            Value::Object(o) => format!("{{{} fields}}", o.len()),
+            other => other.to_string(),
+        };
+        parts.push(format!("{k}={shown}"));
+    }
+    parts.join(" ")
 }
 
 pub async fn serve(stream: UnixStream, engine: Arc<Engine>) {
@@ -183,5 +213,23 @@ pub async fn serve(stream: UnixStream, engine: Arc<Engine>) {
             let _ = running.waiting().await;
         }
         Err(e) => tracing::debug!(error = %e, "mcp session ended during initialisation"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_starts_with_a_short_summary_and_keeps_the_json_within_bounds() {
+        let op = OperationSpec::by_method("vm.exec").unwrap();
+        let small =
+            serde_json::json!({"exit_code": 3, "stdout": "hi\n", "stderr": "", "timed_out": false, "output_id": null});
+        let t = summarize(op, &small);
+        assert!(t.starts_with("vm.exec: exit_code=3 stderr= stdout=hi\\n timed_out=false\n{"), "{t}");
+        let big = serde_json::json!({"stdout": "x".repeat(100_000), "files": [1, 2, 3]});
+        let t = summarize(op, &big);
+        assert!(t.lines().next().unwrap().contains("files=[3 items]") && t.contains("(100000 bytes)"), "{t}");
+        assert!(t.len() < 17 << 10 && t.ends_with("structuredContent has the whole result)"), "{}", t.len());
     }
 }
