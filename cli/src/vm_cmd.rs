@@ -446,6 +446,13 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                     }
                     _ => std::io::stderr().write_all(r.stderr.as_bytes())?,
                 }
+                if r.output_id.is_none() && (r.stdout_truncated || r.stderr_truncated) {
+                    eprintln!(
+                        "banger: the output ({} bytes stdout, {} bytes stderr) was cut and could not be kept; \
+                         see the daemon log",
+                        r.stdout_bytes, r.stderr_bytes
+                    );
+                }
                 if r.timed_out {
                     eprintln!("banger: command timed out and was killed");
                 }
