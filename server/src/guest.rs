@@ -345,7 +345,11 @@ impl Capture {
         let room = self.limit.saturating_sub(self.inline.len());
         if self.spool.is_none() && data.len() > room && !self.spool_failed {
             if let Some(path) = &self.spool_path {
-                let opened = std::fs::OpenOptions::new().create_new(true).write(true).mode(0o600).open(path);
+                // The folder is made here, on first use, so commands whose output fits inline touch no disk.
+                let opened = path
+                    .parent()
+                    .map_or(Ok(()), std::fs::create_dir_all)
+                    .and_then(|_| std::fs::OpenOptions::new().create_new(true).write(true).mode(0o600).open(path));
                 match opened.and_then(|mut f| f.write_all(&self.inline).map(|_| f)) {
                     Ok(f) => {
                         self.spooled = self.inline.len() as u64;

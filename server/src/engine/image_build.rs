@@ -19,6 +19,7 @@ use tools_schema::{ApiError, ErrorCode};
 use super::image::{image_info, ImageSources};
 use super::operation::Op;
 use super::{CallContext, Engine};
+use crate::config::is_executable;
 use crate::store::ImageRow;
 
 pub(crate) const BUILD_STAGES: &[&str] = &["rootfs", "customize", "assemble", "register"];
@@ -378,12 +379,16 @@ async fn store_in_cache(tmp: &Path, cached: &Path) -> Result<(), ApiError> {
     if tokio::fs::rename(tmp, cached).await.is_err() {
         // The cache may be on another filesystem: copy beside the entry, then rename into place.
         let partial = cached.with_extension("tar.partial");
-        tokio::fs::copy(tmp, &partial)
-            .await
-            .map_err(|e| ApiError::internal(format!("caching the root filesystem: {e}")))?;
-        tokio::fs::rename(&partial, cached)
-            .await
-            .map_err(|e| ApiError::internal(format!("caching the root filesystem: {e}")))?;
+        let copied = match tokio::fs::copy(tmp, &partial).await {
+            Ok(_) => tokio::fs::rename(&partial, cached).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = copied {
+            // Never leave a half-copied entry in the shared cache.
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err(ApiError::internal(format!("caching the root filesystem in {}: {e}", parent.display()))
+                .with_hint("check free space in cache_dir (banger doctor shows it for the state directory)"));
+        }
     }
     Ok(())
 }
@@ -429,11 +434,6 @@ fn file_sha256(path: &Path) -> std::io::Result<String> {
     let mut h = Sha256::new();
     std::io::copy(&mut f, &mut h)?;
     Ok(hex::encode(h.finalize()))
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
 fn list_recipes(recipes: &Path) -> Vec<String> {

@@ -909,9 +909,6 @@ impl Engine {
         let inline = p.max_inline_bytes.unwrap_or(EXEC_INLINE_DEFAULT) as usize;
         let output_id = new_id();
         let spool_dir = self.vm_paths(&row.id).dir.join("exec-output");
-        tokio::fs::create_dir_all(&spool_dir)
-            .await
-            .map_err(|e| ApiError::internal(format!("creating {}: {e}", spool_dir.display())))?;
         let spool = |stream: ExecStream| Some(spool_dir.join(format!("{output_id}.{}", stream.as_str())));
         let mut out = Capture::new(inline, spool(ExecStream::Stdout));
         let mut err = Capture::new(inline, spool(ExecStream::Stderr));
