@@ -26,9 +26,10 @@ banger daemon start
 
 image="debian-minimal-$(basename "$rootfs" .ext4 | rev | cut -d- -f1 | rev)"
 if ! banger image show "$image" >/dev/null 2>&1; then
+  # banger's lean kernel (setup-host.sh builds it): one ELF for QEMU and Firecracker, no initramfs.
   banger image register --name "$image" --default \
-    --kernel "$CACHE/kernel/default/vmlinuz" --kernel-elf "$CACHE/kernel/default/vmlinux" \
-    --initrd "$CACHE/kernel/default/initramfs.cpio.gz" --rootfs "$rootfs" --work-seed "${rootfs%.ext4}.work.ext4"
+    --kernel "$CACHE/kernel/lean/vmlinux" --kernel-elf "$CACHE/kernel/lean/vmlinux" \
+    --rootfs "$rootfs" --work-seed "${rootfs%.ext4}.work.ext4"
 else
   banger image promote "$image" >/dev/null
 fi

@@ -7,6 +7,7 @@
 #   bin/{firecracker,jailer,vhost-device-vsock}   pinned, sha256-checked VMM binaries
 #   kernel/<kver>/{vmlinuz,vmlinux,config}        Debian cloud kernel (bzImage for QEMU, ELF for Firecracker)
 #   kernel/<kver>/initramfs.cpio.gz               busybox + the virtio/vsock modules + banger's guest init
+#   kernel/lean -> lean-<hash>/{vmlinux,config}   banger's lean kernel (images/kernel), the default for both VMMs
 #   rootfs/<recipe>-<hash>.tar                    debootstrapped root filesystems (images/ recipes)
 set -euo pipefail
 
@@ -23,6 +24,7 @@ mkdir -p "$CACHE"/{bin,kernel,rootfs,tmp}
 
 apt_packages=(qemu-system-x86 qemu-utils debootstrap busybox-static nftables cpio kmod e2fsprogs
               iproute2 openssh-client git lz4 ca-certificates python3-pip unzip
+              linux-source-6.1 build-essential bc bison flex libelf-dev xz-utils  # the lean guest kernel
               chromium)  # chromium: the web console's browser test
 missing=()
 for p in "${apt_packages[@]}"; do
@@ -91,6 +93,16 @@ if [[ ! -f $kdir/initramfs-$initramfs_hash.cpio.gz ]]; then
 fi
 ln -sfn "initramfs-$initramfs_hash.cpio.gz" "$kdir/initramfs.cpio.gz"
 ln -sfn "$kver" "$CACHE/kernel/default"
+
+# The lean guest kernel: Debian's linux-source-6.1 with images/kernel/lean.config (virtio built in, no modules,
+# no initramfs, booted as an ELF through PVH). Keyed by the source package version and banger's config.
+ksrc_version="$(dpkg-query -W -f='${Version}' linux-source-6.1)"
+lean_hash="$(cat "$HERE/images/kernel/lean.config" "$HERE/images/kernel/build.sh" <(echo "$ksrc_version") | sha256sum | cut -c1-16)"
+if [[ ! -f $CACHE/kernel/lean-$lean_hash/vmlinux ]]; then
+  log "lean kernel: building from linux-source-6.1 $ksrc_version (about 8 minutes on two cores)"
+  TMPDIR="$CACHE/tmp" "$HERE/images/kernel/build.sh" /usr/src/linux-source-6.1.tar.xz "$CACHE/kernel/lean-$lean_hash"
+fi
+ln -sfn "lean-$lean_hash" "$CACHE/kernel/lean"
 
 # Root filesystems from the image recipes, once per recipe content. The key is the one bangerd's image build
 # computes (engine/image_build.rs, recipe_key), so `banger image build` finds these in the cache.

@@ -14,9 +14,12 @@ cargo build -q --workspace --bins
 agent="$(build_agent)"
 rootfs="$(assemble_image debian-minimal "$agent")"
 
-export BANGER_TEST_KERNEL="$CACHE/kernel/default/vmlinuz"
-export BANGER_TEST_KERNEL_ELF="$CACHE/kernel/default/vmlinux"
-export BANGER_TEST_INITRD="$CACHE/kernel/default/initramfs.cpio.gz"
+# Guests boot banger's lean kernel (no initramfs) by default; one test boots the Debian cloud kernel fallback.
+export BANGER_TEST_KERNEL="$CACHE/kernel/lean/vmlinux"
+export BANGER_TEST_KERNEL_ELF="$CACHE/kernel/lean/vmlinux"
+export BANGER_TEST_CLOUD_KERNEL="$CACHE/kernel/default/vmlinuz"
+export BANGER_TEST_CLOUD_KERNEL_ELF="$CACHE/kernel/default/vmlinux"
+export BANGER_TEST_CLOUD_INITRD="$CACHE/kernel/default/initramfs.cpio.gz"
 export BANGER_TEST_ROOTFS="$rootfs"
 export BANGER_TEST_WORK_SEED="${rootfs%.ext4}.work.ext4"
 export BANGER_TEST_AGENT="$agent"

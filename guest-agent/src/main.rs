@@ -8,13 +8,16 @@
 mod channel;
 mod exec;
 mod files;
+mod identity;
 mod init;
 mod ports;
 mod serve;
 mod session;
 
 fn main() -> anyhow::Result<()> {
-    let mode = std::env::args().nth(1).unwrap_or_default();
+    // Booted without an initramfs, the kernel starts `init=/usr/local/bin/banger-agent` with no arguments.
+    let mode =
+        std::env::args().nth(1).unwrap_or_else(|| if std::process::id() == 1 { "init".into() } else { String::new() });
     match mode.as_str() {
         "init" => init::run(),
         "serve" => serve::run(),

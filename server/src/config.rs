@@ -74,13 +74,38 @@ pub struct Config {
     pub recipes_dir: Option<PathBuf>,
     /// The static `banger-agent` binary put into built images. Default: next to `bangerd`, else on PATH.
     pub agent_binary: Option<PathBuf>,
-    /// Guest kernel (bzImage, its ELF `vmlinux`, and the initramfs) for images built from recipes.
-    /// Default: what scripts/setup-host.sh installs under `<cache_dir>/kernel/default/`.
+    /// Guest kernel for images built from recipes (QEMU boots `kernel`, Firecracker `kernel_elf`; an `initrd`
+    /// only for kernels that need one). Default: banger's lean kernel (`<cache_dir>/kernel/lean/vmlinux`, no
+    /// initramfs), which scripts/setup-host.sh builds. The Debian cloud kernel set-up also unpacks is the
+    /// fallback: kernel = `<cache_dir>/kernel/default/vmlinuz`, kernel_elf = `.../vmlinux`, initrd =
+    /// `.../initramfs.cpio.gz`.
     pub kernel: Option<PathBuf>,
     pub kernel_elf: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub guest_sync: GuestSyncConfig,
     pub web: WebConfig,
+    pub warm: WarmConfig,
+}
+
+/// Warm starts (engine/warm.rs): VMs restored from per-image template snapshots instead of booted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WarmConfig {
+    /// Restore new VMs from a template when one matches the image and shape (QEMU, virtio-serial channel).
+    pub templates: bool,
+    /// After a cold boot that found no usable template, build one in the background.
+    pub auto_build: bool,
+    /// Restored VMs kept ready per image (in the default shape), handed out by `vm create` at once.
+    pub pool_size: u32,
+    /// The pool is refilled only while the host keeps at least this much memory available (MiB) on top
+    /// of the new VM's.
+    pub pool_reserve_mib: u64,
+}
+
+impl Default for WarmConfig {
+    fn default() -> Self {
+        WarmConfig { templates: true, auto_build: true, pool_size: 0, pool_reserve_mib: 2048 }
+    }
 }
 
 /// The localhost web console (front/web.rs).
@@ -232,6 +257,7 @@ impl Default for Config {
             initrd: None,
             guest_sync: GuestSyncConfig::default(),
             web: WebConfig::default(),
+            warm: WarmConfig::default(),
         }
     }
 }
@@ -390,14 +416,16 @@ impl Config {
         sibling.filter(|p| is_executable(p)).or_else(|| self.find_binary("banger-agent"))
     }
 
-    /// Kernel, ELF kernel and initramfs for recipe builds: configured, else set-up's default kernel.
-    pub fn build_kernel(&self) -> (PathBuf, PathBuf, PathBuf) {
-        let d = self.cache_dir.join("kernel/default");
-        (
-            self.kernel.clone().unwrap_or_else(|| d.join("vmlinuz")),
-            self.kernel_elf.clone().unwrap_or_else(|| d.join("vmlinux")),
-            self.initrd.clone().unwrap_or_else(|| d.join("initramfs.cpio.gz")),
-        )
+    /// Kernel, ELF kernel and initramfs for recipe builds: as configured, else set-up's lean kernel (one ELF
+    /// for both VMMs, no initramfs).
+    pub fn build_kernel(&self) -> (PathBuf, PathBuf, Option<PathBuf>) {
+        match &self.kernel {
+            Some(k) => (k.clone(), self.kernel_elf.clone().unwrap_or_else(|| k.clone()), self.initrd.clone()),
+            None => {
+                let lean = self.cache_dir.join("kernel/lean/vmlinux");
+                (lean.clone(), self.kernel_elf.clone().unwrap_or(lean), self.initrd.clone())
+            }
+        }
     }
 
     /// Finds an executable in `bin_dirs`, then in PATH.

@@ -92,8 +92,11 @@ impl Engine {
 
     fn guest_kernel_check(&self) -> DoctorCheck {
         let (kernel, _, initrd) = self.cfg.build_kernel();
-        let missing: Vec<String> =
-            [&kernel, &initrd].iter().filter(|p| !p.is_file()).map(|p| p.display().to_string()).collect();
+        let missing: Vec<String> = std::iter::once(&kernel)
+            .chain(initrd.as_ref())
+            .filter(|p| !p.is_file())
+            .map(|p| p.display().to_string())
+            .collect();
         if missing.is_empty() {
             check("guest-kernel", CheckStatus::Pass, format!("{} (for image builds)", kernel.display()), None)
         } else {
@@ -101,7 +104,7 @@ impl Engine {
                 "guest-kernel",
                 CheckStatus::Warn,
                 format!("image builds from recipes need {}", missing.join(" and ")),
-                Some("run scripts/setup-host.sh, or set kernel and initrd in the config"),
+                Some("run scripts/setup-host.sh (it builds the lean kernel), or set kernel in the config"),
             )
         }
     }

@@ -140,13 +140,13 @@ impl Engine {
                         ErrorCode::HostUnsupported,
                         format!("no guest kernel at {}", k.display()),
                     )
-                    .with_hint("run scripts/setup-host.sh, or set kernel, kernel_elf and initrd in the config"));
+                    .with_hint("run scripts/setup-host.sh (it builds the lean kernel), or set kernel in the config"));
                 }
                 (
                     BuildFrom::Recipe { name, dir, key },
                     k,
                     Some(ke).filter(|p| p.is_file()),
-                    Some(i).filter(|p| p.is_file()),
+                    i.filter(|p| p.is_file()),
                     size,
                 )
             }
