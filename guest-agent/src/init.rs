@@ -6,17 +6,23 @@ use std::time::Duration;
 use nix::mount::{mount, MsFlags};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use tools_schema::guest::GuestNetConfig;
 
 pub fn run() -> anyhow::Result<()> {
     mount_pseudo_filesystems();
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    if let Some(name) = kernel_arg(&cmdline, "banger.hostname") {
-        if let Err(e) = nix::unistd::sethostname(name) {
-            eprintln!("banger-agent: sethostname {name}: {e}");
+    if kernel_arg(&cmdline, "banger.overlay") == Some("1") && !root_is_overlay() {
+        // Booted without an initramfs (Firecracker): build the overlay root here, then go on as usual.
+        if let Err(e) = overlay_root() {
+            eprintln!("banger-agent: overlay root: {e:#}; powering off");
+            let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
         }
     }
-    let _ = Command::new("ip").args(["link", "set", "lo", "up"]).status();
     let hostname = kernel_arg(&cmdline, "banger.hostname").unwrap_or("localhost");
+    if let Err(e) = crate::identity::set_hostname(hostname) {
+        eprintln!("banger-agent: hostname: {e}");
+    }
+    let _ = Command::new("ip").args(["link", "set", "lo", "up"]).status();
     let grow: Vec<&str> = kernel_arg(&cmdline, "banger.growfs").map(|g| g.split(',').collect()).unwrap_or_default();
     if grow.contains(&"root") {
         if let Some(dev) = find_by_label("banger-root") {
@@ -24,11 +30,20 @@ pub fn run() -> anyhow::Result<()> {
         }
     }
     mount_work_disk(grow.contains(&"work"));
-    if let Err(e) = start_sshd(&cmdline) {
-        eprintln!("banger-agent: ssh: {e}");
-    }
-    if let Err(e) = configure_network(&cmdline, hostname) {
-        eprintln!("banger-agent: network: {e}");
+    // A template guest is snapshotted once ready and restored as many clones: SSH and the network are each
+    // clone's own, set up by `Reidentify` after the restore, never here.
+    if kernel_arg(&cmdline, "banger.template") != Some("1") {
+        let key = kernel_arg(&cmdline, "banger.sshkey").and_then(|k| {
+            use base64::Engine as _;
+            let bytes = base64::engine::general_purpose::STANDARD_NO_PAD.decode(k).ok()?;
+            String::from_utf8(bytes).ok()
+        });
+        if let Err(e) = crate::identity::start_sshd(key.as_deref(), false) {
+            eprintln!("banger-agent: ssh: {e}");
+        }
+        if let Err(e) = crate::identity::configure_network(net_from_cmdline(&cmdline).as_ref()) {
+            eprintln!("banger-agent: network: {e}");
+        }
     }
     let self_exe = std::env::current_exe().unwrap_or_else(|_| "/usr/local/bin/banger-agent".into());
     let mut server = spawn_server(&self_exe);
@@ -47,47 +62,66 @@ pub fn run() -> anyhow::Result<()> {
 }
 
 /// Static network settings from the kernel command line (`banger.ip=ADDR/PREFIX banger.gw=GW banger.dns=DNS
-/// banger.mac=MAC`), applied with iproute2. The NIC is found by its MAC, so no interface naming scheme is assumed.
-fn configure_network(cmdline: &str, hostname: &str) -> anyhow::Result<()> {
-    let hosts = format!("127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\t{hostname}.vm {hostname}\n");
-    std::fs::write("/etc/hostname", format!("{hostname}\n"))?;
-    std::fs::write("/etc/hosts", hosts)?;
-    let (Some(ip), Some(mac)) = (kernel_arg(cmdline, "banger.ip"), kernel_arg(cmdline, "banger.mac")) else {
-        return Ok(()); // no NIC for this VM
-    };
-    let iface = find_interface_by_mac(mac).ok_or_else(|| anyhow::anyhow!("no interface has MAC {mac}"))?;
-    let run = |args: &[&str]| -> anyhow::Result<()> {
-        let st = Command::new("ip").args(args).status()?;
-        anyhow::ensure!(st.success(), "ip {} failed", args.join(" "));
-        Ok(())
-    };
-    run(&["addr", "add", ip, "dev", &iface])?;
-    run(&["link", "set", &iface, "up"])?;
-    if let Some(gw) = kernel_arg(cmdline, "banger.gw") {
-        run(&["route", "add", "default", "via", gw, "dev", &iface])?;
-    }
-    if let Some(dns) = kernel_arg(cmdline, "banger.dns") {
-        // `search vm` makes bare VM names resolve too.
-        let _ = std::fs::remove_file("/etc/resolv.conf"); // may be a dangling symlink in some images
-        std::fs::write("/etc/resolv.conf", format!("nameserver {dns}\nsearch vm\noptions timeout:1 attempts:2\n"))?;
-    }
-    Ok(())
+/// banger.mac=MAC`).
+fn net_from_cmdline(cmdline: &str) -> Option<GuestNetConfig> {
+    Some(GuestNetConfig {
+        address: kernel_arg(cmdline, "banger.ip")?.to_string(),
+        mac: kernel_arg(cmdline, "banger.mac")?.to_string(),
+        gateway: kernel_arg(cmdline, "banger.gw").unwrap_or_default().to_string(),
+        dns: kernel_arg(cmdline, "banger.dns").unwrap_or_default().to_string(),
+    })
 }
 
-fn find_interface_by_mac(mac: &str) -> Option<String> {
-    for _ in 0..100 {
-        if let Ok(entries) = std::fs::read_dir("/sys/class/net") {
-            for e in entries.flatten() {
-                let addr = std::fs::read_to_string(e.path().join("address")).unwrap_or_default();
-                if addr.trim().eq_ignore_ascii_case(mac) {
-                    return Some(e.file_name().to_string_lossy().into_owned());
-                }
-            }
-        }
-        // virtio_net may still be probing.
-        std::thread::sleep(Duration::from_millis(20));
+fn root_is_overlay() -> bool {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 2 && f[1] == "/" && f[2] == "overlay"
+    })
+}
+
+/// For VMMs without copy-on-write disks: the kernel mounted the image's shared base read-only as `/`; the
+/// writes go to an overlayfs upper layer on the disk labelled `banger-overlay`. Staged on a tmpfs at /mnt,
+/// then `pivot_root` into the overlay, with the pseudo filesystems moved along.
+fn overlay_root() -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let upper_dev = (0..250)
+        .find_map(|_| {
+            find_by_label("banger-overlay").or_else(|| {
+                std::thread::sleep(Duration::from_millis(20));
+                None
+            })
+        })
+        .context("no overlay disk (no filesystem labelled banger-overlay)")?;
+    let none = None::<&str>;
+    mount(Some("tmpfs"), "/mnt", Some("tmpfs"), MsFlags::MS_NOSUID, Some("mode=0755")).context("tmpfs on /mnt")?;
+    for d in ["/mnt/lower", "/mnt/upper", "/mnt/new"] {
+        std::fs::create_dir_all(d)?;
     }
-    None
+    mount(Some("/"), "/mnt/lower", none, MsFlags::MS_BIND, none).context("bind-mounting the base")?;
+    mount(Some(upper_dev.as_str()), "/mnt/upper", Some("ext4"), MsFlags::MS_NOATIME, none)
+        .with_context(|| format!("mounting {upper_dev}"))?;
+    std::fs::create_dir_all("/mnt/upper/data")?;
+    std::fs::create_dir_all("/mnt/upper/work")?;
+    mount(
+        Some("overlay"),
+        "/mnt/new",
+        Some("overlay"),
+        MsFlags::empty(),
+        Some("lowerdir=/mnt/lower,upperdir=/mnt/upper/data,workdir=/mnt/upper/work"),
+    )
+    .context("mounting the overlay")?;
+    for m in ["/dev", "/proc", "/sys", "/run"] {
+        let target = format!("/mnt/new{m}");
+        std::fs::create_dir_all(&target)?;
+        mount(Some(m), target.as_str(), none, MsFlags::MS_MOVE, none).with_context(|| format!("moving {m}"))?;
+    }
+    // The old root ends up on the overlay's /mnt, then is detached: the overlay holds what it needs.
+    std::env::set_current_dir("/mnt/new")?;
+    nix::unistd::pivot_root(".", "mnt").context("pivot_root")?;
+    std::env::set_current_dir("/")?;
+    nix::mount::umount2("/mnt", nix::mount::MntFlags::MNT_DETACH).context("detaching the old root")?;
+    Ok(())
 }
 
 /// The device holding the ext4 filesystem with this label (disks are found by label: virtio-mmio does not
@@ -119,45 +153,6 @@ fn mount_work_disk(grow: bool) {
     }
 }
 
-/// Authorises banger's key for root, makes this VM's own host key (images carry none), and starts sshd
-/// without waiting for it, so SSH never delays readiness.
-fn start_sshd(cmdline: &str) -> anyhow::Result<()> {
-    use base64::Engine as _;
-    use std::os::unix::fs::PermissionsExt;
-    if !Path::new("/usr/sbin/sshd").exists() {
-        return Ok(());
-    }
-    if let Some(encoded) = kernel_arg(cmdline, "banger.sshkey") {
-        let key = String::from_utf8(base64::engine::general_purpose::STANDARD_NO_PAD.decode(encoded)?)?;
-        std::fs::create_dir_all("/root/.ssh")?;
-        std::fs::set_permissions("/root/.ssh", std::fs::Permissions::from_mode(0o700))?;
-        let path = "/root/.ssh/authorized_keys";
-        let existing = std::fs::read_to_string(path).unwrap_or_default();
-        if !existing.lines().any(|l| l.trim() == key.trim()) {
-            std::fs::write(
-                path,
-                format!(
-                    "{existing}{}{}\n",
-                    if existing.is_empty() || existing.ends_with('\n') { "" } else { "\n" },
-                    key.trim()
-                ),
-            )?;
-        }
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    }
-    let host_key = "/etc/ssh/ssh_host_ed25519_key";
-    if !Path::new(host_key).exists() {
-        let st = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f", host_key]).status()?;
-        anyhow::ensure!(st.success(), "ssh-keygen failed");
-    }
-    std::fs::create_dir_all("/run/sshd")?;
-    // sshd daemonises itself; init reaps it if it ever exits.
-    Command::new("/usr/sbin/sshd")
-        .args(["-o", &format!("HostKey={host_key}"), "-o", "PermitRootLogin=prohibit-password"])
-        .spawn()?;
-    Ok(())
-}
-
 fn spawn_server(exe: &Path) -> Option<Pid> {
     match Command::new(exe).arg("serve").env_clear().env("PATH", crate::exec::DEFAULT_PATH).spawn() {
         Ok(child) => Some(Pid::from_raw(child.id() as i32)),
@@ -177,8 +172,10 @@ fn mount_pseudo_filesystems() {
         ("tmpfs", "/dev/shm", "tmpfs", "mode=1777"),
         ("tmpfs", "/run", "tmpfs", "mode=0755"),
     ];
-    let mounted = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     for (src, target, fstype, data) in mounts {
+        // Read afresh each time: /proc itself is mounted by the first round, and the kernel may have mounted
+        // /dev already (DEVTMPFS_MOUNT, when booted without an initramfs).
+        let mounted = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
         if mounted.lines().any(|l| l.split_whitespace().nth(1) == Some(target)) {
             continue;
         }

@@ -156,6 +156,16 @@ async fn serve_connection(
                             respond(&out, stream, reply);
                         });
                     }
+                    GuestRequest::Reidentify(identity) => {
+                        let out = out.clone();
+                        tokio::task::spawn_blocking(move || {
+                            let reply = match crate::identity::reidentify(&identity) {
+                                Ok(()) => GuestResponse::Ok,
+                                Err(e) => GuestResponse::Error { message: format!("reidentify: {e:#}") },
+                            };
+                            respond(&out, stream, reply);
+                        });
+                    }
                     GuestRequest::Shutdown { reboot } => {
                         respond(&out, stream, GuestResponse::Ok);
                         tokio::spawn(power_off(reboot));

@@ -198,6 +198,40 @@ pub enum GuestRequest {
     /// Signal a session's process group, SIGKILL after `grace_ms` if it is still running, and wait for the
     /// end. Answered with `SessionStatus`.
     SessionSignal { id: String, signal: i32, grace_ms: u64 },
+    /// Become a VM of one's own after a restore from a template snapshot: every clone of a template wakes
+    /// up with the template's clock, RNG state, hostname, addresses and SSH host key. Answered with `Ok`
+    /// once all of it is replaced (sshd is started without waiting for it).
+    Reidentify(CloneIdentity),
+}
+
+/// Everything that makes a restored clone its own VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CloneIdentity {
+    pub hostname: String,
+    /// Network settings; `None` when the VM has no NIC.
+    #[serde(default)]
+    pub net: Option<GuestNetConfig>,
+    /// Public key to authorise for root's SSH logins.
+    #[serde(default)]
+    pub ssh_authorized_key: Option<String>,
+    /// Fresh host entropy (hex), credited to the guest's pool before the kernel RNG is reseeded.
+    pub entropy_hex: String,
+    /// The host's wall clock (nanoseconds since the Unix epoch) when the request was sent.
+    pub unix_time_ns: u64,
+    /// A warm-pool VM's dry run with a placeholder identity: every step runs (so the real request later runs
+    /// on warm code paths, which matters under software emulation) except starting sshd.
+    #[serde(default)]
+    pub rehearsal: bool,
+}
+
+/// A guest NIC's static settings, the same the kernel command line carries for a cold boot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GuestNetConfig {
+    /// `ADDRESS/PREFIX`.
+    pub address: String,
+    pub gateway: String,
+    pub dns: String,
+    pub mac: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
