@@ -28,7 +28,8 @@ pub fn bin(name: &str) -> PathBuf {
 pub struct TestImage {
     pub kernel: String,
     pub kernel_elf: String,
-    pub initrd: String,
+    /// None for banger's lean kernel, which needs no initramfs.
+    pub initrd: Option<String>,
     pub rootfs: String,
     pub work_seed: String,
 }
@@ -41,7 +42,7 @@ pub fn test_image() -> TestImage {
     };
     TestImage {
         kernel: var("BANGER_TEST_KERNEL"),
-        initrd: var("BANGER_TEST_INITRD"),
+        initrd: std::env::var("BANGER_TEST_INITRD").ok().filter(|v| !v.is_empty()),
         rootfs: var("BANGER_TEST_ROOTFS"),
         kernel_elf: var("BANGER_TEST_KERNEL_ELF"),
         work_seed: var("BANGER_TEST_WORK_SEED"),
@@ -161,6 +162,11 @@ impl TestDaemon {
             }
             text.push_str(&self.extra_config);
             text.push('\n');
+            // A template build after every first cold boot would double the CPU every guest test needs: the
+            // warm-start tests turn it on or build templates explicitly.
+            if !self.extra_config.contains("[warm]") {
+                text.push_str("[warm]\nauto_build = false\n");
+            }
             // Guests never get the real user's logins: sync from an empty home in the test's directory.
             if !self.extra_config.contains("[guest_sync]") {
                 text.push_str(&format!("[guest_sync]\nhome = \"{}\"\n", self.dir.path().join("home").display()));

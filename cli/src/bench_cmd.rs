@@ -177,7 +177,7 @@ async fn bare_boot(image: &tools_schema::image::ImageInfo, memory_mib: u32) -> a
     let paths = vmm::VmPaths::new(dir.clone());
     let result = async {
         let started = Instant::now();
-        vmm::create_overlay_disk(&cfg, std::path::Path::new(&image.rootfs), &paths.root_disk()).await?;
+        vmm::create_overlay_disk(&cfg, std::path::Path::new(&image.rootfs), "raw", &paths.root_disk()).await?;
         let spec = vmm::BootSpec {
             vm_id: vm_id.clone(),
             hostname: "bench".into(),
@@ -193,6 +193,8 @@ async fn bare_boot(image: &tools_schema::image::ImageInfo, memory_mib: u32) -> a
             dir: dir.clone(),
             net: None,
             extra_args: vec![],
+            memory: vmm::GuestMemory::Anonymous,
+            template_mac: None,
         };
         let accel = banger_server::host::choose_vmm(&cfg).qemu_accel;
         let launched = vmm::launch(tools_schema::daemon::VmmKind::Qemu, &cfg, &accel, &spec).await?;

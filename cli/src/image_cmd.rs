@@ -1,9 +1,9 @@
-//! `banger image ...`: build, register, list, show, promote, delete.
+//! `banger image ...`: build, register, list, show, promote, warm, delete.
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use tools_schema::image::{ImageBuildParams, ImageInfo, ImageRef, ImageRegisterParams};
+use tools_schema::image::{ImageBuildParams, ImageInfo, ImageRef, ImageRegisterParams, ImageWarmParams};
 use tools_schema::ops;
 
 use crate::{absolute, output, Ctx};
@@ -32,6 +32,22 @@ cancels and removes everything the build made.")]
     /// Make an image the default for new VMs.
     #[command(after_help = "Example:\n  banger image promote debian-agent")]
     Promote { image: String },
+    /// Make the image's warm-start template for a VM shape now (vm create otherwise makes it in the background
+    /// after the first cold boot). New VMs of that image and shape are then restored from it instead of booted.
+    #[command(after_help = "Example:\n  banger image warm agent --vcpus 2 --memory 2048")]
+    Warm {
+        /// Image name or id (default image when omitted).
+        image: Option<String>,
+        /// Virtual CPUs of the VMs it serves (the daemon's default when omitted).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=32))]
+        vcpus: Option<u32>,
+        /// Guest memory in MiB of the VMs it serves (the daemon's default when omitted).
+        #[arg(long = "memory", value_parser = clap::value_parser!(u32).range(128..=65536))]
+        memory_mib: Option<u32>,
+        /// Build a new template even if the current one is up to date.
+        #[arg(long)]
+        rebuild: bool,
+    },
     /// Delete an image (refused while VMs use it).
     #[command(after_help = "Example:\n  banger image delete old-image")]
     Delete { image: String },
@@ -172,6 +188,34 @@ pub async fn run(cmd: ImageCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 output::json(&img)
             } else {
                 println!("{} is now the default image", img.name)
+            }
+        }
+        ImageCmd::Warm { image, vcpus, memory_mib, rebuild } => {
+            let p = ImageWarmParams { image, vcpus, memory_mib, rebuild: rebuild.then_some(true) };
+            p.validate().map_err(|e| anyhow::anyhow!(e))?;
+            if !ctx.json {
+                eprintln!("preparing the warm-start template (boots the image once if needed)...");
+            }
+            let t = d.call::<ops::ImageWarm>(&p).await?;
+            if ctx.json {
+                output::json(&t)
+            } else if t.reused {
+                println!(
+                    "template {} of {} ({} vCPU, {} MiB) is up to date",
+                    t.generation, t.image, t.vcpus, t.memory_mib
+                );
+            } else {
+                println!(
+                    "template {} of {} ({} vCPU, {} MiB) built in {:.1} s{}",
+                    t.generation,
+                    t.image,
+                    t.vcpus,
+                    t.memory_mib,
+                    t.build_ms.unwrap_or(0) as f64 / 1000.0,
+                    t.replaced_because
+                        .map(|r| format!("; it replaces one that could not be used: {r}"))
+                        .unwrap_or_default()
+                );
             }
         }
         ImageCmd::Delete { image } => {

@@ -126,6 +126,9 @@ pub struct CreateArgs {
     /// Let the VM reach other networks through NAT (by default it reaches only other VMs and DNS).
     #[arg(long)]
     nat: bool,
+    /// Boot the kernel from scratch even if the image has a warm-start template for this shape.
+    #[arg(long)]
+    cold: bool,
 }
 
 impl CreateArgs {
@@ -137,6 +140,7 @@ impl CreateArgs {
             memory_mib: self.memory_mib,
             vmm: self.vmm,
             nat: Some(self.nat),
+            cold: self.cold.then_some(true),
         }
     }
 }
@@ -179,6 +183,20 @@ pub async fn create(d: &Daemon, p: VmCreateParams, ctx: &Ctx) -> anyhow::Result<
         (Some(vm), _) => Ok((vm, done.elapsed_ms)),
         (None, Some(e)) => Err(crate::client::CallError::Api(e).into()),
         (None, None) => anyhow::bail!("the create ended without a result"),
+    }
+}
+
+/// One line on how a VM came up, with why it was not warm when it was not.
+pub fn describe_boot(b: &tools_schema::vm::BootInfo) -> String {
+    use tools_schema::vm::BootMode;
+    let secs = b.ms as f64 / 1000.0;
+    match b.mode {
+        BootMode::Warm => format!("restored from the image's warm-start template in {secs:.2}s"),
+        BootMode::Pool => format!("taken from the warm pool in {secs:.2}s"),
+        BootMode::Cold => match &b.cold_reason {
+            Some(why) => format!("cold boot in {secs:.2}s ({why})"),
+            None => format!("cold boot in {secs:.2}s"),
+        },
     }
 }
 
@@ -284,6 +302,9 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 println!("{} is {} ({:.1}s)", vm.name, vm.state.as_str(), elapsed_ms as f64 / 1000.0);
                 if let Some(ip) = &vm.ip {
                     println!("  address:        {ip} ({})", vm.dns_name);
+                }
+                if let Some(boot) = &vm.boot {
+                    println!("  started:        {}", describe_boot(boot));
                 }
                 println!("  run a command:  banger vm exec {} -- uname -a", vm.name);
                 println!("  delete it:      banger vm delete {}", vm.name);

@@ -66,9 +66,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         None
     };
     tracing::info!("bangerd ready");
+    engine.refill_pool_later();
     wait_for_signal().await;
     tracing::info!("bangerd stopping; VMs keep running and are re-adopted at the next start");
     shutdown.cancel();
+    // Pooled VMs have no record: end them rather than leave them for the next start to find as orphans.
+    engine.drain_pool().await;
     let _ = server.await;
     if let Some(web) = web {
         let _ = web.await;

@@ -104,6 +104,19 @@ pub struct DaemonStatus {
     /// Login URL of the localhost web console, with the install's token; absent when the console is
     /// disabled or could not listen. Open it in a browser on this machine.
     pub web_url: Option<String>,
+    /// The warm pool: restored VMs of the default image waiting to be handed out by vm.create.
+    pub warm_pool: WarmPoolStatus,
+}
+
+/// The warm pool's state (`warm.pool_size` in the config; 0 turns it off).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct WarmPoolStatus {
+    /// How many the daemon keeps ready (while host memory allows).
+    pub size: u32,
+    /// How many wait now.
+    pub ready: u32,
+    /// How many are being restored right now.
+    pub filling: u32,
 }
 
 /// Outcome of one doctor check.

@@ -160,3 +160,50 @@ pub struct ImageBuildResult {
     /// The recipe's root filesystem came from the build cache instead of running the recipe.
     pub rootfs_cached: bool,
 }
+
+/// Prepares the warm-start template of an image for one VM shape.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImageWarmParams {
+    /// Image name or id. The default image when omitted.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Shape of the VMs the template serves (the daemon's defaults when omitted): a VM is restored from a
+    /// template only when its vcpus and memory match.
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 32))]
+    pub vcpus: Option<u32>,
+    #[serde(default)]
+    #[schemars(range(min = 128, max = 65536))]
+    pub memory_mib: Option<u32>,
+    /// Build a new template even if a current one exists.
+    #[serde(default)]
+    pub rebuild: Option<bool>,
+}
+
+impl ImageWarmParams {
+    pub fn validate(&self) -> Result<(), String> {
+        crate::vm::VmCreateParams { vcpus: self.vcpus, memory_mib: self.memory_mib, ..Default::default() }.validate()
+    }
+}
+
+/// A warm-start template: a booted guest saved once its agent was ready, restored by every new VM of the
+/// same image and shape.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct TemplateInfo {
+    pub image: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Id of this template build; a new one replaces it when the image, kernel or banger changes.
+    pub generation: String,
+    /// When it was made, seconds since the Unix epoch.
+    pub created_at: i64,
+    /// True when an up-to-date template already existed and nothing was built.
+    pub reused: bool,
+    /// Milliseconds the build took (boot to ready, then save), when one was built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_ms: Option<u64>,
+    /// Why the previous template (if any) could not be used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced_because: Option<String>,
+}

@@ -76,6 +76,13 @@ recipe's root filesystem is cached between builds."),
              $crate::image::ImageBuildParams, $crate::operation::OperationInfo, false, false, false,
              "Start an image build (see image_build) and return at once with an operation to follow with \
 operation_status or stop with operation_cancel."),
+            (ImageWarm, image_warm, "image.warm",
+             $crate::image::ImageWarmParams, $crate::image::TemplateInfo, false, false, true,
+             "Prepare an image's warm-start template for a VM shape: boot a guest once, save it when its agent is \
+ready, and from then on restore every new VM of that image and shape from it (each clone gets its own MAC, IP, \
+hostname, SSH host key, RNG state and clock). An up-to-date template is reused; a template whose image, kernel or \
+banger version changed is rebuilt. vm_create builds missing templates in the background by itself; this makes one \
+now."),
             (ImageList, image_list, "image.list",
              $crate::daemon::Empty, $crate::image::ImageList, true, false, true,
              "List registered images; the default image is marked."),

@@ -39,6 +39,10 @@ pub struct VmCreateParams {
     /// guests and the host's DNS, never the host's own services.
     #[serde(default)]
     pub nat: Option<bool>,
+    /// Boot the kernel from scratch even when the image has a warm-start template for this shape.
+    /// Default false: a matching template is restored (a fraction of a cold boot's time).
+    #[serde(default)]
+    pub cold: Option<bool>,
 }
 
 /// Refers to one VM by name or id.
@@ -117,6 +121,32 @@ pub struct VmInfo {
     pub disk_bytes: Option<u64>,
     /// Size of the VM's work disk (mounted at /root) in bytes.
     pub work_disk_bytes: Option<u64>,
+    /// How this daemon last brought the VM up (absent when it has not, e.g. after a daemon restart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootInfo>,
+}
+
+/// How a VM was brought up.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+pub struct BootInfo {
+    pub mode: BootMode,
+    /// Why a new VM was booted cold instead of restored from a template, e.g. `no template for this image
+    /// and shape yet` or `the template is stale: the image's kernel changed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cold_reason: Option<String>,
+    /// Milliseconds from starting the VMM (or taking a pooled VM) until the guest agent answered as this VM.
+    pub ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BootMode {
+    /// The kernel booted from scratch.
+    Cold,
+    /// Restored from the image's template snapshot, then given its own identity.
+    Warm,
+    /// Taken from the warm pool (restored earlier, waiting), then given its own identity.
+    Pool,
 }
 
 /// All VMs.

@@ -76,6 +76,9 @@ impl Engine {
             take_disks: false,
         };
         let row = self.install_image(&p.name, sources, p.make_default, None, &ctx.cancel).await?;
+        if row.is_default {
+            self.refill_pool_later();
+        }
         Ok(image_info(&row))
     }
 
@@ -214,6 +217,7 @@ impl Engine {
         let _guard = self.image_lock.lock().await;
         let img = self.resolve_image(Some(&p.image)).await?;
         self.store.set_default_image(img.id.clone()).await?;
+        self.refill_pool_later();
         Ok(image_info(&self.resolve_image(Some(&img.id)).await?))
     }
 
@@ -228,6 +232,7 @@ impl Engine {
         }
         self.store.delete_image(img.id.clone()).await?;
         let _ = tokio::fs::remove_dir_all(self.cfg.images_dir().join(&img.id)).await;
+        self.collect_templates().await;
         Ok(ImageDeleted { id: img.id, name: img.name })
     }
 

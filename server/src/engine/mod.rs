@@ -23,6 +23,7 @@ mod image_build;
 mod operation;
 mod session;
 mod vm;
+mod warm;
 mod workspace;
 
 pub use session::SessionFollower;
@@ -65,6 +66,10 @@ pub struct Engine {
     attachments: session::Attachments,
     /// The web console's login URL, once it listens (daemon.status reports it).
     pub(crate) web_url: std::sync::OnceLock<String>,
+    /// Template locks and the warm pool.
+    pub(crate) warm: warm::Warm,
+    /// How each VM was last brought up by this daemon.
+    pub(crate) boots: Mutex<HashMap<String, tools_schema::vm::BootInfo>>,
 }
 
 impl Engine {
@@ -83,6 +88,8 @@ impl Engine {
             net: std::sync::OnceLock::new(),
             attachments: session::Attachments::default(),
             web_url: std::sync::OnceLock::new(),
+            warm: warm::Warm::default(),
+            boots: Mutex::default(),
         })
     }
 

@@ -9,16 +9,17 @@ use tools_schema::daemon::{Empty, VmmKind};
 use tools_schema::guest::{ExecSpec, GuestRequest};
 use tools_schema::operation::{OperationInfo, OperationList, OperationRef};
 use tools_schema::vm::{
-    parse_mode, ContentEncoding, ExecStream, PortProtocol, VmBatchResult, VmCreateParams, VmExecOutputChunk,
-    VmExecOutputParams, VmExecParams, VmExecResult, VmFileReadParams, VmFileReadResult, VmFileWriteParams,
-    VmFileWriteResult, VmInfo, VmList, VmLogs, VmLogsParams, VmOutcome, VmPort, VmPorts, VmRef, VmRefs, VmSetParams,
-    VmState, VmStats, EXEC_INLINE_DEFAULT, EXEC_INLINE_MAX, MAX_FILE_CHUNK,
+    parse_mode, BootInfo, BootMode, ContentEncoding, ExecStream, PortProtocol, VmBatchResult, VmCreateParams,
+    VmExecOutputChunk, VmExecOutputParams, VmExecParams, VmExecResult, VmFileReadParams, VmFileReadResult,
+    VmFileWriteParams, VmFileWriteResult, VmInfo, VmList, VmLogs, VmLogsParams, VmOutcome, VmPort, VmPorts, VmRef,
+    VmRefs, VmSetParams, VmState, VmStats, EXEC_INLINE_DEFAULT, EXEC_INLINE_MAX, MAX_FILE_CHUNK,
 };
 use tools_schema::{ApiError, ErrorCode};
 
 use sha2::Digest;
 
 use super::operation::Op;
+use super::warm::BootPlan;
 use super::{new_id, now, CallContext, Engine};
 use crate::guest::{Capture, GuestConn, GuestError};
 use crate::store::{ImageRow, VmRow};
@@ -29,7 +30,7 @@ use crate::vmm::{self, BootSpec, VmPaths, VmmError};
 const KEEP_EXEC_OUTPUTS: usize = 16;
 const DEFAULT_EXEC_TIMEOUT_SECS: u64 = 600;
 
-fn vmm_error(e: VmmError) -> ApiError {
+pub(crate) fn vmm_error(e: VmmError) -> ApiError {
     match e {
         VmmError::MissingBinary { .. } => ApiError::new(ErrorCode::HostUnsupported, e.to_string())
             .with_hint("run scripts/setup-host.sh, then `banger doctor`"),
@@ -105,10 +106,11 @@ impl Engine {
             disk_bytes: vmm::qcow2_virtual_size(&self.vm_paths(&row.id).root_disk()),
             work_disk_bytes: vmm::qcow2_virtual_size(&self.vm_paths(&row.id).work_disk()),
             last_error: row.last_error.clone(),
+            boot: self.boots.lock().unwrap().get(&row.id).cloned(),
         }
     }
 
-    fn vm_paths(&self, id: &str) -> VmPaths {
+    pub(crate) fn vm_paths(&self, id: &str) -> VmPaths {
         VmPaths::new(self.cfg.vms_dir().join(id))
     }
 
@@ -174,8 +176,9 @@ impl Engine {
         p.validate().map_err(ApiError::invalid)?;
         let op = self.ops.start("vm.create", p.name.as_deref().unwrap_or(""), Self::CREATE_STAGES);
         op.stage("allocate");
+        let cold = p.cold.unwrap_or(false);
         let allocated = self.allocate_vm(p).await;
-        let (row, image) = match allocated {
+        let (row, image, pooled) = match allocated {
             Ok(v) => v,
             Err(e) => {
                 self.ops.forget(&op.id());
@@ -189,7 +192,7 @@ impl Engine {
         tokio::spawn(async move {
             let lock = engine.vm_lock(&row.id);
             let _held = lock.lock_owned().await;
-            let result = engine.clone().create_inner(row.clone(), image, &task_op).await;
+            let result = engine.clone().create_inner(row.clone(), image, &task_op, cold, pooled).await;
             let result = match result {
                 Ok(()) => match engine.reload(&row.id).await {
                     Ok(r) => Ok(engine.vm_info(&r).await),
@@ -237,12 +240,44 @@ impl Engine {
     }
 
     /// Checks the request against daemon state, picks name and address, and records the VM as starting.
-    async fn allocate_vm(&self, p: VmCreateParams) -> Result<(VmRow, ImageRow), ApiError> {
+    /// A VM restored earlier and waiting in the warm pool is taken when image and shape match; its id
+    /// becomes the new VM's (its directory and VMM marker already carry it).
+    async fn allocate_vm(
+        &self,
+        p: VmCreateParams,
+    ) -> Result<(VmRow, ImageRow, Option<super::warm::PoolEntry>), ApiError> {
         let image = self.resolve_image(p.image.as_deref()).await?;
         let vmm = p.vmm.unwrap_or(self.vmm.vmm);
         if vmm == VmmKind::Firecracker {
             self.check_firecracker(&image)?;
         }
+        let (vcpus, memory_mib) =
+            (p.vcpus.unwrap_or(self.cfg.default_vcpus), p.memory_mib.unwrap_or(self.cfg.default_memory_mib));
+        let pooled = (vmm == VmmKind::Qemu && !p.cold.unwrap_or(false))
+            .then(|| self.take_pooled(&image.id, vcpus, memory_mib))
+            .flatten();
+        let allocated =
+            self.allocate_row(p, &image, vmm, vcpus, memory_mib, pooled.as_ref().map(|e| e.id.clone())).await;
+        match allocated {
+            Ok(row) => Ok((row, image, pooled)),
+            Err(e) => {
+                if let Some(entry) = pooled {
+                    self.warm.pool.lock().unwrap().push(entry);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn allocate_row(
+        &self,
+        p: VmCreateParams,
+        image: &ImageRow,
+        vmm: VmmKind,
+        vcpus: u32,
+        memory_mib: u32,
+        id: Option<String>,
+    ) -> Result<VmRow, ApiError> {
         // Addresses and names are handed out under a lock; the store's unique indexes are the backstop.
         let _ip_guard = self.ip_lock.lock().await;
         let existing = self.store.vms().await?;
@@ -267,11 +302,11 @@ impl Engine {
             None => None,
         };
         let row = VmRow {
-            id: new_id(),
+            id: id.unwrap_or_else(new_id),
             name,
             image_id: image.id.clone(),
-            vcpus: p.vcpus.unwrap_or(self.cfg.default_vcpus),
-            memory_mib: p.memory_mib.unwrap_or(self.cfg.default_memory_mib),
+            vcpus,
+            memory_mib,
             vmm,
             state: VmState::Starting,
             pid: None,
@@ -287,42 +322,43 @@ impl Engine {
             .insert_vm(row.clone())
             .await
             .map_err(|e| ApiError::new(ErrorCode::AlreadyExists, format!("cannot record VM `{}`: {e}", row.name)))?;
-        Ok((row, image))
+        Ok(row)
     }
 
-    async fn create_inner(self: Arc<Self>, row: VmRow, image: ImageRow, op: &Op) -> Result<(), ApiError> {
+    async fn create_inner(
+        self: Arc<Self>,
+        row: VmRow,
+        image: ImageRow,
+        op: &Op,
+        cold: bool,
+        pooled: Option<super::warm::PoolEntry>,
+    ) -> Result<(), ApiError> {
         let paths = self.vm_paths(&row.id);
         let cancel = op.cancel.clone();
         let cancelled =
             || ApiError::new(ErrorCode::Cancelled, format!("creating VM {} was cancelled; nothing was kept", row.name));
+        let from_pool = pooled.is_some();
         let result = async {
+            if let Some(entry) = pooled {
+                return self.adopt_pooled(&row, entry, op).await;
+            }
             op.stage("disks");
             tokio::fs::create_dir_all(&paths.dir)
                 .await
                 .map_err(|e| ApiError::internal(format!("creating {}: {e}", paths.dir.display())))?;
-            let (base, seed) = (std::path::Path::new(&image.rootfs), std::path::Path::new(&image.work_seed));
-            if row.vmm == VmmKind::Firecracker {
-                // Firecracker takes raw disks only: writes go to an overlay disk, /root to a sparse copy.
-                vmm::create_ext4_disk(&self.cfg, &paths.overlay_disk(), "banger-overlay", 4 << 30)
-                    .await
-                    .map_err(vmm_error)?;
-                if !image.work_seed.is_empty() {
-                    vmm::copy_sparse(seed, &paths.work_disk_raw()).await.map_err(vmm_error)?;
-                    // The image's files are read-only; the VM's copy is its own.
-                    use std::os::unix::fs::PermissionsExt;
-                    std::fs::set_permissions(paths.work_disk_raw(), std::fs::Permissions::from_mode(0o644))
-                        .map_err(|e| ApiError::internal(format!("making the work disk writable: {e}")))?;
+            let mut plan = self.boot_plan(&row, &image, cold);
+            if let BootPlan::Warm(t) = &plan {
+                if let Err(e) = self.clone_disks(t, &paths).await {
+                    plan = BootPlan::Cold { reason: Some(format!("cannot make the clone's disks: {}", e.message)) };
                 }
-            } else {
-                vmm::create_overlay_disk(&self.cfg, base, &paths.root_disk()).await.map_err(vmm_error)?;
-                if !image.work_seed.is_empty() {
-                    vmm::create_overlay_disk(&self.cfg, seed, &paths.work_disk()).await.map_err(vmm_error)?;
-                }
+            }
+            if let BootPlan::Cold { .. } = plan {
+                self.make_disks(&row, &image, &paths).await?;
             }
             if cancel.is_cancelled() {
                 return Err(cancelled());
             }
-            self.boot(&row, &image, &cancel, Some(op)).await
+            self.boot(&row, &image, &cancel, Some(op), plan).await
         }
         .await;
         let result = match result {
@@ -330,19 +366,91 @@ impl Engine {
             Err(e) if e.code == ErrorCode::Cancelled => Err(cancelled()),
             other => other,
         };
-        if result.is_err() {
-            // Roll back in reverse: process (boot already killed it on its own failure), files, record.
-            if let Some(v) = self.store.vm(row.id.clone()).await.ok().flatten() {
-                if let Some(pid) = v.pid {
-                    vmm::stop_vm_processes(&self.vm_paths(&row.id).dir, &row.id, Some(pid)).await;
+        match result {
+            Ok(boot) => {
+                if boot.mode == BootMode::Cold
+                    && !cold
+                    && self.find_template(&image, row.vcpus, row.memory_mib).is_err()
+                {
+                    self.build_template_later(image.clone(), row.vcpus, row.memory_mib);
                 }
+                if from_pool {
+                    self.refill_pool_later();
+                }
+                Ok(())
             }
-            self.drop_guest(&row.id);
-            self.release_net(&row).await;
-            let _ = tokio::fs::remove_dir_all(&paths.dir).await;
-            let _ = self.store.delete_vm(row.id.clone()).await;
+            Err(e) => {
+                // Roll back in reverse: process (boot already killed it on its own failure), files, record.
+                if let Some(v) = self.store.vm(row.id.clone()).await.ok().flatten() {
+                    if let Some(pid) = v.pid {
+                        vmm::stop_vm_processes(&self.vm_paths(&row.id).dir, &row.id, Some(pid)).await;
+                    }
+                }
+                self.drop_guest(&row.id);
+                self.release_net(&row).await;
+                let _ = tokio::fs::remove_dir_all(&paths.dir).await;
+                let _ = self.store.delete_vm(row.id.clone()).await;
+                if from_pool {
+                    self.refill_pool_later();
+                }
+                Err(e)
+            }
         }
-        result
+    }
+
+    /// A new VM's disks over the image's files: qcow2 overlays (QEMU), or an overlay disk and a sparse copy
+    /// of the work seed (Firecracker, which takes raw disks only). Replaces any the VM already has.
+    async fn make_disks(&self, row: &VmRow, image: &ImageRow, paths: &VmPaths) -> Result<(), ApiError> {
+        for d in [paths.root_disk(), paths.work_disk(), paths.overlay_disk(), paths.work_disk_raw()] {
+            let _ = std::fs::remove_file(d);
+        }
+        let (base, seed) = (std::path::Path::new(&image.rootfs), std::path::Path::new(&image.work_seed));
+        if row.vmm == VmmKind::Firecracker {
+            vmm::create_ext4_disk(&self.cfg, &paths.overlay_disk(), "banger-overlay", 4 << 30)
+                .await
+                .map_err(vmm_error)?;
+            if !image.work_seed.is_empty() {
+                vmm::copy_sparse(seed, &paths.work_disk_raw()).await.map_err(vmm_error)?;
+                // The image's files are read-only; the VM's copy is its own.
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(paths.work_disk_raw(), std::fs::Permissions::from_mode(0o644))
+                    .map_err(|e| ApiError::internal(format!("making the work disk writable: {e}")))?;
+            }
+        } else {
+            let root_disk = paths.root_disk();
+            let root = vmm::create_overlay_disk(&self.cfg, base, "raw", &root_disk);
+            let work = async {
+                if image.work_seed.is_empty() {
+                    Ok(())
+                } else {
+                    vmm::create_overlay_disk(&self.cfg, seed, "raw", &paths.work_disk()).await
+                }
+            };
+            let (a, b) = tokio::join!(root, work);
+            a.and(b).map_err(vmm_error)?;
+        }
+        Ok(())
+    }
+
+    /// Hands a pooled VM (restored earlier, waiting) to a new record: its TAP, then its own identity.
+    async fn adopt_pooled(&self, row: &VmRow, entry: super::warm::PoolEntry, op: &Op) -> Result<BootInfo, ApiError> {
+        let started = std::time::Instant::now();
+        op.detail("taking a restored VM from the warm pool");
+        op.stage("network");
+        if let Some(tap) = &entry.tap {
+            self.store.set_vm_tap(row.id.clone(), Some(tap.clone())).await?;
+        }
+        op.stage("boot");
+        self.store.set_vm_state(row.id.clone(), VmState::Starting, Some(entry.pid), None, None).await?;
+        op.stage("agent");
+        let conn = entry.conn;
+        if let Err(e) = self.reidentify(row, &conn).await {
+            vmm::stop_vm_processes(&self.vm_paths(&row.id).dir, &row.id, Some(entry.pid)).await;
+            self.release_net(row).await;
+            return Err(e);
+        }
+        let boot = BootInfo { mode: BootMode::Pool, cold_reason: None, ms: started.elapsed().as_millis() as u64 };
+        self.finish_boot(row, entry.pid, conn, Some(op), boot).await
     }
 
     pub async fn operation_status(
@@ -369,18 +477,25 @@ impl Engine {
         Ok(OperationList { operations: self.ops.list() })
     }
 
-    /// Starts the VMM and waits for the guest agent. On failure the VMM process is gone and the VM is
-    /// recorded as failed, with the reason.
+    /// Brings the VM up, warm from a template when the plan says so (falling back to a cold boot, with
+    /// the reason, if the restore fails), and waits for the guest agent. On failure the VMM process is gone
+    /// and the VM is recorded as failed, with the reason.
     async fn boot(
         &self,
         row: &VmRow,
         image: &ImageRow,
         cancel: &CancellationToken,
         op: Option<&Op>,
-    ) -> Result<(), ApiError> {
+        plan: BootPlan,
+    ) -> Result<BootInfo, ApiError> {
         let stage = |name: &str| {
             if let Some(op) = op {
                 op.stage(name)
+            }
+        };
+        let detail = |text: String| {
+            if let Some(op) = op {
+                op.detail(&text)
             }
         };
         let paths = self.vm_paths(&row.id);
@@ -396,6 +511,51 @@ impl Engine {
             }
             _ => None,
         };
+        let started = std::time::Instant::now();
+        self.store.set_vm_state(row.id.clone(), VmState::Starting, None, None, None).await?;
+        stage("boot");
+        let mut cold_reason = None;
+        let mut warm = None;
+        match plan {
+            BootPlan::Cold { reason } => cold_reason = reason,
+            BootPlan::Warm(t) => {
+                detail(format!("restoring template {}", t.generation()));
+                match self.restore_clone(image, &t, &row.id, &paths, net.clone(), cancel).await {
+                    Ok((pid, conn)) => {
+                        self.store.set_vm_state(row.id.clone(), VmState::Starting, Some(pid), None, None).await?;
+                        stage("agent");
+                        match self.reidentify(row, &conn).await {
+                            Ok(()) => warm = Some((pid, conn)),
+                            Err(e) => {
+                                conn.close();
+                                vmm::stop_vm_processes(&paths.dir, &row.id, Some(pid)).await;
+                                cold_reason = Some(format!("the restored clone failed: {}", e.message));
+                            }
+                        }
+                    }
+                    Err(e) => cold_reason = Some(format!("restoring the template failed: {}", e.message)),
+                }
+                if warm.is_none() {
+                    if cancel.is_cancelled() {
+                        self.release_net(row).await;
+                        return Err(ApiError::new(ErrorCode::Cancelled, "cancelled"));
+                    }
+                    tracing::warn!(vm = %row.name, reason = ?cold_reason, "warm start failed; booting cold");
+                    // The clone's disks sit on the template; a cold boot needs the image's.
+                    if let Err(e) = self.make_disks(row, image, &paths).await {
+                        self.release_net(row).await;
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        if let Some((pid, conn)) = warm {
+            let boot = BootInfo { mode: BootMode::Warm, cold_reason: None, ms: started.elapsed().as_millis() as u64 };
+            return self.finish_boot(row, pid, conn, op, boot).await;
+        }
+        if let Some(why) = &cold_reason {
+            detail(format!("cold boot: {why}"));
+        }
         let spec = BootSpec {
             vm_id: row.id.clone(),
             hostname: row.name.clone(),
@@ -411,10 +571,9 @@ impl Engine {
             work_disk: [paths.work_disk(), paths.work_disk_raw()].into_iter().find(|w| w.exists()),
             extra_args: grow_args(&paths, image).into_iter().chain(self.ssh_key_arg()).collect(),
             vsock: self.cfg.qemu_channel == "vsock",
+            memory: vmm::GuestMemory::Anonymous,
+            template_mac: None,
         };
-        let started = std::time::Instant::now();
-        self.store.set_vm_state(row.id.clone(), VmState::Starting, None, None, None).await?;
-        stage("boot");
         let launched = vmm::launch(row.vmm, &self.cfg, &self.vmm.qemu_accel, &spec).await.map_err(vmm_error);
         let launched = match launched {
             Ok(l) => l,
@@ -447,30 +606,9 @@ impl Engine {
         .await;
         match ready {
             Ok((conn, agent)) => {
-                stage("ready");
-                self.sync_into_guest(&row.name, &conn).await;
-                self.guests.lock().unwrap().insert(row.id.clone(), conn);
-                if let (Some(net), Some(ip)) = (self.network(), row.ip) {
-                    net.dns.set(&row.name, ip);
-                    if row.nat {
-                        if let Err(e) = net.enable_nat(ip).await {
-                            vmm::stop_vm_processes(&self.vm_paths(&row.id).dir, &row.id, Some(launched.pid)).await;
-                            self.release_net(row).await;
-                            let msg = format!("cannot enable NAT for {}: {e}", row.name);
-                            let _ = self
-                                .store
-                                .set_vm_state(row.id.clone(), VmState::Failed, None, None, Some(msg.clone()))
-                                .await;
-                            return Err(ApiError::new(ErrorCode::HostUnsupported, msg)
-                                .with_hint("`banger doctor` checks nftables"));
-                        }
-                    }
-                }
-                self.store
-                    .set_vm_state(row.id.clone(), VmState::Running, Some(launched.pid), Some(now()), None)
-                    .await?;
-                tracing::info!(vm = %row.name, pid = launched.pid, agent = %agent, boot_ms = started.elapsed().as_millis() as u64, "VM ready");
-                Ok(())
+                tracing::debug!(vm = %row.name, agent = %agent, "guest agent answered");
+                let boot = BootInfo { mode: BootMode::Cold, cold_reason, ms: started.elapsed().as_millis() as u64 };
+                self.finish_boot(row, launched.pid, conn, op, boot).await
             }
             Err(e) => {
                 vmm::stop_vm_processes(&self.vm_paths(&row.id).dir, &row.id, Some(launched.pid)).await;
@@ -480,6 +618,43 @@ impl Engine {
                 Err(e)
             }
         }
+    }
+
+    /// The last steps of every boot, once the agent answers as this VM: logins synced in, DNS name, NAT,
+    /// and the record marked running.
+    async fn finish_boot(
+        &self,
+        row: &VmRow,
+        pid: u32,
+        conn: Arc<GuestConn>,
+        op: Option<&Op>,
+        boot: BootInfo,
+    ) -> Result<BootInfo, ApiError> {
+        if let Some(op) = op {
+            op.stage("ready");
+        }
+        self.sync_into_guest(&row.name, &conn).await;
+        self.guests.lock().unwrap().insert(row.id.clone(), conn);
+        if let (Some(net), Some(ip)) = (self.network(), row.ip) {
+            net.dns.set(&row.name, ip);
+            if row.nat {
+                if let Err(e) = net.enable_nat(ip).await {
+                    self.drop_guest(&row.id);
+                    vmm::stop_vm_processes(&self.vm_paths(&row.id).dir, &row.id, Some(pid)).await;
+                    self.release_net(row).await;
+                    let msg = format!("cannot enable NAT for {}: {e}", row.name);
+                    let _ =
+                        self.store.set_vm_state(row.id.clone(), VmState::Failed, None, None, Some(msg.clone())).await;
+                    return Err(
+                        ApiError::new(ErrorCode::HostUnsupported, msg).with_hint("`banger doctor` checks nftables")
+                    );
+                }
+            }
+        }
+        self.store.set_vm_state(row.id.clone(), VmState::Running, Some(pid), Some(now()), None).await?;
+        tracing::info!(vm = %row.name, pid, mode = ?boot.mode, cold_reason = ?boot.cold_reason, boot_ms = boot.ms, "VM ready");
+        self.boots.lock().unwrap().insert(row.id.clone(), boot.clone());
+        Ok(boot)
     }
 
     fn drop_guest(&self, id: &str) {
@@ -561,7 +736,9 @@ impl Engine {
         let image = self.resolve_image(Some(&row.image_id)).await?;
         let engine = self.clone();
         let task_row = row.clone();
-        tokio::spawn(async move { engine.boot(&task_row, &image, &cancel, None).await })
+        // A VM that exists boots cold from its own disks (a clone's disks are overlays of its template's).
+        let plan = BootPlan::Cold { reason: None };
+        tokio::spawn(async move { engine.boot(&task_row, &image, &cancel, None, plan).await })
             .await
             .map_err(|e| ApiError::internal(format!("start task: {e}")))??;
         Ok(self.vm_info(&self.reload(&row.id).await?).await)
@@ -886,10 +1063,16 @@ impl Engine {
                 }
             }
             engine.store.delete_vm(row.id.clone()).await?;
+            engine.boots.lock().unwrap().remove(&row.id);
             tracing::info!(vm = %row.name, id = %row.id, "VM deleted");
             Ok(None)
         })
         .await
+        .inspect(|_| {
+            // Template generations only the deleted VMs' disks were built on can go now.
+            let engine = self.clone();
+            tokio::spawn(async move { engine.collect_templates().await });
+        })
     }
 
     pub async fn vm_exec(self: &Arc<Self>, p: VmExecParams, ctx: CallContext) -> Result<VmExecResult, ApiError> {
@@ -1064,11 +1247,13 @@ impl Engine {
                 if known.contains(id.as_str()) {
                     continue;
                 }
+                // (Warm-pool VMs have no record either: the pool lives in the daemon's memory.)
                 tracing::warn!(id = %id, "removing an orphaned VM directory");
                 vmm::stop_vm_processes(&e.path(), &id, self.pid_from_pidfile(&id)).await;
                 let _ = tokio::fs::remove_dir_all(e.path()).await;
             }
         }
+        self.collect_templates().await;
         Ok(())
     }
 

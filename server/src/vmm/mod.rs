@@ -11,6 +11,7 @@ use tools_schema::daemon::VmmKind;
 
 pub mod firecracker;
 pub mod qemu;
+pub mod qmp;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -90,7 +91,28 @@ pub struct BootSpec {
     pub extra_args: Vec<String>,
     /// Use vsock instead of virtio-serial for the guest channel (QEMU; Firecracker always uses vsock).
     pub vsock: bool,
+    /// Where guest RAM lives (QEMU): see `GuestMemory`.
+    pub memory: GuestMemory,
+    /// Template snapshots and their clones (QEMU): the NIC carries this fixed MAC (the clone's agent sets
+    /// the VM's own), and a template, which has no TAP, gets a NIC whose frames go nowhere.
+    pub template_mac: Option<String>,
 }
+
+/// Guest RAM of a QEMU VM.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GuestMemory {
+    /// Ordinary anonymous memory.
+    Anonymous,
+    /// A template being made: RAM in this file, shared, so the file holds the guest's memory once the
+    /// template is saved.
+    TemplateFile(PathBuf),
+    /// A clone: the template's RAM file mapped copy-on-write (the file never changes, so one template
+    /// serves any number of clones), device state loaded through `-incoming defer`.
+    CloneOf(PathBuf),
+}
+
+/// The MAC every template's NIC has; clones replace it before they are handed out.
+pub const TEMPLATE_MAC: &str = "52:54:00:b0:00:01";
 
 /// Runtime files of a VM, all inside its directory.
 #[derive(Debug, Clone)]
@@ -197,6 +219,11 @@ async fn launch_firecracker(cfg: &crate::Config, spec: &BootSpec) -> Result<Laun
         "banger.overlay=1".into(),
         "banger.vmm=firecracker".into(),
     ];
+    if spec.initrd.is_none() {
+        // No initramfs: the kernel mounts the base (the first drive, vda) read-only and starts the agent,
+        // which builds the overlay root itself.
+        args.extend(["root=/dev/vda", "ro", "rootfstype=ext4", "init=/usr/local/bin/banger-agent"].map(String::from));
+    }
     if let Some((_, net)) = &spec.net {
         args.extend(net.kernel_args());
     }
@@ -269,10 +296,16 @@ pub async fn copy_sparse(from: &Path, to: &Path) -> Result<(), VmmError> {
 
 /// Creates a VM disk as a copy-on-write overlay (qcow2) over an image's read-only base (root filesystem or
 /// work seed). Nothing is copied: the overlay starts empty and holds only the blocks the guest writes.
-pub async fn create_overlay_disk(cfg: &crate::Config, base: &Path, disk: &Path) -> Result<(), VmmError> {
+/// `base_format` is `raw` for an image's files, `qcow2` for a template's disks.
+pub async fn create_overlay_disk(
+    cfg: &crate::Config,
+    base: &Path,
+    base_format: &str,
+    disk: &Path,
+) -> Result<(), VmmError> {
     let qemu_img = cfg.find_binary("qemu-img").ok_or(VmmError::MissingBinary { binary: "qemu-img" })?;
     let out = tokio::process::Command::new(qemu_img)
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .args(["create", "-q", "-f", "qcow2", "-F", base_format, "-b"])
         .arg(base)
         .arg(disk)
         .output()
@@ -293,6 +326,26 @@ pub fn qcow2_virtual_size(path: &Path) -> Option<u64> {
     let mut header = [0u8; 32];
     std::fs::File::open(path).ok()?.read_exact(&mut header).ok()?;
     (&header[..4] == b"QFI\xfb").then(|| u64::from_be_bytes(header[24..32].try_into().unwrap()))
+}
+
+/// The backing file a qcow2 disk names in its header, if any.
+pub fn qcow2_backing_file(path: &Path) -> Option<PathBuf> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut header = [0u8; 20];
+    f.read_exact(&mut header).ok()?;
+    if &header[..4] != b"QFI\xfb" {
+        return None;
+    }
+    let offset = u64::from_be_bytes(header[8..16].try_into().unwrap());
+    let len = u32::from_be_bytes(header[16..20].try_into().unwrap()) as usize;
+    if offset == 0 || len == 0 || len > 4096 {
+        return None;
+    }
+    let mut name = vec![0u8; len];
+    f.seek(SeekFrom::Start(offset)).ok()?;
+    f.read_exact(&mut name).ok()?;
+    Some(PathBuf::from(String::from_utf8(name).ok()?))
 }
 
 /// Grows a stopped VM's disk (root or work) to `bytes`.

@@ -19,12 +19,20 @@ pub async fn launch(cfg: &Config, accel: &str, spec: &BootSpec) -> Result<Launch
         "panic=-1".into(),
         format!("banger.hostname={}", spec.hostname),
     ];
-    if let Some((_, net)) = &spec.net {
+    // Templates and their clones get their network settings from the agent after the restore; the
+    // command line stays the template's.
+    if let (Some((_, net)), None) = (&spec.net, &spec.template_mac) {
         cmdline.extend(net.kernel_args());
     }
     cmdline.extend(spec.extra_args.iter().cloned());
     if spec.vsock {
         cmdline.push("banger.channel=vsock".into());
+    }
+    if spec.initrd.is_none() {
+        // A kernel with everything built in mounts the root disk itself and starts the agent as PID 1. The
+        // root disk is the first virtio-blk device on the command line, which the kernel names vda.
+        cmdline
+            .extend(["root=/dev/vda", "rw", "rootfstype=ext4", "init=/usr/local/bin/banger-agent"].map(String::from));
     }
     if accel == "tcg" {
         // Without these, most TCG boots hang calibrating the timer.
@@ -34,6 +42,19 @@ pub async fn launch(cfg: &Config, accel: &str, spec: &BootSpec) -> Result<Launch
         cmdline.push("tsc=reliable".into());
     }
     let mut cmd = Command::new(qemu);
+    match &spec.memory {
+        super::GuestMemory::Anonymous => {}
+        super::GuestMemory::TemplateFile(path) | super::GuestMemory::CloneOf(path) => {
+            let share = if matches!(spec.memory, super::GuestMemory::TemplateFile(_)) { "on" } else { "off" };
+            cmd.arg("-object")
+                .arg(format!(
+                    "memory-backend-file,id=mem,size={}M,mem-path={},share={share}",
+                    spec.memory_mib,
+                    path.display()
+                ))
+                .args(["-machine", "memory-backend=mem"]);
+        }
+    }
     if spec.vsock {
         // vhost-user devices need guest RAM the backend can map: a shared memfd.
         cmd.arg("-object")
@@ -62,11 +83,20 @@ pub async fn launch(cfg: &Config, accel: &str, spec: &BootSpec) -> Result<Launch
     if let Some(initrd) = &spec.initrd {
         cmd.arg("-initrd").arg(initrd);
     }
-    if let Some((tap, net)) = &spec.net {
-        cmd.arg("-netdev")
-            .arg(format!("tap,id=net0,ifname={tap},script=no,downscript=no"))
-            .arg("-device")
-            .arg(format!("virtio-net-device,netdev=net0,mac={}", net.mac));
+    match (&spec.net, &spec.template_mac) {
+        (Some((tap, net)), mac) => {
+            cmd.arg("-netdev")
+                .arg(format!("tap,id=net0,ifname={tap},script=no,downscript=no"))
+                .arg("-device")
+                .arg(format!("virtio-net-device,netdev=net0,mac={}", mac.as_deref().unwrap_or(&net.mac)));
+        }
+        // A template's NIC: on a hub of its own, so nothing it sends goes anywhere.
+        (None, Some(mac)) => {
+            cmd.args(["-netdev", "hubport,id=net0,hubid=0"])
+                .arg("-device")
+                .arg(format!("virtio-net-device,netdev=net0,mac={mac}"));
+        }
+        (None, None) => {}
     }
     cmd.arg("-chardev")
         .arg(format!("file,id=console,path={},append=on", paths.console_log().display()))
@@ -92,6 +122,9 @@ pub async fn launch(cfg: &Config, accel: &str, spec: &BootSpec) -> Result<Launch
         .arg("-daemonize")
         .arg("-pidfile")
         .arg(paths.pidfile());
+    if matches!(spec.memory, super::GuestMemory::CloneOf(_)) {
+        cmd.args(["-incoming", "defer"]);
+    }
     let launched = async {
         let out = cmd.output().await.map_err(|source| VmmError::Io { what: "starting qemu".into(), source })?;
         if !out.status.success() {

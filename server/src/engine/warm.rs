@@ -1,0 +1,830 @@
+//! Warm starts: per-image template snapshots, clones restored from them, and the warm pool (QEMU).
+//!
+//! A template is one guest of an image and shape (vcpus, memory), booted once with `banger.template=1`
+//! (no SSH, no network settings), saved as soon as its agent answers: guest RAM in a file the template
+//! keeps (`ram`, written through a shared mapping), the device state (`state`, tens of KiB, `x-ignore-shared`
+//! leaves RAM out), and its two qcow2 disks, frozen from then on. A clone is a new QEMU with the template's
+//! exact device set, its RAM file mapped copy-on-write, `-incoming defer`, and disks that are qcow2 overlays
+//! over the template's. Once resumed, the agent gets `Reidentify` (clock, RNG reseed, hostname, MAC and
+//! address, SSH host key) before the VM is handed out.
+//!
+//! A template is valid only for the exact inputs it was made from (`TemplateInputs`): image files, kernel,
+//! initramfs, QEMU binary, acceleration, banger build, shape. Anything else is refused with the reason, the VM
+//! boots cold, and a new template is built. Old generations stay on disk while a VM's disks are overlays of
+//! them (a clone cold-boots from them after a stop), and are removed after that.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tools_schema::daemon::VmmKind;
+use tools_schema::guest::{CloneIdentity, GuestNetConfig, GuestRequest, GuestResponse};
+use tools_schema::image::{ImageWarmParams, TemplateInfo};
+use tools_schema::{ApiError, BuildInfo, ErrorCode};
+
+use super::vm::{guest_error, vmm_error};
+use super::{new_id, now, CallContext, Engine};
+use crate::guest::GuestConn;
+use crate::store::{ImageRow, VmRow};
+use crate::vmm::{self, BootSpec, GuestMemory, VmPaths};
+
+/// Bumped whenever what a template holds or how it is restored changes: older templates are then stale.
+const TEMPLATE_FORMAT: u32 = 1;
+
+/// A file as a template saw it: replacing or touching it makes templates made from it stale.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct FileStamp {
+    path: String,
+    size: u64,
+    mtime_ns: i128,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Result<FileStamp, String> {
+        let m = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        use std::os::unix::fs::MetadataExt;
+        Ok(FileStamp {
+            path: path.display().to_string(),
+            size: m.len(),
+            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+        })
+    }
+}
+
+/// Everything a template depends on. A template is restored only when all of it is unchanged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct TemplateInputs {
+    format: u32,
+    banger: String,
+    image_id: String,
+    image_fingerprint: String,
+    rootfs: FileStamp,
+    work_seed: Option<FileStamp>,
+    kernel: FileStamp,
+    initrd: Option<FileStamp>,
+    qemu: FileStamp,
+    accel: String,
+    vcpus: u32,
+    memory_mib: u32,
+    nic: bool,
+}
+
+impl TemplateInputs {
+    /// Why a template made from `self` cannot serve `now`, or None when it can.
+    fn stale_reason(&self, now: &TemplateInputs) -> Option<String> {
+        Some(if self.format != now.format {
+            "the template format changed".into()
+        } else if self.banger != now.banger {
+            format!("banger's version changed ({} -> {})", self.banger, now.banger)
+        } else if self.image_id != now.image_id
+            || self.image_fingerprint != now.image_fingerprint
+            || self.rootfs != now.rootfs
+            || self.work_seed != now.work_seed
+        {
+            "the image changed".into()
+        } else if self.kernel != now.kernel || self.initrd != now.initrd {
+            "the image's kernel changed".into()
+        } else if self.qemu != now.qemu || self.accel != now.accel {
+            "QEMU changed".into()
+        } else if (self.vcpus, self.memory_mib, self.nic) != (now.vcpus, now.memory_mib, now.nic) {
+            "the template has another shape".into()
+        } else {
+            return None;
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TemplateMeta {
+    inputs: TemplateInputs,
+    generation: String,
+    created_at: i64,
+    build_ms: u64,
+}
+
+/// A usable template generation.
+#[derive(Debug, Clone)]
+pub(crate) struct Template {
+    dir: PathBuf,
+    meta: TemplateMeta,
+}
+
+impl Template {
+    fn ram(&self) -> PathBuf {
+        self.dir.join("ram")
+    }
+    fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+    pub(crate) fn root_disk(&self) -> PathBuf {
+        self.dir.join("root.qcow2")
+    }
+    pub(crate) fn work_disk(&self) -> PathBuf {
+        self.dir.join("work.qcow2")
+    }
+    pub(crate) fn generation(&self) -> &str {
+        &self.meta.generation
+    }
+}
+
+/// A restored VM waiting in the warm pool: its VMM runs, its channel is connected, it has the template's
+/// identity until it is handed out. Its directory is already `<vms>/<id>`, with no record: a daemon that
+/// dies removes it like any orphan.
+pub(crate) struct PoolEntry {
+    pub(crate) id: String,
+    pub(crate) image_id: String,
+    pub(crate) vcpus: u32,
+    pub(crate) memory_mib: u32,
+    pub(crate) pid: u32,
+    pub(crate) tap: Option<String>,
+    pub(crate) conn: Arc<GuestConn>,
+}
+
+/// Warm-start state kept by the engine.
+#[derive(Default)]
+pub(crate) struct Warm {
+    /// One build at a time per template slot.
+    slot_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub(crate) pool: std::sync::Mutex<Vec<PoolEntry>>,
+    /// Pool entries being restored right now (counted against the pool size).
+    pool_filling: std::sync::Mutex<HashMap<String, usize>>,
+}
+
+/// Where a VM's boot comes from.
+pub(crate) enum BootPlan {
+    Cold { reason: Option<String> },
+    Warm(Template),
+}
+
+impl Engine {
+    fn templates_dir(&self) -> PathBuf {
+        self.cfg.state_dir.join("templates")
+    }
+
+    /// Templates of one image and shape live together; each build is a generation of its own.
+    fn template_slot(&self, image_id: &str, vcpus: u32, memory_mib: u32, nic: bool) -> PathBuf {
+        let net = if nic { "" } else { "-nonet" };
+        self.templates_dir().join(format!("{image_id}-{vcpus}c-{memory_mib}m{net}"))
+    }
+
+    fn nic_enabled(&self) -> bool {
+        self.cfg.network.enabled
+    }
+
+    pub(crate) fn template_inputs(
+        &self,
+        image: &ImageRow,
+        vcpus: u32,
+        memory_mib: u32,
+    ) -> Result<TemplateInputs, String> {
+        let qemu = self.cfg.find_binary("qemu-system-x86_64").ok_or("qemu-system-x86_64 is not installed")?;
+        let b = BuildInfo::current();
+        Ok(TemplateInputs {
+            format: TEMPLATE_FORMAT,
+            banger: format!("{}+{}", b.version, b.commit),
+            image_id: image.id.clone(),
+            image_fingerprint: image.fingerprint.clone(),
+            rootfs: FileStamp::of(Path::new(&image.rootfs))?,
+            work_seed: (!image.work_seed.is_empty()).then(|| FileStamp::of(Path::new(&image.work_seed))).transpose()?,
+            kernel: FileStamp::of(Path::new(&image.kernel))?,
+            initrd: image.initrd.as_ref().map(|i| FileStamp::of(Path::new(i))).transpose()?,
+            qemu: FileStamp::of(&qemu)?,
+            accel: self.vmm.qemu_accel.clone(),
+            vcpus,
+            memory_mib,
+            nic: self.nic_enabled(),
+        })
+    }
+
+    /// Why VMs of this kind can never be warm-started here, if so.
+    fn warm_unsupported(&self, vmm: VmmKind) -> Option<String> {
+        if !self.cfg.warm.templates {
+            return Some("warm starts are off (warm.templates = false)".into());
+        }
+        if vmm != VmmKind::Qemu {
+            return Some("warm starts are built for QEMU; Firecracker snapshots are not wired up yet".into());
+        }
+        if self.cfg.qemu_channel == "vsock" {
+            return Some("the guest channel is vsock, which QEMU cannot snapshot (qemu_channel = \"vsock\")".into());
+        }
+        None
+    }
+
+    /// The current template of this image and shape, or why there is none to use.
+    pub(crate) fn find_template(&self, image: &ImageRow, vcpus: u32, memory_mib: u32) -> Result<Template, String> {
+        if let Some(why) = self.warm_unsupported(VmmKind::Qemu) {
+            return Err(why);
+        }
+        let now = self.template_inputs(image, vcpus, memory_mib)?;
+        let slot = self.template_slot(&image.id, vcpus, memory_mib, now.nic);
+        let Some(dir) = current_generation(&slot) else {
+            return Err("no template for this image and shape yet".into());
+        };
+        let meta: TemplateMeta = std::fs::read(dir.join("meta.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or("the template's metadata is unreadable")?;
+        if let Some(why) = meta.inputs.stale_reason(&now) {
+            return Err(format!("the template is stale: {why}"));
+        }
+        let t = Template { dir, meta };
+        let ram_ok = std::fs::metadata(t.ram()).is_ok_and(|m| m.len() == memory_mib as u64 * 1024 * 1024);
+        let state_ok = std::fs::metadata(t.state()).is_ok_and(|m| m.len() > 0);
+        if !ram_ok || !state_ok || !t.root_disk().is_file() {
+            return Err("the template's files are incomplete".into());
+        }
+        Ok(t)
+    }
+
+    /// Decides how a new VM boots: warm from a valid template, else cold with the reason.
+    pub(crate) fn boot_plan(&self, row: &VmRow, image: &ImageRow, cold_requested: bool) -> BootPlan {
+        if cold_requested {
+            return BootPlan::Cold { reason: Some("a cold boot was requested".into()) };
+        }
+        if let Some(why) = self.warm_unsupported(row.vmm) {
+            return BootPlan::Cold { reason: Some(why) };
+        }
+        match self.find_template(image, row.vcpus, row.memory_mib) {
+            Ok(t) => BootPlan::Warm(t),
+            Err(reason) => BootPlan::Cold { reason: Some(reason) },
+        }
+    }
+
+    fn slot_lock(&self, slot: &Path) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.warm.slot_locks.lock().unwrap();
+        locks.entry(slot.display().to_string()).or_default().clone()
+    }
+
+    pub async fn image_warm(self: &Arc<Self>, p: ImageWarmParams, ctx: CallContext) -> Result<TemplateInfo, ApiError> {
+        p.validate().map_err(ApiError::invalid)?;
+        let image = self.resolve_image(p.image.as_deref()).await?;
+        if let Some(why) = self.warm_unsupported(VmmKind::Qemu) {
+            return Err(ApiError::precondition(format!("cannot make a template: {why}"))
+                .with_hint("set warm.templates = true and qemu_channel = \"virtio-serial\" in the config"));
+        }
+        let vcpus = p.vcpus.unwrap_or(self.cfg.default_vcpus);
+        let memory_mib = p.memory_mib.unwrap_or(self.cfg.default_memory_mib);
+        self.ensure_template(&image, vcpus, memory_mib, p.rebuild.unwrap_or(false), &ctx.cancel).await
+    }
+
+    /// Returns the current template of the image and shape, building one if there is none or it is stale.
+    pub(crate) async fn ensure_template(
+        self: &Arc<Self>,
+        image: &ImageRow,
+        vcpus: u32,
+        memory_mib: u32,
+        rebuild: bool,
+        cancel: &CancellationToken,
+    ) -> Result<TemplateInfo, ApiError> {
+        let inputs = self
+            .template_inputs(image, vcpus, memory_mib)
+            .map_err(|e| ApiError::precondition(format!("cannot make a template of image {}: {e}", image.name)))?;
+        let slot = self.template_slot(&image.id, vcpus, memory_mib, inputs.nic);
+        let lock = self.slot_lock(&slot);
+        let _held = lock.lock().await;
+        let info = |t: &Template, reused: bool, replaced: Option<String>| TemplateInfo {
+            image: image.name.clone(),
+            vcpus,
+            memory_mib,
+            generation: t.meta.generation.clone(),
+            created_at: t.meta.created_at,
+            reused,
+            build_ms: (!reused).then_some(t.meta.build_ms),
+            replaced_because: replaced,
+        };
+        let previous = self.find_template(image, vcpus, memory_mib);
+        let replaced = match previous {
+            Ok(t) if !rebuild => return Ok(info(&t, true, None)),
+            Ok(_) => Some("a rebuild was requested".to_string()),
+            Err(why) if why.starts_with("no template") => None,
+            Err(why) => Some(why),
+        };
+        let t = self.build_template(image, inputs, &slot, cancel).await?;
+        self.collect_templates().await;
+        Ok(info(&t, false, replaced))
+    }
+
+    /// Boots the template guest, saves it once its agent answers, and makes it the slot's current generation.
+    /// Nothing is left behind when it fails.
+    async fn build_template(
+        &self,
+        image: &ImageRow,
+        inputs: TemplateInputs,
+        slot: &Path,
+        cancel: &CancellationToken,
+    ) -> Result<Template, ApiError> {
+        let started = Instant::now();
+        let generation = new_id();
+        let work = slot.join(format!("{generation}.tmp"));
+        let vm_id = format!("tpl-{generation}");
+        let paths = VmPaths::new(work.clone());
+        tracing::info!(image = %image.name, vcpus = inputs.vcpus, memory_mib = inputs.memory_mib, %generation, "building a warm-start template");
+        let mut pid = None;
+        let result = async {
+            std::fs::create_dir_all(&work)
+                .map_err(|e| ApiError::internal(format!("creating {}: {e}", work.display())))?;
+            let (root, seed) = (Path::new(&image.rootfs), Path::new(&image.work_seed));
+            vmm::create_overlay_disk(&self.cfg, root, "raw", &paths.root_disk()).await.map_err(vmm_error)?;
+            if !image.work_seed.is_empty() {
+                vmm::create_overlay_disk(&self.cfg, seed, "raw", &paths.work_disk()).await.map_err(vmm_error)?;
+            }
+            let spec =
+                self.template_spec(image, &inputs, &paths, &vm_id, None, GuestMemory::TemplateFile(work.join("ram")));
+            let launched =
+                vmm::launch(VmmKind::Qemu, &self.cfg, &self.vmm.qemu_accel, &spec).await.map_err(vmm_error)?;
+            pid = Some(launched.pid);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(self.cfg.boot_timeout_secs);
+            // The channel stays connected while the state is saved, so a clone that connects before it
+            // resumes finds the port exactly as the agent left it.
+            let (conn, _) = paths
+                .guest_channel()
+                .ready(deadline, cancel)
+                .await
+                .map_err(|e| guest_error(&format!("template {generation}"), e))?;
+            let mut qmp = vmm::qmp::Qmp::connect(&paths.control(), Duration::from_secs(5))
+                .await
+                .map_err(|e| ApiError::internal(format!("template: {e}")))?;
+            qmp.save_state(&work.join("state")).await.map_err(|e| ApiError::internal(format!("template: {e}")))?;
+            let _ = qmp.execute("quit", serde_json::json!({})).await;
+            conn.close();
+            vmm::wait_exit(launched.pid, &vmm::process_marker(&vm_id), Duration::from_secs(10)).await;
+            Ok::<(), ApiError>(())
+        }
+        .await;
+        if let Some(pid) = pid {
+            vmm::stop_vm_processes(&work, &vm_id, Some(pid)).await;
+        }
+        if let Err(e) = result {
+            let _ = tokio::fs::remove_dir_all(&work).await;
+            return Err(if cancel.is_cancelled() {
+                ApiError::new(ErrorCode::Cancelled, "the template build was cancelled; nothing was kept")
+            } else {
+                ApiError::internal(format!("building the template of image {} failed: {}", image.name, e.message))
+                    .with_hint(
+                        "new VMs boot cold meanwhile; `banger vm logs` is not kept for templates, see the daemon log",
+                    )
+            });
+        }
+        for runtime in [paths.channel(), paths.control(), paths.pidfile()] {
+            let _ = std::fs::remove_file(runtime);
+        }
+        let meta = TemplateMeta {
+            inputs,
+            generation: generation.clone(),
+            created_at: now(),
+            build_ms: started.elapsed().as_millis() as u64,
+        };
+        let publish = || -> std::io::Result<PathBuf> {
+            std::fs::write(work.join("meta.json"), serde_json::to_vec_pretty(&meta).expect("json"))?;
+            let dir = slot.join(&generation);
+            std::fs::rename(&work, &dir)?;
+            // Switch `current` atomically: a concurrent create sees the old generation or the new one.
+            let link = slot.join(format!(".current-{generation}"));
+            std::os::unix::fs::symlink(&generation, &link)?;
+            std::fs::rename(&link, slot.join("current"))?;
+            Ok(dir)
+        };
+        let dir = publish().map_err(|e| {
+            let _ = std::fs::remove_dir_all(&work);
+            ApiError::internal(format!("saving the template: {e}"))
+        })?;
+        tracing::info!(image = %image.name, %generation, build_ms = meta.build_ms, "warm-start template ready");
+        Ok(Template { dir, meta })
+    }
+
+    /// The boot spec of a template and of its clones: the same device set, so a clone can load the template's
+    /// device state. Only the RAM mapping, the NIC's backend and the file paths differ.
+    fn template_spec(
+        &self,
+        image: &ImageRow,
+        inputs: &TemplateInputs,
+        paths: &VmPaths,
+        vm_id: &str,
+        tap: Option<(String, crate::network::GuestNet)>,
+        memory: GuestMemory,
+    ) -> BootSpec {
+        BootSpec {
+            vm_id: vm_id.to_string(),
+            hostname: "banger-template".into(),
+            vcpus: inputs.vcpus,
+            memory_mib: inputs.memory_mib,
+            kernel: image.kernel.clone().into(),
+            initrd: image.initrd.clone().map(Into::into),
+            root_disk: paths.root_disk(),
+            base_rootfs: image.rootfs.clone().into(),
+            kernel_elf: image.kernel_elf.clone().map(Into::into),
+            work_disk: (!image.work_seed.is_empty()).then(|| paths.work_disk()),
+            dir: paths.dir.clone(),
+            net: tap,
+            extra_args: vec!["banger.template=1".into()],
+            vsock: false,
+            memory,
+            template_mac: inputs.nic.then(|| vmm::TEMPLATE_MAC.to_string()),
+        }
+    }
+
+    /// Creates a clone's disks: qcow2 overlays over the template's (nothing is copied).
+    pub(crate) async fn clone_disks(&self, t: &Template, paths: &VmPaths) -> Result<(), ApiError> {
+        let (base, disk) = (t.root_disk(), paths.root_disk());
+        let root = vmm::create_overlay_disk(&self.cfg, &base, "qcow2", &disk);
+        let with_work = t.work_disk().is_file();
+        let work = async {
+            if with_work {
+                vmm::create_overlay_disk(&self.cfg, &t.work_disk(), "qcow2", &paths.work_disk()).await
+            } else {
+                Ok(())
+            }
+        };
+        let (a, b) = tokio::join!(root, work);
+        a.and(b).map_err(vmm_error)
+    }
+
+    /// Starts a clone's VMM from the template and resumes it. Returns the VMM's pid and the connected channel
+    /// (the agent still has the template's identity). On failure nothing of the clone runs any more.
+    pub(crate) async fn restore_clone(
+        &self,
+        image: &ImageRow,
+        t: &Template,
+        vm_id: &str,
+        paths: &VmPaths,
+        tap: Option<(String, crate::network::GuestNet)>,
+        cancel: &CancellationToken,
+    ) -> Result<(u32, Arc<GuestConn>), ApiError> {
+        let spec = self.template_spec(image, &t.meta.inputs, paths, vm_id, tap, GuestMemory::CloneOf(t.ram()));
+        let started = Instant::now();
+        let launched = vmm::launch(VmmKind::Qemu, &self.cfg, &self.vmm.qemu_accel, &spec).await.map_err(vmm_error)?;
+        let t_launch = started.elapsed();
+        let resumed = async {
+            // Connect before resuming: the port then never looks disconnected to the agent.
+            let conn = GuestConn::connect(&paths.channel()).await.map_err(|e| guest_error(vm_id, e))?;
+            let mut qmp = vmm::qmp::Qmp::connect(&paths.control(), Duration::from_secs(5))
+                .await
+                .map_err(|e| ApiError::internal(format!("restoring the template: {e}")))?;
+            qmp.restore_state(&t.state())
+                .await
+                .map_err(|e| ApiError::internal(format!("restoring the template: {e}")))?;
+            let t_restore = started.elapsed();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            conn.wait_ready(deadline, cancel).await.map_err(|e| guest_error(vm_id, e))?;
+            tracing::debug!(
+                vm = vm_id,
+                launch_ms = t_launch.as_millis() as u64,
+                restore_ms = t_restore.as_millis() as u64,
+                answer_ms = started.elapsed().as_millis() as u64,
+                "clone resumed"
+            );
+            Ok::<_, ApiError>(conn)
+        }
+        .await;
+        match resumed {
+            Ok(conn) => Ok((launched.pid, conn)),
+            Err(e) => {
+                vmm::stop_vm_processes(&paths.dir, vm_id, Some(launched.pid)).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Gives a restored clone its own identity. Fresh entropy comes from the host's RNG.
+    pub(crate) async fn reidentify(&self, row: &VmRow, conn: &GuestConn) -> Result<(), ApiError> {
+        let identity = self.clone_identity(row);
+        self.send_identity(&row.name, conn, identity).await
+    }
+
+    fn clone_identity(&self, row: &VmRow) -> CloneIdentity {
+        let net = match (self.network(), row.ip, &row.mac) {
+            (Some(net), Some(ip), Some(mac)) => {
+                let g = net.guest_net(ip, mac);
+                Some(GuestNetConfig {
+                    address: format!("{}/{}", g.ip, g.prefix),
+                    gateway: g.gateway.to_string(),
+                    dns: g.gateway.to_string(),
+                    mac: g.mac.clone(),
+                })
+            }
+            _ => None,
+        };
+        let entropy: [u8; 64] = rand::random();
+        CloneIdentity {
+            hostname: row.name.clone(),
+            net,
+            ssh_authorized_key: std::fs::read_to_string(self.cfg.ssh_key().with_extension("pub"))
+                .ok()
+                .map(|k| k.trim().to_string()),
+            entropy_hex: hex::encode(entropy),
+            unix_time_ns: self.clone_identity_time(),
+            rehearsal: false,
+        }
+    }
+
+    fn clone_identity_time(&self) -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    }
+
+    async fn send_identity(&self, vm: &str, conn: &GuestConn, identity: CloneIdentity) -> Result<(), ApiError> {
+        match conn.request(&GuestRequest::Reidentify(identity), Duration::from_secs(30)).await {
+            Ok(GuestResponse::Ok) => Ok(()),
+            Ok(GuestResponse::Error { message }) => {
+                Err(ApiError::internal(format!("VM {vm}'s agent could not take its own identity: {message}")))
+            }
+            Ok(other) => Err(ApiError::internal(format!("unexpected answer to reidentify: {other:?}"))),
+            Err(e) => Err(guest_error(vm, e)),
+        }
+    }
+
+    /// After a cold boot that found no usable template: build one in the background, once per slot.
+    pub(crate) fn build_template_later(self: &Arc<Self>, image: ImageRow, vcpus: u32, memory_mib: u32) {
+        if !self.cfg.warm.auto_build || self.warm_unsupported(VmmKind::Qemu).is_some() {
+            return;
+        }
+        let engine = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = engine.ensure_template(&image, vcpus, memory_mib, false, &CancellationToken::new()).await {
+                tracing::warn!(image = %image.name, error = %e.message, "background template build failed");
+            }
+        });
+    }
+
+    /// Removes template generations that are neither current nor the base of a VM's disks, and build
+    /// leftovers (`*.tmp`) of a daemon that died mid-build, with their VMM.
+    pub(crate) async fn collect_templates(&self) {
+        let root = self.templates_dir();
+        let Ok(slots) = std::fs::read_dir(&root) else { return };
+        let mut in_use = std::collections::HashSet::new();
+        if let Ok(vms) = std::fs::read_dir(self.cfg.vms_dir()) {
+            for vm in vms.flatten() {
+                for disk in ["root.qcow2", "work.qcow2"] {
+                    if let Some(b) = vmm::qcow2_backing_file(&vm.path().join(disk)) {
+                        if let Some(gen_dir) = b.parent() {
+                            in_use.insert(gen_dir.to_path_buf());
+                        }
+                    }
+                }
+            }
+        }
+        let Ok(images) = self.store.images().await else { return };
+        let images: Vec<String> = images.into_iter().map(|i| i.id).collect();
+        for slot in slots.flatten() {
+            let slot_name = slot.file_name().to_string_lossy().to_string();
+            let image_id = slot_name.split('-').next().unwrap_or_default();
+            // The image is gone (its VMs went first): so is every template of it.
+            let image_gone = !images.iter().any(|i| i == image_id);
+            let current = current_generation(&slot.path()).filter(|_| !image_gone);
+            let Ok(gens) = std::fs::read_dir(slot.path()) else { continue };
+            for g in gens.flatten() {
+                let path = g.path();
+                let name = g.file_name().to_string_lossy().to_string();
+                if name == "current" || name.starts_with(".current-") || !path.is_dir() {
+                    continue;
+                }
+                if let Some(generation) = name.strip_suffix(".tmp") {
+                    // A build in progress holds its slot lock; only a dead daemon's builds are left over.
+                    let lock = self.slot_lock(&slot.path());
+                    let Ok(_held) = lock.try_lock() else { continue };
+                    let vm_id = format!("tpl-{generation}");
+                    let pid = std::fs::read_to_string(path.join("vmm.pid")).ok().and_then(|s| s.trim().parse().ok());
+                    vmm::stop_vm_processes(&path, &vm_id, pid).await;
+                    let _ = tokio::fs::remove_dir_all(&path).await;
+                    continue;
+                }
+                if Some(&path) == current.as_ref() || in_use.contains(&path) {
+                    continue;
+                }
+                tracing::info!(template = %path.display(), "removing an unused template generation");
+                let _ = tokio::fs::remove_dir_all(&path).await;
+            }
+            if image_gone && !in_use.iter().any(|g| g.starts_with(slot.path())) {
+                let _ = tokio::fs::remove_dir_all(slot.path()).await;
+            }
+        }
+    }
+
+    /// Refills the warm pool of the default image (default shape) in the background, as far as the size in
+    /// the config and the host's available memory allow.
+    pub(crate) fn refill_pool_later(self: &Arc<Self>) {
+        if self.cfg.warm.pool_size == 0 || self.warm_unsupported(VmmKind::Qemu).is_some() {
+            return;
+        }
+        let engine = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = engine.refill_pool().await {
+                tracing::warn!(error = %e.message, "warm pool refill failed");
+            }
+        });
+    }
+
+    async fn refill_pool(self: &Arc<Self>) -> Result<(), ApiError> {
+        let Some(image) = self.store.images().await?.into_iter().find(|i| i.is_default) else { return Ok(()) };
+        let (vcpus, memory_mib) = (self.cfg.default_vcpus, self.cfg.default_memory_mib);
+        // Pooled VMs of an image that is no longer the default only hold memory.
+        let stale: Vec<PoolEntry> = {
+            let mut pool = self.warm.pool.lock().unwrap();
+            let (keep, stale) = std::mem::take(&mut *pool).into_iter().partition(|e| e.image_id == image.id);
+            *pool = keep;
+            stale
+        };
+        for e in stale {
+            self.end_pooled(e).await;
+        }
+        let key = format!("{}-{vcpus}-{memory_mib}", image.id);
+        loop {
+            {
+                let pool = self.warm.pool.lock().unwrap();
+                let mut filling = self.warm.pool_filling.lock().unwrap();
+                let have =
+                    pool.iter().filter(|e| e.image_id == image.id).count() + filling.get(&key).copied().unwrap_or(0);
+                if have >= self.cfg.warm.pool_size as usize {
+                    return Ok(());
+                }
+                let available = available_memory_mib().unwrap_or(0);
+                if available < memory_mib as u64 + self.cfg.warm.pool_reserve_mib {
+                    tracing::info!(available_mib = available, "warm pool not refilled: host memory is short");
+                    return Ok(());
+                }
+                *filling.entry(key.clone()).or_default() += 1;
+            }
+            let entry = self.pool_entry(&image, vcpus, memory_mib).await;
+            *self.warm.pool_filling.lock().unwrap().entry(key.clone()).or_default() -= 1;
+            self.warm.pool.lock().unwrap().push(entry?);
+        }
+    }
+
+    /// Restores one clone for the pool.
+    async fn pool_entry(
+        self: &Arc<Self>,
+        image: &ImageRow,
+        vcpus: u32,
+        memory_mib: u32,
+    ) -> Result<PoolEntry, ApiError> {
+        let t = match self.find_template(image, vcpus, memory_mib) {
+            Ok(t) => t,
+            Err(_) => {
+                self.ensure_template(image, vcpus, memory_mib, false, &CancellationToken::new()).await?;
+                self.find_template(image, vcpus, memory_mib).map_err(ApiError::internal)?
+            }
+        };
+        let id = new_id();
+        let paths = self.vm_paths(&id);
+        let result = async {
+            std::fs::create_dir_all(&paths.dir).map_err(|e| ApiError::internal(format!("pool: {e}")))?;
+            self.clone_disks(&t, &paths).await?;
+            let tap = match self.network() {
+                Some(net) if t.meta.inputs.nic => Some(
+                    net.acquire_tap().await.map_err(|e| ApiError::internal(format!("cannot get a TAP device: {e}")))?,
+                ),
+                _ => None,
+            };
+            // The NIC's settings come with the identity at hand-out; the placeholder never reaches the guest.
+            let placeholder = tap.clone().map(|t| {
+                (
+                    t,
+                    crate::network::GuestNet {
+                        ip: std::net::Ipv4Addr::UNSPECIFIED,
+                        prefix: 32,
+                        gateway: std::net::Ipv4Addr::UNSPECIFIED,
+                        mac: vmm::TEMPLATE_MAC.into(),
+                    },
+                )
+            });
+            let restored = self.restore_clone(image, &t, &id, &paths, placeholder, &CancellationToken::new()).await;
+            let restored = match restored {
+                Ok((pid, conn)) => {
+                    // A dry run with a placeholder identity, so the hand-out's real one finds warm code paths.
+                    let rehearsal = CloneIdentity {
+                        hostname: "banger-pool".into(),
+                        net: t.meta.inputs.nic.then(|| GuestNetConfig {
+                            address: "169.254.77.77/32".into(),
+                            gateway: String::new(),
+                            dns: String::new(),
+                            mac: vmm::TEMPLATE_MAC.into(),
+                        }),
+                        ssh_authorized_key: None,
+                        entropy_hex: hex::encode(rand::random::<[u8; 64]>()),
+                        unix_time_ns: self.clone_identity_time(),
+                        rehearsal: true,
+                    };
+                    match self.send_identity("a pool VM", &conn, rehearsal).await {
+                        Ok(()) => Ok((pid, conn)),
+                        Err(e) => {
+                            conn.close();
+                            vmm::stop_vm_processes(&paths.dir, &id, Some(pid)).await;
+                            Err(e)
+                        }
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            match restored {
+                Ok((pid, conn)) => {
+                    Ok(PoolEntry { id: id.clone(), image_id: image.id.clone(), vcpus, memory_mib, pid, tap, conn })
+                }
+                Err(e) => {
+                    if let (Some(net), Some(tap)) = (self.network(), tap) {
+                        net.release_tap(&tap).await;
+                    }
+                    Err(e)
+                }
+            }
+        }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_dir_all(&paths.dir).await;
+        }
+        result
+    }
+
+    pub(crate) fn warm_pool_status(&self) -> tools_schema::daemon::WarmPoolStatus {
+        tools_schema::daemon::WarmPoolStatus {
+            size: self.cfg.warm.pool_size,
+            ready: self.warm.pool.lock().unwrap().len() as u32,
+            filling: self.warm.pool_filling.lock().unwrap().values().sum::<usize>() as u32,
+        }
+    }
+
+    /// Takes a pooled VM of this image and shape, if one waits.
+    pub(crate) fn take_pooled(&self, image_id: &str, vcpus: u32, memory_mib: u32) -> Option<PoolEntry> {
+        let mut pool = self.warm.pool.lock().unwrap();
+        let i = pool.iter().position(|e| e.image_id == image_id && e.vcpus == vcpus && e.memory_mib == memory_mib)?;
+        Some(pool.remove(i))
+    }
+
+    /// Ends every pooled VM (daemon shutdown, or the default image changed).
+    pub(crate) async fn drain_pool(&self) {
+        let entries: Vec<PoolEntry> = std::mem::take(&mut *self.warm.pool.lock().unwrap());
+        for e in entries {
+            self.end_pooled(e).await;
+        }
+    }
+
+    async fn end_pooled(&self, e: PoolEntry) {
+        e.conn.close();
+        vmm::stop_vm_processes(&self.vm_paths(&e.id).dir, &e.id, Some(e.pid)).await;
+        if let (Some(net), Some(tap)) = (self.network(), &e.tap) {
+            net.release_tap(tap).await;
+        }
+        let _ = tokio::fs::remove_dir_all(self.vm_paths(&e.id).dir).await;
+    }
+}
+
+/// The generation a slot's `current` link names (a relative link to a sibling folder).
+fn current_generation(slot: &Path) -> Option<PathBuf> {
+    let target = std::fs::read_link(slot.join("current")).ok()?;
+    let dir = slot.join(target.file_name()?);
+    dir.is_dir().then_some(dir)
+}
+
+/// MemAvailable from /proc/meminfo, in MiB.
+fn available_memory_mib() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs() -> TemplateInputs {
+        let f = |p: &str| FileStamp { path: p.into(), size: 1, mtime_ns: 1 };
+        TemplateInputs {
+            format: TEMPLATE_FORMAT,
+            banger: "0.1.0+abc".into(),
+            image_id: "img".into(),
+            image_fingerprint: "fp".into(),
+            rootfs: f("/r"),
+            work_seed: Some(f("/w")),
+            kernel: f("/k"),
+            initrd: None,
+            qemu: f("/q"),
+            accel: "tcg".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            nic: true,
+        }
+    }
+
+    #[test]
+    fn every_input_change_makes_a_template_stale_with_a_reason() {
+        let base = inputs();
+        assert_eq!(base.stale_reason(&base), None);
+        let cases: Vec<(Box<dyn Fn(&mut TemplateInputs)>, &str)> = vec![
+            (Box::new(|i| i.banger = "0.1.0+def".into()), "banger's version changed"),
+            (Box::new(|i| i.kernel.mtime_ns = 2), "kernel changed"),
+            (Box::new(|i| i.initrd = Some(FileStamp { path: "/i".into(), size: 1, mtime_ns: 1 })), "kernel changed"),
+            (Box::new(|i| i.rootfs.size = 2), "image changed"),
+            (Box::new(|i| i.image_fingerprint = "other".into()), "image changed"),
+            (Box::new(|i| i.qemu.size = 9), "QEMU changed"),
+            (Box::new(|i| i.memory_mib = 512), "another shape"),
+            (Box::new(|i| i.format += 1), "format changed"),
+        ];
+        for (change, want) in cases {
+            let mut now = base.clone();
+            change(&mut now);
+            let why = base.stale_reason(&now).expect("stale");
+            assert!(why.contains(want), "{why} should mention {want}");
+        }
+    }
+}
