@@ -1,38 +1,41 @@
-//! `banger bench`: numbers, printed, never asserted. Create-to-ready and a no-op exec round trip through the
-//! daemon, next to the bare VMM booting the same kernel and image to the same point (the guest agent
-//! answering), all measured in one run on this host.
-use std::path::PathBuf;
+//! `banger bench`: numbers, printed, never asserted. In one run on this host: cold and warm create-to-ready
+//! (and from the warm pool when it is on), the bare VMM booting the same kernel and image to the same point
+//! (the guest agent answering), a no-op exec through the daemon next to the same exec and a raw echo straight
+//! over a bare VM's channel, host memory per idle VM, and workspace prepare/export throughput next to the raw
+//! channel's.
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Args, Subcommand};
+use clap::Args;
 use serde::Serialize;
+use tools_schema::image::{ImageInfo, ImageWarmParams};
 use tools_schema::ops;
-use tools_schema::vm::{VmCreateParams, VmExecParams, VmRefs};
+use tools_schema::vm::{BootMode, BootRequest, VmCreateParams, VmExecParams, VmFileReadParams, VmInfo, VmRefs};
+use tools_schema::workspace::{WorkspaceExportParams, WorkspacePrepareParams};
 
+use crate::client::Daemon;
 use crate::{output, Ctx};
 
-#[derive(Subcommand)]
-pub enum BenchCmd {
-    /// Time VM creation and exec round trips against the bare VMM.
-    #[command(after_help = "Example:\n  banger bench create --runs 5 --json")]
-    Create(CreateBench),
-}
-
 #[derive(Args)]
-pub struct CreateBench {
-    /// VMs to create (and bare boots to time).
+#[command(after_help = "Example:\n  banger bench --runs 5 --json\n\nThe warm pool row appears when the daemon \
+keeps one (warm.pool_size > 0 in its config) and --memory is the daemon's default VM memory.")]
+pub struct BenchArgs {
+    /// Creates of each kind (cold, warm, pooled) and bare VMM boots to time.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
     runs: u32,
-    /// No-op exec round trips per VM.
+    /// No-op exec and echo round trips.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10000))]
     execs: u32,
     /// Image to use (default image when omitted).
     #[arg(long)]
     image: Option<String>,
     /// Guest memory in MiB for every VM, bare boots included.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(128..=65536))]
     memory: u32,
+    /// MiB of incompressible files moved by the throughput measurements.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    payload_mib: u32,
 }
 
 #[derive(Serialize)]
@@ -45,17 +48,56 @@ pub struct Summary {
 }
 
 #[derive(Serialize)]
-pub struct CreateReport {
+pub struct Memory {
+    /// Resident set of the VMM process, MiB.
+    pub rss_mib: f64,
+    /// Proportional set: pages shared with other processes (a template's RAM file) counted by share, MiB.
+    pub pss_mib: f64,
+}
+
+#[derive(Serialize)]
+pub struct Throughput {
+    pub payload_mib: u32,
+    /// `workspace.prepare` of a repository holding the payload, MiB/s of payload.
+    pub workspace_prepare_mib_s: f64,
+    /// `workspace.export` of the payload written in the guest, including fetching the patch, MiB/s of payload.
+    pub workspace_export_mib_s: f64,
+    /// The payload written straight over a bare VM's channel into a guest tmpfs, MiB/s.
+    pub raw_channel_write_mib_s: f64,
+}
+
+#[derive(Serialize)]
+pub struct BenchReport {
     pub image: String,
     pub vmm: String,
-    /// `vm.create` called until it returned a ready VM.
-    pub create_to_ready: Summary,
-    /// The same kernel, initramfs and image booted by the VMM alone until the guest agent answered.
+    pub acceleration: String,
+    pub kernel: String,
+    pub memory_mib: u32,
+    /// `vm.create` with `cold: true`, until it returned a ready VM.
+    pub cold_create_to_ready: Summary,
+    /// `vm.create` restored from the image's template, until it returned a ready VM.
+    pub warm_create_to_ready: Summary,
+    /// `vm.create` served by the warm pool (absent when the daemon keeps none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool_create_to_ready: Option<Summary>,
+    /// The same kernel, initramfs (if any), image, disks and a NIC booted by the VMM alone (no daemon, no
+    /// store, no bridge) until the guest agent answered.
     pub bare_vmm_boot_to_ready: Summary,
-    /// create_to_ready p50 / bare p50.
-    pub overhead_ratio_p50: f64,
-    /// `vm.exec ["true"]` round trips.
-    pub noop_exec: Summary,
+    /// p50 ratios.
+    pub cold_over_bare: f64,
+    pub warm_over_cold: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool_over_cold: Option<f64>,
+    /// `vm.exec ["true"]` through the daemon.
+    pub noop_exec_via_daemon: Summary,
+    /// The same exec straight over a bare VM's channel (no daemon).
+    pub noop_exec_direct: Summary,
+    /// An echo request straight over a bare VM's channel: the channel and the agent's request loop alone.
+    pub raw_channel_echo: Summary,
+    /// Host memory of one idle VM of each kind, a few seconds after it became ready.
+    pub idle_cold_vm: Memory,
+    pub idle_warm_vm: Memory,
+    pub throughput: Throughput,
 }
 
 fn summarize(mut ms: Vec<f64>) -> Summary {
@@ -68,9 +110,61 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-pub async fn run(cmd: BenchCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
-    let BenchCmd::Create(a) = cmd;
+fn mib_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0) / d.as_secs_f64()
+}
+
+fn noop(vm: &str) -> VmExecParams {
+    VmExecParams {
+        vm: vm.to_string(),
+        command: vec!["true".into()],
+        env: Default::default(),
+        cwd: None,
+        stdin: None,
+        timeout_secs: None,
+        max_inline_bytes: None,
+    }
+}
+
+/// VMs the bench made, deleted however it ends.
+struct Cleanup<'a> {
+    d: &'a Daemon,
+    names: Vec<String>,
+}
+
+impl Cleanup<'_> {
+    async fn delete(&mut self, name: &str) {
+        let _ = self.d.call::<ops::VmDelete>(&VmRefs { vms: vec![name.to_string()] }).await;
+        self.names.retain(|n| n != name);
+    }
+    async fn all(&mut self) {
+        if !self.names.is_empty() {
+            let _ = self.d.call::<ops::VmDelete>(&VmRefs { vms: std::mem::take(&mut self.names) }).await;
+        }
+    }
+}
+
+pub async fn run(a: BenchArgs, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     let d = ctx.daemon().await?;
+    let mut cleanup = Cleanup { d: &d, names: vec![] };
+    let result = bench(&a, ctx, &d, &mut cleanup).await;
+    cleanup.all().await;
+    let report = result?;
+    if ctx.json {
+        output::json(&report);
+    } else {
+        print_report(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn progress(ctx: &Ctx, line: String) {
+    if !ctx.json {
+        eprintln!("{line}");
+    }
+}
+
+async fn bench(a: &BenchArgs, ctx: &Ctx, d: &Daemon, cleanup: &mut Cleanup<'_>) -> anyhow::Result<BenchReport> {
     let image = match &a.image {
         Some(i) => d.call::<ops::ImageShow>(&tools_schema::image::ImageRef { image: i.clone() }).await?,
         None => {
@@ -82,102 +176,277 @@ pub async fn run(cmd: BenchCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         }
     };
     let status = d.call::<ops::DaemonStatus>(&Default::default()).await?;
-    let (mut creates, mut execs, mut bare) = (vec![], vec![], vec![]);
+    progress(ctx, format!("preparing the warm-start template of {} ({} MiB)...", image.name, a.memory));
+    let warm =
+        ImageWarmParams { image: Some(image.id.clone()), memory_mib: Some(a.memory), vcpus: Some(1), rebuild: None };
+    d.call::<ops::ImageWarm>(&warm).await?;
+
+    let tag = std::process::id();
+    let create = |name: String, cold: bool| VmCreateParams {
+        name: Some(name),
+        image: Some(image.id.clone()),
+        vcpus: Some(1),
+        memory_mib: Some(a.memory),
+        boot: Some(if cold { BootRequest::Cold } else { BootRequest::Template }),
+        ..Default::default()
+    };
+    let (mut cold, mut warm_ms, mut bare) = (vec![], vec![], vec![]);
     for run in 0..a.runs {
-        let name = format!("bench-{}-{run}", std::process::id());
-        let started = Instant::now();
-        let p = VmCreateParams {
-            name: Some(name.clone()),
-            image: Some(image.id.clone()),
-            memory_mib: Some(a.memory),
-            ..Default::default()
-        };
-        let created = d.call::<ops::VmCreate>(&p).await;
-        let elapsed = started.elapsed();
-        let result = async {
-            created?;
-            creates.push(ms(elapsed));
-            for _ in 0..a.execs {
-                let t = Instant::now();
-                let r = d
-                    .call::<ops::VmExec>(&VmExecParams {
-                        vm: name.clone(),
-                        command: vec!["true".into()],
-                        env: Default::default(),
-                        cwd: None,
-                        stdin: None,
-                        timeout_secs: None,
-                        max_inline_bytes: None,
-                    })
-                    .await?;
-                execs.push(ms(t.elapsed()));
-                anyhow::ensure!(r.exit_code == Some(0), "`true` failed in the guest: {r:?}");
-            }
-            Ok::<(), anyhow::Error>(())
+        for (is_cold, into) in [(true, &mut cold), (false, &mut warm_ms)] {
+            let name = format!("bench-{tag}-{}-{run}", if is_cold { "cold" } else { "warm" });
+            cleanup.names.push(name.clone());
+            let t = Instant::now();
+            let vm = d.call::<ops::VmCreate>(&create(name.clone(), is_cold)).await?;
+            into.push(ms(t.elapsed()));
+            let want = if is_cold { BootMode::Cold } else { BootMode::Warm };
+            check_mode(&vm, want)?;
+            cleanup.delete(&name).await;
         }
-        .await;
-        let _ = d.call::<ops::VmDelete>(&VmRefs { vms: vec![name.clone()] }).await;
-        result?;
-        bare.push(bare_boot(&image, a.memory).await?);
-        if !ctx.json {
-            eprintln!(
-                "run {}/{}: create {:.0} ms, bare {:.0} ms",
+        bare.push(bare_boot(&image, a.memory, None).await?.boot_ms);
+        progress(
+            ctx,
+            format!(
+                "run {}/{}: cold {:.0} ms, warm {:.0} ms, bare {:.0} ms",
                 run + 1,
                 a.runs,
-                creates[creates.len() - 1],
+                cold[cold.len() - 1],
+                warm_ms[warm_ms.len() - 1],
                 bare[bare.len() - 1]
-            );
-        }
+            ),
+        );
     }
-    let (create_to_ready, bare_vmm_boot_to_ready, noop_exec) = (summarize(creates), summarize(bare), summarize(execs));
-    let report = CreateReport {
+
+    // The warm pool serves only the daemon's default image and shape.
+    let mut pooled = vec![];
+    let pool_serves = status.warm_pool.size > 0 && image.is_default && a.memory == status.warm_pool.memory_mib;
+    if pool_serves {
+        for run in 0..a.runs {
+            wait_for_pool(d).await?;
+            let name = format!("bench-{tag}-pool-{run}");
+            cleanup.names.push(name.clone());
+            let t = Instant::now();
+            let vm =
+                d.call::<ops::VmCreate>(&VmCreateParams { name: Some(name.clone()), ..Default::default() }).await?;
+            pooled.push(ms(t.elapsed()));
+            check_mode(&vm, BootMode::Pool)?;
+            cleanup.delete(&name).await;
+            progress(ctx, format!("pool run {}/{}: {:.0} ms", run + 1, a.runs, pooled[pooled.len() - 1]));
+        }
+    } else {
+        progress(ctx, "warm pool: not measured (it is off, or serves another image or shape)".into());
+    }
+
+    // One idle VM of each kind: memory, exec round trips, workspace throughput.
+    let (cold_name, warm_name) = (format!("bench-{tag}-idle-cold"), format!("bench-{tag}-idle-warm"));
+    cleanup.names.extend([cold_name.clone(), warm_name.clone()]);
+    let cold_vm = d.call::<ops::VmCreate>(&create(cold_name.clone(), true)).await?;
+    let warm_vm = d.call::<ops::VmCreate>(&create(warm_name.clone(), false)).await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let idle_cold_vm = vm_memory(&cold_vm)?;
+    let idle_warm_vm = vm_memory(&warm_vm)?;
+    let mut execs = vec![];
+    for _ in 0..a.execs {
+        let t = Instant::now();
+        let r = d.call::<ops::VmExec>(&noop(&warm_name)).await?;
+        execs.push(ms(t.elapsed()));
+        anyhow::ensure!(r.exit_code == Some(0), "`true` failed in the guest: {r:?}");
+    }
+    progress(ctx, format!("workspace prepare/export of {} MiB...", a.payload_mib));
+    let (prepare, export) = workspace_throughput(d, &warm_name, a.payload_mib).await?;
+    cleanup.all().await;
+
+    progress(ctx, "bare VM: exec and echo straight over the channel...".into());
+    let direct = bare_boot(&image, a.memory, Some((a.execs, a.payload_mib))).await?;
+    let (noop_direct, echo, raw_write) = direct.channel.expect("measured");
+
+    let kernel_mib = std::fs::metadata(&image.kernel).map(|m| m.len() >> 20).unwrap_or(0);
+    let (cold_s, warm_s, bare_s) = (summarize(cold), summarize(warm_ms), summarize(bare));
+    let pool_s = (!pooled.is_empty()).then(|| summarize(pooled));
+    Ok(BenchReport {
         image: image.name.clone(),
         vmm: status.vmm.vmm.as_str().to_string(),
-        overhead_ratio_p50: create_to_ready.p50_ms / bare_vmm_boot_to_ready.p50_ms,
-        create_to_ready,
-        bare_vmm_boot_to_ready,
-        noop_exec,
-    };
-    if ctx.json {
-        output::json(&report);
-    } else {
-        let row = |name: &str, s: &Summary| {
-            vec![
-                name.to_string(),
-                s.n.to_string(),
-                format!("{:.1}", s.p50_ms),
-                format!("{:.1}", s.p95_ms),
-                format!("{:.1}", s.min_ms),
-                format!("{:.1}", s.max_ms),
-            ]
-        };
-        println!("image {} on {} ({})", report.image, report.vmm, status.vmm.qemu_accel);
-        output::table(
-            &["METRIC", "N", "P50 MS", "P95 MS", "MIN MS", "MAX MS"],
-            &[
-                row("create-to-ready (banger)", &report.create_to_ready),
-                row("boot-to-ready (bare VMM)", &report.bare_vmm_boot_to_ready),
-                row("no-op exec round trip", &report.noop_exec),
-            ],
-        );
-        println!("banger create / bare boot (p50): {:.2}x", report.overhead_ratio_p50);
+        acceleration: status.vmm.qemu_accel.clone(),
+        kernel: format!(
+            "{kernel_mib} MiB kernel, {}",
+            if image.initrd.is_some() { "with initramfs" } else { "no initramfs" }
+        ),
+        memory_mib: a.memory,
+        cold_over_bare: cold_s.p50_ms / bare_s.p50_ms,
+        warm_over_cold: warm_s.p50_ms / cold_s.p50_ms,
+        pool_over_cold: pool_s.as_ref().map(|p| p.p50_ms / cold_s.p50_ms),
+        cold_create_to_ready: cold_s,
+        warm_create_to_ready: warm_s,
+        pool_create_to_ready: pool_s,
+        bare_vmm_boot_to_ready: bare_s,
+        noop_exec_via_daemon: summarize(execs),
+        noop_exec_direct: summarize(noop_direct),
+        raw_channel_echo: summarize(echo),
+        idle_cold_vm,
+        idle_warm_vm,
+        throughput: Throughput {
+            payload_mib: a.payload_mib,
+            workspace_prepare_mib_s: prepare,
+            workspace_export_mib_s: export,
+            raw_channel_write_mib_s: raw_write,
+        },
+    })
+}
+
+fn check_mode(vm: &VmInfo, want: BootMode) -> anyhow::Result<()> {
+    let boot = vm.boot.as_ref().ok_or_else(|| anyhow::anyhow!("{} reports no boot information", vm.name))?;
+    anyhow::ensure!(
+        boot.mode == want,
+        "{} came up {:?}, not {:?}{}: the numbers would be mislabelled",
+        vm.name,
+        boot.mode,
+        want,
+        boot.cold_reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default()
+    );
+    Ok(())
+}
+
+async fn wait_for_pool(d: &Daemon) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = d.call::<ops::DaemonStatus>(&Default::default()).await?;
+        if s.warm_pool.ready > 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the warm pool did not refill within 2 minutes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+/// RSS and PSS of a VM's VMM process (this host's /proc).
+fn vm_memory(vm: &VmInfo) -> anyhow::Result<Memory> {
+    let pid = vm.pid.ok_or_else(|| anyhow::anyhow!("{} has no VMM pid", vm.name))?;
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .map_err(|e| anyhow::anyhow!("reading the VMM's memory (run the bench as the daemon's user): {e}"))?;
+    let field = |name: &str| -> f64 {
+        rollup
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    Ok(Memory { rss_mib: field("Rss:"), pss_mib: field("Pss:") })
+}
+
+/// Prepares a repository of `payload_mib` random bytes into the VM, then exports as much new work from it.
+async fn workspace_throughput(d: &Daemon, vm: &str, payload_mib: u32) -> anyhow::Result<(f64, f64)> {
+    let repo = tempfile_dir("repo")?;
+    let result = async {
+        let bytes = payload_mib as u64 * 1024 * 1024;
+        let mut chunk = vec![0u8; 1024 * 1024];
+        for f in 0..4 {
+            let mut data = Vec::with_capacity(bytes as usize / 4);
+            while (data.len() as u64) < bytes / 4 {
+                fill_random(&mut chunk);
+                data.extend_from_slice(&chunk);
+            }
+            std::fs::write(repo.join(format!("blob{f}.bin")), &data[..(bytes / 4) as usize])?;
+        }
+        for args in [
+            vec!["init", "-q", "-b", "main"],
+            vec!["-c", "user.name=bench", "-c", "user.email=bench@banger", "add", "-A"],
+            vec!["-c", "user.name=bench", "-c", "user.email=bench@banger", "commit", "-q", "-m", "payload"],
+        ] {
+            let st = std::process::Command::new("git").args(&args).current_dir(&repo).status()?;
+            anyhow::ensure!(st.success(), "git {args:?} failed in the bench repository");
+        }
+        let t = Instant::now();
+        d.call::<ops::WorkspacePrepare>(&WorkspacePrepareParams {
+            vm: vm.to_string(),
+            path: repo.display().to_string(),
+            mode: None,
+            force: true,
+            git_user_name: Some("bench".into()),
+            git_user_email: Some("bench@banger".into()),
+        })
+        .await?;
+        let prepare = mib_s(bytes, t.elapsed());
+        let gen = d
+            .call::<ops::VmExec>(&VmExecParams {
+                command: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    format!("head -c {bytes} /dev/urandom > /root/repo/new-work.bin"),
+                ],
+                ..noop(vm)
+            })
+            .await?;
+        anyhow::ensure!(gen.exit_code == Some(0), "writing the guest's work failed: {gen:?}");
+        let t = Instant::now();
+        let exported = d
+            .call::<ops::WorkspaceExport>(&WorkspaceExportParams {
+                vm: vm.to_string(),
+                base: None,
+                check_repo: None,
+                max_inline_bytes: None,
+            })
+            .await?;
+        if !exported.patch_inline {
+            let mut offset = 0;
+            while offset < exported.patch_bytes {
+                let r = d
+                    .call::<ops::VmFileRead>(&VmFileReadParams {
+                        vm: vm.to_string(),
+                        path: exported.patch_path.clone(),
+                        offset: Some(offset),
+                        limit: Some(tools_schema::vm::MAX_FILE_CHUNK),
+                        encoding: None,
+                    })
+                    .await?;
+                anyhow::ensure!(r.bytes > 0, "the patch ended early");
+                offset += r.bytes;
+            }
+        }
+        Ok((prepare, mib_s(bytes, t.elapsed())))
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&repo);
+    result
+}
+
+fn fill_random(buf: &mut [u8]) {
+    // xorshift: incompressible enough for git and the patch encoder, and no extra dependency.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ Instant::now().elapsed().as_nanos() as u64 ^ buf.as_ptr() as u64;
+    for b in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let bytes = x.to_le_bytes();
+        b.copy_from_slice(&bytes[..b.len()]);
+    }
+}
+
+struct BareBoot {
+    boot_ms: f64,
+    /// No-op exec round trips, echo round trips, and the raw write throughput (MiB/s), when asked for.
+    channel: Option<(Vec<f64>, Vec<f64>, f64)>,
 }
 
 /// Boots the image with the VMM alone (no daemon, no network, no store): a throwaway copy-on-write disk,
-/// the VMM, and the guest agent's first answer. Returns milliseconds from start to that answer.
-async fn bare_boot(image: &tools_schema::image::ImageInfo, memory_mib: u32) -> anyhow::Result<f64> {
+/// the VMM, and the guest agent's first answer. With `measure`, also times exec and echo round trips and a
+/// raw write straight over the channel.
+async fn bare_boot(image: &ImageInfo, memory_mib: u32, measure: Option<(u32, u32)>) -> anyhow::Result<BareBoot> {
     use banger_server::vmm;
     let cfg = banger_server::Config::load(None)?;
     // The VMM detaches; as its subreaper this process can reap it by pid, as the daemon does.
     let _ = nix::sys::prctl::set_child_subreaper(true);
-    let dir = tempfile_dir()?;
+    let dir = tempfile_dir("vm")?;
     let vm_id = format!("bench{}", std::process::id());
     let paths = vmm::VmPaths::new(dir.clone());
     let result = async {
         let started = Instant::now();
-        vmm::create_overlay_disk(&cfg, std::path::Path::new(&image.rootfs), "raw", &paths.root_disk()).await?;
+        // The same disks a VM gets: root and work (/root), copy-on-write over the image's files.
+        vmm::create_overlay_disk(&cfg, Path::new(&image.rootfs), "raw", &paths.root_disk()).await?;
+        let work = (!image.work_seed.is_empty()).then(|| paths.work_disk());
+        if let Some(w) = &work {
+            vmm::create_overlay_disk(&cfg, Path::new(&image.work_seed), "raw", w).await?;
+        }
         let spec = vmm::BootSpec {
             vm_id: vm_id.clone(),
             hostname: "bench".into(),
@@ -188,10 +457,20 @@ async fn bare_boot(image: &tools_schema::image::ImageInfo, memory_mib: u32) -> a
             root_disk: paths.root_disk(),
             base_rootfs: image.rootfs.clone().into(),
             kernel_elf: image.kernel_elf.clone().map(Into::into),
-            work_disk: None,
+            work_disk: work,
             vsock: cfg.qemu_channel == "vsock",
             dir: dir.clone(),
-            net: None,
+            // A NIC like a VM's, so the guest does the same work: QEMU makes the TAP (no bridge, no address on
+            // the host side, gone with the process) and the guest configures a link-local address on it.
+            net: Some((
+                format!("bgbench{}", std::process::id() % 100_000),
+                banger_server::network::GuestNet {
+                    ip: std::net::Ipv4Addr::new(169, 254, 77, 2),
+                    prefix: 30,
+                    gateway: std::net::Ipv4Addr::new(169, 254, 77, 1),
+                    mac: "52:54:00:b0:be:01".into(),
+                },
+            )),
             extra_args: vec![],
             memory: vmm::GuestMemory::Anonymous,
             template_mac: None,
@@ -200,22 +479,101 @@ async fn bare_boot(image: &tools_schema::image::ImageInfo, memory_mib: u32) -> a
         let launched = vmm::launch(tools_schema::daemon::VmmKind::Qemu, &cfg, &accel, &spec).await?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         let ready = paths.guest_channel().ready(deadline, &Default::default()).await;
-        let elapsed = started.elapsed();
+        let boot_ms = ms(started.elapsed());
+        let measured = match (&ready, measure) {
+            (Ok((conn, _)), Some((n, payload_mib))) => {
+                // Let the fresh guest settle (sshd starting), as the daemon-side VM did before its execs.
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Some(measure_channel(conn, n, payload_mib).await)
+            }
+            _ => None,
+        };
         vmm::stop_vm_processes(&dir, &vm_id, Some(launched.pid)).await;
         ready?.0.close();
-        Ok::<f64, anyhow::Error>(ms(elapsed))
+        Ok::<BareBoot, anyhow::Error>(BareBoot { boot_ms, channel: measured.transpose()? })
     }
     .await;
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn tempfile_dir() -> std::io::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("banger-bench-{}-{}", std::process::id(), rand_suffix()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+async fn measure_channel(
+    conn: &banger_server::guest::GuestConn,
+    n: u32,
+    payload_mib: u32,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>, f64)> {
+    let cancel = Default::default();
+    let (mut execs, mut echoes) = (vec![], vec![]);
+    for _ in 0..n {
+        let spec = tools_schema::guest::ExecSpec {
+            argv: vec!["true".into()],
+            env: Default::default(),
+            cwd: None,
+            stdin: false,
+            timeout_ms: None,
+        };
+        let t = Instant::now();
+        let out = conn.exec(spec, None, 1024, &cancel).await?;
+        execs.push(ms(t.elapsed()));
+        anyhow::ensure!(out.status.code == Some(0), "`true` failed in the bare guest");
+        let t = Instant::now();
+        conn.echo("ping").await?;
+        echoes.push(ms(t.elapsed()));
+    }
+    let mut data = vec![0u8; payload_mib as usize * 1024 * 1024];
+    fill_random(&mut data);
+    let t = Instant::now();
+    conn.write_file("/dev/shm/banger-bench", None, false, &data).await?;
+    Ok((execs, echoes, mib_s(data.len() as u64, t.elapsed())))
 }
 
-fn rand_suffix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos() as u64).unwrap_or(0)
+fn print_report(r: &BenchReport) {
+    let row = |name: &str, s: &Summary| {
+        vec![
+            name.to_string(),
+            s.n.to_string(),
+            format!("{:.1}", s.p50_ms),
+            format!("{:.1}", s.p95_ms),
+            format!("{:.1}", s.min_ms),
+            format!("{:.1}", s.max_ms),
+        ]
+    };
+    println!("image {} ({}), {} with {}, {} MiB guests", r.image, r.kernel, r.vmm, r.acceleration, r.memory_mib);
+    let mut rows = vec![
+        row("create-to-ready, cold", &r.cold_create_to_ready),
+        row("create-to-ready, warm (template)", &r.warm_create_to_ready),
+    ];
+    if let Some(p) = &r.pool_create_to_ready {
+        rows.push(row("create-to-ready, warm pool", p));
+    }
+    rows.extend([
+        row("boot-to-ready, bare VMM", &r.bare_vmm_boot_to_ready),
+        row("no-op exec via daemon", &r.noop_exec_via_daemon),
+        row("no-op exec, bare channel", &r.noop_exec_direct),
+        row("echo, bare channel", &r.raw_channel_echo),
+    ]);
+    output::table(&["METRIC", "N", "P50 MS", "P95 MS", "MIN MS", "MAX MS"], &rows);
+    println!();
+    println!("cold / bare (p50):  {:.2}x", r.cold_over_bare);
+    println!("warm / cold (p50):  {:.3}", r.warm_over_cold);
+    if let Some(p) = r.pool_over_cold {
+        println!("pool / cold (p50):  {p:.3}");
+    }
+    println!(
+        "idle VM memory:     cold {:.0} MiB RSS ({:.0} PSS), warm {:.0} MiB RSS ({:.0} PSS)",
+        r.idle_cold_vm.rss_mib, r.idle_cold_vm.pss_mib, r.idle_warm_vm.rss_mib, r.idle_warm_vm.pss_mib
+    );
+    let t = &r.throughput;
+    println!(
+        "throughput ({} MiB): workspace prepare {:.1} MiB/s, export {:.1} MiB/s, raw channel write {:.1} MiB/s",
+        t.payload_mib, t.workspace_prepare_mib_s, t.workspace_export_mib_s, t.raw_channel_write_mib_s
+    );
+}
+
+fn tempfile_dir(what: &str) -> std::io::Result<PathBuf> {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!("banger-bench-{what}-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }

@@ -58,9 +58,9 @@ enum Command {
     /// Follow or cancel long-running operations (VM creates, image builds, workspace prepare/export).
     #[command(subcommand)]
     Operation(operation_cmd::OperationCmd),
-    /// Benchmarks that print numbers (never pass/fail on timing).
-    #[command(subcommand)]
-    Bench(bench_cmd::BenchCmd),
+    /// Measure cold and warm creates against the bare VMM, exec and channel round trips, idle memory and
+    /// workspace throughput, all in one run on this host. Prints numbers; never passes or fails on them.
+    Bench(bench_cmd::BenchArgs),
     /// Serve MCP on stdio, relayed to the daemon (for `claude mcp add banger -- banger mcp`).
     #[command(after_help = "Examples:\n  claude mcp add --scope user banger -- banger mcp\n  \
 npx @modelcontextprotocol/inspector --cli banger mcp --method tools/list\n\nSee docs/AGENTS.md for opencode and pi.")]

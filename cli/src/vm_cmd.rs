@@ -1,6 +1,7 @@
 //! `banger vm ...`.
 use std::collections::BTreeMap;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use tools_schema::daemon::VmmKind;
@@ -126,9 +127,10 @@ pub struct CreateArgs {
     /// Let the VM reach other networks through NAT (by default it reaches only other VMs and DNS).
     #[arg(long)]
     nat: bool,
-    /// Boot the kernel from scratch even if the image has a warm-start template for this shape.
-    #[arg(long)]
-    cold: bool,
+    /// auto: from the warm pool, else the image's warm-start template, else a cold boot; template: never
+    /// the pool; cold: boot the kernel from scratch.
+    #[arg(long, value_name = "auto|template|cold")]
+    boot: Option<tools_schema::vm::BootRequest>,
 }
 
 impl CreateArgs {
@@ -140,7 +142,7 @@ impl CreateArgs {
             memory_mib: self.memory_mib,
             vmm: self.vmm,
             nat: Some(self.nat),
-            cold: self.cold.then_some(true),
+            boot: self.boot,
         }
     }
 }
@@ -183,6 +185,24 @@ pub async fn create(d: &Daemon, p: VmCreateParams, ctx: &Ctx) -> anyhow::Result<
         (Some(vm), _) => Ok((vm, done.elapsed_ms)),
         (None, Some(e)) => Err(crate::client::CallError::Api(e).into()),
         (None, None) => anyhow::bail!("the create ended without a result"),
+    }
+}
+
+/// A guest's sshd starts right after its agent answers (its host key is made then): wait until it greets,
+/// so `vm ssh` straight after `vm create` works. Gives up quietly after `limit`; ssh then says what is wrong.
+fn wait_for_sshd(ip: &str, limit: Duration) {
+    use std::io::Read;
+    let Ok(addr) = format!("{ip}:22").parse::<std::net::SocketAddr>() else { return };
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut greeting = [0u8; 4];
+            if s.read_exact(&mut greeting).is_ok() && &greeting == b"SSH-" {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -361,6 +381,7 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 .clone()
                 .ok_or_else(|| anyhow::anyhow!("VM {} has no network address (networking is disabled)", info.name))?;
             let key = d.call::<ops::DaemonStatus>(&Default::default()).await?.ssh_key;
+            wait_for_sshd(&ip, Duration::from_secs(30));
             let status = std::process::Command::new("ssh")
                 .args(["-i", &key, "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no"])
                 .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"])

@@ -38,11 +38,19 @@ pub fn run() -> anyhow::Result<()> {
             let bytes = base64::engine::general_purpose::STANDARD_NO_PAD.decode(k).ok()?;
             String::from_utf8(bytes).ok()
         });
-        if let Err(e) = crate::identity::start_sshd(key.as_deref(), false) {
-            eprintln!("banger-agent: ssh: {e}");
-        }
         if let Err(e) = crate::identity::configure_network(net_from_cmdline(&cmdline).as_ref()) {
             eprintln!("banger-agent: network: {e}");
+        }
+        // Making the host key takes a while in an emulated guest: never before the agent answers. A child
+        // process does it, not a thread: PID 1's waitpid(-1) below would steal ssh-keygen's exit status.
+        let self_exe = std::env::current_exe().unwrap_or_else(|_| "/usr/local/bin/banger-agent".into());
+        let mut setup = Command::new(self_exe);
+        setup.arg("ssh-setup");
+        if let Some(k) = &key {
+            setup.env("BANGER_SSH_KEY", k);
+        }
+        if let Err(e) = setup.spawn() {
+            eprintln!("banger-agent: ssh: {e}");
         }
     }
     let self_exe = std::env::current_exe().unwrap_or_else(|_| "/usr/local/bin/banger-agent".into());

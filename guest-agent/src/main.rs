@@ -21,6 +21,8 @@ fn main() -> anyhow::Result<()> {
     match mode.as_str() {
         "init" => init::run(),
         "serve" => serve::run(),
+        // Started by init: authorises banger's key, makes the host key, starts sshd.
+        "ssh-setup" => identity::start_sshd(std::env::var("BANGER_SSH_KEY").ok().as_deref(), false),
         "version" | "--version" => {
             println!("banger-agent {}", tools_schema::BuildInfo::current());
             Ok(())

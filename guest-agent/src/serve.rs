@@ -103,6 +103,7 @@ async fn serve_connection(
                         respond(&out, stream, reply);
                     }
                     GuestRequest::Health => respond(&out, stream, GuestResponse::Health(health())),
+                    GuestRequest::Echo { data } => respond(&out, stream, GuestResponse::Echo { data }),
                     GuestRequest::Exec(spec) => {
                         let (tx, rx) = mpsc::unbounded_channel();
                         inputs.insert(stream, tx);

@@ -95,8 +95,10 @@ pub struct WarmConfig {
     pub templates: bool,
     /// After a cold boot that found no usable template, build one in the background.
     pub auto_build: bool,
-    /// Restored VMs kept ready per image (in the default shape), handed out by `vm create` at once.
+    /// Restored VMs of the default image kept ready (in the default shape), handed out by `vm create` at once.
     pub pool_size: u32,
+    /// The same for other images, by name: `pools = { agent = 2 }`.
+    pub pools: std::collections::BTreeMap<String, u32>,
     /// The pool is refilled only while the host keeps at least this much memory available (MiB) on top
     /// of the new VM's.
     pub pool_reserve_mib: u64,
@@ -104,7 +106,13 @@ pub struct WarmConfig {
 
 impl Default for WarmConfig {
     fn default() -> Self {
-        WarmConfig { templates: true, auto_build: true, pool_size: 0, pool_reserve_mib: 2048 }
+        WarmConfig {
+            templates: true,
+            auto_build: true,
+            pool_size: 0,
+            pools: Default::default(),
+            pool_reserve_mib: 2048,
+        }
     }
 }
 

@@ -187,6 +187,14 @@ impl GuestConn {
         }
     }
 
+    /// One round trip through the channel and the agent's request loop, nothing else (`banger bench`).
+    pub async fn echo(&self, data: &str) -> Result<(), GuestError> {
+        match self.request(&GuestRequest::Echo { data: data.to_string() }, Duration::from_secs(5)).await? {
+            GuestResponse::Echo { data: back } if back == data => Ok(()),
+            other => Err(GuestError::Protocol(format!("{other:?}"))),
+        }
+    }
+
     pub async fn health(&self) -> Result<GuestHealth, GuestError> {
         match self.request(&GuestRequest::Health, Duration::from_secs(5)).await? {
             GuestResponse::Health(h) => Ok(h),

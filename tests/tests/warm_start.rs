@@ -139,7 +139,7 @@ fn a_stale_or_broken_template_is_never_restored() {
     let gen1 = d.rpc("image.warm", json!({"memory_mib": 256}))["generation"].clone();
 
     // Asked for: cold, and said so.
-    let v = d.rpc("vm.create", json!({"name": "asked-cold", "memory_mib": 256, "cold": true}));
+    let v = d.rpc("vm.create", json!({"name": "asked-cold", "memory_mib": 256, "boot": "cold"}));
     assert!(cold_reason(&v).contains("requested"), "{v}");
     // Another shape has no template.
     let v = d.rpc("vm.create", json!({"name": "other-shape", "memory_mib": 320}));
@@ -222,28 +222,40 @@ fn pool_status(d: &TestDaemon) -> Value {
 
 #[test]
 fn the_warm_pool_hands_out_ready_vms_refills_and_stays_within_host_memory() {
-    let mut d = TestDaemon::start_with_config("default_memory_mib = 256\n[warm]\npool_size = 1\nauto_build = false");
+    let mut d = TestDaemon::start_with_config(
+        "default_memory_mib = 256\n[warm]\npool_size = 1\npools = { second = 1 }\nauto_build = false",
+    );
     d.register_test_image();
-    // Registering the default image fills the pool (building the template first).
-    wait_until("the pool to fill", Duration::from_secs(120), || pool_status(&d)["ready"] == 1);
+    let img = test_image();
+    d.rpc(
+        "image.register",
+        json!({"name": "second", "kernel": img.kernel, "kernel_elf": img.kernel_elf, "rootfs": img.rootfs,
+               "work_seed": img.work_seed}),
+    );
+    // Registering the images fills their pools (building each one's template first).
+    wait_until("the pools to fill", Duration::from_secs(180), || pool_status(&d)["ready"] == 2);
     let v = d.rpc("vm.create", json!({"name": "pooled"}));
     assert_eq!(boot_mode(&v), "pool", "{v}");
+    let other = d.rpc("vm.create", json!({"name": "pooled-second", "image": "second"}));
+    assert_eq!((boot_mode(&other), other["image"].as_str()), ("pool", Some("second")), "{other}");
+    assert_eq!(d.guest_ok("pooled-second", "hostname").trim(), "pooled-second");
+    d.rpc("vm.delete", json!({"vms": ["pooled-second"]}));
     let i = identity(&d, "pooled");
     assert_eq!((i.hostname.as_str(), i.ip.as_str()), ("pooled", v["ip"].as_str().unwrap()));
     assert!(i.clock_skew_secs <= 5);
     let out = d.netns.exec(&["getent", "hosts", "pooled.vm"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).split_whitespace().next(), v["ip"].as_str());
     // It refills in the background; another shape is not served from it.
-    wait_until("the pool to refill", Duration::from_secs(120), || pool_status(&d)["ready"] == 1);
+    wait_until("the pools to refill", Duration::from_secs(120), || pool_status(&d)["ready"] == 2);
     let v = d.rpc("vm.create", json!({"name": "bigger", "memory_mib": 320}));
     assert_eq!(boot_mode(&v), "cold", "{v}");
-    assert_eq!(pool_status(&d)["ready"], 1);
+    assert_eq!(pool_status(&d)["ready"], 2);
     d.rpc("vm.delete", json!({"vms": ["pooled", "bigger"]}));
 
     // A daemon stop ends pooled VMs (they have no record); the next start refills.
     d.restart();
-    wait_until("the pool to fill after a restart", Duration::from_secs(120), || pool_status(&d)["ready"] == 1);
-    assert_eq!(d.processes_of_this_test().len(), 1, "one pooled VM: {:?}", d.processes_of_this_test());
+    wait_until("the pools to fill after a restart", Duration::from_secs(120), || pool_status(&d)["ready"] == 2);
+    assert_eq!(d.processes_of_this_test().len(), 2, "two pooled VMs: {:?}", d.processes_of_this_test());
     drop(d);
 
     // With less host memory available than the reserve asks for, nothing is pooled.
@@ -252,7 +264,11 @@ fn the_warm_pool_hands_out_ready_vms_refills_and_stays_within_host_memory() {
     );
     d.register_test_image();
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(pool_status(&d), json!({"size": 2, "ready": 0, "filling": 0}));
+    assert_eq!(
+        pool_status(&d),
+        json!({"size": 2, "ready": 0, "filling": 0, "vcpus": 1, "memory_mib": 256,
+               "images": [{"image": "test", "size": 2, "ready": 0, "filling": 0}]})
+    );
     assert!(d.daemon_output().contains("host memory is short"), "the log says why the pool is empty");
     assert!(d.processes_of_this_test().is_empty());
 }

@@ -104,18 +104,32 @@ pub struct DaemonStatus {
     /// Login URL of the localhost web console, with the install's token; absent when the console is
     /// disabled or could not listen. Open it in a browser on this machine.
     pub web_url: Option<String>,
-    /// The warm pool: restored VMs of the default image waiting to be handed out by vm.create.
+    /// The warm pool: restored VMs waiting to be handed out by vm.create.
     pub warm_pool: WarmPoolStatus,
 }
 
-/// The warm pool's state (`warm.pool_size` in the config; 0 turns it off).
+/// The warm pool's state (`warm.pool_size` for the default image and `warm.pools` by image name in the
+/// config; sizes of 0 turn it off).
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct WarmPoolStatus {
-    /// How many the daemon keeps ready (while host memory allows).
+    /// How many the daemon keeps ready over all images (while host memory allows).
     pub size: u32,
     /// How many wait now.
     pub ready: u32,
     /// How many are being restored right now.
+    pub filling: u32,
+    /// The shape of pooled VMs (the daemon's default): only creates of this shape are served from the pool.
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Per pooled image.
+    pub images: Vec<WarmPoolImage>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct WarmPoolImage {
+    pub image: String,
+    pub size: u32,
+    pub ready: u32,
     pub filling: u32,
 }
 

@@ -173,6 +173,8 @@ pub enum GuestRequest {
     Hello { protocol: u8 },
     /// Is the agent alive, and which build is it.
     Health,
+    /// Answered at once with the same data (`Echo`): the channel's own round trip, for `banger bench`.
+    Echo { data: String },
     /// Run a program. Output arrives as Stdout/Stderr frames, then an `Exited` response.
     Exec(ExecSpec),
     /// Power the guest off (or reboot it). The agent syncs filesystems first.
@@ -258,6 +260,9 @@ pub enum GuestResponse {
         agent: BuildInfo,
     },
     Health(GuestHealth),
+    Echo {
+        data: String,
+    },
     Exited(ExitStatus),
     Stats(crate::vm::GuestStats),
     Ports {

@@ -39,10 +39,43 @@ pub struct VmCreateParams {
     /// guests and the host's DNS, never the host's own services.
     #[serde(default)]
     pub nat: Option<bool>,
-    /// Boot the kernel from scratch even when the image has a warm-start template for this shape.
-    /// Default false: a matching template is restored (a fraction of a cold boot's time).
+    /// How to bring the VM up. `auto` (default): a VM waiting in the warm pool, else a restore from the
+    /// image's warm-start template for this shape, else a cold boot. `template`: never the pool. `cold`: boot
+    /// the kernel from scratch.
     #[serde(default)]
-    pub cold: Option<bool>,
+    pub boot: Option<BootRequest>,
+}
+
+/// How `vm.create` may bring a VM up.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BootRequest {
+    #[default]
+    Auto,
+    Template,
+    Cold,
+}
+
+impl BootRequest {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BootRequest::Auto => "auto",
+            BootRequest::Template => "template",
+            BootRequest::Cold => "cold",
+        }
+    }
+}
+
+impl std::str::FromStr for BootRequest {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(BootRequest::Auto),
+            "template" => Ok(BootRequest::Template),
+            "cold" => Ok(BootRequest::Cold),
+            _ => Err(format!("boot must be auto, template or cold, not `{s}`")),
+        }
+    }
 }
 
 /// Refers to one VM by name or id.

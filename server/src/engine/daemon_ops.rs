@@ -33,7 +33,7 @@ impl Engine {
             images: images.len() as u32,
             ssh_key: self.cfg.ssh_key().display().to_string(),
             web_url: self.web_url.get().cloned(),
-            warm_pool: self.warm_pool_status(),
+            warm_pool: self.warm_pool_status().await,
         })
     }
 

@@ -76,9 +76,8 @@ impl Engine {
             take_disks: false,
         };
         let row = self.install_image(&p.name, sources, p.make_default, None, &ctx.cancel).await?;
-        if row.is_default {
-            self.refill_pool_later();
-        }
+        // The new image may be the default now, or named in warm.pools.
+        self.refill_pool_later();
         Ok(image_info(&row))
     }
 

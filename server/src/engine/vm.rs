@@ -9,10 +9,10 @@ use tools_schema::daemon::{Empty, VmmKind};
 use tools_schema::guest::{ExecSpec, GuestRequest};
 use tools_schema::operation::{OperationInfo, OperationList, OperationRef};
 use tools_schema::vm::{
-    parse_mode, BootInfo, BootMode, ContentEncoding, ExecStream, PortProtocol, VmBatchResult, VmCreateParams,
-    VmExecOutputChunk, VmExecOutputParams, VmExecParams, VmExecResult, VmFileReadParams, VmFileReadResult,
-    VmFileWriteParams, VmFileWriteResult, VmInfo, VmList, VmLogs, VmLogsParams, VmOutcome, VmPort, VmPorts, VmRef,
-    VmRefs, VmSetParams, VmState, VmStats, EXEC_INLINE_DEFAULT, EXEC_INLINE_MAX, MAX_FILE_CHUNK,
+    parse_mode, BootInfo, BootMode, BootRequest, ContentEncoding, ExecStream, PortProtocol, VmBatchResult,
+    VmCreateParams, VmExecOutputChunk, VmExecOutputParams, VmExecParams, VmExecResult, VmFileReadParams,
+    VmFileReadResult, VmFileWriteParams, VmFileWriteResult, VmInfo, VmList, VmLogs, VmLogsParams, VmOutcome, VmPort,
+    VmPorts, VmRef, VmRefs, VmSetParams, VmState, VmStats, EXEC_INLINE_DEFAULT, EXEC_INLINE_MAX, MAX_FILE_CHUNK,
 };
 use tools_schema::{ApiError, ErrorCode};
 
@@ -176,7 +176,7 @@ impl Engine {
         p.validate().map_err(ApiError::invalid)?;
         let op = self.ops.start("vm.create", p.name.as_deref().unwrap_or(""), Self::CREATE_STAGES);
         op.stage("allocate");
-        let cold = p.cold.unwrap_or(false);
+        let cold = p.boot == Some(BootRequest::Cold);
         let allocated = self.allocate_vm(p).await;
         let (row, image, pooled) = match allocated {
             Ok(v) => v,
@@ -253,7 +253,7 @@ impl Engine {
         }
         let (vcpus, memory_mib) =
             (p.vcpus.unwrap_or(self.cfg.default_vcpus), p.memory_mib.unwrap_or(self.cfg.default_memory_mib));
-        let pooled = (vmm == VmmKind::Qemu && !p.cold.unwrap_or(false))
+        let pooled = (vmm == VmmKind::Qemu && p.boot.unwrap_or_default() == BootRequest::Auto)
             .then(|| self.take_pooled(&image.id, vcpus, memory_mib))
             .flatten();
         let allocated =

@@ -604,7 +604,9 @@ impl Engine {
     /// Refills the warm pool of the default image (default shape) in the background, as far as the size in
     /// the config and the host's available memory allow.
     pub(crate) fn refill_pool_later(self: &Arc<Self>) {
-        if self.cfg.warm.pool_size == 0 || self.warm_unsupported(VmmKind::Qemu).is_some() {
+        if (self.cfg.warm.pool_size == 0 && self.cfg.warm.pools.values().all(|n| *n == 0))
+            || self.warm_unsupported(VmmKind::Qemu).is_some()
+        {
             return;
         }
         let engine = self.clone();
@@ -615,40 +617,64 @@ impl Engine {
         });
     }
 
+    /// The pool sizes the config asks for, by image: `pool_size` for the default image, `pools` by name.
+    async fn pool_targets(&self) -> Result<Vec<(ImageRow, usize)>, ApiError> {
+        let images = self.store.images().await?;
+        let mut targets: Vec<(ImageRow, usize)> = vec![];
+        let mut add = |image: &ImageRow, n: usize| match targets.iter_mut().find(|(i, _)| i.id == image.id) {
+            Some(t) => t.1 = t.1.max(n),
+            None => targets.push((image.clone(), n)),
+        };
+        if let Some(default) = images.iter().find(|i| i.is_default) {
+            add(default, self.cfg.warm.pool_size as usize);
+        }
+        for (name, n) in &self.cfg.warm.pools {
+            match images.iter().find(|i| &i.name == name) {
+                Some(image) => add(image, *n as usize),
+                None => tracing::debug!(image = %name, "warm.pools names an image that is not registered"),
+            }
+        }
+        targets.retain(|(_, n)| *n > 0);
+        Ok(targets)
+    }
+
     async fn refill_pool(self: &Arc<Self>) -> Result<(), ApiError> {
-        let Some(image) = self.store.images().await?.into_iter().find(|i| i.is_default) else { return Ok(()) };
+        let targets = self.pool_targets().await?;
         let (vcpus, memory_mib) = (self.cfg.default_vcpus, self.cfg.default_memory_mib);
-        // Pooled VMs of an image that is no longer the default only hold memory.
+        // Pooled VMs of images no longer pooled (the default changed, the image went) only hold memory.
         let stale: Vec<PoolEntry> = {
             let mut pool = self.warm.pool.lock().unwrap();
-            let (keep, stale) = std::mem::take(&mut *pool).into_iter().partition(|e| e.image_id == image.id);
+            let (keep, stale) =
+                std::mem::take(&mut *pool).into_iter().partition(|e| targets.iter().any(|(i, _)| i.id == e.image_id));
             *pool = keep;
             stale
         };
         for e in stale {
             self.end_pooled(e).await;
         }
-        let key = format!("{}-{vcpus}-{memory_mib}", image.id);
-        loop {
-            {
-                let pool = self.warm.pool.lock().unwrap();
-                let mut filling = self.warm.pool_filling.lock().unwrap();
-                let have =
-                    pool.iter().filter(|e| e.image_id == image.id).count() + filling.get(&key).copied().unwrap_or(0);
-                if have >= self.cfg.warm.pool_size as usize {
-                    return Ok(());
+        for (image, size) in targets {
+            loop {
+                {
+                    let pool = self.warm.pool.lock().unwrap();
+                    let mut filling = self.warm.pool_filling.lock().unwrap();
+                    let have = pool.iter().filter(|e| e.image_id == image.id).count()
+                        + filling.get(&image.id).copied().unwrap_or(0);
+                    if have >= size {
+                        break;
+                    }
+                    let available = available_memory_mib().unwrap_or(0);
+                    if available < memory_mib as u64 + self.cfg.warm.pool_reserve_mib {
+                        tracing::info!(available_mib = available, "warm pool not refilled: host memory is short");
+                        return Ok(());
+                    }
+                    *filling.entry(image.id.clone()).or_default() += 1;
                 }
-                let available = available_memory_mib().unwrap_or(0);
-                if available < memory_mib as u64 + self.cfg.warm.pool_reserve_mib {
-                    tracing::info!(available_mib = available, "warm pool not refilled: host memory is short");
-                    return Ok(());
-                }
-                *filling.entry(key.clone()).or_default() += 1;
+                let entry = self.pool_entry(&image, vcpus, memory_mib).await;
+                *self.warm.pool_filling.lock().unwrap().entry(image.id.clone()).or_default() -= 1;
+                self.warm.pool.lock().unwrap().push(entry?);
             }
-            let entry = self.pool_entry(&image, vcpus, memory_mib).await;
-            *self.warm.pool_filling.lock().unwrap().entry(key.clone()).or_default() -= 1;
-            self.warm.pool.lock().unwrap().push(entry?);
         }
+        Ok(())
     }
 
     /// Restores one clone for the pool.
@@ -735,11 +761,26 @@ impl Engine {
         result
     }
 
-    pub(crate) fn warm_pool_status(&self) -> tools_schema::daemon::WarmPoolStatus {
+    pub(crate) async fn warm_pool_status(&self) -> tools_schema::daemon::WarmPoolStatus {
+        let targets = self.pool_targets().await.unwrap_or_default();
+        let pool = self.warm.pool.lock().unwrap();
+        let filling = self.warm.pool_filling.lock().unwrap();
+        let images = targets
+            .iter()
+            .map(|(image, size)| tools_schema::daemon::WarmPoolImage {
+                image: image.name.clone(),
+                size: *size as u32,
+                ready: pool.iter().filter(|e| e.image_id == image.id).count() as u32,
+                filling: filling.get(&image.id).copied().unwrap_or(0) as u32,
+            })
+            .collect::<Vec<_>>();
         tools_schema::daemon::WarmPoolStatus {
-            size: self.cfg.warm.pool_size,
-            ready: self.warm.pool.lock().unwrap().len() as u32,
-            filling: self.warm.pool_filling.lock().unwrap().values().sum::<usize>() as u32,
+            size: images.iter().map(|i| i.size).sum(),
+            ready: images.iter().map(|i| i.ready).sum(),
+            filling: images.iter().map(|i| i.filling).sum(),
+            vcpus: self.cfg.default_vcpus,
+            memory_mib: self.cfg.default_memory_mib,
+            images,
         }
     }
 
