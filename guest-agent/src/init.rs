@@ -9,7 +9,13 @@ use nix::unistd::Pid;
 use tools_schema::guest::GuestNetConfig;
 
 pub fn run() -> anyhow::Result<()> {
+    // Started by the kernel (no initramfs), PID 1 has no PATH: the tools it runs (resize2fs, ip, ssh-keygen)
+    // would not be found.
+    if std::env::var_os("PATH").is_none() {
+        std::env::set_var("PATH", crate::exec::DEFAULT_PATH);
+    }
     mount_pseudo_filesystems();
+    make_dev_root();
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     if kernel_arg(&cmdline, "banger.overlay") == Some("1") && !root_is_overlay() {
         // Booted without an initramfs (Firecracker): build the overlay root here, then go on as usual.
@@ -134,9 +140,33 @@ fn overlay_root() -> anyhow::Result<()> {
 
 /// The device holding the ext4 filesystem with this label (disks are found by label: virtio-mmio does not
 /// promise which one becomes vda).
+/// Read straight from each disk's ext4 superblock: without an initramfs there is no udev, and `findfs`
+/// does not find labels without its symlinks.
 fn find_by_label(label: &str) -> Option<String> {
-    let out = Command::new("findfs").arg(format!("LABEL={label}")).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string()).filter(|d| !d.is_empty())
+    let mut disks: Vec<String> = std::fs::read_dir("/sys/block")
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with("loop") && !n.starts_with("ram"))
+        .collect();
+    disks.sort();
+    disks.into_iter().map(|d| format!("/dev/{d}")).find(|dev| ext4_label(dev).as_deref() == Some(label))
+}
+
+/// The volume label of the ext4 filesystem on `dev`, if it holds one.
+fn ext4_label(dev: &str) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(dev).ok()?;
+    // The superblock starts at byte 1024: magic 0xEF53 at offset 56, the 16-byte volume name at 120.
+    let mut sb = [0u8; 136];
+    f.seek(SeekFrom::Start(1024)).ok()?;
+    f.read_exact(&mut sb).ok()?;
+    if u16::from_le_bytes([sb[56], sb[57]]) != 0xEF53 {
+        return None;
+    }
+    let name = &sb[120..136];
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    String::from_utf8(name[..end].to_vec()).ok()
 }
 
 /// Grows an ext4 filesystem to its (grown) disk, online.
@@ -196,7 +226,44 @@ fn mount_pseudo_filesystems() {
     }
 }
 
+/// A root filesystem the kernel mounted itself (no initramfs) is listed as `/dev/root`, a node devtmpfs does
+/// not have: tools that match mounts by device (resize2fs growing `/` online) then think it unmounted. The node
+/// is made with the root's device number.
+fn make_dev_root() {
+    use nix::sys::stat::{mknod, Mode, SFlag};
+    use std::os::unix::fs::MetadataExt;
+    if Path::new("/dev/root").exists() {
+        return;
+    }
+    if let Ok(m) = std::fs::metadata("/") {
+        if let Err(e) = mknod("/dev/root", SFlag::S_IFBLK, Mode::from_bits_truncate(0o600), m.dev()) {
+            eprintln!("banger-agent: mknod /dev/root: {e}");
+        }
+    }
+}
+
 /// Value of `key=value` on the kernel command line.
 pub fn kernel_arg<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
     cmdline.split_whitespace().find_map(|a| a.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_the_label_of_an_ext4_filesystem_and_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("banger-label-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (disk, junk) = (dir.join("disk.ext4"), dir.join("junk"));
+        let st = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "banger-work"])
+            .arg(&disk)
+            .arg("8M")
+            .status()
+            .expect("mkfs.ext4 (e2fsprogs) is installed");
+        assert!(st.success());
+        std::fs::write(&junk, vec![7u8; 4096]).unwrap();
+        assert_eq!(super::ext4_label(disk.to_str().unwrap()).as_deref(), Some("banger-work"));
+        assert_eq!(super::ext4_label(junk.to_str().unwrap()), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

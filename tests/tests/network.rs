@@ -225,7 +225,12 @@ fn vm_ssh_and_plain_ssh_by_name_log_in_with_the_managed_key() {
     let key = d.rpc("daemon.status", json!({}))["ssh_key"].as_str().unwrap().to_string();
     assert!(std::path::Path::new(&key).exists(), "managed key generated at {key}");
     // The image carried no host key; this VM made its own.
-    let r = d.guest_ok("shelly", "ls /etc/ssh/ssh_host_ed25519_key && cat /root/.ssh/authorized_keys");
+    // The guest makes its host key and starts sshd right after its agent answers.
+    let r = d.guest_ok(
+        "shelly",
+        "for i in $(seq 100); do [ -f /root/.ssh/authorized_keys ] && [ -f /etc/ssh/ssh_host_ed25519_key.pub ] && break; \
+         sleep 0.1; done; ls /etc/ssh/ssh_host_ed25519_key && cat /root/.ssh/authorized_keys",
+    );
     assert!(r.contains("banger-managed"), "{r}");
     let out = d.vm_ssh("shelly", &["sh", "-c", "echo $(id -un)@$(hostname)"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "root@shelly\n", "{}", String::from_utf8_lossy(&out.stderr));
