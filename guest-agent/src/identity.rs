@@ -206,7 +206,7 @@ fn reseed_rng(entropy: &[u8]) -> anyhow::Result<()> {
 }
 
 fn decode_hex(s: &str) -> anyhow::Result<Vec<u8>> {
-    anyhow::ensure!(s.len() % 2 == 0, "odd-length hex");
+    anyhow::ensure!(s.len().is_multiple_of(2), "odd-length hex");
     (0..s.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| anyhow::anyhow!("bad hex: {e}")))

@@ -155,7 +155,7 @@ pub(crate) struct Warm {
 /// Where a VM's boot comes from.
 pub(crate) enum BootPlan {
     Cold { reason: Option<String> },
-    Warm(Template),
+    Warm(Box<Template>),
 }
 
 impl Engine {
@@ -247,7 +247,7 @@ impl Engine {
             return BootPlan::Cold { reason: Some(why) };
         }
         match self.find_template(image, row.vcpus, row.memory_mib) {
-            Ok(t) => BootPlan::Warm(t),
+            Ok(t) => BootPlan::Warm(Box::new(t)),
             Err(reason) => BootPlan::Cold { reason: Some(reason) },
         }
     }
@@ -851,7 +851,8 @@ mod tests {
     fn every_input_change_makes_a_template_stale_with_a_reason() {
         let base = inputs();
         assert_eq!(base.stale_reason(&base), None);
-        let cases: Vec<(Box<dyn Fn(&mut TemplateInputs)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut TemplateInputs)>;
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|i| i.banger = "0.1.0+def".into()), "banger's version changed"),
             (Box::new(|i| i.kernel.mtime_ns = 2), "kernel changed"),
             (Box::new(|i| i.initrd = Some(FileStamp { path: "/i".into(), size: 1, mtime_ns: 1 })), "kernel changed"),
