@@ -38,12 +38,9 @@ cancels and removes everything the build made.")]
     Warm {
         /// Image name or id (default image when omitted).
         image: Option<String>,
-        /// Virtual CPUs of the VMs it serves (the daemon's default when omitted).
-        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=32))]
-        vcpus: Option<u32>,
-        /// Guest memory in MiB of the VMs it serves (the daemon's default when omitted).
-        #[arg(long = "memory", value_parser = clap::value_parser!(u32).range(128..=65536))]
-        memory_mib: Option<u32>,
+        /// The shape of the VMs it serves.
+        #[command(flatten)]
+        shape: crate::vm_cmd::ShapeArgs,
         /// Build a new template even if the current one is up to date.
         #[arg(long)]
         rebuild: bool,
@@ -190,8 +187,13 @@ pub async fn run(cmd: ImageCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 println!("{} is now the default image", img.name)
             }
         }
-        ImageCmd::Warm { image, vcpus, memory_mib, rebuild } => {
-            let p = ImageWarmParams { image, vcpus, memory_mib, rebuild: rebuild.then_some(true) };
+        ImageCmd::Warm { image, shape, rebuild } => {
+            let p = ImageWarmParams {
+                image,
+                vcpus: shape.vcpus,
+                memory_mib: shape.memory_mib,
+                rebuild: rebuild.then_some(true),
+            };
             p.validate().map_err(|e| anyhow::anyhow!(e))?;
             if !ctx.json {
                 eprintln!("preparing the warm-start template (boots the image once if needed)...");

@@ -115,12 +115,8 @@ pub struct CreateArgs {
     /// Image name or id (default image when omitted).
     #[arg(long)]
     image: Option<String>,
-    /// Virtual CPUs (1-32).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=32))]
-    vcpus: Option<u32>,
-    /// Guest memory in MiB (128-65536).
-    #[arg(long = "memory", value_parser = clap::value_parser!(u32).range(128..=65536))]
-    memory_mib: Option<u32>,
+    #[command(flatten)]
+    shape: ShapeArgs,
     /// Force a VMM: firecracker or qemu.
     #[arg(long)]
     vmm: Option<VmmKind>,
@@ -138,8 +134,8 @@ impl CreateArgs {
         VmCreateParams {
             name: self.name,
             image: self.image,
-            vcpus: self.vcpus,
-            memory_mib: self.memory_mib,
+            vcpus: self.shape.vcpus,
+            memory_mib: self.shape.memory_mib,
             vmm: self.vmm,
             nat: Some(self.nat),
             boot: self.boot,
@@ -220,16 +216,23 @@ pub fn describe_boot(b: &tools_schema::vm::BootInfo) -> String {
     }
 }
 
+/// A VM's shape, as `vm create`, `vm set` and `image warm` take it.
+#[derive(Args)]
+pub struct ShapeArgs {
+    /// Virtual CPUs (1-32).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=32))]
+    pub vcpus: Option<u32>,
+    /// Guest memory in MiB (128-65536).
+    #[arg(long = "memory", value_parser = clap::value_parser!(u32).range(128..=65536))]
+    pub memory_mib: Option<u32>,
+}
+
 #[derive(Args)]
 pub struct SetArgs {
     #[arg(required = true)]
     vms: Vec<String>,
-    /// Virtual CPUs (1-32).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=32))]
-    vcpus: Option<u32>,
-    /// Guest memory in MiB (128-65536).
-    #[arg(long = "memory", value_parser = clap::value_parser!(u32).range(128..=65536))]
-    memory_mib: Option<u32>,
+    #[command(flatten)]
+    shape: ShapeArgs,
     /// Root disk size in GiB (grow only, 1-1024).
     #[arg(long = "disk", value_parser = clap::value_parser!(u32).range(1..=1024))]
     disk_gib: Option<u32>,
@@ -362,8 +365,8 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         VmCmd::Set(a) => {
             let p = tools_schema::vm::VmSetParams {
                 vms: a.vms,
-                vcpus: a.vcpus,
-                memory_mib: a.memory_mib,
+                vcpus: a.shape.vcpus,
+                memory_mib: a.shape.memory_mib,
                 disk_gib: a.disk_gib,
                 work_disk_gib: a.work_disk_gib,
                 nat: a.nat,
