@@ -474,6 +474,7 @@ async fn bare_boot(image: &ImageInfo, memory_mib: u32, measure: Option<(u32, u32
             extra_args: vec![],
             memory: vmm::GuestMemory::Anonymous,
             template_mac: None,
+            anchor: None,
         };
         let accel = banger_server::host::choose_vmm(&cfg).qemu_accel;
         let launched = vmm::launch(tools_schema::daemon::VmmKind::Qemu, &cfg, &accel, &spec).await?;

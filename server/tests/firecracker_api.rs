@@ -197,3 +197,36 @@ async fn firecracker_api_lifecycle() {
     assert!(!dir.exists(), "temporary directory left behind");
     println!("whole test took {:?}", t0.elapsed());
 }
+
+/// The clone-side half of Firecracker warm starts against the real binary: the VMM runs in a mount namespace
+/// of its own with the VM's folder mounted at the template's anchor (its API socket, named under the anchor,
+/// appears in the VM's folder and nowhere on the host's anchor), and it takes banger's snapshot-load request
+/// (memory file backend, NIC override) as far as the snapshot file, which here is not one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_runs_with_its_folder_at_the_templates_anchor_and_takes_the_snapshot_load_request() {
+    let assets = assets();
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, anchor) = (tmp.path().join("vm"), tmp.path().join("anchor"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&anchor).unwrap();
+    let marker = banger_server::vmm::process_marker(&uuid::Uuid::new_v4().to_string());
+    let vm = firecracker::spawn_anchored(&assets.firecracker, &dir, &anchor, &marker, &dir.join("console.log"))
+        .await
+        .expect("spawn firecracker in its own mount namespace");
+    let mut guard = KillOnDrop(Some(vm.pid));
+    assert!(dir.join(firecracker::API_SOCKET_NAME).exists(), "the API socket is in the VM's folder");
+    assert!(!anchor.join(firecracker::API_SOCKET_NAME).exists(), "the host's anchor stays empty");
+    assert_eq!(state(&vm).await, "Not started");
+
+    let (snapshot, mem) = (dir.join("state"), dir.join("ram"));
+    std::fs::write(&snapshot, b"not a snapshot").unwrap();
+    std::fs::write(&mem, vec![0u8; 4096]).unwrap();
+    match vm.load_snapshot(&snapshot, &mem, Some("bgtap9")).await {
+        Err(FcError::Api { path, status, body, .. }) => {
+            assert_eq!((path.as_str(), status), ("/snapshot/load", 400));
+            assert!(body.contains("snapshot"), "Firecracker parsed the request and read the file: {body}");
+        }
+        other => panic!("expected Firecracker to refuse a file that is not a snapshot, got {other:?}"),
+    }
+    guard.kill_and_reap();
+}

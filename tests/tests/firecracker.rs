@@ -123,3 +123,35 @@ fn firecracker_guest_boots_and_runs_commands() {
     d.rpc("vm.delete", json!({"vms": ["fcguest"]}));
     d.assert_no_leaked_processes();
 }
+
+#[test]
+#[ignore = "needs hardware KVM: Firecracker guests cannot boot on paravirtual KVM (kvm_pvm) hosts such as CI; run with --run-ignored on a KVM workstation"]
+fn firecracker_clones_of_one_template_are_distinct_vms() {
+    let d = TestDaemon::start();
+    d.register_test_image();
+    assert!(hardware_kvm(&d), "this test needs hardware KVM");
+    // On a hardware-KVM host Firecracker is the daemon's VMM, so image.warm makes a Firecracker template.
+    let t = d.rpc("image.warm", json!({"memory_mib": 256}));
+    assert_eq!(t["reused"], false, "{t}");
+    let mut seen = vec![];
+    for name in ["fc-a", "fc-b"] {
+        let vm = d.rpc("vm.create", json!({"name": name, "vmm": "firecracker", "memory_mib": 256}));
+        assert_eq!(vm["boot"]["mode"], "warm", "{vm}");
+        let out = d.guest_ok(
+            name,
+            "cat /sys/class/net/eth0/address; hostname; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
+             mountpoint -q /root && echo work",
+        );
+        let lines: Vec<String> = out.lines().map(String::from).collect();
+        assert_eq!((lines[1].as_str(), lines[3].as_str()), (name, "work"), "{out}");
+        assert_eq!(d.guest_ok("fc-a", &format!("getent hosts {name}.vm | cut -d' ' -f1")).trim(), vm["ip"]);
+        seen.push(lines);
+    }
+    assert_ne!(seen[0][0], seen[1][0], "MACs");
+    assert_ne!(seen[0][2], seen[1][2], "RNG output");
+    d.rpc("vm.stop", json!({"vms": ["fc-a"]}));
+    d.rpc("vm.start", json!({"vms": ["fc-a"]}));
+    assert_eq!(d.guest_ok("fc-a", "hostname").trim(), "fc-a");
+    d.rpc("vm.delete", json!({"vms": ["fc-a", "fc-b"]}));
+    d.assert_no_leaked_processes();
+}

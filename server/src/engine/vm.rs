@@ -253,7 +253,8 @@ impl Engine {
         }
         let (vcpus, memory_mib) =
             (p.vcpus.unwrap_or(self.cfg.default_vcpus), p.memory_mib.unwrap_or(self.cfg.default_memory_mib));
-        let pooled = (vmm == VmmKind::Qemu && p.boot.unwrap_or_default() == BootRequest::Auto)
+        // Pooled VMs run on the host's VMM.
+        let pooled = (vmm == self.vmm.vmm && p.boot.unwrap_or_default() == BootRequest::Auto)
             .then(|| self.take_pooled(&image.id, vcpus, memory_mib))
             .flatten();
         let allocated =
@@ -370,9 +371,9 @@ impl Engine {
             Ok(boot) => {
                 if boot.mode == BootMode::Cold
                     && !cold
-                    && self.find_template(&image, row.vcpus, row.memory_mib).is_err()
+                    && self.find_template(&image, row.vmm, row.vcpus, row.memory_mib).is_err()
                 {
-                    self.build_template_later(image.clone(), row.vcpus, row.memory_mib);
+                    self.build_template_later(image.clone(), row.vmm, row.vcpus, row.memory_mib);
                 }
                 if from_pool {
                     self.refill_pool_later();
@@ -406,16 +407,7 @@ impl Engine {
         }
         let (base, seed) = (std::path::Path::new(&image.rootfs), std::path::Path::new(&image.work_seed));
         if row.vmm == VmmKind::Firecracker {
-            vmm::create_ext4_disk(&self.cfg, &paths.overlay_disk(), "banger-overlay", 4 << 30)
-                .await
-                .map_err(vmm_error)?;
-            if !image.work_seed.is_empty() {
-                vmm::copy_sparse(seed, &paths.work_disk_raw()).await.map_err(vmm_error)?;
-                // The image's files are read-only; the VM's copy is its own.
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(paths.work_disk_raw(), std::fs::Permissions::from_mode(0o644))
-                    .map_err(|e| ApiError::internal(format!("making the work disk writable: {e}")))?;
-            }
+            self.make_raw_disks(image, paths).await?;
         } else {
             let root_disk = paths.root_disk();
             let root = vmm::create_overlay_disk(&self.cfg, base, "raw", &root_disk);
@@ -428,6 +420,21 @@ impl Engine {
             };
             let (a, b) = tokio::join!(root, work);
             a.and(b).map_err(vmm_error)?;
+        }
+        Ok(())
+    }
+
+    /// Firecracker takes raw disks only: writes go to an overlay disk, /root to a sparse copy of the seed.
+    pub(crate) async fn make_raw_disks(&self, image: &ImageRow, paths: &VmPaths) -> Result<(), ApiError> {
+        vmm::create_ext4_disk(&self.cfg, &paths.overlay_disk(), "banger-overlay", 4 << 30).await.map_err(vmm_error)?;
+        if !image.work_seed.is_empty() {
+            vmm::copy_sparse(std::path::Path::new(&image.work_seed), &paths.work_disk_raw())
+                .await
+                .map_err(vmm_error)?;
+            // The image's files are read-only; the VM's copy is its own.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(paths.work_disk_raw(), std::fs::Permissions::from_mode(0o644))
+                .map_err(|e| ApiError::internal(format!("making the work disk writable: {e}")))?;
         }
         Ok(())
     }
@@ -573,6 +580,7 @@ impl Engine {
             vsock: self.cfg.qemu_channel == "vsock",
             memory: vmm::GuestMemory::Anonymous,
             template_mac: None,
+            anchor: None,
         };
         let launched = vmm::launch(row.vmm, &self.cfg, &self.vmm.qemu_accel, &spec).await.map_err(vmm_error);
         let launched = match launched {

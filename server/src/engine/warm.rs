@@ -64,7 +64,9 @@ pub(crate) struct TemplateInputs {
     work_seed: Option<FileStamp>,
     kernel: FileStamp,
     initrd: Option<FileStamp>,
-    qemu: FileStamp,
+    /// `qemu` or `firecracker`, and its binary.
+    vmm: String,
+    vmm_binary: FileStamp,
     accel: String,
     vcpus: u32,
     memory_mib: u32,
@@ -86,8 +88,8 @@ impl TemplateInputs {
             "the image changed".into()
         } else if self.kernel != now.kernel || self.initrd != now.initrd {
             "the image's kernel changed".into()
-        } else if self.qemu != now.qemu || self.accel != now.accel {
-            "QEMU changed".into()
+        } else if self.vmm != now.vmm || self.vmm_binary != now.vmm_binary || self.accel != now.accel {
+            format!("the VMM changed ({})", now.vmm)
         } else if (self.vcpus, self.memory_mib, self.nic) != (now.vcpus, now.memory_mib, now.nic) {
             "the template has another shape".into()
         } else {
@@ -127,6 +129,13 @@ impl Template {
     pub(crate) fn generation(&self) -> &str {
         &self.meta.generation
     }
+    fn vmm(&self) -> VmmKind {
+        if self.meta.inputs.vmm == VmmKind::Firecracker.as_str() {
+            VmmKind::Firecracker
+        } else {
+            VmmKind::Qemu
+        }
+    }
 }
 
 /// A restored VM waiting in the warm pool: its VMM runs, its channel is connected, it has the template's
@@ -164,9 +173,16 @@ impl Engine {
     }
 
     /// Templates of one image and shape live together; each build is a generation of its own.
-    fn template_slot(&self, image_id: &str, vcpus: u32, memory_mib: u32, nic: bool) -> PathBuf {
+    fn template_slot(&self, image_id: &str, vmm: VmmKind, vcpus: u32, memory_mib: u32, nic: bool) -> PathBuf {
         let net = if nic { "" } else { "-nonet" };
-        self.templates_dir().join(format!("{image_id}-{vcpus}c-{memory_mib}m{net}"))
+        let kind = if vmm == VmmKind::Firecracker { "-fc" } else { "" };
+        self.templates_dir().join(format!("{image_id}-{vcpus}c-{memory_mib}m{net}{kind}"))
+    }
+
+    /// Where a Firecracker template's VMM saw its files (and where each clone's are mounted): outside the
+    /// generation's folder, which is renamed when the build is published.
+    fn anchor_dir(&self, generation: &str) -> PathBuf {
+        self.cfg.state_dir.join("template-anchors").join(generation)
     }
 
     fn nic_enabled(&self) -> bool {
@@ -176,10 +192,15 @@ impl Engine {
     pub(crate) fn template_inputs(
         &self,
         image: &ImageRow,
+        vmm: VmmKind,
         vcpus: u32,
         memory_mib: u32,
     ) -> Result<TemplateInputs, String> {
-        let qemu = self.cfg.find_binary("qemu-system-x86_64").ok_or("qemu-system-x86_64 is not installed")?;
+        let binary = match vmm {
+            VmmKind::Qemu => "qemu-system-x86_64",
+            VmmKind::Firecracker => "firecracker",
+        };
+        let vmm_binary = self.cfg.find_binary(binary).ok_or(format!("{binary} is not installed"))?;
         let b = BuildInfo::current();
         Ok(TemplateInputs {
             format: TEMPLATE_FORMAT,
@@ -190,8 +211,9 @@ impl Engine {
             work_seed: (!image.work_seed.is_empty()).then(|| FileStamp::of(Path::new(&image.work_seed))).transpose()?,
             kernel: FileStamp::of(Path::new(&image.kernel))?,
             initrd: image.initrd.as_ref().map(|i| FileStamp::of(Path::new(i))).transpose()?,
-            qemu: FileStamp::of(&qemu)?,
-            accel: self.vmm.qemu_accel.clone(),
+            vmm: vmm.as_str().to_string(),
+            vmm_binary: FileStamp::of(&vmm_binary)?,
+            accel: if vmm == VmmKind::Qemu { self.vmm.qemu_accel.clone() } else { "kvm".into() },
             vcpus,
             memory_mib,
             nic: self.nic_enabled(),
@@ -203,22 +225,25 @@ impl Engine {
         if !self.cfg.warm.templates {
             return Some("warm starts are off (warm.templates = false)".into());
         }
-        if vmm != VmmKind::Qemu {
-            return Some("warm starts are built for QEMU; Firecracker snapshots are not wired up yet".into());
-        }
-        if self.cfg.qemu_channel == "vsock" {
+        if vmm == VmmKind::Qemu && self.cfg.qemu_channel == "vsock" {
             return Some("the guest channel is vsock, which QEMU cannot snapshot (qemu_channel = \"vsock\")".into());
         }
         None
     }
 
     /// The current template of this image and shape, or why there is none to use.
-    pub(crate) fn find_template(&self, image: &ImageRow, vcpus: u32, memory_mib: u32) -> Result<Template, String> {
-        if let Some(why) = self.warm_unsupported(VmmKind::Qemu) {
+    pub(crate) fn find_template(
+        &self,
+        image: &ImageRow,
+        vmm: VmmKind,
+        vcpus: u32,
+        memory_mib: u32,
+    ) -> Result<Template, String> {
+        if let Some(why) = self.warm_unsupported(vmm) {
             return Err(why);
         }
-        let now = self.template_inputs(image, vcpus, memory_mib)?;
-        let slot = self.template_slot(&image.id, vcpus, memory_mib, now.nic);
+        let now = self.template_inputs(image, vmm, vcpus, memory_mib)?;
+        let slot = self.template_slot(&image.id, vmm, vcpus, memory_mib, now.nic);
         let Some(dir) = current_generation(&slot) else {
             return Err("no template for this image and shape yet".into());
         };
@@ -232,7 +257,9 @@ impl Engine {
         let t = Template { dir, meta };
         let ram_ok = std::fs::metadata(t.ram()).is_ok_and(|m| m.len() == memory_mib as u64 * 1024 * 1024);
         let state_ok = std::fs::metadata(t.state()).is_ok_and(|m| m.len() > 0);
-        if !ram_ok || !state_ok || !t.root_disk().is_file() {
+        let disk = if vmm == VmmKind::Qemu { t.root_disk() } else { t.dir.join("overlay.ext4") };
+        let anchor_ok = vmm == VmmKind::Qemu || self.anchor_dir(&t.meta.generation).is_dir();
+        if !ram_ok || !state_ok || !disk.is_file() || !anchor_ok {
             return Err("the template's files are incomplete".into());
         }
         Ok(t)
@@ -246,7 +273,7 @@ impl Engine {
         if let Some(why) = self.warm_unsupported(row.vmm) {
             return BootPlan::Cold { reason: Some(why) };
         }
-        match self.find_template(image, row.vcpus, row.memory_mib) {
+        match self.find_template(image, row.vmm, row.vcpus, row.memory_mib) {
             Ok(t) => BootPlan::Warm(Box::new(t)),
             Err(reason) => BootPlan::Cold { reason: Some(reason) },
         }
@@ -260,28 +287,30 @@ impl Engine {
     pub async fn image_warm(self: &Arc<Self>, p: ImageWarmParams, ctx: CallContext) -> Result<TemplateInfo, ApiError> {
         p.validate().map_err(ApiError::invalid)?;
         let image = self.resolve_image(p.image.as_deref()).await?;
-        if let Some(why) = self.warm_unsupported(VmmKind::Qemu) {
+        let vmm = self.vmm.vmm;
+        if let Some(why) = self.warm_unsupported(vmm) {
             return Err(ApiError::precondition(format!("cannot make a template: {why}"))
                 .with_hint("set warm.templates = true and qemu_channel = \"virtio-serial\" in the config"));
         }
         let vcpus = p.vcpus.unwrap_or(self.cfg.default_vcpus);
         let memory_mib = p.memory_mib.unwrap_or(self.cfg.default_memory_mib);
-        self.ensure_template(&image, vcpus, memory_mib, p.rebuild.unwrap_or(false), &ctx.cancel).await
+        self.ensure_template(&image, vmm, vcpus, memory_mib, p.rebuild.unwrap_or(false), &ctx.cancel).await
     }
 
     /// Returns the current template of the image and shape, building one if there is none or it is stale.
     pub(crate) async fn ensure_template(
         self: &Arc<Self>,
         image: &ImageRow,
+        vmm: VmmKind,
         vcpus: u32,
         memory_mib: u32,
         rebuild: bool,
         cancel: &CancellationToken,
     ) -> Result<TemplateInfo, ApiError> {
         let inputs = self
-            .template_inputs(image, vcpus, memory_mib)
+            .template_inputs(image, vmm, vcpus, memory_mib)
             .map_err(|e| ApiError::precondition(format!("cannot make a template of image {}: {e}", image.name)))?;
-        let slot = self.template_slot(&image.id, vcpus, memory_mib, inputs.nic);
+        let slot = self.template_slot(&image.id, vmm, vcpus, memory_mib, inputs.nic);
         let lock = self.slot_lock(&slot);
         let _held = lock.lock().await;
         let info = |t: &Template, reused: bool, replaced: Option<String>| TemplateInfo {
@@ -294,14 +323,14 @@ impl Engine {
             build_ms: (!reused).then_some(t.meta.build_ms),
             replaced_because: replaced,
         };
-        let previous = self.find_template(image, vcpus, memory_mib);
+        let previous = self.find_template(image, vmm, vcpus, memory_mib);
         let replaced = match previous {
             Ok(t) if !rebuild => return Ok(info(&t, true, None)),
             Ok(_) => Some("a rebuild was requested".to_string()),
             Err(why) if why.starts_with("no template") => None,
             Err(why) => Some(why),
         };
-        let t = self.build_template(image, inputs, &slot, cancel).await?;
+        let t = self.build_template(image, vmm, inputs, &slot, cancel).await?;
         self.collect_templates().await;
         Ok(info(&t, false, replaced))
     }
@@ -311,6 +340,7 @@ impl Engine {
     async fn build_template(
         &self,
         image: &ImageRow,
+        vmm: VmmKind,
         inputs: TemplateInputs,
         slot: &Path,
         cancel: &CancellationToken,
@@ -320,44 +350,83 @@ impl Engine {
         let work = slot.join(format!("{generation}.tmp"));
         let vm_id = format!("tpl-{generation}");
         let paths = VmPaths::new(work.clone());
-        tracing::info!(image = %image.name, vcpus = inputs.vcpus, memory_mib = inputs.memory_mib, %generation, "building a warm-start template");
+        let anchor = self.anchor_dir(&generation);
+        tracing::info!(image = %image.name, vmm = vmm.as_str(), vcpus = inputs.vcpus, memory_mib = inputs.memory_mib, %generation, "building a warm-start template");
         let mut pid = None;
+        let mut tap = None;
         let result = async {
             std::fs::create_dir_all(&work)
                 .map_err(|e| ApiError::internal(format!("creating {}: {e}", work.display())))?;
             let (root, seed) = (Path::new(&image.rootfs), Path::new(&image.work_seed));
-            vmm::create_overlay_disk(&self.cfg, root, "raw", &paths.root_disk()).await.map_err(vmm_error)?;
-            if !image.work_seed.is_empty() {
-                vmm::create_overlay_disk(&self.cfg, seed, "raw", &paths.work_disk()).await.map_err(vmm_error)?;
-            }
-            let spec =
-                self.template_spec(image, &inputs, &paths, &vm_id, None, GuestMemory::TemplateFile(work.join("ram")));
-            let launched =
-                vmm::launch(VmmKind::Qemu, &self.cfg, &self.vmm.qemu_accel, &spec).await.map_err(vmm_error)?;
+            let spec = match vmm {
+                VmmKind::Qemu => {
+                    vmm::create_overlay_disk(&self.cfg, root, "raw", &paths.root_disk()).await.map_err(vmm_error)?;
+                    if !image.work_seed.is_empty() {
+                        vmm::create_overlay_disk(&self.cfg, seed, "raw", &paths.work_disk())
+                            .await
+                            .map_err(vmm_error)?;
+                    }
+                    let memory = GuestMemory::TemplateFile(work.join("ram"));
+                    self.template_spec(image, vmm, &inputs, &paths, &vm_id, None, memory)
+                }
+                VmmKind::Firecracker => {
+                    self.make_raw_disks(image, &paths).await?;
+                    std::fs::create_dir_all(&anchor)
+                        .map_err(|e| ApiError::internal(format!("creating {}: {e}", anchor.display())))?;
+                    // Firecracker's NIC needs a TAP even for a template; clones move theirs onto their own.
+                    if let (true, Some(net)) = (inputs.nic, self.network()) {
+                        tap = Some(
+                            net.acquire_tap()
+                                .await
+                                .map_err(|e| ApiError::internal(format!("cannot get a TAP device: {e}")))?,
+                        );
+                    }
+                    let nic = tap.clone().map(|t| (t, placeholder_net()));
+                    let mut spec = self.template_spec(image, vmm, &inputs, &paths, &vm_id, nic, GuestMemory::Anonymous);
+                    spec.anchor = Some(anchor.clone());
+                    spec
+                }
+            };
+            let launched = vmm::launch(vmm, &self.cfg, &self.vmm.qemu_accel, &spec).await.map_err(vmm_error)?;
             pid = Some(launched.pid);
             let deadline = tokio::time::Instant::now() + Duration::from_secs(self.cfg.boot_timeout_secs);
-            // The channel stays connected while the state is saved, so a clone that connects before it
+            // QEMU: the channel stays connected while the state is saved, so a clone that connects before it
             // resumes finds the port exactly as the agent left it.
             let (conn, _) = paths
                 .guest_channel()
                 .ready(deadline, cancel)
                 .await
                 .map_err(|e| guest_error(&format!("template {generation}"), e))?;
-            let mut qmp = vmm::qmp::Qmp::connect(&paths.control(), Duration::from_secs(5))
-                .await
-                .map_err(|e| ApiError::internal(format!("template: {e}")))?;
-            qmp.save_state(&work.join("state")).await.map_err(|e| ApiError::internal(format!("template: {e}")))?;
-            let _ = qmp.execute("quit", serde_json::json!({})).await;
+            match vmm {
+                VmmKind::Qemu => {
+                    let mut qmp = vmm::qmp::Qmp::connect(&paths.control(), Duration::from_secs(5))
+                        .await
+                        .map_err(|e| ApiError::internal(format!("template: {e}")))?;
+                    qmp.save_state(&work.join("state"))
+                        .await
+                        .map_err(|e| ApiError::internal(format!("template: {e}")))?;
+                    let _ = qmp.execute("quit", serde_json::json!({})).await;
+                }
+                VmmKind::Firecracker => {
+                    let fc = vmm::firecracker::FcMachine::attach(launched.pid, &work);
+                    let fc_err = |e: vmm::firecracker::FcError| ApiError::internal(format!("template: {e}"));
+                    fc.pause().await.map_err(fc_err)?;
+                    fc.snapshot(&work.join("state"), &work.join("ram")).await.map_err(fc_err)?;
+                }
+            }
             conn.close();
-            vmm::wait_exit(launched.pid, &vmm::process_marker(&vm_id), Duration::from_secs(10)).await;
             Ok::<(), ApiError>(())
         }
         .await;
         if let Some(pid) = pid {
             vmm::stop_vm_processes(&work, &vm_id, Some(pid)).await;
         }
+        if let (Some(net), Some(tap)) = (self.network(), tap) {
+            net.release_tap(&tap).await;
+        }
         if let Err(e) = result {
             let _ = tokio::fs::remove_dir_all(&work).await;
+            let _ = tokio::fs::remove_dir(&anchor).await;
             return Err(if cancel.is_cancelled() {
                 ApiError::new(ErrorCode::Cancelled, "the template build was cancelled; nothing was kept")
             } else {
@@ -367,7 +436,7 @@ impl Engine {
                     )
             });
         }
-        for runtime in [paths.channel(), paths.control(), paths.pidfile()] {
+        for runtime in [paths.channel(), paths.control(), paths.pidfile(), paths.vsock()] {
             let _ = std::fs::remove_file(runtime);
         }
         let meta = TemplateMeta {
@@ -396,9 +465,11 @@ impl Engine {
 
     /// The boot spec of a template and of its clones: the same device set, so a clone can load the template's
     /// device state. Only the RAM mapping, the NIC's backend and the file paths differ.
+    #[allow(clippy::too_many_arguments)]
     fn template_spec(
         &self,
         image: &ImageRow,
+        vmm: VmmKind,
         inputs: &TemplateInputs,
         paths: &VmPaths,
         vm_id: &str,
@@ -415,18 +486,35 @@ impl Engine {
             root_disk: paths.root_disk(),
             base_rootfs: image.rootfs.clone().into(),
             kernel_elf: image.kernel_elf.clone().map(Into::into),
-            work_disk: (!image.work_seed.is_empty()).then(|| paths.work_disk()),
+            work_disk: (!image.work_seed.is_empty()).then(|| match vmm {
+                VmmKind::Qemu => paths.work_disk(),
+                VmmKind::Firecracker => paths.work_disk_raw(),
+            }),
             dir: paths.dir.clone(),
             net: tap,
             extra_args: vec!["banger.template=1".into()],
             vsock: false,
             memory,
             template_mac: inputs.nic.then(|| vmm::TEMPLATE_MAC.to_string()),
+            anchor: None,
         }
     }
 
-    /// Creates a clone's disks: qcow2 overlays over the template's (nothing is copied).
+    /// Creates a clone's disks. QEMU: qcow2 overlays over the template's (nothing is copied). Firecracker,
+    /// which takes raw disks only: sparse copies (reflinks where the filesystem can) of the template's
+    /// overlay and work disks; the image's base is shared read-only.
     pub(crate) async fn clone_disks(&self, t: &Template, paths: &VmPaths) -> Result<(), ApiError> {
+        if t.vmm() == VmmKind::Firecracker {
+            let copies =
+                [(t.dir.join("overlay.ext4"), paths.overlay_disk()), (t.dir.join("work.ext4"), paths.work_disk_raw())];
+            for (from, to) in copies.iter().filter(|(from, _)| from.is_file()) {
+                vmm::copy_sparse(from, to).await.map_err(vmm_error)?;
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o644))
+                    .map_err(|e| ApiError::internal(format!("making {} writable: {e}", to.display())))?;
+            }
+            return Ok(());
+        }
         let (base, disk) = (t.root_disk(), paths.root_disk());
         let root = vmm::create_overlay_disk(&self.cfg, &base, "qcow2", &disk);
         let with_work = t.work_disk().is_file();
@@ -452,7 +540,25 @@ impl Engine {
         tap: Option<(String, crate::network::GuestNet)>,
         cancel: &CancellationToken,
     ) -> Result<(u32, Arc<GuestConn>), ApiError> {
-        let spec = self.template_spec(image, &t.meta.inputs, paths, vm_id, tap, GuestMemory::CloneOf(t.ram()));
+        let vmm = t.vmm();
+        if vmm == VmmKind::Firecracker {
+            let anchor = self.anchor_dir(&t.meta.generation);
+            let tap_name = tap.as_ref().map(|(name, _)| name.as_str());
+            let launched =
+                vmm::restore_firecracker(&self.cfg, vm_id, &paths.dir, &anchor, &t.state(), &t.ram(), tap_name)
+                    .await
+                    .map_err(vmm_error)?;
+            // Connections made before the snapshot are gone: connect afresh over the clone's vsock socket.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            return match vmm::GuestChannel::Vsock(paths.vsock()).ready(deadline, cancel).await {
+                Ok((conn, _)) => Ok((launched.pid, conn)),
+                Err(e) => {
+                    vmm::stop_vm_processes(&paths.dir, vm_id, Some(launched.pid)).await;
+                    Err(guest_error(vm_id, e))
+                }
+            };
+        }
+        let spec = self.template_spec(image, vmm, &t.meta.inputs, paths, vm_id, tap, GuestMemory::CloneOf(t.ram()));
         let started = Instant::now();
         let launched = vmm::launch(VmmKind::Qemu, &self.cfg, &self.vmm.qemu_accel, &spec).await.map_err(vmm_error)?;
         let t_launch = started.elapsed();
@@ -535,13 +641,14 @@ impl Engine {
     }
 
     /// After a cold boot that found no usable template: build one in the background, once per slot.
-    pub(crate) fn build_template_later(self: &Arc<Self>, image: ImageRow, vcpus: u32, memory_mib: u32) {
-        if !self.cfg.warm.auto_build || self.warm_unsupported(VmmKind::Qemu).is_some() {
+    pub(crate) fn build_template_later(self: &Arc<Self>, image: ImageRow, vmm: VmmKind, vcpus: u32, memory_mib: u32) {
+        if !self.cfg.warm.auto_build || self.warm_unsupported(vmm).is_some() {
             return;
         }
         let engine = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = engine.ensure_template(&image, vcpus, memory_mib, false, &CancellationToken::new()).await {
+            let cancel = CancellationToken::new();
+            if let Err(e) = engine.ensure_template(&image, vmm, vcpus, memory_mib, false, &cancel).await {
                 tracing::warn!(image = %image.name, error = %e.message, "background template build failed");
             }
         });
@@ -599,13 +706,30 @@ impl Engine {
                 let _ = tokio::fs::remove_dir_all(slot.path()).await;
             }
         }
+        // A Firecracker generation's anchor goes with it (a running clone keeps its mount regardless).
+        if let Ok(anchors) = std::fs::read_dir(self.cfg.state_dir.join("template-anchors")) {
+            let live: std::collections::HashSet<String> = std::fs::read_dir(&root)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|slot| std::fs::read_dir(slot.path()).ok())
+                .flatten()
+                .flatten()
+                .map(|g| g.file_name().to_string_lossy().trim_end_matches(".tmp").to_string())
+                .collect();
+            for a in anchors.flatten() {
+                if !live.contains(a.file_name().to_string_lossy().as_ref()) {
+                    let _ = std::fs::remove_dir(a.path());
+                }
+            }
+        }
     }
 
     /// Refills the warm pool of the default image (default shape) in the background, as far as the size in
     /// the config and the host's available memory allow.
     pub(crate) fn refill_pool_later(self: &Arc<Self>) {
         if (self.cfg.warm.pool_size == 0 && self.cfg.warm.pools.values().all(|n| *n == 0))
-            || self.warm_unsupported(VmmKind::Qemu).is_some()
+            || self.warm_unsupported(self.vmm.vmm).is_some()
         {
             return;
         }
@@ -684,11 +808,13 @@ impl Engine {
         vcpus: u32,
         memory_mib: u32,
     ) -> Result<PoolEntry, ApiError> {
-        let t = match self.find_template(image, vcpus, memory_mib) {
+        // Pooled VMs run on the host's VMM, which is what a create without --vmm gets.
+        let vmm = self.vmm.vmm;
+        let t = match self.find_template(image, vmm, vcpus, memory_mib) {
             Ok(t) => t,
             Err(_) => {
-                self.ensure_template(image, vcpus, memory_mib, false, &CancellationToken::new()).await?;
-                self.find_template(image, vcpus, memory_mib).map_err(ApiError::internal)?
+                self.ensure_template(image, vmm, vcpus, memory_mib, false, &CancellationToken::new()).await?;
+                self.find_template(image, vmm, vcpus, memory_mib).map_err(ApiError::internal)?
             }
         };
         let id = new_id();
@@ -703,18 +829,9 @@ impl Engine {
                 _ => None,
             };
             // The NIC's settings come with the identity at hand-out; the placeholder never reaches the guest.
-            let placeholder = tap.clone().map(|t| {
-                (
-                    t,
-                    crate::network::GuestNet {
-                        ip: std::net::Ipv4Addr::UNSPECIFIED,
-                        prefix: 32,
-                        gateway: std::net::Ipv4Addr::UNSPECIFIED,
-                        mac: vmm::TEMPLATE_MAC.into(),
-                    },
-                )
-            });
-            let restored = self.restore_clone(image, &t, &id, &paths, placeholder, &CancellationToken::new()).await;
+            let placeholder = tap.clone().map(|t| (t, placeholder_net()));
+            let cancel = CancellationToken::new();
+            let restored = self.restore_clone(image, &t, &id, &paths, placeholder, &cancel).await;
             let restored = match restored {
                 Ok((pid, conn)) => {
                     // A dry run with a placeholder identity, so the hand-out's real one finds warm code paths.
@@ -809,6 +926,17 @@ impl Engine {
     }
 }
 
+/// The NIC settings of a VM whose real ones arrive with `Reidentify` (templates, pooled VMs): never in a
+/// guest, since a template's command line carries none.
+fn placeholder_net() -> crate::network::GuestNet {
+    crate::network::GuestNet {
+        ip: std::net::Ipv4Addr::UNSPECIFIED,
+        prefix: 32,
+        gateway: std::net::Ipv4Addr::UNSPECIFIED,
+        mac: vmm::TEMPLATE_MAC.into(),
+    }
+}
+
 /// The generation a slot's `current` link names (a relative link to a sibling folder).
 fn current_generation(slot: &Path) -> Option<PathBuf> {
     let target = std::fs::read_link(slot.join("current")).ok()?;
@@ -839,7 +967,8 @@ mod tests {
             work_seed: Some(f("/w")),
             kernel: f("/k"),
             initrd: None,
-            qemu: f("/q"),
+            vmm: "qemu".into(),
+            vmm_binary: f("/q"),
             accel: "tcg".into(),
             vcpus: 1,
             memory_mib: 256,
@@ -858,7 +987,8 @@ mod tests {
             (Box::new(|i| i.initrd = Some(FileStamp { path: "/i".into(), size: 1, mtime_ns: 1 })), "kernel changed"),
             (Box::new(|i| i.rootfs.size = 2), "image changed"),
             (Box::new(|i| i.image_fingerprint = "other".into()), "image changed"),
-            (Box::new(|i| i.qemu.size = 9), "QEMU changed"),
+            (Box::new(|i| i.vmm_binary.size = 9), "VMM changed"),
+            (Box::new(|i| i.vmm = "firecracker".into()), "VMM changed"),
             (Box::new(|i| i.memory_mib = 512), "another shape"),
             (Box::new(|i| i.format += 1), "format changed"),
         ];

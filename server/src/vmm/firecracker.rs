@@ -130,7 +130,21 @@ pub struct FcDrive {
 /// to answer `GET /`, and kills the process if it never does. `marker` must appear on the command line (the
 /// daemon identifies VMM processes by pid + marker) — `--id` carries it (Firecracker ids allow [A-Za-z0-9-], max 64 chars).
 pub async fn spawn(firecracker: &Path, dir: &Path, marker: &str, console_log: &Path) -> Result<FcMachine, FcError> {
-    spawn_within(firecracker, dir, marker, console_log, SPAWN_TIMEOUT).await
+    spawn_within(firecracker, dir, marker, console_log, None, SPAWN_TIMEOUT).await
+}
+
+/// `spawn`, with the VM's directory also mounted at `anchor` inside a mount namespace of the process's own.
+/// A snapshot stores the paths of the files the VM had open (drives, the vsock socket); a template runs with
+/// its files under its anchor and each clone gets its own directory mounted there, so the same paths lead
+/// every clone to its own files. The API socket is given under the anchor too, and appears in `dir`.
+pub async fn spawn_anchored(
+    firecracker: &Path,
+    dir: &Path,
+    anchor: &Path,
+    marker: &str,
+    console_log: &Path,
+) -> Result<FcMachine, FcError> {
+    spawn_within(firecracker, dir, marker, console_log, Some(anchor), SPAWN_TIMEOUT).await
 }
 
 async fn spawn_within(
@@ -138,6 +152,7 @@ async fn spawn_within(
     dir: &Path,
     marker: &str,
     console_log: &Path,
+    anchor: Option<&Path>,
     wait: Duration,
 ) -> Result<FcMachine, FcError> {
     if !valid_instance_id(marker) {
@@ -168,19 +183,39 @@ async fn spawn_within(
     // the daemon still thinks the VM is its).
     let mut cmd = std::process::Command::new(firecracker);
     cmd.arg("--api-sock")
-        .arg(&api_socket)
+        .arg(anchor.map(|a| a.join(API_SOCKET_NAME)).unwrap_or_else(|| api_socket.clone()))
         .arg("--id")
         .arg(marker)
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log_err));
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    // Prepared before the fork: the child may only make syscalls, not allocate.
+    let bind = match anchor {
+        Some(a) => {
+            let c = |p: &Path| {
+                std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+                    .map_err(|_| FcError::NonUtf8Path { path: p.to_path_buf() })
+            };
+            Some((c(dir)?, c(a)?, c(Path::new("/"))?))
+        }
+        None => None,
+    };
+    // SAFETY: setsid, unshare and mount are async-signal-safe syscalls on memory prepared before the fork.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             // Own session: the daemon's terminal, process group and signals (Ctrl-C, systemd stop) must
             // not reach the VM, which is meant to outlive the daemon.
             if libc::setsid() == -1 {
                 return Err(io::Error::last_os_error());
+            }
+            if let Some((from, to, root)) = &bind {
+                let none = std::ptr::null();
+                if libc::unshare(libc::CLONE_NEWNS) != 0
+                    || libc::mount(none, root.as_ptr(), none, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0
+                    || libc::mount(from.as_ptr(), to.as_ptr(), none, libc::MS_BIND, std::ptr::null()) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -269,6 +304,14 @@ impl FcMachine {
         self.call(Method::PUT, "/snapshot/create", Some(&body), SNAPSHOT_TIMEOUT).await.map(drop)
     }
 
+    /// PUT /snapshot/load: the VM comes back from a template's snapshot, its memory file mapped private
+    /// (Firecracker's `File` backend), resumed at once, its NIC on `tap` instead of the template's.
+    pub async fn load_snapshot(&self, state: &Path, mem: &Path, tap: Option<&str>) -> Result<(), FcError> {
+        self.call(Method::PUT, "/snapshot/load", Some(&load_snapshot_body(state, mem, tap)?), SNAPSHOT_TIMEOUT)
+            .await
+            .map(drop)
+    }
+
     /// PUT /actions SendCtrlAltDel. The only graceful stop Firecracker offers on x86 (an i8042 key
     /// press); the guest must be booted with `reboot=k` for it to end the VMM.
     pub async fn send_ctrl_alt_del(&self) -> Result<(), FcError> {
@@ -342,6 +385,18 @@ fn configure_requests(cfg: &FcConfig) -> Result<Vec<(String, Value)>, FcError> {
         reqs.push(("/vsock".to_string(), json!({ "guest_cid": cid, "uds_path": utf8(uds)? })));
     }
     Ok(reqs)
+}
+
+fn load_snapshot_body(state: &Path, mem: &Path, tap: Option<&str>) -> Result<Value, FcError> {
+    let mut body = json!({
+        "snapshot_path": utf8(state)?,
+        "mem_backend": { "backend_type": "File", "backend_path": utf8(mem)? },
+        "resume_vm": true,
+    });
+    if let Some(tap) = tap {
+        body["network_overrides"] = json!([{ "iface_id": "eth0", "host_dev_name": tap }]);
+    }
+    Ok(body)
 }
 
 fn utf8(path: &Path) -> Result<&str, FcError> {
@@ -517,6 +572,18 @@ mod tests {
         let io = FcError::Io { what: "reading".into(), source: io::Error::other("boom") };
         assert!(!io.to_string().contains("boom"), "the source must not be repeated: {io}");
         assert!(io.source().is_some());
+    }
+
+    #[test]
+    fn snapshot_load_maps_memory_from_the_file_and_moves_the_nic_to_the_clones_tap() {
+        let body = load_snapshot_body(Path::new("/t/state"), Path::new("/t/ram"), Some("bgtap7")).unwrap();
+        assert_eq!(
+            body,
+            json!({"snapshot_path": "/t/state", "mem_backend": {"backend_type": "File", "backend_path": "/t/ram"},
+                   "resume_vm": true, "network_overrides": [{"iface_id": "eth0", "host_dev_name": "bgtap7"}]})
+        );
+        let no_nic = load_snapshot_body(Path::new("/t/state"), Path::new("/t/ram"), None).unwrap();
+        assert!(no_nic.get("network_overrides").is_none());
     }
 
     #[test]
@@ -761,13 +828,13 @@ mod tests {
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
         let log = dir.path().join("console.log");
         let wait = Duration::from_millis(300);
-        let mut result = spawn_within(&fake, dir.path(), "banger-vm-t2", &log, wait).await;
+        let mut result = spawn_within(&fake, dir.path(), "banger-vm-t2", &log, None, wait).await;
         // A fork in a concurrently running test may briefly hold the script open for writing.
         for _ in 0..20 {
             match &result {
                 Err(FcError::Spawn { source, .. }) if source.raw_os_error() == Some(libc::ETXTBSY) => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
-                    result = spawn_within(&fake, dir.path(), "banger-vm-t2", &log, wait).await;
+                    result = spawn_within(&fake, dir.path(), "banger-vm-t2", &log, None, wait).await;
                 }
                 _ => break,
             }

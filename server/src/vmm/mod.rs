@@ -96,6 +96,8 @@ pub struct BootSpec {
     /// Template snapshots and their clones (QEMU): the NIC carries this fixed MAC (the clone's agent sets
     /// the VM's own), and a template, which has no TAP, gets a NIC whose frames go nowhere.
     pub template_mac: Option<String>,
+    /// Firecracker templates: the directory the VMM sees its files under (see `firecracker::spawn_anchored`).
+    pub anchor: Option<PathBuf>,
 }
 
 /// Guest RAM of a QEMU VM.
@@ -203,9 +205,12 @@ async fn launch_firecracker(cfg: &crate::Config, spec: &BootSpec) -> Result<Laun
     }
     let fc_err =
         |e: firecracker::FcError| VmmError::Launch { what: "starting firecracker".into(), detail: e.to_string() };
-    let machine = firecracker::spawn(&bin, &spec.dir, &process_marker(&spec.vm_id), &paths.console_log())
-        .await
-        .map_err(fc_err)?;
+    let marker = process_marker(&spec.vm_id);
+    let machine = match &spec.anchor {
+        Some(anchor) => firecracker::spawn_anchored(&bin, &spec.dir, anchor, &marker, &paths.console_log()).await,
+        None => firecracker::spawn(&bin, &spec.dir, &marker, &paths.console_log()).await,
+    }
+    .map_err(fc_err)?;
     // Written at once, so a daemon that dies from here on still finds (and cleans up) the process.
     let _ = std::fs::write(paths.pidfile(), machine.pid.to_string());
     let mut args = vec![
@@ -224,16 +229,23 @@ async fn launch_firecracker(cfg: &crate::Config, spec: &BootSpec) -> Result<Laun
         // which builds the overlay root itself.
         args.extend(["root=/dev/vda", "ro", "rootfstype=ext4", "init=/usr/local/bin/banger-agent"].map(String::from));
     }
-    if let Some((_, net)) = &spec.net {
+    if let (Some((_, net)), None) = (&spec.net, &spec.template_mac) {
         args.extend(net.kernel_args());
     }
     args.extend(spec.extra_args.iter().cloned());
+    // The VMM's own view of the VM's files: under the anchor for a template (see spawn_anchored).
+    let seen = VmPaths::new(spec.anchor.clone().unwrap_or_else(|| spec.dir.clone()));
     let mut drives = vec![
         firecracker::FcDrive { id: "base".into(), path: spec.base_rootfs.clone(), read_only: true, is_root: false },
-        firecracker::FcDrive { id: "overlay".into(), path: paths.overlay_disk(), read_only: false, is_root: false },
+        firecracker::FcDrive { id: "overlay".into(), path: seen.overlay_disk(), read_only: false, is_root: false },
     ];
-    if let Some(work) = &spec.work_disk {
-        drives.push(firecracker::FcDrive { id: "work".into(), path: work.clone(), read_only: false, is_root: false });
+    if spec.work_disk.is_some() {
+        drives.push(firecracker::FcDrive {
+            id: "work".into(),
+            path: seen.work_disk_raw(),
+            read_only: false,
+            is_root: false,
+        });
     }
     let config = firecracker::FcConfig {
         vcpus: spec.vcpus,
@@ -242,8 +254,8 @@ async fn launch_firecracker(cfg: &crate::Config, spec: &BootSpec) -> Result<Laun
         initrd: spec.initrd.clone(),
         boot_args: args.join(" "),
         drives,
-        net: spec.net.as_ref().map(|(tap, net)| (tap.clone(), net.mac.clone())),
-        vsock: Some((3, paths.vsock())),
+        net: spec.net.as_ref().map(|(tap, net)| (tap.clone(), spec.template_mac.clone().unwrap_or(net.mac.clone()))),
+        vsock: Some((3, seen.vsock())),
     };
     let started = async {
         machine.configure(&config).await?;
@@ -252,6 +264,37 @@ async fn launch_firecracker(cfg: &crate::Config, spec: &BootSpec) -> Result<Laun
     .await;
     if let Err(e) = started {
         kill(machine.pid, &spec.vm_id).await;
+        return Err(fc_err(e));
+    }
+    Ok(Launched { pid: machine.pid })
+}
+
+/// Starts a Firecracker clone of a template: its directory (with its copies of the template's disks) mounted
+/// at the template's anchor, the snapshot loaded with the memory file mapped private, its NIC moved to `tap`,
+/// resumed. The guest channel (vsock) comes back in the clone's directory; connections made before the
+/// snapshot are gone, so the host connects afresh.
+pub async fn restore_firecracker(
+    cfg: &crate::Config,
+    vm_id: &str,
+    dir: &Path,
+    anchor: &Path,
+    state: &Path,
+    mem: &Path,
+    tap: Option<&str>,
+) -> Result<Launched, VmmError> {
+    let bin = cfg.find_binary("firecracker").ok_or(VmmError::MissingBinary { binary: "firecracker" })?;
+    let paths = VmPaths::new(dir.to_path_buf());
+    for stale in [paths.vsock(), paths.pidfile(), paths.dir.join(firecracker::API_SOCKET_NAME)] {
+        let _ = std::fs::remove_file(stale);
+    }
+    let fc_err =
+        |e: firecracker::FcError| VmmError::Launch { what: "restoring firecracker".into(), detail: e.to_string() };
+    let machine = firecracker::spawn_anchored(&bin, dir, anchor, &process_marker(vm_id), &paths.console_log())
+        .await
+        .map_err(fc_err)?;
+    let _ = std::fs::write(paths.pidfile(), machine.pid.to_string());
+    if let Err(e) = machine.load_snapshot(state, mem, tap).await {
+        kill(machine.pid, vm_id).await;
         return Err(fc_err(e));
     }
     Ok(Launched { pid: machine.pid })
