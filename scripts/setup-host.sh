@@ -9,7 +9,14 @@
 #   kernel/<kver>/initramfs.cpio.gz               busybox + the virtio/vsock modules + banger's guest init
 #   kernel/lean -> lean-<hash>/{vmlinux,config}   banger's lean kernel (images/kernel), the default for both VMMs
 #   rootfs/<recipe>-<hash>.tar                    debootstrapped root filesystems (images/ recipes)
+#
+# Usage: setup-host.sh [--tests]. Without --tests only what running banger needs is set up (the
+# debian-minimal root filesystem); --tests adds what the test suite needs (chromium for the web console test,
+# and every recipe's root filesystem, debian-agent's with its coding-agent CLIs).
 set -euo pipefail
+
+for_tests=0
+[[ ${1:-} == --tests ]] && for_tests=1
 
 CACHE="${BANGER_CACHE:-/var/cache/banger}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,8 +31,8 @@ mkdir -p "$CACHE"/{bin,kernel,rootfs,tmp}
 
 apt_packages=(qemu-system-x86 qemu-utils debootstrap busybox-static nftables cpio kmod e2fsprogs
               iproute2 openssh-client git lz4 ca-certificates python3-pip unzip
-              linux-source-6.1 build-essential bc bison flex libelf-dev xz-utils  # the lean guest kernel
-              chromium)  # chromium: the web console's browser test
+              linux-source-6.1 build-essential bc bison flex libelf-dev xz-utils)  # the lean guest kernel
+((for_tests)) && apt_packages+=(chromium)  # the web console's browser test
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -108,6 +115,8 @@ ln -sfn "lean-$lean_hash" "$CACHE/kernel/lean"
 # computes (engine/image_build.rs, recipe_key), so `banger image build` finds these in the cache.
 for recipe in "$HERE"/images/*/recipe.sh; do
   name="$(basename "$(dirname "$recipe")")"
+  # Running banger needs the default image's root filesystem; other recipes build on first `image build`.
+  ((for_tests)) || [[ $name == debian-minimal ]] || continue
   h="$(cd "$HERE/images" && find "$name" lib -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)"
   if [[ ! -f $CACHE/rootfs/$name-$h.tar ]]; then
     log "rootfs $name: running its recipe (debootstrap, packages; a few minutes)"

@@ -6,7 +6,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
-"$ROOT/scripts/setup-host.sh"
+"$ROOT/scripts/setup-host.sh" --tests
 command -v cargo-nextest >/dev/null || { log "installing cargo-nextest"; cargo install -q --locked cargo-nextest; }
 
 log "building the workspace"
