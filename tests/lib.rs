@@ -369,6 +369,15 @@ impl Drop for TestDaemon {
         }
         if std::thread::panicking() {
             eprintln!("--- bangerd output ---\n{}", self.daemon_output());
+            // The guests' consoles say why a guest never answered.
+            if let Ok(vms) = std::fs::read_dir(self.state_dir.join("vms")) {
+                for vm in vms.flatten() {
+                    let console = std::fs::read_to_string(vm.path().join("console.log")).unwrap_or_default();
+                    let tail: Vec<&str> = console.lines().rev().take(40).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    eprintln!("--- console of {} (last 40 lines) ---\n{}", vm.path().display(), tail.join("\n"));
+                }
+            }
         }
     }
 }

@@ -38,6 +38,18 @@ async fn serve() -> anyhow::Result<()> {
 /// vsock (Firecracker, or QEMU with vhost-user-vsock): every host connection is its own session.
 async fn serve_vsock(sessions: Arc<Sessions>) -> anyhow::Result<()> {
     use tokio_vsock::{VsockAddr, VsockListener, VMADDR_CID_ANY};
+    // Booted without an initramfs, the agent can start before the kernel has bound the virtio vsock device;
+    // a listener made before the transport exists may never see a connection. Wait for the device (5 s at
+    // most, then listen anyway).
+    for _ in 0..250 {
+        let bound = std::fs::read_dir("/sys/bus/virtio/drivers/vmw_vsock_virtio_transport")
+            .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("virtio")))
+            .unwrap_or(false);
+        if bound {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, tools_schema::guest::VSOCK_PORT))?;
     loop {
         match listener.accept().await {

@@ -623,7 +623,9 @@ impl Engine {
                 self.release_net(row).await;
                 let _ =
                     self.store.set_vm_state(row.id.clone(), VmState::Failed, None, None, Some(e.message.clone())).await;
-                Err(e)
+                // A failed create removes the VM and its console log with it: say here how the guest ended.
+                let tail = console_tail(&paths.console_log(), 8);
+                Err(if tail.is_empty() { e } else { e.with_hint(format!("the guest console ended with:\n{tail}")) })
             }
         }
     }
@@ -1300,6 +1302,13 @@ impl Engine {
         let public = std::fs::read_to_string(self.cfg.ssh_key().with_extension("pub")).ok()?;
         Some(format!("banger.sshkey={}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(public.trim())))
     }
+}
+
+/// The last `lines` lines of a console log, for errors about guests that never answered.
+fn console_tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).rev().take(lines).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
 /// Tells the agent which filesystems to grow at boot: a disk grown by `vm set` is bigger than its base.
