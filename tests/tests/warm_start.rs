@@ -58,6 +58,8 @@ fn two_clones_of_one_template_are_distinct_vms_that_resolve_and_survive_stop_sta
     let again = d.rpc("image.warm", json!({"memory_mib": 256}));
     assert_eq!((again["reused"].clone(), again["generation"].clone()), (json!(true), t["generation"].clone()));
 
+    // Let the template age, so a clone that kept its clock would be visibly behind the host.
+    std::thread::sleep(Duration::from_secs(10));
     let a = d.rpc("vm.create", json!({"name": "clone-a", "memory_mib": 256}));
     let b = d.rpc("vm.create", json!({"name": "clone-b", "memory_mib": 256}));
     assert_eq!((boot_mode(&a), boot_mode(&b)), ("warm", "warm"), "{a}\n{b}");
@@ -72,7 +74,12 @@ fn two_clones_of_one_template_are_distinct_vms_that_resolve_and_survive_stop_sta
     assert_eq!(ia.random.len(), 64);
     assert_ne!(ia.random, ib.random, "both clones drew the same random bytes: the RNG was not reseeded");
     assert_ne!(ia.host_key, ib.host_key, "both clones have the same SSH host key");
-    assert!(ia.clock_skew_secs <= 5 && ib.clock_skew_secs <= 5, "guest clocks are off the host's");
+    assert!(
+        ia.clock_skew_secs <= 5 && ib.clock_skew_secs <= 5,
+        "guest clocks are off the host's by {}/{} s",
+        ia.clock_skew_secs,
+        ib.clock_skew_secs
+    );
 
     // Both run commands, reach each other by name, and the host reaches them by name.
     assert_eq!(d.guest_ok("clone-a", "getent hosts clone-b.vm | cut -d' ' -f1").trim(), ib.ip);

@@ -428,13 +428,7 @@ impl Engine {
     pub(crate) async fn make_raw_disks(&self, image: &ImageRow, paths: &VmPaths) -> Result<(), ApiError> {
         vmm::create_ext4_disk(&self.cfg, &paths.overlay_disk(), "banger-overlay", 4 << 30).await.map_err(vmm_error)?;
         if !image.work_seed.is_empty() {
-            vmm::copy_sparse(std::path::Path::new(&image.work_seed), &paths.work_disk_raw())
-                .await
-                .map_err(vmm_error)?;
-            // The image's files are read-only; the VM's copy is its own.
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(paths.work_disk_raw(), std::fs::Permissions::from_mode(0o644))
-                .map_err(|e| ApiError::internal(format!("making the work disk writable: {e}")))?;
+            copy_writable(std::path::Path::new(&image.work_seed), &paths.work_disk_raw()).await?;
         }
         Ok(())
     }
@@ -1302,6 +1296,15 @@ impl Engine {
         let public = std::fs::read_to_string(self.cfg.ssh_key().with_extension("pub")).ok()?;
         Some(format!("banger.sshkey={}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(public.trim())))
     }
+}
+
+/// A VM's own sparse copy (reflinked where the filesystem can) of a read-only disk: an image's work seed or a
+/// template's disks.
+pub(crate) async fn copy_writable(from: &std::path::Path, to: &std::path::Path) -> Result<(), ApiError> {
+    use std::os::unix::fs::PermissionsExt;
+    vmm::copy_sparse(from, to).await.map_err(vmm_error)?;
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o644))
+        .map_err(|e| ApiError::internal(format!("making {} writable: {e}", to.display())))
 }
 
 /// The last `lines` lines of a console log, for errors about guests that never answered.

@@ -508,10 +508,7 @@ impl Engine {
             let copies =
                 [(t.dir.join("overlay.ext4"), paths.overlay_disk()), (t.dir.join("work.ext4"), paths.work_disk_raw())];
             for (from, to) in copies.iter().filter(|(from, _)| from.is_file()) {
-                vmm::copy_sparse(from, to).await.map_err(vmm_error)?;
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o644))
-                    .map_err(|e| ApiError::internal(format!("making {} writable: {e}", to.display())))?;
+                super::vm::copy_writable(from, to).await?;
             }
             return Ok(());
         }
