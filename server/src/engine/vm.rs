@@ -521,18 +521,20 @@ impl Engine {
             BootPlan::Cold { reason } => cold_reason = reason,
             BootPlan::Warm(t) => {
                 detail(format!("restoring template {}", t.generation()));
-                match self.restore_clone(image, &t, &row.id, &paths, net.clone(), cancel).await {
+                let identity = self.clone_identity(row);
+                match self.restore_clone(image, &t, &row.id, &paths, net.clone(), identity, cancel).await {
                     Ok((pid, conn)) => {
-                        self.store.set_vm_state(row.id.clone(), VmState::Starting, Some(pid), None, None).await?;
                         stage("agent");
-                        match self.reidentify(row, &conn).await {
-                            Ok(()) => warm = Some((pid, conn)),
-                            Err(e) => {
-                                conn.close();
-                                vmm::stop_vm_processes(&paths.dir, &row.id, Some(pid)).await;
-                                cold_reason = Some(format!("the restored clone failed: {}", e.message));
-                            }
+                        let recorded =
+                            self.store.set_vm_state(row.id.clone(), VmState::Starting, Some(pid), None, None).await;
+                        if let Err(e) = recorded {
+                            // Unrecorded, the clone would outlive the rollback: end it here.
+                            conn.close();
+                            vmm::stop_vm_processes(&paths.dir, &row.id, Some(pid)).await;
+                            self.release_net(row).await;
+                            return Err(e.into());
                         }
+                        warm = Some((pid, conn));
                     }
                     Err(e) => cold_reason = Some(format!("restoring the template failed: {}", e.message)),
                 }

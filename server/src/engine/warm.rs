@@ -526,8 +526,9 @@ impl Engine {
         a.and(b).map_err(vmm_error)
     }
 
-    /// Starts a clone's VMM from the template and resumes it. Returns the VMM's pid and the connected channel
-    /// (the agent still has the template's identity). On failure nothing of the clone runs any more.
+    /// Starts a clone's VMM from the template, resumes it and gives it `identity`. Returns the VMM's pid and
+    /// the connected channel. On failure nothing of the clone runs any more.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn restore_clone(
         &self,
         image: &ImageRow,
@@ -535,6 +536,7 @@ impl Engine {
         vm_id: &str,
         paths: &VmPaths,
         tap: Option<(String, crate::network::GuestNet)>,
+        identity: CloneIdentity,
         cancel: &CancellationToken,
     ) -> Result<(u32, Arc<GuestConn>), ApiError> {
         let vmm = t.vmm();
@@ -547,11 +549,19 @@ impl Engine {
                     .map_err(vmm_error)?;
             // Connections made before the snapshot are gone: connect afresh over the clone's vsock socket.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-            return match vmm::GuestChannel::Vsock(paths.vsock()).ready(deadline, cancel).await {
-                Ok((conn, _)) => Ok((launched.pid, conn)),
+            let identified = async {
+                let (conn, _) = vmm::GuestChannel::Vsock(paths.vsock())
+                    .ready(deadline, cancel)
+                    .await
+                    .map_err(|e| guest_error(vm_id, e))?;
+                self.send_identity(vm_id, &conn, identity).await?;
+                Ok::<_, ApiError>(conn)
+            };
+            return match identified.await {
+                Ok(conn) => Ok((launched.pid, conn)),
                 Err(e) => {
                     vmm::stop_vm_processes(&paths.dir, vm_id, Some(launched.pid)).await;
-                    Err(guest_error(vm_id, e))
+                    Err(e)
                 }
             };
         }
@@ -565,17 +575,23 @@ impl Engine {
             let mut qmp = vmm::qmp::Qmp::connect(&paths.control(), Duration::from_secs(5))
                 .await
                 .map_err(|e| ApiError::internal(format!("restoring the template: {e}")))?;
+            let t_qmp = started.elapsed();
             qmp.restore_state(&t.state())
                 .await
                 .map_err(|e| ApiError::internal(format!("restoring the template: {e}")))?;
             let t_restore = started.elapsed();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-            conn.wait_ready(deadline, cancel).await.map_err(|e| guest_error(vm_id, e))?;
+            // The identity is the first request the resumed agent reads (no Hello first: the template's agent
+            // answered one before the snapshot), and its answer says the clone is ready.
+            tokio::select! {
+                r = self.send_identity(vm_id, &conn, identity) => r?,
+                _ = cancel.cancelled() => return Err(ApiError::new(ErrorCode::Cancelled, "cancelled")),
+            }
             tracing::debug!(
                 vm = vm_id,
                 launch_ms = t_launch.as_millis() as u64,
+                qmp_ms = t_qmp.as_millis() as u64,
                 restore_ms = t_restore.as_millis() as u64,
-                answer_ms = started.elapsed().as_millis() as u64,
+                identified_ms = started.elapsed().as_millis() as u64,
                 "clone resumed"
             );
             Ok::<_, ApiError>(conn)
@@ -596,7 +612,8 @@ impl Engine {
         self.send_identity(&row.name, conn, identity).await
     }
 
-    fn clone_identity(&self, row: &VmRow) -> CloneIdentity {
+    /// A VM's own identity, for a clone restored from a template. Fresh entropy comes from the host's RNG.
+    pub(crate) fn clone_identity(&self, row: &VmRow) -> CloneIdentity {
         let net = match (self.network(), row.ip, &row.mac) {
             (Some(net), Some(ip), Some(mac)) => {
                 let g = net.guest_net(ip, mac);
@@ -827,36 +844,22 @@ impl Engine {
             };
             // The NIC's settings come with the identity at hand-out; the placeholder never reaches the guest.
             let placeholder = tap.clone().map(|t| (t, placeholder_net()));
-            let cancel = CancellationToken::new();
-            let restored = self.restore_clone(image, &t, &id, &paths, placeholder, &cancel).await;
-            let restored = match restored {
-                Ok((pid, conn)) => {
-                    // A dry run with a placeholder identity, so the hand-out's real one finds warm code paths.
-                    let rehearsal = CloneIdentity {
-                        hostname: "banger-pool".into(),
-                        net: t.meta.inputs.nic.then(|| GuestNetConfig {
-                            address: "169.254.77.77/32".into(),
-                            gateway: String::new(),
-                            dns: String::new(),
-                            mac: vmm::TEMPLATE_MAC.into(),
-                        }),
-                        ssh_authorized_key: None,
-                        entropy_hex: hex::encode(rand::random::<[u8; 64]>()),
-                        unix_time_ns: self.clone_identity_time(),
-                        rehearsal: true,
-                    };
-                    match self.send_identity("a pool VM", &conn, rehearsal).await {
-                        Ok(()) => Ok((pid, conn)),
-                        Err(e) => {
-                            conn.close();
-                            vmm::stop_vm_processes(&paths.dir, &id, Some(pid)).await;
-                            Err(e)
-                        }
-                    }
-                }
-                Err(e) => Err(e),
+            // A dry run with a placeholder identity, so the hand-out's real one finds warm code paths.
+            let rehearsal = CloneIdentity {
+                hostname: "banger-pool".into(),
+                net: t.meta.inputs.nic.then(|| GuestNetConfig {
+                    address: "169.254.77.77/32".into(),
+                    gateway: String::new(),
+                    dns: String::new(),
+                    mac: vmm::TEMPLATE_MAC.into(),
+                }),
+                ssh_authorized_key: None,
+                entropy_hex: hex::encode(rand::random::<[u8; 64]>()),
+                unix_time_ns: self.clone_identity_time(),
+                rehearsal: true,
             };
-            match restored {
+            let cancel = CancellationToken::new();
+            match self.restore_clone(image, &t, &id, &paths, placeholder, rehearsal, &cancel).await {
                 Ok((pid, conn)) => {
                     Ok(PoolEntry { id: id.clone(), image_id: image.id.clone(), vcpus, memory_mib, pid, tap, conn })
                 }
