@@ -162,10 +162,10 @@ impl TestDaemon {
             }
             text.push_str(&self.extra_config);
             text.push('\n');
-            // A template build after every first cold boot would double the CPU every guest test needs: the
-            // warm-start tests turn it on or build templates explicitly.
+            // A template build after every first cold boot (and a pooled VM per daemon) would double the CPU
+            // every guest test needs: the warm-start tests turn them on or build templates explicitly.
             if !self.extra_config.contains("[warm]") {
-                text.push_str("[warm]\nauto_build = false\n");
+                text.push_str("[warm]\nauto_build = false\npool_size = 0\n");
             }
             // Guests never get the real user's logins: sync from an empty home in the test's directory.
             if !self.extra_config.contains("[guest_sync]") {

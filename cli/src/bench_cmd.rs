@@ -19,7 +19,7 @@ use crate::{output, Ctx};
 
 #[derive(Args)]
 #[command(after_help = "Example:\n  banger bench --runs 5 --json\n\nThe warm pool row appears when the daemon \
-keeps one (warm.pool_size > 0 in its config) and --memory is the daemon's default VM memory.")]
+keeps one (it does unless its config says warm.pool_size = 0) and --memory is the daemon's default VM memory.")]
 pub struct BenchArgs {
     /// Creates of each kind (cold, warm, pooled) and bare VMM boots to time.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
