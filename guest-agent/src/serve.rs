@@ -41,8 +41,9 @@ async fn serve_vsock(sessions: Arc<Sessions>) -> anyhow::Result<()> {
     // Booted without an initramfs, the agent can start before the kernel has bound the virtio vsock device;
     // a listener made before the transport exists may never see a connection. Wait for the device (5 s at
     // most, then listen anyway).
+    let mut bound = false;
     for _ in 0..250 {
-        let bound = std::fs::read_dir("/sys/bus/virtio/drivers/vmw_vsock_virtio_transport")
+        bound = std::fs::read_dir("/sys/bus/virtio/drivers/vmw_vsock_virtio_transport")
             .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("virtio")))
             .unwrap_or(false);
         if bound {
@@ -51,6 +52,21 @@ async fn serve_vsock(sessions: Arc<Sessions>) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let listener = VsockListener::bind(VsockAddr::new(VMADDR_CID_ANY, tools_schema::guest::VSOCK_PORT))?;
+    // On the console, so a guest the host cannot reach shows how far it got.
+    eprintln!(
+        "banger-agent: listening on vsock port {}{}",
+        tools_schema::guest::VSOCK_PORT,
+        if bound { "" } else { " (the virtio vsock device is not bound yet)" }
+    );
+    // Tell the host it may connect now (it waits for this before its first connection attempt).
+    tokio::spawn(async {
+        let host = VsockAddr::new(tokio_vsock::VMADDR_CID_HOST, tools_schema::guest::VSOCK_READY_PORT);
+        match tokio::time::timeout(Duration::from_secs(5), tokio_vsock::VsockStream::connect(host)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => eprintln!("banger-agent: telling the host we listen: {e}"),
+            Err(_) => eprintln!("banger-agent: telling the host we listen: no answer"),
+        }
+    });
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {

@@ -578,6 +578,19 @@ impl Engine {
             template_mac: None,
             anchor: None,
         };
+        // A vsock agent says when it listens by connecting to this socket; connecting before that can leave
+        // the host's connection unanswered for good (`VSOCK_READY_PORT`).
+        let announced = (row.vmm == VmmKind::Firecracker || spec.vsock).then(|| {
+            let _ = std::fs::remove_file(paths.vsock_ready());
+            tokio::net::UnixListener::bind(paths.vsock_ready())
+        });
+        let announced = match announced.transpose() {
+            Ok(l) => l,
+            Err(e) => {
+                self.release_net(row).await;
+                return Err(ApiError::internal(format!("cannot listen on {}: {e}", paths.vsock_ready().display())));
+            }
+        };
         let launched = vmm::launch(row.vmm, &self.cfg, &self.vmm.qemu_accel, &spec).await.map_err(vmm_error);
         let launched = match launched {
             Ok(l) => l,
@@ -600,8 +613,19 @@ impl Engine {
                 }
             };
             let channel = paths.guest_channel();
+            let connect = async {
+                if let Some(listener) = &announced {
+                    // An agent older than the announcement never sends one: after a while, connect anyway.
+                    tokio::select! {
+                        _ = tokio::time::timeout(VSOCK_ANNOUNCE_WAIT, listener.accept()) => {}
+                        _ = cancel.cancelled() => {}
+                    }
+                    let _ = std::fs::remove_file(paths.vsock_ready());
+                }
+                channel.ready(deadline, cancel).await
+            };
             let agent = tokio::select! {
-                r = channel.ready(deadline, cancel) => r.map_err(|e| guest_error(&row.name, e))?,
+                r = connect => r.map_err(|e| guest_error(&row.name, e))?,
                 _ = died => return Err(ApiError::internal(format!("VM {}'s VMM exited during boot", row.name))
                     .with_hint(format!("`banger vm logs {}` shows the guest console", row.name))),
             };
@@ -620,8 +644,17 @@ impl Engine {
                 let _ =
                     self.store.set_vm_state(row.id.clone(), VmState::Failed, None, None, Some(e.message.clone())).await;
                 // A failed create removes the VM and its console log with it: say here how the guest ended.
-                let tail = console_tail(&paths.console_log(), 8);
-                Err(if tail.is_empty() { e } else { e.with_hint(format!("the guest console ended with:\n{tail}")) })
+                let mut seen = vec![];
+                for (what, log) in [
+                    ("the guest console", paths.console_log()),
+                    ("vhost-device-vsock", paths.dir.join("vhost-vsock.log")),
+                ] {
+                    let tail = log_tail(&log, 8);
+                    if !tail.is_empty() {
+                        seen.push(format!("{what} ended with:\n{tail}"));
+                    }
+                }
+                Err(if seen.is_empty() { e } else { e.with_hint(seen.join("\n")) })
             }
         }
     }
@@ -1309,8 +1342,11 @@ pub(crate) async fn copy_writable(from: &std::path::Path, to: &std::path::Path) 
         .map_err(|e| ApiError::internal(format!("making {} writable: {e}", to.display())))
 }
 
-/// The last `lines` lines of a console log, for errors about guests that never answered.
-fn console_tail(path: &std::path::Path, lines: usize) -> String {
+/// How long a cold boot waits for a vsock agent to say it listens before connecting regardless.
+const VSOCK_ANNOUNCE_WAIT: Duration = Duration::from_secs(20);
+
+/// The last `lines` non-blank lines of a log (the console, a helper's), for errors about guests that never answered.
+fn log_tail(path: &std::path::Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let tail: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).rev().take(lines).collect();
     tail.into_iter().rev().collect::<Vec<_>>().join("\n")

@@ -136,6 +136,10 @@ impl VmPaths {
     pub fn vsock(&self) -> PathBuf {
         self.dir.join("vsock.sock")
     }
+    /// Where a cold-booted agent says it listens (see `VSOCK_READY_PORT`).
+    pub fn vsock_ready(&self) -> PathBuf {
+        self.dir.join(format!("vsock.sock_{}", tools_schema::guest::VSOCK_READY_PORT))
+    }
     /// vhost-user control socket between QEMU and vhost-device-vsock.
     pub fn vhost_vsock(&self) -> PathBuf {
         self.dir.join("vhost-vsock.sock")

@@ -163,6 +163,9 @@ async fn start_vhost_vsock(cfg: &Config, paths: &VmPaths) -> Result<(), VmmError
     let mut cmd = std::process::Command::new(bin);
     cmd.arg("--vm")
         .arg(format!("guest-cid=3,socket={},uds-path={}", paths.vhost_vsock().display(), paths.vsock().display()))
+        // Its own log level, never the daemon's environment: enough to tell, when a guest is unreachable,
+        // whether the helper saw the connection (`vhost-vsock.log`, quoted in the error).
+        .env("RUST_LOG", "info")
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone().map_err(io("logging"))?)
         .stderr(log);
