@@ -134,6 +134,7 @@ pub async fn run(cmd: DaemonCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 println!("VMs       {} running, {} total", s.vms_running, s.vms_total);
                 println!("images    {}", s.images);
                 println!("VMM       {} ({})", s.vmm.vmm.as_str(), s.vmm.reason);
+                println!("warm pool {}", warm_pool_line(&s.warm_pool));
                 println!(
                     "console   {}",
                     s.web_url.as_deref().unwrap_or("- (disabled, or its port was taken: see the log)")
@@ -161,4 +162,21 @@ pub async fn run(cmd: DaemonCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One line on the warm pool: what is ready per image, or how to turn it on.
+fn warm_pool_line(p: &tools_schema::daemon::WarmPoolStatus) -> String {
+    if p.size == 0 {
+        return "none (no default image yet, or [warm] pool_size = 0 in the config)".into();
+    }
+    let images: Vec<String> = p
+        .images
+        .iter()
+        .map(|i| {
+            let filling = if i.filling > 0 { format!(", {} restoring", i.filling) } else { String::new() };
+            format!("{} {}/{} ready{filling}", i.image, i.ready, i.size)
+        })
+        .collect();
+    let per_image = if images.is_empty() { "no image to pool yet".to_string() } else { images.join("; ") };
+    format!("{per_image} ({} vCPU, {} MiB VMs)", p.vcpus, p.memory_mib)
 }

@@ -252,6 +252,10 @@ fn the_warm_pool_hands_out_ready_vms_refills_and_stays_within_host_memory() {
     );
     // Registering the images fills their pools (building each one's template first).
     wait_until("the pools to fill", Duration::from_secs(180), || pool_status(&d)["ready"] == 2);
+    let status = d.cli(&["daemon", "status"]);
+    let status = String::from_utf8_lossy(&status.stdout);
+    let line = status.lines().find(|l| l.starts_with("warm pool")).unwrap_or_default();
+    assert!(line.contains("test 1/1 ready") && line.contains("second 1/1 ready"), "{status}");
     let v = d.rpc("vm.create", json!({"name": "pooled"}));
     assert_eq!(boot_mode(&v), "pool", "{v}");
     let other = d.rpc("vm.create", json!({"name": "pooled-second", "image": "second"}));
@@ -261,6 +265,9 @@ fn the_warm_pool_hands_out_ready_vms_refills_and_stays_within_host_memory() {
     let i = identity(&d, "pooled");
     assert_eq!((i.hostname.as_str(), i.ip.as_str()), ("pooled", v["ip"].as_str().unwrap()));
     assert!(i.clock_skew_secs <= 5);
+    // Its new address came without a flush of the link: the IPv6 link-local address (of its new MAC) is there.
+    let v6 = d.guest_ok("pooled", "cat /proc/net/if_inet6");
+    assert!(v6.lines().any(|l| l.starts_with("fe80") && !l.ends_with(" lo")), "{v6}");
     let out = d.netns.exec(&["getent", "hosts", "pooled.vm"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).split_whitespace().next(), v["ip"].as_str());
     // It refills in the background; another shape is not served from it.
