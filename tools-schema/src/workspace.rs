@@ -96,7 +96,8 @@ pub struct WorkspacePrepareResult {
     /// The branch checked out in the guest (the host's current branch), or none when the host HEAD was
     /// detached.
     pub branch: Option<String>,
-    /// Files copied from the host working tree over the checkout.
+    /// Files copied from the host working tree over the checkout: those that differ from HEAD (and, in full
+    /// mode, untracked files and submodules' files); the checkout has the rest.
     pub files: u64,
     /// Bytes sent to the guest (history bundle plus working-tree archive).
     pub bytes: u64,

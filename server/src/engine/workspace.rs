@@ -1,8 +1,9 @@
 //! `workspace.prepare` and `workspace.export`: a host git repository copied into a guest, and everything
 //! the guest changed brought back as one patch.
 //!
-//! Prepare packs the host repository on the host (a `git bundle` of HEAD, so the guest has the real history
-//! and the same HEAD hash, plus a tar of the working-tree copies of the files to overlay), writes both into
+//! Prepare packs the host repository on the host (a pack of HEAD's history with its index, so the guest has
+//! the real history and the same HEAD hash without indexing anything, plus a tar of the working-tree copies
+//! of the files that differ from HEAD), writes both into
 //! the guest with the agent's file writes, and runs `PREPARE_SCRIPT` there. The script records the base
 //! commit as `refs/banger/base`: HEAD itself when the copied tree equals HEAD, else a snapshot commit on top
 //! of HEAD holding exactly the tree the guest started from (made in a temporary index, so the guest's HEAD,
@@ -55,11 +56,13 @@ const EXIT_REPO_EXISTS: i32 = 3;
 const EXIT_NO_REPO: i32 = 3;
 const EXIT_BAD_BASE: i32 = 4;
 
-/// Runs in the guest: `sh -c PREPARE_SCRIPT sh REPO STAGE HEAD BRANCH MODE FORCE NAME EMAIL`.
-/// STAGE holds `history.bundle`, `tree.tar` and `deleted` (NUL-separated paths). Prints `key=value` lines.
+/// Runs in the guest: `sh -c PREPARE_SCRIPT sh REPO STAGE HEAD BRANCH MODE FORCE NAME EMAIL PACK`.
+/// STAGE holds `history.pack` + `history.idx` (HEAD's history, to become PACK in the repository's object
+/// store), `tree.tar` (the files that differ from HEAD), `deleted` and `changed` (the
+/// paths to stage over HEAD: the copied and the deleted ones; NUL-separated). Prints `key=value` lines.
 /// On any failure it removes what it made and puts a replaced repository back.
 pub(crate) const PREPARE_SCRIPT: &str = r#"set -eu
-repo=$1 stage=$2 head=$3 branch=$4 mode=$5 force=$6 name=$7 email=$8
+repo=$1 stage=$2 head=$3 branch=$4 mode=$5 force=$6 name=$7 email=$8 pack=$9
 old="$repo.banger-replaced"
 done=0 replaced=0
 cleanup() {
@@ -87,10 +90,10 @@ mkdir -p "$repo"
 cd "$repo"
 git init -q
 git config advice.detachedHead false
-git fetch -q "$stage/history.bundle" HEAD
-fetched=$(git rev-parse FETCH_HEAD)
-if [ "$fetched" != "$head" ]; then
-    echo "banger: the bundle holds $fetched, expected $head" >&2
+mv "$stage/history.pack" ".git/objects/pack/$pack.pack"
+mv "$stage/history.idx" ".git/objects/pack/$pack.idx"
+if [ "$(git rev-parse -q --verify "$head^{commit}" || true)" != "$head" ]; then
+    echo "banger: the pack does not hold $head" >&2
     exit 1
 fi
 if [ -n "$branch" ]; then
@@ -113,7 +116,11 @@ if [ "$mode" = full ]; then
         git rm -q --cached -- "$p"
     done
 fi
-git add -A
+# Only the listed paths are hashed: update-index takes them literally (no pathspec magic), adds what
+# exists and drops what does not.
+if [ -s "$stage/changed" ]; then
+    git update-index --add --remove -z --stdin < "$stage/changed"
+fi
 tree=$(git write-tree)
 unset GIT_INDEX_FILE
 rm -f "$idx"
@@ -211,24 +218,39 @@ pub(crate) struct Packed {
     pub head: String,
     pub branch: Option<String>,
     pub files: u64,
+    /// The pack's name in the guest's `.git/objects/pack` (`pack-<checksum>`).
+    pub pack: String,
 }
 
 /// Runs host git in `dir` as the daemon (root) on a repository that may belong to someone else. Trusting it
 /// (safe.directory) would let its config run programs, so the settings that run programs for the commands
 /// used here are switched off.
 async fn host_git(dir: &Path, args: &[&str]) -> Result<std::process::Output, ApiError> {
-    tokio::process::Command::new("git")
+    host_git_with_input(dir, args, b"").await
+}
+
+/// `host_git` with `input` on git's standard input.
+async fn host_git_with_input(dir: &Path, args: &[&str], input: &[u8]) -> Result<std::process::Output, ApiError> {
+    use tokio::io::AsyncWriteExt;
+    let unavailable = |e: std::io::Error| {
+        ApiError::new(ErrorCode::HostUnsupported, format!("cannot run git on the host: {e}"))
+            .with_hint("install git on the daemon's host (apt-get install git)")
+    };
+    let mut child = tokio::process::Command::new("git")
         .args(["-c", "safe.directory=*", "-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null"])
         .arg("-C")
         .arg(dir)
         .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .map_err(|e| {
-            ApiError::new(ErrorCode::HostUnsupported, format!("cannot run git on the host: {e}"))
-                .with_hint("install git on the daemon's host (apt-get install git)")
-        })
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(unavailable)?;
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    // A git that exits without reading its input is answered by its exit status, not by this write.
+    let _ = stdin.write_all(input).await;
+    drop(stdin);
+    child.wait_with_output().await.map_err(unavailable)
 }
 
 fn stdout_line(out: &std::process::Output) -> String {
@@ -259,7 +281,8 @@ pub(crate) async fn work_tree_top(field: &str, path: &str) -> Result<PathBuf, Ap
     Ok(PathBuf::from(lines.next().unwrap_or(path)))
 }
 
-/// Packs the repository at `top` into `stage`: `history.bundle`, `tree.tar`, `deleted`.
+/// Packs the repository at `top` into `stage`: `history.pack` + `history.idx`, `tree.tar` (the files that differ from
+/// HEAD), `deleted` and `changed` (both NUL-separated).
 pub(crate) async fn pack(top: &Path, mode: WorkspaceMode, stage: &Path) -> Result<Packed, ApiError> {
     let out = host_git(top, &["rev-parse", "-q", "--verify", "HEAD^{commit}"]).await?;
     if !out.status.success() {
@@ -270,26 +293,62 @@ pub(crate) async fn pack(top: &Path, mode: WorkspaceMode, stage: &Path) -> Resul
     let out = host_git(top, &["symbolic-ref", "-q", "--short", "HEAD"]).await?;
     let branch = Some(stdout_line(&out)).filter(|b| out.status.success() && !b.is_empty());
 
-    let bundle = stage.join("history.bundle");
-    let out = host_git(top, &["bundle", "create", "-q", &bundle.to_string_lossy(), "HEAD"]).await?;
-    if !out.status.success() {
-        return Err(ApiError::internal(format!(
-            "git bundle create failed in {}: {}",
-            top.display(),
-            stderr_text(&out)
-        )));
+    // HEAD's history as one pack with its index, both made here: the guest, emulated and slow at hashing,
+    // then need not index the pack itself (a bundle's fetch would: most of a prepare's time in the guest).
+    let base = stage.join("pack");
+    let out = host_git_with_input(top, &["pack-objects", "--revs", "-q", &base.to_string_lossy()], b"HEAD\n").await?;
+    let checksum = stdout_line(&out);
+    if !out.status.success() || checksum.len() < 40 || !checksum.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::internal(format!("git pack-objects failed in {}: {}", top.display(), stderr_text(&out))));
+    }
+    for ext in ["pack", "idx"] {
+        let made = stage.join(format!("pack-{checksum}.{ext}"));
+        tokio::fs::rename(&made, stage.join(format!("history.{ext}")))
+            .await
+            .map_err(|e| ApiError::internal(format!("moving {}: {e}", made.display())))?;
     }
 
-    // The files whose working-tree copies go over the checkout.
-    let mut lists = vec![host_git(top, &["ls-files", "-z", "--cached"]).await?];
+    // The files whose working-tree copies go over the checkout: only what differs from HEAD (the checkout
+    // has the rest), so the guest, emulated and slow at hashing, writes and hashes just those.
+    // Submodules stay at HEAD's commits here (full mode copies their files below).
+    let changed = [
+        "--no-optional-locks",
+        "diff",
+        "--name-only",
+        "-z",
+        "--no-renames",
+        "--no-ext-diff",
+        "--no-textconv",
+        "--ignore-submodules=all",
+    ];
+    let mut lists = vec![host_git(top, &[&changed[..], &["HEAD", "--"]].concat()).await?];
+    let mut submodule_files = vec![];
     if mode == WorkspaceMode::Full {
-        lists[0] = host_git(top, &["ls-files", "-z", "--cached", "--recurse-submodules"]).await?;
         lists.push(host_git(top, &["ls-files", "-z", "--others", "--exclude-standard"]).await?);
+        // Submodules' files are no blobs of HEAD: all of them go.
+        let outer = host_git(top, &["ls-files", "-z", "--cached"]).await?;
+        let all = host_git(top, &["ls-files", "-z", "--cached", "--recurse-submodules"]).await?;
+        for out in [&outer, &all] {
+            if !out.status.success() {
+                return Err(ApiError::internal(format!(
+                    "git ls-files failed in {}: {}",
+                    top.display(),
+                    stderr_text(out)
+                )));
+            }
+        }
+        let outer: std::collections::HashSet<&[u8]> = outer.stdout.split(|b| *b == 0).collect();
+        submodule_files
+            .extend(all.stdout.split(|b| *b == 0).filter(|n| !n.is_empty() && !outer.contains(n)).map(<[u8]>::to_vec));
     }
-    let mut names: Vec<Vec<u8>> = vec![];
+    let mut names: Vec<Vec<u8>> = submodule_files;
     for out in &lists {
         if !out.status.success() {
-            return Err(ApiError::internal(format!("git ls-files failed in {}: {}", top.display(), stderr_text(out))));
+            return Err(ApiError::internal(format!(
+                "listing the changed files of {} failed: {}",
+                top.display(),
+                stderr_text(out)
+            )));
         }
         names.extend(out.stdout.split(|b| *b == 0).filter(|n| !n.is_empty()).map(<[u8]>::to_vec));
     }
@@ -326,7 +385,11 @@ pub(crate) async fn pack(top: &Path, mode: WorkspaceMode, stage: &Path) -> Resul
     tokio::fs::write(stage.join("deleted"), &deleted)
         .await
         .map_err(|e| ApiError::internal(format!("writing a file list: {e}")))?;
-    Ok(Packed { top: top.to_path_buf(), head, branch, files })
+    // Everything the guest must stage over HEAD: the copied files and the deleted ones.
+    tokio::fs::write(stage.join("changed"), [present, deleted].concat())
+        .await
+        .map_err(|e| ApiError::internal(format!("writing a file list: {e}")))?;
+    Ok(Packed { top: top.to_path_buf(), head, branch, files, pack: format!("pack-{checksum}") })
 }
 
 /// `user.name` / `user.email` as the host repository sees them (its config, then the global one).
@@ -562,7 +625,7 @@ impl Engine {
 
         stages.enter("transfer");
         let stage = format!("{GUEST_STAGE}/prepare-{}", super::new_id());
-        let uploads = ["history.bundle", "tree.tar", "deleted"];
+        let uploads = ["history.pack", "history.idx", "tree.tar", "deleted", "changed"];
         let mut sizes = vec![];
         for name in uploads {
             sizes.push(std::fs::metadata(local.path().join(name)).map(|m| m.len()).unwrap_or(0));
@@ -601,6 +664,7 @@ impl Engine {
                     force,
                     git_user_name.as_deref().unwrap_or(""),
                     git_user_email.as_deref().unwrap_or(""),
+                    &packed.pack,
                 ],
                 &cancel,
             )
@@ -835,7 +899,8 @@ mod tests {
         let packed = pack(&top, WorkspaceMode::Tracked, stage.path()).await.unwrap();
         assert_eq!(packed.branch.as_deref(), Some("main"));
         let stage_s = stage.path().to_str().unwrap();
-        let args = [repo_s, stage_s, &packed.head, "main", "tracked", "0", "Host User", "host@example.invalid"];
+        let args =
+            [repo_s, stage_s, &packed.head, "main", "tracked", "0", "Host User", "host@example.invalid", &packed.pack];
         let out = run(PREPARE_SCRIPT, &args);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -893,7 +958,7 @@ mod tests {
         let stage = tempfile::tempdir().unwrap();
         let packed = pack(&top, WorkspaceMode::Full, stage.path()).await.unwrap();
         let stage_s = stage.path().to_str().unwrap();
-        let out = run(PREPARE_SCRIPT, &[repo_s, stage_s, &packed.head, "main", "full", "1", "", ""]);
+        let out = run(PREPARE_SCRIPT, &[repo_s, stage_s, &packed.head, "main", "full", "1", "", "", &packed.pack]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(script_value(&String::from_utf8_lossy(&out.stdout), "replaced"), Some("1"));
         assert!(!guest.path().join("repo.banger-replaced").exists());
@@ -907,9 +972,11 @@ mod tests {
         std::fs::write(repo.join("agent-work"), "precious").unwrap();
         let stage = guest.path().join("empty-stage");
         std::fs::create_dir_all(&stage).unwrap();
-        let out =
-            run(PREPARE_SCRIPT, &[repo.to_str().unwrap(), stage.to_str().unwrap(), "abc", "", "tracked", "1", "", ""]);
-        assert!(!out.status.success(), "no bundle: the prepare must fail");
+        let out = run(
+            PREPARE_SCRIPT,
+            &[repo.to_str().unwrap(), stage.to_str().unwrap(), "abc", "", "tracked", "1", "", "", "pack-x"],
+        );
+        assert!(!out.status.success(), "no pack: the prepare must fail");
         assert_eq!(std::fs::read_to_string(repo.join("agent-work")).unwrap(), "precious");
         assert!(!stage.exists());
     }
