@@ -58,14 +58,11 @@ async fn serve_vsock(sessions: Arc<Sessions>) -> anyhow::Result<()> {
         tools_schema::guest::VSOCK_PORT,
         if bound { "" } else { " (the virtio vsock device is not bound yet)" }
     );
-    // Tell the host it may connect now (it waits for this before its first connection attempt).
+    // Tell the host it may connect now. Only a QEMU host waits for this; elsewhere (Firecracker, a restarted
+    // agent) nothing listens and the refusal means nothing.
     tokio::spawn(async {
         let host = VsockAddr::new(tokio_vsock::VMADDR_CID_HOST, tools_schema::guest::VSOCK_READY_PORT);
-        match tokio::time::timeout(Duration::from_secs(5), tokio_vsock::VsockStream::connect(host)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => eprintln!("banger-agent: telling the host we listen: {e}"),
-            Err(_) => eprintln!("banger-agent: telling the host we listen: no answer"),
-        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), tokio_vsock::VsockStream::connect(host)).await;
     });
     loop {
         match listener.accept().await {

@@ -28,9 +28,9 @@ pub const MAX_PAYLOAD: usize = 1 << 20;
 pub const VIRTIO_PORT_NAME: &str = "org.banger.agent.0";
 /// vsock port the agent listens on.
 pub const VSOCK_PORT: u32 = 1024;
-/// Host vsock port a cold-booted agent connects to, once, to say it listens on `VSOCK_PORT` (the VMM hands
-/// the connection to `<uds>_1025` on the host). The host connects only after that: a host connection the
-/// VMM takes before the guest's vsock device is up can be left unanswered for good (vhost-device-vsock).
+/// Host vsock port a booting agent connects to, once, to say it listens on `VSOCK_PORT` (the VMM hands the
+/// connection to `<uds>_1025` on the host). Under QEMU the host connects only after that: a connection
+/// vhost-device-vsock takes before the guest's vsock device is up can be left unanswered for good.
 pub const VSOCK_READY_PORT: u32 = 1025;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -578,9 +578,10 @@ impl Engine {
             template_mac: None,
             anchor: None,
         };
-        // A vsock agent says when it listens by connecting to this socket; connecting before that can leave
-        // the host's connection unanswered for good (`VSOCK_READY_PORT`).
-        let announced = (row.vmm == VmmKind::Firecracker || spec.vsock).then(|| {
+        // Under QEMU a vsock agent says when it listens by connecting to this socket; connecting before that
+        // can leave the host's connection unanswered for good (`VSOCK_READY_PORT`). Firecracker's own vsock
+        // refuses early connections cleanly, so there the host just retries, as it always has.
+        let announced = (row.vmm == VmmKind::Qemu && spec.vsock).then(|| {
             let _ = std::fs::remove_file(paths.vsock_ready());
             tokio::net::UnixListener::bind(paths.vsock_ready())
         });
