@@ -97,7 +97,7 @@ pub async fn run(cmd: WorkspaceCmd, d: &Daemon, ctx: &Ctx) -> anyhow::Result<Exi
                 output::json(&r);
             } else {
                 println!(
-                    "{} -> {}:{} ({} mode, {} files, {} bytes)",
+                    "{} -> {}:{} ({} mode, {} changed files copied over HEAD, {} bytes)",
                     r.source,
                     r.vm,
                     r.path,

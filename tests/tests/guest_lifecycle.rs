@@ -429,6 +429,9 @@ fn guests_are_managed_over_vsock_too() {
     let mut d = TestDaemon::start_with_config("qemu_channel = \"vsock\"");
     d.register_test_image();
     d.rpc("vm.create", json!({"name": "socky", "memory_mib": 256}));
+    // The host connected only after the agent said it listens (a connection taken earlier can hang).
+    assert!(d.daemon_output().contains("the vsock agent announced it listens"), "{}", d.daemon_output());
+    assert!(!d.state_dir.join("vms").read_dir().unwrap().flatten().any(|v| v.path().join("vsock.sock_1025").exists()));
     let cmdline = d.rpc("vm.exec", json!({"vm": "socky", "command": ["cat", "/proc/cmdline"]}));
     assert!(cmdline["stdout"].as_str().unwrap().contains("banger.channel=vsock"), "{cmdline}");
     let r = d.rpc("vm.exec", json!({"vm": "socky", "command": ["sh", "-c", "head -c 2000000 /dev/zero | tr '\\0' v | wc -c"], "stdin": "ignored"}));

@@ -581,10 +581,7 @@ impl Engine {
         // Under QEMU a vsock agent says when it listens by connecting to this socket; connecting before that
         // can leave the host's connection unanswered for good (`VSOCK_READY_PORT`). Firecracker's own vsock
         // refuses early connections cleanly, so there the host just retries, as it always has.
-        let announced = (row.vmm == VmmKind::Qemu && spec.vsock).then(|| {
-            let _ = std::fs::remove_file(paths.vsock_ready());
-            tokio::net::UnixListener::bind(paths.vsock_ready())
-        });
+        let announced = (row.vmm == VmmKind::Qemu && spec.vsock).then(|| AnnounceSocket::bind(paths.vsock_ready()));
         let announced = match announced.transpose() {
             Ok(l) => l,
             Err(e) => {
@@ -615,13 +612,15 @@ impl Engine {
             };
             let channel = paths.guest_channel();
             let connect = async {
-                if let Some(listener) = &announced {
+                if let Some(socket) = &announced {
                     // An agent older than the announcement never sends one: after a while, connect anyway.
                     tokio::select! {
-                        _ = tokio::time::timeout(VSOCK_ANNOUNCE_WAIT, listener.accept()) => {}
+                        r = tokio::time::timeout(VSOCK_ANNOUNCE_WAIT, socket.listener.accept()) => match r {
+                            Ok(Ok(_)) => tracing::debug!(vm = %row.name, "the vsock agent announced it listens"),
+                            _ => tracing::warn!(vm = %row.name, "no vsock announcement from the agent; connecting anyway"),
+                        },
                         _ = cancel.cancelled() => {}
                     }
-                    let _ = std::fs::remove_file(paths.vsock_ready());
                 }
                 channel.ready(deadline, cancel).await
             };
@@ -633,6 +632,7 @@ impl Engine {
             Ok::<_, ApiError>(agent)
         }
         .await;
+        drop(announced);
         match ready {
             Ok((conn, agent)) => {
                 tracing::debug!(vm = %row.name, agent = %agent, "guest agent answered");
@@ -1341,6 +1341,25 @@ pub(crate) async fn copy_writable(from: &std::path::Path, to: &std::path::Path) 
     vmm::copy_sparse(from, to).await.map_err(vmm_error)?;
     std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o644))
         .map_err(|e| ApiError::internal(format!("making {} writable: {e}", to.display())))
+}
+
+/// The socket a booting vsock agent announces itself on; removed with this value, whatever the boot's outcome.
+struct AnnounceSocket {
+    listener: tokio::net::UnixListener,
+    path: std::path::PathBuf,
+}
+
+impl AnnounceSocket {
+    fn bind(path: std::path::PathBuf) -> std::io::Result<AnnounceSocket> {
+        let _ = std::fs::remove_file(&path); // left by a daemon that died mid-boot
+        Ok(AnnounceSocket { listener: tokio::net::UnixListener::bind(&path)?, path })
+    }
+}
+
+impl Drop for AnnounceSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// How long a cold boot waits for a vsock agent to say it listens before connecting regardless.
