@@ -23,8 +23,8 @@ assemble_image() {
   if [[ ! -f $out ]]; then
     log "assembling image $recipe ($hash)"
     "$ROOT/images/assemble.sh" "$tar" "$agent" "$out" >&2
-    # Keep the three newest builds of each recipe.
-    ls -1t "$CACHE/images/$recipe"-*[0-9a-f].ext4 | tail -n +4 | while read -r old; do rm -f "$old" "${old%.ext4}.work.ext4"; done
+    # Keep the twelve newest builds of each recipe (several work trees may test different agents at once).
+    ls -1t "$CACHE/images/$recipe"-*[0-9a-f].ext4 | tail -n +13 | while read -r old; do rm -f "$old" "${old%.ext4}.work.ext4"; done
   fi
   echo "$out"
 }

@@ -29,18 +29,44 @@ KERNEL_META_PKG="linux-image-cloud-amd64"
 log() { printf '[setup %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 mkdir -p "$CACHE"/{bin,kernel,rootfs,tmp}
 
-apt_packages=(qemu-system-x86 qemu-utils debootstrap busybox-static nftables cpio kmod e2fsprogs
+apt_packages=(debootstrap busybox-static nftables cpio kmod e2fsprogs
               iproute2 openssh-client git lz4 ca-certificates python3-pip unzip
               linux-source-6.1 build-essential bc bison flex libelf-dev xz-utils)  # the lean guest kernel
 ((for_tests)) && apt_packages+=(chromium)  # the web console's browser test
+installed_version() { { dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null || true; } | awk '$3 == "installed" {print $4}'; }
 missing=()
 for p in "${apt_packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  [[ -n $(installed_version "$p") ]] || missing+=("$p")
 done
+apt_updated=0
+apt_update() { ((apt_updated)) || { apt-get update -qq; apt_updated=1; }; }
 if ((${#missing[@]})); then
   log "apt: installing ${missing[*]}"
-  apt-get update -qq
+  apt_update
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# QEMU is installed as ONE set: the system emulator and the utilities of one version. A machine can come with a
+# newer qemu-utils (e.g. from bookworm-backports) than the qemu-system-x86 apt picks; a plain install then
+# silently removes that qemu-utils to satisfy qemu-system-common, and qemu-img vanishes. So: keep the installed
+# utilities' version when an emulator of that exact version is available, else install both at the emulator's
+# candidate version, downgrading the utilities if need be.
+qemu_sys="$(installed_version qemu-system-x86)"
+qemu_utils="$(installed_version qemu-utils)"
+if [[ -z $qemu_sys || $qemu_sys != "$qemu_utils" ]]; then
+  apt_update
+  want=""
+  if [[ -n $qemu_utils ]] && apt-cache madison qemu-system-x86 | awk -F' [|] ' '{print $2}' | grep -qxF "$qemu_utils"; then
+    want="$qemu_utils"
+  else
+    want="$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')"
+  fi
+  [[ -n $want && $want != "(none)" ]] || { log "apt has no qemu-system-x86 (check /etc/apt/sources.list)"; exit 1; }
+  log "apt: installing QEMU $want (qemu-system-x86 and qemu-utils together; was: system ${qemu_sys:-none}, utils ${qemu_utils:-none})"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --allow-downgrades \
+    "qemu-system-x86=$want" "qemu-utils=$want" >/dev/null
+  [[ $(installed_version qemu-system-x86) == "$want" && $(installed_version qemu-utils) == "$want" ]] \
+    || { log "QEMU is not one set after the install: system $(installed_version qemu-system-x86), utils $(installed_version qemu-utils)"; exit 1; }
 fi
 
 # The debian-agent recipe installs the coding-agent CLIs with the host's npm (any Node.js >= 18 will do).
@@ -124,4 +150,24 @@ for recipe in "$HERE"/images/*/recipe.sh; do
   fi
   ln -sfn "$name-$h.tar" "$CACHE/rootfs/$name.tar"
 done
+# The post-condition: every program banger needs is there (the same list `banger doctor` checks), and QEMU is one
+# set. A package manager that removed something on the way is caught here, not by the first VM.
+problems=()
+while IFS=$'\t' read -r program need _version fix why; do
+  [[ -z $program || $program == \#* ]] && continue
+  [[ -x $CACHE/bin/$program ]] || command -v "$program" >/dev/null || {
+    [[ $fix == setup ]] && fix="re-run scripts/setup-host.sh (it installs $program into $CACHE/bin)" || fix="apt-get install $fix"
+    problems+=("$program ($need: $why) is missing; fix: $fix")
+  }
+done <"$HERE/scripts/host-requirements.tsv"
+[[ $(installed_version qemu-system-x86) == "$(installed_version qemu-utils)" ]] \
+  || problems+=("qemu-system-x86 $(installed_version qemu-system-x86) and qemu-utils $(installed_version qemu-utils) differ; fix: apt-get install --allow-downgrades qemu-system-x86=V qemu-utils=V")
+for f in "$CACHE/kernel/lean/vmlinux" "$CACHE/kernel/default/vmlinuz" "$CACHE/kernel/default/initramfs.cpio.gz" "$CACHE/rootfs/debian-minimal.tar"; do
+  [[ -s $f ]] || problems+=("$f is missing or empty; fix: re-run scripts/setup-host.sh")
+done
+if ((${#problems[@]})); then
+  log "set-up did NOT finish: the host is not ready"
+  for p in "${problems[@]}"; do log "  - $p"; done
+  exit 1
+fi
 log "host ready (cache: $CACHE)"
