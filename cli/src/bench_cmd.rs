@@ -476,7 +476,7 @@ async fn bare_boot(image: &ImageInfo, memory_mib: u32, measure: Option<(u32, u32
             template_mac: None,
             anchor: None,
         };
-        let accel = banger_server::host::choose_vmm(&cfg).qemu_accel;
+        let accel = banger_server::host::qemu_accel(banger_server::host::acceleration()).to_string();
         let launched = vmm::launch(tools_schema::daemon::VmmKind::Qemu, &cfg, &accel, &spec).await?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         let ready = paths.guest_channel().ready(deadline, &Default::default()).await;

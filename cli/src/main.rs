@@ -47,8 +47,12 @@ enum Command {
     #[command(subcommand)]
     Daemon(daemon_cmd::DaemonCmd),
     /// Check every host prerequisite and say which VMM this host uses and why.
-    #[command(after_help = "Example:\n  banger doctor --json")]
-    Doctor,
+    #[command(after_help = "Examples:\n  banger doctor\n  banger doctor --boot --json")]
+    Doctor {
+        /// Also boot a throwaway guest on each VMM this host can run, run a command in it and delete it.
+        #[arg(long)]
+        boot: bool,
+    },
     /// Manage images.
     #[command(subcommand)]
     Image(image_cmd::ImageCmd),
@@ -108,6 +112,14 @@ async fn main() -> ExitCode {
     }
 }
 
+fn check_mark(status: tools_schema::daemon::CheckStatus) -> &'static str {
+    match status {
+        tools_schema::daemon::CheckStatus::Pass => "pass",
+        tools_schema::daemon::CheckStatus::Warn => "WARN",
+        tools_schema::daemon::CheckStatus::Fail => "FAIL",
+    }
+}
+
 async fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<ExitCode> {
     use tools_schema::ops;
     match cmd {
@@ -131,20 +143,28 @@ async fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Daemon(d) => return daemon_cmd::run(d, ctx).await,
-        Command::Doctor => {
-            let report = ctx.daemon().await?.call::<ops::DoctorRun>(&Default::default()).await?;
+        Command::Doctor { boot } => {
+            if boot && !ctx.json {
+                eprintln!("booting a throwaway guest on each VMM this host can run...");
+            }
+            let params = tools_schema::daemon::DoctorParams { boot };
+            let report = ctx.daemon().await?.call::<ops::DoctorRun>(&params).await?;
             if ctx.json {
                 output::json(&report);
             } else {
                 for c in &report.checks {
-                    let mark = match c.status {
-                        tools_schema::daemon::CheckStatus::Pass => "pass",
-                        tools_schema::daemon::CheckStatus::Warn => "WARN",
-                        tools_schema::daemon::CheckStatus::Fail => "FAIL",
-                    };
-                    println!("[{mark}] {:<20} {}", c.name, c.detail);
+                    println!("[{}] {:<20} {}", check_mark(c.status), c.name, c.detail);
                     if let Some(fix) = &c.fix {
                         println!("       {:<20} fix: {fix}", "");
+                    }
+                }
+                for b in &report.boots {
+                    let name = format!("boot {}", b.vmm.as_str());
+                    println!("[{}] {name:<20} {}", check_mark(b.status), b.detail);
+                    if let Some(logs) = &b.logs {
+                        for line in logs.lines() {
+                            println!("       {:<20} | {line}", "");
+                        }
                     }
                 }
                 println!("\nVMM: {} ({})", report.vmm.vmm.as_str(), report.vmm.reason);

@@ -36,8 +36,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         build = %tools_schema::BuildInfo::current(),
         socket = %cfg.socket.display(),
         state_dir = %cfg.state_dir.display(),
-        vmm = engine.vmm.vmm.as_str(),
-        reason = %engine.vmm.reason,
+        vmm = engine.vmm().vmm.as_str(),
+        reason = %engine.vmm().reason,
         "bangerd starting"
     );
     engine.reconcile().await.map_err(|e| anyhow::anyhow!("reconciling VM state: {}", e.message))?;
@@ -65,6 +65,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     } else {
         None
     };
+    engine.settle_vmm_choice().await;
     tracing::info!("bangerd ready");
     engine.refill_pool_later();
     wait_for_signal().await;

@@ -74,7 +74,24 @@ const MIGRATIONS: &[&str] = &[
         final_status TEXT
      );
      CREATE UNIQUE INDEX sessions_vm_name ON sessions(vm_id, name) WHERE name IS NOT NULL;",
+    // 6: boot self-tests of a VMM on this host, keyed by what they proved (banger build, kernel, binary).
+    "CREATE TABLE vmm_proofs (
+        vmm TEXT NOT NULL,
+        inputs TEXT NOT NULL,
+        passed INTEGER NOT NULL,
+        detail TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        PRIMARY KEY (vmm, inputs)
+     );",
 ];
+
+/// The outcome of a VMM's boot self-test with given inputs.
+#[derive(Debug, Clone)]
+pub struct VmmProof {
+    pub passed: bool,
+    pub detail: String,
+    pub at: i64,
+}
 
 #[derive(Debug, Clone)]
 pub struct ImageRow {
@@ -258,6 +275,37 @@ impl Store {
     /// Records which TAP a VM holds (None once released).
     pub async fn set_vm_tap(&self, id: String, tap: Option<String>) -> Result<(), StoreError> {
         self.call(move |c| c.execute("UPDATE vms SET tap = ?2 WHERE id = ?1", params![id, tap]).map(|_| ())).await
+    }
+
+    pub async fn vmm_proof(&self, vmm: VmmKind, inputs: String) -> Result<Option<VmmProof>, StoreError> {
+        self.call(move |c| {
+            c.query_row(
+                "SELECT passed, detail, at FROM vmm_proofs WHERE vmm = ?1 AND inputs = ?2",
+                params![vmm.as_str(), inputs],
+                |r| Ok(VmmProof { passed: r.get(0)?, detail: r.get(1)?, at: r.get(2)? }),
+            )
+            .optional()
+        })
+        .await
+    }
+
+    /// Records a self-test's outcome; the newest one for the same inputs replaces the older.
+    pub async fn record_vmm_proof(
+        &self,
+        vmm: VmmKind,
+        inputs: String,
+        passed: bool,
+        detail: String,
+    ) -> Result<(), StoreError> {
+        let at = crate::engine::now();
+        self.call(move |c| {
+            c.execute(
+                "INSERT OR REPLACE INTO vmm_proofs (vmm, inputs, passed, detail, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![vmm.as_str(), inputs, passed, detail, at],
+            )
+            .map(|_| ())
+        })
+        .await
     }
 
     pub async fn delete_vm(&self, id: String) -> Result<(), StoreError> {

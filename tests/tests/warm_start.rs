@@ -187,7 +187,20 @@ fn a_stale_or_broken_template_is_never_restored() {
     d.rpc("vm.delete", json!({"vms": ["bad-state"]}));
     std::fs::write(&state, saved).unwrap();
 
-    // The same template is good again...
+    // A template that failed to restore is marked failed and not tried again while its inputs stand: the next
+    // create boots cold at once (no clone process is started), and image.warm will not quietly rebuild it...
+    assert!(dir.join("restore-failed").is_file(), "the failed template is not marked");
+    let v = d.rpc("vm.create", json!({"name": "not-retried", "memory_mib": 256}));
+    assert!(cold_reason(&v).contains("marked failed"), "{v}");
+    let refused = d.rpc_raw("image.warm", json!({"memory_mib": 256}));
+    assert!(refused["error"]["message"].as_str().unwrap_or("").contains("marked failed"), "{refused}");
+    assert!(refused["error"]["data"].to_string().contains("--rebuild"), "the hint names the way out: {refused}");
+    d.rpc("vm.delete", json!({"vms": ["not-retried"]}));
+
+    // ...until a rebuild is asked for: a new generation, restored again.
+    let rebuilt = d.rpc("image.warm", json!({"memory_mib": 256, "rebuild": true}));
+    assert_ne!(rebuilt["generation"], gen1, "{rebuilt}");
+    let dir = current_template(&d);
     let v = d.rpc("vm.create", json!({"name": "warm-again", "memory_mib": 256}));
     assert_eq!(boot_mode(&v), "warm", "{v}");
     d.rpc("vm.delete", json!({"vms": ["warm-again"]}));

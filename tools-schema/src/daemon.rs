@@ -155,12 +155,43 @@ pub struct DoctorCheck {
     pub fix: Option<String>,
 }
 
+/// What doctor.run looks at.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DoctorParams {
+    /// Also boot a throwaway guest on each VMM this host can run (QEMU always; Firecracker where hardware KVM
+    /// is present), run a command in it and delete it. Takes a few seconds per VMM; nothing it makes outlives it.
+    #[serde(default)]
+    pub boot: bool,
+}
+
 /// Every prerequisite banger needs on this host, and the VMM it will use.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct DoctorReport {
     pub checks: Vec<DoctorCheck>,
     /// The VMM new VMs will use, and why.
     pub vmm: VmmChoice,
-    /// True when no check failed.
+    /// With `boot`: one boot self-test per VMM (empty otherwise).
+    #[serde(default)]
+    pub boots: Vec<BootCheck>,
+    /// True when no check (and no boot self-test) failed.
     pub ok: bool,
+}
+
+/// A boot self-test of one VMM: a throwaway guest booted cold, a command run in it, the guest deleted.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct BootCheck {
+    pub vmm: VmmKind,
+    /// `pass`, `fail`, or `warn` when the VMM was not tried on this host (the detail says why).
+    pub status: CheckStatus,
+    /// Whether a guest was booted (false when the VMM cannot run here).
+    pub tried: bool,
+    /// From the create request to a guest agent that answers, in milliseconds (when it booted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_ms: Option<u64>,
+    /// What happened, in a sentence (the error when it failed).
+    pub detail: String,
+    /// On failure: the last lines of the guest console and of the VMM's helper logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<String>,
 }

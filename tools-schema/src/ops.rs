@@ -58,9 +58,10 @@ macro_rules! for_each_operation {
              "Report the daemon's build, socket, state directory, log file, VM and image counts, and which VMM \
 new VMs will use and why."),
             (DoctorRun, doctor_run, "doctor.run",
-             $crate::daemon::Empty, $crate::daemon::DoctorReport, true, false, true,
+             $crate::daemon::DoctorParams, $crate::daemon::DoctorReport, true, false, true,
              "Check every host prerequisite (VMM binaries, KVM kind, guest kernel, images, networking tools, \
-socket permissions) and report pass/warn/fail with the fix for each."),
+socket permissions) and report pass/warn/fail with the fix for each. With `boot: true`, also boot a throwaway \
+guest on each VMM this host can run and report its create-to-ready time."),
             (ImageRegister, image_register, "image.register",
              $crate::image::ImageRegisterParams, $crate::image::ImageInfo, false, false, false,
              "Register an existing guest kernel, optional initramfs and ext4 root filesystem as a named image. \

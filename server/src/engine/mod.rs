@@ -23,6 +23,7 @@ mod image_build;
 mod operation;
 mod session;
 mod vm;
+mod vmm_trust;
 mod warm;
 mod workspace;
 
@@ -48,7 +49,10 @@ pub struct Engine {
     pub(crate) cfg: Config,
     pub(crate) store: Store,
     pub(crate) started: Instant,
-    pub(crate) vmm: VmmChoice,
+    /// The VMM new VMs get (read it with `vmm()`); changes once Firecracker is proven (`vmm_trust.rs`).
+    vmm: std::sync::RwLock<VmmChoice>,
+    /// What the host offers, classified once at start.
+    pub(crate) accel: tools_schema::daemon::Acceleration,
     /// One lock per VM id: operations on one VM are serialised, different VMs proceed in parallel.
     /// Entries are never removed, so two callers can never hold different locks for the same id.
     vm_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -74,12 +78,20 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(cfg: Config, store: Store) -> Arc<Engine> {
-        let vmm = crate::host::choose_vmm(&cfg);
+        let accel = crate::host::acceleration();
+        // Firecracker starts unproven; settle_vmm_choice looks up (or runs) its boot self-test.
+        let proof = if cfg.find_binary("firecracker").is_some() {
+            crate::host::FirecrackerProof::Unproven
+        } else {
+            crate::host::FirecrackerProof::NotInstalled
+        };
+        let vmm = std::sync::RwLock::new(crate::host::choose_vmm(cfg.vmm, accel, &proof));
         Arc::new(Engine {
             cfg,
             store,
             started: Instant::now(),
             vmm,
+            accel,
             vm_locks: Mutex::default(),
             guests: Mutex::default(),
             image_lock: tokio::sync::Mutex::new(()),

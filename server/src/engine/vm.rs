@@ -216,12 +216,13 @@ impl Engine {
     /// binary, and an ELF kernel in the image. Said before anything is made.
     fn check_firecracker(&self, image: &ImageRow) -> Result<(), ApiError> {
         use tools_schema::daemon::Acceleration;
-        if self.vmm.acceleration != Acceleration::HardwareKvm && !self.cfg.allow_firecracker_without_hardware_kvm {
+        if self.vmm().acceleration != Acceleration::HardwareKvm && !self.cfg.allow_firecracker_without_hardware_kvm {
             return Err(ApiError::new(
                 ErrorCode::HostUnsupported,
                 format!(
                     "Firecracker needs hardware KVM; this host has {:?}: {}",
-                    self.vmm.acceleration, self.vmm.reason
+                    self.vmm().acceleration,
+                    self.vmm().reason
                 ),
             )
             .with_hint("use --vmm qemu (or leave --vmm out): QEMU runs guests on this host"));
@@ -247,14 +248,14 @@ impl Engine {
         p: VmCreateParams,
     ) -> Result<(VmRow, ImageRow, Option<super::warm::PoolEntry>), ApiError> {
         let image = self.resolve_image(p.image.as_deref()).await?;
-        let vmm = p.vmm.unwrap_or(self.vmm.vmm);
+        let vmm = p.vmm.unwrap_or(self.vmm().vmm);
         if vmm == VmmKind::Firecracker {
             self.check_firecracker(&image)?;
         }
         let (vcpus, memory_mib) =
             (p.vcpus.unwrap_or(self.cfg.default_vcpus), p.memory_mib.unwrap_or(self.cfg.default_memory_mib));
         // Pooled VMs run on the host's VMM.
-        let pooled = (vmm == self.vmm.vmm && p.boot.unwrap_or_default() == BootRequest::Auto)
+        let pooled = (vmm == self.vmm().vmm && p.boot.unwrap_or_default() == BootRequest::Auto)
             .then(|| self.take_pooled(&image.id, vcpus, memory_mib))
             .flatten();
         let allocated =
@@ -371,7 +372,8 @@ impl Engine {
             Ok(boot) => {
                 if boot.mode == BootMode::Cold
                     && !cold
-                    && self.find_template(&image, row.vmm, row.vcpus, row.memory_mib).is_err()
+                    && matches!(self.find_template(&image, row.vmm, row.vcpus, row.memory_mib),
+                        Err(why) if !why.starts_with(super::warm::TEMPLATE_FAILED))
                 {
                     self.build_template_later(image.clone(), row.vmm, row.vcpus, row.memory_mib);
                 }
@@ -589,7 +591,7 @@ impl Engine {
                 return Err(ApiError::internal(format!("cannot listen on {}: {e}", paths.vsock_ready().display())));
             }
         };
-        let launched = vmm::launch(row.vmm, &self.cfg, &self.vmm.qemu_accel, &spec).await.map_err(vmm_error);
+        let launched = vmm::launch(row.vmm, &self.cfg, &self.vmm().qemu_accel, &spec).await.map_err(vmm_error);
         let launched = match launched {
             Ok(l) => l,
             Err(e) => {

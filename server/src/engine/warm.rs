@@ -32,17 +32,19 @@ use crate::vmm::{self, BootSpec, GuestMemory, VmPaths};
 
 /// Bumped whenever what a template holds or how it is restored changes: older templates are then stale.
 const TEMPLATE_FORMAT: u32 = 1;
+/// How find_template's reason starts for a template whose restore failed.
+pub(crate) const TEMPLATE_FAILED: &str = "the template is marked failed";
 
 /// A file as a template saw it: replacing or touching it makes templates made from it stale.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct FileStamp {
+pub(crate) struct FileStamp {
     path: String,
     size: u64,
     mtime_ns: i128,
 }
 
 impl FileStamp {
-    fn of(path: &Path) -> Result<FileStamp, String> {
+    pub(crate) fn of(path: &Path) -> Result<FileStamp, String> {
         let m = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
         use std::os::unix::fs::MetadataExt;
         Ok(FileStamp {
@@ -129,6 +131,15 @@ impl Template {
     pub(crate) fn generation(&self) -> &str {
         &self.meta.generation
     }
+    /// Where a failed restore is recorded, with its reason: a template generation is keyed by its inputs, so
+    /// a marked one is never restored or rebuilt again; a change of inputs makes a new generation.
+    fn failed_marker(&self) -> PathBuf {
+        self.dir.join("restore-failed")
+    }
+    fn mark_failed(&self, why: &str) {
+        tracing::warn!(template = %self.meta.generation, error = %why, "template restore failed; marked failed");
+        let _ = std::fs::write(self.failed_marker(), why);
+    }
     fn vmm(&self) -> VmmKind {
         if self.meta.inputs.vmm == VmmKind::Firecracker.as_str() {
             VmmKind::Firecracker
@@ -213,7 +224,7 @@ impl Engine {
             initrd: image.initrd.as_ref().map(|i| FileStamp::of(Path::new(i))).transpose()?,
             vmm: vmm.as_str().to_string(),
             vmm_binary: FileStamp::of(&vmm_binary)?,
-            accel: if vmm == VmmKind::Qemu { self.vmm.qemu_accel.clone() } else { "kvm".into() },
+            accel: if vmm == VmmKind::Qemu { self.vmm().qemu_accel.clone() } else { "kvm".into() },
             vcpus,
             memory_mib,
             nic: self.nic_enabled(),
@@ -255,6 +266,13 @@ impl Engine {
             return Err(format!("the template is stale: {why}"));
         }
         let t = Template { dir, meta };
+        if let Ok(why) = std::fs::read_to_string(t.failed_marker()) {
+            let why: String = why.chars().take(300).collect();
+            return Err(format!(
+                "{TEMPLATE_FAILED}: restoring it failed ({why}); it is tried again when the image, kernel, VMM or \
+                 banger changes, or after `banger image warm --rebuild`"
+            ));
+        }
         let ram_ok = std::fs::metadata(t.ram()).is_ok_and(|m| m.len() == memory_mib as u64 * 1024 * 1024);
         let state_ok = std::fs::metadata(t.state()).is_ok_and(|m| m.len() > 0);
         let disk = if vmm == VmmKind::Qemu { t.root_disk() } else { t.dir.join("overlay.ext4") };
@@ -287,7 +305,7 @@ impl Engine {
     pub async fn image_warm(self: &Arc<Self>, p: ImageWarmParams, ctx: CallContext) -> Result<TemplateInfo, ApiError> {
         p.validate().map_err(ApiError::invalid)?;
         let image = self.resolve_image(p.image.as_deref()).await?;
-        let vmm = self.vmm.vmm;
+        let vmm = self.vmm().vmm;
         if let Some(why) = self.warm_unsupported(vmm) {
             return Err(ApiError::precondition(format!("cannot make a template: {why}"))
                 .with_hint("set warm.templates = true and qemu_channel = \"virtio-serial\" in the config"));
@@ -327,6 +345,10 @@ impl Engine {
         let replaced = match previous {
             Ok(t) if !rebuild => return Ok(info(&t, true, None)),
             Ok(_) => Some("a rebuild was requested".to_string()),
+            Err(why) if why.starts_with(TEMPLATE_FAILED) && !rebuild => {
+                return Err(ApiError::precondition(why)
+                    .with_hint("`banger image warm --rebuild` makes a new template; new VMs boot cold meanwhile"))
+            }
             Err(why) if why.starts_with("no template") => None,
             Err(why) => Some(why),
         };
@@ -387,7 +409,7 @@ impl Engine {
                     spec
                 }
             };
-            let launched = vmm::launch(vmm, &self.cfg, &self.vmm.qemu_accel, &spec).await.map_err(vmm_error)?;
+            let launched = vmm::launch(vmm, &self.cfg, &self.vmm().qemu_accel, &spec).await.map_err(vmm_error)?;
             pid = Some(launched.pid);
             let deadline = tokio::time::Instant::now() + Duration::from_secs(self.cfg.boot_timeout_secs);
             // QEMU: the channel stays connected while the state is saved, so a clone that connects before it
@@ -527,9 +549,30 @@ impl Engine {
     }
 
     /// Starts a clone's VMM from the template, resumes it and gives it `identity`. Returns the VMM's pid and
-    /// the connected channel. On failure nothing of the clone runs any more.
+    /// the connected channel. On failure nothing of the clone runs any more, and a template that failed to
+    /// restore (not a cancelled restore) is marked failed: it is not tried again until its inputs change.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn restore_clone(
+        &self,
+        image: &ImageRow,
+        t: &Template,
+        vm_id: &str,
+        paths: &VmPaths,
+        tap: Option<(String, crate::network::GuestNet)>,
+        identity: CloneIdentity,
+        cancel: &CancellationToken,
+    ) -> Result<(u32, Arc<GuestConn>), ApiError> {
+        let restored = self.restore_clone_once(image, t, vm_id, paths, tap, identity, cancel).await;
+        if let Err(e) = &restored {
+            if !cancel.is_cancelled() && e.code != ErrorCode::Cancelled {
+                t.mark_failed(&e.message);
+            }
+        }
+        restored
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn restore_clone_once(
         &self,
         image: &ImageRow,
         t: &Template,
@@ -567,7 +610,7 @@ impl Engine {
         }
         let spec = self.template_spec(image, vmm, &t.meta.inputs, paths, vm_id, tap, GuestMemory::CloneOf(t.ram()));
         let started = Instant::now();
-        let launched = vmm::launch(VmmKind::Qemu, &self.cfg, &self.vmm.qemu_accel, &spec).await.map_err(vmm_error)?;
+        let launched = vmm::launch(VmmKind::Qemu, &self.cfg, &self.vmm().qemu_accel, &spec).await.map_err(vmm_error)?;
         let t_launch = started.elapsed();
         let resumed = async {
             // Connect before resuming: the port then never looks disconnected to the agent.
@@ -743,7 +786,7 @@ impl Engine {
     /// the config and the host's available memory allow.
     pub(crate) fn refill_pool_later(self: &Arc<Self>) {
         if (self.cfg.warm.pool_size == 0 && self.cfg.warm.pools.values().all(|n| *n == 0))
-            || self.warm_unsupported(self.vmm.vmm).is_some()
+            || self.warm_unsupported(self.vmm().vmm).is_some()
         {
             return;
         }
@@ -823,7 +866,7 @@ impl Engine {
         memory_mib: u32,
     ) -> Result<PoolEntry, ApiError> {
         // Pooled VMs run on the host's VMM, which is what a create without --vmm gets.
-        let vmm = self.vmm.vmm;
+        let vmm = self.vmm().vmm;
         let t = match self.find_template(image, vmm, vcpus, memory_mib) {
             Ok(t) => t,
             Err(_) => {
