@@ -5,7 +5,8 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
-[[ $(id -u) == 0 ]] || { echo "quickstart: run as root (bangerd manages VMs, disks and network devices)" >&2; exit 1; }
+[[ $(id -u) == 0 ]] || { echo "quickstart: run it with sudo (bangerd manages VMs, disks and network devices): sudo ./scripts/quickstart.sh" >&2; exit 1; }
+command -v cargo >/dev/null || { echo "quickstart: cargo is not on root's PATH; keep yours: sudo env \"PATH=\$PATH\" ./scripts/quickstart.sh" >&2; exit 1; }
 
 "$ROOT/scripts/setup-host.sh"
 log "building banger (release)"
@@ -22,6 +23,11 @@ if banger daemon ping >/dev/null 2>&1; then
     banger daemon stop
   fi
 fi
+# The daemon must serve the socket group set-up configured (members use banger without sudo).
+if banger daemon ping >/dev/null 2>&1 && [[ $(stat -c %G /run/banger/bangerd.sock 2>/dev/null) != banger ]]; then
+  log "restarting bangerd so members of the group banger can use it"
+  banger daemon stop
+fi
 banger daemon start
 
 image="debian-minimal-$(basename "$rootfs" .ext4 | rev | cut -d- -f1 | rev)"
@@ -33,6 +39,15 @@ if ! banger image show "$image" >/dev/null 2>&1; then
 else
   banger image promote "$image" >/dev/null
 fi
+
+# Everything the first VM needs, checked before it is made; a failure stops here with doctor's fixes.
+if ! banger doctor >"$CACHE/tmp/doctor.txt"; then
+  cat "$CACHE/tmp/doctor.txt" >&2
+  echo >&2
+  echo "quickstart: banger doctor found a problem (the FAIL lines above, each with its fix:); fix it and run this again" >&2
+  exit 1
+fi
+grep -E '^\[(WARN|FAIL)\]' -A1 "$CACHE/tmp/doctor.txt" >&2 || true
 
 if banger vm show quickstart >/dev/null 2>&1; then
   banger vm start quickstart
@@ -52,3 +67,7 @@ banger is up, with a sandbox named "quickstart". Next:
   claude mcp add banger -- banger mcp                              give Claude Code the banger tools
   banger vm delete quickstart                                      clean up
 NEXT
+if [[ -n ${SUDO_USER:-} && $SUDO_USER != root ]]; then
+  echo
+  echo "As $SUDO_USER (in the group banger; log in again or run \`newgrp banger\` once) you need no sudo for any of these."
+fi

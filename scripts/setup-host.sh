@@ -150,6 +150,23 @@ for recipe in "$HERE"/images/*/recipe.sh; do
   fi
   ln -sfn "$name-$h.tar" "$CACHE/rootfs/$name.tar"
 done
+# Access for the workstation's user: like Docker's group, members of `banger` may use the system daemon's
+# socket. The user who ran this with sudo joins it (effective at their next login, or with `newgrp banger`).
+BANGER_GROUP=banger
+SYSTEM_CONFIG=/etc/banger/config.toml
+getent group "$BANGER_GROUP" >/dev/null || { log "adding the group $BANGER_GROUP (who may use the banger daemon)"; groupadd --system "$BANGER_GROUP"; }
+if [[ -n ${SUDO_USER:-} && $SUDO_USER != root ]] && ! id -nG "$SUDO_USER" | tr ' ' '\n' | grep -qx "$BANGER_GROUP"; then
+  log "adding $SUDO_USER to the group $BANGER_GROUP (log in again, or run \`newgrp $BANGER_GROUP\`, to use banger without sudo)"
+  usermod -aG "$BANGER_GROUP" "$SUDO_USER"
+fi
+mkdir -p "$(dirname "$SYSTEM_CONFIG")"
+touch "$SYSTEM_CONFIG"
+if ! grep -q '^socket_group *=' "$SYSTEM_CONFIG"; then
+  # A top-level key must come before the first [table], so it goes first.
+  { echo "socket_group = \"$BANGER_GROUP\""; cat "$SYSTEM_CONFIG"; } >"$SYSTEM_CONFIG.new" && mv "$SYSTEM_CONFIG.new" "$SYSTEM_CONFIG"
+  log "set socket_group = \"$BANGER_GROUP\" in $SYSTEM_CONFIG"
+fi
+
 # The post-condition: every program banger needs is there (the same list `banger doctor` checks), and QEMU is one
 # set. A package manager that removed something on the way is caught here, not by the first VM.
 problems=()

@@ -33,11 +33,16 @@ impl std::error::Error for CallError {}
 
 impl Daemon {
     pub async fn connect(socket: &Path) -> Result<Daemon, CallError> {
+        trust_socket(socket)?;
         let stream = UnixStream::connect(socket).await.map_err(|e| {
-            CallError::Unreachable(format!(
-                "cannot reach the banger daemon at {} ({e})\n  hint: start it with `banger daemon start`",
-                socket.display()
-            ))
+            CallError::Unreachable(if e.kind() == std::io::ErrorKind::PermissionDenied {
+                permission_hint(socket, &e)
+            } else {
+                format!(
+                    "cannot reach the banger daemon at {} ({e})\n  hint: start it with `banger daemon start`",
+                    socket.display()
+                )
+            })
         })?;
         let url = Url::parse("ws://localhost/").expect("static url");
         let (tx, rx) = WsTransportClientBuilder::default()
@@ -47,13 +52,7 @@ impl Daemon {
             .await
             .map_err(|e| match e {
                 jsonrpsee::client_transport::ws::WsHandshakeError::Rejected { status_code: 403 } => {
-                    CallError::Unreachable(format!(
-                        "the banger daemon at {} refused this user (uid {}): only its owner, root and members of \
-                         its socket_group may use it\n  hint: ask the daemon's owner to set socket_group in its \
-                         config and add you to that group",
-                        socket.display(),
-                        nix::unistd::getuid()
-                    ))
+                    CallError::Unreachable(permission_hint(socket, &"the daemon refused this user"))
                 }
                 other => CallError::Unreachable(format!("websocket handshake with the daemon failed: {other}")),
             })?;
@@ -83,6 +82,55 @@ impl Daemon {
         use jsonrpsee::core::client::SubscriptionClientT;
         let obj = object_params(params)?;
         self.client.subscribe::<N, _>(method, obj, unsubscribe).await.map_err(call_error)
+    }
+}
+
+/// Refuses a socket another user could have planted: a daemon's socket belongs to root or to this user.
+/// (The calls sent there carry commands, files and secrets such as environment variables.)
+fn trust_socket(socket: &Path) -> Result<(), CallError> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let Ok(meta) = std::fs::symlink_metadata(socket) else {
+        return Ok(()); // Not there, or not reachable: connect says which, with its hint.
+    };
+    let me = nix::unistd::getuid().as_raw();
+    if !meta.file_type().is_socket() || (meta.uid() != 0 && meta.uid() != me) {
+        return Err(CallError::Unreachable(format!(
+            "refusing {}: it is not a socket owned by root or by you (uid {me}), so it is not a banger daemon you \
+             can trust\n  hint: remove it if it is yours, or point --socket (BANGER_SOCKET) at your daemon's socket",
+            socket.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Says why this user may not use the daemon, naming the group that grants access.
+fn permission_hint(socket: &Path, why: &dyn std::fmt::Display) -> String {
+    use std::os::unix::fs::MetadataExt;
+    // The socket itself, or the first folder above it that can be looked at, carries the group.
+    let group = socket
+        .ancestors()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.gid())
+        .find(|gid| *gid != 0)
+        .and_then(|gid| nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid)).ok().flatten())
+        .map(|g| g.name);
+    let user = nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| nix::unistd::getuid().to_string());
+    match group {
+        Some(g) => format!(
+            "permission denied: you ({user}) may not use the banger daemon at {} ({why}); members of the group \
+             `{g}` may\n  hint: `sudo usermod -aG {g} {user}`, then log out and in again (or run `newgrp {g}`)",
+            socket.display()
+        ),
+        None => format!(
+            "permission denied: you ({user}) may not use the banger daemon at {} ({why}); only its owner and root \
+             may\n  hint: ask its owner to set socket_group in the daemon's config and add you to that group \
+             (scripts/setup-host.sh, run with sudo, sets up the group `banger` for you)",
+            socket.display()
+        ),
     }
 }
 

@@ -28,7 +28,8 @@ use client::{CallError, Daemon};
     after_help = "Examples:\n  banger vm create --name dev\n  banger vm exec dev -- uname -a\n  banger vm list --json\n  claude mcp add banger -- banger mcp"
 )]
 pub struct Cli {
-    /// The daemon's socket (default: /run/banger/bangerd.sock as root, $XDG_RUNTIME_DIR/banger/bangerd.sock otherwise).
+    /// The daemon's socket (default: the system daemon's /run/banger/bangerd.sock when it exists, else this
+    /// user's own daemon's, $XDG_RUNTIME_DIR/banger/bangerd.sock).
     #[arg(long, global = true, env = "BANGER_SOCKET")]
     socket: Option<PathBuf>,
     /// Print the result as JSON instead of a table.
@@ -101,7 +102,7 @@ async fn main() -> ExitCode {
     let _ =
         unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) };
     let cli = Cli::parse();
-    let socket = cli.socket.clone().unwrap_or_else(|| banger_server::config::Defaults::detect().socket);
+    let socket = cli.socket.clone().unwrap_or_else(banger_server::config::Defaults::client_socket);
     let ctx = Ctx { socket, json: cli.json };
     match run(cli.command, &ctx).await {
         Ok(code) => code,
