@@ -114,19 +114,21 @@ fn permission_hint(socket: &Path, why: &dyn std::fmt::Display) -> String {
         .find(|gid| *gid != 0)
         .and_then(|gid| nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid)).ok().flatten())
         .map(|g| g.name);
-    let user = nix::unistd::User::from_uid(nix::unistd::getuid())
-        .ok()
-        .flatten()
-        .map(|u| u.name)
-        .unwrap_or_else(|| nix::unistd::getuid().to_string());
+    let uid = nix::unistd::getuid();
+    let name = nix::unistd::User::from_uid(uid).ok().flatten().map(|u| u.name);
+    let user = name.clone().unwrap_or_else(|| uid.to_string());
+    let who = match name {
+        Some(n) => format!("{n}, uid {uid}"),
+        None => format!("uid {uid}"),
+    };
     match group {
         Some(g) => format!(
-            "permission denied: you ({user}) may not use the banger daemon at {} ({why}); members of the group \
+            "permission denied: you ({who}) may not use the banger daemon at {} ({why}); members of the group \
              `{g}` may\n  hint: `sudo usermod -aG {g} {user}`, then log out and in again (or run `newgrp {g}`)",
             socket.display()
         ),
         None => format!(
-            "permission denied: you ({user}) may not use the banger daemon at {} ({why}); only its owner and root \
+            "permission denied: you ({who}) may not use the banger daemon at {} ({why}); only its owner and root \
              may\n  hint: ask its owner to set socket_group in the daemon's config and add you to that group \
              (scripts/setup-host.sh, run with sudo, sets up the group `banger` for you)",
             socket.display()

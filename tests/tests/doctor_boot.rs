@@ -53,7 +53,8 @@ fn doctor_boot_proves_qemu_here_and_says_why_firecracker_was_not_tried() {
 
 #[test]
 fn a_failing_boot_self_test_reports_why_and_leaves_nothing() {
-    let d = TestDaemon::start();
+    // A guest that never answers fails at the boot deadline: keep it short here.
+    let d = TestDaemon::start_with_config("boot_timeout_secs = 8");
     let img = test_image();
     // A "kernel" no VMM can boot.
     let bogus = d.dir.path().join("not-a-kernel");
