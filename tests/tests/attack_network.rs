@@ -54,10 +54,11 @@ fn dropped(d: &TestDaemon, chain: &str, comment: &str) -> u64 {
 }
 
 /// The MAC the host's neighbour table holds for `ip`, after resolving it afresh (so whoever answers ARP now
-/// decides, not an old entry).
+/// decides, not an old entry) with a TCP connection to port 8080 (the host has no ping).
 fn resolve_afresh(d: &TestDaemon, ip: &str) -> String {
     let _ = d.netns.exec(&["ip", "neigh", "flush", "to", ip]);
-    let _ = d.netns.exec(&["ping", "-c", "1", "-W", "2", ip]);
+    let connect = format!("import socket; socket.create_connection(('{ip}', 8080), timeout=3).close()");
+    let _ = d.netns.exec(&["python3", "-c", &connect]);
     let out = d.netns.exec(&["ip", "neigh", "show", "to", ip]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.split_whitespace().skip_while(|w| *w != "lladdr").nth(1).unwrap_or("").to_string()
