@@ -88,10 +88,14 @@ fn attack_guest_takes_another_guests_address_with_gratuitous_arp_and_its_frames_
     let arp_before = dropped(&d, &b_chain, "ARP claiming another MAC or address");
     let ip_before = dropped(&d, &b_chain, "spoofed source address");
 
-    // beta takes alpha's address and announces it, both ways busybox knows, and talks from it.
+    // beta takes alpha's address and announces it, both ways busybox knows, and talks from it (to the
+    // gateway's MAC given by hand: its own ARP from alpha's address would be dropped first).
+    let gw_mac =
+        String::from_utf8_lossy(&d.netns.exec(&["cat", "/sys/class/net/banger0/address"]).stdout).trim().to_string();
     let attack = format!(
         "{NIC}; ip addr add {a_ip}/24 dev $IF && busybox arping -U -c 3 -w 3 -I $IF {a_ip}; \
-         busybox arping -A -c 3 -w 3 -I $IF {a_ip}; busybox ping -c 3 -W 1 -I {a_ip} {GATEWAY}; true"
+         busybox arping -A -c 3 -w 3 -I $IF {a_ip}; ip neigh replace {GATEWAY} lladdr {gw_mac} dev $IF nud permanent; \
+         busybox ping -c 3 -W 1 -I {a_ip} {GATEWAY}; true"
     );
     d.guest_ok("beta", &attack);
     assert!(d.guest_ok("beta", "ip -o -4 addr").contains(&a_ip), "the attack took place");
@@ -312,4 +316,44 @@ fn attack_guest_without_nat_borrows_a_nat_guests_address_and_gets_no_way_out() {
 
     d.rpc("vm.delete", json!({"vms": ["natted", "walled"]}));
     drop(outside);
+}
+
+#[test]
+fn attack_a_pooled_clone_gets_its_filter_at_hand_out_and_filters_survive_a_daemon_restart() {
+    let mut d = TestDaemon::start_with_config("default_memory_mib = 256\n[warm]\npool_size = 1\nauto_build = false");
+    d.register_test_image();
+    wait_until("the pool to fill", Duration::from_secs(240), || {
+        d.rpc("daemon.status", json!({}))["warm_pool"]["ready"] == 1
+    });
+    // A pooled VM waits with the template's identity on a TAP that carries nothing.
+    let table = bridge_table(&d);
+    assert!(!table.contains("chain tap_"), "a TAP is filtered open before any VM holds it:\n{table}");
+    let v = d.rpc("vm.create", json!({"name": "pooled"}));
+    assert_eq!(v["boot"]["mode"], "pool", "{v}");
+    d.rpc("vm.create", json!({"name": "other", "boot": "cold"}));
+    let (p_ip, p_mac, o_mac) = (ip_of(&d, "pooled"), mac_of(&d, "pooled"), mac_of(&d, "other"));
+    assert_ne!(p_mac, "52:54:00:b0:00:01", "the clone still wears the template's MAC");
+    serve(&d, "pooled");
+    // Pinned to the MAC it got at hand-out, it is reachable; sshd's key of its own is pinned too.
+    assert_eq!(fetch_from_host(&d, &format!("http://{p_ip}:8080/")), "served-by-pooled\n");
+    let p_chain = chain_of(&d, &p_mac);
+    let out = d.vm_ssh("pooled", &["hostname"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "pooled\n", "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The daemon restarts and re-adopts both VMs: the same filters are rebuilt from the store and hold.
+    d.restart();
+    assert_eq!(chain_of(&d, &p_mac), p_chain, "the pooled VM's filter after a restart");
+    let o_chain = chain_of(&d, &o_mac);
+    let before = dropped(&d, &o_chain, "ARP claiming another MAC or address");
+    d.guest_ok(
+        "other",
+        &format!("{NIC}; ip addr add {p_ip}/24 dev $IF; busybox arping -U -c 3 -w 3 -I $IF {p_ip}; true"),
+    );
+    assert!(dropped(&d, &o_chain, "ARP claiming another MAC or address") > before, "other's ARP passed");
+    for _ in 0..3 {
+        assert_eq!(resolve_afresh(&d, &p_ip), p_mac, "the host's entry for the pooled VM moved");
+        assert_eq!(fetch_from_host(&d, &format!("http://{p_ip}:8080/")), "served-by-pooled\n");
+    }
+    d.rpc("vm.delete", json!({"vms": ["pooled", "other"]}));
+    assert!(!bridge_table(&d).contains(&p_chain), "a deleted VM's filter stayed");
 }
