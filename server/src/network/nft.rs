@@ -310,7 +310,7 @@ mod tests {
             String::from_utf8_lossy(&out.stdout).into_owned()
         };
         let result = async {
-            install(nft_ns, "banger0", subnet, &[], &[a.clone()]).await?;
+            install(nft_ns, "banger0", subnet, &[], std::slice::from_ref(&a)).await?;
             assert!(list().contains("\"bgtap0\" : jump tap_bgtap0"), "{}", list());
             guard_tap(nft_ns, subnet, &b).await?;
             guard_tap(nft_ns, subnet, &b).await?; // replacing is fine
