@@ -202,6 +202,19 @@ fn wait_for_sshd(ip: &str, limit: Duration) {
     }
 }
 
+/// Waits until the daemon has pinned a host key for `ip` (it learns it in the background once the VM is up).
+/// Without one ssh refuses the host, which is the point; this only spares a fresh VM that refusal.
+fn wait_for_pin(known_hosts: &std::path::Path, ip: &str, limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        match std::fs::read_to_string(known_hosts) {
+            Ok(text) if text.lines().any(|l| l.split(' ').next().unwrap_or("").split(',').any(|h| h == ip)) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return, // ssh will say so
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
 /// One line on how a VM came up, with why it was not warm when it was not.
 pub fn describe_boot(b: &tools_schema::vm::BootInfo) -> String {
     use tools_schema::vm::BootMode;
@@ -383,11 +396,18 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 .ip
                 .clone()
                 .ok_or_else(|| anyhow::anyhow!("VM {} has no network address (networking is disabled)", info.name))?;
-            let key = d.call::<ops::DaemonStatus>(&Default::default()).await?.ssh_key;
+            let status_info = d.call::<ops::DaemonStatus>(&Default::default()).await?;
+            let key = status_info.ssh_key;
+            // The VM's host key, pinned by the daemon from what its agent reported over the guest channel:
+            // whoever else answers at this address fails host-key verification.
+            let known_hosts = banger_server::ssh_config::known_hosts_path(std::path::Path::new(&status_info.state_dir));
             wait_for_sshd(&ip, Duration::from_secs(30));
+            wait_for_pin(&known_hosts, &ip, Duration::from_secs(30));
             let status = std::process::Command::new("ssh")
-                .args(["-i", &key, "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no"])
-                .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"])
+                .args(["-i", &key, "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes"])
+                .arg("-o")
+                .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
+                .args(["-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"])
                 .arg(format!("root@{ip}"))
                 // ssh hands the remote shell one string; quote each word so it arrives as given.
                 .args(command.iter().map(|w| shell_quote(w)))

@@ -202,6 +202,25 @@ pub fn start_sshd(authorized_key: Option<&str>, fresh: bool) -> anyhow::Result<(
     Ok(())
 }
 
+/// The public half of this VM's SSH host key (the one `start_sshd` makes), waiting up to `wait` for it to be
+/// written: key generation runs beside readiness. A key file still being written is read again.
+pub fn ssh_host_public_key(wait: std::time::Duration) -> Result<String, String> {
+    let path = "/etc/ssh/ssh_host_ed25519_key.pub";
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            // ssh-keygen writes the line and its newline at once; without the newline it is not done yet.
+            if let Some(line) = text.strip_suffix('\n').filter(|l| !l.contains('\n') && l.split(' ').count() >= 2) {
+                return Ok(line.to_string());
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!("no SSH host key at {path} yet"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// Turns a freshly restored clone into its own VM. The clock and the RNG come first: everything after
 /// (the SSH host key above all) must not be derived from the template's state.
 pub fn reidentify(id: &CloneIdentity) -> anyhow::Result<()> {

@@ -144,6 +144,17 @@ async fn serve_connection(
                         let out = out.clone();
                         tokio::task::spawn_blocking(move || crate::files::read(stream, &path, offset, limit, &out));
                     }
+                    GuestRequest::SshHostKey { wait_ms } => {
+                        let out = out.clone();
+                        let wait = Duration::from_millis(wait_ms.min(tools_schema::guest::SSH_HOST_KEY_WAIT_MAX_MS));
+                        tokio::task::spawn_blocking(move || {
+                            let reply = match crate::identity::ssh_host_public_key(wait) {
+                                Ok(public_key) => GuestResponse::SshHostKey { public_key },
+                                Err(message) => GuestResponse::Error { message },
+                            };
+                            respond(&out, stream, reply);
+                        });
+                    }
                     GuestRequest::Ports => {
                         respond(&out, stream, GuestResponse::Ports { listeners: crate::ports::listeners() })
                     }

@@ -46,9 +46,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Err(e) = ensure_ssh_key(&cfg.ssh_key()).await {
         tracing::warn!(error = %e, "no SSH key for guests; `vm ssh` will not work");
     }
+    engine.prune_host_keys().await;
     if cfg.manage_ssh_config {
         let path = cfg.ssh_config_path();
-        match crate::ssh_config::sync(&path, &cfg.ssh_key()) {
+        let known_hosts = crate::ssh_config::known_hosts_path(&cfg.state_dir);
+        match crate::ssh_config::sync(&path, &cfg.ssh_key(), &known_hosts) {
             Ok(true) => tracing::info!(path = %path.display(), "updated the managed *.vm block"),
             Ok(false) => {}
             Err(e) => tracing::warn!(error = %e, "cannot manage the ssh config block; `ssh <name>.vm` needs it"),

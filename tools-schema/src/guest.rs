@@ -208,7 +208,17 @@ pub enum GuestRequest {
     /// up with the template's clock, RNG state, hostname, addresses and SSH host key. Answered with `Ok`
     /// once all of it is replaced (sshd is started without waiting for it).
     Reidentify(CloneIdentity),
+    /// The public half of this VM's SSH host key, so the host can pin it in its known_hosts (learned over
+    /// this channel, never from the network a guest shares with others). The key is made beside readiness,
+    /// so the agent waits up to `wait_ms` (at most `SSH_HOST_KEY_WAIT_MAX_MS`) for it. Answered with
+    /// `SshHostKey`.
+    SshHostKey { wait_ms: u64 },
 }
+
+/// Longest an agent waits for its SSH host key before it answers `SshHostKey` with an error.
+pub const SSH_HOST_KEY_WAIT_MAX_MS: u64 = 120_000;
+/// Largest `SshHostKey` answer the host accepts (an RSA-16384 public key line is about 2.8 KiB).
+pub const SSH_HOST_KEY_MAX_BYTES: usize = 8 * 1024;
 
 /// Everything that makes a restored clone its own VM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -292,6 +302,10 @@ pub enum GuestResponse {
     },
     Sessions {
         sessions: Vec<crate::session::GuestSessionStatus>,
+    },
+    /// One line of `ssh_host_*_key.pub`: `TYPE BASE64 [COMMENT]`. Untrusted: the host validates it.
+    SshHostKey {
+        public_key: String,
     },
     Ok,
     Error {

@@ -150,14 +150,29 @@ impl Engine {
                 Some("apt-get install nftables"),
             );
         };
-        let out = tokio::process::Command::new(nft).args(["list", "table", "inet", "banger"]).output().await;
+        let out = tokio::process::Command::new(&nft).args(["list", "table", "inet", "banger"]).output().await;
+        // The per-TAP filters (a TAP carries only its VM's MAC and addresses) live in the bridge table.
+        let bridge = tokio::process::Command::new(&nft).args(["list", "table", "bridge", "banger"]).output().await;
+        let guarded = match &bridge {
+            Ok(b) if b.status.success() => String::from_utf8_lossy(&b.stdout).matches("jump tap_").count(),
+            _ => {
+                return check(
+                    "nftables",
+                    CheckStatus::Fail,
+                    "table bridge banger (the per-TAP address filters) is missing",
+                    Some("restart the daemon (it installs the table); check that the nf_tables_bridge module loads"),
+                )
+            }
+        };
         match out {
             Ok(o) if o.status.success() => {
                 let rules = String::from_utf8_lossy(&o.stdout)
                     .lines()
                     .filter(|l| l.contains("accept") || l.contains("drop") || l.contains("masquerade"))
                     .count();
-                check("nftables", CheckStatus::Pass, format!("table inet banger with {rules} rules"), None)
+                let text =
+                    format!("table inet banger with {rules} rules; table bridge banger filtering {guarded} TAPs");
+                check("nftables", CheckStatus::Pass, text, None)
             }
             Ok(o) => check(
                 "nftables",

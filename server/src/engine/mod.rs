@@ -17,6 +17,7 @@ use crate::store::{Store, StoreError};
 
 mod daemon_ops;
 mod doctor;
+mod guard;
 mod guest_sync;
 mod image;
 mod image_build;
@@ -129,7 +130,13 @@ impl Engine {
         let running: Vec<crate::network::RunningVm> = rows
             .iter()
             .filter(|r| r.state == tools_schema::vm::VmState::Running)
-            .map(|r| crate::network::RunningVm { name: r.name.clone(), tap: r.tap.clone(), ip: r.ip, nat: r.nat })
+            .map(|r| crate::network::RunningVm {
+                name: r.name.clone(),
+                tap: r.tap.clone(),
+                ip: r.ip,
+                mac: r.mac.clone(),
+                nat: r.nat,
+            })
             .collect();
         let nft = self
             .cfg

@@ -442,6 +442,12 @@ impl Engine {
         op.stage("network");
         if let Some(tap) = &entry.tap {
             self.store.set_vm_tap(row.id.clone(), Some(tap.clone())).await?;
+            // Its MAC changes now, with its identity: the TAP carries only the new one from the start.
+            if let Err(e) = self.guard_tap(row, tap).await {
+                vmm::stop_vm_processes(&self.vm_paths(&row.id).dir, &row.id, Some(entry.pid)).await;
+                self.release_net(row).await;
+                return Err(e);
+            }
         }
         op.stage("boot");
         self.store.set_vm_state(row.id.clone(), VmState::Starting, Some(entry.pid), None, None).await?;
@@ -510,6 +516,10 @@ impl Engine {
                         .with_hint("`banger doctor` checks networking")
                 })?;
                 self.store.set_vm_tap(row.id.clone(), Some(tap.clone())).await?;
+                if let Err(e) = self.guard_tap(row, &tap).await {
+                    self.release_net(row).await;
+                    return Err(e);
+                }
                 Some((tap, net.guest_net(ip, mac)))
             }
             _ => None,
@@ -676,6 +686,7 @@ impl Engine {
             op.stage("ready");
         }
         self.sync_into_guest(&row.name, &conn).await;
+        self.learn_host_key_later(row, conn.clone());
         self.guests.lock().unwrap().insert(row.id.clone(), conn);
         if let (Some(net), Some(ip)) = (self.network(), row.ip) {
             net.dns.set(&row.name, ip);
@@ -868,6 +879,7 @@ impl Engine {
             _ => row.tap.clone(),
         };
         if let Some(tap) = tap {
+            self.unguard_tap(row, &tap).await;
             net.release_tap(&tap).await;
             let _ = self.store.set_vm_tap(row.id.clone(), None).await;
         }
@@ -1105,6 +1117,7 @@ impl Engine {
                 }
             }
             engine.store.delete_vm(row.id.clone()).await?;
+            engine.forget_host_key(&row);
             engine.boots.lock().unwrap().remove(&row.id);
             tracing::info!(vm = %row.name, id = %row.id, "VM deleted");
             Ok(None)

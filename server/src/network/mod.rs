@@ -81,6 +81,7 @@ pub struct RunningVm {
     pub name: String,
     pub tap: Option<String>,
     pub ip: Option<Ipv4Addr>,
+    pub mac: Option<String>,
     pub nat: bool,
 }
 
@@ -100,7 +101,8 @@ impl Network {
         let gateway = subnet.nth(1).ok_or(NetError::Exhausted(subnet))?;
         let bridge_index = ensure_bridge(&handle, bridge, gateway, subnet.prefix()).await?;
         let nat: Vec<Ipv4Addr> = running.iter().filter(|v| v.nat).filter_map(|v| v.ip).collect();
-        nft::install(&nft_bin, bridge, &nat).await?;
+        let guards = running_guards(running);
+        nft::install(&nft_bin, bridge, subnet, &nat, &guards).await?;
         if !nat.is_empty() {
             enable_forwarding()?;
         }
@@ -228,10 +230,36 @@ impl Network {
         Ok(nft::remove_nat(&self.nft, ip).await?)
     }
 
+    /// Lets a VM's TAP carry that VM's traffic, and nothing else (its MAC, its addresses; beyond the
+    /// subnet only with NAT). Every TAP carries nothing until this runs for it.
+    pub async fn guard_tap(&self, tap: &str, mac: &str, ip: Ipv4Addr, nat: bool) -> Result<(), NetError> {
+        let guard = nft::TapGuard::new(tap, mac, ip, nat)?;
+        Ok(nft::guard_tap(&self.nft, self.subnet, &guard).await?)
+    }
+
+    /// Takes a TAP's rules away when its VM lets it go: it carries nothing again.
+    pub async fn unguard_tap(&self, tap: &str) -> Result<(), NetError> {
+        Ok(nft::unguard_tap(&self.nft, tap).await?)
+    }
+
     /// Idle TAPs in the pool (for status and tests).
     pub fn idle_taps(&self) -> Vec<String> {
         self.idle_taps.lock().unwrap().clone()
     }
+}
+
+/// The TAP filters of the VMs that survived a daemon restart (one without a TAP, address or MAC has none,
+/// so its TAP, if any, carries nothing).
+fn running_guards(running: &[RunningVm]) -> Vec<nft::TapGuard> {
+    running
+        .iter()
+        .filter_map(|v| match (&v.tap, &v.mac, v.ip) {
+            (Some(tap), Some(mac), Some(ip)) => nft::TapGuard::new(tap, mac, ip, v.nat)
+                .inspect_err(|e| tracing::warn!(vm = %v.name, error = %e, "its TAP carries nothing"))
+                .ok(),
+            _ => None,
+        })
+        .collect()
 }
 
 /// NAT needs IPv4 forwarding in the daemon's namespace.
