@@ -320,7 +320,13 @@ pub async fn create_ext4_disk(cfg: &crate::Config, path: &Path, label: &str, byt
             detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
-    Ok(())
+    private(path)
+}
+
+/// A disk holds a guest's data: the daemon's alone (0600), whatever the tool that made it chose.
+fn private(disk: &Path) -> Result<(), VmmError> {
+    crate::host_files::make_private(disk)
+        .map_err(|source| VmmError::Io { what: format!("making {} private", disk.display()), source })
 }
 
 /// Copies a disk image sparsely (holes stay holes, reflinked where the filesystem can).
@@ -338,7 +344,7 @@ pub async fn copy_sparse(from: &Path, to: &Path) -> Result<(), VmmError> {
             detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
-    Ok(())
+    private(to)
 }
 
 /// Creates a VM disk as a copy-on-write overlay (qcow2) over an image's read-only base (root filesystem or
@@ -364,7 +370,7 @@ pub async fn create_overlay_disk(
             detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
-    Ok(())
+    private(disk)
 }
 
 /// Virtual size of a qcow2 disk, from its header (bytes 24..32, big-endian).
