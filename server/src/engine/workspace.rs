@@ -58,8 +58,8 @@ const EXIT_BAD_BASE: i32 = 4;
 
 /// Runs in the guest: `sh -c PREPARE_SCRIPT sh REPO STAGE HEAD BRANCH MODE FORCE NAME EMAIL PACK`.
 /// STAGE holds `history.pack` + `history.idx` (HEAD's history, to become PACK in the repository's object
-/// store), `tree.tar` (the files that differ from HEAD), `deleted` and `changed` (the
-/// paths to stage over HEAD: the copied and the deleted ones; NUL-separated). Prints `key=value` lines.
+/// store), `tree.tar` (the files that differ from HEAD), `deleted` and `changed` (the paths to remove from
+/// and to stage over HEAD: the deleted and the copied ones; NUL-separated). Prints `key=value` lines.
 /// On any failure it removes what it made and puts a replaced repository back.
 pub(crate) const PREPARE_SCRIPT: &str = r#"set -eu
 repo=$1 stage=$2 head=$3 branch=$4 mode=$5 force=$6 name=$7 email=$8 pack=$9
@@ -101,10 +101,14 @@ if [ -n "$branch" ]; then
 else
     git checkout -q --detach "$head"
 fi
-tar -xf "$stage/tree.tar" --no-same-owner -C "$repo"
+# Deletions first: a directory the host replaced (by a symlink or a file) must be gone, with any directory
+# it leaves empty, before the tar brings what replaced it.
 if [ -s "$stage/deleted" ]; then
     xargs -0 rm -f -- < "$stage/deleted"
+    xargs -0 dirname -z -- < "$stage/deleted" | sort -zu | grep -zvx . \
+        | xargs -0 -r rmdir -p --ignore-fail-on-non-empty -- 2>/dev/null || true
 fi
+tar -xf "$stage/tree.tar" --no-same-owner -C "$repo"
 if [ -n "$name" ]; then git config user.name "$name"; fi
 if [ -n "$email" ]; then git config user.email "$email"; fi
 idx=$(mktemp)
@@ -117,9 +121,15 @@ if [ "$mode" = full ]; then
     done
 fi
 # Only the listed paths are hashed: update-index takes them literally (no pathspec magic), adds what
-# exists and drops what does not.
+# exists (--replace: a symlink or file where HEAD has a directory, and the other way round),
+# and drops what does not.
+# Deleted paths go first, by force: one under a directory the host replaced by a symlink is "beyond a
+# symbolic link" for a plain --remove.
+if [ -s "$stage/deleted" ]; then
+    git update-index --force-remove -z --stdin < "$stage/deleted"
+fi
 if [ -s "$stage/changed" ]; then
-    git update-index --add --remove -z --stdin < "$stage/changed"
+    git update-index --add --remove --replace -z --stdin < "$stage/changed"
 fi
 tree=$(git write-tree)
 unset GIT_INDEX_FILE
@@ -487,8 +497,8 @@ pub(crate) async fn pack(top: &Path, mode: WorkspaceMode, stage: &Path) -> Resul
     tokio::fs::write(stage.join("deleted"), &deleted)
         .await
         .map_err(|e| ApiError::internal(format!("writing a file list: {e}")))?;
-    // Everything the guest must stage over HEAD: the copied files and the deleted ones.
-    tokio::fs::write(stage.join("changed"), [present, deleted].concat())
+    // What the guest must stage over HEAD besides the deleted paths: the copied files.
+    tokio::fs::write(stage.join("changed"), present)
         .await
         .map_err(|e| ApiError::internal(format!("writing a file list: {e}")))?;
     Ok(Packed { top: top.to_path_buf(), head, branch, files, pack: format!("pack-{checksum}") })
@@ -1239,6 +1249,15 @@ mod tests {
         let deleted = std::fs::read(stage.path().join("deleted")).unwrap();
         assert!(deleted.split(|b| *b == 0).any(|n| n == b"conf/secret"), "{:?}", String::from_utf8_lossy(&deleted));
         assert!(packed.files >= 1);
+
+        // And the guest gets the symlink where its directory was.
+        let guest = tempfile::tempdir().unwrap();
+        let repo = guest.path().join("repo");
+        let stage_s = stage.path().to_str().unwrap();
+        let args = [repo.to_str().unwrap(), stage_s, &packed.head, "main", "full", "0", "", "", &packed.pack];
+        let out = run(PREPARE_SCRIPT, &args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(std::fs::read_link(repo.join("conf")).unwrap(), outside.path());
     }
 
     #[tokio::test]

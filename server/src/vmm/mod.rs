@@ -190,7 +190,19 @@ pub struct Launched {
 /// Starts the VM's VMM process and returns once it runs (not once the guest is ready).
 pub async fn launch(kind: VmmKind, cfg: &crate::Config, accel: &str, spec: &BootSpec) -> Result<Launched, VmmError> {
     match kind {
-        VmmKind::Qemu => qemu::launch(cfg, accel, spec).await,
+        VmmKind::Qemu => {
+            // QEMU daemonizes under umask 027: what it creates would be group-readable. The console (what the
+            // guest prints) and a template's RAM file are made here first, 0600; QEMU opens them as they are.
+            let private = |p: &Path| {
+                crate::host_files::create_private(p)
+                    .map_err(|source| VmmError::Io { what: format!("creating {}", p.display()), source })
+            };
+            private(&VmPaths::new(spec.dir.clone()).console_log())?;
+            if let GuestMemory::TemplateFile(ram) = &spec.memory {
+                private(ram)?;
+            }
+            qemu::launch(cfg, accel, spec).await
+        }
         VmmKind::Firecracker => launch_firecracker(cfg, spec).await,
     }
 }
