@@ -118,7 +118,7 @@ fn attack_workspace_symlinked_parent_and_repository_filter() {
     assert_eq!(export["check"]["clean"], true, "the typechange patch applies: {export}");
     let patch_file = repo.path().join(".git/guest.patch");
     std::fs::write(&patch_file, export["patch"].as_str().unwrap()).unwrap();
-    as_owner(repo.path(), "git apply .git/guest.patch && test -L conf");
+    as_owner(repo.path(), "git apply --index .git/guest.patch && test -L conf");
 
     // The next prepare: git lists conf/settings; the old code found it "present" through the link and tar
     // followed the parent out of the repository.
