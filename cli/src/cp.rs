@@ -1,6 +1,7 @@
 //! `banger vm cp`: files of any size in or out of a VM, in chunks of the API's 8 MiB limit, binary-safe
-//! (base64 on the wire), with the permission bits kept and a sha256 of what arrived.
-use std::io::{Read, Write};
+//! (base64 on the wire), with the permission bits kept (out of a VM: only rwx, less the umask) and a sha256
+//! of what arrived.
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 
 use base64::Engine as _;
@@ -57,9 +58,14 @@ pub async fn copy(d: &Daemon, src: &str, dst: &str) -> anyhow::Result<CopyReport
             Ok(CopyReport { from: src.into(), to: dst.into(), bytes: total, sha256: hex::encode(hash.finalize()) })
         }
         (Some((vm, path)), None) => {
-            let tmp = format!("{dst}.banger-part");
-            let mut f = std::fs::File::create(&tmp).map_err(|e| anyhow::anyhow!("cannot write {dst}: {e}"))?;
+            // Guest bytes, guest mode: written beside `dst` under a fresh name and renamed into place whole,
+            // with only the permission bits of the guest's mode (see host_file).
+            let mut f = crate::host_file::create_beside(std::path::Path::new(dst))
+                .map_err(|e| anyhow::anyhow!("cannot write {dst}: {e}"))?;
             let (mut hash, mut offset) = (sha2::Sha256::new(), 0u64);
+            // The size the guest reported first bounds the copy: a guest that never says eof cannot fill the
+            // host's disk.
+            let mut limit: Option<u64> = None;
             let mode = loop {
                 let p = VmFileReadParams {
                     vm: vm.clone(),
@@ -68,24 +74,22 @@ pub async fn copy(d: &Daemon, src: &str, dst: &str) -> anyhow::Result<CopyReport
                     limit: None,
                     encoding: Some(ContentEncoding::Base64),
                 };
-                let r = match d.call::<ops::VmFileRead>(&p).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        let _ = std::fs::remove_file(&tmp);
-                        return Err(e.into());
-                    }
-                };
+                let r = d.call::<ops::VmFileRead>(&p).await?;
                 let data = b64.decode(r.content.as_bytes())?;
+                let limit = *limit.get_or_insert(r.size);
+                if offset + data.len() as u64 > limit {
+                    anyhow::bail!(
+                        "{src}: the VM sent more than the {limit} bytes it reported; nothing was written to {dst}"
+                    );
+                }
                 hash.update(&data);
                 f.write_all(&data)?;
                 offset += data.len() as u64;
-                if r.eof || data.is_empty() {
-                    break u32::from_str_radix(&r.mode, 8).unwrap_or(0o644);
+                if r.eof || data.is_empty() || offset == limit {
+                    break r.mode;
                 }
             };
-            f.sync_all()?;
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
-            std::fs::rename(&tmp, dst)?;
+            f.commit(crate::host_file::safe_mode(Some(&mode)))?;
             Ok(CopyReport { from: src.into(), to: dst.into(), bytes: offset, sha256: hex::encode(hash.finalize()) })
         }
         _ => anyhow::bail!("exactly one side must be VM:/absolute/path, e.g. `banger vm cp ./f dev:/root/f`"),

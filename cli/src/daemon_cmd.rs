@@ -62,7 +62,9 @@ pub async fn run(cmd: DaemonCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             let cfg = banger_server::Config::load(None)?;
             std::fs::create_dir_all(&cfg.state_dir)?;
             let out_path = cfg.state_dir.join("bangerd.out");
-            let out = std::fs::File::create(&out_path)?;
+            // The daemon's stderr: as private as its log.
+            let out = banger_server::host_files::create_private(&out_path)?;
+            out.set_len(0)?;
             let mut cmd = std::process::Command::new(&bin);
             cmd.args(&args).stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
             // Its own session: the daemon must not die with this terminal.

@@ -11,6 +11,7 @@ mod bench_cmd;
 mod client;
 mod cp;
 mod daemon_cmd;
+mod host_file;
 mod image_cmd;
 mod mcp_bridge;
 mod operation_cmd;
@@ -107,7 +108,8 @@ async fn main() -> ExitCode {
     match run(cli.command, &ctx).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Errors can quote a guest (its stderr, its paths): made safe like any guest string.
+            eprintln!("error: {}", output::term_line(&format!("{e:#}")));
             ExitCode::from(1)
         }
     }

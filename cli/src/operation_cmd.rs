@@ -103,7 +103,8 @@ pub async fn follow(d: &Daemon, mut info: OperationInfo, live: bool) -> anyhow::
         // What the running stage is doing (e.g. a recipe's output), each new line once.
         if live && info.detail.is_some() && info.detail != last_detail {
             let running = info.stages.iter().find(|s| s.state == StageState::Running).map(|s| s.name.as_str());
-            eprintln!("    {}: {}", running.unwrap_or("-"), info.detail.as_deref().unwrap_or_default());
+            let detail = crate::output::term_line(info.detail.as_deref().unwrap_or_default());
+            eprintln!("    {}: {detail}", running.unwrap_or("-"));
             last_detail = info.detail.clone();
         }
         if info.state != OperationState::Running {

@@ -214,13 +214,14 @@ fn print_info(s: &SessionInfo, json: bool) {
     }
     output::table(HEADER, &rows(std::slice::from_ref(s)));
     if let Some(p) = &s.program {
+        let p = output::term_safe(p);
         println!("  program: {p}  pid: {}", s.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()));
     }
     if let Some(ms) = s.runtime_ms {
         println!(
             "  runtime: {:.1}s  cwd: {}  stdin: {}",
             ms as f64 / 1000.0,
-            s.cwd,
+            output::term_safe(&s.cwd),
             if s.stdin_open { "open" } else { "closed" }
         );
     }
@@ -365,7 +366,7 @@ async fn stream(
             SessionEvent::Output(_) => {}
             SessionEvent::Ended { session } => return Ok(exit_code(&session)),
             SessionEvent::Detached { reason } => {
-                eprintln!("banger: detached: {reason}");
+                eprintln!("banger: detached: {}", output::term_line(&reason));
                 return Ok(ExitCode::from(1));
             }
         }
@@ -451,7 +452,7 @@ async fn attach(ctx: &Ctx, d: &Daemon, a: AttachArgs) -> anyhow::Result<ExitCode
                     }
                     SessionEvent::Ended { session } => break exit_number(&session),
                     SessionEvent::Detached { reason } => {
-                        eprintln!("banger: detached: {reason}");
+                        eprintln!("banger: detached: {}", output::term_line(&reason));
                         break 1;
                     }
                 }

@@ -126,9 +126,12 @@ pub async fn run(cmd: WorkspaceCmd, d: &Daemon, ctx: &Ctx) -> anyhow::Result<Exi
             let r = d.call::<ops::WorkspaceExport>(&p).await?;
             let patch = patch_bytes(d, &r).await?;
             if let Some(path) = &out_path {
-                let tmp = path.with_extension("banger-part");
-                std::fs::write(&tmp, &patch).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
-                std::fs::rename(&tmp, path)?;
+                let write = || {
+                    let mut f = crate::host_file::create_beside(path)?;
+                    f.write_all(&patch)?;
+                    f.commit(crate::host_file::safe_mode(None))
+                };
+                write().map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
             }
             if ctx.json {
                 output::json(&r);
@@ -217,7 +220,9 @@ fn summary(r: &WorkspaceExportResult, out: Option<&Path>) {
         }
     }
     // With the patch on stdout, everything else goes to stderr so `| git apply` gets only the patch.
+    // File names, ignored names and conflict lines come from the guest's repository.
     for l in lines {
+        let l = crate::output::term_line(&l);
         if out.is_some() {
             println!("{l}");
         } else {

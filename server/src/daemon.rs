@@ -1,5 +1,4 @@
 //! Daemon start-up and shutdown.
-use std::fs::File;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -10,15 +9,73 @@ use crate::config::Config;
 use crate::engine::Engine;
 use crate::store::Store;
 
-/// Runs the daemon until SIGTERM or SIGINT. VMs keep running when it exits; the next start adopts them.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+/// The daemon's umask: whatever it or its children (qemu-img, mkfs, cp, SQLite) create is its own alone
+/// unless it says otherwise (the socket, opened to its group explicitly).
+const DAEMON_UMASK: u32 = 0o077;
+
+/// Makes the state directory private before anything is written into it: the daemon's umask, the directory
+/// 0700 (0750 and the socket group's, when one is configured: its members may enter, never read a file),
+/// and every file and directory already below it stripped of group and other permissions (state left by
+/// older versions: disks, database, logs and images were world-readable, and they hold guests' work disks
+/// and sessions' secrets). Idempotent; `main` runs it before the log file is opened, `run` again.
+pub fn prepare_state_dir(cfg: &Config) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(DAEMON_UMASK));
+    let state = &cfg.state_dir;
+    std::fs::create_dir_all(state).with_context(|| format!("creating {}", state.display()))?;
+    let group = match cfg.socket_group.as_deref() {
+        Some(g) => Some(
+            nix::unistd::Group::from_name(g)
+                .ok()
+                .flatten()
+                .ok_or_else(|| anyhow::anyhow!("socket_group `{g}` is not a group on this host"))?,
+        ),
+        None => None,
+    };
+    let dir_mode = match &group {
+        Some(g) => {
+            nix::unistd::chown(state, None, Some(g.gid)).with_context(|| format!("chgrp {}", state.display()))?;
+            0o750
+        }
+        None => 0o700,
+    };
+    std::fs::set_permissions(state, std::fs::Permissions::from_mode(dir_mode))
+        .with_context(|| format!("chmod {}", state.display()))?;
     for d in [cfg.images_dir(), cfg.vms_dir()] {
         std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     }
+    make_private_below(state).with_context(|| format!("making {} private", state.display()))
+}
+
+/// Strips group and other permissions from every regular file and directory below `dir`, never following a
+/// symlink (sockets and links keep theirs: the socket's access is the peer-credential check).
+fn make_private_below(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = match std::fs::symlink_metadata(entry.path()) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let mode = meta.permissions().mode() & 0o7777;
+        if (meta.is_file() || meta.is_dir()) && mode & 0o7077 != 0 {
+            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(mode & 0o700))?;
+        }
+        if meta.is_dir() {
+            make_private_below(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs the daemon until SIGTERM or SIGINT. VMs keep running when it exits; the next start adopts them.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    prepare_state_dir(&cfg)?;
     // One daemon per state directory: a second one would fight the first over VMs and the database.
     let lock_path = cfg.state_dir.join("bangerd.lock");
-    let lock_file = File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
+    let lock_file =
+        crate::host_files::create_private(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
     let _lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
         anyhow::anyhow!(
             "another bangerd already owns {} ({e}); stop it first: banger daemon stop",

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod front;
 pub mod guest;
 pub mod host;
+pub mod host_files;
 pub mod logging;
 pub mod network;
 pub mod probe;

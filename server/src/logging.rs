@@ -1,5 +1,6 @@
 //! Structured logs: JSON lines to the daemon's log file, and JSON or text to stderr.
 use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -17,7 +18,8 @@ pub fn init(level: &str, stderr_format: &str, file: Option<&Path>) -> anyhow::Re
     };
     let file_layer = match file {
         Some(path) => {
-            let f = Arc::new(OpenOptions::new().create(true).append(true).open(path)?);
+            // 0600: the log names VMs, paths and errors quoting guests; only the daemon's user reads it.
+            let f = Arc::new(OpenOptions::new().create(true).append(true).mode(0o600).open(path)?);
             Some(fmt::layer().json().flatten_event(true).with_ansi(false).with_writer(f).with_filter(filter()?))
         }
         None => None,

@@ -35,7 +35,8 @@ fn main() -> anyhow::Result<()> {
         cfg.log_format = f;
         cfg.validate()?;
     }
-    std::fs::create_dir_all(&cfg.state_dir)?;
+    // Private before the log file is opened in it.
+    banger_server::daemon::prepare_state_dir(&cfg)?;
     banger_server::logging::init(&cfg.log_level, &cfg.log_format, Some(&cfg.log_file()))?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(banger_server::daemon::run(cfg))

@@ -19,6 +19,8 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("database task failed: {0}")]
     Join(String),
+    #[error("database file: {0}")]
+    Io(String),
     #[error("database schema version {found} is newer than this bangerd understands ({known}); upgrade banger")]
     TooNew { found: i64, known: i64 },
 }
@@ -147,6 +149,12 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        // Created 0600 before SQLite opens it (its -wal and -shm files take the database's mode): session
+        // records hold the environment callers gave, API keys included.
+        if path.parent().is_some_and(|d| d.is_dir()) {
+            crate::host_files::create_private(path)
+                .map_err(|e| StoreError::Io(format!("creating {}: {e}", path.display())))?;
+        }
         let mut conn = open_connection(path)?;
         migrate(&mut conn)?;
         Ok(Store { conn: Arc::new(Mutex::new(conn)) })

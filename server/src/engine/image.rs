@@ -1,5 +1,6 @@
 //! image.register, image.list, image.show, image.promote, image.delete.
 use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -55,27 +56,27 @@ impl Engine {
             ("rootfs", Some(&p.rootfs)),
             ("work_seed", p.work_seed.as_ref()),
         ];
+        // With a socket group, users other than the daemon's may call: they get only what they could read.
+        let others_may_call = self.cfg.socket_group.is_some();
+        let mut opened = vec![];
         for (field, path) in &sources {
             if let Some(path) = path {
-                let pb = Path::new(path.as_str());
-                if !pb.is_absolute() {
-                    return Err(ApiError::invalid(format!("{field} must be an absolute path, got `{path}`")));
-                }
-                if !pb.is_file() {
-                    return Err(ApiError::invalid(format!("{field} `{path}` does not exist or is not a file"))
-                        .with_hint("build the image first: scripts/quickstart.sh does it"));
-                }
+                opened.push(open_source(field, path, others_may_call)?);
             }
         }
-        let sources = ImageSources {
-            kernel: p.kernel.into(),
-            kernel_elf: p.kernel_elf.map(Into::into),
-            initrd: p.initrd.map(Into::into),
-            rootfs: p.rootfs.into(),
-            work_seed: p.work_seed.map(Into::into),
-            take_disks: false,
-        };
+        // Copied from the files just checked, by descriptor, never from paths that could be swapped since
+        // (`cp` runs as a child of the daemon and reaches its descriptors through /proc/<daemon>/fd).
+        let pid = std::process::id();
+        let mut checked = opened.iter().map(|f| PathBuf::from(format!("/proc/{pid}/fd/{}", f.as_raw_fd())));
+        let mut next = || checked.next().expect("one checked file per named source");
+        let kernel = next();
+        let kernel_elf = p.kernel_elf.as_ref().map(|_| next());
+        let initrd = p.initrd.as_ref().map(|_| next());
+        let rootfs = next();
+        let work_seed = p.work_seed.as_ref().map(|_| next());
+        let sources = ImageSources { kernel, kernel_elf, initrd, rootfs, work_seed, take_disks: false };
         let row = self.install_image(&p.name, sources, p.make_default, None, &ctx.cancel).await?;
+        drop(opened);
         // The new image may be the default now, or named in warm.pools.
         self.refill_pool_later();
         Ok(image_info(&row))
@@ -188,13 +189,14 @@ impl Engine {
                 seed
             }
         };
-        // Read-only on the host too: every VM's overlay depends on the base never changing.
+        // Read-only on the host too (every VM's overlay depends on the base never changing), and the daemon's
+        // alone: an image can hold whatever its source held.
         let mut files = vec![kernel.clone(), rootfs.clone(), work_seed.clone()];
         files.extend(kernel_elf.clone());
         files.extend(initrd.clone());
         for f in &files {
             use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o444));
+            let _ = std::fs::set_permissions(f, std::fs::Permissions::from_mode(crate::host_files::IMAGE_FILE));
         }
         let hashed = files.clone();
         let fingerprint = tokio::task::spawn_blocking(move || fingerprint(&hashed))
@@ -249,6 +251,60 @@ impl Engine {
             }),
         }
     }
+}
+
+/// Opens an image source named by a caller, checked: an absolute path to a regular file (not a device, fifo
+/// or socket, also not through a symlink), and, when users other than the daemon's may call
+/// (`others_may_call`), readable by every local user, so nobody republishes into a VM what they could not
+/// read themselves. (The daemon cannot tell which member of the socket group asked, so it asks for what any
+/// of them could read.)
+fn open_source(field: &str, path: &str, others_may_call: bool) -> Result<std::fs::File, ApiError> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let pb = Path::new(path);
+    if !pb.is_absolute() {
+        return Err(ApiError::invalid(format!("{field} must be an absolute path, got `{path}`")));
+    }
+    let missing = |e: std::io::Error| {
+        ApiError::invalid(format!("{field} `{path}` cannot be read: {e}"))
+            .with_hint("build the image first: scripts/quickstart.sh does it")
+    };
+    // stat first, so a fifo or device is never even opened (opening either can block or act).
+    let meta = std::fs::metadata(pb).map_err(missing)?;
+    let not_regular = || {
+        ApiError::invalid(format!("{field} `{path}` is not a regular file"))
+            .with_hint("name an image file (ext4, kernel, initramfs), not a device, fifo or directory")
+    };
+    if !meta.is_file() {
+        return Err(not_regular());
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(pb)
+        .map_err(missing)?;
+    let opened = file.metadata().map_err(missing)?;
+    if !opened.is_file() || opened.ino() != meta.ino() || opened.dev() != meta.dev() {
+        return Err(not_regular());
+    }
+    if others_may_call {
+        let refuse = |what: String| {
+            ApiError::new(ErrorCode::PermissionDenied, format!("{field} `{path}`: {what}")).with_hint(
+                "with a socket group every member may register images, so banger takes only files every local user \
+                 can read: chmod o+r the file (and o+x its directories), or copy it somewhere readable",
+            )
+        };
+        if opened.mode() & 0o004 == 0 {
+            return Err(refuse("the file is not readable by every local user".into()));
+        }
+        let real = std::fs::canonicalize(pb).map_err(missing)?;
+        for dir in real.ancestors().skip(1) {
+            let m = std::fs::metadata(dir).map_err(missing)?;
+            if m.mode() & 0o001 == 0 {
+                return Err(refuse(format!("its directory {} is not searchable by every local user", dir.display())));
+            }
+        }
+    }
+    Ok(file)
 }
 
 /// Content fingerprint of the image files. Only data extents are read (holes are hashed by position), so a

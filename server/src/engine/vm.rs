@@ -1354,7 +1354,7 @@ impl Engine {
 pub(crate) async fn copy_writable(from: &std::path::Path, to: &std::path::Path) -> Result<(), ApiError> {
     use std::os::unix::fs::PermissionsExt;
     vmm::copy_sparse(from, to).await.map_err(vmm_error)?;
-    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o644))
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(crate::host_files::PRIVATE_FILE))
         .map_err(|e| ApiError::internal(format!("making {} writable: {e}", to.display())))
 }
 

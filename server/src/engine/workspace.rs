@@ -58,8 +58,8 @@ const EXIT_BAD_BASE: i32 = 4;
 
 /// Runs in the guest: `sh -c PREPARE_SCRIPT sh REPO STAGE HEAD BRANCH MODE FORCE NAME EMAIL PACK`.
 /// STAGE holds `history.pack` + `history.idx` (HEAD's history, to become PACK in the repository's object
-/// store), `tree.tar` (the files that differ from HEAD), `deleted` and `changed` (the
-/// paths to stage over HEAD: the copied and the deleted ones; NUL-separated). Prints `key=value` lines.
+/// store), `tree.tar` (the files that differ from HEAD), `deleted` and `changed` (the paths to remove from
+/// and to stage over HEAD: the deleted and the copied ones; NUL-separated). Prints `key=value` lines.
 /// On any failure it removes what it made and puts a replaced repository back.
 pub(crate) const PREPARE_SCRIPT: &str = r#"set -eu
 repo=$1 stage=$2 head=$3 branch=$4 mode=$5 force=$6 name=$7 email=$8 pack=$9
@@ -101,10 +101,14 @@ if [ -n "$branch" ]; then
 else
     git checkout -q --detach "$head"
 fi
-tar -xf "$stage/tree.tar" --no-same-owner -C "$repo"
+# Deletions first: a directory the host replaced (by a symlink or a file) must be gone, with any directory
+# it leaves empty, before the tar brings what replaced it.
 if [ -s "$stage/deleted" ]; then
     xargs -0 rm -f -- < "$stage/deleted"
+    xargs -0 dirname -z -- < "$stage/deleted" | sort -zu | grep -zvx . \
+        | xargs -0 -r rmdir -p --ignore-fail-on-non-empty -- 2>/dev/null || true
 fi
+tar -xf "$stage/tree.tar" --no-same-owner -C "$repo"
 if [ -n "$name" ]; then git config user.name "$name"; fi
 if [ -n "$email" ]; then git config user.email "$email"; fi
 idx=$(mktemp)
@@ -117,9 +121,15 @@ if [ "$mode" = full ]; then
     done
 fi
 # Only the listed paths are hashed: update-index takes them literally (no pathspec magic), adds what
-# exists and drops what does not.
+# exists (--replace: a symlink or file where HEAD has a directory, and the other way round),
+# and drops what does not.
+# Deleted paths go first, by force: one under a directory the host replaced by a symlink is "beyond a
+# symbolic link" for a plain --remove.
+if [ -s "$stage/deleted" ]; then
+    git update-index --force-remove -z --stdin < "$stage/deleted"
+fi
 if [ -s "$stage/changed" ]; then
-    git update-index --add --remove -z --stdin < "$stage/changed"
+    git update-index --add --remove --replace -z --stdin < "$stage/changed"
 fi
 tree=$(git write-tree)
 unset GIT_INDEX_FILE
@@ -222,28 +232,142 @@ pub(crate) struct Packed {
     pub pack: String,
 }
 
-/// Runs host git in `dir` as the daemon (root) on a repository that may belong to someone else. Trusting it
-/// (safe.directory) would let its config run programs, so the settings that run programs for the commands
-/// used here are switched off.
+/// Who host git runs as: the owner of the directory it runs in, so a repository (its config, its hooks, a
+/// `.git` file pointing elsewhere, a symlink in its tree) can never make the daemon read or run anything with
+/// more rights than the repository's own user has. Only a root daemon can switch; otherwise git runs as the
+/// daemon's user, who has no more rights than that anyway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RepoOwner {
+    uid: u32,
+    gid: u32,
+}
+
+impl RepoOwner {
+    fn of(dir: &Path) -> Result<RepoOwner, ApiError> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(dir).map_err(|e| {
+            ApiError::not_found(format!("`{}` cannot be read on the daemon's host: {e}", dir.display()))
+        })?;
+        Ok(RepoOwner { uid: m.uid(), gid: m.gid() })
+    }
+
+    /// Whether commands must switch to this owner (the daemon is root and the owner is someone else).
+    fn switch(&self) -> bool {
+        nix::unistd::geteuid().is_root() && self.uid != 0
+    }
+
+    /// The owner's home directory (their global git config: identity), or `/` when they have none.
+    fn home(&self) -> PathBuf {
+        nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(self.uid))
+            .ok()
+            .flatten()
+            .map(|u| u.dir)
+            .unwrap_or_else(|| PathBuf::from("/"))
+    }
+
+    /// Gives a directory the daemon made (a stage git writes into) to the owner.
+    fn take(&self, dir: &Path) -> Result<(), ApiError> {
+        if !self.switch() {
+            return Ok(());
+        }
+        nix::unistd::chown(dir, Some(nix::unistd::Uid::from_raw(self.uid)), Some(nix::unistd::Gid::from_raw(self.gid)))
+            .map_err(|e| ApiError::internal(format!("handing {} to the repository's owner: {e}", dir.display())))
+    }
+}
+
+/// Settings that would run a program, each switched off for every host git command, whatever the
+/// repository's or the owner's config says. Filter drivers have names of the config's choosing, so those
+/// are found in the config first (`filter_overrides`).
+const NO_PROGRAMS: &[&str] = &[
+    "core.fsmonitor=false",
+    "core.hooksPath=/dev/null",
+    "core.sshCommand=false",
+    "core.gitProxy=",
+    "core.askPass=",
+    "core.alternateRefsCommand=",
+    "core.pager=cat",
+    "core.editor=false",
+    "sequence.editor=false",
+    "credential.helper=",
+    "diff.external=",
+    "gpg.program=false",
+    "protocol.allow=never",
+    "uploadpack.packObjectsHook=",
+    "core.attributesFile=/dev/null",
+];
+
+/// `-c filter.<x>.clean=` etc. for every filter driver the effective config of `dir` names: an empty command
+/// is no filter, and `required=false` keeps git from failing for want of it. Attributes (`* filter=x`) come
+/// from the tree and cannot be switched off, but a driver without a command does nothing.
+async fn filter_overrides(dir: &Path, owner: RepoOwner) -> Result<Vec<String>, ApiError> {
+    let out = run_git(dir, owner, &[], &["config", "--list", "--name-only", "-z"], b"").await?;
+    let mut drivers = std::collections::BTreeSet::new();
+    for key in out.stdout.split(|b| *b == 0) {
+        let key = String::from_utf8_lossy(key).to_ascii_lowercase();
+        if let Some(rest) = key.strip_prefix("filter.") {
+            if let Some((name, _)) = rest.rsplit_once('.') {
+                drivers.insert(name.to_string());
+            }
+        }
+    }
+    Ok(drivers
+        .iter()
+        .flat_map(|d| {
+            ["clean=", "smudge=", "process=", "required=false"].map(|setting| format!("filter.{d}.{setting}"))
+        })
+        .collect())
+}
+
+/// Runs host git in `dir` as its owner with nothing from its config able to run a program.
 async fn host_git(dir: &Path, args: &[&str]) -> Result<std::process::Output, ApiError> {
     host_git_with_input(dir, args, b"").await
 }
 
 /// `host_git` with `input` on git's standard input.
 async fn host_git_with_input(dir: &Path, args: &[&str], input: &[u8]) -> Result<std::process::Output, ApiError> {
+    let owner = RepoOwner::of(dir)?;
+    let filters = filter_overrides(dir, owner).await?;
+    run_git(dir, owner, &filters, args, input).await
+}
+
+/// One git command as `owner`, in a clean environment: no system config or attributes, no prompts, no
+/// variables of the daemon's (GIT_*, SSH_*, EDITOR...) reaching it; `extra` are more `-c` settings.
+async fn run_git(
+    dir: &Path,
+    owner: RepoOwner,
+    extra: &[String],
+    args: &[&str],
+    input: &[u8],
+) -> Result<std::process::Output, ApiError> {
     use tokio::io::AsyncWriteExt;
     let unavailable = |e: std::io::Error| {
         ApiError::new(ErrorCode::HostUnsupported, format!("cannot run git on the host: {e}"))
             .with_hint("install git on the daemon's host (apt-get install git)")
     };
-    let mut child = tokio::process::Command::new("git")
-        .args(["-c", "safe.directory=*", "-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null"])
+    let mut cmd = tokio::process::Command::new("git");
+    cmd.env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("HOME", owner.home())
+        .env("LC_ALL", "C")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_ATTR_NOSYSTEM", "1")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_OPTIONAL_LOCKS", "0");
+    for setting in NO_PROGRAMS.iter().copied().chain(extra.iter().map(String::as_str)) {
+        cmd.arg("-c").arg(setting);
+    }
+    if owner.switch() {
+        // std clears the supplementary groups when a root parent sets the uid.
+        cmd.uid(owner.uid).gid(owner.gid);
+    }
+    let mut child = cmd
         .arg("-C")
         .arg(dir)
         .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
         .spawn()
         .map_err(unavailable)?;
     let mut stdin = child.stdin.take().expect("piped stdin");
@@ -275,7 +399,9 @@ pub(crate) async fn work_tree_top(field: &str, path: &str) -> Result<PathBuf, Ap
     let text = stdout_line(&out);
     let mut lines = text.lines();
     if !out.status.success() || lines.next() != Some("true") {
-        return Err(ApiError::invalid(format!("{field} `{path}` is not inside a git work tree"))
+        let why = stderr_text(&out);
+        let why = if why.is_empty() { String::new() } else { format!(" (git: {why})") };
+        return Err(ApiError::invalid(format!("{field} `{path}` is not inside a git work tree{why}"))
             .with_hint("name a directory of a git repository (one with a .git), or run `git init` there first"));
     }
     Ok(PathBuf::from(lines.next().unwrap_or(path)))
@@ -284,6 +410,8 @@ pub(crate) async fn work_tree_top(field: &str, path: &str) -> Result<PathBuf, Ap
 /// Packs the repository at `top` into `stage`: `history.pack` + `history.idx`, `tree.tar` (the files that differ from
 /// HEAD), `deleted` and `changed` (both NUL-separated).
 pub(crate) async fn pack(top: &Path, mode: WorkspaceMode, stage: &Path) -> Result<Packed, ApiError> {
+    // git runs as the repository's owner and writes the pack here.
+    RepoOwner::of(top)?.take(stage)?;
     let out = host_git(top, &["rev-parse", "-q", "--verify", "HEAD^{commit}"]).await?;
     if !out.status.success() {
         return Err(ApiError::precondition(format!("the repository {} has no commits yet", top.display()))
@@ -354,42 +482,137 @@ pub(crate) async fn pack(top: &Path, mode: WorkspaceMode, stage: &Path) -> Resul
     }
     names.sort();
     names.dedup();
-    let (mut present, mut deleted) = (Vec::new(), Vec::new());
-    let mut files = 0u64;
-    for name in names {
-        use std::os::unix::ffi::OsStrExt;
-        let exists = std::fs::symlink_metadata(top.join(std::ffi::OsStr::from_bytes(&name))).is_ok();
-        let list = if exists { &mut present } else { &mut deleted };
-        list.extend_from_slice(&name);
-        list.push(0);
-        files += exists as u64;
-    }
-    let list_path = stage.join("files");
-    tokio::fs::write(&list_path, &present)
+    // Read by the daemon itself, every path resolved beneath the repository: a name whose parent is a symlink
+    // (or that leaves the tree) is not a file of this work tree, whatever the path would reach (git sees it
+    // the same way: deleted). tar -C would follow such a parent out of the repository.
+    let (top_owned, tar_path) = (top.to_path_buf(), stage.join("tree.tar"));
+    let archived = tokio::task::spawn_blocking(move || archive_beneath(&top_owned, &names, &tar_path))
         .await
-        .map_err(|e| ApiError::internal(format!("writing a file list: {e}")))?;
-    let out = tokio::process::Command::new("tar")
-        .arg("-C")
-        .arg(top)
-        .args(["--null", "--verbatim-files-from", "--no-recursion", "--numeric-owner", "-cf"])
-        .arg(stage.join("tree.tar"))
-        .arg("-T")
-        .arg(&list_path)
-        .output()
-        .await
-        .map_err(|e| ApiError::new(ErrorCode::HostUnsupported, format!("cannot run tar on the host: {e}")))?;
-    if !out.status.success() {
-        return Err(ApiError::internal(format!("archiving {} failed: {}", top.display(), stderr_text(&out)))
-            .with_hint("a file may have changed or vanished while it was read; run prepare again"));
-    }
+        .map_err(|e| ApiError::internal(format!("archive task: {e}")))?
+        .map_err(|e| {
+            ApiError::internal(format!("archiving {} failed: {e}", top.display()))
+                .with_hint("a file may have changed or vanished while it was read; run prepare again")
+        })?;
+    let Archived { present, deleted, files } = archived;
     tokio::fs::write(stage.join("deleted"), &deleted)
         .await
         .map_err(|e| ApiError::internal(format!("writing a file list: {e}")))?;
-    // Everything the guest must stage over HEAD: the copied files and the deleted ones.
-    tokio::fs::write(stage.join("changed"), [present, deleted].concat())
+    // What the guest must stage over HEAD besides the deleted paths: the copied files.
+    tokio::fs::write(stage.join("changed"), present)
         .await
         .map_err(|e| ApiError::internal(format!("writing a file list: {e}")))?;
     Ok(Packed { top: top.to_path_buf(), head, branch, files, pack: format!("pack-{checksum}") })
+}
+
+/// What `archive_beneath` put into the tar and what it found gone, as NUL-separated path lists.
+struct Archived {
+    present: Vec<u8>,
+    deleted: Vec<u8>,
+    files: u64,
+}
+
+/// Writes `names` (paths relative to `top`, from git) as a tar at `tar_path`: regular files with their
+/// contents and executable bit, symlinks as links (their targets are only text, never followed). Each
+/// path's directory is opened with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` from `top`, and the file
+/// itself `O_NOFOLLOW`, so nothing outside the repository is ever read. A name that does not resolve that
+/// way, or is no file or symlink (a directory, fifo, device), is listed as deleted.
+fn archive_beneath(top: &Path, names: &[Vec<u8>], tar_path: &Path) -> std::io::Result<Archived> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+    use nix::sys::stat::{fstatat, Mode, SFlag};
+    use std::io::Read;
+    use std::os::unix::ffi::OsStrExt;
+    let top_fd = nix::fcntl::open(top, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?;
+    let beneath = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let mut tar = tar::Builder::new(std::io::BufWriter::new(std::fs::File::create(tar_path)?));
+    tar.follow_symlinks(false);
+    let mut out = Archived { present: vec![], deleted: vec![], files: 0 };
+    for name in names {
+        let rel = Path::new(std::ffi::OsStr::from_bytes(name));
+        let safe_name = !rel.is_absolute()
+            && rel.components().all(|c| matches!(c, std::path::Component::Normal(_)))
+            && rel.file_name().is_some();
+        let entry = if safe_name { read_beneath(&top_fd, &beneath, rel)? } else { None };
+        let list = match entry {
+            Some(Entry::File { data, mode, mtime }) => {
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(if mode & 0o111 != 0 { 0o755 } else { 0o644 });
+                h.set_size(data.len() as u64);
+                h.set_mtime(mtime);
+                tar.append_data(&mut h, rel, &data[..])?;
+                out.files += 1;
+                &mut out.present
+            }
+            Some(Entry::Link { target, mtime }) => {
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                h.set_size(0);
+                h.set_mtime(mtime);
+                tar.append_link(&mut h, rel, Path::new(std::ffi::OsStr::from_bytes(&target)))?;
+                out.files += 1;
+                &mut out.present
+            }
+            None => &mut out.deleted,
+        };
+        list.extend_from_slice(name);
+        list.push(0);
+    }
+    tar.into_inner()?.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    return Ok(out);
+
+    enum Entry {
+        File { data: Vec<u8>, mode: u32, mtime: u64 },
+        Link { target: Vec<u8>, mtime: u64 },
+    }
+
+    /// `rel` read beneath `top`; None when it is not a file or symlink of the work tree.
+    fn read_beneath(top: &std::os::fd::OwnedFd, how: &OpenHow, rel: &Path) -> std::io::Result<Option<Entry>> {
+        let gone = |e: nix::errno::Errno| match e {
+            nix::errno::Errno::ENOENT
+            | nix::errno::Errno::ENOTDIR
+            | nix::errno::Errno::ELOOP
+            | nix::errno::Errno::EXDEV => Ok(None),
+            e => Err(std::io::Error::from(e)),
+        };
+        let parent = rel.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let leaf = rel.file_name().expect("checked by the caller");
+        let dir = match nix::fcntl::openat2(top, parent, *how) {
+            Ok(d) => d,
+            Err(e) => return gone(e),
+        };
+        let st = match fstatat(&dir, leaf, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(e) => return gone(e),
+        };
+        let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+        let mtime = st.st_mtime.max(0) as u64;
+        if kind == SFlag::S_IFLNK {
+            return match nix::fcntl::readlinkat(&dir, leaf) {
+                Ok(t) => Ok(Some(Entry::Link { target: t.as_bytes().to_vec(), mtime })),
+                Err(e) => gone(e),
+            };
+        }
+        if kind != SFlag::S_IFREG {
+            return Ok(None);
+        }
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC | OFlag::O_NOCTTY;
+        let fd = match nix::fcntl::openat(&dir, leaf, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(e) => return gone(e),
+        };
+        let mut file = std::fs::File::from(fd);
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Ok(None);
+        }
+        let mut data = Vec::with_capacity(meta.len() as usize);
+        file.read_to_end(&mut data)?;
+        use std::os::unix::fs::PermissionsExt;
+        Ok(Some(Entry::File { data, mode: meta.permissions().mode(), mtime }))
+    }
 }
 
 /// `user.name` / `user.email` as the host repository sees them (its config, then the global one).
@@ -431,9 +654,8 @@ pub(crate) fn parse_name_status(raw: &[u8]) -> Vec<ChangedFile> {
 /// Runs `git apply --check` for `patch` in the host repository `top`.
 pub(crate) async fn apply_check(top: &Path, patch: &[u8]) -> Result<ApplyCheck, ApiError> {
     let head = stdout_line(&host_git(top, &["rev-parse", "-q", "--verify", "HEAD"]).await?);
-    let file = tempfile::NamedTempFile::new().map_err(|e| ApiError::internal(format!("temporary file: {e}")))?;
-    tokio::fs::write(file.path(), patch).await.map_err(|e| ApiError::internal(format!("writing the patch: {e}")))?;
-    let out = host_git(top, &["apply", "--check", &file.path().to_string_lossy()]).await?;
+    // On stdin: git runs as the repository's owner, who could not read a file of the daemon's.
+    let out = host_git_with_input(top, &["apply", "--check", "-"], patch).await?;
     let conflicts: Vec<String> = stderr_text(&out)
         .lines()
         .map(|l| l.strip_prefix("error: ").unwrap_or(l).to_string())
@@ -993,6 +1215,74 @@ mod tests {
         let stage = tempfile::tempdir().unwrap();
         let e = pack(dir.path(), WorkspaceMode::Tracked, stage.path()).await.unwrap_err();
         assert!(e.message.contains("no commits"), "{e:?}");
+    }
+
+    /// Every entry of a tar: (path, type, contents).
+    fn tar_entries(path: &Path) -> Vec<(String, tar::EntryType, Vec<u8>)> {
+        use std::io::Read;
+        let mut a = tar::Archive::new(std::fs::File::open(path).unwrap());
+        a.entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let mut data = vec![];
+                e.read_to_end(&mut data).unwrap();
+                (e.path().unwrap().display().to_string(), e.header().entry_type(), data)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_symlinked_parent_never_leads_prepare_out_of_the_repository() {
+        let host = host_repo();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), "TOPSECRET").unwrap();
+        sh(host.path(), "mkdir conf && echo tracked > conf/secret && git add conf && git commit -q -m conf");
+        // What a guest's patch can do to a tracked directory.
+        sh(host.path(), &format!("rm -rf conf && ln -s '{}' conf", outside.path().display()));
+        let stage = tempfile::tempdir().unwrap();
+        let packed = pack(host.path(), WorkspaceMode::Full, stage.path()).await.unwrap();
+        let entries = tar_entries(&stage.path().join("tree.tar"));
+        assert!(entries.iter().all(|(_, _, d)| !String::from_utf8_lossy(d).contains("TOPSECRET")), "{entries:?}");
+        let conf = entries.iter().find(|(p, _, _)| p == "conf").expect("the symlink itself is copied");
+        assert_eq!(conf.1, tar::EntryType::Symlink);
+        let deleted = std::fs::read(stage.path().join("deleted")).unwrap();
+        assert!(deleted.split(|b| *b == 0).any(|n| n == b"conf/secret"), "{:?}", String::from_utf8_lossy(&deleted));
+        assert!(packed.files >= 1);
+
+        // And the guest gets the symlink where its directory was.
+        let guest = tempfile::tempdir().unwrap();
+        let repo = guest.path().join("repo");
+        let stage_s = stage.path().to_str().unwrap();
+        let args = [repo.to_str().unwrap(), stage_s, &packed.head, "main", "full", "0", "", "", &packed.pack];
+        let out = run(PREPARE_SCRIPT, &args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(std::fs::read_link(repo.join("conf")).unwrap(), outside.path());
+    }
+
+    #[tokio::test]
+    async fn repository_filters_and_fsmonitor_never_run() {
+        let host = host_repo();
+        let marker = tempfile::tempdir().unwrap();
+        let ran = marker.path().join("ran");
+        sh(
+            host.path(),
+            &format!(
+                "printf '* filter=x diff=x\\n' > .gitattributes && git add .gitattributes && git commit -q -m attrs
+                 git config filter.x.clean 'touch {r}; cat' && git config filter.x.required true
+                 git config core.fsmonitor 'touch {r}; false' && git config diff.x.textconv 'touch {r}; cat'
+                 touch -d '2001-01-01' a.txt && printf 'changed\\n' >> a.txt",
+                r = ran.display()
+            ),
+        );
+        let stage = tempfile::tempdir().unwrap();
+        let top = work_tree_top("path", host.path().to_str().unwrap()).await.unwrap();
+        pack(&top, WorkspaceMode::Full, stage.path()).await.unwrap();
+        apply_check(&top, b"").await.unwrap();
+        assert!(!ran.exists(), "a program from the repository's config ran");
+        // The same repository does run it for a plain git: the test would see it.
+        sh(host.path(), "git diff --quiet HEAD -- a.txt || true");
+        assert!(ran.exists(), "the marker program is a real one");
     }
 
     #[test]

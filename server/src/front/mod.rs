@@ -87,7 +87,12 @@ pub async fn bind(path: &Path, group: Option<&str>) -> Result<(UnixListener, Acc
         None => None,
     };
     if let Some(parent) = path.parent() {
+        let made = !parent.exists();
         std::fs::create_dir_all(parent).map_err(bind_err)?;
+        // The daemon's umask makes it 0700; the socket group's members must reach the socket in it.
+        if made && group_gid.is_some() {
+            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755)).map_err(bind_err)?;
+        }
     }
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {

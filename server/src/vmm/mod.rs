@@ -190,7 +190,19 @@ pub struct Launched {
 /// Starts the VM's VMM process and returns once it runs (not once the guest is ready).
 pub async fn launch(kind: VmmKind, cfg: &crate::Config, accel: &str, spec: &BootSpec) -> Result<Launched, VmmError> {
     match kind {
-        VmmKind::Qemu => qemu::launch(cfg, accel, spec).await,
+        VmmKind::Qemu => {
+            // QEMU daemonizes under umask 027: what it creates would be group-readable. The console (what the
+            // guest prints) and a template's RAM file are made here first, 0600; QEMU opens them as they are.
+            let private = |p: &Path| {
+                crate::host_files::create_private(p)
+                    .map_err(|source| VmmError::Io { what: format!("creating {}", p.display()), source })
+            };
+            private(&VmPaths::new(spec.dir.clone()).console_log())?;
+            if let GuestMemory::TemplateFile(ram) = &spec.memory {
+                private(ram)?;
+            }
+            qemu::launch(cfg, accel, spec).await
+        }
         VmmKind::Firecracker => launch_firecracker(cfg, spec).await,
     }
 }
@@ -320,7 +332,13 @@ pub async fn create_ext4_disk(cfg: &crate::Config, path: &Path, label: &str, byt
             detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
-    Ok(())
+    private(path)
+}
+
+/// A disk holds a guest's data: the daemon's alone (0600), whatever the tool that made it chose.
+fn private(disk: &Path) -> Result<(), VmmError> {
+    crate::host_files::make_private(disk)
+        .map_err(|source| VmmError::Io { what: format!("making {} private", disk.display()), source })
 }
 
 /// Copies a disk image sparsely (holes stay holes, reflinked where the filesystem can).
@@ -338,7 +356,7 @@ pub async fn copy_sparse(from: &Path, to: &Path) -> Result<(), VmmError> {
             detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
-    Ok(())
+    private(to)
 }
 
 /// Creates a VM disk as a copy-on-write overlay (qcow2) over an image's read-only base (root filesystem or
@@ -364,7 +382,7 @@ pub async fn create_overlay_disk(
             detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
-    Ok(())
+    private(disk)
 }
 
 /// Virtual size of a qcow2 disk, from its header (bytes 24..32, big-endian).

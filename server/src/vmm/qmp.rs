@@ -103,6 +103,9 @@ impl Qmp {
     pub async fn save_state(&mut self, file: &Path) -> Result<(), QmpError> {
         self.execute("stop", json!({})).await?;
         self.ignore_shared().await?;
+        // Made 0600 first: `cat` runs under QEMU's umask (027) and truncates what exists, keeping its mode.
+        crate::host_files::create_private(file)
+            .map_err(|e| QmpError::Migration(format!("creating {}: {e}", file.display())))?;
         let uri = format!("exec:cat > {}", shell_quote(file));
         self.execute("migrate", json!({"uri": uri})).await?;
         self.wait_migration(Duration::from_secs(60)).await

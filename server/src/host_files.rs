@@ -1,0 +1,27 @@
+//! Files the daemon makes on the host hold guests' disks, sessions' secrets and logs: they are its own
+//! alone. The daemon's umask (`daemon::prepare_state_dir`) already makes every new file 0600 and directory
+//! 0700; these helpers say so explicitly where a file is made, so no later umask change opens one up.
+use std::fs::File;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+/// The mode of the daemon's files: disks, database, logs, locks.
+pub const PRIVATE_FILE: u32 = 0o600;
+/// Image files: the daemon's, and read-only (every VM's overlay depends on the base never changing).
+pub const IMAGE_FILE: u32 = 0o400;
+
+/// Opens `path` for writing, creating it 0600 if missing (never following a symlink there).
+pub fn create_private(path: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(PRIVATE_FILE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Gives a file the daemon made through a child process (qemu-img, mkfs, cp) its private mode.
+pub fn make_private(path: &Path) -> std::io::Result<()> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(PRIVATE_FILE))
+}
