@@ -163,10 +163,11 @@ async fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 }
                 for b in &report.boots {
                     let name = format!("boot {}", b.vmm.as_str());
-                    println!("[{}] {name:<20} {}", check_mark(b.status), b.detail);
+                    // The detail and logs quote the guest's console: escaped before they reach the terminal.
+                    println!("[{}] {name:<20} {}", check_mark(b.status), output::term_safe(&b.detail));
                     if let Some(logs) = &b.logs {
                         for line in logs.lines() {
-                            println!("       {:<20} | {line}", "");
+                            println!("       {:<20} | {}", "", output::term_line(line));
                         }
                     }
                 }
