@@ -28,6 +28,8 @@ use crate::vmm::{self, BootSpec, VmPaths, VmmError};
 /// Largest stdout or stderr `vm.exec` returns; more is cut and flagged.
 /// Cut command outputs kept per VM for vm.exec_output; older ones are removed.
 const KEEP_EXEC_OUTPUTS: usize = 16;
+/// How long callers wait for the one connect to a running VM's channel (retried within it).
+const GUEST_CONNECT_WAIT: Duration = Duration::from_secs(20);
 const DEFAULT_EXEC_TIMEOUT_SECS: u64 = 600;
 
 pub(crate) fn vmm_error(e: VmmError) -> ApiError {
@@ -709,11 +711,23 @@ impl Engine {
             return Err(ApiError::precondition(format!("VM {} is {}", row.name, row.state.as_str()))
                 .with_hint(format!("start it first: banger vm start {}", row.name)));
         }
-        let existing = self.guests.lock().unwrap().get(&row.id).filter(|c| !c.is_closed()).cloned();
-        if let Some(c) = existing {
+        let live = || self.guests.lock().unwrap().get(&row.id).filter(|c| !c.is_closed()).cloned();
+        if let Some(c) = live() {
             return Ok(c);
         }
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        // One connect per VM, shared by every caller that arrives meanwhile (after a daemon restart a burst
+        // of calls finds no connection; a QEMU channel socket serves one client, so parallel connects would
+        // fail with EAGAIN or wait behind each other). Transient failures are retried inside `ready`.
+        let gate = self.guest_connects.lock().unwrap().entry(row.id.clone()).or_default().clone();
+        let _connecting = gate.lock().await;
+        if let Some(c) = live() {
+            return Ok(c);
+        }
+        if !self.is_alive(row) {
+            return Err(ApiError::new(ErrorCode::GuestUnreachable, format!("VM {}'s VMM is not running", row.name))
+                .with_hint(format!("banger vm start {}", row.name)));
+        }
+        let deadline = tokio::time::Instant::now() + GUEST_CONNECT_WAIT;
         let (conn, _) = self
             .vm_paths(&row.id)
             .guest_channel()
@@ -793,7 +807,22 @@ impl Engine {
     }
 
     pub async fn vm_kill(self: &Arc<Self>, p: VmRefs, _: CallContext) -> Result<VmBatchResult, ApiError> {
-        self.batch(p, |engine, row| async move { engine.stop_one(row, true).await.map(Some) }).await
+        self.batch(p, |engine, row| async move {
+            engine.preempt(&row).await;
+            engine.stop_one(row, true).await.map(Some)
+        })
+        .await
+    }
+
+    /// Kill and delete never wait behind a guest call: whoever holds the VM's lock may be waiting on a guest
+    /// that never answers. Ending the VMM (marker-checked) and closing the channel makes every call on it
+    /// fail at once, so the holder unwinds and releases the lock; the caller then takes it as usual.
+    async fn preempt(&self, row: &VmRow) {
+        if let Some(pid) = row.pid.filter(|_| self.is_alive(row)) {
+            tracing::info!(vm = %row.name, pid, "ending the VMM before taking the VM lock");
+            vmm::stop_vm_processes(&self.vm_paths(&row.id).dir, &row.id, Some(pid)).await;
+        }
+        self.drop_guest(&row.id);
     }
 
     pub async fn vm_restart(self: &Arc<Self>, p: VmRefs, ctx: CallContext) -> Result<VmBatchResult, ApiError> {
@@ -827,7 +856,13 @@ impl Engine {
             if !force {
                 let grace = Duration::from_secs(self.cfg.stop_grace_secs);
                 if let Some(conn) = conn {
-                    let _ = conn.request(&GuestRequest::Shutdown { reboot: false }, Duration::from_secs(3)).await;
+                    let _ = conn
+                        .request(
+                            &GuestRequest::Shutdown { reboot: false },
+                            Duration::from_secs(3),
+                            &CancellationToken::new(),
+                        )
+                        .await;
                 }
                 gone = vmm::wait_exit(pid, &marker, grace).await;
                 if !gone {
@@ -928,7 +963,7 @@ impl Engine {
         .await
     }
 
-    pub async fn vm_stats(self: &Arc<Self>, p: VmRef, _: CallContext) -> Result<VmStats, ApiError> {
+    pub async fn vm_stats(self: &Arc<Self>, p: VmRef, ctx: CallContext) -> Result<VmStats, ApiError> {
         let row = self.resolve_vm(&p.vm).await?;
         let disk = self.vm_paths(&row.id).root_disk();
         let (mut cpu, mut rss) = (None, None);
@@ -952,7 +987,7 @@ impl Engine {
         }
         let guest = if row.state == VmState::Running {
             let conn = self.guest(&row).await?;
-            match conn.request(&GuestRequest::Stats, Duration::from_secs(5)).await {
+            match conn.request(&GuestRequest::Stats, Duration::from_secs(5), &ctx.cancel).await {
                 Ok(tools_schema::guest::GuestResponse::Stats(s)) => Some(s),
                 Ok(_) | Err(_) => None,
             }
@@ -971,10 +1006,10 @@ impl Engine {
         })
     }
 
-    pub async fn vm_ports(self: &Arc<Self>, p: VmRef, _: CallContext) -> Result<VmPorts, ApiError> {
+    pub async fn vm_ports(self: &Arc<Self>, p: VmRef, ctx: CallContext) -> Result<VmPorts, ApiError> {
         let row = self.resolve_vm(&p.vm).await?;
         let conn = self.guest(&row).await?;
-        let listeners = match conn.request(&GuestRequest::Ports, Duration::from_secs(10)).await {
+        let listeners = match conn.request(&GuestRequest::Ports, Duration::from_secs(10), &ctx.cancel).await {
             Ok(tools_schema::guest::GuestResponse::Ports { listeners }) => listeners,
             Ok(tools_schema::guest::GuestResponse::Error { message }) => {
                 return Err(guest_error(&row.name, GuestError::Agent(message)))
@@ -1026,7 +1061,7 @@ impl Engine {
     pub async fn vm_file_write(
         self: &Arc<Self>,
         p: VmFileWriteParams,
-        _: CallContext,
+        ctx: CallContext,
     ) -> Result<VmFileWriteResult, ApiError> {
         use base64::Engine as _;
         if !p.path.starts_with('/') {
@@ -1048,7 +1083,8 @@ impl Engine {
         }
         let row = self.resolve_vm(&p.vm).await?;
         let conn = self.guest(&row).await?;
-        let size = conn.write_file(&p.path, mode, p.append, &data).await.map_err(|e| file_error(&row.name, e))?;
+        let size =
+            conn.write_file(&p.path, mode, p.append, &data, &ctx.cancel).await.map_err(|e| file_error(&row.name, e))?;
         Ok(VmFileWriteResult {
             path: p.path,
             bytes: data.len() as u64,
@@ -1060,7 +1096,7 @@ impl Engine {
     pub async fn vm_file_read(
         self: &Arc<Self>,
         p: VmFileReadParams,
-        _: CallContext,
+        ctx: CallContext,
     ) -> Result<VmFileReadResult, ApiError> {
         if !p.path.starts_with('/') {
             return Err(ApiError::invalid(format!("path must be absolute, got `{}`", p.path)));
@@ -1072,7 +1108,8 @@ impl Engine {
         let offset = p.offset.unwrap_or(0);
         let row = self.resolve_vm(&p.vm).await?;
         let conn = self.guest(&row).await?;
-        let (data, size, mode) = conn.read_file(&p.path, offset, limit).await.map_err(|e| file_error(&row.name, e))?;
+        let (data, size, mode) =
+            conn.read_file(&p.path, offset, limit, &ctx.cancel).await.map_err(|e| file_error(&row.name, e))?;
         let end = offset + data.len() as u64;
         let sha256 = hex::encode(sha2::Sha256::digest(&data));
         let (content, encoding) = encode_chunk(&data, p.encoding, &p.path)?;
@@ -1092,6 +1129,7 @@ impl Engine {
 
     pub async fn vm_delete(self: &Arc<Self>, p: VmRefs, _: CallContext) -> Result<VmBatchResult, ApiError> {
         self.batch(p, |engine, row| async move {
+            engine.preempt(&row).await;
             let lock = engine.vm_lock(&row.id);
             let _held = lock.lock().await;
             let row = engine.reload(&row.id).await?;
