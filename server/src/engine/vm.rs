@@ -738,6 +738,27 @@ impl Engine {
         Ok(conn)
     }
 
+    /// What the VM's exec spool may still take (`exec_spool_mib`, shared by all its commands): measured from the
+    /// folder the first time, then kept by the captures that draw from it and the prunes that give back.
+    /// When it is spent the oldest spools go first (beyond the newest one), then output is cut.
+    async fn spool_budget(&self, vm_id: &str, dir: &std::path::Path) -> Arc<std::sync::atomic::AtomicU64> {
+        let cap = self.cfg.exec_spool_mib << 20;
+        let known = self.spool_budgets.lock().unwrap().get(vm_id).cloned();
+        let budget = match known {
+            Some(b) => b,
+            None => {
+                let used = folder_bytes(dir).await;
+                let fresh = Arc::new(std::sync::atomic::AtomicU64::new(cap.saturating_sub(used)));
+                self.spool_budgets.lock().unwrap().entry(vm_id.to_string()).or_insert(fresh).clone()
+            }
+        };
+        // Less than half left: make room by dropping the oldest kept outputs (the newest stays).
+        if budget.load(std::sync::atomic::Ordering::Relaxed) < cap / 2 {
+            give_back(&budget, prune_spools(dir, 1).await);
+        }
+        budget
+    }
+
     /// Runs `op` for each distinct ref concurrently; results come back in the order the refs were given.
     async fn batch<F, Fut>(self: &Arc<Self>, refs: VmRefs, op: F) -> Result<VmBatchResult, ApiError>
     where
@@ -1142,6 +1163,7 @@ impl Engine {
             }
             engine.store.delete_vm(row.id.clone()).await?;
             engine.boots.lock().unwrap().remove(&row.id);
+            engine.spool_budgets.lock().unwrap().remove(&row.id);
             tracing::info!(vm = %row.name, id = %row.id, "VM deleted");
             Ok(None)
         })
@@ -1171,8 +1193,9 @@ impl Engine {
         let output_id = new_id();
         let spool_dir = self.vm_paths(&row.id).dir.join("exec-output");
         let spool = |stream: ExecStream| Some(spool_dir.join(format!("{output_id}.{}", stream.as_str())));
-        let mut out = Capture::new(inline, spool(ExecStream::Stdout));
-        let mut err = Capture::new(inline, spool(ExecStream::Stderr));
+        let budget = self.spool_budget(&row.id, &spool_dir).await;
+        let mut out = Capture::new(inline, spool(ExecStream::Stdout)).with_budget(budget.clone());
+        let mut err = Capture::new(inline, spool(ExecStream::Stderr)).with_budget(budget.clone());
         let run = conn.exec_captured(spec, p.stdin.map(String::into_bytes), &mut out, &mut err, &ctx.cancel);
         let status = tokio::time::timeout(host_wait, run)
             .await
@@ -1182,12 +1205,12 @@ impl Engine {
         let status = match status {
             Ok(st) => st,
             Err(e) => {
-                remove_spool(&spool_dir, &output_id).await;
+                give_back(&budget, remove_spool(&spool_dir, &output_id).await);
                 return Err(e);
             }
         };
         if spooled {
-            prune_spools(&spool_dir, KEEP_EXEC_OUTPUTS).await;
+            give_back(&budget, prune_spools(&spool_dir, KEEP_EXEC_OUTPUTS).await);
         }
         Ok(VmExecResult {
             exit_code: status.code,
@@ -1427,15 +1450,37 @@ fn grow_args(paths: &VmPaths, image: &ImageRow) -> Vec<String> {
     }
 }
 
-async fn remove_spool(dir: &std::path::Path, id: &str) {
+/// Removes one command's spool files; returns the bytes freed.
+async fn remove_spool(dir: &std::path::Path, id: &str) -> u64 {
+    let mut freed = 0;
     for stream in [ExecStream::Stdout, ExecStream::Stderr] {
-        let _ = tokio::fs::remove_file(dir.join(format!("{id}.{}", stream.as_str()))).await;
+        let path = dir.join(format!("{id}.{}", stream.as_str()));
+        let len = tokio::fs::metadata(&path).await.map_or(0, |m| m.len());
+        if tokio::fs::remove_file(&path).await.is_ok() {
+            freed += len;
+        }
     }
+    freed
 }
 
-/// Keeps the spools of the newest `keep` commands in `dir`.
-async fn prune_spools(dir: &std::path::Path, keep: usize) {
-    let Ok(mut rd) = tokio::fs::read_dir(dir).await else { return };
+/// Returns freed spool bytes to a VM's budget.
+fn give_back(budget: &std::sync::atomic::AtomicU64, freed: u64) {
+    budget.fetch_add(freed, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Bytes in a folder's files (not recursive).
+async fn folder_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(mut rd) = tokio::fs::read_dir(dir).await else { return 0 };
+    let mut total = 0;
+    while let Ok(Some(e)) = rd.next_entry().await {
+        total += e.metadata().await.map_or(0, |m| m.len());
+    }
+    total
+}
+
+/// Keeps the spools of the newest `keep` commands in `dir`; returns the bytes freed.
+async fn prune_spools(dir: &std::path::Path, keep: usize) -> u64 {
+    let Ok(mut rd) = tokio::fs::read_dir(dir).await else { return 0 };
     let mut ids: std::collections::HashMap<String, std::time::SystemTime> = Default::default();
     while let Ok(Some(e)) = rd.next_entry().await {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -1447,9 +1492,11 @@ async fn prune_spools(dir: &std::path::Path, keep: usize) {
     let mut by_age: Vec<(std::time::SystemTime, String)> = ids.into_iter().map(|(id, t)| (t, id)).collect();
     by_age.sort();
     let excess = by_age.len().saturating_sub(keep);
+    let mut freed = 0;
     for (_, id) in by_age.into_iter().take(excess) {
-        remove_spool(dir, &id).await;
+        freed += remove_spool(dir, &id).await;
     }
+    freed
 }
 
 /// Bytes for a JSON result: as text when asked for or when they are UTF-8 (unless base64 is asked for),
