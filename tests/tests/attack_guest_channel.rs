@@ -9,7 +9,9 @@ fn vm_with_fake_agent(d: &TestDaemon, name: &str, behaviours: Value) {
     d.register_test_image();
     let vm = d.cli_json(&["vm", "create", "--name", name, "--memory", "384"]);
     assert_eq!(vm["state"], "running");
-    d.install_fake_agent(name, behaviours);
+    // Installed well-behaved (the harness checks it took over with an exec), then told how to misbehave.
+    d.install_fake_agent(name, json!({}));
+    d.set_fake_agent(name, behaviours);
 }
 
 fn error_of(r: &Value) -> Value {

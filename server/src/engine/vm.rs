@@ -1291,14 +1291,49 @@ impl Engine {
         let row = self.resolve_vm(&p.vm).await?;
         let tail = p.tail.unwrap_or(200) as usize;
         let path = self.vm_paths(&row.id).console_log();
-        let text = match tokio::fs::read(&path).await {
-            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(ApiError::internal(format!("reading {}: {e}", path.display()))),
-        };
-        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let read_path = path.clone();
+        // Only the end of the console is read (the guest writes it; it is bounded by rotation anyway): the
+        // current file's last TAIL_READ_BYTES, and the rotated one's when that holds too few lines.
+        let lines = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<String>> {
+            let mut text = read_tail(&read_path, TAIL_READ_BYTES)?;
+            let enough = |t: &[u8]| t.iter().filter(|b| **b == b'\n').count() > tail;
+            if !enough(&text) {
+                let mut older = read_tail(&rotated(&read_path), TAIL_READ_BYTES)?;
+                older.extend_from_slice(&text);
+                text = older;
+            }
+            Ok(String::from_utf8_lossy(&text).lines().map(str::to_string).collect())
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("console read task: {e}")))?
+        .map_err(|e| ApiError::internal(format!("reading {}: {e}", path.display())))?;
         let start = lines.len().saturating_sub(tail);
         Ok(VmLogs { lines: lines[start..].to_vec(), path: path.display().to_string() })
+    }
+
+    /// Keeps every running VM's console log under `CONSOLE_MAX_BYTES` (a guest can print as fast as it likes)
+    /// until `shutdown`: see `rotate_console`.
+    pub async fn bound_console_logs(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(CONSOLE_CHECK_EVERY) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let Ok(rows) = self.store.vms().await else { continue };
+            let paths: Vec<_> = rows
+                .iter()
+                .filter(|r| matches!(r.state, VmState::Running | VmState::Starting | VmState::Stopping))
+                .map(|r| self.vm_paths(&r.id).console_log())
+                .collect();
+            let _ = tokio::task::spawn_blocking(move || {
+                for p in paths {
+                    if let Err(e) = rotate_console(&p, CONSOLE_MAX_BYTES) {
+                        tracing::debug!(path = %p.display(), error = %e, "cannot rotate a console log");
+                    }
+                }
+            })
+            .await;
+        }
     }
 
     /// Brings the store in line with reality after a daemon (re)start: running VMs whose VMM is still
@@ -1426,9 +1461,60 @@ impl Drop for AnnounceSocket {
 /// How long a cold boot waits for a vsock agent to say it listens before connecting regardless.
 const VSOCK_ANNOUNCE_WAIT: Duration = Duration::from_secs(20);
 
+/// Most of a console log kept before it is rotated (to `console.log.1`): a guest printing without pause costs
+/// at most about twice this on disk, plus what it prints between two checks.
+const CONSOLE_MAX_BYTES: u64 = 4 << 20;
+const CONSOLE_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How much of the end of a log is read to find its last lines.
+const TAIL_READ_BYTES: u64 = 1 << 20;
+
+/// `<path>.1`: where a rotated log's previous part is.
+fn rotated(path: &std::path::Path) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".1");
+    p.into()
+}
+
+/// Moves a console log that outgrew `max` to `.1` and empties it. The VMM keeps its descriptor (QEMU's
+/// chardev with `append=on`, Firecracker's stdout opened O_APPEND), so it goes on writing at the new end of
+/// the same file: a copy and a truncate, not a rename. Lines written between the two are lost.
+fn rotate_console(path: &std::path::Path, max: u64) -> std::io::Result<()> {
+    let len = match std::fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if len <= max {
+        return Ok(());
+    }
+    let mut from = std::fs::File::open(path)?;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut to = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(rotated(path))?;
+    // At most `max` bytes (the end) go to `.1`, so it stays bounded even when a check came late.
+    use std::io::{Seek, SeekFrom};
+    from.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+    std::io::copy(&mut std::io::Read::take(&mut from, max), &mut to)?;
+    std::fs::OpenOptions::new().write(true).open(path)?.set_len(0)
+}
+
+/// The last `max` bytes of a file (nothing if it does not exist).
+fn read_tail(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+    let mut data = vec![];
+    f.take(max).read_to_end(&mut data)?;
+    Ok(data)
+}
+
 /// The last `lines` non-blank lines of a log (the console, a helper's), for errors about guests that never answered.
 fn log_tail(path: &std::path::Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&read_tail(path, TAIL_READ_BYTES).unwrap_or_default()).into_owned();
     let tail: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).rev().take(lines).collect();
     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
