@@ -238,3 +238,56 @@ fn attack_pooled_clones_do_not_share_the_templates_link_local_address() {
     }
     assert_ne!(addrs[0], addrs[1]);
 }
+
+#[test]
+fn attack_console_flood_is_rotated_and_vm_logs_reads_only_the_tail() {
+    let d = TestDaemon::start();
+    d.register_test_image();
+    d.cli_json(&["vm", "create", "--name", "loud", "--memory", "256"]);
+    // 10 MiB to the serial console: more than twice the console's cap.
+    let r = d.rpc(
+        "vm.exec",
+        json!({"vm": "loud", "command": ["sh", "-c", "yes 'console flood line' | head -c 10485760 > /dev/console; echo last-line > /dev/console"],
+               "timeout_secs": 300}),
+    );
+    assert_eq!(r["exit_code"], 0, "{r}");
+    let console =
+        std::path::PathBuf::from(d.rpc("vm.logs", json!({"vm": "loud", "tail": 1}))["path"].as_str().unwrap());
+    let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    let rotated = console.with_extension("log.1");
+    wait_until("the console log to be rotated", Duration::from_secs(30), || {
+        size(&rotated) > 0 && size(&console) <= 4 << 20
+    });
+    assert!(size(&rotated) <= 4 << 20, "{} bytes in {}", size(&rotated), rotated.display());
+    let logs = d.rpc("vm.logs", json!({"vm": "loud", "tail": 3}));
+    let lines = logs["lines"].as_array().unwrap();
+    assert_eq!(lines.len(), 3, "{logs}");
+    assert!(lines.iter().any(|l| l.as_str().unwrap().contains("last-line")), "{logs}");
+}
+
+#[test]
+fn attack_dns_floods_from_a_guest_cost_bounded_logs_and_descriptors() {
+    let d = TestDaemon::start();
+    vm_with_fake_agent(&d, "dnsflood", json!({}));
+    let gateway = d.guest_ok("dnsflood", "sed -n 's/^nameserver //p' /etc/resolv.conf").trim().to_string();
+    let before = logged_bytes(&d);
+    let fds = || std::fs::read_dir(format!("/proc/{}/fd", d.pid())).map_or(0, |r| r.count());
+    let fds_before = fds();
+    // 20000 UDP queries, then 300 TCP connections held open (the tool prints how many stayed open).
+    let r = d.rpc(
+        "vm.exec",
+        json!({"vm": "dnsflood", "command": ["sh", "-c",
+               format!("/root/banger-fake-agent dns-flood {gateway} 20000 300 > /tmp/held & sleep 1; \
+                        while [ ! -s /tmp/held ]; do sleep 0.2; done; cat /tmp/held")],
+               "timeout_secs": 120}),
+    );
+    let held: usize = r["stdout"].as_str().unwrap().trim().parse().unwrap_or_else(|_| panic!("{r}"));
+    assert!(held <= 4, "the DNS server kept {held} connections from one guest open");
+    let grown = fds().saturating_sub(fds_before);
+    assert!(grown <= 16, "the daemon holds {grown} more descriptors while the guest holds its connections");
+    let logged = logged_bytes(&d) - before;
+    assert!(logged < 256 << 10, "20000 queries made the daemon log {logged} bytes");
+    // Queries still get answers.
+    let out = d.netns.exec(&["getent", "hosts", "dnsflood.vm"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -36,6 +36,10 @@ type Out = Arc<Mutex<File>>;
 type Inputs = Arc<Mutex<HashMap<u32, mpsc::Sender<Frame>>>>;
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("dns-flood") {
+        return dns_flood(&args[2], args[3].parse().unwrap(), args[4].parse().unwrap());
+    }
     let port = find_port().expect("the banger virtio-serial port");
     let file = OpenOptions::new().read(true).write(true).open(&port).expect("opening the port");
     let out: Out = Arc::new(Mutex::new(file.try_clone().expect("dup port")));
@@ -74,6 +78,39 @@ fn main() {
             }
         }
     }
+}
+
+/// `banger-fake-agent dns-flood SERVER UDP_QUERIES TCP_CONNECTIONS`: the guest-side tool of the DNS attack.
+/// Sends UDP queries as fast as it can, then opens TCP connections and holds them; prints how many of those
+/// the server left open after a second, then keeps them until killed.
+fn dns_flood(server: &str, udp_queries: u32, tcp_connections: u32) {
+    use std::net::{TcpStream, UdpSocket};
+    let addr = format!("{server}:53");
+    let udp = UdpSocket::bind("0.0.0.0:0").unwrap();
+    // A query for flood.vm (id 0x4242, RD, one question, type A, class IN).
+    let mut q = vec![0x42, 0x42, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0, 5];
+    q.extend_from_slice(b"flood\x02vm\x00\x00\x01\x00\x01");
+    for _ in 0..udp_queries {
+        let _ = udp.send_to(&q, &addr);
+    }
+    let mut held = vec![];
+    for _ in 0..tcp_connections {
+        if let Ok(s) = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(2)) {
+            held.push(s);
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let open = held
+        .iter()
+        .filter(|s| {
+            s.set_nonblocking(true).unwrap();
+            let mut b = [0u8; 1];
+            let mut r: &TcpStream = s;
+            matches!(r.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        })
+        .count();
+    println!("{open}");
+    std::thread::sleep(Duration::from_secs(u64::MAX / 4));
 }
 
 fn find_port() -> Option<PathBuf> {
