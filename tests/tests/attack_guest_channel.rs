@@ -277,7 +277,7 @@ fn attack_dns_floods_from_a_guest_cost_bounded_logs_and_descriptors() {
     let r = d.rpc(
         "vm.exec",
         json!({"vm": "dnsflood", "command": ["sh", "-c",
-               format!("/root/banger-fake-agent dns-flood {gateway} 20000 300 > /tmp/held & sleep 1; \
+               format!("/root/banger-fake-agent dns-flood {gateway} 20000 300 >/tmp/held 2>/dev/null </dev/null & sleep 1; \
                         while [ ! -s /tmp/held ]; do sleep 0.2; done; cat /tmp/held")],
                "timeout_secs": 120}),
     );
