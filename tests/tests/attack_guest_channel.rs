@@ -180,7 +180,7 @@ fn attack_huge_exec_output_is_capped_per_vm_and_the_cut_reported() {
     let dir = d.state_dir.join("vms");
     let du = std::process::Command::new("du").args(["-sb"]).arg(&dir).output().unwrap();
     let used: u64 = String::from_utf8_lossy(&du.stdout).split_whitespace().next().unwrap().parse().unwrap();
-    assert!(kept < 3 * 96 << 20, "nothing was cut: {kept}");
+    assert!(kept < (3 * 96) << 20, "nothing was cut: {kept}");
     assert!(used < (160 << 20) + (64 << 20), "the VM folder holds {used} bytes");
 }
 
