@@ -11,6 +11,12 @@ build_agent() {
   echo "$ROOT/target/$AGENT_TARGET/release/banger-agent"
 }
 
+# Builds the attack tests' hostile agent (tests/fake-agent), static like the real one, and prints its path.
+build_fake_agent() {
+  (cd "$ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build -q --release -p banger-fake-agent --target "$AGENT_TARGET")
+  echo "$ROOT/target/$AGENT_TARGET/release/banger-fake-agent"
+}
+
 # assemble_image RECIPE AGENT: prints the path of an ext4 root filesystem built from the recipe's cached root
 # tar plus this agent (its work seed is next to it, ending in .work.ext4). Cached by content, so it is rebuilt only when the recipe or the agent changes.
 assemble_image() {

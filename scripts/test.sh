@@ -23,6 +23,8 @@ export BANGER_TEST_CLOUD_INITRD="$CACHE/kernel/default/initramfs.cpio.gz"
 export BANGER_TEST_ROOTFS="$rootfs"
 export BANGER_TEST_WORK_SEED="${rootfs%.ext4}.work.ext4"
 export BANGER_TEST_AGENT="$agent"
+BANGER_TEST_FAKE_AGENT="$(build_fake_agent)"
+export BANGER_TEST_FAKE_AGENT
 # Independent MCP clients the tests drive banger with: the official Python SDK and the MCP Inspector CLI.
 # Pinned, installed once into the cache.
 MCP_PY_VERSION=2.3.0

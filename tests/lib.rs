@@ -295,6 +295,58 @@ impl TestDaemon {
         self.rpc("vm.exec", json!({"vm": vm, "command": ["sh", "-c", script], "timeout_secs": 60}))
     }
 
+    /// Replaces a running guest's agent server with the hostile fake agent (`tests/fake-agent`), as a root
+    /// guest could: the binary is written in with `vm.file_write`, bind-mounted over the agent's path, and
+    /// the real server is killed, so PID 1 restarts the fake on the channel. `behaviours` maps request ops
+    /// to misbehaviours (see the fake agent's docs); change them later with `set_fake_agent`. Returns once
+    /// the fake answers.
+    pub fn install_fake_agent(&self, vm: &str, behaviours: Value) {
+        let path = std::env::var("BANGER_TEST_FAKE_AGENT")
+            .expect("BANGER_TEST_FAKE_AGENT is not set: run the attack tests with scripts/test.sh");
+        let bytes = std::fs::read(&path).expect("reading the fake agent");
+        const CHUNK: usize = 8 << 20;
+        for (i, chunk) in bytes.chunks(CHUNK).enumerate() {
+            use base64::Engine as _;
+            let content = base64::engine::general_purpose::STANDARD.encode(chunk);
+            self.rpc(
+                "vm.file_write",
+                json!({"vm": vm, "path": "/root/banger-fake-agent", "content": content, "encoding": "base64",
+                       "mode": "0755", "append": i > 0}),
+            );
+        }
+        self.set_fake_agent(vm, behaviours.clone());
+        // The exec answers first; a detached child then swaps the binary and kills the real server (its parent).
+        self.guest_ok(
+            vm,
+            "mount --bind /root/banger-fake-agent /usr/local/bin/banger-agent &&              setsid sh -c 'sleep 0.5; kill -9 '$PPID >/dev/null 2>&1 </dev/null &",
+        );
+        wait_until("the fake agent answers", Duration::from_secs(60), || {
+            let r = self.rpc_raw(
+                "vm.exec",
+                json!({"vm": vm, "command": ["sh", "-c", "echo $BANGER_FAKE_AGENT"], "timeout_secs": 10}),
+            );
+            r["result"]["stdout"] == "1\n"
+        });
+    }
+
+    /// Sets the fake agent's misbehaviours (read afresh for every request).
+    pub fn set_fake_agent(&self, vm: &str, behaviours: Value) {
+        self.rpc(
+            "vm.file_write",
+            json!({"vm": vm, "path": "/run/banger-fake-agent.json", "content": behaviours.to_string()}),
+        );
+    }
+
+    /// Peak resident memory of the daemon so far (VmHWM), in bytes.
+    pub fn daemon_peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map_or(0, |kib| kib * 1024)
+    }
+
     /// Runs a shell script in a guest, asserts it succeeded, and returns its stdout.
     pub fn guest_ok(&self, vm: &str, script: &str) -> String {
         let r = self.guest_sh(vm, script);

@@ -524,7 +524,8 @@ async fn measure_channel(
     let mut data = vec![0u8; payload_mib as usize * 1024 * 1024];
     fill_random(&mut data);
     let t = Instant::now();
-    conn.write_file("/dev/shm/banger-bench", None, false, &data).await?;
+    conn.write_file("/dev/shm/banger-bench", None, false, &data, &banger_server::guest::CancellationToken::new())
+        .await?;
     Ok((execs, echoes, mib_s(data.len() as u64, t.elapsed())))
 }
 

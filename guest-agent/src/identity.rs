@@ -25,7 +25,15 @@ pub fn configure_network(net: Option<&GuestNetConfig>) -> anyhow::Result<()> {
     let Some(net) = net else { return Ok(()) }; // no NIC for this VM
     let iface = find_nic().ok_or_else(|| anyhow::anyhow!("no Ethernet interface found"))?;
     let current = std::fs::read_to_string(format!("/sys/class/net/{iface}/address")).unwrap_or_default();
-    apply_network(&iface, !current.trim().eq_ignore_ascii_case(&net.mac), net)?;
+    let set_mac = !current.trim().eq_ignore_ascii_case(&net.mac);
+    apply_network(&iface, set_mac, net)?;
+    if set_mac {
+        // The kernel derived the link-local address from the old MAC (a clone's is its template's, shared
+        // by every clone, so all but one fail duplicate address detection): replace it with the new MAC's.
+        if let Err(e) = replace_link_local(&iface, current.trim(), &net.mac) {
+            eprintln!("banger-agent: IPv6 link-local address: {e}");
+        }
+    }
     if !net.dns.is_empty() {
         // `search vm` makes bare VM names resolve too.
         let _ = std::fs::remove_file("/etc/resolv.conf"); // may be a dangling symlink in some images
@@ -67,7 +75,8 @@ fn sockaddr_v4(ip: std::net::Ipv4Addr) -> libc::sockaddr {
 }
 
 /// MAC (if it differs), address and netmask, link up, default route. Setting the address replaces the one a
-/// rehearsal left (see the warm pool); nothing else is removed, so the IPv6 link-local address stays.
+/// rehearsal left (see the warm pool); nothing else is removed (no flush, which costs time in a restored
+/// TCG guest): the IPv6 link-local address is replaced on its own by `replace_link_local`.
 fn apply_network(iface: &str, set_mac: bool, net: &GuestNetConfig) -> anyhow::Result<()> {
     use anyhow::Context as _;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -140,6 +149,61 @@ fn apply_network(iface: &str, set_mac: bool, net: &GuestNetConfig) -> anyhow::Re
         let _ = ioctl(libc::SIOCDELRT, &mut route as *mut _ as *mut _, "removing the old default route");
         ioctl(libc::SIOCADDRT, &mut route as *mut _ as *mut _, "adding the default route")?;
     }
+    Ok(())
+}
+
+/// The kernel's `struct in6_ifreq` (<linux/ipv6.h>), for SIOCSIFADDR/SIOCDIFADDR on an AF_INET6 socket.
+#[repr(C)]
+struct In6Ifreq {
+    addr: libc::in6_addr,
+    prefixlen: u32,
+    ifindex: libc::c_int,
+}
+
+fn parse_mac(mac: &str) -> Option<[u8; 6]> {
+    let bytes: Vec<u8> = mac.split(':').map(|b| u8::from_str_radix(b, 16)).collect::<Result<_, _>>().ok()?;
+    bytes.try_into().ok()
+}
+
+/// The modified EUI-64 link-local address (RFC 4291) of a MAC: what the kernel makes by default.
+fn eui64_link_local(mac: [u8; 6]) -> std::net::Ipv6Addr {
+    let mut a = [0u8; 16];
+    a[0] = 0xfe;
+    a[1] = 0x80;
+    a[8..16].copy_from_slice(&[mac[0] ^ 0x02, mac[1], mac[2], 0xff, 0xfe, mac[3], mac[4], mac[5]]);
+    std::net::Ipv6Addr::from(a)
+}
+
+/// Removes the link-local address the old MAC gave `iface` and adds the new MAC's (which then runs duplicate
+/// address detection like any new address). Two ioctls: no `ip`, no netlink (see `apply_network`).
+fn replace_link_local(iface: &str, old_mac: &str, new_mac: &str) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let new = eui64_link_local(parse_mac(new_mac).context("bad MAC")?);
+    let cname = std::ffi::CString::new(iface)?;
+    // SAFETY: a NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    anyhow::ensure!(ifindex != 0, "no interface {iface}");
+    // SAFETY: plain socket(2); the result is checked and owned.
+    let raw = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    anyhow::ensure!(raw >= 0, "socket: {}", std::io::Error::last_os_error()); // no IPv6 in this kernel
+                                                                              // SAFETY: a fresh descriptor nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    let req = |addr: std::net::Ipv6Addr| In6Ifreq {
+        addr: libc::in6_addr { s6_addr: addr.octets() },
+        prefixlen: 64,
+        ifindex: ifindex as libc::c_int,
+    };
+    if let Some(old) = parse_mac(old_mac).map(eui64_link_local).filter(|old| *old != new) {
+        let mut r = req(old);
+        // SAFETY: SIOCDIFADDR on an AF_INET6 socket reads an in6_ifreq, alive for the call. Absent is fine.
+        unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCDIFADDR as _, &mut r as *mut In6Ifreq) };
+    }
+    let mut r = req(new);
+    // SAFETY: as above, SIOCSIFADDR reads an in6_ifreq.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFADDR as _, &mut r as *mut In6Ifreq) };
+    let err = std::io::Error::last_os_error();
+    anyhow::ensure!(rc == 0 || err.raw_os_error() == Some(libc::EEXIST), "adding {new}: {err}");
     Ok(())
 }
 
@@ -312,6 +376,14 @@ fn decode_hex(s: &str) -> anyhow::Result<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    #[test]
+    fn link_local_is_the_macs_modified_eui64() {
+        let mac = parse_mac("52:54:00:b0:00:01").unwrap();
+        assert_eq!(eui64_link_local(mac).to_string(), "fe80::5054:ff:feb0:1");
+        assert!(parse_mac("52:54:00").is_none());
+    }
+
     #[test]
     fn hex_decodes_and_rejects_junk() {
         assert_eq!(super::decode_hex("00ff10").unwrap(), vec![0, 255, 16]);

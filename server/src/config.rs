@@ -50,6 +50,9 @@ pub struct Config {
     pub default_memory_mib: u32,
     /// Seconds a graceful stop may take before the VM is forced off.
     pub stop_grace_secs: u64,
+    /// Most bytes one VM's exec spool (`<vm dir>/exec-output/`) holds; output beyond it is cut, and the cut
+    /// is reported (`total_bytes` of vm.exec_output below the command's `stdout_bytes`).
+    pub exec_spool_mib: u64,
     /// Seconds a boot may take before it is declared failed.
     pub boot_timeout_secs: u64,
     pub network: NetworkConfig,
@@ -250,6 +253,7 @@ impl Default for Config {
             default_vcpus: 1,
             default_memory_mib: 512,
             stop_grace_secs: 10,
+            exec_spool_mib: 2048,
             // Software-emulated guests boot in seconds, but a loaded CI host can be slow.
             boot_timeout_secs: 120,
             network: NetworkConfig::default(),

@@ -125,6 +125,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         None
     };
     engine.settle_vmm_choice().await;
+    tokio::spawn(Arc::clone(&engine).bound_console_logs(shutdown.clone()));
     tracing::info!("bangerd ready");
     engine.refill_pool_later();
     wait_for_signal().await;

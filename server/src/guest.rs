@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+pub use tokio_util::sync::CancellationToken;
 use tools_schema::guest::{
     ExecSpec, ExitStatus, Frame, FrameDecoder, FrameKind, GuestHealth, GuestRequest, GuestResponse, MAX_PAYLOAD,
     PROTOCOL_VERSION,
@@ -37,7 +37,22 @@ pub enum GuestError {
     Cancelled,
 }
 
-type Routes = Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Frame>>>>;
+/// Frames queued per stream before the channel's reader waits for that stream's consumer: the memory a guest
+/// can make the daemon hold per stream is bounded (`STREAM_QUEUE` x `MAX_PAYLOAD`), whatever it sends.
+const STREAM_QUEUE: usize = 8;
+/// Fixed allowance of every call on top of its data transfer time (an emulated guest under load is slow).
+const CALL_BASE: Duration = Duration::from_secs(30);
+/// Transfer allowance per MiB moved, for calls whose deadline scales with their size.
+const CALL_PER_MIB: Duration = Duration::from_secs(1);
+/// How long a cancelled command may take to report its end before the host stops waiting for it.
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
+
+/// The deadline of a call moving `bytes` through the channel.
+pub fn transfer_deadline(bytes: u64) -> Duration {
+    CALL_BASE + CALL_PER_MIB * (bytes.div_ceil(1 << 20) as u32)
+}
+
+type Routes = Arc<Mutex<HashMap<u32, mpsc::Sender<Frame>>>>;
 
 pub struct GuestConn {
     out: mpsc::UnboundedSender<Frame>,
@@ -53,6 +68,65 @@ pub struct ExecOutput {
     pub stderr: Vec<u8>,
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,
+}
+
+/// One open stream: its frames, and the route removed from the reader when the call ends, however it ends.
+struct Stream<'a> {
+    id: u32,
+    rx: mpsc::Receiver<Frame>,
+    conn: &'a GuestConn,
+}
+
+impl Drop for Stream<'_> {
+    fn drop(&mut self) {
+        self.conn.routes.lock().unwrap().remove(&self.id);
+    }
+}
+
+impl Stream<'_> {
+    /// The next frame of this stream, or why there is none: the deadline passed, the caller cancelled, or the
+    /// channel closed (a killed VM closes it at once, so no call outlives its VM).
+    async fn next(
+        &mut self,
+        deadline: tokio::time::Instant,
+        limit: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<Frame, GuestError> {
+        tokio::select! {
+            f = self.rx.recv() => f.ok_or(GuestError::Closed),
+            _ = tokio::time::sleep_until(deadline) => Err(GuestError::Timeout(limit)),
+            _ = cancel.cancelled() => Err(GuestError::Cancelled),
+            _ = self.conn.closed.cancelled() => Err(GuestError::Closed),
+        }
+    }
+
+    /// Waits for the stream's response, passing data frames to `on_data`, which may refuse them (a byte cap).
+    async fn response(
+        &mut self,
+        limit: Duration,
+        cancel: &CancellationToken,
+        mut on_data: impl FnMut(&Frame) -> Result<(), GuestError>,
+    ) -> Result<GuestResponse, GuestError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let f = self.next(deadline, limit, cancel).await?;
+            match f.kind {
+                FrameKind::Response => {
+                    return match f.parse::<GuestResponse>().map_err(|e| GuestError::Protocol(e.to_string()))? {
+                        GuestResponse::Error { message } => Err(GuestError::Agent(message)),
+                        r => Ok(r),
+                    }
+                }
+                FrameKind::Stdout | FrameKind::Stderr => on_data(&f)?,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A byte cap on what one call accepts from the guest.
+fn over_cap(what: &str, cap: u64) -> GuestError {
+    GuestError::Protocol(format!("the guest sent more {what} than the {cap} bytes asked for"))
 }
 
 impl GuestConn {
@@ -92,6 +166,8 @@ impl GuestConn {
         tokio::spawn(async move {
             let mut dec = FrameDecoder::new();
             let mut buf = vec![0u8; 256 * 1024];
+            // Whatever a guest sends, it cannot make the daemon write more than a few lines a minute about it.
+            let mut complaints = RateLimited::new("guest channel decode", 5, Duration::from_secs(60));
             loop {
                 let n = tokio::select! {
                     r = rd.read(&mut buf) => match r { Ok(0) | Err(_) => break, Ok(n) => n },
@@ -101,19 +177,26 @@ impl GuestConn {
                 loop {
                     match dec.next_frame() {
                         Ok(Some(frame)) => {
-                            let mut routes = routes.lock().unwrap();
-                            let done = frame.kind == FrameKind::Response;
-                            let stream = frame.stream;
-                            if let Some(tx) = routes.get(&stream) {
-                                let _ = tx.send(frame);
+                            let tx = routes.lock().unwrap().get(&frame.stream).cloned();
+                            let (done, stream) = (frame.kind == FrameKind::Response, frame.stream);
+                            if let Some(tx) = tx {
+                                // Waits while the stream's consumer is behind (its queue is bounded); a closed
+                                // channel wakes it. A consumer that went away drops the frame.
+                                tokio::select! {
+                                    _ = tx.send(frame) => {}
+                                    _ = closed.cancelled() => break,
+                                }
                             }
                             if done {
-                                routes.remove(&stream);
+                                routes.lock().unwrap().remove(&stream);
                             }
                         }
                         Ok(None) => break,
-                        Err(e) => tracing::warn!(error = %e, "guest channel decode"),
+                        Err(e) => complaints.warn(&e.to_string()),
                     }
+                }
+                if closed.is_cancelled() {
+                    break;
                 }
             }
             closed.cancel();
@@ -127,39 +210,38 @@ impl GuestConn {
         self.closed.is_cancelled()
     }
 
+    /// Closes the channel: every call waiting on it returns `Closed` at once.
     pub fn close(&self) {
         self.closed.cancel();
     }
 
-    fn open_stream(&self) -> (u32, mpsc::UnboundedReceiver<Frame>) {
+    fn open_stream(&self) -> Stream<'_> {
         // Host-opened streams are odd, leaving even ids for guest-opened streams in a later protocol.
         let id = self.next_stream.fetch_add(2, Ordering::Relaxed);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         self.routes.lock().unwrap().insert(id, tx);
-        (id, rx)
+        Stream { id, rx, conn: self }
     }
 
     fn send(&self, frame: Frame) -> Result<(), GuestError> {
         self.out.send(frame).map_err(|_| GuestError::Closed)
     }
 
-    /// Sends a request and waits for its single response.
-    pub async fn request(&self, req: &GuestRequest, timeout: Duration) -> Result<GuestResponse, GuestError> {
-        let (id, mut rx) = self.open_stream();
-        self.send(Frame::json(FrameKind::Request, id, req))?;
-        let res = tokio::time::timeout(timeout, async {
-            while let Some(f) = rx.recv().await {
-                if f.kind == FrameKind::Response {
-                    return f.parse::<GuestResponse>().map_err(|e| GuestError::Protocol(e.to_string()));
-                }
-            }
-            Err(GuestError::Closed)
-        })
-        .await;
-        if res.is_err() {
-            self.routes.lock().unwrap().remove(&id);
+    /// Sends a request and waits up to `timeout` for its single response (data frames are ignored; the
+    /// response itself is at most one frame, `MAX_PAYLOAD` bytes).
+    pub async fn request(
+        &self,
+        req: &GuestRequest,
+        timeout: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<GuestResponse, GuestError> {
+        let mut stream = self.open_stream();
+        self.send(Frame::json(FrameKind::Request, stream.id, req))?;
+        match stream.response(timeout, cancel, |_| Ok(())).await {
+            // `Error` is a valid answer to a plain request: callers decide what it means.
+            Err(GuestError::Agent(message)) => Ok(GuestResponse::Error { message }),
+            r => r,
         }
-        res.map_err(|_| GuestError::Timeout(timeout))?
     }
 
     /// Repeats `Hello` until the agent answers (the guest may still be booting), then checks the protocol.
@@ -172,12 +254,8 @@ impl GuestConn {
             if self.is_closed() {
                 return Err(GuestError::Closed);
             }
-            let attempt = self.request(&GuestRequest::Hello { protocol: PROTOCOL_VERSION }, Duration::from_millis(500));
-            let res = tokio::select! {
-                r = attempt => r,
-                _ = cancel.cancelled() => return Err(GuestError::Cancelled),
-            };
-            match res {
+            let hello = GuestRequest::Hello { protocol: PROTOCOL_VERSION };
+            match self.request(&hello, Duration::from_millis(500), cancel).await {
                 Ok(GuestResponse::Hello { protocol, agent }) if protocol == PROTOCOL_VERSION => return Ok(agent),
                 Ok(GuestResponse::Error { message }) => return Err(GuestError::Agent(message)),
                 Ok(other) => return Err(GuestError::Protocol(format!("{other:?}"))),
@@ -189,14 +267,15 @@ impl GuestConn {
 
     /// One round trip through the channel and the agent's request loop, nothing else (`banger bench`).
     pub async fn echo(&self, data: &str) -> Result<(), GuestError> {
-        match self.request(&GuestRequest::Echo { data: data.to_string() }, Duration::from_secs(5)).await? {
+        let req = GuestRequest::Echo { data: data.to_string() };
+        match self.request(&req, Duration::from_secs(5), &CancellationToken::new()).await? {
             GuestResponse::Echo { data: back } if back == data => Ok(()),
             other => Err(GuestError::Protocol(format!("{other:?}"))),
         }
     }
 
-    pub async fn health(&self) -> Result<GuestHealth, GuestError> {
-        match self.request(&GuestRequest::Health, Duration::from_secs(5)).await? {
+    pub async fn health(&self, cancel: &CancellationToken) -> Result<GuestHealth, GuestError> {
+        match self.request(&GuestRequest::Health, Duration::from_secs(5), cancel).await? {
             GuestResponse::Health(h) => Ok(h),
             GuestResponse::Error { message } => Err(GuestError::Agent(message)),
             other => Err(GuestError::Protocol(format!("{other:?}"))),
@@ -222,7 +301,9 @@ impl GuestConn {
         })
     }
 
-    /// Runs a command to completion, passing its output to the two captures.
+    /// Runs a command to completion, passing its output to the two captures (which bound what is kept).
+    /// The guest kills the command after `spec.timeout_ms` (default `DEFAULT_EXEC_TIMEOUT`); the host stops
+    /// waiting a little after that, and a cancelled command gets `CANCEL_GRACE` to report its end.
     pub async fn exec_captured(
         &self,
         spec: ExecSpec,
@@ -231,28 +312,35 @@ impl GuestConn {
         stderr: &mut Capture,
         cancel: &CancellationToken,
     ) -> Result<ExitStatus, GuestError> {
-        let (id, mut rx) = self.open_stream();
+        let guest_timeout = Duration::from_millis(spec.timeout_ms.unwrap_or(DEFAULT_EXEC_TIMEOUT.as_millis() as u64));
+        let limit = guest_timeout + transfer_deadline(stdin.as_ref().map_or(0, |d| d.len() as u64));
+        let mut deadline = tokio::time::Instant::now() + limit;
+        let mut stream = self.open_stream();
+        let id = stream.id;
         let has_stdin = stdin.is_some();
-        self.send(Frame::json(FrameKind::Request, id, &GuestRequest::Exec(ExecSpec { stdin: has_stdin, ..spec })))?;
+        let spec = ExecSpec { stdin: has_stdin, timeout_ms: Some(guest_timeout.as_millis() as u64), ..spec };
+        self.send(Frame::json(FrameKind::Request, id, &GuestRequest::Exec(spec)))?;
         if let Some(data) = stdin {
             for chunk in data.chunks(MAX_PAYLOAD) {
                 self.send(Frame::new(FrameKind::Stdin, id, chunk.to_vec()))?;
             }
             self.send(Frame::new(FrameKind::StdinEof, id, vec![]))?;
         }
+        let never = CancellationToken::new();
         let mut cancelled = false;
         loop {
-            let frame = tokio::select! {
-                f = rx.recv() => f,
-                _ = cancel.cancelled(), if !cancelled => {
-                    // Ask the guest to kill the command; its final response still arrives.
+            let frame = match stream.next(deadline, limit, if cancelled { &never } else { cancel }).await {
+                Ok(f) => f,
+                Err(GuestError::Cancelled) => {
+                    // Ask the guest to kill the command; its final response still arrives, unless the guest
+                    // does not answer within the grace period.
                     cancelled = true;
+                    deadline = deadline.min(tokio::time::Instant::now() + CANCEL_GRACE);
                     let _ = self.send(Frame::new(FrameKind::Cancel, id, vec![]));
                     continue;
                 }
-            };
-            let Some(frame) = frame else {
-                return Err(GuestError::Closed);
+                Err(GuestError::Timeout(_)) if cancelled => return Err(GuestError::Cancelled),
+                Err(e) => return Err(e),
             };
             match frame.kind {
                 FrameKind::Stdout => stdout.push(&frame.payload),
@@ -271,6 +359,9 @@ impl GuestConn {
     }
 }
 
+/// The guest's own timeout for a command that names none.
+pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(600);
+
 impl GuestConn {
     /// Writes `data` to a file in the guest; returns the file's size afterwards.
     pub async fn write_file(
@@ -279,52 +370,50 @@ impl GuestConn {
         mode: Option<u32>,
         append: bool,
         data: &[u8],
+        cancel: &CancellationToken,
     ) -> Result<u64, GuestError> {
-        let (id, mut rx) = self.open_stream();
+        let mut stream = self.open_stream();
         let req = GuestRequest::WriteFile { path: path.to_string(), mode, append, make_dirs: true };
-        self.send(Frame::json(FrameKind::Request, id, &req))?;
+        self.send(Frame::json(FrameKind::Request, stream.id, &req))?;
         for chunk in data.chunks(MAX_PAYLOAD) {
-            self.send(Frame::new(FrameKind::Stdin, id, chunk.to_vec()))?;
+            self.send(Frame::new(FrameKind::Stdin, stream.id, chunk.to_vec()))?;
         }
-        self.send(Frame::new(FrameKind::StdinEof, id, vec![]))?;
-        while let Some(f) = rx.recv().await {
-            if f.kind == FrameKind::Response {
-                return match f.parse::<GuestResponse>().map_err(|e| GuestError::Protocol(e.to_string()))? {
-                    GuestResponse::Written { size, .. } => Ok(size),
-                    GuestResponse::Error { message } => Err(GuestError::Agent(message)),
-                    other => Err(GuestError::Protocol(format!("{other:?}"))),
-                };
-            }
+        self.send(Frame::new(FrameKind::StdinEof, stream.id, vec![]))?;
+        match stream.response(transfer_deadline(data.len() as u64), cancel, |_| Ok(())).await? {
+            GuestResponse::Written { size, .. } => Ok(size),
+            other => Err(GuestError::Protocol(format!("{other:?}"))),
         }
-        Err(GuestError::Closed)
     }
 
-    /// Reads up to `limit` bytes at `offset`; returns them with the file's size and mode.
-    pub async fn read_file(&self, path: &str, offset: u64, limit: u64) -> Result<(Vec<u8>, u64, u32), GuestError> {
-        let (id, mut rx) = self.open_stream();
-        self.send(Frame::json(
-            FrameKind::Request,
-            id,
-            &GuestRequest::ReadFile { path: path.to_string(), offset, limit },
-        ))?;
+    /// Reads up to `limit` bytes at `offset`; returns them with the file's size and mode as the guest
+    /// reports them (untrusted: the caller checks both). A guest that sends more than `limit` bytes is cut
+    /// off with an error, so the daemon never holds more than it asked for.
+    pub async fn read_file(
+        &self,
+        path: &str,
+        offset: u64,
+        limit: u64,
+        cancel: &CancellationToken,
+    ) -> Result<(Vec<u8>, u64, u32), GuestError> {
+        let mut stream = self.open_stream();
+        let req = GuestRequest::ReadFile { path: path.to_string(), offset, limit };
+        self.send(Frame::json(FrameKind::Request, stream.id, &req))?;
         let mut data = vec![];
-        while let Some(f) = rx.recv().await {
-            match f.kind {
-                FrameKind::Stdout => data.extend_from_slice(&f.payload),
-                FrameKind::Response => {
-                    return match f.parse::<GuestResponse>().map_err(|e| GuestError::Protocol(e.to_string()))? {
-                        GuestResponse::FileData { size, mode } => Ok((data, size, mode)),
-                        GuestResponse::Error { message } => Err(GuestError::Agent(message)),
-                        other => Err(GuestError::Protocol(format!("{other:?}"))),
-                    };
+        let res = stream
+            .response(transfer_deadline(limit), cancel, |f| {
+                if f.kind != FrameKind::Stdout || (data.len() + f.payload.len()) as u64 > limit {
+                    return Err(over_cap("file data", limit));
                 }
-                _ => {}
-            }
+                data.extend_from_slice(&f.payload);
+                Ok(())
+            })
+            .await?;
+        match res {
+            GuestResponse::FileData { size, mode } => Ok((data, size, mode)),
+            other => Err(GuestError::Protocol(format!("{other:?}"))),
         }
-        Err(GuestError::Closed)
     }
 }
-
 /// One output stream of a command: its first `limit` bytes in memory and, when a spool path is given, the
 /// whole stream in that file, made only once the stream outgrows the limit (so most commands never touch
 /// the disk). A spool that cannot be written, or that reaches `MAX_SPOOL` bytes, stops there and the stream
@@ -338,6 +427,9 @@ pub struct Capture {
     /// Every byte the command wrote to this stream.
     pub total: u64,
     spool_failed: bool,
+    /// Bytes the VM's spool folder may still take (shared by every command of the VM); `None`: no cap
+    /// beyond `MAX_SPOOL`.
+    budget: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// Largest spooled stream: output beyond it is dropped and the stream reported as cut.
@@ -345,7 +437,33 @@ pub const MAX_SPOOL: u64 = 1 << 30;
 
 impl Capture {
     pub fn new(limit: usize, spool_path: Option<PathBuf>) -> Capture {
-        Capture { inline: vec![], limit, spool_path, spool: None, spooled: 0, total: 0, spool_failed: false }
+        Capture {
+            inline: vec![],
+            limit,
+            spool_path,
+            spool: None,
+            spooled: 0,
+            total: 0,
+            spool_failed: false,
+            budget: None,
+        }
+    }
+
+    /// Draws spooled bytes from `budget`; when it runs out the spool stops and the stream is reported cut.
+    pub fn with_budget(mut self, budget: Arc<std::sync::atomic::AtomicU64>) -> Capture {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// Takes up to `want` bytes from the budget.
+    fn reserve(&self, want: u64) -> u64 {
+        let Some(budget) = &self.budget else { return want };
+        let mut got = 0;
+        let _ = budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+            got = left.min(want);
+            Some(left - got)
+        });
+        got
     }
 
     fn push(&mut self, data: &[u8]) {
@@ -370,8 +488,9 @@ impl Capture {
                 }
             }
         }
-        if let Some(f) = &mut self.spool {
-            let take = data.len().min((MAX_SPOOL - self.spooled) as usize);
+        if self.spool.is_some() {
+            let take = self.reserve(data.len().min((MAX_SPOOL - self.spooled) as usize) as u64) as usize;
+            let f = self.spool.as_mut().expect("checked above");
             if f.write_all(&data[..take]).is_err() {
                 self.spool = None;
                 self.spool_failed = true;
@@ -401,66 +520,95 @@ pub struct SessionRead {
 
 impl GuestConn {
     /// Sends one message to a session's stdin; the agent writes it whole. Returns (bytes, stdin still open).
-    pub async fn session_send(&self, id: &str, data: &[u8], eof: bool) -> Result<(u64, bool), GuestError> {
-        let (stream, mut rx) = self.open_stream();
-        self.send(Frame::json(FrameKind::Request, stream, &GuestRequest::SessionSend { id: id.to_string(), eof }))?;
+    pub async fn session_send(
+        &self,
+        id: &str,
+        data: &[u8],
+        eof: bool,
+        cancel: &CancellationToken,
+    ) -> Result<(u64, bool), GuestError> {
+        let mut stream = self.open_stream();
+        let req = GuestRequest::SessionSend { id: id.to_string(), eof };
+        self.send(Frame::json(FrameKind::Request, stream.id, &req))?;
         for chunk in data.chunks(MAX_PAYLOAD) {
-            self.send(Frame::new(FrameKind::Stdin, stream, chunk.to_vec()))?;
+            self.send(Frame::new(FrameKind::Stdin, stream.id, chunk.to_vec()))?;
         }
-        self.send(Frame::new(FrameKind::StdinEof, stream, vec![]))?;
-        while let Some(f) = rx.recv().await {
-            if f.kind == FrameKind::Response {
-                return match f.parse::<GuestResponse>().map_err(|e| GuestError::Protocol(e.to_string()))? {
-                    GuestResponse::SessionSent { bytes, stdin_open } => Ok((bytes, stdin_open)),
-                    GuestResponse::Error { message } => Err(GuestError::Agent(message)),
-                    other => Err(GuestError::Protocol(format!("{other:?}"))),
-                };
-            }
+        self.send(Frame::new(FrameKind::StdinEof, stream.id, vec![]))?;
+        match stream.response(transfer_deadline(data.len() as u64), cancel, |_| Ok(())).await? {
+            GuestResponse::SessionSent { bytes, stdin_open } => Ok((bytes, stdin_open)),
+            other => Err(GuestError::Protocol(format!("{other:?}"))),
         }
-        Err(GuestError::Closed)
     }
 
-    /// Reads a session's log from `offset`, the agent waiting up to `wait_ms` for output first.
+    /// Reads up to `limit` bytes of a session's log from `offset`, the agent waiting up to `wait_ms` for
+    /// output first. More than `limit` bytes is refused, as in `read_file`.
     pub async fn session_read(
         &self,
         id: &str,
         offset: u64,
         limit: u64,
         wait_ms: u64,
+        cancel: &CancellationToken,
     ) -> Result<SessionRead, GuestError> {
-        let (stream, mut rx) = self.open_stream();
+        let mut stream = self.open_stream();
         let req = GuestRequest::SessionRead { id: id.to_string(), offset, limit, wait_ms };
-        self.send(Frame::json(FrameKind::Request, stream, &req))?;
+        self.send(Frame::json(FrameKind::Request, stream.id, &req))?;
         // The agent answers by wait_ms; beyond that (plus transfer time) it is not answering at all.
-        let limit_wait = Duration::from_millis(wait_ms) + Duration::from_secs(30);
+        let deadline = Duration::from_millis(wait_ms) + transfer_deadline(limit);
         let mut runs: Vec<(FrameKind, Vec<u8>)> = vec![];
-        let result = tokio::time::timeout(limit_wait, async {
-            while let Some(f) = rx.recv().await {
-                match f.kind {
-                    FrameKind::Stdout | FrameKind::Stderr => match runs.last_mut() {
-                        Some((kind, data)) if *kind == f.kind => data.extend_from_slice(&f.payload),
-                        _ => runs.push((f.kind, f.payload)),
-                    },
-                    FrameKind::Response => {
-                        return match f.parse::<GuestResponse>().map_err(|e| GuestError::Protocol(e.to_string()))? {
-                            GuestResponse::SessionData { from, status } => Ok((from, status)),
-                            GuestResponse::Error { message } => Err(GuestError::Agent(message)),
-                            other => Err(GuestError::Protocol(format!("{other:?}"))),
-                        };
-                    }
-                    _ => {}
+        let mut got = 0u64;
+        let res = stream
+            .response(deadline, cancel, |f| {
+                got += f.payload.len() as u64;
+                if got > limit {
+                    return Err(over_cap("session output", limit));
                 }
+                match runs.last_mut() {
+                    Some((kind, data)) if *kind == f.kind => data.extend_from_slice(&f.payload),
+                    _ => runs.push((f.kind, f.payload.clone())),
+                }
+                Ok(())
+            })
+            .await?;
+        match res {
+            GuestResponse::SessionData { from, status } => Ok(SessionRead { from, runs, status }),
+            other => Err(GuestError::Protocol(format!("{other:?}"))),
+        }
+    }
+}
+
+/// A log line that a guest (or any peer) can trigger at will: at most `burst` lines per `window`, then one
+/// line saying how many were suppressed when the window ends. The one place rate-limited logging lives.
+pub struct RateLimited {
+    what: &'static str,
+    burst: u32,
+    window: Duration,
+    started: std::time::Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl RateLimited {
+    pub fn new(what: &'static str, burst: u32, window: Duration) -> Self {
+        RateLimited { what, burst, window, started: std::time::Instant::now(), logged: 0, suppressed: 0 }
+    }
+
+    /// Logs `detail` at WARN unless this window's burst is spent. Details are cut to 200 characters.
+    pub fn warn(&mut self, detail: &str) {
+        if self.started.elapsed() >= self.window {
+            if self.suppressed > 0 {
+                tracing::warn!(what = self.what, suppressed = self.suppressed, "similar warnings suppressed");
             }
-            Err(GuestError::Closed)
-        })
-        .await;
-        let (from, status) = match result {
-            Ok(r) => r?,
-            Err(_) => {
-                self.routes.lock().unwrap().remove(&stream);
-                return Err(GuestError::Timeout(limit_wait));
-            }
-        };
-        Ok(SessionRead { from, runs, status })
+            self.started = std::time::Instant::now();
+            self.logged = 0;
+            self.suppressed = 0;
+        }
+        if self.logged < self.burst {
+            self.logged += 1;
+            let detail: String = detail.chars().take(200).collect();
+            tracing::warn!(what = self.what, detail, "peer misbehaved");
+        } else {
+            self.suppressed += 1;
+        }
     }
 }

@@ -43,7 +43,8 @@ impl Engine {
         tokio::spawn(async move {
             let ask = GuestRequest::SshHostKey { wait_ms: SSH_HOST_KEY_WAIT_MAX_MS };
             let wait = Duration::from_millis(SSH_HOST_KEY_WAIT_MAX_MS) + Duration::from_secs(10);
-            let reported = match conn.request(&ask, wait).await {
+            // No caller to cancel it: the deadline bounds it, and a closed channel ends it at once.
+            let reported = match conn.request(&ask, wait, &tokio_util::sync::CancellationToken::new()).await {
                 Ok(GuestResponse::SshHostKey { public_key }) => public_key,
                 Ok(GuestResponse::Error { message }) => {
                     tracing::warn!(vm = %name, error = %message.chars().take(200).collect::<String>(), "no SSH host key to pin");

@@ -29,10 +29,12 @@ impl Engine {
         for f in &sync.auth_files {
             let host = sync.host_path(f);
             match read_small(&host) {
-                Ok(Some(data)) => match conn.write_file(&f.guest, Some(AUTH_MODE), false, &data).await {
-                    Ok(_) => report.copied.push(f.guest.clone()),
-                    Err(e) => report.warnings.push(format!("could not write {} in the guest: {e}", f.guest)),
-                },
+                Ok(Some(data)) => {
+                    match conn.write_file(&f.guest, Some(AUTH_MODE), false, &data, &CancellationToken::new()).await {
+                        Ok(_) => report.copied.push(f.guest.clone()),
+                        Err(e) => report.warnings.push(format!("could not write {} in the guest: {e}", f.guest)),
+                    }
+                }
                 // Missing on the host: skip, leaving whatever the guest already has.
                 Ok(None) => report.warnings.push(format!("skipped {}: {} does not exist", f.guest, host.display())),
                 Err(e) => report.warnings.push(format!("skipped {}: cannot read {}: {e}", f.guest, host.display())),

@@ -59,6 +59,10 @@ pub struct Engine {
     vm_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Live guest channel connections of running VMs.
     guests: Mutex<HashMap<String, Arc<GuestConn>>>,
+    /// One connect at a time per VM: callers that find no live connection wait here for the one connect.
+    guest_connects: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Bytes each VM's exec spool folder may still take (`vm.rs`).
+    pub(crate) spool_budgets: Mutex<HashMap<String, Arc<std::sync::atomic::AtomicU64>>>,
     /// Serialises image registry changes (register, promote, delete).
     image_lock: tokio::sync::Mutex<()>,
     /// Long-running operations (creates), for operation.status / cancel.
@@ -95,6 +99,8 @@ impl Engine {
             accel,
             vm_locks: Mutex::default(),
             guests: Mutex::default(),
+            guest_connects: Mutex::default(),
+            spool_budgets: Mutex::default(),
             image_lock: tokio::sync::Mutex::new(()),
             ip_lock: tokio::sync::Mutex::new(()),
             ops: operation::Ops::default(),

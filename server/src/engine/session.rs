@@ -168,7 +168,7 @@ impl Engine {
     /// Live states of a running VM's sessions, by id.
     async fn guest_sessions(&self, vm: &VmRow) -> Result<HashMap<String, GuestSessionStatus>, ApiError> {
         let conn = self.guest(vm).await?;
-        match conn.request(&GuestRequest::SessionList, Duration::from_secs(10)).await {
+        match conn.request(&GuestRequest::SessionList, Duration::from_secs(10), &CancellationToken::new()).await {
             Ok(GuestResponse::Sessions { sessions }) => Ok(sessions.into_iter().map(|s| (s.id.clone(), s)).collect()),
             Ok(GuestResponse::Error { message }) => Err(session_error(&vm.name, GuestError::Agent(message))),
             Ok(other) => Err(guest_error(&vm.name, GuestError::Protocol(format!("{other:?}")))),
@@ -222,7 +222,7 @@ impl Engine {
     pub async fn session_start(
         self: &Arc<Self>,
         p: SessionStartParams,
-        _: CallContext,
+        ctx: CallContext,
     ) -> Result<SessionInfo, ApiError> {
         p.validate().map_err(ApiError::invalid)?;
         let vm = self.resolve_vm(&p.vm).await?;
@@ -257,7 +257,8 @@ impl Engine {
             env: row.env.clone(),
             cwd: row.cwd.clone(),
         };
-        let started = match conn.request(&GuestRequest::SessionStart(spec), Duration::from_secs(15)).await {
+        let started = match conn.request(&GuestRequest::SessionStart(spec), Duration::from_secs(15), &ctx.cancel).await
+        {
             Ok(GuestResponse::SessionStatus(s)) => Ok(s),
             Ok(GuestResponse::Error { message }) => Err(session_error(&vm.name, GuestError::Agent(message))),
             Ok(other) => Err(guest_error(&vm.name, GuestError::Protocol(format!("{other:?}")))),
@@ -279,7 +280,7 @@ impl Engine {
     pub async fn session_send(
         self: &Arc<Self>,
         p: SessionSendParams,
-        _: CallContext,
+        ctx: CallContext,
     ) -> Result<SessionSendResult, ApiError> {
         use base64::Engine as _;
         let data = match p.encoding.unwrap_or(ContentEncoding::Text) {
@@ -298,7 +299,7 @@ impl Engine {
         }
         let conn = self.guest(&vm).await?;
         let (bytes, stdin_open) =
-            conn.session_send(&row.id, &data, p.eof).await.map_err(|e| session_error(&vm.name, e))?;
+            conn.session_send(&row.id, &data, p.eof, &ctx.cancel).await.map_err(|e| session_error(&vm.name, e))?;
         Ok(SessionSendResult { session: row.id, bytes, stdin_closed: !stdin_open })
     }
 
@@ -315,7 +316,7 @@ impl Engine {
             .map_err(|e| e.with_hint(format!("a session's output lives in its VM: start {} to read it", vm.name)))?;
         let from = p.from.unwrap_or(0);
         let read = tokio::select! {
-            r = conn.session_read(&row.id, from, p.limit.unwrap_or(DEFAULT_LOGS_LIMIT), p.wait_ms.unwrap_or(0)) => r,
+            r = conn.session_read(&row.id, from, p.limit.unwrap_or(DEFAULT_LOGS_LIMIT), p.wait_ms.unwrap_or(0), &ctx.cancel) => r,
             _ = ctx.cancel.cancelled() => return Err(ApiError::new(ErrorCode::Cancelled, "cancelled by the caller")),
         }
         .map_err(|e| session_error(&vm.name, e))?;
@@ -389,7 +390,10 @@ impl Engine {
         }
         let conn = self.guest(&vm).await?;
         let req = GuestRequest::SessionSignal { id: row.id.clone(), signal, grace_ms };
-        match conn.request(&req, Duration::from_millis(grace_ms) + Duration::from_secs(20)).await {
+        match conn
+            .request(&req, Duration::from_millis(grace_ms) + Duration::from_secs(20), &CancellationToken::new())
+            .await
+        {
             Ok(GuestResponse::SessionStatus(s)) => Ok(self.session_info(&row, &vm, Some(&s))),
             Ok(GuestResponse::Error { message }) => Err(session_error(&vm.name, GuestError::Agent(message))),
             Ok(other) => Err(guest_error(&vm.name, GuestError::Protocol(format!("{other:?}")))),
@@ -414,7 +418,7 @@ impl Engine {
         };
         if let Some(conn) = conn {
             if let Ok(GuestResponse::Sessions { sessions }) =
-                conn.request(&GuestRequest::SessionList, Duration::from_secs(3)).await
+                conn.request(&GuestRequest::SessionList, Duration::from_secs(3), &CancellationToken::new()).await
             {
                 live = sessions.into_iter().map(|s| (s.id.clone(), s)).collect();
             }
@@ -531,7 +535,10 @@ impl SessionFollower {
             Ok(c) => c,
             Err(_) => return tokio::time::sleep(Duration::from_millis(500)).await,
         };
-        match conn.session_read(&self.row.id, self.offset, FOLLOW_READ_LIMIT, FOLLOW_WAIT_MS).await {
+        match conn
+            .session_read(&self.row.id, self.offset, FOLLOW_READ_LIMIT, FOLLOW_WAIT_MS, &CancellationToken::new())
+            .await
+        {
             Ok(read) => {
                 let (chunks, next, status) = chunks(read);
                 self.offset = next;

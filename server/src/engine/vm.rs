@@ -28,6 +28,8 @@ use crate::vmm::{self, BootSpec, VmPaths, VmmError};
 /// Largest stdout or stderr `vm.exec` returns; more is cut and flagged.
 /// Cut command outputs kept per VM for vm.exec_output; older ones are removed.
 const KEEP_EXEC_OUTPUTS: usize = 16;
+/// How long callers wait for the one connect to a running VM's channel (retried within it).
+const GUEST_CONNECT_WAIT: Duration = Duration::from_secs(20);
 const DEFAULT_EXEC_TIMEOUT_SECS: u64 = 600;
 
 pub(crate) fn vmm_error(e: VmmError) -> ApiError {
@@ -722,11 +724,23 @@ impl Engine {
             return Err(ApiError::precondition(format!("VM {} is {}", row.name, row.state.as_str()))
                 .with_hint(format!("start it first: banger vm start {}", row.name)));
         }
-        let existing = self.guests.lock().unwrap().get(&row.id).filter(|c| !c.is_closed()).cloned();
-        if let Some(c) = existing {
+        let live = || self.guests.lock().unwrap().get(&row.id).filter(|c| !c.is_closed()).cloned();
+        if let Some(c) = live() {
             return Ok(c);
         }
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        // One connect per VM, shared by every caller that arrives meanwhile (after a daemon restart a burst
+        // of calls finds no connection; a QEMU channel socket serves one client, so parallel connects would
+        // fail with EAGAIN or wait behind each other). Transient failures are retried inside `ready`.
+        let gate = self.guest_connects.lock().unwrap().entry(row.id.clone()).or_default().clone();
+        let _connecting = gate.lock().await;
+        if let Some(c) = live() {
+            return Ok(c);
+        }
+        if !self.is_alive(row) {
+            return Err(ApiError::new(ErrorCode::GuestUnreachable, format!("VM {}'s VMM is not running", row.name))
+                .with_hint(format!("banger vm start {}", row.name)));
+        }
+        let deadline = tokio::time::Instant::now() + GUEST_CONNECT_WAIT;
         let (conn, _) = self
             .vm_paths(&row.id)
             .guest_channel()
@@ -735,6 +749,27 @@ impl Engine {
             .map_err(|e| guest_error(&row.name, e))?;
         self.guests.lock().unwrap().insert(row.id.clone(), conn.clone());
         Ok(conn)
+    }
+
+    /// What the VM's exec spool may still take (`exec_spool_mib`, shared by all its commands): measured from the
+    /// folder the first time, then kept by the captures that draw from it and the prunes that give back.
+    /// When it is spent the oldest spools go first (beyond the newest one), then output is cut.
+    async fn spool_budget(&self, vm_id: &str, dir: &std::path::Path) -> Arc<std::sync::atomic::AtomicU64> {
+        let cap = self.cfg.exec_spool_mib << 20;
+        let known = self.spool_budgets.lock().unwrap().get(vm_id).cloned();
+        let budget = match known {
+            Some(b) => b,
+            None => {
+                let used = folder_bytes(dir).await;
+                let fresh = Arc::new(std::sync::atomic::AtomicU64::new(cap.saturating_sub(used)));
+                self.spool_budgets.lock().unwrap().entry(vm_id.to_string()).or_insert(fresh).clone()
+            }
+        };
+        // Less than half left: make room by dropping the oldest kept outputs (the newest stays).
+        if budget.load(std::sync::atomic::Ordering::Relaxed) < cap / 2 {
+            give_back(&budget, prune_spools(dir, 1).await);
+        }
+        budget
     }
 
     /// Runs `op` for each distinct ref concurrently; results come back in the order the refs were given.
@@ -806,7 +841,22 @@ impl Engine {
     }
 
     pub async fn vm_kill(self: &Arc<Self>, p: VmRefs, _: CallContext) -> Result<VmBatchResult, ApiError> {
-        self.batch(p, |engine, row| async move { engine.stop_one(row, true).await.map(Some) }).await
+        self.batch(p, |engine, row| async move {
+            engine.preempt(&row).await;
+            engine.stop_one(row, true).await.map(Some)
+        })
+        .await
+    }
+
+    /// Kill and delete never wait behind a guest call: whoever holds the VM's lock may be waiting on a guest
+    /// that never answers. Ending the VMM (marker-checked) and closing the channel makes every call on it
+    /// fail at once, so the holder unwinds and releases the lock; the caller then takes it as usual.
+    async fn preempt(&self, row: &VmRow) {
+        if let Some(pid) = row.pid.filter(|_| self.is_alive(row)) {
+            tracing::info!(vm = %row.name, pid, "ending the VMM before taking the VM lock");
+            vmm::stop_vm_processes(&self.vm_paths(&row.id).dir, &row.id, Some(pid)).await;
+        }
+        self.drop_guest(&row.id);
     }
 
     pub async fn vm_restart(self: &Arc<Self>, p: VmRefs, ctx: CallContext) -> Result<VmBatchResult, ApiError> {
@@ -840,7 +890,13 @@ impl Engine {
             if !force {
                 let grace = Duration::from_secs(self.cfg.stop_grace_secs);
                 if let Some(conn) = conn {
-                    let _ = conn.request(&GuestRequest::Shutdown { reboot: false }, Duration::from_secs(3)).await;
+                    let _ = conn
+                        .request(
+                            &GuestRequest::Shutdown { reboot: false },
+                            Duration::from_secs(3),
+                            &CancellationToken::new(),
+                        )
+                        .await;
                 }
                 gone = vmm::wait_exit(pid, &marker, grace).await;
                 if !gone {
@@ -942,7 +998,7 @@ impl Engine {
         .await
     }
 
-    pub async fn vm_stats(self: &Arc<Self>, p: VmRef, _: CallContext) -> Result<VmStats, ApiError> {
+    pub async fn vm_stats(self: &Arc<Self>, p: VmRef, ctx: CallContext) -> Result<VmStats, ApiError> {
         let row = self.resolve_vm(&p.vm).await?;
         let disk = self.vm_paths(&row.id).root_disk();
         let (mut cpu, mut rss) = (None, None);
@@ -966,7 +1022,7 @@ impl Engine {
         }
         let guest = if row.state == VmState::Running {
             let conn = self.guest(&row).await?;
-            match conn.request(&GuestRequest::Stats, Duration::from_secs(5)).await {
+            match conn.request(&GuestRequest::Stats, Duration::from_secs(5), &ctx.cancel).await {
                 Ok(tools_schema::guest::GuestResponse::Stats(s)) => Some(s),
                 Ok(_) | Err(_) => None,
             }
@@ -985,10 +1041,10 @@ impl Engine {
         })
     }
 
-    pub async fn vm_ports(self: &Arc<Self>, p: VmRef, _: CallContext) -> Result<VmPorts, ApiError> {
+    pub async fn vm_ports(self: &Arc<Self>, p: VmRef, ctx: CallContext) -> Result<VmPorts, ApiError> {
         let row = self.resolve_vm(&p.vm).await?;
         let conn = self.guest(&row).await?;
-        let listeners = match conn.request(&GuestRequest::Ports, Duration::from_secs(10)).await {
+        let listeners = match conn.request(&GuestRequest::Ports, Duration::from_secs(10), &ctx.cancel).await {
             Ok(tools_schema::guest::GuestResponse::Ports { listeners }) => listeners,
             Ok(tools_schema::guest::GuestResponse::Error { message }) => {
                 return Err(guest_error(&row.name, GuestError::Agent(message)))
@@ -1040,7 +1096,7 @@ impl Engine {
     pub async fn vm_file_write(
         self: &Arc<Self>,
         p: VmFileWriteParams,
-        _: CallContext,
+        ctx: CallContext,
     ) -> Result<VmFileWriteResult, ApiError> {
         use base64::Engine as _;
         if !p.path.starts_with('/') {
@@ -1062,7 +1118,8 @@ impl Engine {
         }
         let row = self.resolve_vm(&p.vm).await?;
         let conn = self.guest(&row).await?;
-        let size = conn.write_file(&p.path, mode, p.append, &data).await.map_err(|e| file_error(&row.name, e))?;
+        let size =
+            conn.write_file(&p.path, mode, p.append, &data, &ctx.cancel).await.map_err(|e| file_error(&row.name, e))?;
         Ok(VmFileWriteResult {
             path: p.path,
             bytes: data.len() as u64,
@@ -1074,7 +1131,7 @@ impl Engine {
     pub async fn vm_file_read(
         self: &Arc<Self>,
         p: VmFileReadParams,
-        _: CallContext,
+        ctx: CallContext,
     ) -> Result<VmFileReadResult, ApiError> {
         if !p.path.starts_with('/') {
             return Err(ApiError::invalid(format!("path must be absolute, got `{}`", p.path)));
@@ -1086,7 +1143,8 @@ impl Engine {
         let offset = p.offset.unwrap_or(0);
         let row = self.resolve_vm(&p.vm).await?;
         let conn = self.guest(&row).await?;
-        let (data, size, mode) = conn.read_file(&p.path, offset, limit).await.map_err(|e| file_error(&row.name, e))?;
+        let (data, size, mode) =
+            conn.read_file(&p.path, offset, limit, &ctx.cancel).await.map_err(|e| file_error(&row.name, e))?;
         let end = offset + data.len() as u64;
         let sha256 = hex::encode(sha2::Sha256::digest(&data));
         let (content, encoding) = encode_chunk(&data, p.encoding, &p.path)?;
@@ -1106,6 +1164,7 @@ impl Engine {
 
     pub async fn vm_delete(self: &Arc<Self>, p: VmRefs, _: CallContext) -> Result<VmBatchResult, ApiError> {
         self.batch(p, |engine, row| async move {
+            engine.preempt(&row).await;
             let lock = engine.vm_lock(&row.id);
             let _held = lock.lock().await;
             let row = engine.reload(&row.id).await?;
@@ -1119,6 +1178,7 @@ impl Engine {
             engine.store.delete_vm(row.id.clone()).await?;
             engine.forget_host_key(&row);
             engine.boots.lock().unwrap().remove(&row.id);
+            engine.spool_budgets.lock().unwrap().remove(&row.id);
             tracing::info!(vm = %row.name, id = %row.id, "VM deleted");
             Ok(None)
         })
@@ -1148,8 +1208,9 @@ impl Engine {
         let output_id = new_id();
         let spool_dir = self.vm_paths(&row.id).dir.join("exec-output");
         let spool = |stream: ExecStream| Some(spool_dir.join(format!("{output_id}.{}", stream.as_str())));
-        let mut out = Capture::new(inline, spool(ExecStream::Stdout));
-        let mut err = Capture::new(inline, spool(ExecStream::Stderr));
+        let budget = self.spool_budget(&row.id, &spool_dir).await;
+        let mut out = Capture::new(inline, spool(ExecStream::Stdout)).with_budget(budget.clone());
+        let mut err = Capture::new(inline, spool(ExecStream::Stderr)).with_budget(budget.clone());
         let run = conn.exec_captured(spec, p.stdin.map(String::into_bytes), &mut out, &mut err, &ctx.cancel);
         let status = tokio::time::timeout(host_wait, run)
             .await
@@ -1159,12 +1220,12 @@ impl Engine {
         let status = match status {
             Ok(st) => st,
             Err(e) => {
-                remove_spool(&spool_dir, &output_id).await;
+                give_back(&budget, remove_spool(&spool_dir, &output_id).await);
                 return Err(e);
             }
         };
         if spooled {
-            prune_spools(&spool_dir, KEEP_EXEC_OUTPUTS).await;
+            give_back(&budget, prune_spools(&spool_dir, KEEP_EXEC_OUTPUTS).await);
         }
         Ok(VmExecResult {
             exit_code: status.code,
@@ -1245,14 +1306,49 @@ impl Engine {
         let row = self.resolve_vm(&p.vm).await?;
         let tail = p.tail.unwrap_or(200) as usize;
         let path = self.vm_paths(&row.id).console_log();
-        let text = match tokio::fs::read(&path).await {
-            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(ApiError::internal(format!("reading {}: {e}", path.display()))),
-        };
-        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let read_path = path.clone();
+        // Only the end of the console is read (the guest writes it; it is bounded by rotation anyway): the
+        // current file's last TAIL_READ_BYTES, and the rotated one's when that holds too few lines.
+        let lines = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<String>> {
+            let mut text = read_tail(&read_path, TAIL_READ_BYTES)?;
+            let enough = |t: &[u8]| t.iter().filter(|b| **b == b'\n').count() > tail;
+            if !enough(&text) {
+                let mut older = read_tail(&rotated(&read_path), TAIL_READ_BYTES)?;
+                older.extend_from_slice(&text);
+                text = older;
+            }
+            Ok(String::from_utf8_lossy(&text).lines().map(str::to_string).collect())
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("console read task: {e}")))?
+        .map_err(|e| ApiError::internal(format!("reading {}: {e}", path.display())))?;
         let start = lines.len().saturating_sub(tail);
         Ok(VmLogs { lines: lines[start..].to_vec(), path: path.display().to_string() })
+    }
+
+    /// Keeps every running VM's console log under `CONSOLE_MAX_BYTES` (a guest can print as fast as it likes)
+    /// until `shutdown`: see `rotate_console`.
+    pub async fn bound_console_logs(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(CONSOLE_CHECK_EVERY) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let Ok(rows) = self.store.vms().await else { continue };
+            let paths: Vec<_> = rows
+                .iter()
+                .filter(|r| matches!(r.state, VmState::Running | VmState::Starting | VmState::Stopping))
+                .map(|r| self.vm_paths(&r.id).console_log())
+                .collect();
+            let _ = tokio::task::spawn_blocking(move || {
+                for p in paths {
+                    if let Err(e) = rotate_console(&p, CONSOLE_MAX_BYTES) {
+                        tracing::debug!(path = %p.display(), error = %e, "cannot rotate a console log");
+                    }
+                }
+            })
+            .await;
+        }
     }
 
     /// Brings the store in line with reality after a daemon (re)start: running VMs whose VMM is still
@@ -1380,9 +1476,60 @@ impl Drop for AnnounceSocket {
 /// How long a cold boot waits for a vsock agent to say it listens before connecting regardless.
 const VSOCK_ANNOUNCE_WAIT: Duration = Duration::from_secs(20);
 
+/// Most of a console log kept before it is rotated (to `console.log.1`): a guest printing without pause costs
+/// at most about twice this on disk, plus what it prints between two checks.
+const CONSOLE_MAX_BYTES: u64 = 4 << 20;
+const CONSOLE_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How much of the end of a log is read to find its last lines.
+const TAIL_READ_BYTES: u64 = 1 << 20;
+
+/// `<path>.1`: where a rotated log's previous part is.
+fn rotated(path: &std::path::Path) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".1");
+    p.into()
+}
+
+/// Moves a console log that outgrew `max` to `.1` and empties it. The VMM keeps its descriptor (QEMU's
+/// chardev with `append=on`, Firecracker's stdout opened O_APPEND), so it goes on writing at the new end of
+/// the same file: a copy and a truncate, not a rename. Lines written between the two are lost.
+fn rotate_console(path: &std::path::Path, max: u64) -> std::io::Result<()> {
+    let len = match std::fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if len <= max {
+        return Ok(());
+    }
+    let mut from = std::fs::File::open(path)?;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut to = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(rotated(path))?;
+    // At most `max` bytes (the end) go to `.1`, so it stays bounded even when a check came late.
+    use std::io::{Seek, SeekFrom};
+    from.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+    std::io::copy(&mut std::io::Read::take(&mut from, max), &mut to)?;
+    std::fs::OpenOptions::new().write(true).open(path)?.set_len(0)
+}
+
+/// The last `max` bytes of a file (nothing if it does not exist).
+fn read_tail(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+    let mut data = vec![];
+    f.take(max).read_to_end(&mut data)?;
+    Ok(data)
+}
+
 /// The last `lines` non-blank lines of a log (the console, a helper's), for errors about guests that never answered.
 fn log_tail(path: &std::path::Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&read_tail(path, TAIL_READ_BYTES).unwrap_or_default()).into_owned();
     let tail: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).rev().take(lines).collect();
     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
@@ -1404,15 +1551,37 @@ fn grow_args(paths: &VmPaths, image: &ImageRow) -> Vec<String> {
     }
 }
 
-async fn remove_spool(dir: &std::path::Path, id: &str) {
+/// Removes one command's spool files; returns the bytes freed.
+async fn remove_spool(dir: &std::path::Path, id: &str) -> u64 {
+    let mut freed = 0;
     for stream in [ExecStream::Stdout, ExecStream::Stderr] {
-        let _ = tokio::fs::remove_file(dir.join(format!("{id}.{}", stream.as_str()))).await;
+        let path = dir.join(format!("{id}.{}", stream.as_str()));
+        let len = tokio::fs::metadata(&path).await.map_or(0, |m| m.len());
+        if tokio::fs::remove_file(&path).await.is_ok() {
+            freed += len;
+        }
     }
+    freed
 }
 
-/// Keeps the spools of the newest `keep` commands in `dir`.
-async fn prune_spools(dir: &std::path::Path, keep: usize) {
-    let Ok(mut rd) = tokio::fs::read_dir(dir).await else { return };
+/// Returns freed spool bytes to a VM's budget.
+fn give_back(budget: &std::sync::atomic::AtomicU64, freed: u64) {
+    budget.fetch_add(freed, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Bytes in a folder's files (not recursive).
+async fn folder_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(mut rd) = tokio::fs::read_dir(dir).await else { return 0 };
+    let mut total = 0;
+    while let Ok(Some(e)) = rd.next_entry().await {
+        total += e.metadata().await.map_or(0, |m| m.len());
+    }
+    total
+}
+
+/// Keeps the spools of the newest `keep` commands in `dir`; returns the bytes freed.
+async fn prune_spools(dir: &std::path::Path, keep: usize) -> u64 {
+    let Ok(mut rd) = tokio::fs::read_dir(dir).await else { return 0 };
     let mut ids: std::collections::HashMap<String, std::time::SystemTime> = Default::default();
     while let Ok(Some(e)) = rd.next_entry().await {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -1424,9 +1593,11 @@ async fn prune_spools(dir: &std::path::Path, keep: usize) {
     let mut by_age: Vec<(std::time::SystemTime, String)> = ids.into_iter().map(|(id, t)| (t, id)).collect();
     by_age.sort();
     let excess = by_age.len().saturating_sub(keep);
+    let mut freed = 0;
     for (_, id) in by_age.into_iter().take(excess) {
-        remove_spool(dir, &id).await;
+        freed += remove_spool(dir, &id).await;
     }
+    freed
 }
 
 /// Bytes for a JSON result: as text when asked for or when they are UTF-8 (unless base64 is asked for),

@@ -687,7 +687,10 @@ impl Engine {
     }
 
     async fn send_identity(&self, vm: &str, conn: &GuestConn, identity: CloneIdentity) -> Result<(), ApiError> {
-        match conn.request(&GuestRequest::Reidentify(identity), Duration::from_secs(30)).await {
+        match conn
+            .request(&GuestRequest::Reidentify(identity), Duration::from_secs(30), &CancellationToken::new())
+            .await
+        {
             Ok(GuestResponse::Ok) => Ok(()),
             Ok(GuestResponse::Error { message }) => {
                 Err(ApiError::internal(format!("VM {vm}'s agent could not take its own identity: {message}")))

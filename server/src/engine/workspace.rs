@@ -46,6 +46,10 @@ const SCRIPT_TIMEOUT: Duration = Duration::from_secs(1800);
 const SCRIPT_OUTPUT_LIMIT: usize = 64 << 20;
 /// At most this many ignored names are listed in an export result.
 const MAX_IGNORED_LISTED: usize = 1000;
+/// Most the host reads of an export's changed-file and ignored-file lists (NUL-separated paths).
+const MAX_FILE_LIST: u64 = 16 << 20;
+/// Most of a patch the host holds in memory (to check it against the host repository, or to inline it).
+const MAX_HOST_PATCH: u64 = 512 << 20;
 
 const PREPARE_STAGES: &[&str] = &["check", "pack", "transfer", "unpack"];
 const EXPORT_STAGES: &[&str] = &["diff", "fetch", "check"];
@@ -715,21 +719,32 @@ async fn run_script(
     Ok(out)
 }
 
-/// Reads a whole guest file in chunks of the file-read limit.
+/// Reads a whole guest file in chunks of the file-read limit, at most `max_bytes` of it: the size the
+/// guest reports is only a progress hint, never an allocation (a guest can claim any size, or grow the file
+/// while it is read).
 async fn read_guest_file(
     conn: &GuestConn,
     vm: &str,
     path: &str,
+    max_bytes: u64,
     cancel: &CancellationToken,
     mut on_chunk: impl FnMut(u64, u64),
 ) -> Result<Vec<u8>, ApiError> {
     let mut data = vec![];
     loop {
+        if data.len() as u64 >= max_bytes {
+            return Err(ApiError::internal(format!(
+                "VM {vm}: {path} is larger than the {max_bytes} bytes the host reads of it"
+            ))
+            .with_hint("the guest changed or replaced a file banger wrote; re-run the export"));
+        }
         if cancel.is_cancelled() {
             return Err(ApiError::new(ErrorCode::Cancelled, "cancelled by the caller"));
         }
-        let (chunk, size, _) =
-            conn.read_file(path, data.len() as u64, MAX_FILE_CHUNK).await.map_err(|e| guest_err(vm, e))?;
+        let (chunk, size, _) = conn
+            .read_file(path, data.len() as u64, MAX_FILE_CHUNK.min(max_bytes - data.len() as u64).max(1), cancel)
+            .await
+            .map_err(|e| guest_err(vm, e))?;
         let empty = chunk.is_empty();
         data.extend_from_slice(&chunk);
         on_chunk(data.len() as u64, size);
@@ -865,7 +880,9 @@ impl Engine {
                     if cancel.is_cancelled() {
                         return Err(cancelled());
                     }
-                    conn.write_file(&path, Some(0o600), !first, chunk).await.map_err(|e| guest_err(&row.name, e))?;
+                    conn.write_file(&path, Some(0o600), !first, chunk, &cancel)
+                        .await
+                        .map_err(|e| guest_err(&row.name, e))?;
                     first = false;
                     sent += chunk.len() as u64;
                     stages.report("transfer", sent as f64 / total.max(1) as f64);
@@ -996,9 +1013,11 @@ impl Engine {
         let guest_head = script_value(&stdout, "head").unwrap_or_default().to_string();
 
         stages.enter("fetch");
-        let files = read_guest_file(conn, &row.name, &format!("{patch_path}.files"), &cancel, |_, _| {}).await?;
+        let files =
+            read_guest_file(conn, &row.name, &format!("{patch_path}.files"), MAX_FILE_LIST, &cancel, |_, _| {}).await?;
         let ignored_raw =
-            read_guest_file(conn, &row.name, &format!("{patch_path}.ignored"), &cancel, |_, _| {}).await?;
+            read_guest_file(conn, &row.name, &format!("{patch_path}.ignored"), MAX_FILE_LIST, &cancel, |_, _| {})
+                .await?;
         let ignored_all: Vec<String> = ignored_raw
             .split(|b| *b == 0)
             .filter(|n| !n.is_empty())
@@ -1006,10 +1025,10 @@ impl Engine {
             .collect();
         let inline_limit = p.max_inline_bytes.unwrap_or(DEFAULT_INLINE_PATCH);
         // The whole patch is needed on the host for the check; otherwise only when it goes inline.
-        let (_, size, _) = conn.read_file(&patch_path, 0, 0).await.map_err(|e| guest_err(&row.name, e))?;
+        let (_, size, _) = conn.read_file(&patch_path, 0, 0, &cancel).await.map_err(|e| guest_err(&row.name, e))?;
         let patch = if size <= inline_limit || check_top.is_some() {
             Some(
-                read_guest_file(conn, &row.name, &patch_path, &cancel, |done, total| {
+                read_guest_file(conn, &row.name, &patch_path, MAX_HOST_PATCH, &cancel, |done, total| {
                     stages.report("fetch", done as f64 / total.max(1) as f64)
                 })
                 .await?,

@@ -31,6 +31,12 @@ const TTL: u32 = 5;
 const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Responses queued per TCP connection before the sender waits.
 const TCP_RESPONSE_BUFFER: usize = 32;
+/// TCP connections served at once, from everyone: each holds two daemon descriptors (see `guard_tcp`).
+const TCP_MAX_CONNECTIONS: usize = 64;
+/// TCP connections served at once from one source address (a guest).
+const TCP_MAX_PER_SOURCE: usize = 4;
+/// Longest any TCP connection lives, busy or not.
+const TCP_MAX_LIFETIME: Duration = Duration::from_secs(30);
 
 /// Live `<name>.vm` -> IPv4 records, shared between the VM engine (writer) and the DNS server (reader).
 #[derive(Clone, Default)]
@@ -100,9 +106,14 @@ pub async fn serve(
     let addr = udp.local_addr().map_err(bind_error(addr))?;
     let tcp = TcpListener::bind(addr).await.map_err(bind_error(addr))?;
 
+    // hickory's own TCP listener accepts without limit (3000 guest connections pinned 3000 daemon fds), so
+    // the public one is banger's (`guard_tcp`, with caps), relaying to hickory's on loopback.
+    let inner = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.map_err(bind_error(addr))?;
+    let inner_addr = inner.local_addr().map_err(bind_error(addr))?;
     let mut server = Server::new(VmZone::new(records));
     server.register_socket(udp);
-    server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
+    server.register_listener(inner, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
+    tokio::spawn(guard_tcp(tcp, inner_addr, shutdown.clone()));
     debug!(%addr, "serving DNS for vm.");
 
     Ok(tokio::spawn(async move {
@@ -122,6 +133,59 @@ pub async fn serve(
             Err(error) => warn!(%addr, %error, "DNS server stopped"),
         }
     }))
+}
+
+/// Accepts DNS-over-TCP clients within caps (`TCP_MAX_CONNECTIONS` in all, `TCP_MAX_PER_SOURCE` per
+/// address, `TCP_MAX_LIFETIME` each; hickory closes idle ones after `TCP_IDLE_TIMEOUT`) and relays each to
+/// hickory's listener at `inner`. A client over a cap is closed at once.
+async fn guard_tcp(public: TcpListener, inner: SocketAddr, shutdown: CancellationToken) {
+    let total = Arc::new(tokio::sync::Semaphore::new(TCP_MAX_CONNECTIONS));
+    let per_source: Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
+    let mut refused = crate::guest::RateLimited::new("DNS TCP connection over its cap", 5, Duration::from_secs(60));
+    loop {
+        let (client, peer) = tokio::select! {
+            r = public.accept() => match r {
+                Ok(c) => c,
+                // Out of descriptors or similar: wait a moment rather than spin.
+                Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let Ok(permit) = total.clone().try_acquire_owned() else {
+            refused.warn(&format!("{peer}: {TCP_MAX_CONNECTIONS} connections open"));
+            continue;
+        };
+        let source = peer.ip();
+        {
+            let mut counts = per_source.lock().unwrap_or_else(PoisonError::into_inner);
+            let n = counts.entry(source).or_default();
+            if *n >= TCP_MAX_PER_SOURCE {
+                refused.warn(&format!("{peer}: {TCP_MAX_PER_SOURCE} connections open from {source}"));
+                continue;
+            }
+            *n += 1;
+        }
+        let (per_source, shutdown) = (per_source.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let relay = async {
+                let mut client = client;
+                let mut upstream = tokio::net::TcpStream::connect(inner).await?;
+                tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+            };
+            tokio::select! {
+                _ = tokio::time::timeout(TCP_MAX_LIFETIME, relay) => {}
+                () = shutdown.cancelled() => {}
+            }
+            let mut counts = per_source.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(n) = counts.get_mut(&source) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(&source);
+                }
+            }
+            drop(permit);
+        });
+    }
 }
 
 /// The `vm.` zone as a hickory request handler.
@@ -330,6 +394,36 @@ mod tests {
             let buf = tokio::time::timeout(TIMEOUT, reply).await.expect("no reply");
             decode(&request, &buf)
         }
+    }
+
+    #[tokio::test]
+    async fn tcp_clients_beyond_the_per_source_cap_are_closed_and_the_rest_are_served() {
+        let server = TestServer::start().await;
+        // Idle clients from one address hold their connections, up to the cap.
+        let mut held = vec![];
+        for _ in 0..TCP_MAX_PER_SOURCE {
+            held.push(TcpStream::connect(server.addr).await.unwrap());
+        }
+        // Wait until the relay counted them: a connection over the cap is closed at once.
+        let mut extra = TcpStream::connect(server.addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let closed = tokio::time::timeout(TIMEOUT, extra.read(&mut buf)).await.expect("the extra client stayed open");
+        assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+        // Once they go, the same source is served again.
+        drop(held);
+        let mut answered = false;
+        for _ in 0..50 {
+            let request = query("alpha.vm", RecordType::A).to_vec().unwrap();
+            let mut s = TcpStream::connect(server.addr).await.unwrap();
+            s.write_all(&u16::try_from(request.len()).unwrap().to_be_bytes()).await.unwrap();
+            s.write_all(&request).await.unwrap();
+            if tokio::time::timeout(Duration::from_millis(500), s.read_u16()).await.is_ok_and(|r| r.is_ok()) {
+                answered = true;
+                break;
+            }
+        }
+        assert!(answered, "the source was not served after its connections closed");
+        server.stop().await;
     }
 
     fn query(name: &str, qtype: RecordType) -> Message {
