@@ -74,6 +74,8 @@ const MIGRATIONS: &[&str] = &[
         final_status TEXT
      );
      CREATE UNIQUE INDEX sessions_vm_name ON sessions(vm_id, name) WHERE name IS NOT NULL;",
+    // 6: a MAC address belongs to one VM (picked under the allocation lock; this is the backstop).
+    "CREATE UNIQUE INDEX vms_mac ON vms(mac) WHERE mac IS NOT NULL;",
 ];
 
 #[derive(Debug, Clone)]

@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::guest::GuestConn;
 use crate::store::{Store, StoreError};
 
+mod admission;
 mod daemon_ops;
 mod doctor;
 mod guest_sync;
@@ -58,8 +59,11 @@ pub struct Engine {
     image_lock: tokio::sync::Mutex<()>,
     /// Long-running operations (creates), for operation.status / cancel.
     pub(crate) ops: operation::Ops,
-    /// Serialises address allocation (the store's unique index is the backstop).
-    pub(crate) ip_lock: tokio::sync::Mutex<()>,
+    /// Serialises allocation of everything a new or starting VM takes from the host: name, address, MAC,
+    /// and its memory promise (admission); the store's unique indexes are the backstop.
+    pub(crate) alloc_lock: tokio::sync::Mutex<()>,
+    /// Boot slots (`limits.max_concurrent_creates`), first come, first served.
+    pub(crate) slots: admission::CreateSlots,
     /// The VM network; set once at start-up, after reconcile, unless networking is disabled.
     pub(crate) net: std::sync::OnceLock<Arc<crate::network::Network>>,
     /// Which sessions have an attached client (one at a time).
@@ -75,6 +79,8 @@ pub struct Engine {
 impl Engine {
     pub fn new(cfg: Config, store: Store) -> Arc<Engine> {
         let vmm = crate::host::choose_vmm(&cfg);
+        let slots =
+            admission::CreateSlots::new(admission::max_concurrent(&cfg.limits, &admission::HostCapacity::read()));
         Arc::new(Engine {
             cfg,
             store,
@@ -83,7 +89,8 @@ impl Engine {
             vm_locks: Mutex::default(),
             guests: Mutex::default(),
             image_lock: tokio::sync::Mutex::new(()),
-            ip_lock: tokio::sync::Mutex::new(()),
+            alloc_lock: tokio::sync::Mutex::new(()),
+            slots,
             ops: operation::Ops::default(),
             net: std::sync::OnceLock::new(),
             attachments: session::Attachments::default(),
