@@ -45,6 +45,7 @@ fn call_until_ok(d: &TestDaemon, method: &str, params: Value) -> (Value, u32) {
         match call(d, method, params.clone()) {
             Ok(v) => return (v, retries),
             Err(code) => {
+                eprintln!("load: {method} retried after `{code}`");
                 retries += 1;
                 assert!(retries <= 5, "{method} {params}: still `{code}` after 5 retries");
                 std::thread::sleep(Duration::from_millis(200 * retries as u64));
@@ -152,7 +153,8 @@ fn load_creates_execs_sessions_and_a_daemon_crash_leave_nothing_behind() {
     for (vm, mac, _) in &after {
         assert_eq!(&mac_of[vm], mac, "{vm}'s MAC changed across the daemon restart");
     }
-    let exec_retries: u32 = before.iter().chain(&after).map(|(_, _, r)| r).sum();
+    let retries_before: u32 = before.iter().map(|(_, _, r)| r).sum();
+    let retries_after: u32 = after.iter().map(|(_, _, r)| r).sum();
 
     // Every session's output is whole and in order.
     let expected: String = (1..=150).map(|i| format!("line-{i}\n")).collect();
@@ -222,8 +224,8 @@ fn load_creates_execs_sessions_and_a_daemon_crash_leave_nothing_behind() {
     assert!(leftover.is_empty(), "VM directories left: {leftover:?}");
     assert!(taps(&d).len() <= 2, "TAPs left beyond the idle pool: {:?}", taps(&d));
     eprintln!(
-        "load test: {VMS} creates ({modes:?}, {create_retries} retries), {} execs ({exec_retries} retries), \
-         {SESSIONS} sessions, one SIGKILL; {:.1} s",
+        "load test: {VMS} creates ({modes:?}, {create_retries} retries), {} execs (typed retries: \
+         {retries_before} before the SIGKILL, {retries_after} after), {SESSIONS} sessions, one SIGKILL; {:.1} s",
         2 * EXECS,
         started.elapsed().as_secs_f64()
     );

@@ -190,6 +190,24 @@ pub(crate) fn waiting_message(ahead: usize) -> String {
     format!("waiting for a slot: {ahead} ahead")
 }
 
+impl super::Engine {
+    /// Memory promised now: recorded VMs (`rows`, the store's current list) and the warm pool.
+    pub(crate) fn promised_memory_mib(&self, rows: &[VmRow]) -> u64 {
+        recorded_promise_mib(rows) + self.pool_promise_mib()
+    }
+
+    /// Refuses `adds_mib` more when it would take the promise past the budget. The caller holds
+    /// `alloc_lock` until the promise is recorded.
+    pub(crate) fn admit_memory(&self, what: &str, adds_mib: u64, rows: &[VmRow]) -> Result<(), ApiError> {
+        let budget = memory_budget_mib(&self.cfg.limits, &HostCapacity::read());
+        admit(what, adds_mib, self.promised_memory_mib(rows), budget)
+    }
+
+    pub(crate) fn limits_status(&self, rows: &[VmRow]) -> LimitsStatus {
+        self.slots.status(&self.cfg.limits, &HostCapacity::read(), self.promised_memory_mib(rows))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,23 +302,5 @@ mod tests {
         assert_eq!(meminfo_mib(info, "MemTotal:"), Some(24000));
         assert_eq!(meminfo_mib(info, "MemAvailable:"), Some(2000));
         assert_eq!(meminfo_mib(info, "Nope:"), None);
-    }
-}
-
-impl super::Engine {
-    /// Memory promised now: recorded VMs (`rows`, the store's current list) and the warm pool.
-    pub(crate) fn promised_memory_mib(&self, rows: &[VmRow]) -> u64 {
-        recorded_promise_mib(rows) + self.pool_promise_mib()
-    }
-
-    /// Refuses `adds_mib` more when it would take the promise past the budget. The caller holds
-    /// `alloc_lock` until the promise is recorded.
-    pub(crate) fn admit_memory(&self, what: &str, adds_mib: u64, rows: &[VmRow]) -> Result<(), ApiError> {
-        let budget = memory_budget_mib(&self.cfg.limits, &HostCapacity::read());
-        admit(what, adds_mib, self.promised_memory_mib(rows), budget)
-    }
-
-    pub(crate) fn limits_status(&self, rows: &[VmRow]) -> LimitsStatus {
-        self.slots.status(&self.cfg.limits, &HostCapacity::read(), self.promised_memory_mib(rows))
     }
 }
