@@ -227,6 +227,11 @@ impl TestDaemon {
         self.spawn();
     }
 
+    /// Stops the daemon with SIGTERM and leaves it stopped (a clean stop ends pooled VMs).
+    pub fn stop(&mut self) {
+        self.stop_daemon(nix::sys::signal::Signal::SIGTERM);
+    }
+
     /// SIGKILLs the daemon mid-whatever and starts a new one on the same state.
     pub fn crash_and_restart(&mut self) {
         self.crash_and_restart_with(|| {});

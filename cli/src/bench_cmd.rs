@@ -36,6 +36,10 @@ pub struct BenchArgs {
     /// MiB of incompressible files moved by the throughput measurements.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     payload_mib: u32,
+    /// Also measure under load: N creates at once (from the template), then N callers running --execs no-op
+    /// execs each at once, and host memory per idle VM with N running.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=200))]
+    load: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -44,6 +48,7 @@ pub struct Summary {
     pub min_ms: f64,
     pub p50_ms: f64,
     pub p95_ms: f64,
+    pub p99_ms: f64,
     pub max_ms: f64,
 }
 
@@ -98,12 +103,40 @@ pub struct BenchReport {
     pub idle_cold_vm: Memory,
     pub idle_warm_vm: Memory,
     pub throughput: Throughput,
+    /// The same operations at concurrency N (`--load N`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load: Option<LoadReport>,
+}
+
+#[derive(Serialize)]
+pub struct LoadReport {
+    pub concurrency: u32,
+    /// N `vm.create` (from the template) started at once: wall time, rate, each one's latency.
+    pub creates_wall_ms: f64,
+    pub creates_per_s: f64,
+    pub create_to_ready: Summary,
+    /// N callers, each running --execs no-op execs on its own VM, all at once.
+    pub execs_per_s: f64,
+    pub exec: Summary,
+    /// Calls that failed (creates and execs); anything but 0 is a bug. The first errors say why.
+    pub failures: u32,
+    pub failure_examples: Vec<String>,
+    /// With N idle VMs: their VMMs' mean RSS and PSS, and the drop in the host's MemAvailable per VM.
+    pub idle_vm_at_n: Memory,
+    pub host_memory_per_vm_mib: f64,
 }
 
 fn summarize(mut ms: Vec<f64>) -> Summary {
     ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let rank = |p: f64| ms[(((p / 100.0) * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1];
-    Summary { n: ms.len(), min_ms: ms[0], p50_ms: rank(50.0), p95_ms: rank(95.0), max_ms: ms[ms.len() - 1] }
+    Summary {
+        n: ms.len(),
+        min_ms: ms[0],
+        p50_ms: rank(50.0),
+        p95_ms: rank(95.0),
+        p99_ms: rank(99.0),
+        max_ms: ms[ms.len() - 1],
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -259,6 +292,11 @@ async fn bench(a: &BenchArgs, ctx: &Ctx, d: &Daemon, cleanup: &mut Cleanup<'_>) 
     let direct = bare_boot(&image, a.memory, Some((a.execs, a.payload_mib))).await?;
     let (noop_direct, echo, raw_write) = direct.channel.expect("measured");
 
+    let load = match a.load {
+        Some(n) => Some(load_phase(a, ctx, d, &image, n, cleanup).await?),
+        None => None,
+    };
+
     let kernel_mib = std::fs::metadata(&image.kernel).map(|m| m.len() >> 20).unwrap_or(0);
     let (cold_s, warm_s, bare_s) = (summarize(cold), summarize(warm_ms), summarize(bare));
     let pool_s = (!pooled.is_empty()).then(|| summarize(pooled));
@@ -289,6 +327,111 @@ async fn bench(a: &BenchArgs, ctx: &Ctx, d: &Daemon, cleanup: &mut Cleanup<'_>) 
             workspace_export_mib_s: export,
             raw_channel_write_mib_s: raw_write,
         },
+        load,
+    })
+}
+
+/// MemAvailable of this host, MiB.
+fn mem_available_mib() -> f64 {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    info.lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// `--load N`: N creates at once, then N exec loops at once, then memory with the N VMs idle. Failures are
+/// counted, not fatal, so the report says how many there were.
+async fn load_phase(
+    a: &BenchArgs,
+    ctx: &Ctx,
+    d: &Daemon,
+    image: &ImageInfo,
+    n: u32,
+    cleanup: &mut Cleanup<'_>,
+) -> anyhow::Result<LoadReport> {
+    use futures::future::join_all;
+    let tag = std::process::id();
+    let names: Vec<String> = (0..n).map(|i| format!("bench-{tag}-load-{i}")).collect();
+    cleanup.names.extend(names.iter().cloned());
+    let mut failures: Vec<String> = vec![];
+    progress(ctx, format!("load: {n} creates at once..."));
+    let available_before = mem_available_mib();
+    let wall = Instant::now();
+    let creates = join_all(names.iter().map(|name| async move {
+        let t = Instant::now();
+        let params = VmCreateParams {
+            name: Some(name.clone()),
+            image: Some(image.id.clone()),
+            vcpus: Some(1),
+            memory_mib: Some(a.memory),
+            boot: Some(BootRequest::Template),
+            ..Default::default()
+        };
+        d.call::<ops::VmCreate>(&params).await.map(|vm| (vm, ms(t.elapsed())))
+    }))
+    .await;
+    let creates_wall = wall.elapsed();
+    let mut up: Vec<VmInfo> = vec![];
+    let mut create_ms = vec![];
+    for r in creates {
+        match r {
+            Ok((vm, t)) => {
+                create_ms.push(t);
+                up.push(vm);
+            }
+            Err(e) => failures.push(format!("create: {e}")),
+        }
+    }
+    anyhow::ensure!(!up.is_empty(), "no create succeeded under load: {failures:?}");
+    progress(ctx, format!("load: {} callers x {} no-op execs at once...", up.len(), a.execs));
+    let wall = Instant::now();
+    let loops = join_all(up.iter().map(|vm| async move {
+        let mut times = vec![];
+        let mut errors = vec![];
+        for _ in 0..a.execs {
+            let t = Instant::now();
+            match d.call::<ops::VmExec>(&noop(&vm.name)).await {
+                Ok(r) if r.exit_code == Some(0) => times.push(ms(t.elapsed())),
+                Ok(r) => errors.push(format!("exec in {}: `true` ended {:?}", vm.name, r.exit_code)),
+                Err(e) => errors.push(format!("exec in {}: {e}", vm.name)),
+            }
+        }
+        (times, errors)
+    }))
+    .await;
+    let execs_wall = wall.elapsed();
+    let mut exec_ms = vec![];
+    for (times, errors) in loops {
+        exec_ms.extend(times);
+        failures.extend(errors);
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut rss = 0.0;
+    let mut pss = 0.0;
+    for vm in &up {
+        let m = vm_memory(vm)?;
+        rss += m.rss_mib;
+        pss += m.pss_mib;
+    }
+    let per_vm = (available_before - mem_available_mib()) / up.len() as f64;
+    let count = up.len() as f64;
+    let _ = d.call::<ops::VmDelete>(&VmRefs { vms: names.clone() }).await;
+    cleanup.names.retain(|x| !names.contains(x));
+    anyhow::ensure!(!exec_ms.is_empty(), "no exec succeeded under load: {failures:?}");
+    Ok(LoadReport {
+        concurrency: n,
+        creates_wall_ms: ms(creates_wall),
+        creates_per_s: create_ms.len() as f64 / creates_wall.as_secs_f64(),
+        create_to_ready: summarize(create_ms),
+        execs_per_s: exec_ms.len() as f64 / execs_wall.as_secs_f64(),
+        exec: summarize(exec_ms),
+        failures: failures.len() as u32,
+        failure_examples: failures.into_iter().take(5).collect(),
+        idle_vm_at_n: Memory { rss_mib: rss / count, pss_mib: pss / count },
+        host_memory_per_vm_mib: per_vm,
     })
 }
 
@@ -570,6 +713,42 @@ fn print_report(r: &BenchReport) {
         "throughput ({} MiB): workspace prepare {:.1} MiB/s, export {:.1} MiB/s, raw channel write {:.1} MiB/s",
         t.payload_mib, t.workspace_prepare_mib_s, t.workspace_export_mib_s, t.raw_channel_write_mib_s
     );
+    if let Some(l) = &r.load {
+        println!();
+        println!("under load (concurrency {}):", l.concurrency);
+        output::table(
+            &["METRIC", "N", "P50 MS", "P99 MS", "MIN MS", "MAX MS"],
+            &[("create-to-ready (template)", &l.create_to_ready), ("no-op exec via daemon", &l.exec)]
+                .iter()
+                .map(|(name, s)| {
+                    vec![
+                        name.to_string(),
+                        s.n.to_string(),
+                        format!("{:.1}", s.p50_ms),
+                        format!("{:.1}", s.p99_ms),
+                        format!("{:.1}", s.min_ms),
+                        format!("{:.1}", s.max_ms),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        );
+        println!(
+            "creates/s {:.2} ({} at once in {:.0} ms), execs/s {:.1}, failures {}",
+            l.creates_per_s, l.concurrency, l.creates_wall_ms, l.execs_per_s, l.failures
+        );
+        for f in &l.failure_examples {
+            println!("  failure: {f}");
+        }
+        println!(
+            "idle VM at {}: {:.0} MiB RSS ({:.0} PSS) per VMM; host MemAvailable fell {:.0} MiB per VM \
+             (single VM: warm {:.0} MiB PSS)",
+            l.concurrency,
+            l.idle_vm_at_n.rss_mib,
+            l.idle_vm_at_n.pss_mib,
+            l.host_memory_per_vm_mib,
+            r.idle_warm_vm.pss_mib
+        );
+    }
 }
 
 fn tempfile_dir(what: &str) -> std::io::Result<PathBuf> {

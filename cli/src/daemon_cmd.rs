@@ -137,6 +137,7 @@ pub async fn run(cmd: DaemonCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 println!("images    {}", s.images);
                 println!("VMM       {} ({})", s.vmm.vmm.as_str(), s.vmm.reason);
                 println!("warm pool {}", warm_pool_line(&s.warm_pool));
+                println!("limits    {}", s.limits.summary());
                 println!(
                     "console   {}",
                     s.web_url.as_deref().unwrap_or("- (disabled, or its port was taken: see the log)")

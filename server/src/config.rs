@@ -88,6 +88,28 @@ pub struct Config {
     pub guest_sync: GuestSyncConfig,
     pub web: WebConfig,
     pub warm: WarmConfig,
+    pub limits: LimitsConfig,
+}
+
+/// How much the daemon takes on (engine/admission.rs): memory promised to VMs, and boots at once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Memory all VMs together may be promised (running, being created or started, pooled), as a multiple of
+    /// the host's MemTotal. Above 1 overcommits: idle guests touch little of theirs and clones share their
+    /// template's pages, but a host whose guests use it all meets the OOM killer. A create past it is refused.
+    pub memory_overcommit_ratio: f64,
+    /// An absolute cap (MiB) on the same, when it is lower than the ratio's; none by default.
+    pub memory_mib: Option<u64>,
+    /// Creates, starts and pool refills that boot at once; more wait their turn in a FIFO queue.
+    /// 0 (the default) means the host's CPU count, at least 2.
+    pub max_concurrent_creates: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig { memory_overcommit_ratio: 1.0, memory_mib: None, max_concurrent_creates: 0 }
+    }
 }
 
 /// Warm starts (engine/warm.rs): VMs restored from per-image template snapshots instead of booted.
@@ -271,6 +293,7 @@ impl Default for Config {
             guest_sync: GuestSyncConfig::default(),
             web: WebConfig::default(),
             warm: WarmConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -386,6 +409,15 @@ impl Config {
                  127.0.0.1:PORT or [::1]:PORT (reach it remotely through an SSH tunnel)",
                 self.web.listen
             )));
+        }
+        let ratio = self.limits.memory_overcommit_ratio;
+        if !(ratio.is_finite() && ratio > 0.0 && ratio <= 100.0) {
+            return Err(ConfigError::Invalid(format!(
+                "limits.memory_overcommit_ratio must be above 0 and at most 100, not {ratio}"
+            )));
+        }
+        if self.limits.memory_mib == Some(0) {
+            return Err(ConfigError::Invalid("limits.memory_mib must be above 0 (leave it out for no cap)".into()));
         }
         for f in &self.guest_sync.auth_files {
             if !f.guest.starts_with('/') {

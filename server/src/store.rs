@@ -76,7 +76,9 @@ const MIGRATIONS: &[&str] = &[
         final_status TEXT
      );
      CREATE UNIQUE INDEX sessions_vm_name ON sessions(vm_id, name) WHERE name IS NOT NULL;",
-    // 6: boot self-tests of a VMM on this host, keyed by what they proved (banger build, kernel, binary).
+    // 6: a MAC address belongs to one VM (picked under the allocation lock; this is the backstop).
+    "CREATE UNIQUE INDEX vms_mac ON vms(mac) WHERE mac IS NOT NULL;",
+    // 7: boot self-tests of a VMM on this host, keyed by what they proved (banger build, kernel, binary).
     "CREATE TABLE vmm_proofs (
         vmm TEXT NOT NULL,
         inputs TEXT NOT NULL,

@@ -177,7 +177,7 @@ fn operation_cancel_rolls_a_create_back_and_stages_are_reported() {
     assert_eq!(op["state"], "running");
     assert_eq!(op["target"], "halfway");
     let names: Vec<&str> = op["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["allocate", "disks", "network", "boot", "agent", "ready"]);
+    assert_eq!(names, ["allocate", "queue", "disks", "network", "boot", "agent", "ready"]);
     wait_for_vmm(&d);
     let status = d.rpc("operation.status", json!({"id": op["id"]}));
     assert_eq!(status["stages"][0]["state"], "done", "{status}");

@@ -106,6 +106,52 @@ pub struct DaemonStatus {
     pub web_url: Option<String>,
     /// The warm pool: restored VMs waiting to be handed out by vm.create.
     pub warm_pool: WarmPoolStatus,
+    /// What the host can take and what the daemon has promised (`[limits]` in the config).
+    pub limits: LimitsStatus,
+}
+
+/// The host's capacity, the daemon's budget and what its VMs are promised. A create (or start, or pool
+/// refill) that would take the promised memory past the budget is refused before anything is made; creates
+/// beyond `max_concurrent_creates` wait in a FIFO queue.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct LimitsStatus {
+    /// The host's memory (MemTotal), MiB.
+    pub memory_total_mib: u64,
+    /// Memory available now (MemAvailable), MiB.
+    pub memory_available_mib: u64,
+    /// The host's CPUs (as this process may use them).
+    pub cpus: u32,
+    /// `limits.memory_overcommit_ratio`: the budget as a multiple of MemTotal.
+    pub memory_overcommit_ratio: f64,
+    /// Memory all VMs together may be promised, MiB (the ratio's, or `limits.memory_mib` when lower).
+    pub memory_budget_mib: u64,
+    /// Memory promised now, MiB: VMs running, starting or being created, pooled VMs and pool refills.
+    pub memory_promised_mib: u64,
+    /// Boots (creates, starts, pool refills) that may run at once.
+    pub max_concurrent_creates: u32,
+    /// Boots running now.
+    pub creates_running: u32,
+    /// Boots waiting for a slot now.
+    pub creates_waiting: u32,
+}
+
+impl LimitsStatus {
+    /// One line for humans (`daemon status`, doctor, the web console).
+    pub fn summary(&self) -> String {
+        format!(
+            "memory {} of {} MiB promised (budget {} x {} MiB total; {} MiB available now); boots {} of {} at once, \
+             {} waiting; {} CPUs",
+            self.memory_promised_mib,
+            self.memory_budget_mib,
+            self.memory_overcommit_ratio,
+            self.memory_total_mib,
+            self.memory_available_mib,
+            self.creates_running,
+            self.max_concurrent_creates,
+            self.creates_waiting,
+            self.cpus
+        )
+    }
 }
 
 /// The warm pool's state (`warm.pool_size` for the default image and `warm.pools` by image name in the

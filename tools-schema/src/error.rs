@@ -26,6 +26,10 @@ pub enum ErrorCode {
     Cancelled,
     /// The caller is not allowed to use the daemon.
     PermissionDenied,
+    /// The host has no room for this now: the memory the daemon may promise to VMs (`[limits]` in the
+    /// config) would be exceeded, or the network has no free address. Retry once VMs are stopped or
+    /// deleted, or raise the limit; nothing was made.
+    ResourceExhausted,
     /// The method or tool does not exist.
     UnknownMethod,
     /// A bug or an unexpected host failure. The daemon log has details.
@@ -49,6 +53,7 @@ impl ErrorCode {
             ErrorCode::Timeout => -32010,
             ErrorCode::Cancelled => -32011,
             ErrorCode::PermissionDenied => -32012,
+            ErrorCode::ResourceExhausted => -32013,
         }
     }
 
@@ -64,6 +69,7 @@ impl ErrorCode {
             ErrorCode::Timeout => "timeout",
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::ResourceExhausted => "resource_exhausted",
             ErrorCode::UnknownMethod => "unknown_method",
             ErrorCode::Internal => "internal",
         }

@@ -36,6 +36,7 @@ impl Engine {
             ssh_key: self.cfg.ssh_key().display().to_string(),
             web_url: self.web_url.get().cloned(),
             warm_pool: self.warm_pool_status().await,
+            limits: self.limits_status(&vms),
         })
     }
 

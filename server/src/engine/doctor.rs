@@ -46,8 +46,26 @@ fn check(name: &str, status: CheckStatus, detail: impl Into<String>, fix: Option
 }
 
 impl Engine {
+    /// What the host can take (`[limits]`): warns when the promise is past the budget (the budget was
+    /// lowered) or the budget leaves no room for one default VM.
+    async fn capacity_check(&self) -> DoctorCheck {
+        let rows = self.store.vms().await.unwrap_or_default();
+        let l = self.limits_status(&rows);
+        let room = l.memory_budget_mib.saturating_sub(l.memory_promised_mib);
+        if room < self.cfg.default_memory_mib as u64 {
+            check(
+                "capacity",
+                CheckStatus::Warn,
+                format!("{}: no room for another {} MiB VM", l.summary(), self.cfg.default_memory_mib),
+                Some("stop or delete VMs, or raise [limits] memory_overcommit_ratio / memory_mib in the config"),
+            )
+        } else {
+            check("capacity", CheckStatus::Pass, l.summary(), None)
+        }
+    }
+
     pub(crate) async fn host_checks(&self) -> Vec<DoctorCheck> {
-        let mut checks = vec![self.vsock_check(), self.guest_kernel_check()];
+        let mut checks = vec![self.vsock_check(), self.guest_kernel_check(), self.capacity_check().await];
         if !self.cfg.network.enabled {
             checks.push(check(
                 "network",

@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::guest::GuestConn;
 use crate::store::{Store, StoreError};
 
+mod admission;
 mod daemon_ops;
 mod doctor;
 mod guard;
@@ -67,8 +68,11 @@ pub struct Engine {
     image_lock: tokio::sync::Mutex<()>,
     /// Long-running operations (creates), for operation.status / cancel.
     pub(crate) ops: operation::Ops,
-    /// Serialises address allocation (the store's unique index is the backstop).
-    pub(crate) ip_lock: tokio::sync::Mutex<()>,
+    /// Serialises allocation of everything a new or starting VM takes from the host: name, address, MAC,
+    /// and its memory promise (admission); the store's unique indexes are the backstop.
+    pub(crate) alloc_lock: tokio::sync::Mutex<()>,
+    /// Boot slots (`limits.max_concurrent_creates`), first come, first served.
+    pub(crate) slots: admission::CreateSlots,
     /// The VM network; set once at start-up, after reconcile, unless networking is disabled.
     pub(crate) net: std::sync::OnceLock<Arc<crate::network::Network>>,
     /// Which sessions have an attached client (one at a time).
@@ -91,6 +95,8 @@ impl Engine {
             crate::host::FirecrackerProof::NotInstalled
         };
         let vmm = std::sync::RwLock::new(crate::host::choose_vmm(cfg.vmm, accel, &proof));
+        let slots =
+            admission::CreateSlots::new(admission::max_concurrent(&cfg.limits, &admission::HostCapacity::read()));
         Arc::new(Engine {
             cfg,
             store,
@@ -102,7 +108,8 @@ impl Engine {
             guest_connects: Mutex::default(),
             spool_budgets: Mutex::default(),
             image_lock: tokio::sync::Mutex::new(()),
-            ip_lock: tokio::sync::Mutex::new(()),
+            alloc_lock: tokio::sync::Mutex::new(()),
+            slots,
             ops: operation::Ops::default(),
             net: std::sync::OnceLock::new(),
             attachments: session::Attachments::default(),

@@ -154,7 +154,7 @@ impl Engine {
 
     /// Stages of `vm.create`, in order.
     pub(crate) const CREATE_STAGES: &'static [&'static str] =
-        &["allocate", "disks", "network", "boot", "agent", "ready"];
+        &["allocate", "queue", "disks", "network", "boot", "agent", "ready"];
 
     /// Creates a VM and waits until it is ready, reporting stages as progress.
     pub async fn vm_create(self: &Arc<Self>, p: VmCreateParams, ctx: CallContext) -> Result<VmInfo, ApiError> {
@@ -256,6 +256,9 @@ impl Engine {
         }
         let (vcpus, memory_mib) =
             (p.vcpus.unwrap_or(self.cfg.default_vcpus), p.memory_mib.unwrap_or(self.cfg.default_memory_mib));
+        // Name, address, MAC, pool entry and memory promise are taken under one lock: what the checks saw
+        // is still true when the record is written.
+        let _alloc = self.alloc_lock.lock().await;
         // Pooled VMs run on the host's VMM.
         let pooled = (vmm == self.vmm().vmm && p.boot.unwrap_or_default() == BootRequest::Auto)
             .then(|| self.take_pooled(&image.id, vcpus, memory_mib))
@@ -273,6 +276,8 @@ impl Engine {
         }
     }
 
+    /// Picks name, address and MAC, admits the VM's memory and records it as starting. The caller holds
+    /// `alloc_lock`; `id` is a pooled VM's, whose memory is already promised.
     async fn allocate_row(
         &self,
         p: VmCreateParams,
@@ -282,8 +287,6 @@ impl Engine {
         memory_mib: u32,
         id: Option<String>,
     ) -> Result<VmRow, ApiError> {
-        // Addresses and names are handed out under a lock; the store's unique indexes are the backstop.
-        let _ip_guard = self.ip_lock.lock().await;
         let existing = self.store.vms().await?;
         let name = match p.name {
             Some(n) => {
@@ -295,11 +298,14 @@ impl Engine {
             }
             None => generate_name(&existing),
         };
+        // The pooled VM's promise moved from the pool to this record; anything else adds its memory.
+        let adds = if id.is_some() { 0 } else { memory_mib as u64 };
+        self.admit_memory(&format!("VM {name}"), adds, &existing)?;
         let ip = match self.network() {
             Some(net) => {
                 let used = existing.iter().filter_map(|v| v.ip).collect();
                 Some(net.allocate_ip(&used).map_err(|e| {
-                    ApiError::new(ErrorCode::FailedPrecondition, e.to_string())
+                    ApiError::new(ErrorCode::ResourceExhausted, e.to_string())
                         .with_hint("delete VMs you no longer need, or use a larger network.subnet")
                 })?)
             }
@@ -318,7 +324,7 @@ impl Engine {
             started_at: None,
             last_error: None,
             ip,
-            mac: ip.map(|_| random_mac()),
+            mac: ip.map(|_| unused_mac(&existing)),
             tap: None,
             nat: p.nat.unwrap_or(false),
         };
@@ -346,10 +352,15 @@ impl Engine {
             if let Some(entry) = pooled {
                 return self.adopt_pooled(&row, entry, op).await;
             }
-            op.stage("disks");
-            tokio::fs::create_dir_all(&paths.dir)
+            // Boots beyond what may run at once wait their turn, holding only the record.
+            op.stage("queue");
+            let _slot = self
+                .slots
+                .acquire(&cancel, |ahead| op.detail(&super::admission::waiting_message(ahead)))
                 .await
-                .map_err(|e| ApiError::internal(format!("creating {}: {e}", paths.dir.display())))?;
+                .ok_or_else(cancelled)?;
+            op.stage("disks");
+            create_vm_dir(&paths.dir).await?;
             let mut plan = self.boot_plan(&row, &image, cold);
             if let BootPlan::Warm(t) = &plan {
                 if let Err(e) = self.clone_disks(t, &paths).await {
@@ -822,13 +833,41 @@ impl Engine {
             return Ok(self.vm_info(&row).await);
         }
         let image = self.resolve_image(Some(&row.image_id)).await?;
+        {
+            // Its memory is promised again (a stopped VM holds none): admitted and recorded under one lock.
+            let _alloc = self.alloc_lock.lock().await;
+            let rows = self.store.vms().await?;
+            let others: Vec<VmRow> = rows.into_iter().filter(|r| r.id != row.id).collect();
+            self.admit_memory(&format!("starting VM {}", row.name), row.memory_mib as u64, &others)?;
+            self.store.set_vm_state(row.id.clone(), VmState::Starting, None, None, None).await?;
+        }
         let engine = self.clone();
         let task_row = row.clone();
         // A VM that exists boots cold from its own disks (a clone's disks are overlays of its template's).
         let plan = BootPlan::Cold { reason: None };
-        tokio::spawn(async move { engine.boot(&task_row, &image, &cancel, None, plan).await })
-            .await
-            .map_err(|e| ApiError::internal(format!("start task: {e}")))??;
+        let booted = tokio::spawn(async move {
+            let Some(_slot) = engine.slots.acquire(&cancel, |_| {}).await else {
+                return Err(ApiError::new(
+                    ErrorCode::Cancelled,
+                    format!("starting VM {} was cancelled", task_row.name),
+                ));
+            };
+            engine.boot(&task_row, &image, &cancel, None, plan).await
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("start task: {e}")))?;
+        if let Err(e) = booted {
+            // A boot that failed before its VMM ran leaves the record starting: it holds no memory now.
+            if self.reload(&row.id).await.is_ok_and(|r| r.state == VmState::Starting) {
+                let (state, why) = if e.code == ErrorCode::Cancelled {
+                    (row.state, None)
+                } else {
+                    (VmState::Failed, Some(e.message.clone()))
+                };
+                let _ = self.store.set_vm_state(row.id.clone(), state, None, None, why).await;
+            }
+            return Err(e);
+        }
         Ok(self.vm_info(&self.reload(&row.id).await?).await)
     }
 
@@ -1434,6 +1473,31 @@ fn generate_name(existing: &[VmRow]) -> String {
 fn random_mac() -> String {
     let b: [u8; 5] = rand::random();
     format!("02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4])
+}
+
+/// A random MAC no recorded VM has (called under the allocation lock; the store's unique index is the
+/// backstop). Two guests on the bridge with one MAC would steal each other's frames.
+fn unused_mac(existing: &[VmRow]) -> String {
+    loop {
+        let mac = random_mac();
+        if mac != vmm::TEMPLATE_MAC && !existing.iter().any(|v| v.mac.as_deref() == Some(mac.as_str())) {
+            return mac;
+        }
+    }
+}
+
+/// Creates a VM's directory, which must be new: a directory of that id that exists already belongs to
+/// another VM (or a pooled one), and sharing it would mix their disks and sockets.
+pub(crate) async fn create_vm_dir(dir: &std::path::Path) -> Result<(), ApiError> {
+    if let Some(parent) = dir.parent() {
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(|e| ApiError::internal(format!("creating {}: {e}", parent.display())))?;
+    }
+    tokio::fs::create_dir(dir).await.map_err(|e| {
+        ApiError::internal(format!("creating {}: {e}", dir.display()))
+            .with_hint("a directory of that id exists already; the daemon log says which VM holds it")
+    })
 }
 
 impl Engine {

@@ -839,6 +839,9 @@ impl Engine {
         for (image, size) in targets {
             loop {
                 {
+                    // A refill is promised its memory like a create, under the same lock (admission.rs).
+                    let _alloc = self.alloc_lock.lock().await;
+                    let rows = self.store.vms().await?;
                     let pool = self.warm.pool.lock().unwrap();
                     let mut filling = self.warm.pool_filling.lock().unwrap();
                     let have = pool.iter().filter(|e| e.image_id == image.id).count()
@@ -851,9 +854,20 @@ impl Engine {
                         tracing::info!(available_mib = available, "warm pool not refilled: host memory is short");
                         return Ok(());
                     }
+                    let promised =
+                        super::admission::recorded_promise_mib(&rows) + pool_promise(&pool, &filling, memory_mib);
+                    let budget =
+                        super::admission::memory_budget_mib(&self.cfg.limits, &super::admission::HostCapacity::read());
+                    if let Err(e) = super::admission::admit("a pooled VM", memory_mib as u64, promised, budget) {
+                        tracing::info!(reason = %e.message, "warm pool not refilled: the memory budget is spent");
+                        return Ok(());
+                    }
                     *filling.entry(image.id.clone()).or_default() += 1;
                 }
+                // Restores are boots: they take their turn with creates.
+                let slot = self.slots.acquire(&CancellationToken::new(), |_| {}).await;
                 let entry = self.pool_entry(&image, vcpus, memory_mib).await;
+                drop(slot);
                 *self.warm.pool_filling.lock().unwrap().entry(image.id.clone()).or_default() -= 1;
                 self.warm.pool.lock().unwrap().push(entry?);
             }
@@ -879,8 +893,9 @@ impl Engine {
         };
         let id = new_id();
         let paths = self.vm_paths(&id);
+        // Before `result`: a directory that exists is another VM's, and a failure must not remove it.
+        super::vm::create_vm_dir(&paths.dir).await?;
         let result = async {
-            std::fs::create_dir_all(&paths.dir).map_err(|e| ApiError::internal(format!("pool: {e}")))?;
             self.clone_disks(&t, &paths).await?;
             let tap = match self.network() {
                 Some(net) if t.meta.inputs.nic => Some(
@@ -947,6 +962,13 @@ impl Engine {
         }
     }
 
+    /// Memory promised to the pool: VMs waiting in it and refills under way (in the default shape).
+    pub(crate) fn pool_promise_mib(&self) -> u64 {
+        let pool = self.warm.pool.lock().unwrap();
+        let filling = self.warm.pool_filling.lock().unwrap();
+        pool_promise(&pool, &filling, self.cfg.default_memory_mib)
+    }
+
     /// Takes a pooled VM of this image and shape, if one waits.
     pub(crate) fn take_pooled(&self, image_id: &str, vcpus: u32, memory_mib: u32) -> Option<PoolEntry> {
         let mut pool = self.warm.pool.lock().unwrap();
@@ -970,6 +992,11 @@ impl Engine {
         }
         let _ = tokio::fs::remove_dir_all(self.vm_paths(&e.id).dir).await;
     }
+}
+
+fn pool_promise(pool: &[PoolEntry], filling: &HashMap<String, usize>, fill_memory_mib: u32) -> u64 {
+    pool.iter().map(|e| e.memory_mib as u64).sum::<u64>()
+        + filling.values().sum::<usize>() as u64 * fill_memory_mib as u64
 }
 
 /// The NIC settings of a VM whose real ones arrive with `Reidentify` (templates, pooled VMs): never in a

@@ -464,7 +464,8 @@ async fn dashboard(State(c): State<Arc<Console>>, Extension(s): Extension<Sessio
     let body = format!(
         "<h1>Dashboard</h1><section><h2>Host</h2>{}</section>\
          <section><h2>Daemon</h2><dl class=\"facts\"><dt>Build</dt><dd>{}</dd><dt>VMM</dt><dd>{} ({})</dd>\
-         <dt>VMs</dt><dd id=\"vm-counts\">{} running, {} total</dd><dt>Images</dt><dd>{}</dd></dl></section>\
+         <dt>VMs</dt><dd id=\"vm-counts\">{} running, {} total</dd><dt>Images</dt><dd>{}</dd>\
+         <dt>Limits</dt><dd id=\"limits\">{}</dd></dl></section>\
          {running_ops}<section><h2>VMs</h2>{}</section><section><h2>Images</h2>{}</section>",
         host_resources(&c.engine.config().state_dir),
         esc(&status.build.to_string()),
@@ -473,6 +474,7 @@ async fn dashboard(State(c): State<Arc<Console>>, Extension(s): Extension<Sessio
         status.vms_running,
         status.vms_total,
         status.images,
+        esc(&status.limits.summary()),
         vm_table(&vms.vms),
         image_table(&images.images)
     );

@@ -73,6 +73,7 @@ pub struct Network {
     nft: PathBuf,
     idle_taps: Mutex<Vec<String>>,
     pool_size: usize,
+    refilling: tokio::sync::Mutex<()>,
     _dns_task: tokio::task::JoinHandle<()>,
 }
 
@@ -137,6 +138,7 @@ impl Network {
             nft: nft_bin,
             idle_taps: Mutex::new(idle),
             pool_size,
+            refilling: tokio::sync::Mutex::new(()),
             _dns_task: dns_task,
         };
         net.refill_pool().await;
@@ -187,6 +189,8 @@ impl Network {
 
     /// Tops the warm pool up to its configured size.
     pub async fn refill_pool(&self) {
+        // One refill at a time: two would each see the pool short and overfill it.
+        let Ok(_refilling) = self.refilling.try_lock() else { return };
         while self.idle_taps.lock().unwrap().len() < self.pool_size {
             match self.create_tap().await {
                 Ok(n) => self.idle_taps.lock().unwrap().push(n),
@@ -198,17 +202,22 @@ impl Network {
         }
     }
 
+    /// A new TAP on the bridge. The kernel picks its name in the call that creates it (`tap.rs`), so
+    /// concurrent creates and pool refills never meet on one device.
     async fn create_tap(&self) -> Result<String, NetError> {
-        let existing: HashSet<String> = list_taps(&self.handle).await?.into_iter().map(|(n, _)| n).collect();
-        let name = (0..).map(|i| format!("{TAP_PREFIX}{i}")).find(|n| !existing.contains(n)).expect("unbounded");
-        tap::create_persistent(&name).map_err(|source| NetError::Tap { name: name.clone(), source })?;
-        let index =
-            link_index(&self.handle, &name).await?.ok_or_else(|| NetError::Netlink(format!("{name} vanished")))?;
-        let bridge = link_index(&self.handle, &self.bridge)
-            .await?
-            .ok_or_else(|| NetError::Netlink(format!("bridge {} vanished", self.bridge)))?;
-        if let Err(e) = attach(&self.handle, index, bridge).await {
-            let _ = self.handle.link().del(index).execute().await;
+        let name = tap::create_persistent(TAP_PREFIX)
+            .map_err(|source| NetError::Tap { name: format!("{TAP_PREFIX}%d"), source })?;
+        let attached = async {
+            let index =
+                link_index(&self.handle, &name).await?.ok_or_else(|| NetError::Netlink(format!("{name} vanished")))?;
+            let bridge = link_index(&self.handle, &self.bridge)
+                .await?
+                .ok_or_else(|| NetError::Netlink(format!("bridge {} vanished", self.bridge)))?;
+            attach(&self.handle, index, bridge).await
+        }
+        .await;
+        if let Err(e) = attached {
+            let _ = self.delete_tap(&name).await;
             return Err(e);
         }
         Ok(name)
