@@ -28,12 +28,8 @@ pub async fn launch(cfg: &Config, accel: &str, spec: &BootSpec) -> Result<Launch
     if spec.vsock {
         cmdline.push("banger.channel=vsock".into());
     }
-    if spec.initrd.is_none() {
-        // A kernel with everything built in mounts the root disk itself and starts the agent as PID 1. The
-        // root disk is the first virtio-blk device on the command line, which the kernel names vda.
-        cmdline
-            .extend(["root=/dev/vda", "rw", "rootfstype=ext4", "init=/usr/local/bin/banger-agent"].map(String::from));
-    }
+    // The root disk is the first virtio-blk device on the command line, which the kernel names vda.
+    cmdline.extend(spec.layout.kernel_args(spec.initrd.is_some()));
     if accel == "tcg" {
         // Without these, most TCG boots hang calibrating the timer.
         if let Some(khz) = crate::host::tsc_khz() {
@@ -100,14 +96,9 @@ pub async fn launch(cfg: &Config, accel: &str, spec: &BootSpec) -> Result<Launch
     }
     cmd.arg("-chardev")
         .arg(format!("file,id=console,path={},append=on", paths.console_log().display()))
-        .args(["-serial", "chardev:console"])
-        .arg("-drive")
-        .arg(format!("id=root,file={},format=qcow2,if=none,discard=unmap,cache=writeback", spec.root_disk.display()))
-        .args(["-device", "virtio-blk-device,drive=root"]);
-    if let Some(work) = &spec.work_disk {
-        cmd.arg("-drive")
-            .arg(format!("id=work,file={},format=qcow2,if=none,discard=unmap,cache=writeback", work.display()))
-            .args(["-device", "virtio-blk-device,drive=work"]);
+        .args(["-serial", "chardev:console"]);
+    for drive in &spec.drives {
+        cmd.arg("-drive").arg(drive_option(drive)).arg("-device").arg(format!("virtio-blk-device,drive={}", drive.id));
     }
     cmd.args(["-device", "virtio-rng-device"])
         .args(["-device", "virtio-serial-device"])
@@ -147,6 +138,24 @@ pub async fn launch(cfg: &Config, accel: &str, spec: &BootSpec) -> Result<Launch
             Err(e)
         }
     }
+}
+
+/// QEMU's `-drive` option for one of the VM's disks: the format said, never probed (a raw disk the guest
+/// wrote a qcow2 header into stays raw); a read-only disk opened read-only on the host (`readonly=on`, so the
+/// file is never opened for writing and may be shared by many VMs), a writable one passing the guest's
+/// discards on.
+fn drive_option(drive: &super::Drive) -> String {
+    let format = match drive.format {
+        super::DiskFormat::Raw => "raw",
+        super::DiskFormat::Qcow2 => "qcow2",
+    };
+    let access = match drive.access {
+        super::DiskAccess::ReadOnly => "readonly=on",
+        super::DiskAccess::ReadWrite => "discard=unmap,cache=writeback",
+    };
+    // A comma in a path would end the option early: QEMU escapes it as two commas.
+    let file = drive.path.display().to_string().replace(',', ",,");
+    format!("id={},file={file},format={format},if=none,{access}", drive.id)
 }
 
 /// Starts vhost-device-vsock for the VM (detached, like the VMM) and waits for its vhost-user socket.
