@@ -201,3 +201,61 @@ async fn start_vhost_vsock(cfg: &Config, paths: &VmPaths) -> Result<(), VmmError
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{DiskAccess, DiskFormat, RootLayout, VmPaths};
+    use std::path::Path;
+
+    #[test]
+    fn each_layout_renders_its_drives_with_their_format_and_access() {
+        let paths = VmPaths::new("/vms/a".into());
+        let render = |layout: RootLayout| -> Vec<String> {
+            layout.drives(&paths, Path::new("/img/root,1.ext4"), true).iter().map(super::drive_option).collect()
+        };
+        assert_eq!(
+            render(RootLayout::Overlay),
+            [
+                "id=base,file=/img/root,,1.ext4,format=raw,if=none,readonly=on",
+                "id=overlay,file=/vms/a/overlay.ext4,format=raw,if=none,discard=unmap,cache=writeback",
+                "id=work,file=/vms/a/work.ext4,format=raw,if=none,discard=unmap,cache=writeback",
+            ]
+        );
+        assert_eq!(
+            render(RootLayout::Qcow2),
+            [
+                "id=root,file=/vms/a/root.qcow2,format=qcow2,if=none,discard=unmap,cache=writeback",
+                "id=work,file=/vms/a/work.qcow2,format=qcow2,if=none,discard=unmap,cache=writeback",
+            ]
+        );
+        let base = &RootLayout::Overlay.drives(&paths, Path::new("/img/r"), false)[0];
+        assert_eq!((base.format, base.access), (DiskFormat::Raw, DiskAccess::ReadOnly));
+        assert_eq!(RootLayout::Overlay.drives(&paths, Path::new("/img/r"), false).len(), 2);
+        assert_eq!(
+            RootLayout::Overlay.kernel_args(false),
+            ["banger.overlay=1", "root=/dev/vda", "ro", "rootfstype=ext4", "init=/usr/local/bin/banger-agent"]
+        );
+        assert_eq!(RootLayout::Qcow2.kernel_args(true), Vec::<String>::new());
+    }
+
+    #[test]
+    fn firecracker_gets_raw_drives_under_its_anchor_and_refuses_qcow2() {
+        use super::super::firecracker::FcDrive;
+        let paths = VmPaths::new("/vms/a".into());
+        let drives = RootLayout::Overlay.drives(&paths, Path::new("/img/r"), true);
+        let fc: Vec<FcDrive> =
+            drives.iter().map(|d| FcDrive::of(d, Path::new("/vms/a"), Path::new("/anchor/g")).unwrap()).collect();
+        let seen: Vec<(&str, &Path, bool)> =
+            fc.iter().map(|d| (d.id.as_str(), d.path.as_path(), d.read_only)).collect();
+        assert_eq!(
+            seen,
+            [
+                ("base", Path::new("/img/r"), true),
+                ("overlay", Path::new("/anchor/g/overlay.ext4"), false),
+                ("work", Path::new("/anchor/g/work.ext4"), false),
+            ]
+        );
+        let qcow = &RootLayout::Qcow2.drives(&paths, Path::new("/img/r"), false)[0];
+        assert!(FcDrive::of(qcow, Path::new("/vms/a"), Path::new("/vms/a")).is_err());
+    }
+}
