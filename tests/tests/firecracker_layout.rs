@@ -64,7 +64,7 @@ fn firecracker_disk_layout_boots_under_qemu_and_keeps_its_writes_off_the_base() 
     // The host opened the base read-only (O_ACCMODE = O_RDONLY), and nothing else is open on it for writing.
     let flags = open_flags(pid, &base);
     assert!(!flags.is_empty(), "QEMU {pid} does not hold the base {base} open");
-    assert!(flags.iter().all(|f| f & 0o3 == 0), "QEMU opened the base for writing: flags {flags:o?}");
+    assert!(flags.iter().all(|f| f & 0o3 == 0), "QEMU opened the base for writing: flags {flags:?} (decimal)");
 
     // A command runs; files written to / (the overlay) and /root (the work disk) survive a stop and start.
     assert_eq!(d.guest_ok("fclayout", "echo hello from the overlay"), "hello from the overlay\n");
