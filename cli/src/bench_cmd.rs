@@ -597,10 +597,9 @@ async fn bare_boot(image: &ImageInfo, memory_mib: u32, measure: Option<(u32, u32
             memory_mib,
             kernel: image.kernel.clone().into(),
             initrd: image.initrd.clone().map(Into::into),
-            root_disk: paths.root_disk(),
-            base_rootfs: image.rootfs.clone().into(),
+            layout: vmm::RootLayout::Qcow2,
+            drives: vmm::RootLayout::Qcow2.drives(&paths, Path::new(&image.rootfs), work.is_some()),
             kernel_elf: image.kernel_elf.clone().map(Into::into),
-            work_disk: work,
             vsock: cfg.qemu_channel == "vsock",
             dir: dir.clone(),
             // A NIC like a VM's, so the guest does the same work: QEMU makes the TAP (no bridge, no address on

@@ -66,6 +66,11 @@ pub struct Config {
     /// Guest channel of QEMU VMs: `virtio-serial` (default; survives snapshot restore) or `vsock`
     /// (vhost-device-vsock, the same hybrid-vsock protocol Firecracker speaks).
     pub qemu_channel: String,
+    /// Disk layout of new QEMU VMs: `qcow2` (default: qcow2 overlays of the image's root filesystem and work
+    /// seed) or `overlay`, Firecracker's (the image's root filesystem raw and read-only, an overlayfs upper
+    /// disk, a raw work disk; the agent builds the root as PID 1), so that layout runs on hosts where
+    /// Firecracker cannot (banger's tests use it). Overlay-layout VMs always boot cold (no warm templates).
+    pub qemu_root_layout: crate::vmm::RootLayout,
     /// Let `--vmm firecracker` start on hosts without hardware KVM. Guests cannot boot there (paravirtual
     /// KVM kills ordinary kernels), so this only exercises the driver, e.g. in banger's own tests.
     pub allow_firecracker_without_hardware_kvm: bool,
@@ -283,6 +288,7 @@ impl Default for Config {
             manage_ssh_config: true,
             ssh_key: None,
             qemu_channel: "virtio-serial".into(),
+            qemu_root_layout: crate::vmm::RootLayout::Qcow2,
             allow_firecracker_without_hardware_kvm: false,
             cache_dir: default_cache_dir(),
             recipes_dir: None,

@@ -414,14 +414,15 @@ impl Engine {
         }
     }
 
-    /// A new VM's disks over the image's files: qcow2 overlays (QEMU), or an overlay disk and a sparse copy
-    /// of the work seed (Firecracker, which takes raw disks only). Replaces any the VM already has.
+    /// A new VM's disks over the image's files, in its root layout (`vmm::RootLayout`): qcow2 overlays (QEMU's
+    /// default), or an overlay disk and a sparse copy of the work seed (Firecracker, which takes raw disks only,
+    /// and QEMU with `qemu_root_layout = "overlay"`). Replaces any the VM already has.
     async fn make_disks(&self, row: &VmRow, image: &ImageRow, paths: &VmPaths) -> Result<(), ApiError> {
         for d in [paths.root_disk(), paths.work_disk(), paths.overlay_disk(), paths.work_disk_raw()] {
             let _ = std::fs::remove_file(d);
         }
         let (base, seed) = (std::path::Path::new(&image.rootfs), std::path::Path::new(&image.work_seed));
-        if row.vmm == VmmKind::Firecracker {
+        if row.vmm == VmmKind::Firecracker || self.cfg.qemu_root_layout == vmm::RootLayout::Overlay {
             self.make_raw_disks(image, paths).await?;
         } else {
             let root_disk = paths.root_disk();
@@ -591,12 +592,16 @@ impl Engine {
             memory_mib: row.memory_mib,
             kernel: image.kernel.clone().into(),
             initrd: image.initrd.clone().map(Into::into),
-            root_disk: paths.root_disk(),
-            base_rootfs: image.rootfs.clone().into(),
             kernel_elf: image.kernel_elf.clone().map(Into::into),
+            // The layout the VM's disks were made in (`make_disks`), kept for life.
+            layout: vmm::RootLayout::of(&paths),
+            drives: vmm::RootLayout::of(&paths).drives(
+                &paths,
+                std::path::Path::new(&image.rootfs),
+                [paths.work_disk(), paths.work_disk_raw()].iter().any(|w| w.exists()),
+            ),
             dir: paths.dir.clone(),
             net,
-            work_disk: [paths.work_disk(), paths.work_disk_raw()].into_iter().find(|w| w.exists()),
             extra_args: grow_args(&paths, image).into_iter().chain(self.ssh_key_arg()).collect(),
             vsock: self.cfg.qemu_channel == "vsock",
             memory: vmm::GuestMemory::Anonymous,

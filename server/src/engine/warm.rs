@@ -239,6 +239,11 @@ impl Engine {
         if vmm == VmmKind::Qemu && self.cfg.qemu_channel == "vsock" {
             return Some("the guest channel is vsock, which QEMU cannot snapshot (qemu_channel = \"vsock\")".into());
         }
+        if vmm == VmmKind::Qemu && self.cfg.qemu_root_layout == vmm::RootLayout::Overlay {
+            return Some(
+                "QEMU VMs use the overlay disk layout, which is not templated (qemu_root_layout = \"overlay\")".into(),
+            );
+        }
         None
     }
 
@@ -505,13 +510,10 @@ impl Engine {
             memory_mib: inputs.memory_mib,
             kernel: image.kernel.clone().into(),
             initrd: image.initrd.clone().map(Into::into),
-            root_disk: paths.root_disk(),
-            base_rootfs: image.rootfs.clone().into(),
             kernel_elf: image.kernel_elf.clone().map(Into::into),
-            work_disk: (!image.work_seed.is_empty()).then(|| match vmm {
-                VmmKind::Qemu => paths.work_disk(),
-                VmmKind::Firecracker => paths.work_disk_raw(),
-            }),
+            // Firecracker takes raw disks only: its templates use the overlay layout.
+            layout: template_layout(vmm),
+            drives: template_layout(vmm).drives(paths, Path::new(&image.rootfs), !image.work_seed.is_empty()),
             dir: paths.dir.clone(),
             net: tap,
             extra_args: vec!["banger.template=1".into()],
@@ -1001,6 +1003,15 @@ fn pool_promise(pool: &[PoolEntry], filling: &HashMap<String, usize>, fill_memor
 
 /// The NIC settings of a VM whose real ones arrive with `Reidentify` (templates, pooled VMs): never in a
 /// guest, since a template's command line carries none.
+/// The disk layout of a VMM's templates (and so of their clones): QEMU's copy-on-write qcow2 disks, or the
+/// overlay layout for Firecracker, which takes raw disks only.
+fn template_layout(vmm: VmmKind) -> vmm::RootLayout {
+    match vmm {
+        VmmKind::Qemu => vmm::RootLayout::Qcow2,
+        VmmKind::Firecracker => vmm::RootLayout::Overlay,
+    }
+}
+
 fn placeholder_net() -> crate::network::GuestNet {
     crate::network::GuestNet {
         ip: std::net::Ipv4Addr::UNSPECIFIED,

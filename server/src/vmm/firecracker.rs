@@ -48,6 +48,8 @@ pub enum FcError {
     SocketPathTooLong { path: PathBuf },
     #[error("path {path:?} is not UTF-8, which Firecracker's JSON API cannot carry")]
     NonUtf8Path { path: PathBuf },
+    #[error("Firecracker takes raw disks only; {path:?} is {format:?}")]
+    UnsupportedDiskFormat { path: PathBuf, format: super::DiskFormat },
     #[error("could not start {binary:?}")]
     Spawn {
         binary: PathBuf,
@@ -122,6 +124,28 @@ pub struct FcDrive {
     pub path: PathBuf,
     pub read_only: bool,
     pub is_root: bool,
+}
+
+impl FcDrive {
+    /// Firecracker's view of one of the VM's drives: raw only, read-only exactly when the guest may not write,
+    /// and, for a file inside the VM's directory `dir`, its path under `seen` (the anchor a template's
+    /// Firecracker sees its directory at; `dir` itself otherwise). The kernel command line names the root
+    /// (`RootLayout::kernel_args`), so no drive is Firecracker's root device.
+    pub fn of(drive: &super::Drive, dir: &Path, seen: &Path) -> Result<FcDrive, FcError> {
+        if drive.format != super::DiskFormat::Raw {
+            return Err(FcError::UnsupportedDiskFormat { path: drive.path.clone(), format: drive.format });
+        }
+        let path = match drive.path.strip_prefix(dir) {
+            Ok(inside) => seen.join(inside),
+            Err(_) => drive.path.clone(),
+        };
+        Ok(FcDrive {
+            id: drive.id.to_string(),
+            path,
+            read_only: drive.access == super::DiskAccess::ReadOnly,
+            is_root: false,
+        })
+    }
 }
 
 /// Starts `firecracker --api-sock <dir>/firecracker.sock --id <marker>` detached in its own session

@@ -77,13 +77,12 @@ pub struct BootSpec {
     pub memory_mib: u32,
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
-    /// The VM's writable root disk (QEMU: a qcow2 overlay of the image's root filesystem).
-    pub root_disk: PathBuf,
-    /// The image's read-only root filesystem and ELF kernel (Firecracker boots these, with an overlay disk).
-    pub base_rootfs: PathBuf,
+    /// The image's ELF kernel (Firecracker boots it; QEMU boots `kernel`).
     pub kernel_elf: Option<PathBuf>,
-    /// The VM's work disk, mounted at /root by the guest agent.
-    pub work_disk: Option<PathBuf>,
+    /// How the guest builds its root filesystem from `drives`.
+    pub layout: RootLayout,
+    /// The VM's disks in the order the guest sees them (the first is vda, the root device): see `RootLayout::drives`.
+    pub drives: Vec<Drive>,
     pub dir: PathBuf,
     /// The VM's NIC: a TAP on the bridge and the guest's network settings.
     pub net: Option<(String, crate::network::GuestNet)>,
@@ -98,6 +97,95 @@ pub struct BootSpec {
     pub template_mac: Option<String>,
     /// Firecracker templates: the directory the VMM sees its files under (see `firecracker::spawn_anchored`).
     pub anchor: Option<PathBuf>,
+}
+
+/// How a guest's root filesystem is put together from its disks. Both VMMs boot both layouts (Firecracker
+/// only `Overlay`: it takes raw disks only), so the layout Firecracker guests use runs under QEMU too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RootLayout {
+    /// The root disk is the VM's qcow2 overlay of the image's root filesystem, mounted read-write; /root is a
+    /// qcow2 overlay of the work seed.
+    Qcow2,
+    /// The image's root filesystem itself, raw and read-only (shared by every VM of the image), an overlay disk
+    /// (raw ext4 `banger-overlay`) that takes the writes through overlayfs, built by the agent as PID 1
+    /// (`banger.overlay=1`) or by the initramfs, and a raw sparse copy of the work seed.
+    Overlay,
+}
+
+/// A disk file's format, as the VMM must open it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+/// Whether the guest may write a disk. A read-only disk is opened read-only on the host as well.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskAccess {
+    ReadOnly,
+    ReadWrite,
+}
+
+/// One virtio-blk disk of a VM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Drive {
+    /// The VMM's name for it (QEMU drive id, Firecracker drive_id).
+    pub id: &'static str,
+    pub path: PathBuf,
+    pub format: DiskFormat,
+    pub access: DiskAccess,
+}
+
+impl RootLayout {
+    /// The layout a VM's disks were made for: only the overlay layout has an overlay disk. A VM keeps its
+    /// layout for life, whatever the config says later.
+    pub fn of(paths: &VmPaths) -> RootLayout {
+        if paths.overlay_disk().exists() {
+            RootLayout::Overlay
+        } else {
+            RootLayout::Qcow2
+        }
+    }
+
+    /// The VM's drives in this layout, root device first (the kernel names it vda; the agent finds the others
+    /// by label).
+    pub fn drives(self, paths: &VmPaths, base_rootfs: &Path, with_work: bool) -> Vec<Drive> {
+        use DiskAccess::*;
+        use DiskFormat::*;
+        let drive = |id, path, format, access| Drive { id, path, format, access };
+        let mut drives = match self {
+            RootLayout::Qcow2 => vec![drive("root", paths.root_disk(), Qcow2, ReadWrite)],
+            RootLayout::Overlay => vec![
+                drive("base", base_rootfs.to_path_buf(), Raw, ReadOnly),
+                drive("overlay", paths.overlay_disk(), Raw, ReadWrite),
+            ],
+        };
+        if with_work {
+            drives.push(match self {
+                RootLayout::Qcow2 => drive("work", paths.work_disk(), Qcow2, ReadWrite),
+                RootLayout::Overlay => drive("work", paths.work_disk_raw(), Raw, ReadWrite),
+            });
+        }
+        drives
+    }
+
+    /// The kernel command line that goes with the layout. Without an initramfs the kernel mounts the first
+    /// drive (vda) itself and starts the agent as PID 1; in the overlay layout it mounts the base read-only and
+    /// the agent builds the overlay root.
+    pub fn kernel_args(self, initrd: bool) -> Vec<String> {
+        let mut args = vec![];
+        if self == RootLayout::Overlay {
+            args.push("banger.overlay=1".to_string());
+        }
+        if !initrd {
+            let mode = if self == RootLayout::Overlay { "ro" } else { "rw" };
+            args.extend(
+                ["root=/dev/vda", mode, "rootfstype=ext4", "init=/usr/local/bin/banger-agent"].map(String::from),
+            );
+        }
+        args
+    }
 }
 
 /// Guest RAM of a QEMU VM.
@@ -215,12 +303,26 @@ async fn launch_firecracker(cfg: &crate::Config, spec: &BootSpec) -> Result<Laun
         what: "starting firecracker".into(),
         detail: "the image has no ELF kernel (vmlinux); register it with --kernel-elf".into(),
     })?;
+    let fc_err =
+        |e: firecracker::FcError| VmmError::Launch { what: "starting firecracker".into(), detail: e.to_string() };
+    if spec.layout != RootLayout::Overlay {
+        return Err(VmmError::Launch {
+            what: "starting firecracker".into(),
+            detail: "Firecracker boots only the overlay disk layout (it takes raw disks only)".into(),
+        });
+    }
+    // The VMM's own view of the VM's files: under the anchor for a template (see spawn_anchored).
+    let seen = VmPaths::new(spec.anchor.clone().unwrap_or_else(|| spec.dir.clone()));
+    let drives = spec
+        .drives
+        .iter()
+        .map(|d| firecracker::FcDrive::of(d, &spec.dir, &seen.dir))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(fc_err)?;
     let paths = VmPaths::new(spec.dir.clone());
     for stale in [paths.vsock(), paths.pidfile(), paths.dir.join(firecracker::API_SOCKET_NAME)] {
         let _ = std::fs::remove_file(stale);
     }
-    let fc_err =
-        |e: firecracker::FcError| VmmError::Launch { what: "starting firecracker".into(), detail: e.to_string() };
     let marker = process_marker(&spec.vm_id);
     let machine = match &spec.anchor {
         Some(anchor) => firecracker::spawn_anchored(&bin, &spec.dir, anchor, &marker, &paths.console_log()).await,
@@ -237,32 +339,13 @@ async fn launch_firecracker(cfg: &crate::Config, spec: &BootSpec) -> Result<Laun
         "quiet".into(),
         format!("banger.hostname={}", spec.hostname),
         "banger.channel=vsock".into(),
-        "banger.overlay=1".into(),
         "banger.vmm=firecracker".into(),
     ];
-    if spec.initrd.is_none() {
-        // No initramfs: the kernel mounts the base (the first drive, vda) read-only and starts the agent,
-        // which builds the overlay root itself.
-        args.extend(["root=/dev/vda", "ro", "rootfstype=ext4", "init=/usr/local/bin/banger-agent"].map(String::from));
-    }
+    args.extend(spec.layout.kernel_args(spec.initrd.is_some()));
     if let (Some((_, net)), None) = (&spec.net, &spec.template_mac) {
         args.extend(net.kernel_args());
     }
     args.extend(spec.extra_args.iter().cloned());
-    // The VMM's own view of the VM's files: under the anchor for a template (see spawn_anchored).
-    let seen = VmPaths::new(spec.anchor.clone().unwrap_or_else(|| spec.dir.clone()));
-    let mut drives = vec![
-        firecracker::FcDrive { id: "base".into(), path: spec.base_rootfs.clone(), read_only: true, is_root: false },
-        firecracker::FcDrive { id: "overlay".into(), path: seen.overlay_disk(), read_only: false, is_root: false },
-    ];
-    if spec.work_disk.is_some() {
-        drives.push(firecracker::FcDrive {
-            id: "work".into(),
-            path: seen.work_disk_raw(),
-            read_only: false,
-            is_root: false,
-        });
-    }
     let config = firecracker::FcConfig {
         vcpus: spec.vcpus,
         memory_mib: spec.memory_mib,

@@ -28,12 +28,8 @@ pub async fn launch(cfg: &Config, accel: &str, spec: &BootSpec) -> Result<Launch
     if spec.vsock {
         cmdline.push("banger.channel=vsock".into());
     }
-    if spec.initrd.is_none() {
-        // A kernel with everything built in mounts the root disk itself and starts the agent as PID 1. The
-        // root disk is the first virtio-blk device on the command line, which the kernel names vda.
-        cmdline
-            .extend(["root=/dev/vda", "rw", "rootfstype=ext4", "init=/usr/local/bin/banger-agent"].map(String::from));
-    }
+    // The root disk is the first virtio-blk device on the command line, which the kernel names vda.
+    cmdline.extend(spec.layout.kernel_args(spec.initrd.is_some()));
     if accel == "tcg" {
         // Without these, most TCG boots hang calibrating the timer.
         if let Some(khz) = crate::host::tsc_khz() {
@@ -100,14 +96,9 @@ pub async fn launch(cfg: &Config, accel: &str, spec: &BootSpec) -> Result<Launch
     }
     cmd.arg("-chardev")
         .arg(format!("file,id=console,path={},append=on", paths.console_log().display()))
-        .args(["-serial", "chardev:console"])
-        .arg("-drive")
-        .arg(format!("id=root,file={},format=qcow2,if=none,discard=unmap,cache=writeback", spec.root_disk.display()))
-        .args(["-device", "virtio-blk-device,drive=root"]);
-    if let Some(work) = &spec.work_disk {
-        cmd.arg("-drive")
-            .arg(format!("id=work,file={},format=qcow2,if=none,discard=unmap,cache=writeback", work.display()))
-            .args(["-device", "virtio-blk-device,drive=work"]);
+        .args(["-serial", "chardev:console"]);
+    for drive in &spec.drives {
+        cmd.arg("-drive").arg(drive_option(drive)).arg("-device").arg(format!("virtio-blk-device,drive={}", drive.id));
     }
     cmd.args(["-device", "virtio-rng-device"])
         .args(["-device", "virtio-serial-device"])
@@ -147,6 +138,24 @@ pub async fn launch(cfg: &Config, accel: &str, spec: &BootSpec) -> Result<Launch
             Err(e)
         }
     }
+}
+
+/// QEMU's `-drive` option for one of the VM's disks: the format said, never probed (a raw disk the guest
+/// wrote a qcow2 header into stays raw); a read-only disk opened read-only on the host (`readonly=on`, so the
+/// file is never opened for writing and may be shared by many VMs), a writable one passing the guest's
+/// discards on.
+fn drive_option(drive: &super::Drive) -> String {
+    let format = match drive.format {
+        super::DiskFormat::Raw => "raw",
+        super::DiskFormat::Qcow2 => "qcow2",
+    };
+    let access = match drive.access {
+        super::DiskAccess::ReadOnly => "readonly=on",
+        super::DiskAccess::ReadWrite => "discard=unmap,cache=writeback",
+    };
+    // A comma in a path would end the option early: QEMU escapes it as two commas.
+    let file = drive.path.display().to_string().replace(',', ",,");
+    format!("id={},file={file},format={format},if=none,{access}", drive.id)
 }
 
 /// Starts vhost-device-vsock for the VM (detached, like the VMM) and waits for its vhost-user socket.
@@ -191,4 +200,62 @@ async fn start_vhost_vsock(cfg: &Config, paths: &VmPaths) -> Result<(), VmmError
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{DiskAccess, DiskFormat, RootLayout, VmPaths};
+    use std::path::Path;
+
+    #[test]
+    fn each_layout_renders_its_drives_with_their_format_and_access() {
+        let paths = VmPaths::new("/vms/a".into());
+        let render = |layout: RootLayout| -> Vec<String> {
+            layout.drives(&paths, Path::new("/img/root,1.ext4"), true).iter().map(super::drive_option).collect()
+        };
+        assert_eq!(
+            render(RootLayout::Overlay),
+            [
+                "id=base,file=/img/root,,1.ext4,format=raw,if=none,readonly=on",
+                "id=overlay,file=/vms/a/overlay.ext4,format=raw,if=none,discard=unmap,cache=writeback",
+                "id=work,file=/vms/a/work.ext4,format=raw,if=none,discard=unmap,cache=writeback",
+            ]
+        );
+        assert_eq!(
+            render(RootLayout::Qcow2),
+            [
+                "id=root,file=/vms/a/root.qcow2,format=qcow2,if=none,discard=unmap,cache=writeback",
+                "id=work,file=/vms/a/work.qcow2,format=qcow2,if=none,discard=unmap,cache=writeback",
+            ]
+        );
+        let base = &RootLayout::Overlay.drives(&paths, Path::new("/img/r"), false)[0];
+        assert_eq!((base.format, base.access), (DiskFormat::Raw, DiskAccess::ReadOnly));
+        assert_eq!(RootLayout::Overlay.drives(&paths, Path::new("/img/r"), false).len(), 2);
+        assert_eq!(
+            RootLayout::Overlay.kernel_args(false),
+            ["banger.overlay=1", "root=/dev/vda", "ro", "rootfstype=ext4", "init=/usr/local/bin/banger-agent"]
+        );
+        assert_eq!(RootLayout::Qcow2.kernel_args(true), Vec::<String>::new());
+    }
+
+    #[test]
+    fn firecracker_gets_raw_drives_under_its_anchor_and_refuses_qcow2() {
+        use super::super::firecracker::FcDrive;
+        let paths = VmPaths::new("/vms/a".into());
+        let drives = RootLayout::Overlay.drives(&paths, Path::new("/img/r"), true);
+        let fc: Vec<FcDrive> =
+            drives.iter().map(|d| FcDrive::of(d, Path::new("/vms/a"), Path::new("/anchor/g")).unwrap()).collect();
+        let seen: Vec<(&str, &Path, bool)> =
+            fc.iter().map(|d| (d.id.as_str(), d.path.as_path(), d.read_only)).collect();
+        assert_eq!(
+            seen,
+            [
+                ("base", Path::new("/img/r"), true),
+                ("overlay", Path::new("/anchor/g/overlay.ext4"), false),
+                ("work", Path::new("/anchor/g/work.ext4"), false),
+            ]
+        );
+        let qcow = &RootLayout::Qcow2.drives(&paths, Path::new("/img/r"), false)[0];
+        assert!(FcDrive::of(qcow, Path::new("/vms/a"), Path::new("/vms/a")).is_err());
+    }
 }
