@@ -291,3 +291,36 @@ fn attack_dns_floods_from_a_guest_cost_bounded_logs_and_descriptors() {
     let out = d.netns.exec(&["getent", "hosts", "dnsflood.vm"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn attack_a_guest_reported_file_size_is_never_trusted_by_export() {
+    let d = TestDaemon::start();
+    d.register_test_image();
+    d.cli_json(&["vm", "create", "--name", "sizes", "--memory", "384"]);
+    let repo = tempfile::Builder::new().prefix("banger-sizes-").tempdir().unwrap();
+    let git = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("git init -q -b main . && echo one > a && git add a && git -c user.name=a -c user.email=a@b commit -q -m one")
+        .current_dir(repo.path())
+        .output()
+        .unwrap();
+    assert!(git.status.success(), "{}", String::from_utf8_lossy(&git.stderr));
+    d.rpc("workspace.prepare", json!({"vm": "sizes", "path": repo.path()}));
+    // The guest is root: it puts a git in front of the real one that turns the changed-file list the export
+    // script writes into a 512 MiB (sparse) file, so the agent reports, and serves, 512 MiB.
+    d.guest_ok(
+        "sizes",
+        "printf '#!/bin/sh\\n/usr/bin/git \"$@\"; rc=$?\\ntruncate -s 512M /root/.banger-workspace/export.patch.files \
+         2>/dev/null\\nexit $rc\\n' > /usr/local/bin/git && chmod 755 /usr/local/bin/git && echo two >> /root/repo/a",
+    );
+    let before = d.daemon_peak_rss();
+    let r = d.rpc_raw("workspace.export", json!({"vm": "sizes"}));
+    let e = error_of(&r);
+    assert!(e["message"].as_str().unwrap().contains("larger than the"), "{e}");
+    let grown = d.daemon_peak_rss().saturating_sub(before);
+    assert!(grown < 64 << 20, "the daemon's peak memory grew by {grown} bytes reading a 512 MiB file list");
+    // Once the guest stops lying, export works again.
+    d.guest_ok("sizes", "rm /usr/local/bin/git");
+    let ok = d.rpc("workspace.export", json!({"vm": "sizes"}));
+    assert!(ok["patch"].as_str().unwrap_or_default().contains("+two"), "{ok}");
+}
