@@ -526,3 +526,58 @@ impl RawMcp {
         self.send_line(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
     }
 }
+
+/// A namespace with a web server at 198.51.100.2:8080 (TEST-NET-2, owned by the test), linked to the daemon's
+/// namespace by a veth pair whose daemon end, 198.51.100.1, is the daemon namespace's default route: the
+/// "outside world" NAT tests reach, without any traffic leaving the test's namespaces.
+pub struct OutsideWorld {
+    _ns: Netns,
+    server: Child,
+    log: PathBuf,
+}
+
+impl OutsideWorld {
+    pub fn new(daemon_ns: &Netns) -> OutsideWorld {
+        let ns = Netns::new();
+        let dir = tempfile::tempdir().unwrap().keep();
+        std::fs::write(dir.join("hello.txt"), "hello from outside\n").unwrap();
+        let (a, b) = (format!("vo{}", std::process::id() % 100000), format!("vi{}", std::process::id() % 100000));
+        let run = |args: &[&str]| assert!(Command::new("ip").args(args).status().unwrap().success(), "ip {args:?}");
+        run(&["-n", &daemon_ns.name, "link", "add", &a, "type", "veth", "peer", "name", &b, "netns", &ns.name]);
+        run(&["-n", &daemon_ns.name, "addr", "add", "198.51.100.1/24", "dev", &a]);
+        run(&["-n", &daemon_ns.name, "link", "set", &a, "up"]);
+        run(&["-n", &daemon_ns.name, "route", "add", "default", "via", "198.51.100.2"]);
+        run(&["-n", &ns.name, "addr", "add", "198.51.100.2/24", "dev", &b]);
+        run(&["-n", &ns.name, "link", "set", &b, "up"]);
+        // A log line per request says which source address the outside saw.
+        let log = dir.join("access.log");
+        let server = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "python3", "-m", "http.server", "8080", "--bind", "198.51.100.2"])
+            .current_dir(&dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        wait_until("the outside web server", Duration::from_secs(10), || {
+            String::from_utf8_lossy(&ns.exec(&["ss", "-ltn"]).stdout).contains("198.51.100.2:8080")
+        });
+        OutsideWorld { _ns: ns, server, log }
+    }
+
+    /// The web server's access log.
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// How many times the outside served its page.
+    pub fn requests(&self) -> usize {
+        self.server_log().lines().filter(|l| l.contains("GET /hello.txt")).count()
+    }
+}
+
+impl Drop for OutsideWorld {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}

@@ -14,6 +14,19 @@ fn vm_with_fake_agent(d: &TestDaemon, name: &str, behaviours: Value) {
     d.set_fake_agent(name, behaviours);
 }
 
+/// A git repository on the host, made by `script` run in it after `git init`.
+fn host_repo(script: &str) -> tempfile::TempDir {
+    let repo = tempfile::Builder::new().prefix("banger-repo-").tempdir().unwrap();
+    let git = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("git init -q -b main . && {script}"))
+        .current_dir(repo.path())
+        .output()
+        .unwrap();
+    assert!(git.status.success(), "{}", String::from_utf8_lossy(&git.stderr));
+    repo
+}
+
 fn error_of(r: &Value) -> Value {
     r.get("error").cloned().unwrap_or_else(|| panic!("expected an error, got {r}"))
 }
@@ -47,14 +60,7 @@ fn attack_read_file_flood_is_cut_at_the_bytes_asked_for() {
 fn attack_guest_that_never_answers_cannot_wedge_kill_delete_or_cancel() {
     let mut d = TestDaemon::start();
     vm_with_fake_agent(&d, "wedge", json!({}));
-    let repo = tempfile::Builder::new().prefix("banger-wedge-").tempdir().unwrap();
-    let git = std::process::Command::new("sh")
-        .arg("-c")
-        .arg("git init -q -b main . && git -c user.name=a -c user.email=a@b commit -q --allow-empty -m one")
-        .current_dir(repo.path())
-        .output()
-        .unwrap();
-    assert!(git.status.success(), "{}", String::from_utf8_lossy(&git.stderr));
+    let repo = host_repo("git -c user.name=a -c user.email=a@b commit -q --allow-empty -m one");
     // From now on the guest never answers a file write: a prepare hangs in its transfer, holding the VM lock.
     d.set_fake_agent("wedge", json!({"write_file": "silent"}));
     let prepare = |d: &TestDaemon| {
@@ -297,14 +303,7 @@ fn attack_a_guest_reported_file_size_is_never_trusted_by_export() {
     let d = TestDaemon::start();
     d.register_test_image();
     d.cli_json(&["vm", "create", "--name", "sizes", "--memory", "384"]);
-    let repo = tempfile::Builder::new().prefix("banger-sizes-").tempdir().unwrap();
-    let git = std::process::Command::new("sh")
-        .arg("-c")
-        .arg("git init -q -b main . && echo one > a && git add a && git -c user.name=a -c user.email=a@b commit -q -m one")
-        .current_dir(repo.path())
-        .output()
-        .unwrap();
-    assert!(git.status.success(), "{}", String::from_utf8_lossy(&git.stderr));
+    let repo = host_repo("echo one > a && git add a && git -c user.name=a -c user.email=a@b commit -q -m one");
     d.rpc("workspace.prepare", json!({"vm": "sizes", "path": repo.path()}));
     // The guest is root: it puts a git in front of the real one that turns the changed-file list the export
     // script writes into a 512 MiB (sparse) file, so the agent reports, and serves, 512 MiB.

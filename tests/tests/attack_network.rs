@@ -2,7 +2,6 @@
 //! address or MAC, or a NAT VM's address, or answers SSH in another VM's place. Each test performs the attack
 //! from a real guest and asserts the host held: the victim keeps its traffic, the attacker's frames are counted
 //! as dropped by its TAP's filter (`table bridge banger`), and ssh refuses a host key it did not pin.
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use banger_e2e::*;
@@ -228,53 +227,6 @@ fn attack_ssh_to_a_vm_never_logs_into_a_guest_that_answers_at_its_address() {
     assert!(!repinned.contains(alpha_key.split(' ').nth(1).unwrap().trim()), "the old key still pinned: {repinned}");
     d.rpc("vm.delete", json!({"vms": ["alpha"]}));
     d.assert_no_leaked_processes();
-}
-
-/// A namespace with a web server at 198.51.100.2:8080 (TEST-NET-2, owned by this test), linked to the
-/// daemon's namespace by a veth pair whose daemon end is its default route. (As in network.rs.)
-struct OutsideWorld {
-    _ns: Netns,
-    server: Child,
-    log: std::path::PathBuf,
-}
-
-impl OutsideWorld {
-    fn new(daemon_ns: &Netns) -> OutsideWorld {
-        let ns = Netns::new();
-        let dir = tempfile::tempdir().unwrap().keep();
-        std::fs::write(dir.join("hello.txt"), "hello from outside\n").unwrap();
-        let (a, b) = (format!("ao{}", std::process::id() % 100000), format!("ai{}", std::process::id() % 100000));
-        let run = |args: &[&str]| assert!(Command::new("ip").args(args).status().unwrap().success(), "ip {args:?}");
-        run(&["-n", &daemon_ns.name, "link", "add", &a, "type", "veth", "peer", "name", &b, "netns", &ns.name]);
-        run(&["-n", &daemon_ns.name, "addr", "add", "198.51.100.1/24", "dev", &a]);
-        run(&["-n", &daemon_ns.name, "link", "set", &a, "up"]);
-        run(&["-n", &daemon_ns.name, "route", "add", "default", "via", "198.51.100.2"]);
-        run(&["-n", &ns.name, "addr", "add", "198.51.100.2/24", "dev", &b]);
-        run(&["-n", &ns.name, "link", "set", &b, "up"]);
-        let log = dir.join("access.log");
-        let server = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "python3", "-m", "http.server", "8080", "--bind", "198.51.100.2"])
-            .current_dir(&dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        wait_until("the outside web server", Duration::from_secs(10), || {
-            String::from_utf8_lossy(&ns.exec(&["ss", "-ltn"]).stdout).contains("198.51.100.2:8080")
-        });
-        OutsideWorld { _ns: ns, server, log }
-    }
-
-    fn requests(&self) -> usize {
-        std::fs::read_to_string(&self.log).unwrap_or_default().lines().filter(|l| l.contains("GET /hello.txt")).count()
-    }
-}
-
-impl Drop for OutsideWorld {
-    fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-    }
 }
 
 #[test]

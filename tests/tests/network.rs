@@ -1,54 +1,9 @@
 //! The VM network, with real guests: names resolve to addresses for guests and the host, guests reach each
 //! other, never the host's services, and reach other networks only with NAT. A second namespace plays the
 //! outside world (TEST-NET-2 addresses, owned by this test), so no traffic leaves the test's namespaces.
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use banger_e2e::*;
-
-/// A namespace with a web server at 198.51.100.2:8080, linked to the daemon's namespace by a veth pair
-/// whose daemon end is 198.51.100.1 and is the daemon namespace's default route.
-struct OutsideWorld {
-    ns: Netns,
-    server: Child,
-}
-
-impl OutsideWorld {
-    fn new(daemon_ns: &Netns) -> OutsideWorld {
-        let ns = Netns::new();
-        let dir = tempfile::tempdir().unwrap().keep();
-        std::fs::write(dir.join("hello.txt"), "hello from outside\n").unwrap();
-        let (a, b) = (format!("vo{}", std::process::id() % 100000), format!("vi{}", std::process::id() % 100000));
-        let run = |args: &[&str]| assert!(Command::new("ip").args(args).status().unwrap().success(), "ip {args:?}");
-        run(&["-n", &daemon_ns.name, "link", "add", &a, "type", "veth", "peer", "name", &b, "netns", &ns.name]);
-        run(&["-n", &daemon_ns.name, "addr", "add", "198.51.100.1/24", "dev", &a]);
-        run(&["-n", &daemon_ns.name, "link", "set", &a, "up"]);
-        run(&["-n", &daemon_ns.name, "route", "add", "default", "via", "198.51.100.2"]);
-        run(&["-n", &ns.name, "addr", "add", "198.51.100.2/24", "dev", &b]);
-        run(&["-n", &ns.name, "link", "set", &b, "up"]);
-        // A log line per request says which source address the outside saw.
-        let server = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "python3", "-m", "http.server", "8080", "--bind", "198.51.100.2"])
-            .current_dir(&dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(dir.join("access.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !String::from_utf8_lossy(&ns.exec(&["ss", "-ltn"]).stdout).contains("198.51.100.2:8080") {
-            assert!(Instant::now() < deadline, "outside web server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        OutsideWorld { ns, server }
-    }
-}
-
-impl Drop for OutsideWorld {
-    fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-    }
-}
 
 #[test]
 fn guests_resolve_and_reach_each_other_and_the_host_reaches_them_by_name() {
@@ -106,7 +61,7 @@ fn guests_cannot_reach_host_services_and_reach_outside_only_with_nat() {
 
     let fetch = "timeout 3 busybox wget -q -O - http://198.51.100.2:8080/hello.txt";
     assert_eq!(d.guest_ok("natted", fetch), "hello from outside\n");
-    let log = std::fs::read_to_string(outside.server_log()).unwrap();
+    let log = outside.server_log();
     assert!(log.contains("198.51.100.1"), "the outside saw the masqueraded host address: {log}");
     assert!(!log.contains(&natted_ip), "the guest's own address leaked outside: {log}");
     assert_ne!(d.guest_sh("walled", fetch)["exit_code"], 0, "a VM without NAT reached the outside");
@@ -131,15 +86,6 @@ fn guests_cannot_reach_host_services_and_reach_outside_only_with_nat() {
     let _ = host_service.wait();
     d.rpc("vm.delete", json!({"vms": ["walled", "natted"]}));
     drop(outside);
-}
-
-impl OutsideWorld {
-    fn server_log(&self) -> std::path::PathBuf {
-        // The server's cwd is where its log lives.
-        let cwd = std::fs::read_link(format!("/proc/{}/cwd", self.server.id())).unwrap();
-        let _ = &self.ns;
-        cwd.join("access.log")
-    }
 }
 
 #[test]
