@@ -109,7 +109,8 @@ async fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // Errors can quote a guest (its stderr, its paths): made safe like any guest string.
-            eprintln!("error: {}", output::term_line(&format!("{e:#}")));
+            // Errors can quote a guest: each line is escaped, and the lines (message, hint) stay lines.
+            eprintln!("error: {}", output::term_lines(&format!("{e:#}")));
             ExitCode::from(1)
         }
     }

@@ -25,6 +25,11 @@ pub fn term_line(text: &str) -> Cow<'_, str> {
     escape(text, true)
 }
 
+/// Like `term_line`, for text of several lines (an error and its hint): each line escaped, newlines kept.
+pub fn term_lines(text: &str) -> String {
+    text.lines().map(|l| term_line(l).into_owned()).collect::<Vec<_>>().join("\n")
+}
+
 fn is_unsafe(c: char, keep_tab: bool) -> bool {
     match c {
         '\t' => !keep_tab,
@@ -143,6 +148,8 @@ mod tests {
         assert_eq!(term_safe("line\nbreak\r"), "line\\x0abreak\\x0d");
         assert_eq!(term_line("col1\tcol2\u{1b}[2J"), "col1\tcol2\\x1b[2J");
         assert!(matches!(term_safe("plain ünïcode 名前"), Cow::Borrowed(_)));
+        // An error and its hint stay two lines; what is in them is escaped.
+        assert_eq!(term_lines("failed \u{1b}]52;x\n  hint: retry\r"), "failed \\x1b]52;x\n  hint: retry\\x0d");
     }
 
     #[test]

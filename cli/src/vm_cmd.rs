@@ -314,7 +314,7 @@ fn print_batch(verb: &str, r: &VmBatchResult, json: bool) -> ExitCode {
     } else {
         for o in &r.results {
             match (&o.info, &o.error) {
-                (_, Some(e)) => eprintln!("{}: {}", o.vm, output::term_line(&e.display_with_hint())),
+                (_, Some(e)) => eprintln!("{}: {}", o.vm, output::term_lines(&e.display_with_hint())),
                 (Some(i), None) => println!("{}: {verb} ({})", o.vm, i.state.as_str()),
                 (None, None) => println!("{}: {verb}", o.vm),
             }

@@ -90,6 +90,14 @@ pub enum DnsError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "cannot bind the DNS TCP relay's inner listener on {addr}: is the loopback interface up? (ip link set lo up)"
+    )]
+    Loopback {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Serves the `vm.` zone on UDP and TCP at `addr` until `shutdown` is cancelled. Returns once both sockets are
@@ -108,7 +116,8 @@ pub async fn serve(
 
     // hickory's own TCP listener accepts without limit (3000 guest connections pinned 3000 daemon fds), so
     // the public one is banger's (`guard_tcp`, with caps), relaying to hickory's on loopback.
-    let inner = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.map_err(bind_error(addr))?;
+    let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let inner = TcpListener::bind(loopback).await.map_err(|source| DnsError::Loopback { addr: loopback, source })?;
     let inner_addr = inner.local_addr().map_err(bind_error(addr))?;
     let mut server = Server::new(VmZone::new(records));
     server.register_socket(udp);
