@@ -217,11 +217,12 @@ fn rewrite_known_hosts(path: &Path, drop: impl Fn(&[String]) -> bool, add: Optio
         .write(true)
         .create_new(true)
         .custom_flags(libc::O_NOFOLLOW)
-        .mode(0o644)
+        .mode(0o600)
         .open(&tmp)?;
     f.write_all(out.as_bytes())?;
     f.sync_all()?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+    // Like every state file, the daemon's alone (whoever may ssh into guests has the root-only key anyway).
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
     std::fs::rename(&tmp, path)
 }
 
@@ -318,7 +319,7 @@ mod tests {
         pin_host_key(&path, "c", ip(3), "ssh-ed25519 CCCC1").unwrap(); // b's address, reused
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text, "a.vm,10.0.0.2 ssh-ed25519 AAAA2\nc.vm,10.0.0.3 ssh-ed25519 CCCC1\n");
-        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o644);
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
         forget_host_key(&path, "a", ip(2)).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "c.vm,10.0.0.3 ssh-ed25519 CCCC1\n");
         pin_host_key(&path, "d", ip(4), "ssh-ed25519 DDDD1").unwrap();
