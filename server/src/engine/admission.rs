@@ -215,11 +215,10 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn slots_are_served_in_arrival_order_and_never_exceed_the_limit() {
-        let slots = Arc::new(CreateSlots::new(2));
-        let held: Vec<Slot> = vec![
-            slots.acquire(&CancellationToken::new(), |_| panic!("free slot")).await.unwrap(),
-            slots.acquire(&CancellationToken::new(), |_| panic!("free slot")).await.unwrap(),
-        ];
+        // One slot: with more, two waiters admitted together may record their turn in either order (the
+        // scheduler's), which says nothing about the queue.
+        let slots = Arc::new(CreateSlots::new(1));
+        let held: Vec<Slot> = vec![slots.acquire(&CancellationToken::new(), |_| panic!("free slot")).await.unwrap()];
         let order = Arc::new(Mutex::new(vec![]));
         let peak = Arc::new(AtomicU64::new(0));
         let mut tasks = vec![];
@@ -255,7 +254,7 @@ mod tests {
             assert!(places.windows(2).all(|w| w[1] < w[0]), "waiter {i}: {places:?}");
         }
         assert_eq!(*order.lock().unwrap(), (0..8).collect::<Vec<_>>(), "first come, first served");
-        assert!(peak.load(Ordering::SeqCst) <= 2, "more than 2 ran at once");
+        assert!(peak.load(Ordering::SeqCst) <= 1, "more than 1 ran at once");
         assert_eq!((slots.running(), slots.waiting()), (0, 0));
     }
 
