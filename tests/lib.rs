@@ -385,6 +385,17 @@ impl TestDaemon {
         )
     }
 
+    /// banger's TAP devices in this test's namespace.
+    pub fn taps(&self) -> Vec<String> {
+        let out = self.netns.exec(&["ip", "-o", "link", "show"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap().to_string())
+            .filter(|n| n.starts_with("bgtap"))
+            .collect()
+    }
+
     /// Pids of live processes whose command line mentions this test's directory (VMMs and helpers).
     pub fn processes_of_this_test(&self) -> Vec<(u32, String)> {
         let marker = self.dir.path().to_string_lossy().to_string();

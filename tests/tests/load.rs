@@ -54,16 +54,6 @@ fn call_until_ok(d: &TestDaemon, method: &str, params: Value) -> (Value, u32) {
     }
 }
 
-fn taps(d: &TestDaemon) -> Vec<String> {
-    let out = d.netns.exec(&["ip", "-o", "link", "show"]);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split(": ").nth(1))
-        .map(|n| n.split('@').next().unwrap().to_string())
-        .filter(|n| n.starts_with("bgtap"))
-        .collect()
-}
-
 fn nft_table(d: &TestDaemon) -> String {
     String::from_utf8_lossy(&d.netns.exec(&["nft", "list", "table", "inet", "banger"]).stdout).to_string()
 }
@@ -228,7 +218,7 @@ fn load_creates_execs_sessions_and_a_daemon_crash_leave_nothing_behind() {
     d.assert_no_leaked_processes();
     let leftover: Vec<_> = std::fs::read_dir(d.state_dir.join("vms")).unwrap().flatten().map(|e| e.path()).collect();
     assert!(leftover.is_empty(), "VM directories left: {leftover:?}");
-    assert!(taps(&d).len() <= 2, "TAPs left beyond the idle pool: {:?}", taps(&d));
+    assert!(d.taps().len() <= 2, "TAPs left beyond the idle pool: {:?}", d.taps());
     eprintln!(
         "load test: {VMS} creates ({modes:?}, {create_retries} retries), {} execs (typed retries: \
          {retries_before} before the SIGKILL, {retries_after} after), {SESSIONS} sessions, one SIGKILL; {:.1} s",
@@ -281,7 +271,7 @@ fn twenty_concurrent_cli_creates_succeed_and_a_low_limit_refuses_the_excess_befo
     d.register_test_image();
     let status = d.rpc("daemon.status", json!({}));
     assert_eq!(status["limits"]["memory_budget_mib"], 600, "{status}");
-    let taps_before = taps(&d).len();
+    let taps_before = d.taps().len();
     let results = cli_creates(&d, 6, "tight", &["--boot", "cold"]);
     let ok = results.iter().filter(|r| r.0).count();
     assert_eq!(ok, 2, "{results:?}");
@@ -297,7 +287,7 @@ fn twenty_concurrent_cli_creates_succeed_and_a_low_limit_refuses_the_excess_befo
     let dirs = std::fs::read_dir(d.state_dir.join("vms")).unwrap().count();
     assert_eq!(dirs, 2, "a refused create left a directory");
     assert_eq!(d.processes_of_this_test().iter().filter(|(_, c)| c.contains("banger-vm-")).count(), 2);
-    assert!(taps(&d).len() <= taps_before.max(2) + 2, "refused creates made TAPs: {:?}", taps(&d));
+    assert!(d.taps().len() <= taps_before.max(2) + 2, "refused creates made TAPs: {:?}", d.taps());
     // doctor says there is no room left.
     let doctor = d.rpc("doctor.run", json!({}));
     let capacity = doctor["checks"].as_array().unwrap().iter().find(|c| c["name"] == "capacity").cloned();

@@ -92,22 +92,13 @@ fn guests_cannot_reach_host_services_and_reach_outside_only_with_nat() {
 fn taps_come_from_a_warm_pool_and_nothing_network_leaks_across_a_crash() {
     let mut d = TestDaemon::start();
     d.register_test_image();
-    let taps = |d: &TestDaemon| -> Vec<String> {
-        let out = d.netns.exec(&["ip", "-o", "link", "show"]);
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split(": ").nth(1))
-            .map(|n| n.split('@').next().unwrap().to_string())
-            .filter(|n| n.starts_with("bgtap"))
-            .collect()
-    };
-    assert_eq!(taps(&d).len(), 2, "the warm pool holds two idle TAPs: {:?}", taps(&d));
+    assert_eq!(d.taps().len(), 2, "the warm pool holds two idle TAPs: {:?}", d.taps());
     d.rpc("vm.create", json!({"name": "one", "memory_mib": 256}));
     d.rpc("vm.create", json!({"name": "two", "memory_mib": 256}));
     d.rpc("vm.create", json!({"name": "three", "memory_mib": 256}));
-    assert_eq!(taps(&d).len(), 3, "three running VMs, pool drained: {:?}", taps(&d));
+    assert_eq!(d.taps().len(), 3, "three running VMs, pool drained: {:?}", d.taps());
     d.rpc("vm.delete", json!({"vms": ["one", "two"]}));
-    assert_eq!(taps(&d).len(), 3, "one in use, two back in the pool: {:?}", taps(&d));
+    assert_eq!(d.taps().len(), 3, "one in use, two back in the pool: {:?}", d.taps());
 
     // The daemon dies; the VM dies with nobody watching; the next daemon finds the leftovers.
     let pid = d.rpc("vm.show", json!({"vm": "three"}))["pid"].as_u64().unwrap() as i32;
@@ -115,7 +106,7 @@ fn taps_come_from_a_warm_pool_and_nothing_network_leaks_across_a_crash() {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
     });
     assert_eq!(d.rpc("vm.show", json!({"vm": "three"}))["state"], "stopped");
-    assert_eq!(taps(&d).len(), 2, "only the warm pool is left: {:?}", taps(&d));
+    assert_eq!(d.taps().len(), 2, "only the warm pool is left: {:?}", d.taps());
     let out = d.netns.exec(&["getent", "hosts", "three.vm"]);
     assert!(!out.status.success(), "a dead VM's name still resolves");
     d.rpc("vm.delete", json!({"vms": ["three"]}));
