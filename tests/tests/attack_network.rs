@@ -63,6 +63,20 @@ fn resolve_afresh(d: &TestDaemon, ip: &str) -> String {
     text.split_whitespace().skip_while(|w| *w != "lladdr").nth(1).unwrap_or("").to_string()
 }
 
+/// The host's neighbour entry for `ip` on the bridge, as `ip neigh` shows it.
+fn neighbour(d: &TestDaemon, ip: &str) -> String {
+    String::from_utf8_lossy(&d.netns.exec(&["ip", "neigh", "show", "to", ip, "dev", "banger0"]).stdout)
+        .trim()
+        .to_string()
+}
+
+/// Takes away the host's pinned neighbour entry for `ip` (as if banger had not pinned it), so that only the
+/// bridge filter stands between what guests answer and what the host learns.
+fn unpin(d: &TestDaemon, ip: &str) {
+    let out = d.netns.exec(&["ip", "neigh", "del", ip, "dev", "banger0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 fn fetch_from_host(d: &TestDaemon, url: &str) -> String {
     let script = format!("import urllib.request as u; print(u.urlopen('{url}', timeout=5).read().decode(), end='')");
     let out = d.netns.exec(&["python3", "-c", &script]);
@@ -99,10 +113,12 @@ fn attack_guest_takes_another_guests_address_with_gratuitous_arp_and_its_frames_
     d.guest_ok("beta", &attack);
     assert!(d.guest_ok("beta", "ip -o -4 addr").contains(&a_ip), "the attack took place");
 
-    // The host still maps alpha's address to alpha, also when it asks again (beta's kernel now answers
-    // ARP for that address too), and what it reaches there is alpha.
-    let out = d.netns.exec(&["ip", "neigh", "show", "to", &a_ip]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&a_mac), "{}", String::from_utf8_lossy(&out.stdout));
+    // Two layers hold. The host's entry for alpha's address is pinned to alpha's MAC, whatever beta announces.
+    let entry = neighbour(&d, &a_ip);
+    assert!(entry.contains(&a_mac) && entry.contains("PERMANENT"), "{entry}");
+    // With the pin taken away, the host still maps alpha's address to alpha when it asks again (beta's kernel
+    // now answers ARP for that address too): the bridge filter drops beta's answers. What it reaches is alpha.
+    unpin(&d, &a_ip);
     for _ in 0..3 {
         assert_eq!(resolve_afresh(&d, &a_ip), a_mac, "the host's neighbour entry for alpha moved to beta");
         assert_eq!(fetch_from_host(&d, &format!("http://{a_ip}:8080/")), "served-by-alpha\n");
@@ -184,6 +200,7 @@ fn attack_ssh_to_a_vm_never_logs_into_a_guest_that_answers_at_its_address() {
     let b_chain = chain_of(&d, &b_mac);
     let out = d.netns.exec(&["nft", "insert", "rule", "bridge", "banger", &b_chain, "accept"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    unpin(&d, &a_ip);
     d.guest_ok("beta", "for i in $(seq 100); do [ -f /etc/ssh/ssh_host_ed25519_key.pub ] && break; sleep 0.1; done");
     d.guest_ok("alpha", &format!("{NIC}; (sleep 1; ip link set $IF down) >/dev/null 2>&1 &"));
     d.guest_ok(
@@ -216,11 +233,20 @@ fn attack_ssh_to_a_vm_never_logs_into_a_guest_that_answers_at_its_address() {
     assert!(!out.status.success() && !stdout.contains("beta"), "ssh alpha.vm logged into beta: {stdout} {stderr}");
     assert!(stderr.contains("Host key verification failed"), "{stderr}");
 
-    // A deleted VM's pin goes; a new VM of the same name has a new key, which is pinned and works.
-    d.rpc("vm.delete", json!({"vms": ["alpha", "beta"]}));
+    // A deleted VM's pin goes; a new VM of the same name has a new key, which is pinned and works. beta
+    // (which holds alpha's address too) goes first, so nothing answers at that address afterwards.
+    d.rpc("vm.delete", json!({"vms": ["beta"]}));
+    d.rpc("vm.delete", json!({"vms": ["alpha"]}));
     let left = std::fs::read_to_string(&known_hosts).unwrap();
     assert!(!left.contains("alpha.vm") && !left.contains("beta.vm"), "{left}");
+    assert_eq!(neighbour(&d, &a_ip), "", "a deleted VM's address still has a neighbour entry");
     d.rpc("vm.create", json!({"name": "alpha", "memory_mib": 256}));
+    // The new alpha has the old one's address and a MAC of its own: the host reaches it at once, not after its
+    // stale entry for that address (beta's MAC, learned above) expires.
+    let (new_ip, new_mac) = (ip_of(&d, "alpha"), mac_of(&d, "alpha"));
+    assert_eq!(new_ip, a_ip, "the test needs the address to be reused");
+    let entry = neighbour(&d, &a_ip);
+    assert!(entry.contains(&new_mac) && entry.contains("PERMANENT"), "{entry}");
     let out = d.vm_ssh("alpha", &["hostname"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "alpha\n", "{}", String::from_utf8_lossy(&out.stderr));
     let repinned = std::fs::read_to_string(&known_hosts).unwrap();
@@ -295,6 +321,8 @@ fn attack_a_pooled_clone_gets_its_filter_at_hand_out_and_filters_survive_a_daemo
     // The daemon restarts and re-adopts both VMs: the same filters are rebuilt from the store and hold.
     d.restart();
     assert_eq!(chain_of(&d, &p_mac), p_chain, "the pooled VM's filter after a restart");
+    let entry = neighbour(&d, &p_ip);
+    assert!(entry.contains(&p_mac) && entry.contains("PERMANENT"), "the pin after a restart: {entry}");
     let o_chain = chain_of(&d, &o_mac);
     let before = dropped(&d, &o_chain, "ARP claiming another MAC or address");
     d.guest_ok(
@@ -302,10 +330,12 @@ fn attack_a_pooled_clone_gets_its_filter_at_hand_out_and_filters_survive_a_daemo
         &format!("{NIC}; ip addr add {p_ip}/24 dev $IF; busybox arping -U -c 3 -w 3 -I $IF {p_ip}; true"),
     );
     assert!(dropped(&d, &o_chain, "ARP claiming another MAC or address") > before, "other's ARP passed");
+    unpin(&d, &p_ip);
     for _ in 0..3 {
         assert_eq!(resolve_afresh(&d, &p_ip), p_mac, "the host's entry for the pooled VM moved");
         assert_eq!(fetch_from_host(&d, &format!("http://{p_ip}:8080/")), "served-by-pooled\n");
     }
     d.rpc("vm.delete", json!({"vms": ["pooled", "other"]}));
     assert!(!bridge_table(&d).contains(&p_chain), "a deleted VM's filter stayed");
+    assert_eq!(neighbour(&d, &p_ip), "", "a deleted VM's neighbour entry stayed");
 }

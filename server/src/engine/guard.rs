@@ -25,7 +25,7 @@ impl Engine {
     /// The TAP's rules go before the TAP goes back to the pool, where it carries nothing.
     pub(crate) async fn unguard_tap(&self, row: &VmRow, tap: &str) {
         if let Some(net) = self.network() {
-            if let Err(e) = net.unguard_tap(tap).await {
+            if let Err(e) = net.unguard_tap(tap, row.ip).await {
                 tracing::warn!(vm = %row.name, %tap, error = %e, "cannot remove the TAP's filter");
             }
         }

@@ -104,6 +104,11 @@ impl Network {
         let nat: Vec<Ipv4Addr> = running.iter().filter(|v| v.nat).filter_map(|v| v.ip).collect();
         let guards = running_guards(running);
         nft::install(&nft_bin, bridge, subnet, &nat, &guards).await?;
+        // ARP entries: the surviving VMs' pinned again, every other (a crashed daemon's, learned ones) gone.
+        forget_neighbours(&handle, bridge, |_| true).await?;
+        for g in &guards {
+            pin_neighbour(&handle, bridge, g.ipv4, &g.mac).await?;
+        }
         if !nat.is_empty() {
             enable_forwarding()?;
         }
@@ -241,14 +246,21 @@ impl Network {
 
     /// Lets a VM's TAP carry that VM's traffic, and nothing else (its MAC, its addresses; beyond the
     /// subnet only with NAT). Every TAP carries nothing until this runs for it.
+    /// The host's ARP entry for the VM's address is pinned to the VM's MAC at the same time (`pin_neighbour`).
     pub async fn guard_tap(&self, tap: &str, mac: &str, ip: Ipv4Addr, nat: bool) -> Result<(), NetError> {
         let guard = nft::TapGuard::new(tap, mac, ip, nat)?;
-        Ok(nft::guard_tap(&self.nft, self.subnet, &guard).await?)
+        nft::guard_tap(&self.nft, self.subnet, &guard).await?;
+        pin_neighbour(&self.handle, &self.bridge, ip, &guard.mac).await
     }
 
-    /// Takes a TAP's rules away when its VM lets it go: it carries nothing again.
-    pub async fn unguard_tap(&self, tap: &str) -> Result<(), NetError> {
-        Ok(nft::unguard_tap(&self.nft, tap).await?)
+    /// Takes a TAP's rules away when its VM lets it go: it carries nothing again, and the VM's address
+    /// points nowhere until the next VM given it is guarded.
+    pub async fn unguard_tap(&self, tap: &str, ip: Option<Ipv4Addr>) -> Result<(), NetError> {
+        nft::unguard_tap(&self.nft, tap).await?;
+        match ip {
+            Some(ip) => forget_neighbours(&self.handle, &self.bridge, |n| n == ip).await,
+            None => Ok(()),
+        }
     }
 
     /// Idle TAPs in the pool (for status and tests).
@@ -269,6 +281,62 @@ fn running_guards(running: &[RunningVm]) -> Vec<nft::TapGuard> {
             _ => None,
         })
         .collect()
+}
+
+/// One IPv4 entry of the host's neighbour (ARP) table on the bridge.
+struct Neighbour {
+    ip: Ipv4Addr,
+    message: rtnetlink::packet_route::neighbour::NeighbourMessage,
+}
+
+async fn bridge_neighbours(handle: &rtnetlink::Handle, bridge: &str) -> Result<Vec<Neighbour>, NetError> {
+    use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
+    let Some(index) = link_index(handle, bridge).await? else { return Ok(vec![]) };
+    let mut out = vec![];
+    let mut dump = handle.neighbours().get().set_address_family(rtnetlink::packet_route::AddressFamily::Inet).execute();
+    while let Some(message) = dump.try_next().await.map_err(nl)? {
+        if message.header.ifindex != index {
+            continue;
+        }
+        let ip = message.attributes.iter().find_map(|a| match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+            _ => None,
+        });
+        if let Some(ip) = ip {
+            out.push(Neighbour { ip, message });
+        }
+    }
+    Ok(out)
+}
+
+/// Pins the host's ARP entry for a VM's address to the VM's MAC. A learned entry keeps the MAC of whoever
+/// answered last at that address (a deleted VM, a guest that borrowed it) until the kernel gives up on it,
+/// which left the next VM given the address unreachable for half a minute; a pinned one is never taken
+/// over by what a guest sends.
+async fn pin_neighbour(handle: &rtnetlink::Handle, bridge: &str, ip: Ipv4Addr, mac: &[u8; 6]) -> Result<(), NetError> {
+    let index =
+        link_index(handle, bridge).await?.ok_or_else(|| NetError::Netlink(format!("bridge {bridge} vanished")))?;
+    handle.neighbours().add(index, IpAddr::V4(ip)).link_layer_address(mac).replace().execute().await.map_err(nl)
+}
+
+/// Deletes the bridge's ARP entries whose address `matches` (pinned or learned).
+async fn forget_neighbours(
+    handle: &rtnetlink::Handle,
+    bridge: &str,
+    matches: impl Fn(Ipv4Addr) -> bool,
+) -> Result<(), NetError> {
+    for n in bridge_neighbours(handle, bridge).await? {
+        if !matches(n.ip) {
+            continue;
+        }
+        match handle.neighbours().del(n.message).execute().await {
+            Ok(()) => {}
+            // Gone meanwhile (the kernel expired it): what we wanted.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENOENT => {}
+            Err(e) => return Err(nl(e)),
+        }
+    }
+    Ok(())
 }
 
 /// NAT needs IPv4 forwarding in the daemon's namespace.
