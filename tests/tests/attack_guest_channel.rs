@@ -219,6 +219,43 @@ fn burst_of_execs_right_after_a_daemon_restart_all_succeed() {
 }
 
 #[test]
+fn attack_a_guest_that_never_says_hello_fails_every_waiting_call_at_once() {
+    let mut d = TestDaemon::start();
+    vm_with_fake_agent(&d, "mute", json!({"hello": "silent"}));
+    // The restarted daemon has no connection: every call waits for one connect, which the guest never lets
+    // finish. They must all get its failure when it ends, not queue up for a 20 s attempt each in turn.
+    d.restart();
+    let socket = d.socket.clone();
+    let calls: Vec<_> = (0..4)
+        .map(|n| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let body = json!({"jsonrpc": "2.0", "id": n, "method": "vm.exec",
+                                  "params": {"vm": "mute", "command": ["true"], "timeout_secs": 120}})
+                .to_string();
+                let (_, text) = http_post(&socket, &body).expect("POST");
+                (serde_json::from_str::<Value>(&text).unwrap(), Instant::now())
+            })
+        })
+        .collect();
+    let ended: Vec<(Value, Instant)> = calls.into_iter().map(|c| c.join().unwrap()).collect();
+    for (r, _) in &ended {
+        let e = error_of(r);
+        assert!(["timeout", "guest_unreachable"].contains(&e["data"]["code"].as_str().unwrap_or("")), "{e}");
+    }
+    let first = ended.iter().map(|(_, t)| *t).min().unwrap();
+    let last = ended.iter().map(|(_, t)| *t).max().unwrap();
+    // One shared attempt: they end together (serialised attempts would end 20 s apart).
+    assert!(last - first < Duration::from_secs(10), "the calls ended {:?} apart", last - first);
+    // The failure is not kept: once the guest answers again (told over SSH, the channel being what it
+    // refuses), the next call makes a new attempt and succeeds.
+    let out = d.vm_ssh("mute", &["sh", "-c", "echo '{}' > /run/banger-fake-agent.json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = d.rpc("vm.exec", json!({"vm": "mute", "command": ["sh", "-c", "echo $BANGER_FAKE_AGENT"]}));
+    assert_eq!(r["stdout"], "1\n", "{r}");
+}
+
+#[test]
 fn attack_pooled_clones_do_not_share_the_templates_link_local_address() {
     let d = TestDaemon::start_with_config("default_memory_mib = 256\n[warm]\npool_size = 2\nauto_build = false");
     d.register_test_image();

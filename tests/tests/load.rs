@@ -71,13 +71,7 @@ fn all_at_once<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
     })
 }
 
-// Ignored until the agent bug it found is fixed (issue 24 stays open for it): in the merged tree, after the
-// daemon is SIGKILLed while sessions stream, one VM's agent stopped reading its virtio-serial port (QEMU's
-// end of the channel socket held ~1 KiB the guest never took), so every exec to that VM timed out, and the
-// shared connect gate made its callers wait their 20 s turns one after another. Run it by name:
-// `./scripts/test.sh --run-ignored all -E 'test(load_creates_execs_sessions)'`.
 #[test]
-#[ignore = "a VM's agent can stop reading its channel after a daemon SIGKILL mid-stream (issue 24)"]
 fn load_creates_execs_sessions_and_a_daemon_crash_leave_nothing_behind() {
     let started = Instant::now();
     let mut d = TestDaemon::start_with_config(&load_config());

@@ -60,8 +60,9 @@ pub struct Engine {
     vm_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Live guest channel connections of running VMs.
     guests: Mutex<HashMap<String, Arc<GuestConn>>>,
-    /// One connect at a time per VM: callers that find no live connection wait here for the one connect.
-    guest_connects: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The connect in progress per VM, shared by every caller that finds no live connection meanwhile: they
+    /// all get its one result, success or failure, when it ends (`vm.rs`, `Engine::guest`).
+    guest_connects: Mutex<HashMap<String, vm::PendingConnect>>,
     /// Bytes each VM's exec spool folder may still take (`vm.rs`).
     pub(crate) spool_budgets: Mutex<HashMap<String, Arc<std::sync::atomic::AtomicU64>>>,
     /// Serialises image registry changes (register, promote, delete).

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::join_all;
+use futures::future::{join_all, BoxFuture, Shared};
+use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tools_schema::daemon::{Empty, VmmKind};
 use tools_schema::guest::{ExecSpec, GuestRequest};
@@ -30,6 +31,9 @@ use crate::vmm::{self, BootSpec, VmPaths, VmmError};
 const KEEP_EXEC_OUTPUTS: usize = 16;
 /// How long callers wait for the one connect to a running VM's channel (retried within it).
 const GUEST_CONNECT_WAIT: Duration = Duration::from_secs(20);
+
+/// A guest connect in progress, which every caller waiting for the VM's connection awaits.
+pub(crate) type PendingConnect = Shared<BoxFuture<'static, Result<Arc<GuestConn>, ApiError>>>;
 const DEFAULT_EXEC_TIMEOUT_SECS: u64 = 600;
 
 pub(crate) fn vmm_error(e: VmmError) -> ApiError {
@@ -746,25 +750,48 @@ impl Engine {
         }
         // One connect per VM, shared by every caller that arrives meanwhile (after a daemon restart a burst
         // of calls finds no connection; a QEMU channel socket serves one client, so parallel connects would
-        // fail with EAGAIN or wait behind each other). Transient failures are retried inside `ready`.
-        let gate = self.guest_connects.lock().unwrap().entry(row.id.clone()).or_default().clone();
-        let _connecting = gate.lock().await;
-        if let Some(c) = live() {
-            return Ok(c);
+        // fail with EAGAIN or wait behind each other). They all get its result when it ends: a guest that
+        // does not answer costs them one wait, not one each in turn. Transient failures are retried inside
+        // `ready`.
+        let attempt = {
+            let mut pending = self.guest_connects.lock().unwrap();
+            // Checked under the lock: a connect that just ended put its connection in `guests` before it left.
+            if let Some(c) = live() {
+                return Ok(c);
+            }
+            match pending.get(&row.id) {
+                Some(attempt) => attempt.clone(),
+                None => {
+                    if !self.is_alive(row) {
+                        return Err(ApiError::new(
+                            ErrorCode::GuestUnreachable,
+                            format!("VM {}'s VMM is not running", row.name),
+                        )
+                        .with_hint(format!("banger vm start {}", row.name)));
+                    }
+                    let (channel, name) = (self.vm_paths(&row.id).guest_channel(), row.name.clone());
+                    let attempt = async move {
+                        let deadline = tokio::time::Instant::now() + GUEST_CONNECT_WAIT;
+                        let ready = channel.ready(deadline, &CancellationToken::new()).await;
+                        ready.map(|(conn, _)| conn).map_err(|e| guest_error(&name, e))
+                    }
+                    .boxed()
+                    .shared();
+                    pending.insert(row.id.clone(), attempt.clone());
+                    attempt
+                }
+            }
+        };
+        let result = attempt.clone().await;
+        if let Ok(conn) = &result {
+            self.guests.lock().unwrap().insert(row.id.clone(), conn.clone());
         }
-        if !self.is_alive(row) {
-            return Err(ApiError::new(ErrorCode::GuestUnreachable, format!("VM {}'s VMM is not running", row.name))
-                .with_hint(format!("banger vm start {}", row.name)));
+        // This attempt is over: the next caller without a live connection starts a new one.
+        let mut pending = self.guest_connects.lock().unwrap();
+        if pending.get(&row.id).is_some_and(|p| p.ptr_eq(&attempt)) {
+            pending.remove(&row.id);
         }
-        let deadline = tokio::time::Instant::now() + GUEST_CONNECT_WAIT;
-        let (conn, _) = self
-            .vm_paths(&row.id)
-            .guest_channel()
-            .ready(deadline, &CancellationToken::new())
-            .await
-            .map_err(|e| guest_error(&row.name, e))?;
-        self.guests.lock().unwrap().insert(row.id.clone(), conn.clone());
-        Ok(conn)
+        result
     }
 
     /// What the VM's exec spool may still take (`exec_spool_mib`, shared by all its commands): measured from the
