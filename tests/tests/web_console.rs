@@ -165,3 +165,69 @@ fn a_non_loopback_listen_address_is_refused_at_start() {
     assert!(err.contains("web.listen `0.0.0.0:7878` is not a loopback address"), "{err}");
     assert!(!dir.path().join("state").exists(), "nothing was created");
 }
+
+/// Fetches console pages as a logged-in browser would (the token exchanged for the session cookie), with
+/// Python's urllib in the daemon's namespace; returns each page's raw HTML.
+fn fetch_pages(d: &TestDaemon, paths: &[&str]) -> Vec<String> {
+    let script = r#"
+import http.cookiejar, json, sys, urllib.request
+login = sys.argv[1]
+base = login.split("/login")[0]
+opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+opener.open(login, timeout=10).read()
+print(json.dumps([opener.open(base + p, timeout=30).read().decode() for p in sys.argv[2:]]))
+"#;
+    let url = login_url(d);
+    let mut args = vec!["python3", "-c", script, &url];
+    args.extend_from_slice(paths);
+    let out = d.netns.exec(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn attack_markup_from_a_guest_is_inert_in_the_console() {
+    let d = TestDaemon::start_with_config("[web]\nlisten = \"127.0.0.1:0\"");
+    d.register_test_image();
+    d.rpc("vm.create", json!({"name": "marked", "memory_mib": 256}));
+    // A listener whose process name and command line are markup, a session whose command is, and a console
+    // line that is: all of it reaches the console's pages.
+    let listener = r#"
+        use Socket;
+        open(my $c, ">", "/proc/self/comm") or die; print $c "<script>"; close $c;
+        socket(S, PF_INET, SOCK_STREAM, 0) or die; setsockopt(S, SOL_SOCKET, SO_REUSEADDR, 1);
+        bind(S, sockaddr_in(7777, INADDR_ANY)) or die; listen(S, 5) or die; sleep 600;
+    "#;
+    d.guest_ok(
+        "marked",
+        &format!(
+            "setsid perl -e '{listener}' '\"><script>alert(1)</script>' </dev/null >/dev/null 2>&1 &
+             echo '<script>alert(2)</script>banger-console-markup' > /dev/console"
+        ),
+    );
+    d.rpc(
+        "session.start",
+        json!({"vm": "marked", "command": ["sh", "-c", "sleep 600 # <img src=x onerror=alert(3)>"]}),
+    );
+    wait_until("the guest listener", std::time::Duration::from_secs(30), || {
+        d.rpc("vm.ports", json!({"vm": "marked"}))["ports"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|x| x["port"] == 7777))
+    });
+    wait_until("the console line", std::time::Duration::from_secs(30), || {
+        d.rpc("vm.logs", json!({"vm": "marked"}))["lines"].to_string().contains("banger-console-markup")
+    });
+
+    let pages = fetch_pages(&d, &["/vms/marked/ports", "/vms/marked"]);
+    let (ports, vm) = (&pages[0], &pages[1]);
+    for (name, html) in [("ports", ports), ("vm", vm)] {
+        assert!(!html.contains("<script>") && !html.contains("<img"), "live markup on the {name} page:\n{html}");
+    }
+    // It is shown, as text.
+    assert!(ports.contains("&lt;script&gt;"), "the process name is not shown:\n{ports}");
+    assert!(ports.contains("&quot;&gt;&lt;script&gt;alert(1)"), "the command line is not shown:\n{ports}");
+    assert!(vm.contains("&lt;script&gt;alert(2)&lt;/script&gt;banger-console-markup"), "console line:\n{vm}");
+    assert!(vm.contains("&lt;img src=x onerror=alert(3)&gt;"), "session command:\n{vm}");
+    d.rpc("vm.delete", json!({"vms": ["marked"]}));
+    d.assert_no_leaked_processes();
+}

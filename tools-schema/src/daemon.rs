@@ -108,6 +108,20 @@ pub struct DaemonStatus {
     pub warm_pool: WarmPoolStatus,
     /// What the host can take and what the daemon has promised (`[limits]` in the config).
     pub limits: LimitsStatus,
+    /// What the host is doing now: load and the state directory's disk.
+    pub host: HostStatus,
+}
+
+/// What the host is doing now (the web console's dashboard reads it here, not from /proc itself).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct HostStatus {
+    /// Load averages over 1, 5 and 15 minutes; absent when /proc/loadavg cannot be read.
+    pub load_average: Option<[f64; 3]>,
+    /// Size of the filesystem that holds the state directory (VM disks, images), bytes; absent when it
+    /// cannot be read.
+    pub state_disk_total_bytes: Option<u64>,
+    /// What is free on it for the daemon, bytes.
+    pub state_disk_free_bytes: Option<u64>,
 }
 
 /// The host's capacity, the daemon's budget and what its VMs are promised. A create (or start, or pool

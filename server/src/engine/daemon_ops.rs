@@ -3,7 +3,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tools_schema::daemon::{
-    CheckStatus, DaemonStatus, DoctorCheck, DoctorParams, DoctorReport, Empty, PingResult, VmmKind,
+    CheckStatus, DaemonStatus, DoctorCheck, DoctorParams, DoctorReport, Empty, HostStatus, PingResult, VmmKind,
 };
 use tools_schema::vm::VmState;
 use tools_schema::{ApiError, BuildInfo};
@@ -37,6 +37,7 @@ impl Engine {
             web_url: self.web_url.get().cloned(),
             warm_pool: self.warm_pool_status().await,
             limits: self.limits_status(&vms),
+            host: host_status(&self.cfg.state_dir),
         })
     }
 
@@ -224,5 +225,20 @@ impl Engine {
                 fix: Some("start the daemon: banger daemon start".into()),
             },
         }
+    }
+}
+
+/// The host's load (procfs) and the state directory's filesystem (statvfs), read now.
+fn host_status(state_dir: &Path) -> HostStatus {
+    use procfs::Current;
+    let load = procfs::LoadAverage::current().ok().map(|l| [l.one as f64, l.five as f64, l.fifteen as f64]);
+    let disk = nix::sys::statvfs::statvfs(state_dir).ok().map(|s| {
+        let frag = s.fragment_size();
+        (s.blocks() * frag, s.blocks_available() * frag)
+    });
+    HostStatus {
+        load_average: load,
+        state_disk_total_bytes: disk.map(|d| d.0),
+        state_disk_free_bytes: disk.map(|d| d.1),
     }
 }

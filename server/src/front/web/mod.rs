@@ -9,7 +9,6 @@
 //! - every POST needs the session's CSRF token (hidden form field or `x-csrf-token` header), and a present
 //!   Origin header must be this console's.
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -27,21 +26,24 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tools_schema::daemon::Empty;
 use tools_schema::image::ImageBuildParams;
-use tools_schema::operation::{OperationInfo, OperationRef, OperationState};
+use tools_schema::operation::OperationRef;
 use tools_schema::ops::{self, Operation};
 use tools_schema::session::SessionListParams;
-use tools_schema::vm::{PortProtocol, VmCreateParams, VmLogsParams, VmRef, VmRefs, VmState};
+use tools_schema::vm::{VmCreateParams, VmLogsParams, VmRef, VmRefs};
 use tools_schema::{ApiError, ErrorCode};
 
 use crate::engine::{CallContext, Engine};
+
+mod pages;
+use pages::{seg, Viewer};
 
 const SESSION_COOKIE: &str = "banger_session";
 /// Sessions kept at once; the oldest is forgotten beyond this (it just logs in again).
 const MAX_SESSIONS: usize = 64;
 /// Largest form a POST may carry (the forms hold names, numbers and paths).
 const MAX_FORM_BYTES: usize = 64 << 10;
-const STYLE: &str = include_str!("web/console.css");
-const SCRIPT: &str = include_str!("web/console.js");
+const STYLE: &str = include_str!("console.css");
+const SCRIPT: &str = include_str!("console.js");
 
 struct Console {
     engine: Arc<Engine>,
@@ -248,7 +250,7 @@ async fn login(State(console): State<Arc<Console>>, Query(q): Query<LoginQuery>)
 }
 
 fn login_page(message: &str) -> Html<String> {
-    Html(layout("Log in", None, &format!("<h1>banger console</h1><p class=\"notice\">{}</p>", esc(message))))
+    page(pages::login(message))
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -273,13 +275,8 @@ impl IntoResponse for PageError {
             ErrorCode::PermissionDenied => StatusCode::FORBIDDEN,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        (status, Html(layout("Error", None, &error_box(&e)))).into_response()
+        (status, page(pages::error_page(&e))).into_response()
     }
-}
-
-fn error_box(e: &ApiError) -> String {
-    let hint = e.hint.as_deref().map(|h| format!("<p class=\"hint\">{}</p>", esc(h))).unwrap_or_default();
-    format!("<div class=\"error\" id=\"error\"><h2>{}</h2><p>{}</p>{hint}</div>", esc(e.code.as_str()), esc(&e.message))
 }
 
 impl Console {
@@ -296,217 +293,34 @@ impl Console {
 
 type PageResult = Result<Html<String>, PageError>;
 
+fn page(m: maud::Markup) -> Html<String> {
+    Html(m.into_string())
+}
+
+fn viewer(s: &Session) -> Viewer<'_> {
+    Viewer { csrf: &s.csrf }
+}
+
 // ---------------------------------------------------------------------------------------------------------
-// Pages.
-
-fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// Escapes a value for a URL path segment (VM and image names are restricted, but never trust that here).
-fn seg(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-fn layout(title: &str, session: Option<&Session>, body: &str) -> String {
-    let nav = if session.is_some() {
-        "<nav><a href=\"/\">Dashboard</a><a href=\"/vms\">VMs</a><a href=\"/vms/new\">New VM</a>\
-         <a href=\"/images\">Images</a></nav>"
-    } else {
-        ""
-    };
-    let csrf = session.map(|s| esc(&s.csrf)).unwrap_or_default();
-    format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{} · banger</title>\
-         <meta name=\"csrf\" content=\"{csrf}\"><link rel=\"stylesheet\" href=\"/static/console.css\">\
-         <script src=\"/static/console.js\" defer></script></head><body><header><span class=\"brand\">banger</span>\
-         {nav}</header><main>{body}</main></body></html>",
-        esc(title)
-    )
-}
-
-fn csrf_field(s: &Session) -> String {
-    format!("<input type=\"hidden\" name=\"csrf\" value=\"{}\">", esc(&s.csrf))
-}
-
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < UNITS.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[i])
-    }
-}
-
-fn state_badge(s: VmState) -> String {
-    let name = s.as_str();
-    format!("<span class=\"state state-{name}\" data-state=\"{name}\">{name}</span>")
-}
-
-fn op_state_name(s: OperationState) -> String {
-    serde_json::to_value(s).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
-}
-
-/// Host resources for the dashboard, read from /proc and the state directory's filesystem.
-fn host_resources(state_dir: &Path) -> String {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "-".into());
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let kib = |key: &str| {
-        meminfo.lines().find_map(|l| l.strip_prefix(key)?.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-    };
-    let mem = match (kib("MemTotal:"), kib("MemAvailable:")) {
-        (Some(t), Some(a)) => format!("{} free of {}", bytes(a * 1024), bytes(t * 1024)),
-        _ => "-".into(),
-    };
-    let disk = match nix::sys::statvfs::statvfs(state_dir) {
-        Ok(s) => {
-            let frag = s.fragment_size();
-            format!("{} free of {}", bytes(s.blocks_available() * frag), bytes(s.blocks() * frag))
-        }
-        Err(e) => format!("unreadable: {e}"),
-    };
-    format!(
-        "<dl class=\"facts\" id=\"host\"><dt>CPUs</dt><dd>{cpus}</dd><dt>Load</dt><dd>{}</dd>\
-         <dt>Memory</dt><dd>{}</dd><dt>Disk ({})</dt><dd>{}</dd></dl>",
-        esc(&load),
-        esc(&mem),
-        esc(&state_dir.display().to_string()),
-        esc(&disk)
-    )
-}
-
-fn vm_table(vms: &[tools_schema::vm::VmInfo]) -> String {
-    if vms.is_empty() {
-        return "<p class=\"empty\">No VMs yet. <a href=\"/vms/new\">Create one</a>.</p>".into();
-    }
-    let mut t = String::from(
-        "<table id=\"vms\"><tr><th>Name</th><th>State</th><th>Image</th><th>vCPUs</th><th>Memory</th><th>IP</th></tr>",
-    );
-    for v in vms {
-        let _ = write!(
-            t,
-            "<tr><td><a href=\"/vms/{}\">{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{} MiB</td><td>{}</td></tr>",
-            seg(&v.name),
-            esc(&v.name),
-            state_badge(v.state),
-            esc(&v.image),
-            v.vcpus,
-            v.memory_mib,
-            esc(v.ip.as_deref().unwrap_or("-"))
-        );
-    }
-    t.push_str("</table>");
-    t
-}
-
-fn image_table(images: &[tools_schema::image::ImageInfo]) -> String {
-    if images.is_empty() {
-        return "<p class=\"empty\">No images registered. Build one below, or run scripts/quickstart.sh.</p>".into();
-    }
-    let mut t = String::from("<table id=\"images\"><tr><th>Name</th><th>Default</th><th>Size</th><th>Source</th></tr>");
-    for i in images {
-        let _ = write!(
-            t,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&i.name),
-            if i.is_default { "default" } else { "" },
-            bytes(i.rootfs_bytes),
-            esc(i.source.as_deref().unwrap_or("registered"))
-        );
-    }
-    t.push_str("</table>");
-    t
-}
+// Pages: each reads through operations, then renders in `pages`.
 
 async fn dashboard(State(c): State<Arc<Console>>, Extension(s): Extension<Session>) -> PageResult {
     let status = c.call::<ops::DaemonStatus>(&Empty {}).await?;
     let vms = c.call::<ops::VmList>(&Empty {}).await?;
     let images = c.call::<ops::ImageList>(&Empty {}).await?;
     let operations = c.call::<ops::OperationList>(&Empty {}).await?;
-    let mut running_ops = String::new();
-    for op in operations.operations.iter().filter(|o| o.state == OperationState::Running) {
-        let _ = write!(
-            running_ops,
-            "<li><a href=\"/operations/{}\">{} {}</a></li>",
-            seg(&op.id),
-            esc(&op.kind),
-            esc(&op.target)
-        );
-    }
-    if !running_ops.is_empty() {
-        running_ops = format!("<h2>Running operations</h2><ul>{running_ops}</ul>");
-    }
-    let body = format!(
-        "<h1>Dashboard</h1><section><h2>Host</h2>{}</section>\
-         <section><h2>Daemon</h2><dl class=\"facts\"><dt>Build</dt><dd>{}</dd><dt>VMM</dt><dd>{} ({})</dd>\
-         <dt>VMs</dt><dd id=\"vm-counts\">{} running, {} total</dd><dt>Images</dt><dd>{}</dd>\
-         <dt>Limits</dt><dd id=\"limits\">{}</dd></dl></section>\
-         {running_ops}<section><h2>VMs</h2>{}</section><section><h2>Images</h2>{}</section>",
-        host_resources(&c.engine.config().state_dir),
-        esc(&status.build.to_string()),
-        esc(status.vmm.vmm.as_str()),
-        esc(&status.vmm.reason),
-        status.vms_running,
-        status.vms_total,
-        status.images,
-        esc(&status.limits.summary()),
-        vm_table(&vms.vms),
-        image_table(&images.images)
-    );
-    Ok(Html(layout("Dashboard", Some(&s), &body)))
+    Ok(page(pages::dashboard(&viewer(&s), &status, &vms.vms, &images.images, &operations.operations)))
 }
 
 async fn vm_list(State(c): State<Arc<Console>>, Extension(s): Extension<Session>) -> PageResult {
     let vms = c.call::<ops::VmList>(&Empty {}).await?;
-    let body = format!("<h1>VMs</h1><p><a class=\"button\" href=\"/vms/new\">New VM</a></p>{}", vm_table(&vms.vms));
-    Ok(Html(layout("VMs", Some(&s), &body)))
+    Ok(page(pages::vm_list(&viewer(&s), &vms.vms)))
 }
 
 async fn vm_new(State(c): State<Arc<Console>>, Extension(s): Extension<Session>) -> PageResult {
     let images = c.call::<ops::ImageList>(&Empty {}).await?;
-    let mut options = String::from("<option value=\"\">the default image</option>");
-    for i in &images.images {
-        let _ = write!(options, "<option value=\"{0}\">{0}</option>", esc(&i.name));
-    }
     let cfg = c.engine.config();
-    let body = format!(
-        "<h1>New VM</h1><form method=\"post\" action=\"/vms\" class=\"form\">{}\
-         <label>Name <input name=\"name\" id=\"name\" placeholder=\"generated when empty\"></label>\
-         <label>Image <select name=\"image\">{options}</select></label>\
-         <label>vCPUs <input name=\"vcpus\" inputmode=\"numeric\" placeholder=\"{}\"></label>\
-         <label>Memory (MiB) <input name=\"memory_mib\" inputmode=\"numeric\" placeholder=\"{}\"></label>\
-         <label><input type=\"checkbox\" name=\"nat\"> NAT (reach networks beyond this host)</label>\
-         <button type=\"submit\" id=\"create\">Create</button></form>",
-        csrf_field(&s),
-        cfg.default_vcpus,
-        cfg.default_memory_mib
-    );
-    Ok(Html(layout("New VM", Some(&s), &body)))
+    Ok(page(pages::vm_new(&viewer(&s), &images.images, cfg.default_vcpus, cfg.default_memory_mib)))
 }
 
 /// A whole number from a form field; empty means "use the default".
@@ -557,102 +371,10 @@ async fn vm_detail(
     UrlPath(name): UrlPath<String>,
 ) -> PageResult {
     let vm = c.call::<ops::VmShow>(&VmRef { vm: name.clone() }).await?;
-    let stats = match c.call::<ops::VmStats>(&VmRef { vm: name.clone() }).await {
-        Ok(st) => {
-            let mut d = String::new();
-            if let Some(cpu) = st.host_cpu_seconds {
-                let _ = write!(d, "<dt>Host CPU time</dt><dd>{cpu:.1} s</dd>");
-            }
-            if let Some(rss) = st.host_rss_bytes {
-                let _ = write!(d, "<dt>Host memory</dt><dd>{}</dd>", bytes(rss));
-            }
-            if let Some(disk) = st.disk_host_bytes {
-                let _ = write!(d, "<dt>Disk used on host</dt><dd>{}</dd>", bytes(disk));
-            }
-            if let Some(g) = st.guest {
-                let _ = write!(
-                    d,
-                    "<dt>Guest uptime</dt><dd>{:.0} s</dd><dt>Guest memory</dt><dd>{} free of {}</dd>\
-                     <dt>Guest root disk</dt><dd>{} used of {}</dd><dt>Processes</dt><dd>{}</dd>",
-                    g.uptime_secs,
-                    bytes(g.mem_available_bytes),
-                    bytes(g.mem_total_bytes),
-                    bytes(g.root_used_bytes),
-                    bytes(g.root_total_bytes),
-                    g.processes
-                );
-            }
-            format!("<dl class=\"facts\" id=\"stats\">{d}</dl>")
-        }
-        Err(e) => error_box(&e),
-    };
-    let logs = match c.call::<ops::VmLogs>(&VmLogsParams { vm: name.clone(), tail: Some(40) }).await {
-        Ok(l) => format!("<pre id=\"console-log\">{}</pre>", esc(&l.lines.join("\n"))),
-        Err(e) => error_box(&e),
-    };
-    let sessions = match c.call::<ops::SessionList>(&SessionListParams { vm: Some(name.clone()) }).await {
-        Ok(l) if l.sessions.is_empty() => {
-            "<p id=\"sessions\">No sessions. Start one with <code>banger vm session start</code>.</p>".to_string()
-        }
-        Ok(l) => {
-            let mut t = String::from(
-                "<table id=\"sessions\"><tr><th>Session</th><th>Command</th><th>State</th><th>Exit</th><th>Output</th>\
-                 <th>Attached</th></tr>",
-            );
-            for ss in &l.sessions {
-                let exit = match (ss.exit_code, ss.signal) {
-                    (Some(code), _) => code.to_string(),
-                    (None, Some(sig)) => format!("signal {sig}"),
-                    _ => "-".into(),
-                };
-                let _ = write!(
-                    t,
-                    "<tr><td>{}</td><td><code>{}</code></td><td>{}</td><td>{exit}</td><td>{}</td><td>{}</td></tr>",
-                    esc(ss.name.as_deref().unwrap_or(&ss.id)),
-                    esc(&ss.command.join(" ")),
-                    esc(ss.state.as_str()),
-                    bytes(ss.output_bytes),
-                    if ss.attached { "yes" } else { "no" }
-                );
-            }
-            t + "</table>"
-        }
-        Err(e) => error_box(&e),
-    };
-    let n = seg(&vm.name);
-    let mut actions = String::new();
-    if matches!(vm.state, VmState::Stopped | VmState::Failed) {
-        let _ = write!(actions, "<a class=\"button\" id=\"start\" href=\"/vms/{n}/confirm/start\">Start</a>");
-    }
-    if vm.state == VmState::Running {
-        let _ = write!(actions, "<a class=\"button\" id=\"stop\" href=\"/vms/{n}/confirm/stop\">Stop</a>");
-    }
-    let _ = write!(actions, "<a class=\"button danger\" id=\"delete\" href=\"/vms/{n}/confirm/delete\">Delete</a>");
-    let last_error =
-        vm.last_error.as_deref().map(|e| format!("<p class=\"error\">Last error: {}</p>", esc(e))).unwrap_or_default();
-    // Refresh while the VM is on its way somewhere, so the page settles on its own.
-    let refresh = if matches!(vm.state, VmState::Running | VmState::Stopped | VmState::Failed) {
-        ""
-    } else {
-        "<meta http-equiv=\"refresh\" content=\"2\">"
-    };
-    let body = format!(
-        "{refresh}<h1>VM {}</h1>{last_error}<p class=\"actions\">{actions}<a class=\"button\" id=\"ports\" \
-         href=\"/vms/{n}/ports\">Ports</a></p><dl class=\"facts\" id=\"vm\"><dt>State</dt><dd>{}</dd>\
-         <dt>Image</dt><dd>{}</dd><dt>Shape</dt><dd>{} vCPU, {} MiB</dd><dt>VMM</dt><dd>{}</dd>\
-         <dt>IP</dt><dd>{}</dd><dt>DNS name</dt><dd>{}</dd><dt>NAT</dt><dd>{}</dd></dl>\
-         <h2>Stats</h2>{stats}<h2>Sessions</h2>{sessions}<h2>Console log</h2>{logs}",
-        esc(&vm.name),
-        state_badge(vm.state),
-        esc(&vm.image),
-        vm.vcpus,
-        vm.memory_mib,
-        esc(vm.vmm.as_str()),
-        esc(vm.ip.as_deref().unwrap_or("-")),
-        esc(&vm.dns_name),
-        if vm.nat { "on" } else { "off" }
-    );
-    Ok(Html(layout(&format!("VM {}", vm.name), Some(&s), &body)))
+    let stats = c.call::<ops::VmStats>(&VmRef { vm: name.clone() }).await;
+    let sessions = c.call::<ops::SessionList>(&SessionListParams { vm: Some(name.clone()) }).await.map(|l| l.sessions);
+    let console = c.call::<ops::VmLogs>(&VmLogsParams { vm: name, tail: Some(40) }).await.map(|l| l.lines);
+    Ok(page(pages::vm_detail(&viewer(&s), &vm, stats, sessions, console)))
 }
 
 async fn vm_ports(
@@ -660,32 +382,8 @@ async fn vm_ports(
     Extension(s): Extension<Session>,
     UrlPath(name): UrlPath<String>,
 ) -> PageResult {
-    let ports = c.call::<ops::VmPorts>(&VmRef { vm: name.clone() }).await?;
-    let mut t = String::from(
-        "<table id=\"port-list\"><tr><th>Port</th><th>Protocol</th><th>Reach it at</th><th>Bound to</th>\
-         <th>Process</th></tr>",
-    );
-    for p in &ports.ports {
-        let proto = serde_json::to_value(p.proto).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
-        let endpoint = match p.proto {
-            PortProtocol::Http | PortProtocol::Https => {
-                format!("<a href=\"{0}\" target=\"_blank\" rel=\"noopener noreferrer\">{0}</a>", esc(&p.endpoint))
-            }
-            _ => esc(&p.endpoint),
-        };
-        let _ = write!(
-            t,
-            "<tr><td>{}</td><td>{}</td><td>{endpoint}</td><td>{}</td><td title=\"{}\">{}</td></tr>",
-            p.port,
-            esc(&proto),
-            esc(&p.bind),
-            esc(p.command.as_deref().unwrap_or("")),
-            esc(p.process.as_deref().unwrap_or("-"))
-        );
-    }
-    t.push_str("</table>");
-    let body = format!("<h1>Ports of <a href=\"/vms/{}\">{}</a></h1>{t}", seg(&ports.vm), esc(&ports.vm));
-    Ok(Html(layout(&format!("Ports of {}", ports.vm), Some(&s), &body)))
+    let ports = c.call::<ops::VmPorts>(&VmRef { vm: name }).await?;
+    Ok(page(pages::vm_ports(&viewer(&s), &ports.vm, &ports.ports)))
 }
 
 /// What a VM button does, and what its confirmation says.
@@ -705,17 +403,7 @@ async fn vm_confirm(
 ) -> PageResult {
     let (verb, effect) = vm_action_text(&action)?;
     let vm = c.call::<ops::VmShow>(&VmRef { vm: name }).await?;
-    let n = seg(&vm.name);
-    let body = format!(
-        "<h1>{verb} VM {}?</h1><p>This {effect}.</p><form method=\"post\" action=\"/vms/{n}/{}\">{}\
-         <button type=\"submit\" id=\"confirm\" class=\"{}\">Yes, {}</button> <a href=\"/vms/{n}\">No, go back</a></form>",
-        esc(&vm.name),
-        esc(&action),
-        csrf_field(&s),
-        if action == "delete" { "danger" } else { "" },
-        verb.to_lowercase()
-    );
-    Ok(Html(layout(&format!("{verb} {}", vm.name), Some(&s), &body)))
+    Ok(page(pages::vm_confirm(&viewer(&s), &vm.name, &action, verb, effect)))
 }
 
 async fn vm_action(
@@ -737,25 +425,7 @@ async fn vm_action(
 
 async fn images(State(c): State<Arc<Console>>, Extension(s): Extension<Session>) -> PageResult {
     let images = c.call::<ops::ImageList>(&Empty {}).await?;
-    let mut from = String::from("<option value=\"\">none: use the recipe</option>");
-    for i in &images.images {
-        let _ = write!(from, "<option value=\"{0}\">{0}</option>", esc(&i.name));
-    }
-    let body = format!(
-        "<h1>Images</h1>{}<h2>Build an image</h2><form method=\"post\" action=\"/images\" class=\"form\">{}\
-         <label>Name <input name=\"name\" id=\"image-name\" required></label>\
-         <label>Recipe <input name=\"recipe\" id=\"image-recipe\" placeholder=\"debian-minimal or debian-agent\"></label>\
-         <label>Or from image <select name=\"from_image\" id=\"image-from\">{from}</select></label>\
-         <label>Host script (absolute path of an executable, run as <code>script ROOT_DIR</code>) \
-         <input name=\"script\" id=\"image-script\" placeholder=\"/path/to/customize.sh\"></label>\
-         <label>Size (GiB) <input name=\"size_gib\" inputmode=\"numeric\"></label>\
-         <label><input type=\"checkbox\" name=\"make_default\"> Make it the default image</label>\
-         <label><input type=\"checkbox\" name=\"no_cache\"> Rebuild the recipe's root filesystem</label>\
-         <button type=\"submit\" id=\"build\">Build</button></form>",
-        image_table(&images.images),
-        csrf_field(&s)
-    );
-    Ok(Html(layout("Images", Some(&s), &body)))
+    Ok(page(pages::images(&viewer(&s), &images.images)))
 }
 
 #[derive(Deserialize)]
@@ -788,81 +458,20 @@ async fn image_build(State(c): State<Arc<Console>>, Form(f): Form<BuildForm>) ->
     Ok(Redirect::to(&format!("/operations/{}", seg(&op.id))))
 }
 
-/// The part of an operation page that live updates replace: state, stages, result or error.
-fn operation_view(op: &OperationInfo) -> String {
-    let state = op_state_name(op.state);
-    let mut stages = String::new();
-    for st in &op.stages {
-        let st_state = serde_json::to_value(st.state).ok().and_then(|v| v.as_str().map(str::to_string));
-        let took = st.duration_ms.map(|ms| format!(" ({:.1} s)", ms as f64 / 1000.0)).unwrap_or_default();
-        let _ = write!(
-            stages,
-            "<li class=\"stage stage-{0}\">{1} <span>{0}</span>{took}</li>",
-            esc(&st_state.unwrap_or_default()),
-            esc(&st.name)
-        );
-    }
-    let mut outcome = String::new();
-    if let Some(vm) = &op.vm {
-        if op.state == OperationState::Succeeded {
-            let _ = write!(
-                outcome,
-                "<p><a class=\"button\" id=\"open-vm\" href=\"/vms/{}\">Open VM {}</a></p>",
-                seg(&vm.name),
-                esc(&vm.name)
-            );
-        }
-    }
-    if let Some(b) = &op.image_build {
-        let _ = write!(
-            outcome,
-            "<p id=\"built\">Image {} is ready{}.</p>",
-            esc(&b.image.name),
-            if b.reused { " (reused: nothing changed)" } else { "" }
-        );
-    }
-    if let Some(e) = &op.error {
-        outcome.push_str(&error_box(e));
-    }
-    let detail = op.detail.as_deref().map(|d| format!("<p class=\"detail\">{}</p>", esc(d))).unwrap_or_default();
-    format!(
-        "<p>State: <strong id=\"op-state\" data-state=\"{state}\">{state}</strong> after {:.1} s</p>{detail}\
-         <ol id=\"stages\">{stages}</ol>{outcome}",
-        op.elapsed_ms as f64 / 1000.0
-    )
-}
-
 async fn operation_page(
     State(c): State<Arc<Console>>,
     Extension(s): Extension<Session>,
     UrlPath(id): UrlPath<String>,
 ) -> PageResult {
-    let op = c.call::<ops::OperationStatus>(&OperationRef { id: id.clone() }).await?;
-    let cancel = if op.state == OperationState::Running {
-        format!(
-            "<form method=\"post\" action=\"/operations/{}/cancel\" id=\"cancel-form\">{}\
-             <button type=\"submit\" id=\"cancel\" class=\"danger\">Cancel</button></form>",
-            seg(&op.id),
-            csrf_field(&s)
-        )
-    } else {
-        String::new()
-    };
-    let body = format!(
-        "<h1>{} {}</h1><div id=\"operation\" data-operation=\"{}\">{}</div>{cancel}",
-        esc(&op.kind),
-        esc(&op.target),
-        esc(&op.id),
-        operation_view(&op)
-    );
-    Ok(Html(layout(&format!("{} {}", op.kind, op.target), Some(&s), &body)))
+    let op = c.call::<ops::OperationStatus>(&OperationRef { id }).await?;
+    Ok(page(pages::operation_page(&viewer(&s), &op)))
 }
 
 /// The operation as JSON plus its rendered view, for the page's live updates.
 async fn operation_json(State(c): State<Arc<Console>>, UrlPath(id): UrlPath<String>) -> Response {
     match c.call::<ops::OperationStatus>(&OperationRef { id }).await {
         Ok(op) => {
-            let html = operation_view(&op);
+            let html = pages::operation_view(&op).into_string();
             Json(serde_json::json!({"operation": op, "html": html})).into_response()
         }
         Err(e) => (StatusCode::NOT_FOUND, Json(serde_json::json!({"error": e}))).into_response(),
@@ -905,12 +514,6 @@ mod tests {
         assert!(!same_secret("abc", "abd"));
         assert!(!same_secret("", "abc"));
         assert!(!same_secret("ab", "abc"));
-    }
-
-    #[test]
-    fn html_and_paths_are_escaped() {
-        assert_eq!(esc("<a href=\"x\">&'"), "&lt;a href=&quot;x&quot;&gt;&amp;&#39;");
-        assert_eq!(seg("a b/../c"), "a%20b%2F..%2Fc");
     }
 
     #[test]
