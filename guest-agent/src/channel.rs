@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tools_schema::guest::{Frame, FrameDecoder, VIRTIO_PORT_NAME};
+use tools_schema::guest::{Frame, FrameDecoder, FrameKind, GuestResponse, VIRTIO_PORT_NAME};
 
 /// Finds the device node of the banger virtio-serial port.
 pub fn find_port() -> Option<PathBuf> {
@@ -125,4 +125,9 @@ pub fn open(path: PathBuf) -> std::io::Result<(mpsc::UnboundedSender<Frame>, mps
         }
     });
     Ok((out_tx, in_rx))
+}
+
+/// Sends the one response of a request stream (handlers call it; the request loop owns no handler).
+pub fn respond(out: &mpsc::UnboundedSender<Frame>, stream: u32, response: GuestResponse) {
+    let _ = out.send(Frame::json(FrameKind::Response, stream, &response));
 }

@@ -7,7 +7,7 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 use tools_schema::guest::{ExecSpec, ExitStatus, Frame, FrameKind, GuestResponse};
 
-use crate::serve::respond;
+use crate::channel::respond;
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const CHUNK: usize = 64 * 1024;

@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 use tools_schema::guest::{Frame, FrameKind, GuestResponse};
 
 use crate::exec::ExecInput;
-use crate::serve::respond;
+use crate::channel::respond;
 
 const CHUNK: usize = 256 * 1024;
 

@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 use tools_schema::guest::{Frame, FrameKind, GuestHealth, GuestRequest, GuestResponse, PROTOCOL_VERSION};
 use tools_schema::BuildInfo;
 
-use crate::channel::{self, Incoming};
+use crate::channel::{self, respond, Incoming};
 use crate::exec::{self, ExecInput};
 use crate::session::Sessions;
 
@@ -252,10 +252,6 @@ async fn session_send(
         }
     };
     respond(&out, stream, reply);
-}
-
-pub fn respond(out: &mpsc::UnboundedSender<Frame>, stream: u32, response: GuestResponse) {
-    let _ = out.send(Frame::json(FrameKind::Response, stream, &response));
 }
 
 fn health() -> GuestHealth {
