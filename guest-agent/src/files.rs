@@ -6,8 +6,8 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use tokio::sync::mpsc;
 use tools_schema::guest::{Frame, FrameKind, GuestResponse};
 
-use crate::exec::ExecInput;
 use crate::channel::respond;
+use crate::exec::ExecInput;
 
 const CHUNK: usize = 256 * 1024;
 

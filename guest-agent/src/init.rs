@@ -6,6 +6,7 @@ use std::time::Duration;
 use nix::mount::{mount, MsFlags};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use tools_schema::boot::{BootArgs, BootNet, GrowFs};
 use tools_schema::guest::GuestNetConfig;
 
 pub fn run() -> anyhow::Result<()> {
@@ -16,35 +17,30 @@ pub fn run() -> anyhow::Result<()> {
     }
     mount_pseudo_filesystems();
     make_dev_root();
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    if kernel_arg(&cmdline, "banger.overlay") == Some("1") && !root_is_overlay() {
+    let boot = boot_args();
+    if boot.overlay_root && !root_is_overlay() {
         // Booted without an initramfs (Firecracker): build the overlay root here, then go on as usual.
         if let Err(e) = overlay_root() {
             eprintln!("banger-agent: overlay root: {e:#}; powering off");
             let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
         }
     }
-    let hostname = kernel_arg(&cmdline, "banger.hostname").unwrap_or("localhost");
+    let hostname = boot.hostname.as_deref().unwrap_or("localhost");
     if let Err(e) = crate::identity::set_hostname(hostname) {
         eprintln!("banger-agent: hostname: {e}");
     }
     let _ = Command::new("ip").args(["link", "set", "lo", "up"]).status();
-    let grow: Vec<&str> = kernel_arg(&cmdline, "banger.growfs").map(|g| g.split(',').collect()).unwrap_or_default();
-    if grow.contains(&"root") {
+    if boot.grow.contains(&GrowFs::Root) {
         if let Some(dev) = find_by_label("banger-root") {
             grow_fs(&dev);
         }
     }
-    mount_work_disk(grow.contains(&"work"));
+    mount_work_disk(boot.grow.contains(&GrowFs::Work));
     // A template guest is snapshotted once ready and restored as many clones: SSH and the network are each
     // clone's own, set up by `Reidentify` after the restore, never here.
-    if kernel_arg(&cmdline, "banger.template") != Some("1") {
-        let key = kernel_arg(&cmdline, "banger.sshkey").and_then(|k| {
-            use base64::Engine as _;
-            let bytes = base64::engine::general_purpose::STANDARD_NO_PAD.decode(k).ok()?;
-            String::from_utf8(bytes).ok()
-        });
-        if let Err(e) = crate::identity::configure_network(net_from_cmdline(&cmdline).as_ref()) {
+    if !boot.template {
+        let key = boot.ssh_key.clone();
+        if let Err(e) = crate::identity::configure_network(boot.net.as_ref().map(net_config).as_ref()) {
             eprintln!("banger-agent: network: {e}");
         }
         // Making the host key takes a while in an emulated guest: never before the agent answers. A child
@@ -75,15 +71,25 @@ pub fn run() -> anyhow::Result<()> {
     }
 }
 
-/// Static network settings from the kernel command line (`banger.ip=ADDR/PREFIX banger.gw=GW banger.dns=DNS
-/// banger.mac=MAC`).
-fn net_from_cmdline(cmdline: &str) -> Option<GuestNetConfig> {
-    Some(GuestNetConfig {
-        address: kernel_arg(cmdline, "banger.ip")?.to_string(),
-        mac: kernel_arg(cmdline, "banger.mac")?.to_string(),
-        gateway: kernel_arg(cmdline, "banger.gw").unwrap_or_default().to_string(),
-        dns: kernel_arg(cmdline, "banger.dns").unwrap_or_default().to_string(),
+/// The agent's view of its boot arguments (`tools_schema::boot`). Ones it cannot read are reported on the
+/// console (the host shows it when the guest never answers), and the guest boots with defaults.
+pub fn boot_args() -> BootArgs {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    BootArgs::parse(&cmdline).unwrap_or_else(|e| {
+        eprintln!("banger-agent: {e}; booting with defaults");
+        BootArgs::default()
     })
+}
+
+fn net_config(n: &BootNet) -> GuestNetConfig {
+    // An address left out (0.0.0.0) means none: no default route, no resolver.
+    let given = |a: std::net::Ipv4Addr| if a.is_unspecified() { String::new() } else { a.to_string() };
+    GuestNetConfig {
+        address: format!("{}/{}", n.address, n.prefix),
+        mac: n.mac.clone(),
+        gateway: given(n.gateway),
+        dns: given(n.dns),
+    }
 }
 
 fn root_is_overlay() -> bool {
@@ -243,10 +249,6 @@ fn make_dev_root() {
 }
 
 /// Value of `key=value` on the kernel command line.
-pub fn kernel_arg<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
-    cmdline.split_whitespace().find_map(|a| a.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
-}
-
 #[cfg(test)]
 mod tests {
     #[test]

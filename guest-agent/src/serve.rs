@@ -19,8 +19,7 @@ pub fn run() -> anyhow::Result<()> {
 async fn serve() -> anyhow::Result<()> {
     // Sessions belong to the agent, not to a host connection: loaded once, shared by every connection.
     let sessions = Sessions::load(std::path::Path::new(crate::session::SESSIONS_DIR));
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    if crate::init::kernel_arg(&cmdline, "banger.channel") == Some("vsock") {
+    if crate::init::boot_args().channel == tools_schema::boot::ChannelKind::Vsock {
         return serve_vsock(sessions).await;
     }
     let port = loop {
@@ -315,8 +314,7 @@ async fn power_off(reboot: bool) {
     nix::unistd::sync();
     // Firecracker has no ACPI power-off: a guest "reboot" (reboot=k) is how its VMM exits. QEMU runs with
     // -no-reboot, so both paths end the VMM there.
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let firecracker = crate::init::kernel_arg(&cmdline, "banger.vmm") == Some("firecracker");
+    let firecracker = crate::init::boot_args().vmm == Some(tools_schema::daemon::VmmKind::Firecracker);
     let how = if reboot || firecracker {
         nix::sys::reboot::RebootMode::RB_AUTOBOOT
     } else {

@@ -8,6 +8,7 @@
 //! Invariant: this crate is synchronous and depends on nothing async (no tokio), so the guest agent,
 //! the daemon, the CLI and external tooling can all share it.
 
+pub mod boot;
 pub mod build;
 pub mod daemon;
 pub mod doc;
