@@ -618,8 +618,16 @@ async fn bare_boot(image: &ImageInfo, memory_mib: u32, measure: Option<(u32, u32
             template_mac: None,
             anchor: None,
         };
-        let accel = banger_server::host::qemu_accel(banger_server::host::acceleration()).to_string();
-        let launched = vmm::launch(tools_schema::daemon::VmmKind::Qemu, &cfg, &accel, &spec).await?;
+        let driver = vmm::Driver::new(
+            tools_schema::daemon::VmmKind::Qemu,
+            &vmm::DriverSettings {
+                tools: cfg.tools(),
+                qemu_accel: banger_server::host::qemu_accel(banger_server::host::acceleration()).to_string(),
+                qemu_vsock: spec.vsock,
+                qemu_root_layout: vmm::RootLayout::Qcow2,
+            },
+        );
+        let launched = driver.launch(&spec).await?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         let ready = paths.guest_channel().ready(deadline, &Default::default()).await;
         let boot_ms = ms(started.elapsed());
