@@ -13,6 +13,7 @@ pub mod front;
 pub mod guest;
 pub mod host;
 pub mod host_files;
+pub mod hybrid_vsock;
 pub mod logging;
 pub mod network;
 pub mod probe;

@@ -173,9 +173,9 @@ async fn firecracker_api_lifecycle() {
     // No guest listens (this early, the guest has not even loaded its vsock driver), so the hybrid
     // vsock handshake must end in an error within its bound rather than hang.
     let t_vsock = Instant::now();
-    let refused = firecracker::vsock_connect(&vsock_uds, 10_789).await.expect_err("no guest listener");
-    println!("vsock_connect without a guest listener: {:?} after {:?}", refused.kind(), t_vsock.elapsed());
-    assert!(t_vsock.elapsed() < firecracker::VSOCK_HANDSHAKE_TIMEOUT + Duration::from_secs(2));
+    let refused = banger_server::hybrid_vsock::connect(&vsock_uds, 10_789).await.expect_err("no guest listener");
+    println!("hybrid vsock connect without a guest listener: {:?} after {:?}", refused.kind(), t_vsock.elapsed());
+    assert!(t_vsock.elapsed() < banger_server::hybrid_vsock::HANDSHAKE_TIMEOUT + Duration::from_secs(2));
 
     // The VMM is still ours and healthy; end it by pid, reap it, and make sure it is gone.
     assert_eq!(state(&vm).await, "Running");
