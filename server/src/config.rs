@@ -305,10 +305,7 @@ impl Default for Config {
 }
 
 fn default_cache_dir() -> PathBuf {
-    std::env::var_os("BANGER_CACHE")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/var/cache/banger".into())
+    banger_vmm::host::cache_dir()
 }
 
 /// The default paths for the current user.

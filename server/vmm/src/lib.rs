@@ -9,6 +9,11 @@ use std::time::Duration;
 
 pub mod driver;
 pub mod firecracker;
+pub mod guest;
+pub mod host;
+pub mod host_files;
+pub mod hybrid_vsock;
+pub mod net;
 pub mod qemu;
 pub mod qmp;
 
@@ -63,6 +68,11 @@ pub struct Tools {
 }
 
 impl Tools {
+    /// Where banger's host set-up (`scripts/setup-host.sh`) installs programs: `<cache>/bin`.
+    pub fn host_default() -> Tools {
+        Tools { bin_dirs: vec![host::cache_dir().join("bin")] }
+    }
+
     pub fn find(&self, name: &str) -> Option<PathBuf> {
         let path_dirs =
             std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default();
@@ -146,7 +156,7 @@ pub struct BootSpec {
     pub drives: Vec<Drive>,
     pub dir: PathBuf,
     /// The VM's NIC: a TAP on the bridge and the guest's network settings.
-    pub net: Option<(String, crate::network::GuestNet)>,
+    pub net: Option<(String, crate::net::GuestNet)>,
     /// More kernel command-line arguments for the guest agent.
     pub extra_args: Vec<String>,
     /// Use vsock instead of virtio-serial for the guest channel (QEMU; Firecracker always uses vsock).

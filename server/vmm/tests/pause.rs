@@ -6,8 +6,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use banger_server::guest::{CancellationToken, GuestConn, GuestError};
-use banger_server::vmm::{self, BootSpec, Driver, DriverSettings, GuestMemory, RootLayout, Tools, VmPaths};
+use banger_vmm::guest::{CancellationToken, GuestConn, GuestError};
+use banger_vmm::{self as vmm, BootSpec, Driver, DriverSettings, GuestMemory, RootLayout, Tools, VmPaths};
 use tools_schema::daemon::VmmKind;
 use tools_schema::guest::{ExecSpec, GuestRequest};
 
@@ -27,7 +27,7 @@ struct StopOnDrop {
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
         if let Some(pid) = self.pid {
-            if banger_server::host::process_matches(pid, &vmm::process_marker(&self.vm_id)) {
+            if banger_vmm::host::process_matches(pid, &vmm::process_marker(&self.vm_id)) {
                 let _ =
                     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
             }
@@ -66,7 +66,7 @@ async fn a_paused_qemu_guest_stands_still_and_a_resumed_one_answers_again() {
         VmmKind::Qemu,
         &DriverSettings {
             tools,
-            qemu_accel: banger_server::host::qemu_accel(banger_server::host::acceleration()).into(),
+            qemu_accel: banger_vmm::host::qemu_accel(banger_vmm::host::acceleration()).into(),
             qemu_vsock: false,
             qemu_root_layout: RootLayout::Qcow2,
         },
