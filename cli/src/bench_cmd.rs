@@ -575,8 +575,10 @@ struct BareBoot {
 /// the VMM, and the guest agent's first answer. With `measure`, also times exec and echo round trips and a
 /// raw write straight over the channel.
 async fn bare_boot(image: &ImageInfo, memory_mib: u32, measure: Option<(u32, u32)>) -> anyhow::Result<BareBoot> {
-    use banger_server::vmm;
-    let cfg = banger_server::Config::load(None)?;
+    use banger_vmm as vmm;
+    // The programs the host set-up installed; the acceleration the host has. The bare VMM runs QEMU over
+    // virtio-serial, the daemon's default channel.
+    let tools = vmm::Tools::host_default();
     // The VMM detaches; as its subreaper this process can reap it by pid, as the daemon does.
     let _ = nix::sys::prctl::set_child_subreaper(true);
     let dir = tempfile_dir("vm")?;
@@ -585,10 +587,10 @@ async fn bare_boot(image: &ImageInfo, memory_mib: u32, measure: Option<(u32, u32
     let result = async {
         let started = Instant::now();
         // The same disks a VM gets: root and work (/root), copy-on-write over the image's files.
-        vmm::create_overlay_disk(&cfg, Path::new(&image.rootfs), "raw", &paths.root_disk()).await?;
+        vmm::create_overlay_disk(&tools, Path::new(&image.rootfs), "raw", &paths.root_disk()).await?;
         let work = (!image.work_seed.is_empty()).then(|| paths.work_disk());
         if let Some(w) = &work {
-            vmm::create_overlay_disk(&cfg, Path::new(&image.work_seed), "raw", w).await?;
+            vmm::create_overlay_disk(&tools, Path::new(&image.work_seed), "raw", w).await?;
         }
         let spec = vmm::BootSpec {
             vm_id: vm_id.clone(),
@@ -600,13 +602,13 @@ async fn bare_boot(image: &ImageInfo, memory_mib: u32, measure: Option<(u32, u32
             layout: vmm::RootLayout::Qcow2,
             drives: vmm::RootLayout::Qcow2.drives(&paths, Path::new(&image.rootfs), work.is_some()),
             kernel_elf: image.kernel_elf.clone().map(Into::into),
-            vsock: cfg.qemu_channel == "vsock",
+            vsock: false,
             dir: dir.clone(),
             // A NIC like a VM's, so the guest does the same work: QEMU makes the TAP (no bridge, no address on
             // the host side, gone with the process) and the guest configures a link-local address on it.
             net: Some((
                 format!("bgbench{}", std::process::id() % 100_000),
-                banger_server::network::GuestNet {
+                vmm::net::GuestNet {
                     ip: std::net::Ipv4Addr::new(169, 254, 77, 2),
                     prefix: 30,
                     gateway: std::net::Ipv4Addr::new(169, 254, 77, 1),
@@ -618,8 +620,16 @@ async fn bare_boot(image: &ImageInfo, memory_mib: u32, measure: Option<(u32, u32
             template_mac: None,
             anchor: None,
         };
-        let accel = banger_server::host::qemu_accel(banger_server::host::acceleration()).to_string();
-        let launched = vmm::launch(tools_schema::daemon::VmmKind::Qemu, &cfg, &accel, &spec).await?;
+        let driver = vmm::Driver::new(
+            tools_schema::daemon::VmmKind::Qemu,
+            &vmm::DriverSettings {
+                tools: tools.clone(),
+                qemu_accel: vmm::host::qemu_accel(vmm::host::acceleration()).to_string(),
+                qemu_vsock: spec.vsock,
+                qemu_root_layout: vmm::RootLayout::Qcow2,
+            },
+        );
+        let launched = driver.launch(&spec).await?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         let ready = paths.guest_channel().ready(deadline, &Default::default()).await;
         let boot_ms = ms(started.elapsed());
@@ -641,7 +651,7 @@ async fn bare_boot(image: &ImageInfo, memory_mib: u32, measure: Option<(u32, u32
 }
 
 async fn measure_channel(
-    conn: &banger_server::guest::GuestConn,
+    conn: &banger_vmm::guest::GuestConn,
     n: u32,
     payload_mib: u32,
 ) -> anyhow::Result<(Vec<f64>, Vec<f64>, f64)> {
@@ -666,8 +676,7 @@ async fn measure_channel(
     let mut data = vec![0u8; payload_mib as usize * 1024 * 1024];
     fill_random(&mut data);
     let t = Instant::now();
-    conn.write_file("/dev/shm/banger-bench", None, false, &data, &banger_server::guest::CancellationToken::new())
-        .await?;
+    conn.write_file("/dev/shm/banger-bench", None, false, &data, &banger_vmm::guest::CancellationToken::new()).await?;
     Ok((execs, echoes, mib_s(data.len() as u64, t.elapsed())))
 }
 

@@ -305,10 +305,7 @@ impl Default for Config {
 }
 
 fn default_cache_dir() -> PathBuf {
-    std::env::var_os("BANGER_CACHE")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/var/cache/banger".into())
+    banger_vmm::host::cache_dir()
 }
 
 /// The default paths for the current user.
@@ -501,22 +498,22 @@ impl Config {
 
     /// Finds an executable in `bin_dirs`, then in PATH.
     pub fn find_binary(&self, name: &str) -> Option<PathBuf> {
-        let path_dirs =
-            std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default();
-        let extra = ["/usr/sbin", "/sbin", "/usr/bin"].map(PathBuf::from);
-        self.bin_dirs
-            .iter()
-            .chain(path_dirs.iter())
-            .chain(extra.iter())
-            .map(|d| d.join(name))
-            .find(|p| is_executable(p))
+        self.tools().find(name)
+    }
+
+    /// Where the VMM drivers find host programs.
+    pub fn tools(&self) -> crate::vmm::Tools {
+        crate::vmm::Tools { bin_dirs: self.bin_dirs.clone() }
     }
 }
 
-pub(crate) fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+impl crate::vmm::FindBinary for Config {
+    fn find_binary(&self, name: &str) -> Option<PathBuf> {
+        Config::find_binary(self, name)
+    }
 }
+
+pub(crate) use crate::vmm::is_executable;
 
 #[cfg(test)]
 mod tests {

@@ -10,15 +10,16 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod front;
-pub mod guest;
 pub mod host;
-pub mod host_files;
 pub mod logging;
 pub mod network;
 pub mod probe;
 pub mod ssh_config;
 pub mod store;
-pub mod vmm;
+
+// The VMM drivers and the guest channel live in their own crate (`server/vmm`), under their old paths.
+pub use banger_vmm as vmm;
+pub use banger_vmm::{guest, host_files, hybrid_vsock};
 
 pub use config::Config;
 pub use engine::{CallContext, Engine};

@@ -3,7 +3,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tools_schema::daemon::{
-    CheckStatus, DaemonStatus, DoctorCheck, DoctorParams, DoctorReport, Empty, HostStatus, PingResult, VmmKind,
+    CheckStatus, DaemonStatus, DoctorCheck, DoctorParams, DoctorReport, Empty, HostStatus, PingResult,
 };
 use tools_schema::vm::VmState;
 use tools_schema::{ApiError, BuildInfo};
@@ -45,12 +45,8 @@ impl Engine {
         let vmm = self.vmm();
         let mut checks: Vec<DoctorCheck> = super::doctor::host_requirements()
             .map(|req| {
-                let required = match req.need {
-                    "always" => true,
-                    "qemu" => vmm.vmm == VmmKind::Qemu,
-                    "firecracker" => vmm.vmm == VmmKind::Firecracker,
-                    _ => false,
-                };
+                // `need` is "always" or the name of the VMM that needs the program.
+                let required = req.need == "always" || req.need == vmm.vmm.as_str();
                 self.binary_check(&req, required)
             })
             .collect();

@@ -47,6 +47,10 @@ pub(crate) fn vmm_error(e: VmmError) -> ApiError {
             "{e}: {}",
             std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()
         )),
+        // Their messages carry the VMM's own answer already.
+        VmmError::Qmp { .. } | VmmError::Firecracker { .. } | VmmError::Guest(_) => {
+            ApiError::internal(e.to_string()).with_hint("`banger doctor` checks the host set-up")
+        }
     }
 }
 
@@ -218,10 +222,13 @@ impl Engine {
         Ok(op.snapshot())
     }
 
-    /// Firecracker needs hardware KVM (on paravirtual KVM an ordinary guest kernel dies mid-boot), its
-    /// binary, and an ELF kernel in the image. Said before anything is made.
-    fn check_firecracker(&self, image: &ImageRow) -> Result<(), ApiError> {
+    /// A VMM that needs hardware KVM (Firecracker: on paravirtual KVM an ordinary guest kernel dies mid-boot)
+    /// needs it, its binary, and an ELF kernel in the image if it boots one. Said before anything is made.
+    fn check_driver(&self, driver: &vmm::Driver, image: &ImageRow) -> Result<(), ApiError> {
         use tools_schema::daemon::Acceleration;
+        if !driver.needs_hardware_kvm() {
+            return Ok(());
+        }
         if self.vmm().acceleration != Acceleration::HardwareKvm && !self.cfg.allow_firecracker_without_hardware_kvm {
             return Err(ApiError::new(
                 ErrorCode::HostUnsupported,
@@ -233,10 +240,10 @@ impl Engine {
             )
             .with_hint("use --vmm qemu (or leave --vmm out): QEMU runs guests on this host"));
         }
-        if self.cfg.find_binary("firecracker").is_none() {
-            return Err(vmm_error(VmmError::MissingBinary { binary: "firecracker" }));
+        if driver.find_binary().is_none() {
+            return Err(vmm_error(VmmError::MissingBinary { binary: driver.binary() }));
         }
-        if image.kernel_elf.is_none() {
+        if driver.needs_elf_kernel() && image.kernel_elf.is_none() {
             return Err(ApiError::precondition(format!(
                 "image {} has no ELF kernel, which Firecracker boots",
                 image.name
@@ -255,9 +262,7 @@ impl Engine {
     ) -> Result<(VmRow, ImageRow, Option<super::warm::PoolEntry>), ApiError> {
         let image = self.resolve_image(p.image.as_deref()).await?;
         let vmm = p.vmm.unwrap_or(self.vmm().vmm);
-        if vmm == VmmKind::Firecracker {
-            self.check_firecracker(&image)?;
-        }
+        self.check_driver(&self.driver(vmm), &image)?;
         let (vcpus, memory_mib) =
             (p.vcpus.unwrap_or(self.cfg.default_vcpus), p.memory_mib.unwrap_or(self.cfg.default_memory_mib));
         // Name, address, MAC, pool entry and memory promise are taken under one lock: what the checks saw
@@ -426,7 +431,7 @@ impl Engine {
             let _ = std::fs::remove_file(d);
         }
         let (base, seed) = (std::path::Path::new(&image.rootfs), std::path::Path::new(&image.work_seed));
-        if row.vmm == VmmKind::Firecracker || self.cfg.qemu_root_layout == vmm::RootLayout::Overlay {
+        if self.driver(row.vmm).cold_layout() == vmm::RootLayout::Overlay {
             self.make_raw_disks(image, paths).await?;
         } else {
             let root_disk = paths.root_disk();
@@ -589,6 +594,7 @@ impl Engine {
         if let Some(why) = &cold_reason {
             detail(format!("cold boot: {why}"));
         }
+        let driver = self.driver(row.vmm);
         let spec = BootSpec {
             vm_id: row.id.clone(),
             hostname: row.name.clone(),
@@ -607,7 +613,7 @@ impl Engine {
             dir: paths.dir.clone(),
             net,
             extra_args: grow_args(&paths, image).into_iter().chain(self.ssh_key_arg()).collect(),
-            vsock: self.cfg.qemu_channel == "vsock",
+            vsock: driver.vsock(),
             memory: vmm::GuestMemory::Anonymous,
             template_mac: None,
             anchor: None,
@@ -615,7 +621,7 @@ impl Engine {
         // Under QEMU a vsock agent says when it listens by connecting to this socket; connecting before that
         // can leave the host's connection unanswered for good (`VSOCK_READY_PORT`). Firecracker's own vsock
         // refuses early connections cleanly, so there the host just retries, as it always has.
-        let announced = (row.vmm == VmmKind::Qemu && spec.vsock).then(|| AnnounceSocket::bind(paths.vsock_ready()));
+        let announced = driver.announces_vsock_ready().then(|| AnnounceSocket::bind(paths.vsock_ready()));
         let announced = match announced.transpose() {
             Ok(l) => l,
             Err(e) => {
@@ -623,7 +629,7 @@ impl Engine {
                 return Err(ApiError::internal(format!("cannot listen on {}: {e}", paths.vsock_ready().display())));
             }
         };
-        let launched = vmm::launch(row.vmm, &self.cfg, &self.vmm().qemu_accel, &spec).await.map_err(vmm_error);
+        let launched = driver.launch(&spec).await.map_err(vmm_error);
         let launched = match launched {
             Ok(l) => l,
             Err(e) => {

@@ -28,6 +28,19 @@ impl Engine {
         self.vmm.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// The driver of one VMM, set up for this host and config: the engine's only way to a VMM.
+    pub(crate) fn driver(&self, kind: VmmKind) -> crate::vmm::Driver {
+        crate::vmm::Driver::new(
+            kind,
+            &crate::vmm::DriverSettings {
+                tools: self.cfg.tools(),
+                qemu_accel: self.vmm().qemu_accel,
+                qemu_vsock: self.cfg.qemu_channel == "vsock",
+                qemu_root_layout: self.cfg.qemu_root_layout,
+            },
+        )
+    }
+
     fn set_firecracker_proof(&self, proof: &FirecrackerProof) -> VmmChoice {
         let choice = choose_vmm(self.cfg.vmm, self.accel, proof);
         *self.vmm.write().unwrap_or_else(|p| p.into_inner()) = choice.clone();
@@ -204,5 +217,67 @@ impl Engine {
         }
         tracing::info!(vmm = vmm.as_str(), status = ?check.status, ready_ms, "boot self-test finished");
         check
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// What differs between VMMs lives in `vmm::Driver`: no file of the engine branches on which VMM a VM
+    /// runs on. Naming a VMM (a self-test of Firecracker, a proof keyed by it) is fine; comparing or matching
+    /// one is not.
+    /// A comparison, a match arm or a pattern on a `VmmKind` (comments aside). A `match` arm names the
+    /// variant, so a `match vm.vmm { .. }` is caught on its arms.
+    fn branches_on_vmm_kind(line: &str) -> bool {
+        let code = line.split("//").next().unwrap_or_default();
+        code.contains("VmmKind") && ["==", "!=", "=>", "matches!", "let VmmKind"].iter().any(|b| code.contains(b))
+    }
+
+    #[test]
+    fn the_branch_check_sees_comparisons_arms_and_patterns() {
+        for branch in [
+            "if vmm == VmmKind::Firecracker {",
+            "let kind = if VmmKind::Qemu != row.vmm { 1 } else { 2 };",
+            "            VmmKind::Qemu => \"qemu-system-x86_64\",",
+            "if matches!(row.vmm, VmmKind::Qemu) {",
+            "if let VmmKind::Firecracker = vmm {",
+        ] {
+            assert!(branches_on_vmm_kind(branch), "missed: {branch}");
+        }
+        for fine in [
+            "let check = engine.boot_self_test(VmmKind::Firecracker).await;",
+            "match self.store.vmm_proof(VmmKind::Firecracker, inputs.clone()).await {",
+            "fn driver(&self, kind: VmmKind) -> Driver {",
+            "// if vmm == VmmKind::Qemu, said in a comment",
+        ] {
+            assert!(!branches_on_vmm_kind(fine), "flagged: {fine}");
+        }
+    }
+
+    #[test]
+    fn the_engine_never_branches_on_the_vmm_kind() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/engine");
+        let mut files = vec![dir];
+        let mut offenders = vec![];
+        let mut scanned = 0;
+        while let Some(path) = files.pop() {
+            if path.is_dir() {
+                files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            scanned += 1;
+            let text = std::fs::read_to_string(&path).unwrap();
+            // Unit tests (this one included) may name what they like.
+            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+            for (n, line) in code.lines().enumerate() {
+                if branches_on_vmm_kind(line) {
+                    offenders.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
+                }
+            }
+        }
+        assert!(scanned > 5, "found only {scanned} engine sources");
+        assert!(offenders.is_empty(), "ask vmm::Driver instead of branching on VmmKind:\n{}", offenders.join("\n"));
     }
 }

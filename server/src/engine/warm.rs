@@ -140,12 +140,13 @@ impl Template {
         tracing::warn!(template = %self.meta.generation, error = %why, "template restore failed; marked failed");
         let _ = std::fs::write(self.failed_marker(), why);
     }
+    /// The VMM the template was made on (written by `template_inputs`; anything unknown is QEMU's, as before
+    /// the field named Firecracker).
     fn vmm(&self) -> VmmKind {
-        if self.meta.inputs.vmm == VmmKind::Firecracker.as_str() {
-            VmmKind::Firecracker
-        } else {
-            VmmKind::Qemu
-        }
+        self.meta.inputs.vmm.parse().unwrap_or(VmmKind::Qemu)
+    }
+    fn snapshot(&self, anchor: Option<PathBuf>) -> vmm::Snapshot {
+        vmm::Snapshot { state: self.state(), ram: self.ram(), anchor }
     }
 }
 
@@ -186,7 +187,7 @@ impl Engine {
     /// Templates of one image and shape live together; each build is a generation of its own.
     fn template_slot(&self, image_id: &str, vmm: VmmKind, vcpus: u32, memory_mib: u32, nic: bool) -> PathBuf {
         let net = if nic { "" } else { "-nonet" };
-        let kind = if vmm == VmmKind::Firecracker { "-fc" } else { "" };
+        let kind = self.driver(vmm).template_slot_suffix();
         self.templates_dir().join(format!("{image_id}-{vcpus}c-{memory_mib}m{net}{kind}"))
     }
 
@@ -207,11 +208,8 @@ impl Engine {
         vcpus: u32,
         memory_mib: u32,
     ) -> Result<TemplateInputs, String> {
-        let binary = match vmm {
-            VmmKind::Qemu => "qemu-system-x86_64",
-            VmmKind::Firecracker => "firecracker",
-        };
-        let vmm_binary = self.cfg.find_binary(binary).ok_or(format!("{binary} is not installed"))?;
+        let driver = self.driver(vmm);
+        let vmm_binary = driver.find_binary().ok_or(format!("{} is not installed", driver.binary()))?;
         let b = BuildInfo::current();
         Ok(TemplateInputs {
             format: TEMPLATE_FORMAT,
@@ -224,7 +222,7 @@ impl Engine {
             initrd: image.initrd.as_ref().map(|i| FileStamp::of(Path::new(i))).transpose()?,
             vmm: vmm.as_str().to_string(),
             vmm_binary: FileStamp::of(&vmm_binary)?,
-            accel: if vmm == VmmKind::Qemu { self.vmm().qemu_accel.clone() } else { "kvm".into() },
+            accel: driver.accel().to_string(),
             vcpus,
             memory_mib,
             nic: self.nic_enabled(),
@@ -236,15 +234,7 @@ impl Engine {
         if !self.cfg.warm.templates {
             return Some("warm starts are off (warm.templates = false)".into());
         }
-        if vmm == VmmKind::Qemu && self.cfg.qemu_channel == "vsock" {
-            return Some("the guest channel is vsock, which QEMU cannot snapshot (qemu_channel = \"vsock\")".into());
-        }
-        if vmm == VmmKind::Qemu && self.cfg.qemu_root_layout == vmm::RootLayout::Overlay {
-            return Some(
-                "QEMU VMs use the overlay disk layout, which is not templated (qemu_root_layout = \"overlay\")".into(),
-            );
-        }
-        None
+        self.driver(vmm).template_unsupported()
     }
 
     /// The current template of this image and shape, or why there is none to use.
@@ -280,8 +270,12 @@ impl Engine {
         }
         let ram_ok = std::fs::metadata(t.ram()).is_ok_and(|m| m.len() == memory_mib as u64 * 1024 * 1024);
         let state_ok = std::fs::metadata(t.state()).is_ok_and(|m| m.len() > 0);
-        let disk = if vmm == VmmKind::Qemu { t.root_disk() } else { t.dir.join("overlay.ext4") };
-        let anchor_ok = vmm == VmmKind::Qemu || self.anchor_dir(&t.meta.generation).is_dir();
+        let driver = self.driver(vmm);
+        let disk = match driver.template_layout() {
+            vmm::RootLayout::Qcow2 => t.root_disk(),
+            vmm::RootLayout::Overlay => t.dir.join("overlay.ext4"),
+        };
+        let anchor_ok = !driver.template_needs_anchor() || self.anchor_dir(&t.meta.generation).is_dir();
         if !ram_ok || !state_ok || !disk.is_file() || !anchor_ok {
             return Err("the template's files are incomplete".into());
         }
@@ -379,42 +373,39 @@ impl Engine {
         let paths = VmPaths::new(work.clone());
         let anchor = self.anchor_dir(&generation);
         tracing::info!(image = %image.name, vmm = vmm.as_str(), vcpus = inputs.vcpus, memory_mib = inputs.memory_mib, %generation, "building a warm-start template");
+        let driver = self.driver(vmm);
         let mut pid = None;
         let mut tap = None;
         let result = async {
             std::fs::create_dir_all(&work)
                 .map_err(|e| ApiError::internal(format!("creating {}: {e}", work.display())))?;
             let (root, seed) = (Path::new(&image.rootfs), Path::new(&image.work_seed));
-            let spec = match vmm {
-                VmmKind::Qemu => {
+            match driver.template_layout() {
+                vmm::RootLayout::Qcow2 => {
                     vmm::create_overlay_disk(&self.cfg, root, "raw", &paths.root_disk()).await.map_err(vmm_error)?;
                     if !image.work_seed.is_empty() {
                         vmm::create_overlay_disk(&self.cfg, seed, "raw", &paths.work_disk())
                             .await
                             .map_err(vmm_error)?;
                     }
-                    let memory = GuestMemory::TemplateFile(work.join("ram"));
-                    self.template_spec(image, vmm, &inputs, &paths, &vm_id, None, memory)
                 }
-                VmmKind::Firecracker => {
-                    self.make_raw_disks(image, &paths).await?;
-                    std::fs::create_dir_all(&anchor)
-                        .map_err(|e| ApiError::internal(format!("creating {}: {e}", anchor.display())))?;
-                    // Firecracker's NIC needs a TAP even for a template; clones move theirs onto their own.
-                    if let (true, Some(net)) = (inputs.nic, self.network()) {
-                        tap = Some(
-                            net.acquire_tap()
-                                .await
-                                .map_err(|e| ApiError::internal(format!("cannot get a TAP device: {e}")))?,
-                        );
-                    }
-                    let nic = tap.clone().map(|t| (t, placeholder_net()));
-                    let mut spec = self.template_spec(image, vmm, &inputs, &paths, &vm_id, nic, GuestMemory::Anonymous);
-                    spec.anchor = Some(anchor.clone());
-                    spec
-                }
-            };
-            let launched = vmm::launch(vmm, &self.cfg, &self.vmm().qemu_accel, &spec).await.map_err(vmm_error)?;
+                vmm::RootLayout::Overlay => self.make_raw_disks(image, &paths).await?,
+            }
+            // A NIC that needs a TAP even for a template (Firecracker): clones move theirs onto their own.
+            if let (true, true, Some(net)) = (driver.template_needs_tap(), inputs.nic, self.network()) {
+                tap = Some(
+                    net.acquire_tap().await.map_err(|e| ApiError::internal(format!("cannot get a TAP device: {e}")))?,
+                );
+            }
+            let nic = tap.clone().map(|t| (t, placeholder_net()));
+            let memory = driver.template_memory(work.join("ram"));
+            let mut spec = self.template_spec(image, &driver, &inputs, &paths, &vm_id, nic, memory);
+            if driver.template_needs_anchor() {
+                std::fs::create_dir_all(&anchor)
+                    .map_err(|e| ApiError::internal(format!("creating {}: {e}", anchor.display())))?;
+                spec.anchor = Some(anchor.clone());
+            }
+            let launched = driver.launch(&spec).await.map_err(vmm_error)?;
             pid = Some(launched.pid);
             let deadline = tokio::time::Instant::now() + Duration::from_secs(self.cfg.boot_timeout_secs);
             // QEMU: the channel stays connected while the state is saved, so a clone that connects before it
@@ -424,23 +415,8 @@ impl Engine {
                 .ready(deadline, cancel)
                 .await
                 .map_err(|e| guest_error(&format!("template {generation}"), e))?;
-            match vmm {
-                VmmKind::Qemu => {
-                    let mut qmp = vmm::qmp::Qmp::connect(&paths.control(), Duration::from_secs(5))
-                        .await
-                        .map_err(|e| ApiError::internal(format!("template: {e}")))?;
-                    qmp.save_state(&work.join("state"))
-                        .await
-                        .map_err(|e| ApiError::internal(format!("template: {e}")))?;
-                    let _ = qmp.execute("quit", serde_json::json!({})).await;
-                }
-                VmmKind::Firecracker => {
-                    let fc = vmm::firecracker::FcMachine::attach(launched.pid, &work);
-                    let fc_err = |e: vmm::firecracker::FcError| ApiError::internal(format!("template: {e}"));
-                    fc.pause().await.map_err(fc_err)?;
-                    fc.snapshot(&work.join("state"), &work.join("ram")).await.map_err(fc_err)?;
-                }
-            }
+            let saved = vmm::Snapshot { state: work.join("state"), ram: work.join("ram"), anchor: None };
+            driver.save_template(&work, launched.pid, &saved).await.map_err(vmm_error)?;
             conn.close();
             Ok::<(), ApiError>(())
         }
@@ -496,7 +472,7 @@ impl Engine {
     fn template_spec(
         &self,
         image: &ImageRow,
-        vmm: VmmKind,
+        driver: &vmm::Driver,
         inputs: &TemplateInputs,
         paths: &VmPaths,
         vm_id: &str,
@@ -512,8 +488,8 @@ impl Engine {
             initrd: image.initrd.clone().map(Into::into),
             kernel_elf: image.kernel_elf.clone().map(Into::into),
             // Firecracker takes raw disks only: its templates use the overlay layout.
-            layout: template_layout(vmm),
-            drives: template_layout(vmm).drives(paths, Path::new(&image.rootfs), !image.work_seed.is_empty()),
+            layout: driver.template_layout(),
+            drives: driver.template_layout().drives(paths, Path::new(&image.rootfs), !image.work_seed.is_empty()),
             dir: paths.dir.clone(),
             net: tap,
             extra_args: vec!["banger.template=1".into()],
@@ -528,7 +504,7 @@ impl Engine {
     /// which takes raw disks only: sparse copies (reflinks where the filesystem can) of the template's
     /// overlay and work disks; the image's base is shared read-only.
     pub(crate) async fn clone_disks(&self, t: &Template, paths: &VmPaths) -> Result<(), ApiError> {
-        if t.vmm() == VmmKind::Firecracker {
+        if self.driver(t.vmm()).template_layout() == vmm::RootLayout::Overlay {
             let copies =
                 [(t.dir.join("overlay.ext4"), paths.overlay_disk()), (t.dir.join("work.ext4"), paths.work_disk_raw())];
             for (from, to) in copies.iter().filter(|(from, _)| from.is_file()) {
@@ -584,68 +560,30 @@ impl Engine {
         identity: CloneIdentity,
         cancel: &CancellationToken,
     ) -> Result<(u32, Arc<GuestConn>), ApiError> {
-        let vmm = t.vmm();
-        if vmm == VmmKind::Firecracker {
-            let anchor = self.anchor_dir(&t.meta.generation);
-            let tap_name = tap.as_ref().map(|(name, _)| name.as_str());
-            let launched =
-                vmm::restore_firecracker(&self.cfg, vm_id, &paths.dir, &anchor, &t.state(), &t.ram(), tap_name)
-                    .await
-                    .map_err(vmm_error)?;
-            // Connections made before the snapshot are gone: connect afresh over the clone's vsock socket.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-            let identified = async {
-                let (conn, _) = vmm::GuestChannel::Vsock(paths.vsock())
-                    .ready(deadline, cancel)
-                    .await
-                    .map_err(|e| guest_error(vm_id, e))?;
-                self.send_identity(vm_id, &conn, identity).await?;
-                Ok::<_, ApiError>(conn)
-            };
-            return match identified.await {
-                Ok(conn) => Ok((launched.pid, conn)),
-                Err(e) => {
-                    vmm::stop_vm_processes(&paths.dir, vm_id, Some(launched.pid)).await;
-                    Err(e)
-                }
-            };
-        }
-        let spec = self.template_spec(image, vmm, &t.meta.inputs, paths, vm_id, tap, GuestMemory::CloneOf(t.ram()));
+        let driver = self.driver(t.vmm());
+        let spec = self.template_spec(image, &driver, &t.meta.inputs, paths, vm_id, tap, GuestMemory::CloneOf(t.ram()));
+        let anchor = driver.template_needs_anchor().then(|| self.anchor_dir(&t.meta.generation));
         let started = Instant::now();
-        let launched = vmm::launch(VmmKind::Qemu, &self.cfg, &self.vmm().qemu_accel, &spec).await.map_err(vmm_error)?;
-        let t_launch = started.elapsed();
-        let resumed = async {
-            // Connect before resuming: the port then never looks disconnected to the agent.
-            let conn = GuestConn::connect(&paths.channel()).await.map_err(|e| guest_error(vm_id, e))?;
-            let mut qmp = vmm::qmp::Qmp::connect(&paths.control(), Duration::from_secs(5))
-                .await
-                .map_err(|e| ApiError::internal(format!("restoring the template: {e}")))?;
-            let t_qmp = started.elapsed();
-            qmp.restore_state(&t.state())
-                .await
-                .map_err(|e| ApiError::internal(format!("restoring the template: {e}")))?;
-            let t_restore = started.elapsed();
-            // The identity is the first request the resumed agent reads (no Hello first: the template's agent
-            // answered one before the snapshot), and its answer says the clone is ready.
-            tokio::select! {
-                r = self.send_identity(vm_id, &conn, identity) => r?,
-                _ = cancel.cancelled() => return Err(ApiError::new(ErrorCode::Cancelled, "cancelled")),
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let (launched, conn) =
+            driver.restore(&spec, &t.snapshot(anchor), deadline, cancel).await.map_err(|e| match e {
+                vmm::VmmError::Guest(e) => guest_error(vm_id, e),
+                e => vmm_error(e),
+            })?;
+        // The identity is the first request the resumed agent reads (no Hello first: the template's agent
+        // answered one before the snapshot), and its answer says the clone is ready.
+        let identified = tokio::select! {
+            r = self.send_identity(vm_id, &conn, identity) => r,
+            _ = cancel.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "cancelled")),
+        };
+        match identified {
+            Ok(()) => {
+                tracing::debug!(vm = vm_id, identified_ms = started.elapsed().as_millis() as u64, "clone identified");
+                Ok((launched.pid, conn))
             }
-            tracing::debug!(
-                vm = vm_id,
-                launch_ms = t_launch.as_millis() as u64,
-                qmp_ms = t_qmp.as_millis() as u64,
-                restore_ms = t_restore.as_millis() as u64,
-                identified_ms = started.elapsed().as_millis() as u64,
-                "clone resumed"
-            );
-            Ok::<_, ApiError>(conn)
-        }
-        .await;
-        match resumed {
-            Ok(conn) => Ok((launched.pid, conn)),
             Err(e) => {
-                vmm::stop_vm_processes(&paths.dir, vm_id, Some(launched.pid)).await;
+                conn.close();
+                driver.kill(&paths.dir, vm_id, Some(launched.pid)).await;
                 Err(e)
             }
         }
@@ -1003,15 +941,6 @@ fn pool_promise(pool: &[PoolEntry], filling: &HashMap<String, usize>, fill_memor
 
 /// The NIC settings of a VM whose real ones arrive with `Reidentify` (templates, pooled VMs): never in a
 /// guest, since a template's command line carries none.
-/// The disk layout of a VMM's templates (and so of their clones): QEMU's copy-on-write qcow2 disks, or the
-/// overlay layout for Firecracker, which takes raw disks only.
-fn template_layout(vmm: VmmKind) -> vmm::RootLayout {
-    match vmm {
-        VmmKind::Qemu => vmm::RootLayout::Qcow2,
-        VmmKind::Firecracker => vmm::RootLayout::Overlay,
-    }
-}
-
 fn placeholder_net() -> crate::network::GuestNet {
     crate::network::GuestNet {
         ip: std::net::Ipv4Addr::UNSPECIFIED,

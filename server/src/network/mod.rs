@@ -44,25 +44,7 @@ fn nl(e: rtnetlink::Error) -> NetError {
     NetError::Netlink(e.to_string())
 }
 
-/// Network settings of one VM, as the guest gets them on its kernel command line.
-#[derive(Debug, Clone)]
-pub struct GuestNet {
-    pub ip: Ipv4Addr,
-    pub prefix: u8,
-    pub gateway: Ipv4Addr,
-    pub mac: String,
-}
-
-impl GuestNet {
-    pub fn kernel_args(&self) -> Vec<String> {
-        vec![
-            format!("banger.ip={}/{}", self.ip, self.prefix),
-            format!("banger.gw={}", self.gateway),
-            format!("banger.dns={}", self.gateway),
-            format!("banger.mac={}", self.mac),
-        ]
-    }
-}
+pub use banger_vmm::net::GuestNet;
 
 pub struct Network {
     pub bridge: String,

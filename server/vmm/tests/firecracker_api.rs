@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use banger_server::vmm::firecracker::{self, FcConfig, FcDrive, FcError, FcMachine};
+use banger_vmm::firecracker::{self, FcConfig, FcDrive, FcError, FcMachine};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
@@ -83,7 +83,7 @@ async fn firecracker_api_lifecycle() {
     let assets = assets();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
-    let marker = banger_server::vmm::process_marker(&uuid::Uuid::new_v4().to_string());
+    let marker = banger_vmm::process_marker(&uuid::Uuid::new_v4().to_string());
     let console = dir.join("console.log");
 
     let vm = firecracker::spawn(&assets.firecracker, &dir, &marker, &console).await.expect("spawn firecracker");
@@ -173,9 +173,9 @@ async fn firecracker_api_lifecycle() {
     // No guest listens (this early, the guest has not even loaded its vsock driver), so the hybrid
     // vsock handshake must end in an error within its bound rather than hang.
     let t_vsock = Instant::now();
-    let refused = firecracker::vsock_connect(&vsock_uds, 10_789).await.expect_err("no guest listener");
-    println!("vsock_connect without a guest listener: {:?} after {:?}", refused.kind(), t_vsock.elapsed());
-    assert!(t_vsock.elapsed() < firecracker::VSOCK_HANDSHAKE_TIMEOUT + Duration::from_secs(2));
+    let refused = banger_vmm::hybrid_vsock::connect(&vsock_uds, 10_789).await.expect_err("no guest listener");
+    println!("hybrid vsock connect without a guest listener: {:?} after {:?}", refused.kind(), t_vsock.elapsed());
+    assert!(t_vsock.elapsed() < banger_vmm::hybrid_vsock::HANDSHAKE_TIMEOUT + Duration::from_secs(2));
 
     // The VMM is still ours and healthy; end it by pid, reap it, and make sure it is gone.
     assert_eq!(state(&vm).await, "Running");
@@ -209,7 +209,7 @@ async fn a_clone_runs_with_its_folder_at_the_templates_anchor_and_takes_the_snap
     let (dir, anchor) = (tmp.path().join("vm"), tmp.path().join("anchor"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::create_dir_all(&anchor).unwrap();
-    let marker = banger_server::vmm::process_marker(&uuid::Uuid::new_v4().to_string());
+    let marker = banger_vmm::process_marker(&uuid::Uuid::new_v4().to_string());
     let vm = firecracker::spawn_anchored(&assets.firecracker, &dir, &anchor, &marker, &dir.join("console.log"))
         .await
         .expect("spawn firecracker in its own mount namespace");

@@ -1,10 +1,9 @@
 //! QEMU `microvm`: KVM-accelerated where hardware KVM works, software emulation (TCG) elsewhere.
 use tokio::process::Command;
 
-use super::{process_marker, BootSpec, Launched, VmPaths, VmmError};
-use crate::Config;
+use super::{process_marker, BootSpec, FindBinary, Launched, Tools, VmPaths, VmmError};
 
-pub async fn launch(cfg: &Config, accel: &str, spec: &BootSpec) -> Result<Launched, VmmError> {
+pub async fn launch(cfg: &Tools, accel: &str, spec: &BootSpec) -> Result<Launched, VmmError> {
     let qemu = cfg.find_binary("qemu-system-x86_64").ok_or(VmmError::MissingBinary { binary: "qemu-system-x86_64" })?;
     let paths = VmPaths::new(spec.dir.clone());
     for stale in [paths.channel(), paths.control(), paths.pidfile()] {
@@ -159,7 +158,7 @@ fn drive_option(drive: &super::Drive) -> String {
 }
 
 /// Starts vhost-device-vsock for the VM (detached, like the VMM) and waits for its vhost-user socket.
-async fn start_vhost_vsock(cfg: &Config, paths: &VmPaths) -> Result<(), VmmError> {
+async fn start_vhost_vsock(cfg: &Tools, paths: &VmPaths) -> Result<(), VmmError> {
     let bin = cfg.find_binary("vhost-device-vsock").ok_or(VmmError::MissingBinary { binary: "vhost-device-vsock" })?;
     for stale in [paths.vhost_vsock(), paths.vsock()] {
         let _ = std::fs::remove_file(stale);

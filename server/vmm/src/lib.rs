@@ -7,11 +7,17 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tools_schema::daemon::VmmKind;
-
+pub mod driver;
 pub mod firecracker;
+pub mod guest;
+pub mod host;
+pub mod host_files;
+pub mod hybrid_vsock;
+pub mod net;
 pub mod qemu;
 pub mod qmp;
+
+pub use driver::{Driver, DriverSettings, Snapshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -25,6 +31,71 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{what}: {source}")]
+    Qmp {
+        what: &'static str,
+        #[source]
+        source: qmp::QmpError,
+    },
+    #[error("{what}: {source}")]
+    Firecracker {
+        what: &'static str,
+        #[source]
+        source: firecracker::FcError,
+    },
+    #[error(transparent)]
+    Guest(#[from] crate::guest::GuestError),
+}
+
+impl VmmError {
+    fn qmp(what: &'static str) -> impl Fn(qmp::QmpError) -> VmmError {
+        move |source| VmmError::Qmp { what, source }
+    }
+    fn firecracker(what: &'static str) -> impl Fn(firecracker::FcError) -> VmmError {
+        move |source| VmmError::Firecracker { what, source }
+    }
+}
+
+/// Finds the host programs the drivers run (VMMs, qemu-img, mkfs.ext4, vhost-device-vsock).
+pub trait FindBinary {
+    fn find_binary(&self, name: &str) -> Option<PathBuf>;
+}
+
+/// Where host programs are looked for: `bin_dirs` first, then PATH, then the sbin directories.
+#[derive(Debug, Clone, Default)]
+pub struct Tools {
+    pub bin_dirs: Vec<PathBuf>,
+}
+
+impl Tools {
+    /// Where banger's host set-up (`scripts/setup-host.sh`) installs programs: `<cache>/bin`.
+    pub fn host_default() -> Tools {
+        Tools { bin_dirs: vec![host::cache_dir().join("bin")] }
+    }
+
+    pub fn find(&self, name: &str) -> Option<PathBuf> {
+        let path_dirs =
+            std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default();
+        let extra = ["/usr/sbin", "/sbin", "/usr/bin"].map(PathBuf::from);
+        self.bin_dirs
+            .iter()
+            .chain(path_dirs.iter())
+            .chain(extra.iter())
+            .map(|d| d.join(name))
+            .find(|p| is_executable(p))
+    }
+}
+
+impl FindBinary for Tools {
+    fn find_binary(&self, name: &str) -> Option<PathBuf> {
+        self.find(name)
+    }
+}
+
+/// A regular file with an execute bit.
+pub fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
 /// The host end of a VM's guest channel.
@@ -85,7 +156,7 @@ pub struct BootSpec {
     pub drives: Vec<Drive>,
     pub dir: PathBuf,
     /// The VM's NIC: a TAP on the bridge and the guest's network settings.
-    pub net: Option<(String, crate::network::GuestNet)>,
+    pub net: Option<(String, crate::net::GuestNet)>,
     /// More kernel command-line arguments for the guest agent.
     pub extra_args: Vec<String>,
     /// Use vsock instead of virtio-serial for the guest channel (QEMU; Firecracker always uses vsock).
@@ -275,29 +346,9 @@ pub struct Launched {
     pub pid: u32,
 }
 
-/// Starts the VM's VMM process and returns once it runs (not once the guest is ready).
-pub async fn launch(kind: VmmKind, cfg: &crate::Config, accel: &str, spec: &BootSpec) -> Result<Launched, VmmError> {
-    match kind {
-        VmmKind::Qemu => {
-            // QEMU daemonizes under umask 027: what it creates would be group-readable. The console (what the
-            // guest prints) and a template's RAM file are made here first, 0600; QEMU opens them as they are.
-            let private = |p: &Path| {
-                crate::host_files::create_private(p)
-                    .map_err(|source| VmmError::Io { what: format!("creating {}", p.display()), source })
-            };
-            private(&VmPaths::new(spec.dir.clone()).console_log())?;
-            if let GuestMemory::TemplateFile(ram) = &spec.memory {
-                private(ram)?;
-            }
-            qemu::launch(cfg, accel, spec).await
-        }
-        VmmKind::Firecracker => launch_firecracker(cfg, spec).await,
-    }
-}
-
 /// Boots a Firecracker VM: the image's root filesystem read-only, an overlay disk for its writes, a raw work
 /// disk, the TAP, and the guest channel on vsock.
-async fn launch_firecracker(cfg: &crate::Config, spec: &BootSpec) -> Result<Launched, VmmError> {
+pub(crate) async fn launch_firecracker(cfg: &Tools, spec: &BootSpec) -> Result<Launched, VmmError> {
     let bin = cfg.find_binary("firecracker").ok_or(VmmError::MissingBinary { binary: "firecracker" })?;
     let kernel = spec.kernel_elf.clone().ok_or_else(|| VmmError::Launch {
         what: "starting firecracker".into(),
@@ -372,15 +423,15 @@ async fn launch_firecracker(cfg: &crate::Config, spec: &BootSpec) -> Result<Laun
 /// at the template's anchor, the snapshot loaded with the memory file mapped private, its NIC moved to `tap`,
 /// resumed. The guest channel (vsock) comes back in the clone's directory; connections made before the
 /// snapshot are gone, so the host connects afresh.
-pub async fn restore_firecracker(
-    cfg: &crate::Config,
+pub(crate) async fn restore_firecracker(
+    cfg: &Tools,
     vm_id: &str,
     dir: &Path,
     anchor: &Path,
-    state: &Path,
-    mem: &Path,
+    snapshot: &Snapshot,
     tap: Option<&str>,
 ) -> Result<Launched, VmmError> {
+    let (state, mem) = (&snapshot.state, &snapshot.ram);
     let bin = cfg.find_binary("firecracker").ok_or(VmmError::MissingBinary { binary: "firecracker" })?;
     let paths = VmPaths::new(dir.to_path_buf());
     for stale in [paths.vsock(), paths.pidfile(), paths.dir.join(firecracker::API_SOCKET_NAME)] {
@@ -400,7 +451,7 @@ pub async fn restore_firecracker(
 }
 
 /// Makes an empty ext4 disk (sparse) with a label, for VMMs that take raw disks.
-pub async fn create_ext4_disk(cfg: &crate::Config, path: &Path, label: &str, bytes: u64) -> Result<(), VmmError> {
+pub async fn create_ext4_disk(cfg: &impl FindBinary, path: &Path, label: &str, bytes: u64) -> Result<(), VmmError> {
     let mkfs = cfg.find_binary("mkfs.ext4").ok_or(VmmError::MissingBinary { binary: "mkfs.ext4" })?;
     let out = tokio::process::Command::new(mkfs)
         .args(["-q", "-F", "-L", label])
@@ -446,7 +497,7 @@ pub async fn copy_sparse(from: &Path, to: &Path) -> Result<(), VmmError> {
 /// work seed). Nothing is copied: the overlay starts empty and holds only the blocks the guest writes.
 /// `base_format` is `raw` for an image's files, `qcow2` for a template's disks.
 pub async fn create_overlay_disk(
-    cfg: &crate::Config,
+    cfg: &impl FindBinary,
     base: &Path,
     base_format: &str,
     disk: &Path,
@@ -497,7 +548,7 @@ pub fn qcow2_backing_file(path: &Path) -> Option<PathBuf> {
 }
 
 /// Grows a stopped VM's disk (root or work) to `bytes`.
-pub async fn resize_disk(cfg: &crate::Config, disk: &Path, bytes: u64) -> Result<(), VmmError> {
+pub async fn resize_disk(cfg: &impl FindBinary, disk: &Path, bytes: u64) -> Result<(), VmmError> {
     let qemu_img = cfg.find_binary("qemu-img").ok_or(VmmError::MissingBinary { binary: "qemu-img" })?;
     let out = tokio::process::Command::new(qemu_img)
         .args(["resize", "-q", "-f", "qcow2"])

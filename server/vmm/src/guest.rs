@@ -139,7 +139,7 @@ impl GuestConn {
     /// Connects to the guest agent's vsock port through a hybrid vsock Unix socket (Firecracker's, or
     /// vhost-device-vsock's for QEMU). Fails while the guest is not listening yet; callers retry.
     pub async fn connect_vsock(uds: &Path, port: u32) -> Result<Arc<GuestConn>, GuestError> {
-        let stream = crate::vmm::firecracker::vsock_connect(uds, port).await.map_err(GuestError::Connect)?;
+        let stream = crate::hybrid_vsock::connect(uds, port).await.map_err(GuestError::Connect)?;
         Ok(Self::from_stream(stream))
     }
 

@@ -1,0 +1,72 @@
+//! Facts about the host the drivers need: what kind of KVM it has, how QEMU accelerates guests on it, its
+//! TSC frequency, and whether a pid is still a given VM's process.
+use std::path::{Path, PathBuf};
+
+use tools_schema::daemon::Acceleration;
+
+/// Classifies the host's virtualisation. `/dev/kvm` alone proves nothing: the paravirtual `kvm_pvm`
+/// module provides it too, and ordinary guest kernels die on it mid-boot.
+pub fn acceleration() -> Acceleration {
+    let kvm_dev = Path::new("/dev/kvm").exists();
+    let module = |m: &str| Path::new("/sys/module").join(m).exists();
+    let cpu_flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw_flag = cpu_flags
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    if kvm_dev && (module("kvm_intel") || module("kvm_amd")) && hw_flag {
+        Acceleration::HardwareKvm
+    } else if kvm_dev {
+        Acceleration::ParavirtKvm
+    } else {
+        Acceleration::None
+    }
+}
+
+/// How QEMU runs guests on a host like this: with KVM on hardware KVM, else software emulation.
+pub fn qemu_accel(accel: Acceleration) -> &'static str {
+    if accel == Acceleration::HardwareKvm {
+        "kvm"
+    } else {
+        "tcg"
+    }
+}
+
+/// The host TSC frequency in kHz. Software-emulated guests need it on their command line
+/// (`tsc_early_khz`), or most TCG boots hang calibrating the timer.
+pub fn tsc_khz() -> Option<u64> {
+    if let Ok(s) = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/tsc_freq_khz") {
+        if let Ok(v) = s.trim().parse() {
+            return Some(v);
+        }
+    }
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info.lines().find(|l| l.starts_with("cpu MHz"))?.split(':').nth(1)?.trim().parse().ok()?;
+    Some((mhz * 1000.0) as u64)
+}
+
+/// Whether a process is alive and its command line contains `marker` (guards against pid reuse).
+pub fn process_matches(pid: u32, marker: &str) -> bool {
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmd) => {
+            let cmd = String::from_utf8_lossy(&cmd);
+            cmd.contains(marker) && !is_zombie(pid)
+        }
+        Err(_) => false,
+    }
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// Where banger's host set-up keeps kernels, images and programs: `$BANGER_CACHE`, else /var/cache/banger.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("BANGER_CACHE")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/banger".into())
+}
