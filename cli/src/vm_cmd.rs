@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use tools_schema::daemon::VmmKind;
 use tools_schema::ops;
+use tools_schema::vm;
 use tools_schema::vm::{
     ContentEncoding, ExecStream, VmBatchResult, VmCreateParams, VmExecOutputParams, VmExecParams, VmInfo, VmLogsParams,
     VmRef, VmRefs, EXEC_INLINE_MAX,
@@ -233,10 +234,10 @@ pub fn describe_boot(b: &tools_schema::vm::BootInfo) -> String {
 #[derive(Args)]
 pub struct ShapeArgs {
     /// Virtual CPUs (1-32).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=32))]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(vm::MIN_VCPUS as i64..=vm::MAX_VCPUS as i64))]
     pub vcpus: Option<u32>,
     /// Guest memory in MiB (128-65536).
-    #[arg(long = "memory", value_parser = clap::value_parser!(u32).range(128..=65536))]
+    #[arg(long = "memory", value_parser = clap::value_parser!(u32).range(vm::MIN_MEMORY_MIB as i64..=vm::MAX_MEMORY_MIB as i64))]
     pub memory_mib: Option<u32>,
 }
 
@@ -247,10 +248,10 @@ pub struct SetArgs {
     #[command(flatten)]
     shape: ShapeArgs,
     /// Root disk size in GiB (grow only, 1-1024).
-    #[arg(long = "disk", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long = "disk", value_parser = clap::value_parser!(u32).range(vm::MIN_DISK_GIB as i64..=vm::MAX_DISK_GIB as i64))]
     disk_gib: Option<u32>,
     /// Work disk (/root) size in GiB (grow only, 1-1024).
-    #[arg(long = "work-disk", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long = "work-disk", value_parser = clap::value_parser!(u32).range(vm::MIN_DISK_GIB as i64..=vm::MAX_DISK_GIB as i64))]
     work_disk_gib: Option<u32>,
     /// NAT to other networks: true or false.
     #[arg(long)]

@@ -106,6 +106,17 @@ the create made."),
              "Start creating a VM and return at once with an operation id. Follow it with operation_status \
 (stages with timings: allocate, disks, network, boot, agent, ready) and stop it with \
 operation_cancel, which rolls back everything the create made."),
+            (VmRun, vm_run, "vm.run",
+             $crate::workspace::VmRunParams, $crate::workspace::VmRunResult, false, false, false,
+             "Create a VM and copy a host git repository into it at /root/repo, in one operation: the agent \
+workflow's first step. Stages: create (the vm_create stages show as detail), sshd (waits until the guest's sshd \
+answers and its host key is pinned), prepare (workspace_prepare). Reports stages as progress; a failure or \
+cancellation at any stage deletes the VM it made, so nothing is left behind."),
+            (VmRunBegin, vm_run_begin, "vm.run_begin",
+             $crate::workspace::VmRunParams, $crate::operation::OperationInfo, false, false, false,
+             "Start a vm_run and return at once with an operation id (create errors such as a taken name come \
+back at once). Follow it with operation_status (its result is in `vm` and `workspace`) and stop it with \
+operation_cancel, which deletes the VM it made."),
             (OperationStatus, operation_status, "operation.status",
              $crate::operation::OperationRef, $crate::operation::OperationInfo, true, false, true,
              "Report where a long-running operation is: its state, each stage with its duration, and its \

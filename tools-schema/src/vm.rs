@@ -7,11 +7,17 @@ use serde::{Deserialize, Serialize};
 use crate::daemon::VmmKind;
 use crate::error::ApiError;
 
-/// Largest vCPU count a VM may ask for.
+// A VM's shape limits, defined once: the engine's and the CLI's `validate()`, the JSON schemas (schemars) and
+// the CLI's argument parsers (clap) all use these.
+/// Fewest and most vCPUs a VM may ask for.
+pub const MIN_VCPUS: u32 = 1;
 pub const MAX_VCPUS: u32 = 32;
 /// Smallest and largest guest memory, MiB.
 pub const MIN_MEMORY_MIB: u32 = 128;
 pub const MAX_MEMORY_MIB: u32 = 65536;
+/// Smallest and largest root or work disk, GiB.
+pub const MIN_DISK_GIB: u32 = 1;
+pub const MAX_DISK_GIB: u32 = 1024;
 
 /// Create a VM from an image and boot it. Returns once the guest agent answers.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
@@ -26,11 +32,11 @@ pub struct VmCreateParams {
     pub image: Option<String>,
     /// Number of virtual CPUs (1-32). Default 1.
     #[serde(default)]
-    #[schemars(range(min = 1, max = 32))]
+    #[schemars(range(min = MIN_VCPUS, max = MAX_VCPUS))]
     pub vcpus: Option<u32>,
     /// Guest memory in MiB (128-65536). Default 512.
     #[serde(default)]
-    #[schemars(range(min = 128, max = 65536))]
+    #[schemars(range(min = MIN_MEMORY_MIB, max = MAX_MEMORY_MIB))]
     pub memory_mib: Option<u32>,
     /// Force a VMM for this VM instead of the host's choice.
     #[serde(default)]
@@ -292,9 +298,6 @@ pub struct VmLogs {
     pub path: String,
 }
 
-/// Largest root disk, GiB.
-pub const MAX_DISK_GIB: u32 = 1024;
-
 /// Change the shape of stopped VMs. Only the fields given change.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -304,20 +307,20 @@ pub struct VmSetParams {
     pub vms: Vec<String>,
     /// Virtual CPUs (1-32).
     #[serde(default)]
-    #[schemars(range(min = 1, max = 32))]
+    #[schemars(range(min = MIN_VCPUS, max = MAX_VCPUS))]
     pub vcpus: Option<u32>,
     /// Guest memory in MiB (128-65536).
     #[serde(default)]
-    #[schemars(range(min = 128, max = 65536))]
+    #[schemars(range(min = MIN_MEMORY_MIB, max = MAX_MEMORY_MIB))]
     pub memory_mib: Option<u32>,
     /// Root disk size in GiB (1-1024). Disks only grow; the guest's filesystem grows at the next boot.
     #[serde(default)]
-    #[schemars(range(min = 1, max = 1024))]
+    #[schemars(range(min = MIN_DISK_GIB, max = MAX_DISK_GIB))]
     pub disk_gib: Option<u32>,
     /// Size of the work disk mounted at /root, in GiB (1-1024). Grow only; its filesystem grows at the
     /// next boot.
     #[serde(default)]
-    #[schemars(range(min = 1, max = 1024))]
+    #[schemars(range(min = MIN_DISK_GIB, max = MAX_DISK_GIB))]
     pub work_disk_gib: Option<u32>,
     /// Give the VM NAT to other networks (or take it away), from the next start.
     #[serde(default)]
@@ -340,8 +343,8 @@ impl VmSetParams {
         VmCreateParams { vcpus: self.vcpus, memory_mib: self.memory_mib, ..Default::default() }.validate()?;
         for (field, value) in [("disk_gib", self.disk_gib), ("work_disk_gib", self.work_disk_gib)] {
             if let Some(d) = value {
-                if d == 0 || d > MAX_DISK_GIB {
-                    return Err(format!("{field} must be between 1 and {MAX_DISK_GIB}, got {d}"));
+                if !(MIN_DISK_GIB..=MAX_DISK_GIB).contains(&d) {
+                    return Err(format!("{field} must be between {MIN_DISK_GIB} and {MAX_DISK_GIB}, got {d}"));
                 }
             }
         }
@@ -526,8 +529,8 @@ impl VmCreateParams {
             validate_name("VM", n)?;
         }
         if let Some(v) = self.vcpus {
-            if v == 0 || v > MAX_VCPUS {
-                return Err(format!("vcpus must be between 1 and {MAX_VCPUS}, got {v}"));
+            if !(MIN_VCPUS..=MAX_VCPUS).contains(&v) {
+                return Err(format!("vcpus must be between {MIN_VCPUS} and {MAX_VCPUS}, got {v}"));
             }
         }
         if let Some(m) = self.memory_mib {

@@ -23,6 +23,7 @@ mod guest_sync;
 mod image;
 mod image_build;
 mod operation;
+mod run;
 mod session;
 mod vm;
 mod vmm_trust;
