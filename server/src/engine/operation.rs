@@ -95,6 +95,7 @@ impl Op {
                         Outcome::Vm(vm) => inner.info.vm = Some(vm),
                         Outcome::ImageBuild(b) => inner.info.image_build = Some(b),
                         Outcome::Run(r) => {
+                            let r = *r;
                             inner.info.vm = Some(r.vm);
                             inner.info.workspace = Some(r.workspace);
                         }
@@ -154,12 +155,12 @@ impl Op {
 pub(crate) enum Outcome {
     Vm(VmInfo),
     ImageBuild(ImageBuildResult),
-    Run(tools_schema::workspace::VmRunResult),
+    Run(Box<tools_schema::workspace::VmRunResult>),
 }
 
 impl From<tools_schema::workspace::VmRunResult> for Outcome {
     fn from(r: tools_schema::workspace::VmRunResult) -> Self {
-        Outcome::Run(r)
+        Outcome::Run(Box::new(r))
     }
 }
 
