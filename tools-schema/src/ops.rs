@@ -167,6 +167,11 @@ max_inline_bytes (256 KiB by default); longer output is kept whole and read with
              $crate::vm::VmExecOutputParams, $crate::vm::VmExecOutputChunk, true, false, true,
              "Read more of a command's output when its vm_exec result was cut (stdout_truncated or \
 stderr_truncated, with an output_id): a chunk of stdout or stderr from an offset, with next_offset to go on."),
+            (VmSsh, vm_ssh, "vm.ssh",
+             $crate::vm::VmRef, $crate::vm::VmSshInfo, true, false, true,
+             "Wait (up to 30 s) until a running VM's sshd answers and the daemon has pinned its host key, and \
+return how to ssh into it: its address and the ssh options (root, banger's managed key, strict host-key checking \
+against banger's known_hosts). `ready` says whether sshd answered in time."),
             (VmPorts, vm_ports, "vm.ports",
              $crate::vm::VmRef, $crate::vm::VmPorts, true, false, true,
              "List a running VM's listening ports with the owning process and command line, and where to reach \

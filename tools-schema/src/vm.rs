@@ -92,6 +92,23 @@ pub struct VmRef {
     pub vm: String,
 }
 
+/// How to reach a running VM with ssh (`vm.ssh`), once its sshd answers and its host key is pinned.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct VmSshInfo {
+    /// VM name.
+    pub vm: String,
+    /// The address to connect to (the VM's IPv4 address).
+    pub host: String,
+    /// The VM's DNS name, `<name>.vm`, which the managed `Host *.vm` block in the ssh config covers.
+    pub dns_name: String,
+    /// Whether the guest's sshd answered and its host key was pinned before the daemon stopped waiting
+    /// (30 s). When false ssh may still fail; it says why.
+    pub ready: bool,
+    /// The ssh client options, each `Option=value` for `ssh -o`: root with banger's managed key only, host
+    /// keys checked strictly against banger's own known_hosts.
+    pub options: Vec<String>,
+}
+
 /// Refers to one or more VMs. Repeated refs are acted on once; results come back in the order given.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -25,6 +25,7 @@ mod image_build;
 mod operation;
 mod run;
 mod session;
+mod ssh;
 mod vm;
 mod vmm_trust;
 mod warm;
