@@ -636,3 +636,40 @@ pub struct VmExecOutputChunk {
     pub eof: bool,
     pub next_offset: Option<u64>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shape limits exist once (the consts); the schemas' ranges come from them, and every description
+    /// that spells a range out must spell the same one.
+    #[test]
+    fn shape_limits_in_schemas_and_descriptions_match_the_constants() {
+        let limits = [
+            ("vcpus", MIN_VCPUS, MAX_VCPUS),
+            ("memory_mib", MIN_MEMORY_MIB, MAX_MEMORY_MIB),
+            ("disk_gib", MIN_DISK_GIB, MAX_DISK_GIB),
+            ("work_disk_gib", MIN_DISK_GIB, MAX_DISK_GIB),
+        ];
+        let schemas = [
+            ("VmCreateParams", schemars::schema_for!(VmCreateParams)),
+            ("VmSetParams", schemars::schema_for!(VmSetParams)),
+            ("ImageWarmParams", schemars::schema_for!(crate::image::ImageWarmParams)),
+        ];
+        let mut checked = 0;
+        for (ty, schema) in &schemas {
+            let props = schema.get("properties").and_then(|p| p.as_object()).expect("object schema");
+            for (field, min, max) in limits {
+                let Some(prop) = props.get(field) else { continue };
+                assert_eq!(prop.get("minimum"), Some(&serde_json::json!(min)), "{ty}.{field}: {prop}");
+                assert_eq!(prop.get("maximum"), Some(&serde_json::json!(max)), "{ty}.{field}: {prop}");
+                let description = prop.get("description").and_then(|d| d.as_str()).unwrap_or_default();
+                if description.contains(|c: char| c.is_ascii_digit()) {
+                    assert!(description.contains(&format!("{min}-{max}")), "{ty}.{field}: {description}");
+                }
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 8, "every shape field of the three param types was checked");
+    }
+}
