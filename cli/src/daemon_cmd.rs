@@ -59,11 +59,20 @@ pub async fn run(cmd: DaemonCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 let status = std::process::Command::new(&bin).args(&args).status()?;
                 return Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::from(1) });
             }
-            let cfg = banger_server::Config::load(None)?;
-            std::fs::create_dir_all(&cfg.state_dir)?;
-            let out_path = cfg.state_dir.join("bangerd.out");
-            // The daemon's stderr: as private as its log.
-            let out = banger_server::host_files::create_private(&out_path)?;
+            let state_dir = banger_client::paths::Defaults::detect().daemon_state_dir().map_err(anyhow::Error::msg)?;
+            std::fs::create_dir_all(&state_dir)?;
+            let out_path = state_dir.join("bangerd.out");
+            // The daemon's stderr: as private as its log (0600, never through a link).
+            let out = {
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                    .open(&out_path)?
+            };
             out.set_len(0)?;
             let mut cmd = std::process::Command::new(&bin);
             cmd.args(&args).stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);

@@ -8,7 +8,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench_cmd;
-mod client;
+/// The client crate's JSON-RPC client, under the name the commands use.
+mod client {
+    pub use banger_client::rpc::*;
+}
 mod cp;
 mod daemon_cmd;
 mod host_file;
@@ -103,7 +106,7 @@ async fn main() -> ExitCode {
     let _ =
         unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) };
     let cli = Cli::parse();
-    let socket = cli.socket.clone().unwrap_or_else(banger_server::config::Defaults::client_socket);
+    let socket = cli.socket.clone().unwrap_or_else(banger_client::paths::Defaults::client_socket);
     let ctx = Ctx { socket, json: cli.json };
     match run(cli.command, &ctx).await {
         Ok(code) => code,
@@ -189,4 +192,57 @@ async fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Operations whose CLI command does not follow the naming rule (`group.verb` is `banger group verb`,
+    /// `x_begin` is `x`'s command, sessions and workspaces are under `banger vm`).
+    const IRREGULAR: &[(&str, &[&str])] = &[
+        ("doctor.run", &["doctor"]),
+        // `vm exec` fetches a cut output itself; `vm cp` reads and writes files.
+        ("vm.exec_output", &["vm", "exec"]),
+        ("vm.file_read", &["vm", "cp"]),
+        ("vm.file_write", &["vm", "cp"]),
+    ];
+
+    fn command_for(method: &str) -> Vec<String> {
+        if let Some((_, path)) = IRREGULAR.iter().find(|(m, _)| *m == method) {
+            return path.iter().map(|s| s.to_string()).collect();
+        }
+        let (group, verb) = method.split_once('.').expect("methods are group.verb");
+        let verb = verb.strip_suffix("_begin").unwrap_or(verb).replace('_', "-");
+        match group {
+            "session" | "workspace" => vec!["vm".into(), group.into(), verb],
+            _ => vec![group.into(), verb],
+        }
+    }
+
+    #[test]
+    fn every_daemon_operation_has_a_cli_command() {
+        let cli = super::Cli::command();
+        let mut missing = vec![];
+        for op in tools_schema::ops::OPERATIONS {
+            let path = command_for(op.method);
+            let mut cmd = &cli;
+            for word in &path {
+                match cmd.find_subcommand(word) {
+                    Some(sub) => cmd = sub,
+                    None => {
+                        missing.push(format!("{} (banger {})", op.method, path.join(" ")));
+                        break;
+                    }
+                }
+            }
+        }
+        assert!(missing.is_empty(), "operations without a CLI command: {missing:?}");
+        for (method, _) in IRREGULAR {
+            assert!(
+                tools_schema::ops::OperationSpec::by_method(method).is_some(),
+                "IRREGULAR names no operation {method}"
+            );
+        }
+    }
 }

@@ -1,14 +1,14 @@
-//! `banger vm run`: the agent workflow's first step in one command. Creates a VM, prepares the current git
-//! repository in it, and prints what to do next. If the prepare fails, the VM it just made is deleted, so a
-//! failed run leaves nothing behind.
+//! `banger vm run`: the agent workflow's first step in one command. The daemon's `vm.run` operation creates
+//! a VM, waits for its sshd, and prepares the current git repository in it; this follows it (Ctrl-C cancels
+//! at any stage, and the daemon deletes the VM it made) and prints what to do next.
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
 use tools_schema::ops;
-use tools_schema::vm::{VmRef, VmRefs};
+use tools_schema::workspace::VmRunParams;
 
-use crate::client::Daemon;
+use crate::client::{CallError, Daemon};
 use crate::vm_cmd::CreateArgs;
 use crate::{output, Ctx};
 
@@ -25,7 +25,7 @@ pub struct RunArgs {
 }
 
 pub async fn run(a: RunArgs, d: &Daemon, ctx: &Ctx) -> anyhow::Result<ExitCode> {
-    // Refuse a path that is not a repository before making anything.
+    // Refuse a path that is not a repository before asking for anything (the daemon checks again).
     let repo = std::fs::canonicalize(&a.path).map_err(|e| anyhow::anyhow!("cannot use {}: {e}", a.path.display()))?;
     let top = std::process::Command::new("git")
         .args(["-c", "safe.directory=*", "-C"])
@@ -38,25 +38,25 @@ pub async fn run(a: RunArgs, d: &Daemon, ctx: &Ctx) -> anyhow::Result<ExitCode> 
             repo.display()
         );
     }
-    let mut create = a.create.params();
-    if create.name.is_none() {
-        create.name = free_name_like(d, &repo).await;
-    }
-    let (vm, _) = crate::vm_cmd::create(d, create, ctx).await?;
-    let prepared = async {
-        let p = crate::workspace_cmd::prepare_params(vm.name.clone(), &repo, a.full, false)?;
-        anyhow::Ok(d.call::<ops::WorkspacePrepare>(&p).await?)
+    // The identity the user running the CLI would commit as, like `vm workspace prepare`.
+    let prepare = crate::workspace_cmd::prepare_params(String::new(), &repo, a.full, false)?;
+    let p = VmRunParams {
+        path: prepare.path,
+        mode: prepare.mode,
+        create: a.create.params(),
+        git_user_name: prepare.git_user_name,
+        git_user_email: prepare.git_user_email,
     };
-    let r = match prepared.await {
-        Ok(r) => r,
-        Err(e) => {
-            // Nothing half-done stays behind: the VM was made for this repository only.
-            let _ = d.call::<ops::VmDelete>(&VmRefs { vms: vec![vm.name.clone()] }).await;
-            return Err(anyhow::anyhow!("{e:#}\n  (the VM {} made for it was deleted)", vm.name));
-        }
+    p.validate().map_err(|e| anyhow::anyhow!(e))?;
+    let op = d.call::<ops::VmRunBegin>(&p).await?;
+    let done = crate::operation_cmd::follow(d, op, !ctx.json).await?;
+    let (vm, r) = match (done.vm, done.workspace, done.error) {
+        (Some(vm), Some(r), _) => (vm, r),
+        (_, _, Some(e)) => return Err(CallError::Api(e).into()),
+        _ => anyhow::bail!("the run ended without a result"),
     };
     if ctx.json {
-        output::json(&serde_json::json!({"vm": vm, "workspace": r}));
+        output::json(&tools_schema::workspace::VmRunResult { vm, workspace: r });
         return Ok(ExitCode::SUCCESS);
     }
     let name = &vm.name;
@@ -75,16 +75,4 @@ pub async fn run(a: RunArgs, d: &Daemon, ctx: &Ctx) -> anyhow::Result<ExitCode> 
     println!("  banger vm workspace export {name} | git apply                               bring its work back here");
     println!("  banger vm delete {name}                                                     when done");
     Ok(ExitCode::SUCCESS)
-}
-
-/// The repository's folder name as a VM name, when it is valid and not taken; otherwise the daemon picks one.
-async fn free_name_like(d: &Daemon, repo: &std::path::Path) -> Option<String> {
-    let base = repo.file_name()?.to_string_lossy().to_lowercase();
-    let mut name: String = base.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
-    name = name.trim_matches('-').chars().take(40).collect();
-    if tools_schema::vm::validate_name("VM", &name).is_err() {
-        return None;
-    }
-    let taken = d.call::<ops::VmShow>(&VmRef { vm: name.clone() }).await.is_ok();
-    (!taken).then_some(name)
 }

@@ -373,7 +373,7 @@ async fn stream(
     }
 }
 
-type Subscription = jsonrpsee::core::client::Subscription<SessionEvent>;
+type Subscription = crate::client::Subscription<SessionEvent>;
 
 /// Connects and claims the attachment from log offset `from`.
 async fn subscribe_attach(

@@ -1,11 +1,11 @@
 //! `banger vm ...`.
 use std::collections::BTreeMap;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use tools_schema::daemon::VmmKind;
 use tools_schema::ops;
+use tools_schema::vm;
 use tools_schema::vm::{
     ContentEncoding, ExecStream, VmBatchResult, VmCreateParams, VmExecOutputParams, VmExecParams, VmInfo, VmLogsParams,
     VmRef, VmRefs, EXEC_INLINE_MAX,
@@ -184,37 +184,6 @@ pub async fn create(d: &Daemon, p: VmCreateParams, ctx: &Ctx) -> anyhow::Result<
     }
 }
 
-/// A guest's sshd starts right after its agent answers (its host key is made then): wait until it greets,
-/// so `vm ssh` straight after `vm create` works. Gives up quietly after `limit`; ssh then says what is wrong.
-fn wait_for_sshd(ip: &str, limit: Duration) {
-    use std::io::Read;
-    let Ok(addr) = format!("{ip}:22").parse::<std::net::SocketAddr>() else { return };
-    let deadline = std::time::Instant::now() + limit;
-    while std::time::Instant::now() < deadline {
-        if let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut greeting = [0u8; 4];
-            if s.read_exact(&mut greeting).is_ok() && &greeting == b"SSH-" {
-                return;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// Waits until the daemon has pinned a host key for `ip` (it learns it in the background once the VM is up).
-/// Without one ssh refuses the host, which is the point; this only spares a fresh VM that refusal.
-fn wait_for_pin(known_hosts: &std::path::Path, ip: &str, limit: Duration) {
-    let deadline = std::time::Instant::now() + limit;
-    while std::time::Instant::now() < deadline {
-        match std::fs::read_to_string(known_hosts) {
-            Ok(text) if text.lines().any(|l| l.split(' ').next().unwrap_or("").split(',').any(|h| h == ip)) => return,
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return, // ssh will say so
-            _ => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
-}
-
 /// One line on how a VM came up, with why it was not warm when it was not.
 pub fn describe_boot(b: &tools_schema::vm::BootInfo) -> String {
     use tools_schema::vm::BootMode;
@@ -233,10 +202,10 @@ pub fn describe_boot(b: &tools_schema::vm::BootInfo) -> String {
 #[derive(Args)]
 pub struct ShapeArgs {
     /// Virtual CPUs (1-32).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=32))]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(vm::MIN_VCPUS as i64..=vm::MAX_VCPUS as i64))]
     pub vcpus: Option<u32>,
     /// Guest memory in MiB (128-65536).
-    #[arg(long = "memory", value_parser = clap::value_parser!(u32).range(128..=65536))]
+    #[arg(long = "memory", value_parser = clap::value_parser!(u32).range(vm::MIN_MEMORY_MIB as i64..=vm::MAX_MEMORY_MIB as i64))]
     pub memory_mib: Option<u32>,
 }
 
@@ -247,10 +216,10 @@ pub struct SetArgs {
     #[command(flatten)]
     shape: ShapeArgs,
     /// Root disk size in GiB (grow only, 1-1024).
-    #[arg(long = "disk", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long = "disk", value_parser = clap::value_parser!(u32).range(vm::MIN_DISK_GIB as i64..=vm::MAX_DISK_GIB as i64))]
     disk_gib: Option<u32>,
     /// Work disk (/root) size in GiB (grow only, 1-1024).
-    #[arg(long = "work-disk", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long = "work-disk", value_parser = clap::value_parser!(u32).range(vm::MIN_DISK_GIB as i64..=vm::MAX_DISK_GIB as i64))]
     work_disk_gib: Option<u32>,
     /// NAT to other networks: true or false.
     #[arg(long)]
@@ -388,27 +357,13 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             return Ok(print_batch("updated", &d.call::<ops::VmSet>(&p).await?, ctx.json));
         }
         VmCmd::Ssh { vm, command } => {
-            let info = d.call::<ops::VmShow>(&VmRef { vm: vm.clone() }).await?;
-            if info.state != tools_schema::vm::VmState::Running {
-                anyhow::bail!("VM {} is {}\n  hint: banger vm start {}", info.name, info.state.as_str(), info.name);
-            }
-            let ip = info
-                .ip
-                .clone()
-                .ok_or_else(|| anyhow::anyhow!("VM {} has no network address (networking is disabled)", info.name))?;
-            let status_info = d.call::<ops::DaemonStatus>(&Default::default()).await?;
-            let key = status_info.ssh_key;
-            // The VM's host key, pinned by the daemon from what its agent reported over the guest channel:
-            // whoever else answers at this address fails host-key verification.
-            let known_hosts = banger_server::ssh_config::known_hosts_path(std::path::Path::new(&status_info.state_dir));
-            wait_for_sshd(&ip, Duration::from_secs(30));
-            wait_for_pin(&known_hosts, &ip, Duration::from_secs(30));
+            // The daemon waits for the guest's sshd and its pinned host key, and says how to connect: its
+            // options check the host key against what the agent reported over the guest channel, so whoever
+            // else answers at this address fails host-key verification.
+            let ssh = d.call::<ops::VmSsh>(&VmRef { vm: vm.clone() }).await?;
             let status = std::process::Command::new("ssh")
-                .args(["-i", &key, "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=yes"])
-                .arg("-o")
-                .arg(format!("UserKnownHostsFile={}", known_hosts.display()))
-                .args(["-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"])
-                .arg(format!("root@{ip}"))
+                .args(ssh.options.iter().flat_map(|o| ["-o", o.as_str()]))
+                .arg(&ssh.host)
                 // ssh hands the remote shell one string; quote each word so it arrives as given.
                 .args(command.iter().map(|w| shell_quote(w)))
                 .status()

@@ -30,17 +30,28 @@ pub enum SshConfigError {
 }
 
 pub fn render(identity: &Path, known_hosts: &Path) -> String {
-    format!(
-        "{BEGIN}\nHost *.vm\n    User root\n    IdentityFile {}\n    IdentitiesOnly yes\n    \
-         StrictHostKeyChecking yes\n    UserKnownHostsFile {}\n    LogLevel ERROR\n{END}\n",
-        identity.display(),
-        known_hosts.display()
-    )
+    let mut block = format!("{BEGIN}\nHost *.vm\n");
+    for (option, value) in tools_schema::ssh::client_options(identity, known_hosts) {
+        block.push_str(&format!("    {option} {value}\n"));
+    }
+    block.push_str(END);
+    block.push('\n');
+    block
 }
 
 /// banger's known_hosts file, for the managed block and `banger vm ssh`.
 pub fn known_hosts_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("ssh/known_hosts")
+    tools_schema::ssh::known_hosts_path(state_dir)
+}
+
+/// Whether a host key is pinned for `<name>.vm` at `ip` (one entry names both).
+pub fn is_pinned(path: &Path, name: &str, ip: Ipv4Addr) -> bool {
+    let (host, ip) = (format!("{name}.vm"), ip.to_string());
+    let Ok(text) = std::fs::read_to_string(path) else { return false };
+    text.lines().any(|l| {
+        let names: Vec<&str> = l.split(' ').next().unwrap_or("").split(',').collect();
+        names.contains(&host.as_str()) && names.contains(&ip.as_str())
+    })
 }
 
 /// Puts the current block into `path`, creating the file (and `~/.ssh`) if needed. Returns whether the

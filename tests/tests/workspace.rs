@@ -276,3 +276,133 @@ fn vm_run_creates_a_vm_for_the_repository_prepares_it_and_prints_next_steps() {
     assert_eq!(guest_sh(&d, &name, "git -C /root/repo rev-parse HEAD"), host_head);
     d.rpc("vm.delete", json!({"vms": [name]}));
 }
+
+/// Polls an operation until `stage` is running, failing if the operation ends first.
+fn wait_for_stage(d: &TestDaemon, id: &Value, stage: &str) -> Value {
+    let mut last = Value::Null;
+    wait_until(&format!("stage {stage} to run"), std::time::Duration::from_secs(180), || {
+        last = d.rpc("operation.status", json!({"id": id}));
+        assert_eq!(last["state"], "running", "the operation ended before {stage}: {last}");
+        last["stages"].as_array().unwrap().iter().any(|s| s["name"] == stage && s["state"] == "running")
+    });
+    last
+}
+
+#[test]
+fn vm_run_works_over_json_rpc_and_mcp() {
+    let d = TestDaemon::start();
+    d.register_test_image();
+    let repo = user_repo();
+    let path = repo.path().to_str().unwrap();
+    let host_head = host_sh(repo.path(), "git rev-parse HEAD");
+
+    // JSON-RPC: the blocking call returns the running VM and the prepared repository.
+    let r = d.rpc("vm.run", json!({"path": path, "create": {"name": "rpcrun", "memory_mib": 256}}));
+    assert_eq!(r["vm"]["name"], "rpcrun", "{r}");
+    assert_eq!(r["vm"]["state"], "running", "{r}");
+    assert_eq!(r["workspace"]["head_commit"].as_str().unwrap(), host_head.trim(), "{r}");
+    assert_eq!(guest_sh(&d, "rpcrun", "git -C /root/repo rev-parse HEAD"), host_head);
+    // By the time the run returns the daemon has waited for sshd and pinned its host key.
+    let known_hosts = std::fs::read_to_string(d.state_dir.join("ssh/known_hosts")).unwrap_or_default();
+    assert!(known_hosts.lines().any(|l| l.starts_with("rpcrun.vm,")), "no pin for rpcrun: {known_hosts}");
+    let ops = d.rpc("operation.list", json!({}));
+    let run = ops["operations"].as_array().unwrap().iter().find(|o| o["kind"] == "vm.run").expect("a vm.run op");
+    let stages: Vec<&str> = run["stages"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(stages, ["create", "sshd", "prepare"]);
+    assert!(run["stages"].as_array().unwrap().iter().all(|s| s["state"] == "done"), "{run}");
+
+    // MCP: the same operation as a tool, with progress.
+    let mut m = RawMcp::connect(&d.socket);
+    m.initialize();
+    let r = m.request(
+        5,
+        "tools/call",
+        json!({"name": "vm_run", "arguments": {"path": path, "create": {"name": "mcprun", "memory_mib": 256}},
+               "_meta": {"progressToken": "run-1"}}),
+    );
+    let result = &r["result"]["structuredContent"];
+    assert_eq!(result["vm"]["name"], "mcprun", "{r}");
+    assert_eq!(result["workspace"]["path"], "/root/repo", "{r}");
+    assert_eq!(guest_sh(&d, "mcprun", "git -C /root/repo rev-parse HEAD"), host_head);
+
+    // A path that is not a repository is refused before anything is made.
+    let plain = tempfile::tempdir().unwrap();
+    let e = d.rpc_raw("vm.run", json!({"path": plain.path().to_str().unwrap(), "create": {"name": "nope"}}));
+    assert!(e["error"]["data"]["message"].as_str().unwrap_or_default().contains("not inside a git work tree"), "{e}");
+    d.rpc("vm.delete", json!({"vms": ["rpcrun", "mcprun"]}));
+    assert!(d.rpc("vm.list", json!({}))["vms"].as_array().unwrap().is_empty());
+    d.assert_no_leaked_processes();
+}
+
+/// A repository whose prepare takes a while: 48 MiB of incompressible history.
+fn big_repo() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix("banger-ws-big-").tempdir().unwrap();
+    host_sh(
+        dir.path(),
+        "git init -q -b main .
+         git config user.name 'Ada Host'; git config user.email ada@example.invalid
+         head -c 50331648 /dev/urandom > big.bin
+         git add -A; git commit -q -m big",
+    );
+    dir
+}
+
+fn assert_nothing_left(d: &TestDaemon, taps_before: usize) {
+    wait_until("the run's VM to be gone", std::time::Duration::from_secs(60), || {
+        d.rpc("vm.list", json!({}))["vms"] == json!([])
+    });
+    d.assert_no_leaked_processes();
+    assert_eq!(std::fs::read_dir(d.state_dir.join("vms")).unwrap().count(), 0, "VM directory left behind");
+    assert!(d.taps().len() <= taps_before.max(2), "the run's TAP is left: {:?}", d.taps());
+}
+
+#[test]
+fn cancelling_vm_run_mid_prepare_over_json_rpc_or_ctrl_c_leaves_nothing() {
+    let d = TestDaemon::start();
+    d.register_test_image();
+    let repo = big_repo();
+    let path = repo.path().to_str().unwrap();
+    let taps_before = d.taps().len();
+
+    // operation.cancel while the repository is being prepared: the VM the run made is deleted.
+    let op = d.rpc("vm.run_begin", json!({"path": path, "create": {"name": "halfrun", "memory_mib": 256}}));
+    assert_eq!(op["kind"], "vm.run");
+    assert_eq!(op["target"], "halfrun");
+    wait_for_stage(&d, &op["id"], "prepare");
+    let cancelled = d.rpc("operation.cancel", json!({"id": op["id"]}));
+    assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
+    assert_eq!(cancelled["error"]["code"], "cancelled", "{cancelled}");
+    assert!(cancelled["error"]["message"].as_str().unwrap().contains("was deleted"), "{cancelled}");
+    assert_nothing_left(&d, taps_before);
+
+    // Ctrl-C in `banger vm run` during the prepare does the same.
+    let cli = Command::new(bin("banger"))
+        .args(["vm", "run", path, "--name", "ctrlrun", "--memory", "256"])
+        .env("BANGER_SOCKET", &d.socket)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut running = Value::Null;
+    wait_until("the CLI's run to reach prepare", std::time::Duration::from_secs(180), || {
+        let ops = d.rpc("operation.list", json!({}));
+        running = ops["operations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["kind"] == "vm.run" && o["target"] == "ctrlrun")
+            .cloned()
+            .unwrap_or(Value::Null);
+        running["stages"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["name"] == "prepare" && s["state"] == "running"))
+    });
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(cli.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = cli.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("cancelling") && stderr.contains("cancelled"), "{stderr}");
+    let after = d.rpc("operation.status", json!({"id": running["id"]}));
+    assert_eq!(after["state"], "cancelled", "{after}");
+    assert_nothing_left(&d, taps_before);
+}

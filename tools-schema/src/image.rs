@@ -171,10 +171,10 @@ pub struct ImageWarmParams {
     /// Shape of the VMs the template serves (the daemon's defaults when omitted): a VM is restored from a
     /// template only when its vcpus and memory match.
     #[serde(default)]
-    #[schemars(range(min = 1, max = 32))]
+    #[schemars(range(min = crate::vm::MIN_VCPUS, max = crate::vm::MAX_VCPUS))]
     pub vcpus: Option<u32>,
     #[serde(default)]
-    #[schemars(range(min = 128, max = 65536))]
+    #[schemars(range(min = crate::vm::MIN_MEMORY_MIB, max = crate::vm::MAX_MEMORY_MIB))]
     pub memory_mib: Option<u32>,
     /// Build a new template even if a current one exists.
     #[serde(default)]

@@ -18,6 +18,7 @@ pub mod image;
 pub mod operation;
 pub mod ops;
 pub mod session;
+pub mod ssh;
 pub mod vm;
 pub mod workspace;
 

@@ -29,7 +29,7 @@ pub enum StageState {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct Stage {
     /// Stage name, e.g. `allocate`, `disks`, `network`, `boot`, `agent`, `ready` (vm.create) or `rootfs`,
-    /// `customize`, `assemble`, `register` (image.build).
+    /// `customize`, `assemble`, `register` (image.build) or `create`, `sshd`, `prepare` (vm.run).
     pub name: String,
     pub state: StageState,
     /// How long the stage took (so far, while running), in milliseconds.
@@ -55,6 +55,9 @@ pub struct OperationInfo {
     /// The build, once an image build has succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_build: Option<crate::image::ImageBuildResult>,
+    /// The prepared repository, once a `vm.run` has succeeded (its VM is `vm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<crate::workspace::WorkspacePrepareResult>,
     /// The latest line of output from the running stage (e.g. what a recipe is doing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,

@@ -106,6 +106,17 @@ the create made."),
              "Start creating a VM and return at once with an operation id. Follow it with operation_status \
 (stages with timings: allocate, disks, network, boot, agent, ready) and stop it with \
 operation_cancel, which rolls back everything the create made."),
+            (VmRun, vm_run, "vm.run",
+             $crate::workspace::VmRunParams, $crate::workspace::VmRunResult, false, false, false,
+             "Create a VM and copy a host git repository into it at /root/repo, in one operation: the agent \
+workflow's first step. Stages: create (the vm_create stages show as detail), sshd (waits until the guest's sshd \
+answers and its host key is pinned), prepare (workspace_prepare). Reports stages as progress; a failure or \
+cancellation at any stage deletes the VM it made, so nothing is left behind."),
+            (VmRunBegin, vm_run_begin, "vm.run_begin",
+             $crate::workspace::VmRunParams, $crate::operation::OperationInfo, false, false, false,
+             "Start a vm_run and return at once with an operation id (create errors such as a taken name come \
+back at once). Follow it with operation_status (its result is in `vm` and `workspace`) and stop it with \
+operation_cancel, which deletes the VM it made."),
             (OperationStatus, operation_status, "operation.status",
              $crate::operation::OperationRef, $crate::operation::OperationInfo, true, false, true,
              "Report where a long-running operation is: its state, each stage with its duration, and its \
@@ -156,6 +167,11 @@ max_inline_bytes (256 KiB by default); longer output is kept whole and read with
              $crate::vm::VmExecOutputParams, $crate::vm::VmExecOutputChunk, true, false, true,
              "Read more of a command's output when its vm_exec result was cut (stdout_truncated or \
 stderr_truncated, with an output_id): a chunk of stdout or stderr from an offset, with next_offset to go on."),
+            (VmSsh, vm_ssh, "vm.ssh",
+             $crate::vm::VmRef, $crate::vm::VmSshInfo, true, false, true,
+             "Wait (up to 30 s) until a running VM's sshd answers and the daemon has pinned its host key, and \
+return how to ssh into it: its address and the ssh options (root, banger's managed key, strict host-key checking \
+against banger's known_hosts). `ready` says whether sshd answered in time."),
             (VmPorts, vm_ports, "vm.ports",
              $crate::vm::VmRef, $crate::vm::VmPorts, true, false, true,
              "List a running VM's listening ports with the owning process and command line, and where to reach \

@@ -7,11 +7,17 @@ use serde::{Deserialize, Serialize};
 use crate::daemon::VmmKind;
 use crate::error::ApiError;
 
-/// Largest vCPU count a VM may ask for.
+// A VM's shape limits, defined once: the engine's and the CLI's `validate()`, the JSON schemas (schemars) and
+// the CLI's argument parsers (clap) all use these.
+/// Fewest and most vCPUs a VM may ask for.
+pub const MIN_VCPUS: u32 = 1;
 pub const MAX_VCPUS: u32 = 32;
 /// Smallest and largest guest memory, MiB.
 pub const MIN_MEMORY_MIB: u32 = 128;
 pub const MAX_MEMORY_MIB: u32 = 65536;
+/// Smallest and largest root or work disk, GiB.
+pub const MIN_DISK_GIB: u32 = 1;
+pub const MAX_DISK_GIB: u32 = 1024;
 
 /// Create a VM from an image and boot it. Returns once the guest agent answers.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
@@ -26,11 +32,11 @@ pub struct VmCreateParams {
     pub image: Option<String>,
     /// Number of virtual CPUs (1-32). Default 1.
     #[serde(default)]
-    #[schemars(range(min = 1, max = 32))]
+    #[schemars(range(min = MIN_VCPUS, max = MAX_VCPUS))]
     pub vcpus: Option<u32>,
     /// Guest memory in MiB (128-65536). Default 512.
     #[serde(default)]
-    #[schemars(range(min = 128, max = 65536))]
+    #[schemars(range(min = MIN_MEMORY_MIB, max = MAX_MEMORY_MIB))]
     pub memory_mib: Option<u32>,
     /// Force a VMM for this VM instead of the host's choice.
     #[serde(default)]
@@ -84,6 +90,23 @@ impl std::str::FromStr for BootRequest {
 pub struct VmRef {
     /// VM name or id (a unique id prefix works too).
     pub vm: String,
+}
+
+/// How to reach a running VM with ssh (`vm.ssh`), once its sshd answers and its host key is pinned.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct VmSshInfo {
+    /// VM name.
+    pub vm: String,
+    /// The address to connect to (the VM's IPv4 address).
+    pub host: String,
+    /// The VM's DNS name, `<name>.vm`, which the managed `Host *.vm` block in the ssh config covers.
+    pub dns_name: String,
+    /// Whether the guest's sshd answered and its host key was pinned before the daemon stopped waiting
+    /// (30 s). When false ssh may still fail; it says why.
+    pub ready: bool,
+    /// The ssh client options, each `Option=value` for `ssh -o`: root with banger's managed key only, host
+    /// keys checked strictly against banger's own known_hosts.
+    pub options: Vec<String>,
 }
 
 /// Refers to one or more VMs. Repeated refs are acted on once; results come back in the order given.
@@ -292,9 +315,6 @@ pub struct VmLogs {
     pub path: String,
 }
 
-/// Largest root disk, GiB.
-pub const MAX_DISK_GIB: u32 = 1024;
-
 /// Change the shape of stopped VMs. Only the fields given change.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -304,20 +324,20 @@ pub struct VmSetParams {
     pub vms: Vec<String>,
     /// Virtual CPUs (1-32).
     #[serde(default)]
-    #[schemars(range(min = 1, max = 32))]
+    #[schemars(range(min = MIN_VCPUS, max = MAX_VCPUS))]
     pub vcpus: Option<u32>,
     /// Guest memory in MiB (128-65536).
     #[serde(default)]
-    #[schemars(range(min = 128, max = 65536))]
+    #[schemars(range(min = MIN_MEMORY_MIB, max = MAX_MEMORY_MIB))]
     pub memory_mib: Option<u32>,
     /// Root disk size in GiB (1-1024). Disks only grow; the guest's filesystem grows at the next boot.
     #[serde(default)]
-    #[schemars(range(min = 1, max = 1024))]
+    #[schemars(range(min = MIN_DISK_GIB, max = MAX_DISK_GIB))]
     pub disk_gib: Option<u32>,
     /// Size of the work disk mounted at /root, in GiB (1-1024). Grow only; its filesystem grows at the
     /// next boot.
     #[serde(default)]
-    #[schemars(range(min = 1, max = 1024))]
+    #[schemars(range(min = MIN_DISK_GIB, max = MAX_DISK_GIB))]
     pub work_disk_gib: Option<u32>,
     /// Give the VM NAT to other networks (or take it away), from the next start.
     #[serde(default)]
@@ -340,8 +360,8 @@ impl VmSetParams {
         VmCreateParams { vcpus: self.vcpus, memory_mib: self.memory_mib, ..Default::default() }.validate()?;
         for (field, value) in [("disk_gib", self.disk_gib), ("work_disk_gib", self.work_disk_gib)] {
             if let Some(d) = value {
-                if d == 0 || d > MAX_DISK_GIB {
-                    return Err(format!("{field} must be between 1 and {MAX_DISK_GIB}, got {d}"));
+                if !(MIN_DISK_GIB..=MAX_DISK_GIB).contains(&d) {
+                    return Err(format!("{field} must be between {MIN_DISK_GIB} and {MAX_DISK_GIB}, got {d}"));
                 }
             }
         }
@@ -526,8 +546,8 @@ impl VmCreateParams {
             validate_name("VM", n)?;
         }
         if let Some(v) = self.vcpus {
-            if v == 0 || v > MAX_VCPUS {
-                return Err(format!("vcpus must be between 1 and {MAX_VCPUS}, got {v}"));
+            if !(MIN_VCPUS..=MAX_VCPUS).contains(&v) {
+                return Err(format!("vcpus must be between {MIN_VCPUS} and {MAX_VCPUS}, got {v}"));
             }
         }
         if let Some(m) = self.memory_mib {
@@ -615,4 +635,41 @@ pub struct VmExecOutputChunk {
     /// True when this chunk reaches the end; otherwise read on from `next_offset`.
     pub eof: bool,
     pub next_offset: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shape limits exist once (the consts); the schemas' ranges come from them, and every description
+    /// that spells a range out must spell the same one.
+    #[test]
+    fn shape_limits_in_schemas_and_descriptions_match_the_constants() {
+        let limits = [
+            ("vcpus", MIN_VCPUS, MAX_VCPUS),
+            ("memory_mib", MIN_MEMORY_MIB, MAX_MEMORY_MIB),
+            ("disk_gib", MIN_DISK_GIB, MAX_DISK_GIB),
+            ("work_disk_gib", MIN_DISK_GIB, MAX_DISK_GIB),
+        ];
+        let schemas = [
+            ("VmCreateParams", schemars::schema_for!(VmCreateParams)),
+            ("VmSetParams", schemars::schema_for!(VmSetParams)),
+            ("ImageWarmParams", schemars::schema_for!(crate::image::ImageWarmParams)),
+        ];
+        let mut checked = 0;
+        for (ty, schema) in &schemas {
+            let props = schema.get("properties").and_then(|p| p.as_object()).expect("object schema");
+            for (field, min, max) in limits {
+                let Some(prop) = props.get(field) else { continue };
+                assert_eq!(prop.get("minimum"), Some(&serde_json::json!(min)), "{ty}.{field}: {prop}");
+                assert_eq!(prop.get("maximum"), Some(&serde_json::json!(max)), "{ty}.{field}: {prop}");
+                let description = prop.get("description").and_then(|d| d.as_str()).unwrap_or_default();
+                if description.contains(|c: char| c.is_ascii_digit()) {
+                    assert!(description.contains(&format!("{min}-{max}")), "{ty}.{field}: {description}");
+                }
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 8, "every shape field of the three param types was checked");
+    }
 }

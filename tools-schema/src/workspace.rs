@@ -72,6 +72,55 @@ impl WorkspacePrepareParams {
     }
 }
 
+/// `vm.run`: create a VM and prepare a host git repository in it, as one operation. A failure or cancel at any
+/// stage deletes the VM it made, so a failed run leaves nothing behind.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmRunParams {
+    /// Absolute path of a git work tree on the daemon's host (its top level, or any directory inside it).
+    pub path: String,
+    /// `tracked` (default) or `full` (also untracked, non-ignored files and submodule contents).
+    #[serde(default)]
+    pub mode: Option<WorkspaceMode>,
+    /// The VM to create, as vm_create takes it. When it names no VM, the repository's folder name is used if
+    /// it is a valid, free VM name; otherwise a name is generated.
+    #[serde(default)]
+    pub create: crate::vm::VmCreateParams,
+    /// Commit author name for the guest repository (see workspace_prepare).
+    #[serde(default)]
+    pub git_user_name: Option<String>,
+    /// Commit author email for the guest repository (see workspace_prepare).
+    #[serde(default)]
+    pub git_user_email: Option<String>,
+}
+
+impl VmRunParams {
+    /// Checks every field that can be checked without daemon state: the create's and the prepare's.
+    pub fn validate(&self) -> Result<(), String> {
+        self.create.validate()?;
+        self.prepare_params(String::new()).validate()
+    }
+
+    /// The prepare step of the run, for the VM it made.
+    pub fn prepare_params(&self, vm: String) -> WorkspacePrepareParams {
+        WorkspacePrepareParams {
+            vm,
+            path: self.path.clone(),
+            mode: self.mode,
+            force: false,
+            git_user_name: self.git_user_name.clone(),
+            git_user_email: self.git_user_email.clone(),
+        }
+    }
+}
+
+/// What `vm.run` made: the running VM and the repository prepared in it.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct VmRunResult {
+    pub vm: crate::vm::VmInfo,
+    pub workspace: WorkspacePrepareResult,
+}
+
 /// The repository as prepared in the guest.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct WorkspacePrepareResult {

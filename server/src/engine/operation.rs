@@ -43,6 +43,7 @@ impl Op {
             elapsed_ms: 0,
             vm: None,
             image_build: None,
+            workspace: None,
             detail: None,
             error: None,
         };
@@ -93,6 +94,11 @@ impl Op {
                     match outcome.into() {
                         Outcome::Vm(vm) => inner.info.vm = Some(vm),
                         Outcome::ImageBuild(b) => inner.info.image_build = Some(b),
+                        Outcome::Run(r) => {
+                            let r = *r;
+                            inner.info.vm = Some(r.vm);
+                            inner.info.workspace = Some(r.workspace);
+                        }
                     }
                 }
                 Err(e) => {
@@ -149,6 +155,13 @@ impl Op {
 pub(crate) enum Outcome {
     Vm(VmInfo),
     ImageBuild(ImageBuildResult),
+    Run(Box<tools_schema::workspace::VmRunResult>),
+}
+
+impl From<tools_schema::workspace::VmRunResult> for Outcome {
+    fn from(r: tools_schema::workspace::VmRunResult) -> Self {
+        Outcome::Run(Box::new(r))
+    }
 }
 
 impl From<VmInfo> for Outcome {

@@ -1,4 +1,6 @@
-//! The CLI's JSON-RPC client: WebSocket over the daemon's Unix socket, typed by tools_schema operations.
+//! The JSON-RPC client: WebSocket over the daemon's Unix socket, typed by tools_schema operations.
+
+pub use jsonrpsee::core::client::Subscription;
 use std::path::Path;
 use std::time::Duration;
 
@@ -78,7 +80,7 @@ impl Daemon {
         method: &str,
         unsubscribe: &str,
         params: &impl serde::Serialize,
-    ) -> Result<jsonrpsee::core::client::Subscription<N>, CallError> {
+    ) -> Result<Subscription<N>, CallError> {
         use jsonrpsee::core::client::SubscriptionClientT;
         let obj = object_params(params)?;
         self.client.subscribe::<N, _>(method, obj, unsubscribe).await.map_err(call_error)
