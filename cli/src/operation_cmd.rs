@@ -1,10 +1,9 @@
 //! Following long-running operations: live stages with timings, Ctrl-C to cancel (which rolls back).
 use std::io::Write;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Subcommand;
-use tools_schema::operation::{OperationInfo, OperationRef, OperationState, StageState};
+use tools_schema::operation::{OperationInfo, OperationRef, OperationState, OperationWaitParams, StageState};
 use tools_schema::ops;
 
 use crate::client::Daemon;
@@ -73,7 +72,8 @@ fn print_stages(info: &OperationInfo) {
     }
 }
 
-/// Polls an operation until it finishes, printing each stage as it completes (when `live`). Ctrl-C asks
+/// Follows an operation until it finishes, printing each stage as it completes (when `live`): each
+/// `operation.wait` is answered by the daemon at the operation's next change, so nothing polls. Ctrl-C asks
 /// the daemon to cancel it and waits for the rollback.
 pub async fn follow(d: &Daemon, mut info: OperationInfo, live: bool) -> anyhow::Result<OperationInfo> {
     let mut printed = 0usize;
@@ -110,17 +110,16 @@ pub async fn follow(d: &Daemon, mut info: OperationInfo, live: bool) -> anyhow::
         if info.state != OperationState::Running {
             return Ok(info);
         }
+        let next = OperationWaitParams { id: info.id.clone(), after: info.revision, timeout_ms: None };
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(150)) => {}
+            changed = d.call::<ops::OperationWait>(&next) => info = changed?,
             _ = tokio::signal::ctrl_c(), if !cancelling => {
                 cancelling = true;
                 if live {
                     eprintln!("  cancelling...");
                 }
                 info = d.call::<ops::OperationCancel>(&OperationRef { id: info.id.clone() }).await?;
-                continue;
             }
         }
-        info = d.call::<ops::OperationStatus>(&OperationRef { id: info.id.clone() }).await?;
     }
 }

@@ -64,6 +64,10 @@ pub struct OperationInfo {
     /// Why it failed or was cancelled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ApiError>,
+    /// Counts the operation's changes (stages, detail, outcome): pass it to operation_wait as `after` to be
+    /// answered at its next change.
+    #[serde(default)]
+    pub revision: u64,
 }
 
 /// Refers to one operation.
@@ -72,6 +76,37 @@ pub struct OperationInfo {
 pub struct OperationRef {
     /// Operation id, as returned by the `*_begin` method.
     pub id: String,
+}
+
+/// Longest wait `operation.wait` accepts, in milliseconds.
+pub const MAX_OPERATION_WAIT_MS: u64 = 60_000;
+
+/// Waits for an operation to change.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OperationWaitParams {
+    /// Operation id, as returned by the `*_begin` method.
+    pub id: String,
+    /// The `revision` the caller has seen: the answer comes as soon as the operation's is higher (at once
+    /// when it already is, or when the operation has finished). Default 0.
+    #[serde(default)]
+    pub after: u64,
+    /// Answer with the operation as it is after this long (1-60000 ms) even if it has not changed.
+    /// Default 30000.
+    #[serde(default)]
+    #[schemars(range(min = 1, max = 60000))]
+    pub timeout_ms: Option<u64>,
+}
+
+impl OperationWaitParams {
+    pub fn validate(&self) -> Result<(), String> {
+        match self.timeout_ms {
+            Some(t) if t == 0 || t > MAX_OPERATION_WAIT_MS => {
+                Err(format!("timeout_ms must be between 1 and {MAX_OPERATION_WAIT_MS}, got {t}"))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Operations still running or finished in the last ten minutes.

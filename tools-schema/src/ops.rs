@@ -121,6 +121,12 @@ operation_cancel, which deletes the VM it made."),
              $crate::operation::OperationRef, $crate::operation::OperationInfo, true, false, true,
              "Report where a long-running operation is: its state, each stage with its duration, and its \
 result or error once finished."),
+            (OperationWait, operation_wait, "operation.wait",
+             $crate::operation::OperationWaitParams, $crate::operation::OperationInfo, true, false, true,
+             "Wait until a long-running operation changes (a stage starts or ends, new detail, its outcome) \
+and report it as operation_status does: pass the `revision` you last saw as `after`. Answers at once if it \
+changed meanwhile or has finished, else at the change or after `timeout_ms`. Follow an operation with this \
+instead of polling operation_status."),
             (OperationCancel, operation_cancel, "operation.cancel",
              $crate::operation::OperationRef, $crate::operation::OperationInfo, false, false, true,
              "Cancel a running operation and wait until it has rolled back what it made. Cancelling a \

@@ -83,18 +83,15 @@ impl Engine {
         p.validate().map_err(ApiError::invalid)?;
         let plan = self.plan_build(p).await?;
         let op = self.ops.start("image.build", &plan.name, BUILD_STAGES);
-        let engine = self.clone();
-        let running = op.clone();
-        tokio::spawn(async move {
+        let (engine, running) = (self.clone(), op.clone());
+        let work = async move {
             let work = engine.cfg.images_dir().join(format!(".build-{}", running.id()));
             let result = engine.run_build(&plan, &running, &work).await;
             // The work folder holds only intermediate files: the registered image was moved out of it.
             let _ = tokio::fs::remove_dir_all(&work).await;
-            if let Err(e) = &result {
-                tracing::warn!(image = %plan.name, error = %e.message, "image build failed");
-            }
-            running.finish(result);
-        });
+            result
+        };
+        super::operation::run(&op, work, |b: &ImageBuildResult| b.clone().into());
         Ok(op.snapshot())
     }
 

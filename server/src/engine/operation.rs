@@ -1,13 +1,21 @@
-//! Long-running operations: their stages, state and result, followed by `operation.status` and by the
-//! blocking front (`vm.create`), which turns stage changes into progress notifications.
+//! The operation runner: every long operation (vm.create, image.build, workspace prepare/export) is an `Op`
+//! with typed stages, a detail line, a cancellation token and an outcome, run in its own task by `run` (so a
+//! caller that goes away cancels it instead of dropping it half-way) with a `Rollback` that undoes what it
+//! made, in reverse order, unless it succeeded. Followers are woken by changes, never by a timer: blocking
+//! calls through `follow` (which turns changes into MCP progress), others through `operation.wait`.
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tools_schema::daemon::Empty;
 use tools_schema::image::ImageBuildResult;
-use tools_schema::operation::{OperationInfo, OperationState, Stage, StageState};
+use tools_schema::operation::{
+    OperationInfo, OperationList, OperationRef, OperationState, OperationWaitParams, Stage, StageState,
+};
 use tools_schema::vm::VmInfo;
 use tools_schema::ApiError;
 
@@ -46,6 +54,7 @@ impl Op {
             workspace: None,
             detail: None,
             error: None,
+            revision: 0,
         };
         Op {
             cancel: CancellationToken::new(),
@@ -73,7 +82,6 @@ impl Op {
             }
             inner.stage_started = Some(Instant::now());
         }
-        tracing::debug!(op = %self.id(), stage = name, "stage");
         self.changed.send_modify(|v| *v += 1);
     }
 
@@ -129,6 +137,7 @@ impl Op {
     pub fn snapshot(&self) -> OperationInfo {
         let inner = self.inner.lock().unwrap();
         let mut info = inner.info.clone();
+        info.revision = *self.changed.borrow();
         if inner.finished.is_none() {
             info.elapsed_ms = self.started.elapsed().as_millis() as u64;
             if let (Some(s), Some(t)) =
@@ -148,6 +157,21 @@ impl Op {
                 return;
             }
         }
+    }
+
+    /// The operation as soon as its revision passes `after` (at once if it has, or it has finished), or as
+    /// it is when `timeout` ends.
+    pub async fn wait_change(&self, after: u64, timeout: Duration) -> OperationInfo {
+        let mut rx = self.subscribe();
+        let _ = tokio::time::timeout(timeout, async {
+            while *rx.borrow_and_update() <= after && !self.is_done() {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        self.snapshot()
     }
 }
 
@@ -207,11 +231,14 @@ pub(crate) async fn follow(op: &Op, ctx: &CallContext) -> OperationInfo {
     op.snapshot()
 }
 
+/// Ends the running stage, with one log line per stage: the daemon's log shows where an operation's time went.
 fn close_running(inner: &mut OpInner, to: StageState) {
     let elapsed = inner.stage_started.map(|t| t.elapsed().as_millis() as u64);
     if let Some(s) = inner.info.stages.iter_mut().find(|s| s.state == StageState::Running) {
         s.state = to;
         s.duration_ms = elapsed;
+        tracing::info!(op = %inner.info.id, kind = %inner.info.kind, target = %inner.info.target, stage = %s.name,
+            state = ?to, ms = elapsed.unwrap_or(0), "stage");
     }
 }
 
@@ -245,5 +272,221 @@ impl Ops {
         let mut ops: Vec<(Instant, OperationInfo)> = map.values().map(|o| (o.started, o.snapshot())).collect();
         ops.sort_by_key(|(t, _)| *t);
         ops.into_iter().map(|(_, i)| i).collect()
+    }
+}
+
+impl super::Engine {
+    pub async fn operation_status(
+        self: &Arc<Self>,
+        p: OperationRef,
+        _: CallContext,
+    ) -> Result<OperationInfo, ApiError> {
+        Ok(self.ops.get(&p.id)?.snapshot())
+    }
+
+    pub async fn operation_wait(
+        self: &Arc<Self>,
+        p: OperationWaitParams,
+        _: CallContext,
+    ) -> Result<OperationInfo, ApiError> {
+        p.validate().map_err(ApiError::invalid)?;
+        let op = self.ops.get(&p.id)?;
+        let timeout = Duration::from_millis(p.timeout_ms.unwrap_or(DEFAULT_WAIT_MS));
+        Ok(op.wait_change(p.after, timeout).await)
+    }
+
+    pub async fn operation_cancel(
+        self: &Arc<Self>,
+        p: OperationRef,
+        _: CallContext,
+    ) -> Result<OperationInfo, ApiError> {
+        let op = self.ops.get(&p.id)?;
+        op.cancel.cancel();
+        // Report the rolled-back outcome, not a half-way state.
+        let _ = tokio::time::timeout(Duration::from_secs(60), op.wait()).await;
+        Ok(op.snapshot())
+    }
+
+    pub async fn operation_list(self: &Arc<Self>, _: Empty, _: CallContext) -> Result<OperationList, ApiError> {
+        Ok(OperationList { operations: self.ops.list() })
+    }
+}
+
+/// `operation.wait` without a `timeout_ms`.
+const DEFAULT_WAIT_MS: u64 = 30_000;
+
+/// Runs `work` as `op` in a task of its own, records its outcome (`outcome` of a success, or the error) and
+/// logs one line with every stage's time. The task outlives its caller: a caller that goes away cancels
+/// the operation's token and the work rolls back, it is never dropped half-way.
+pub(crate) fn run<T, W>(
+    op: &Arc<Op>,
+    work: W,
+    outcome: fn(&T) -> Outcome,
+) -> tokio::task::JoinHandle<Result<T, ApiError>>
+where
+    T: Send + 'static,
+    W: Future<Output = Result<T, ApiError>> + Send + 'static,
+{
+    let op = op.clone();
+    tokio::spawn(async move {
+        let result = work.await;
+        op.finish(result.as_ref().map(outcome).map_err(Clone::clone));
+        let snap = op.snapshot();
+        let stages: Vec<String> =
+            snap.stages.iter().map(|s| format!("{}={}ms", s.name, s.duration_ms.unwrap_or(0))).collect();
+        tracing::info!(op = %snap.id, kind = %snap.kind, target = %snap.target, state = ?snap.state,
+            elapsed_ms = snap.elapsed_ms, stages = %stages.join(" "), error = ?snap.error.as_ref().map(|e| &e.message),
+            "operation finished");
+        result
+    })
+}
+
+/// Waits for a task `run` started on behalf of a blocking caller: the caller's cancel (or this future
+/// dropped, when the caller disconnects) cancels the operation, whose task then rolls back and ends.
+pub(crate) async fn join<T>(
+    op: &Op,
+    task: tokio::task::JoinHandle<Result<T, ApiError>>,
+    ctx: &CallContext,
+) -> Result<T, ApiError> {
+    let cancel_on_drop = op.cancel.clone().drop_guard();
+    let caller = ctx.cancel.clone();
+    let token = op.cancel.clone();
+    let result = tokio::select! {
+        r = task => r,
+        _ = async { caller.cancelled().await; token.cancel(); std::future::pending::<()>().await } => unreachable!(),
+    };
+    cancel_on_drop.disarm();
+    result.unwrap_or_else(|e| Err(ApiError::internal(format!("operation task failed: {e}"))))
+}
+
+type Undo = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// What an operation made so far, as the steps that undo it. On failure or cancel `undo` runs them newest
+/// first; `disarm` keeps everything (success). A guard dropped while still armed (a panic, a task aborted)
+/// runs its steps in a task of its own, so nothing made is ever left behind by an early return.
+pub(crate) struct Rollback {
+    what: String,
+    steps: Vec<(&'static str, Undo)>,
+}
+
+impl Rollback {
+    pub fn new(what: impl Into<String>) -> Rollback {
+        Rollback { what: what.into(), steps: vec![] }
+    }
+
+    /// Records that something was made; `undo` removes it.
+    pub fn push(&mut self, step: &'static str, undo: impl Future<Output = ()> + Send + 'static) {
+        self.steps.push((step, Box::pin(undo)));
+    }
+
+    /// Success: everything made stays.
+    pub fn disarm(mut self) {
+        self.steps.clear();
+    }
+
+    /// Failure: removes everything made, newest first.
+    pub async fn undo(mut self) {
+        let steps = std::mem::take(&mut self.steps);
+        undo_all(&self.what, steps).await;
+    }
+
+    /// The steps recorded so far, newest last (for tests).
+    #[cfg(test)]
+    fn names(&self) -> Vec<&'static str> {
+        self.steps.iter().map(|(n, _)| *n).collect()
+    }
+}
+
+async fn undo_all(what: &str, steps: Vec<(&'static str, Undo)>) {
+    for (step, undo) in steps.into_iter().rev() {
+        tracing::debug!(what, step, "rolling back");
+        undo.await;
+    }
+}
+
+impl Drop for Rollback {
+    fn drop(&mut self) {
+        let steps = std::mem::take(&mut self.steps);
+        if steps.is_empty() {
+            return;
+        }
+        tracing::warn!(what = %self.what, "rolling back after an early exit");
+        let what = self.what.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { undo_all(&what, steps).await });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recorder() -> (Arc<Mutex<Vec<&'static str>>>, impl Fn(&'static str) -> Undo) {
+        let log = Arc::new(Mutex::new(vec![]));
+        let l = log.clone();
+        (log, move |name| {
+            let l = l.clone();
+            Box::pin(async move { l.lock().unwrap().push(name) })
+        })
+    }
+
+    #[tokio::test]
+    async fn undo_runs_newest_first_and_disarm_keeps_everything() {
+        let (log, step) = recorder();
+        let mut rb = Rollback::new("test");
+        for name in ["record", "dir", "tap", "process"] {
+            rb.push(name, step(name));
+        }
+        assert_eq!(rb.names(), ["record", "dir", "tap", "process"]);
+        rb.undo().await;
+        assert_eq!(*log.lock().unwrap(), ["process", "tap", "dir", "record"]);
+
+        let (log, step) = recorder();
+        let mut rb = Rollback::new("test");
+        rb.push("record", step("record"));
+        rb.disarm();
+        tokio::task::yield_now().await;
+        assert!(log.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_guard_dropped_armed_still_undoes() {
+        let (log, step) = recorder();
+        {
+            let mut rb = Rollback::new("test");
+            rb.push("a", step("a"));
+            rb.push("b", step("b"));
+        }
+        for _ in 0..100 {
+            if log.lock().unwrap().len() == 2 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(*log.lock().unwrap(), ["b", "a"]);
+    }
+
+    #[tokio::test]
+    async fn wait_change_answers_at_the_next_change_not_before() {
+        let op = Arc::new(Op::new("x".into(), "test", "t", &["one", "two"]));
+        let seen = op.snapshot().revision;
+        // Nothing changed: the wait ends by its timeout.
+        let t = Instant::now();
+        assert_eq!(op.wait_change(seen, Duration::from_millis(50)).await.revision, seen);
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        let waiter = {
+            let op = op.clone();
+            tokio::spawn(async move { op.wait_change(seen, Duration::from_secs(30)).await })
+        };
+        tokio::task::yield_now().await;
+        op.stage("one");
+        let info = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
+        assert!(info.revision > seen);
+        assert_eq!(info.stages[0].state, StageState::Running);
+        // A revision already passed answers at once.
+        let t = Instant::now();
+        op.wait_change(seen, Duration::from_secs(30)).await;
+        assert!(t.elapsed() < Duration::from_secs(5));
     }
 }

@@ -8,7 +8,7 @@ use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tools_schema::daemon::{Empty, VmmKind};
 use tools_schema::guest::{ExecSpec, GuestRequest};
-use tools_schema::operation::{OperationInfo, OperationList, OperationRef};
+use tools_schema::operation::OperationInfo;
 use tools_schema::vm::{
     parse_mode, BootInfo, BootMode, BootRequest, ContentEncoding, ExecStream, PortProtocol, VmBatchResult,
     VmCreateParams, VmExecOutputChunk, VmExecOutputParams, VmExecParams, VmExecResult, VmFileReadParams,
@@ -19,7 +19,7 @@ use tools_schema::{ApiError, ErrorCode};
 
 use sha2::Digest;
 
-use super::operation::Op;
+use super::operation::{Op, Rollback};
 use super::warm::BootPlan;
 use super::{new_id, now, CallContext, Engine};
 use crate::guest::{Capture, GuestConn, GuestError};
@@ -197,28 +197,14 @@ impl Engine {
         };
         op.set_target(&row.name);
         tracing::info!(vm = %row.name, id = %row.id, image = %image.name, op = %op.id(), "creating VM");
-        let engine = self.clone();
-        let task_op = op.clone();
-        tokio::spawn(async move {
+        let (engine, task_op) = (self.clone(), op.clone());
+        let work = async move {
             let lock = engine.vm_lock(&row.id);
             let _held = lock.lock_owned().await;
-            let result = engine.clone().create_inner(row.clone(), image, &task_op, cold, pooled).await;
-            let result = match result {
-                Ok(()) => match engine.reload(&row.id).await {
-                    Ok(r) => Ok(engine.vm_info(&r).await),
-                    Err(e) => Err(e),
-                },
-                Err(e) => {
-                    tracing::warn!(vm = %row.name, error = %e.message, "create failed; rolled back");
-                    Err(e)
-                }
-            };
-            task_op.finish(result);
-            let snap = task_op.snapshot();
-            let stages: Vec<String> =
-                snap.stages.iter().map(|s| format!("{}={}ms", s.name, s.duration_ms.unwrap_or(0))).collect();
-            tracing::info!(vm = %row.name, state = ?snap.state, elapsed_ms = snap.elapsed_ms, stages = %stages.join(" "), "create finished");
-        });
+            engine.clone().create_inner(row.clone(), image, &task_op, cold, pooled).await?;
+            Ok(engine.vm_info(&engine.reload(&row.id).await?).await)
+        };
+        super::operation::run(&op, work, |vm: &VmInfo| vm.clone().into());
         Ok(op.snapshot())
     }
 
@@ -344,6 +330,8 @@ impl Engine {
         Ok(row)
     }
 
+    /// Everything of a create after its record: queue, disks, boot. Whatever it made is undone, newest
+    /// first, when it fails or is cancelled (`Rollback`); `boot` undoes its own part (VMM, network) first.
     async fn create_inner(
         self: Arc<Self>,
         row: VmRow,
@@ -357,8 +345,22 @@ impl Engine {
         let cancelled =
             || ApiError::new(ErrorCode::Cancelled, format!("creating VM {} was cancelled; nothing was kept", row.name));
         let from_pool = pooled.is_some();
+        let mut rollback = Rollback::new(format!("creating VM {}", row.name));
+        let (engine, id) = (self.clone(), row.id.clone());
+        rollback.push("record", async move {
+            let _ = engine.store.delete_vm(id).await;
+        });
+        if from_pool {
+            // The pool lent a VM, ended by the rollback or kept: either way it refills.
+            let engine = self.clone();
+            rollback.push("pool refill", async move { engine.refill_pool_later() });
+        }
         let result = async {
             if let Some(entry) = pooled {
+                let dir = paths.dir.clone();
+                rollback.push("directory", async move {
+                    let _ = tokio::fs::remove_dir_all(&dir).await;
+                });
                 return self.adopt_pooled(&row, entry, op).await;
             }
             // Boots beyond what may run at once wait their turn, holding only the record.
@@ -370,6 +372,10 @@ impl Engine {
                 .ok_or_else(cancelled)?;
             op.stage("disks");
             create_vm_dir(&paths.dir).await?;
+            let dir = paths.dir.clone();
+            rollback.push("directory", async move {
+                let _ = tokio::fs::remove_dir_all(&dir).await;
+            });
             let mut plan = self.boot_plan(&row, &image, cold);
             if let BootPlan::Warm(t) = &plan {
                 if let Err(e) = self.clone_disks(t, &paths).await {
@@ -390,37 +396,26 @@ impl Engine {
             Err(e) if e.code == ErrorCode::Cancelled => Err(cancelled()),
             other => other,
         };
-        match result {
-            Ok(boot) => {
-                if boot.mode == BootMode::Cold
-                    && !cold
-                    && matches!(self.find_template(&image, row.vmm, row.vcpus, row.memory_mib),
-                        Err(why) if !why.starts_with(super::warm::TEMPLATE_FAILED))
-                {
-                    self.build_template_later(image.clone(), row.vmm, row.vcpus, row.memory_mib);
-                }
-                if from_pool {
-                    self.refill_pool_later();
-                }
-                Ok(())
-            }
+        let boot = match result {
+            Ok(boot) => boot,
             Err(e) => {
-                // Roll back in reverse: process (boot already killed it on its own failure), files, record.
-                if let Some(v) = self.store.vm(row.id.clone()).await.ok().flatten() {
-                    if let Some(pid) = v.pid {
-                        vmm::stop_vm_processes(&self.vm_paths(&row.id).dir, &row.id, Some(pid)).await;
-                    }
-                }
-                self.drop_guest(&row.id);
-                self.release_net(&row).await;
-                let _ = tokio::fs::remove_dir_all(&paths.dir).await;
-                let _ = self.store.delete_vm(row.id.clone()).await;
-                if from_pool {
-                    self.refill_pool_later();
-                }
-                Err(e)
+                tracing::warn!(vm = %row.name, error = %e.message, "create failed; rolling back");
+                rollback.undo().await;
+                return Err(e);
             }
+        };
+        rollback.disarm();
+        if boot.mode == BootMode::Cold
+            && !cold
+            && matches!(self.find_template(&image, row.vmm, row.vcpus, row.memory_mib),
+                Err(why) if !why.starts_with(super::warm::TEMPLATE_FAILED))
+        {
+            self.build_template_later(image.clone(), row.vmm, row.vcpus, row.memory_mib);
         }
+        if from_pool {
+            self.refill_pool_later();
+        }
+        Ok(())
     }
 
     /// A new VM's disks over the image's files, in its root layout (`vmm::RootLayout`): qcow2 overlays (QEMU's
@@ -459,66 +454,83 @@ impl Engine {
     }
 
     /// Hands a pooled VM (restored earlier, waiting) to a new record: its TAP, then its own identity.
-    async fn adopt_pooled(&self, row: &VmRow, entry: super::warm::PoolEntry, op: &Op) -> Result<BootInfo, ApiError> {
+    async fn adopt_pooled(
+        self: &Arc<Self>,
+        row: &VmRow,
+        entry: super::warm::PoolEntry,
+        op: &Op,
+    ) -> Result<BootInfo, ApiError> {
         let started = std::time::Instant::now();
+        let mut rollback = Rollback::new(format!("VM {}", row.name));
+        self.undo_vmm(&mut rollback, row, entry.pid);
         op.detail("taking a restored VM from the warm pool");
         op.stage("network");
-        if let Some(tap) = &entry.tap {
-            self.store.set_vm_tap(row.id.clone(), Some(tap.clone())).await?;
-            // Its MAC changes now, with its identity: the TAP carries only the new one from the start.
-            if let Err(e) = self.guard_tap(row, tap).await {
-                vmm::stop_vm_processes(&self.vm_paths(&row.id).dir, &row.id, Some(entry.pid)).await;
-                self.release_net(row).await;
-                return Err(e);
+        let adopted = async {
+            if let Some(tap) = &entry.tap {
+                self.undo_net(&mut rollback, row);
+                self.store.set_vm_tap(row.id.clone(), Some(tap.clone())).await?;
+                // Its MAC changes now, with its identity: the TAP carries only the new one from the start.
+                self.guard_tap(row, tap).await?;
             }
+            op.stage("boot");
+            self.store.set_vm_state(row.id.clone(), VmState::Starting, Some(entry.pid), None, None).await?;
+            op.stage("agent");
+            self.reidentify(row, &entry.conn).await?;
+            let boot = BootInfo { mode: BootMode::Pool, cold_reason: None, ms: started.elapsed().as_millis() as u64 };
+            self.finish_boot(row, entry.pid, entry.conn.clone(), Some(op), boot).await
         }
-        op.stage("boot");
-        self.store.set_vm_state(row.id.clone(), VmState::Starting, Some(entry.pid), None, None).await?;
-        op.stage("agent");
-        let conn = entry.conn;
-        if let Err(e) = self.reidentify(row, &conn).await {
-            vmm::stop_vm_processes(&self.vm_paths(&row.id).dir, &row.id, Some(entry.pid)).await;
-            self.release_net(row).await;
-            return Err(e);
-        }
-        let boot = BootInfo { mode: BootMode::Pool, cold_reason: None, ms: started.elapsed().as_millis() as u64 };
-        self.finish_boot(row, entry.pid, conn, Some(op), boot).await
+        .await;
+        settle(rollback, adopted).await
     }
 
-    pub async fn operation_status(
-        self: &Arc<Self>,
-        p: OperationRef,
-        _: CallContext,
-    ) -> Result<OperationInfo, ApiError> {
-        Ok(self.ops.get(&p.id)?.snapshot())
+    /// Undoing a boot's VMM: the guest connection closed, the process (and its helpers) ended.
+    fn undo_vmm(self: &Arc<Self>, rollback: &mut Rollback, row: &VmRow, pid: u32) {
+        let (engine, id) = (self.clone(), row.id.clone());
+        rollback.push("vmm", async move {
+            engine.drop_guest(&id);
+            vmm::stop_vm_processes(&engine.vm_paths(&id).dir, &id, Some(pid)).await;
+        });
     }
 
-    pub async fn operation_cancel(
-        self: &Arc<Self>,
-        p: OperationRef,
-        _: CallContext,
-    ) -> Result<OperationInfo, ApiError> {
-        let op = self.ops.get(&p.id)?;
-        op.cancel.cancel();
-        // Report the rolled-back outcome, not a half-way state.
-        let _ = tokio::time::timeout(Duration::from_secs(60), op.wait()).await;
-        Ok(op.snapshot())
-    }
-
-    pub async fn operation_list(self: &Arc<Self>, _: Empty, _: CallContext) -> Result<OperationList, ApiError> {
-        Ok(OperationList { operations: self.ops.list() })
+    /// Undoing a boot's network: DNS name, NAT, the TAP's filter, the TAP back to the pool.
+    fn undo_net(self: &Arc<Self>, rollback: &mut Rollback, row: &VmRow) {
+        let (engine, row) = (self.clone(), row.clone());
+        rollback.push("network", async move { engine.release_net(&row).await });
     }
 
     /// Brings the VM up, warm from a template when the plan says so (falling back to a cold boot, with
-    /// the reason, if the restore fails), and waits for the guest agent. On failure the VMM process is gone
-    /// and the VM is recorded as failed, with the reason.
+    /// the reason, if the restore fails), and waits for the guest agent. On failure everything it made
+    /// (network, VMM process) is undone by its `Rollback`, and the VM is recorded as failed, with the reason
+    /// (a cancelled boot leaves the record as it was for the caller to settle).
     async fn boot(
-        &self,
+        self: &Arc<Self>,
         row: &VmRow,
         image: &ImageRow,
         cancel: &CancellationToken,
         op: Option<&Op>,
         plan: BootPlan,
+    ) -> Result<BootInfo, ApiError> {
+        let mut rollback = Rollback::new(format!("booting VM {}", row.name));
+        let booted = self.boot_steps(row, image, cancel, op, plan, &mut rollback).await;
+        let booted = settle(rollback, booted).await;
+        if let Err(e) = &booted {
+            if e.code != ErrorCode::Cancelled {
+                let failed =
+                    self.store.set_vm_state(row.id.clone(), VmState::Failed, None, None, Some(e.message.clone()));
+                let _ = failed.await;
+            }
+        }
+        booted
+    }
+
+    async fn boot_steps(
+        self: &Arc<Self>,
+        row: &VmRow,
+        image: &ImageRow,
+        cancel: &CancellationToken,
+        op: Option<&Op>,
+        plan: BootPlan,
+        rollback: &mut Rollback,
     ) -> Result<BootInfo, ApiError> {
         let stage = |name: &str| {
             if let Some(op) = op {
@@ -538,11 +550,13 @@ impl Engine {
                     ApiError::internal(format!("cannot get a TAP device: {e}"))
                         .with_hint("`banger doctor` checks networking")
                 })?;
-                self.store.set_vm_tap(row.id.clone(), Some(tap.clone())).await?;
-                if let Err(e) = self.guard_tap(row, &tap).await {
-                    self.release_net(row).await;
-                    return Err(e);
+                if let Err(e) = self.store.set_vm_tap(row.id.clone(), Some(tap.clone())).await {
+                    net.release_tap(&tap).await;
+                    return Err(e.into());
                 }
+                // From here on the record names the TAP, and `release_net` gives it back.
+                self.undo_net(rollback, row);
+                self.guard_tap(row, &tap).await?;
                 Some((tap, net.guest_net(ip, mac)))
             }
             _ => None,
@@ -560,30 +574,21 @@ impl Engine {
                 match self.restore_clone(image, &t, &row.id, &paths, net.clone(), identity, cancel).await {
                     Ok((pid, conn)) => {
                         stage("agent");
-                        let recorded =
-                            self.store.set_vm_state(row.id.clone(), VmState::Starting, Some(pid), None, None).await;
-                        if let Err(e) = recorded {
-                            // Unrecorded, the clone would outlive the rollback: end it here.
-                            conn.close();
-                            vmm::stop_vm_processes(&paths.dir, &row.id, Some(pid)).await;
-                            self.release_net(row).await;
-                            return Err(e.into());
-                        }
+                        self.undo_vmm(rollback, row, pid);
+                        let closing = conn.clone();
+                        rollback.push("guest channel", async move { closing.close() });
+                        self.store.set_vm_state(row.id.clone(), VmState::Starting, Some(pid), None, None).await?;
                         warm = Some((pid, conn));
                     }
                     Err(e) => cold_reason = Some(format!("restoring the template failed: {}", e.message)),
                 }
                 if warm.is_none() {
                     if cancel.is_cancelled() {
-                        self.release_net(row).await;
                         return Err(ApiError::new(ErrorCode::Cancelled, "cancelled"));
                     }
                     tracing::warn!(vm = %row.name, reason = ?cold_reason, "warm start failed; booting cold");
                     // The clone's disks sit on the template; a cold boot needs the image's.
-                    if let Err(e) = self.make_disks(row, image, &paths).await {
-                        self.release_net(row).await;
-                        return Err(e);
-                    }
+                    self.make_disks(row, image, &paths).await?;
                 }
             }
         }
@@ -622,23 +627,11 @@ impl Engine {
         // can leave the host's connection unanswered for good (`VSOCK_READY_PORT`). Firecracker's own vsock
         // refuses early connections cleanly, so there the host just retries, as it always has.
         let announced = driver.announces_vsock_ready().then(|| AnnounceSocket::bind(paths.vsock_ready()));
-        let announced = match announced.transpose() {
-            Ok(l) => l,
-            Err(e) => {
-                self.release_net(row).await;
-                return Err(ApiError::internal(format!("cannot listen on {}: {e}", paths.vsock_ready().display())));
-            }
-        };
-        let launched = driver.launch(&spec).await.map_err(vmm_error);
-        let launched = match launched {
-            Ok(l) => l,
-            Err(e) => {
-                self.release_net(row).await;
-                let _ =
-                    self.store.set_vm_state(row.id.clone(), VmState::Failed, None, None, Some(e.message.clone())).await;
-                return Err(e);
-            }
-        };
+        let announced = announced
+            .transpose()
+            .map_err(|e| ApiError::internal(format!("cannot listen on {}: {e}", paths.vsock_ready().display())))?;
+        let launched = driver.launch(&spec).await.map_err(vmm_error)?;
+        self.undo_vmm(rollback, row, launched.pid);
         self.store.set_vm_state(row.id.clone(), VmState::Starting, Some(launched.pid), None, None).await?;
         stage("agent");
         let ready = async {
@@ -680,10 +673,6 @@ impl Engine {
                 self.finish_boot(row, launched.pid, conn, op, boot).await
             }
             Err(e) => {
-                vmm::stop_vm_processes(&self.vm_paths(&row.id).dir, &row.id, Some(launched.pid)).await;
-                self.release_net(row).await;
-                let _ =
-                    self.store.set_vm_state(row.id.clone(), VmState::Failed, None, None, Some(e.message.clone())).await;
                 // A failed create removes the VM and its console log with it: say here how the guest ended.
                 let mut seen = vec![];
                 for (what, log) in [
@@ -714,24 +703,19 @@ impl Engine {
             op.stage("ready");
         }
         self.sync_into_guest(&row.name, &conn).await;
-        self.learn_host_key_later(row, conn.clone());
-        self.guests.lock().unwrap().insert(row.id.clone(), conn);
+        self.guests.lock().unwrap().insert(row.id.clone(), conn.clone());
         if let (Some(net), Some(ip)) = (self.network(), row.ip) {
+            // The DNS name and NAT rule are undone with the network (`release_net`).
             net.dns.set(&row.name, ip);
             if row.nat {
-                if let Err(e) = net.enable_nat(ip).await {
-                    self.drop_guest(&row.id);
-                    vmm::stop_vm_processes(&self.vm_paths(&row.id).dir, &row.id, Some(pid)).await;
-                    self.release_net(row).await;
-                    let msg = format!("cannot enable NAT for {}: {e}", row.name);
-                    let _ =
-                        self.store.set_vm_state(row.id.clone(), VmState::Failed, None, None, Some(msg.clone())).await;
-                    return Err(
-                        ApiError::new(ErrorCode::HostUnsupported, msg).with_hint("`banger doctor` checks nftables")
-                    );
-                }
+                net.enable_nat(ip).await.map_err(|e| {
+                    ApiError::new(ErrorCode::HostUnsupported, format!("cannot enable NAT for {}: {e}", row.name))
+                        .with_hint("`banger doctor` checks nftables")
+                })?;
             }
         }
+        // Only a VM that will be kept gets its host key pinned.
+        self.learn_host_key_later(row, conn);
         self.store.set_vm_state(row.id.clone(), VmState::Running, Some(pid), Some(now()), None).await?;
         tracing::info!(vm = %row.name, pid, mode = ?boot.mode, cold_reason = ?boot.cold_reason, boot_ms = boot.ms, "VM ready");
         self.boots.lock().unwrap().insert(row.id.clone(), boot.clone());
@@ -1716,5 +1700,19 @@ pub(crate) fn encode_chunk(
             Err(ApiError::invalid(format!("{what} is not UTF-8 text")).with_hint("read it with encoding: base64"))
         }
         _ => Ok((base64::engine::general_purpose::STANDARD.encode(data), ContentEncoding::Base64)),
+    }
+}
+
+/// The end of a step that made things: kept on success, undone (newest first) on failure.
+async fn settle<T>(rollback: Rollback, result: Result<T, ApiError>) -> Result<T, ApiError> {
+    match result {
+        Ok(v) => {
+            rollback.disarm();
+            Ok(v)
+        }
+        Err(e) => {
+            rollback.undo().await;
+            Err(e)
+        }
     }
 }

@@ -862,6 +862,9 @@ impl Engine {
             let cancel = CancellationToken::new();
             match self.restore_clone(image, &t, &id, &paths, placeholder, rehearsal, &cancel).await {
                 Ok((pid, conn)) => {
+                    // The hand-out's sync rehearsed too: its file reads and writes find translated code, and
+                    // the identity already in place is only read again (refreshed if it changed meanwhile).
+                    self.sync_into_guest(&format!("pool {id}"), &conn).await;
                     Ok(PoolEntry { id: id.clone(), image_id: image.id.clone(), vcpus, memory_mib, pid, tap, conn })
                 }
                 Err(e) => {

@@ -26,7 +26,7 @@ use std::time::Duration;
 use sha2::Digest;
 use tokio_util::sync::CancellationToken;
 use tools_schema::guest::ExecSpec;
-use tools_schema::vm::MAX_FILE_CHUNK;
+use tools_schema::vm::{VmInfo, MAX_FILE_CHUNK};
 use tools_schema::workspace::{
     ApplyCheck, ChangeKind, ChangedFile, WorkspaceExportParams, WorkspaceExportResult, WorkspaceMode,
     WorkspacePrepareParams, WorkspacePrepareResult, BASE_REF, DEFAULT_INLINE_PATCH, GUEST_REPO,
@@ -755,50 +755,30 @@ async fn read_guest_file(
 }
 
 impl Engine {
-    /// The operation for a workspace call, cancelled when the caller cancels or disconnects.
+    /// The operation for a workspace call.
     fn workspace_op(&self, kind: &str, vm: &str, names: &'static [&'static str], ctx: &CallContext) -> Stages {
         let op = self.ops.start(kind, vm, names);
-        let (caller, token) = (ctx.cancel.clone(), op.cancel.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = caller.cancelled() => token.cancel(),
-                _ = token.cancelled() => {},
-            }
-        });
         Stages { op, progress: ctx.progress.clone(), names, target: vm.to_string() }
     }
 
-    /// Runs `work` in its own task under the VM's lock, so a caller that disconnects cancels it (drop guard)
-    /// instead of dropping it half-way: the task still rolls back and records the outcome.
+    /// Runs `work` through the operation runner, under the VM's lock: a caller that cancels or disconnects
+    /// cancels it instead of dropping it half-way, and the work still rolls back and records the outcome.
     async fn run_workspace_op<T: Send + 'static>(
         self: &Arc<Self>,
         stages: Arc<Stages>,
         row: VmRow,
+        ctx: &CallContext,
         work: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
     ) -> Result<T, ApiError> {
         let engine = self.clone();
         let lock = self.vm_lock(&row.id);
-        let task_stages = stages.clone();
-        let task = tokio::spawn(async move {
+        let work = async move {
             let _held = lock.lock_owned().await;
-            let result = work.await;
-            engine.finish_op(&task_stages, &row, result.as_ref().err()).await;
-            result
-        });
-        let cancel_on_drop = stages.op.cancel.clone().drop_guard();
-        let result = task.await.unwrap_or_else(|e| Err(ApiError::internal(format!("workspace task failed: {e}"))));
-        cancel_on_drop.disarm();
-        result
-    }
-
-    /// Records the outcome for `operation.status` and ends the cancel watcher.
-    async fn finish_op(&self, stages: &Stages, row: &VmRow, error: Option<&ApiError>) {
-        let outcome = match error {
-            None => Ok(self.vm_info(row).await),
-            Some(e) => Err(e.clone()),
+            let result = work.await?;
+            Ok((result, engine.vm_info(&row).await))
         };
-        stages.op.finish(outcome);
-        stages.op.cancel.cancel();
+        let task = super::operation::run(&stages.op, work, |(_, vm): &(T, VmInfo)| vm.clone().into());
+        super::operation::join(&stages.op, task, ctx).await.map(|(result, _)| result)
     }
 
     pub async fn workspace_prepare(
@@ -813,7 +793,7 @@ impl Engine {
         let stages = Arc::new(self.workspace_op("workspace.prepare", &row.name, PREPARE_STAGES, &ctx));
         let (engine, task_row, task_stages) = (self.clone(), row.clone(), stages.clone());
         let work = async move { engine.prepare_inner(&task_row, &conn, &top, p, &task_stages).await };
-        self.run_workspace_op(stages, row, work).await
+        self.run_workspace_op(stages, row, &ctx, work).await
     }
 
     async fn prepare_inner(
@@ -973,7 +953,7 @@ impl Engine {
         let stages = Arc::new(self.workspace_op("workspace.export", &row.name, EXPORT_STAGES, &ctx));
         let (engine, task_row, task_stages) = (self.clone(), row.clone(), stages.clone());
         let work = async move { engine.export_inner(&task_row, &conn, check_top.as_deref(), p, &task_stages).await };
-        self.run_workspace_op(stages, row, work).await
+        self.run_workspace_op(stages, row, &ctx, work).await
     }
 
     async fn export_inner(
