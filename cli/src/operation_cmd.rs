@@ -20,6 +20,19 @@ pub enum OperationCmd {
     /// Cancel a running operation and wait for its rollback.
     #[command(after_help = "Example:\n  banger operation cancel 3f2a9c1d0b7e4a65")]
     Cancel { id: String },
+    /// Wait for an operation's next change (a stage, its detail, its end) and show it then: the daemon
+    /// answers at the change, so a script can follow an operation without polling.
+    #[command(after_help = "Examples:\n  banger operation wait 3f2a9c1d0b7e4a65 --json\n  \
+banger operation wait 3f2a9c1d0b7e4a65 --after 4 --timeout-ms 5000 --json")]
+    Wait {
+        id: String,
+        /// The `revision` already seen: answer once the operation's is higher (0: at once).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// Answer after this long even without a change (1-60000 ms; the daemon's default is 30000).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=60000))]
+        timeout_ms: Option<u64>,
+    },
 }
 
 pub async fn run(cmd: OperationCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
@@ -49,12 +62,15 @@ pub async fn run(cmd: OperationCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         }
         OperationCmd::Status { id } => d.call::<ops::OperationStatus>(&OperationRef { id }).await?,
         OperationCmd::Cancel { id } => d.call::<ops::OperationCancel>(&OperationRef { id }).await?,
+        OperationCmd::Wait { id, after, timeout_ms } => {
+            d.call::<ops::OperationWait>(&OperationWaitParams { id, after, timeout_ms }).await?
+        }
     };
     if ctx.json {
         output::json(&info);
     } else {
         print_stages(&info);
-        println!("{} {} {}: {:?}", info.kind, info.target, info.id, info.state);
+        println!("{} {} {}: {:?} (revision {})", info.kind, info.target, info.id, info.state, info.revision);
     }
     Ok(ExitCode::SUCCESS)
 }

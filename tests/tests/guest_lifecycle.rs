@@ -186,16 +186,22 @@ fn operation_cancel_rolls_a_create_back_and_stages_are_reported() {
     assert_eq!(cancelled["error"]["code"], "cancelled");
     wait_for_no_vms(&d, "a cancelled create");
 
-    // A create that runs to the end reports every stage done, with timings.
+    // A create that runs to the end reports every stage done, with timings. Followed the way a script
+    // would, with `banger operation wait`: each answer comes at the operation's next change, with a higher
+    // revision, until it ends.
     let op = d.rpc("vm.create_begin", json!({"name": "whole", "memory_mib": 256}));
+    let id = op["id"].as_str().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = op["revision"].as_u64().unwrap();
     let done = loop {
-        let s = d.rpc("operation.status", json!({"id": op["id"]}));
+        let s = d.cli_json(&["operation", "wait", &id, "--after", &seen.to_string(), "--timeout-ms", "60000"]);
+        let revision = s["revision"].as_u64().unwrap();
         if s["state"] != "running" {
             break s;
         }
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(100));
+        assert!(revision > seen, "an answer before any change: {s}");
+        seen = revision;
+        assert!(Instant::now() < deadline, "{s}");
     };
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(done["vm"]["state"], "running");
