@@ -4,11 +4,12 @@
 //! and a new file is started, so the daemon's logs never take more than twice that. Lines a peer can
 //! trigger at will are rate-limited where they are logged (`guest::RateLimited`), and hickory's per-query
 //! lines are kept below INFO.
+use parking_lot::Mutex;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -84,7 +85,7 @@ impl Rotating {
 
 impl Write for &RotatingFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut r = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut r = self.inner.lock();
         if r.len > 0 && r.len + buf.len() as u64 > r.max {
             // A failed rotation keeps writing to the old file rather than losing lines.
             let _ = r.rotate();
@@ -95,7 +96,7 @@ impl Write for &RotatingFile {
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).file.flush()
+        self.inner.lock().file.flush()
     }
 }
 

@@ -8,11 +8,11 @@
 //! each VM's agent reports over its guest channel, never from the network, where another guest could answer
 //! in the VM's place. A VM's entries go when it is deleted, and a new key for a name or address replaces
 //! the old one.
+use parking_lot::Mutex;
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 pub const BEGIN: &str = "# >>> banger: managed block for *.vm hosts (edits inside are overwritten) >>>";
 pub const END: &str = "# <<< banger <<<";
@@ -199,7 +199,7 @@ pub fn retain_host_keys(path: &Path, vms: &[(String, Option<Ipv4Addr>)]) -> std:
 /// Rewrites the known_hosts file without the lines `drop` picks (by their host names), plus `add`:
 /// a fresh file, created exclusively and never through a link, renamed over the old one.
 fn rewrite_known_hosts(path: &Path, drop: impl Fn(&[String]) -> bool, add: Option<String>) -> std::io::Result<()> {
-    let _held = KNOWN_HOSTS.lock().unwrap_or_else(|p| p.into_inner());
+    let _held = KNOWN_HOSTS.lock();
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let existing = match std::fs::read_to_string(path) {

@@ -3,8 +3,9 @@
 //! Every connection gets the same profile (WAL, busy timeout, foreign keys), and the schema is migrated
 //! by version (`PRAGMA user_version`) when the store opens. Calls run on the blocking pool so a slow disk
 //! never stalls the async runtime.
+use parking_lot::Mutex;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use tools_schema::daemon::VmmKind;
@@ -169,7 +170,7 @@ impl Store {
     ) -> Result<T, StoreError> {
         let conn = self.conn.clone();
         tokio::task::spawn_blocking(move || {
-            let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
+            let mut c = conn.lock();
             f(&mut c).map_err(StoreError::from)
         })
         .await

@@ -11,10 +11,11 @@
 //! Slots. Boots (cold, template restore, pool refill, start) contend for the host's few cores; beyond
 //! `limits.max_concurrent_creates` they wait in a FIFO queue (`CreateSlots`), told how many are ahead.
 //! Waiting honours cancellation and holds nothing but the record (which the caller's rollback removes).
+use parking_lot::Mutex;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::Poll;
 
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -121,7 +122,7 @@ impl CreateSlots {
 
     /// Callers waiting now.
     pub(crate) fn waiting(&self) -> usize {
-        self.waiting.lock().unwrap().len()
+        self.waiting.lock().len()
     }
 
     /// Waits for a slot in arrival order, calling `on_wait(ahead)` when the caller has to wait and whenever
@@ -132,7 +133,7 @@ impl CreateSlots {
         let mut acquire = Box::pin(self.semaphore.clone().acquire_owned());
         let mut ticket = 0;
         let first = std::future::poll_fn(|cx| {
-            let mut waiting = self.waiting.lock().unwrap();
+            let mut waiting = self.waiting.lock();
             ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
             let polled = acquire.as_mut().poll(cx);
             if polled.is_pending() {
@@ -145,7 +146,7 @@ impl CreateSlots {
             return Some(Slot { _permit: permit.expect("the semaphore is never closed") });
         }
         let mut moved = self.moved.subscribe();
-        let ahead = || self.waiting.lock().unwrap().range(..ticket).count();
+        let ahead = || self.waiting.lock().range(..ticket).count();
         let mut last = ahead();
         on_wait(last);
         let result = loop {
@@ -161,7 +162,7 @@ impl CreateSlots {
                 }
             }
         };
-        self.waiting.lock().unwrap().remove(&ticket);
+        self.waiting.lock().remove(&ticket);
         self.moved.send_modify(|v| *v += 1);
         result
     }
@@ -234,7 +235,7 @@ mod tests {
                     .await
                     .unwrap();
                 peak.fetch_max(slots.running() as u64, Ordering::SeqCst);
-                order.lock().unwrap().push(i);
+                order.lock().push(i);
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 drop(slot);
                 places
@@ -249,7 +250,7 @@ mod tests {
             // Its place only ever went down, to 0 at the end.
             assert!(places.windows(2).all(|w| w[1] < w[0]), "waiter {i}: {places:?}");
         }
-        assert_eq!(*order.lock().unwrap(), (0..8).collect::<Vec<_>>(), "first come, first served");
+        assert_eq!(*order.lock(), (0..8).collect::<Vec<_>>(), "first come, first served");
         assert!(peak.load(Ordering::SeqCst) <= 1, "more than 1 ran at once");
         assert_eq!((slots.running(), slots.waiting()), (0, 0));
     }

@@ -3,8 +3,9 @@
 //! `Engine::dispatch` is generated from `tools_schema::for_each_operation!`, so an operation is written
 //! once (as `Engine::<tool name>`) and served identically over JSON-RPC and MCP. Handlers validate their
 //! input again here, before touching any state, whatever the front door already checked.
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
@@ -54,7 +55,7 @@ pub struct Engine {
     pub(crate) store: Store,
     pub(crate) started: Instant,
     /// The VMM new VMs get (read it with `vmm()`); changes once Firecracker is proven (`vmm_trust.rs`).
-    vmm: std::sync::RwLock<VmmChoice>,
+    vmm: parking_lot::RwLock<VmmChoice>,
     /// What the host offers, classified once at start.
     pub(crate) accel: tools_schema::daemon::Acceleration,
     /// One lock per VM id: operations on one VM are serialised, different VMs proceed in parallel.
@@ -97,7 +98,7 @@ impl Engine {
         } else {
             crate::host::FirecrackerProof::NotInstalled
         };
-        let vmm = std::sync::RwLock::new(crate::host::choose_vmm(cfg.vmm, accel, &proof));
+        let vmm = parking_lot::RwLock::new(crate::host::choose_vmm(cfg.vmm, accel, &proof));
         let slots =
             admission::CreateSlots::new(admission::max_concurrent(&cfg.limits, &admission::HostCapacity::read()));
         Arc::new(Engine {
@@ -180,7 +181,7 @@ impl Engine {
     }
 
     pub(crate) fn vm_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.vm_locks.lock().unwrap().entry(id.to_string()).or_default().clone()
+        self.vm_locks.lock().entry(id.to_string()).or_default().clone()
     }
 }
 

@@ -3,10 +3,11 @@
 //! caller that goes away cancels it instead of dropping it half-way) with a `Rollback` that undoes what it
 //! made, in reverse order, unless it succeeded. Followers are woken by changes, never by a timer: blocking
 //! calls through `follow` (which turns changes into MCP progress), others through `operation.wait`.
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -65,17 +66,17 @@ impl Op {
     }
 
     pub fn id(&self) -> String {
-        self.inner.lock().unwrap().info.id.clone()
+        self.inner.lock().info.id.clone()
     }
 
     pub fn set_target(&self, target: &str) {
-        self.inner.lock().unwrap().info.target = target.to_string();
+        self.inner.lock().info.target = target.to_string();
     }
 
     /// Ends the running stage (done) and starts `name`.
     pub fn stage(&self, name: &str) {
         {
-            let mut inner = self.inner.lock().unwrap();
+            let mut inner = self.inner.lock();
             close_running(&mut inner, StageState::Done);
             if let Some(s) = inner.info.stages.iter_mut().find(|s| s.name == name) {
                 s.state = StageState::Running;
@@ -87,13 +88,13 @@ impl Op {
 
     /// The latest line of output of the running stage, shown to followers.
     pub fn detail(&self, line: &str) {
-        self.inner.lock().unwrap().info.detail = Some(line.to_string());
+        self.inner.lock().info.detail = Some(line.to_string());
         self.changed.send_modify(|v| *v += 1);
     }
 
     pub fn finish(&self, result: Result<impl Into<Outcome>, ApiError>) {
         {
-            let mut inner = self.inner.lock().unwrap();
+            let mut inner = self.inner.lock();
             inner.info.detail = None;
             match result {
                 Ok(outcome) => {
@@ -126,7 +127,7 @@ impl Op {
     }
 
     pub fn is_done(&self) -> bool {
-        self.inner.lock().unwrap().finished.is_some()
+        self.inner.lock().finished.is_some()
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
@@ -135,7 +136,7 @@ impl Op {
 
     /// The operation now, with live durations for what is still running.
     pub fn snapshot(&self) -> OperationInfo {
-        let inner = self.inner.lock().unwrap();
+        let inner = self.inner.lock();
         let mut info = inner.info.clone();
         info.revision = *self.changed.borrow();
         if inner.finished.is_none() {
@@ -250,25 +251,25 @@ pub(crate) struct Ops {
 impl Ops {
     pub fn start(&self, kind: &str, target: &str, stages: &[&str]) -> Arc<Op> {
         let op = Arc::new(Op::new(super::new_id(), kind, target, stages));
-        let mut map = self.map.lock().unwrap();
-        map.retain(|_, o| o.inner.lock().unwrap().finished.is_none_or(|t| t.elapsed() < KEEP_FINISHED));
+        let mut map = self.map.lock();
+        map.retain(|_, o| o.inner.lock().finished.is_none_or(|t| t.elapsed() < KEEP_FINISHED));
         map.insert(op.id(), op.clone());
         op
     }
 
     pub fn forget(&self, id: &str) {
-        self.map.lock().unwrap().remove(id);
+        self.map.lock().remove(id);
     }
 
     pub fn get(&self, id: &str) -> Result<Arc<Op>, ApiError> {
-        self.map.lock().unwrap().get(id).cloned().ok_or_else(|| {
+        self.map.lock().get(id).cloned().ok_or_else(|| {
             ApiError::not_found(format!("no operation `{id}`"))
                 .with_hint("operations are kept for ten minutes after they finish; `banger operation list`")
         })
     }
 
     pub fn list(&self) -> Vec<OperationInfo> {
-        let map = self.map.lock().unwrap();
+        let map = self.map.lock();
         let mut ops: Vec<(Instant, OperationInfo)> = map.values().map(|o| (o.started, o.snapshot())).collect();
         ops.sort_by_key(|(t, _)| *t);
         ops.into_iter().map(|(_, i)| i).collect()
@@ -427,7 +428,7 @@ mod tests {
         let l = log.clone();
         (log, move |name| {
             let l = l.clone();
-            Box::pin(async move { l.lock().unwrap().push(name) })
+            Box::pin(async move { l.lock().push(name) })
         })
     }
 
@@ -440,14 +441,14 @@ mod tests {
         }
         assert_eq!(rb.names(), ["record", "dir", "tap", "process"]);
         rb.undo().await;
-        assert_eq!(*log.lock().unwrap(), ["process", "tap", "dir", "record"]);
+        assert_eq!(*log.lock(), ["process", "tap", "dir", "record"]);
 
         let (log, step) = recorder();
         let mut rb = Rollback::new("test");
         rb.push("record", step("record"));
         rb.disarm();
         tokio::task::yield_now().await;
-        assert!(log.lock().unwrap().is_empty());
+        assert!(log.lock().is_empty());
     }
 
     #[tokio::test]
@@ -459,12 +460,12 @@ mod tests {
             rb.push("b", step("b"));
         }
         for _ in 0..100 {
-            if log.lock().unwrap().len() == 2 {
+            if log.lock().len() == 2 {
                 break;
             }
             tokio::task::yield_now().await;
         }
-        assert_eq!(*log.lock().unwrap(), ["b", "a"]);
+        assert_eq!(*log.lock(), ["b", "a"]);
     }
 
     #[tokio::test]

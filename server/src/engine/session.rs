@@ -6,9 +6,10 @@
 //! VM stops under a session. Following output (subscriptions, `logs` with `wait_ms`) is a long-poll on the
 //! agent, which wakes on new output: nothing polls, and nothing in the daemon has to be rebuilt after a
 //! restart. The one piece of daemon memory is the attach claim, which by design ends with its connection.
+use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -50,7 +51,7 @@ pub struct AttachClaim {
 
 impl Drop for AttachClaim {
     fn drop(&mut self) {
-        let mut held = self.held.lock().unwrap();
+        let mut held = self.held.lock();
         // Only our own claim: after a steal the entry belongs to the new holder.
         if held.get(&self.session).is_some_and(|(t, _)| *t == self.token) {
             held.remove(&self.session);
@@ -61,7 +62,7 @@ impl Drop for AttachClaim {
 impl Attachments {
     /// Checks and takes the claim in one critical section, so two attachers can never both succeed.
     fn claim(&self, session: &str, steal: bool) -> Result<AttachClaim, ApiError> {
-        let mut held = self.held.lock().unwrap();
+        let mut held = self.held.lock();
         if let Some((_, holder)) = held.get(session) {
             if !steal {
                 return Err(ApiError::new(ErrorCode::Busy, format!("session {session} is already attached"))
@@ -76,7 +77,7 @@ impl Attachments {
     }
 
     fn is_attached(&self, session: &str) -> bool {
-        self.held.lock().unwrap().contains_key(session)
+        self.held.lock().contains_key(session)
     }
 }
 

@@ -116,7 +116,7 @@ impl Engine {
             disk_bytes: vmm::qcow2_virtual_size(&self.vm_paths(&row.id).root_disk()),
             work_disk_bytes: vmm::qcow2_virtual_size(&self.vm_paths(&row.id).work_disk()),
             last_error: row.last_error.clone(),
-            boot: self.boots.lock().unwrap().get(&row.id).cloned(),
+            boot: self.boots.lock().get(&row.id).cloned(),
         }
     }
 
@@ -264,7 +264,7 @@ impl Engine {
             Ok(row) => Ok((row, image, pooled)),
             Err(e) => {
                 if let Some(entry) = pooled {
-                    self.warm.pool.lock().unwrap().push(entry);
+                    self.warm.pool.lock().push(entry);
                 }
                 Err(e)
             }
@@ -703,7 +703,7 @@ impl Engine {
             op.stage("ready");
         }
         self.sync_into_guest(&row.name, &conn).await;
-        self.guests.lock().unwrap().insert(row.id.clone(), conn.clone());
+        self.guests.lock().insert(row.id.clone(), conn.clone());
         if let (Some(net), Some(ip)) = (self.network(), row.ip) {
             // The DNS name and NAT rule are undone with the network (`release_net`).
             net.dns.set(&row.name, ip);
@@ -718,12 +718,12 @@ impl Engine {
         self.learn_host_key_later(row, conn);
         self.store.set_vm_state(row.id.clone(), VmState::Running, Some(pid), Some(now()), None).await?;
         tracing::info!(vm = %row.name, pid, mode = ?boot.mode, cold_reason = ?boot.cold_reason, boot_ms = boot.ms, "VM ready");
-        self.boots.lock().unwrap().insert(row.id.clone(), boot.clone());
+        self.boots.lock().insert(row.id.clone(), boot.clone());
         Ok(boot)
     }
 
     fn drop_guest(&self, id: &str) {
-        if let Some(c) = self.guests.lock().unwrap().remove(id) {
+        if let Some(c) = self.guests.lock().remove(id) {
             c.close();
         }
     }
@@ -734,7 +734,7 @@ impl Engine {
             return Err(ApiError::precondition(format!("VM {} is {}", row.name, row.state.as_str()))
                 .with_hint(format!("start it first: banger vm start {}", row.name)));
         }
-        let live = || self.guests.lock().unwrap().get(&row.id).filter(|c| !c.is_closed()).cloned();
+        let live = || self.guests.lock().get(&row.id).filter(|c| !c.is_closed()).cloned();
         if let Some(c) = live() {
             return Ok(c);
         }
@@ -744,7 +744,7 @@ impl Engine {
         // does not answer costs them one wait, not one each in turn. Transient failures are retried inside
         // `ready`.
         let attempt = {
-            let mut pending = self.guest_connects.lock().unwrap();
+            let mut pending = self.guest_connects.lock();
             // Checked under the lock: a connect that just ended put its connection in `guests` before it left.
             if let Some(c) = live() {
                 return Ok(c);
@@ -774,10 +774,10 @@ impl Engine {
         };
         let result = attempt.clone().await;
         if let Ok(conn) = &result {
-            self.guests.lock().unwrap().insert(row.id.clone(), conn.clone());
+            self.guests.lock().insert(row.id.clone(), conn.clone());
         }
         // This attempt is over: the next caller without a live connection starts a new one.
-        let mut pending = self.guest_connects.lock().unwrap();
+        let mut pending = self.guest_connects.lock();
         if pending.get(&row.id).is_some_and(|p| p.ptr_eq(&attempt)) {
             pending.remove(&row.id);
         }
@@ -789,13 +789,13 @@ impl Engine {
     /// When it is spent the oldest spools go first (beyond the newest one), then output is cut.
     async fn spool_budget(&self, vm_id: &str, dir: &std::path::Path) -> Arc<std::sync::atomic::AtomicU64> {
         let cap = self.cfg.exec_spool_mib << 20;
-        let known = self.spool_budgets.lock().unwrap().get(vm_id).cloned();
+        let known = self.spool_budgets.lock().get(vm_id).cloned();
         let budget = match known {
             Some(b) => b,
             None => {
                 let used = folder_bytes(dir).await;
                 let fresh = Arc::new(std::sync::atomic::AtomicU64::new(cap.saturating_sub(used)));
-                self.spool_budgets.lock().unwrap().entry(vm_id.to_string()).or_insert(fresh).clone()
+                self.spool_budgets.lock().entry(vm_id.to_string()).or_insert(fresh).clone()
             }
         };
         // Less than half left: make room by dropping the oldest kept outputs (the newest stays).
@@ -946,7 +946,7 @@ impl Engine {
         if let Some(pid) = row.pid.filter(|_| self.is_alive(row)) {
             self.store.set_vm_state(row.id.clone(), VmState::Stopping, Some(pid), None, None).await?;
             let mut gone = false;
-            let conn = self.guests.lock().unwrap().get(&row.id).cloned();
+            let conn = self.guests.lock().get(&row.id).cloned();
             self.record_sessions_at_halt(row, conn.clone()).await;
             if !force {
                 let grace = Duration::from_secs(self.cfg.stop_grace_secs);
@@ -1238,8 +1238,8 @@ impl Engine {
             }
             engine.store.delete_vm(row.id.clone()).await?;
             engine.forget_host_key(&row);
-            engine.boots.lock().unwrap().remove(&row.id);
-            engine.spool_budgets.lock().unwrap().remove(&row.id);
+            engine.boots.lock().remove(&row.id);
+            engine.spool_budgets.lock().remove(&row.id);
             tracing::info!(vm = %row.name, id = %row.id, "VM deleted");
             Ok(None)
         })

@@ -25,7 +25,7 @@ impl Engine {
     /// The VMM new VMs get, and why (it can change once while the daemon runs: when Firecracker's boot
     /// self-test passes).
     pub fn vmm(&self) -> VmmChoice {
-        self.vmm.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.vmm.read().clone()
     }
 
     /// The driver of one VMM, set up for this host and config: the engine's only way to a VMM.
@@ -43,7 +43,7 @@ impl Engine {
 
     fn set_firecracker_proof(&self, proof: &FirecrackerProof) -> VmmChoice {
         let choice = choose_vmm(self.cfg.vmm, self.accel, proof);
-        *self.vmm.write().unwrap_or_else(|p| p.into_inner()) = choice.clone();
+        *self.vmm.write() = choice.clone();
         choice
     }
 

@@ -167,10 +167,10 @@ pub(crate) struct PoolEntry {
 #[derive(Default)]
 pub(crate) struct Warm {
     /// One build at a time per template slot.
-    slot_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    pub(crate) pool: std::sync::Mutex<Vec<PoolEntry>>,
+    slot_locks: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub(crate) pool: parking_lot::Mutex<Vec<PoolEntry>>,
     /// Pool entries being restored right now (counted against the pool size).
-    pool_filling: std::sync::Mutex<HashMap<String, usize>>,
+    pool_filling: parking_lot::Mutex<HashMap<String, usize>>,
 }
 
 /// Where a VM's boot comes from.
@@ -297,7 +297,7 @@ impl Engine {
     }
 
     fn slot_lock(&self, slot: &Path) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.warm.slot_locks.lock().unwrap();
+        let mut locks = self.warm.slot_locks.lock();
         locks.entry(slot.display().to_string()).or_default().clone()
     }
 
@@ -767,7 +767,7 @@ impl Engine {
         let (vcpus, memory_mib) = (self.cfg.default_vcpus, self.cfg.default_memory_mib);
         // Pooled VMs of images no longer pooled (the default changed, the image went) only hold memory.
         let stale: Vec<PoolEntry> = {
-            let mut pool = self.warm.pool.lock().unwrap();
+            let mut pool = self.warm.pool.lock();
             let (keep, stale) =
                 std::mem::take(&mut *pool).into_iter().partition(|e| targets.iter().any(|(i, _)| i.id == e.image_id));
             *pool = keep;
@@ -782,8 +782,8 @@ impl Engine {
                     // A refill is promised its memory like a create, under the same lock (admission.rs).
                     let _alloc = self.alloc_lock.lock().await;
                     let rows = self.store.vms().await?;
-                    let pool = self.warm.pool.lock().unwrap();
-                    let mut filling = self.warm.pool_filling.lock().unwrap();
+                    let pool = self.warm.pool.lock();
+                    let mut filling = self.warm.pool_filling.lock();
                     let have = pool.iter().filter(|e| e.image_id == image.id).count()
                         + filling.get(&image.id).copied().unwrap_or(0);
                     if have >= size {
@@ -808,8 +808,8 @@ impl Engine {
                 let slot = self.slots.acquire(&CancellationToken::new(), |_| {}).await;
                 let entry = self.pool_entry(&image, vcpus, memory_mib).await;
                 drop(slot);
-                *self.warm.pool_filling.lock().unwrap().entry(image.id.clone()).or_default() -= 1;
-                self.warm.pool.lock().unwrap().push(entry?);
+                *self.warm.pool_filling.lock().entry(image.id.clone()).or_default() -= 1;
+                self.warm.pool.lock().push(entry?);
             }
         }
         Ok(())
@@ -884,8 +884,8 @@ impl Engine {
 
     pub(crate) async fn warm_pool_status(&self) -> tools_schema::daemon::WarmPoolStatus {
         let targets = self.pool_targets().await.unwrap_or_default();
-        let pool = self.warm.pool.lock().unwrap();
-        let filling = self.warm.pool_filling.lock().unwrap();
+        let pool = self.warm.pool.lock();
+        let filling = self.warm.pool_filling.lock();
         let images = targets
             .iter()
             .map(|(image, size)| tools_schema::daemon::WarmPoolImage {
@@ -907,21 +907,21 @@ impl Engine {
 
     /// Memory promised to the pool: VMs waiting in it and refills under way (in the default shape).
     pub(crate) fn pool_promise_mib(&self) -> u64 {
-        let pool = self.warm.pool.lock().unwrap();
-        let filling = self.warm.pool_filling.lock().unwrap();
+        let pool = self.warm.pool.lock();
+        let filling = self.warm.pool_filling.lock();
         pool_promise(&pool, &filling, self.cfg.default_memory_mib)
     }
 
     /// Takes a pooled VM of this image and shape, if one waits.
     pub(crate) fn take_pooled(&self, image_id: &str, vcpus: u32, memory_mib: u32) -> Option<PoolEntry> {
-        let mut pool = self.warm.pool.lock().unwrap();
+        let mut pool = self.warm.pool.lock();
         let i = pool.iter().position(|e| e.image_id == image_id && e.vcpus == vcpus && e.memory_mib == memory_mib)?;
         Some(pool.remove(i))
     }
 
     /// Ends every pooled VM (daemon shutdown, or the default image changed).
     pub(crate) async fn drain_pool(&self) {
-        let entries: Vec<PoolEntry> = std::mem::take(&mut *self.warm.pool.lock().unwrap());
+        let entries: Vec<PoolEntry> = std::mem::take(&mut *self.warm.pool.lock());
         for e in entries {
             self.end_pooled(e).await;
         }

@@ -6,12 +6,13 @@
 //! `~vm` in systemd-resolved). REFUSED makes a client move on to its next resolver, whereas a recursive
 //! or made-up answer would shadow the host's real DNS.
 
+use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::future::Future;
 use std::iter;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode};
@@ -65,12 +66,11 @@ impl DnsRecords {
 
     /// Looks up an already-normalised key (a single lowercase DNS label).
     fn lookup_label(&self, label: &str) -> Option<Ipv4Addr> {
-        // A panicking writer cannot leave a half-inserted HashMap entry behind, so poison is harmless.
-        self.inner.read().unwrap_or_else(PoisonError::into_inner).get(label).copied()
+        self.inner.read().get(label).copied()
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Ipv4Addr>> {
-        self.inner.write().unwrap_or_else(PoisonError::into_inner)
+    fn write(&self) -> parking_lot::RwLockWriteGuard<'_, HashMap<String, Ipv4Addr>> {
+        self.inner.write()
     }
 }
 
@@ -149,7 +149,7 @@ pub async fn serve(
 /// hickory's listener at `inner`. A client over a cap is closed at once.
 async fn guard_tcp(public: TcpListener, inner: SocketAddr, shutdown: CancellationToken) {
     let total = Arc::new(tokio::sync::Semaphore::new(TCP_MAX_CONNECTIONS));
-    let per_source: Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
+    let per_source: Arc<parking_lot::Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
     let mut refused = crate::guest::RateLimited::new("DNS TCP connection over its cap", 5, Duration::from_secs(60));
     loop {
         let (client, peer) = tokio::select! {
@@ -166,7 +166,7 @@ async fn guard_tcp(public: TcpListener, inner: SocketAddr, shutdown: Cancellatio
         };
         let source = peer.ip();
         {
-            let mut counts = per_source.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut counts = per_source.lock();
             let n = counts.entry(source).or_default();
             if *n >= TCP_MAX_PER_SOURCE {
                 refused.warn(&format!("{peer}: {TCP_MAX_PER_SOURCE} connections open from {source}"));
@@ -185,7 +185,7 @@ async fn guard_tcp(public: TcpListener, inner: SocketAddr, shutdown: Cancellatio
                 _ = tokio::time::timeout(TCP_MAX_LIFETIME, relay) => {}
                 () = shutdown.cancelled() => {}
             }
-            let mut counts = per_source.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut counts = per_source.lock();
             if let Some(n) = counts.get_mut(&source) {
                 *n -= 1;
                 if *n == 0 {

@@ -4,10 +4,10 @@
 //! Guests reach each other and the host's DNS; nothing else on the host (nftables input rules), and other
 //! networks only through NAT. Everything lives in the daemon's network namespace, so a test that runs the
 //! daemon in a throwaway namespace gets all of it cleaned up with the namespace.
+use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Mutex;
 
 use futures::TryStreamExt;
 use ipnetwork::Ipv4Network;
@@ -148,7 +148,7 @@ impl Network {
 
     /// A TAP on the bridge, ready for a VMM: from the warm pool when it has one.
     pub async fn acquire_tap(&self) -> Result<String, NetError> {
-        let pooled = self.idle_taps.lock().unwrap().pop();
+        let pooled = self.idle_taps.lock().pop();
         let name = match pooled {
             Some(n) => n,
             None => self.create_tap().await?,
@@ -159,7 +159,7 @@ impl Network {
     /// Returns a TAP whose VMM has exited: back to the pool, or deleted when the pool is full.
     pub async fn release_tap(&self, name: &str) {
         let keep = {
-            let mut idle = self.idle_taps.lock().unwrap();
+            let mut idle = self.idle_taps.lock();
             if idle.len() < self.pool_size && !idle.iter().any(|n| n == name) {
                 idle.push(name.to_string());
                 true
@@ -178,9 +178,9 @@ impl Network {
     pub async fn refill_pool(&self) {
         // One refill at a time: two would each see the pool short and overfill it.
         let Ok(_refilling) = self.refilling.try_lock() else { return };
-        while self.idle_taps.lock().unwrap().len() < self.pool_size {
+        while self.idle_taps.lock().len() < self.pool_size {
             match self.create_tap().await {
-                Ok(n) => self.idle_taps.lock().unwrap().push(n),
+                Ok(n) => self.idle_taps.lock().push(n),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot refill the TAP pool");
                     return;
@@ -247,7 +247,7 @@ impl Network {
 
     /// Idle TAPs in the pool (for status and tests).
     pub fn idle_taps(&self) -> Vec<String> {
-        self.idle_taps.lock().unwrap().clone()
+        self.idle_taps.lock().clone()
     }
 }
 

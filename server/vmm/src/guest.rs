@@ -3,12 +3,13 @@
 //! The VMM exposes the guest's channel as a Unix socket (a QEMU virtio-serial chardev). One reader task
 //! routes incoming frames to the stream that owns them; writes go through one writer task, so frames of
 //! concurrent requests never interleave.
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -79,7 +80,7 @@ struct Stream<'a> {
 
 impl Drop for Stream<'_> {
     fn drop(&mut self) {
-        self.conn.routes.lock().unwrap().remove(&self.id);
+        self.conn.routes.lock().remove(&self.id);
     }
 }
 
@@ -177,7 +178,7 @@ impl GuestConn {
                 loop {
                     match dec.next_frame() {
                         Ok(Some(frame)) => {
-                            let tx = routes.lock().unwrap().get(&frame.stream).cloned();
+                            let tx = routes.lock().get(&frame.stream).cloned();
                             let (done, stream) = (frame.kind == FrameKind::Response, frame.stream);
                             if let Some(tx) = tx {
                                 // Waits while the stream's consumer is behind (its queue is bounded); a closed
@@ -188,7 +189,7 @@ impl GuestConn {
                                 }
                             }
                             if done {
-                                routes.lock().unwrap().remove(&stream);
+                                routes.lock().remove(&stream);
                             }
                         }
                         Ok(None) => break,
@@ -201,7 +202,7 @@ impl GuestConn {
             }
             closed.cancel();
             // Wake every waiter: their streams can no longer complete.
-            routes.lock().unwrap().clear();
+            routes.lock().clear();
         });
         conn
     }
@@ -219,7 +220,7 @@ impl GuestConn {
         // Host-opened streams are odd, leaving even ids for guest-opened streams in a later protocol.
         let id = self.next_stream.fetch_add(2, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-        self.routes.lock().unwrap().insert(id, tx);
+        self.routes.lock().insert(id, tx);
         Stream { id, rx, conn: self }
     }
 

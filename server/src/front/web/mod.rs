@@ -8,10 +8,11 @@
 //!   session cookie;
 //! - every POST needs the session's CSRF token (hidden form field or `x-csrf-token` header), and a present
 //!   Origin header must be this console's.
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -181,7 +182,7 @@ async fn guard(State(console): State<Arc<Console>>, req: Request, next: Next) ->
     if path == "/login" || path.starts_with("/static/") {
         return next.run(req).await;
     }
-    let session = session_id(req.headers()).and_then(|id| console.sessions.lock().unwrap().get(&id).cloned());
+    let session = session_id(req.headers()).and_then(|id| console.sessions.lock().get(&id).cloned());
     let Some(session) = session else {
         if req.method() == Method::GET {
             return Redirect::to("/login").into_response();
@@ -237,7 +238,7 @@ async fn login(State(console): State<Arc<Console>>, Query(q): Query<LoginQuery>)
     }
     let id = random_hex();
     {
-        let mut sessions = console.sessions.lock().unwrap();
+        let mut sessions = console.sessions.lock();
         if sessions.len() >= MAX_SESSIONS {
             if let Some(oldest) = sessions.iter().min_by_key(|(_, s)| s.created).map(|(k, _)| k.clone()) {
                 sessions.remove(&oldest);
