@@ -198,24 +198,27 @@ fn burst_of_execs_right_after_a_daemon_restart_all_succeed() {
         assert_eq!(d.cli_json(&["vm", "create", "--name", name, "--memory", "256"])["state"], "running");
     }
     d.crash_and_restart();
-    let socket = d.socket.clone();
-    let calls: Vec<_> = (0..100)
-        .map(|n| {
-            let socket = socket.clone();
+    for (n, (r, _)) in execs_at_once(&d, "w1", 100).into_iter().enumerate() {
+        assert_eq!(r["result"]["stdout"], format!("{n}\n"), "exec {n} after the restart: {r}");
+    }
+}
+
+/// `n` execs of `echo <i>` on `vm` at once, each on its own connection; their answers in order, with the
+/// moment each came back.
+fn execs_at_once(d: &TestDaemon, vm: &str, n: usize) -> Vec<(Value, Instant)> {
+    let calls: Vec<_> = (0..n)
+        .map(|i| {
+            let (socket, vm) = (d.socket.clone(), vm.to_string());
             std::thread::spawn(move || {
-                let body = json!({"jsonrpc": "2.0", "id": n, "method": "vm.exec",
-                                  "params": {"vm": "w1", "command": ["sh", "-c", format!("echo {n}")], "timeout_secs": 120}})
+                let body = json!({"jsonrpc": "2.0", "id": i, "method": "vm.exec",
+                                  "params": {"vm": vm, "command": ["sh", "-c", format!("echo {i}")], "timeout_secs": 120}})
                 .to_string();
                 let (_, text) = http_post(&socket, &body).expect("POST");
-                let r: Value = serde_json::from_str(&text).unwrap();
-                (n, r)
+                (serde_json::from_str::<Value>(&text).unwrap(), Instant::now())
             })
         })
         .collect();
-    for c in calls {
-        let (n, r) = c.join().unwrap();
-        assert_eq!(r["result"]["stdout"], format!("{n}\n"), "exec {n} after the restart: {r}");
-    }
+    calls.into_iter().map(|c| c.join().unwrap()).collect()
 }
 
 #[test]
@@ -225,20 +228,7 @@ fn attack_a_guest_that_never_says_hello_fails_every_waiting_call_at_once() {
     // The restarted daemon has no connection: every call waits for one connect, which the guest never lets
     // finish. They must all get its failure when it ends, not queue up for a 20 s attempt each in turn.
     d.restart();
-    let socket = d.socket.clone();
-    let calls: Vec<_> = (0..4)
-        .map(|n| {
-            let socket = socket.clone();
-            std::thread::spawn(move || {
-                let body = json!({"jsonrpc": "2.0", "id": n, "method": "vm.exec",
-                                  "params": {"vm": "mute", "command": ["true"], "timeout_secs": 120}})
-                .to_string();
-                let (_, text) = http_post(&socket, &body).expect("POST");
-                (serde_json::from_str::<Value>(&text).unwrap(), Instant::now())
-            })
-        })
-        .collect();
-    let ended: Vec<(Value, Instant)> = calls.into_iter().map(|c| c.join().unwrap()).collect();
+    let ended = execs_at_once(&d, "mute", 4);
     for (r, _) in &ended {
         let e = error_of(r);
         assert!(["timeout", "guest_unreachable"].contains(&e["data"]["code"].as_str().unwrap_or("")), "{e}");
