@@ -117,7 +117,7 @@ impl Default for LimitsConfig {
     }
 }
 
-/// Warm starts (engine/warm.rs): VMs restored from per-image template snapshots instead of booted.
+/// Warm starts (engine/warm/): VMs restored from per-image template snapshots instead of booted.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WarmConfig {

@@ -1,191 +1,27 @@
-//! Warm starts: per-image template snapshots, clones restored from them, and the warm pool (QEMU).
-//!
-//! A template is one guest of an image and shape (vcpus, memory), booted once with `banger.template=1`
-//! (no SSH, no network settings), saved as soon as its agent answers: guest RAM in a file the template
-//! keeps (`ram`, written through a shared mapping), the device state (`state`, tens of KiB, `x-ignore-shared`
-//! leaves RAM out), and its two qcow2 disks, frozen from then on. A clone is a new QEMU with the template's
-//! exact device set, its RAM file mapped copy-on-write, `-incoming defer`, and disks that are qcow2 overlays
-//! over the template's. Once resumed, the agent gets `Reidentify` (clock, RNG reseed, hostname, MAC and
-//! address, SSH host key) before the VM is handed out.
-//!
-//! A template is valid only for the exact inputs it was made from (`TemplateInputs`): image files, kernel,
-//! initramfs, QEMU binary, acceleration, banger build, shape. Anything else is refused with the reason, the VM
-//! boots cold, and a new template is built. Old generations stay on disk while a VM's disks are overlays of
-//! them (a clone cold-boots from them after a stop), and are removed after that.
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+//! Templates: where they live, which one a VM may use, building one, restoring clones from it and giving each clone its own identity, and collecting old generations.
+use super::*;
 
-use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
-use tools_schema::daemon::VmmKind;
-use tools_schema::guest::{CloneIdentity, GuestNetConfig, GuestRequest, GuestResponse};
-use tools_schema::image::{ImageWarmParams, TemplateInfo};
-use tools_schema::{ApiError, BuildInfo, ErrorCode};
-
-use super::vm::{guest_error, vmm_error};
-use super::{new_id, now, CallContext, Engine};
-use crate::guest::GuestConn;
-use crate::store::{ImageRow, VmRow};
-use crate::vmm::{self, BootSpec, GuestMemory, VmPaths};
-
-/// Bumped whenever what a template holds or how it is restored changes: older templates are then stale.
-const TEMPLATE_FORMAT: u32 = 1;
-/// How find_template's reason starts for a template whose restore failed.
-pub(crate) const TEMPLATE_FAILED: &str = "the template is marked failed";
-
-/// A file as a template saw it: replacing or touching it makes templates made from it stale.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct FileStamp {
-    path: String,
-    size: u64,
-    mtime_ns: i128,
-}
-
-impl FileStamp {
-    pub(crate) fn of(path: &Path) -> Result<FileStamp, String> {
-        let m = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        use std::os::unix::fs::MetadataExt;
-        Ok(FileStamp {
-            path: path.display().to_string(),
-            size: m.len(),
-            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
-        })
-    }
-}
-
-/// Everything a template depends on. A template is restored only when all of it is unchanged.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct TemplateInputs {
-    format: u32,
-    banger: String,
-    image_id: String,
-    image_fingerprint: String,
-    rootfs: FileStamp,
-    work_seed: Option<FileStamp>,
-    kernel: FileStamp,
-    initrd: Option<FileStamp>,
-    /// `qemu` or `firecracker`, and its binary.
-    vmm: String,
-    vmm_binary: FileStamp,
-    accel: String,
-    vcpus: u32,
-    memory_mib: u32,
-    nic: bool,
-}
-
-impl TemplateInputs {
-    /// Why a template made from `self` cannot serve `now`, or None when it can.
-    fn stale_reason(&self, now: &TemplateInputs) -> Option<String> {
-        Some(if self.format != now.format {
-            "the template format changed".into()
-        } else if self.banger != now.banger {
-            format!("banger's version changed ({} -> {})", self.banger, now.banger)
-        } else if self.image_id != now.image_id
-            || self.image_fingerprint != now.image_fingerprint
-            || self.rootfs != now.rootfs
-            || self.work_seed != now.work_seed
-        {
-            "the image changed".into()
-        } else if self.kernel != now.kernel || self.initrd != now.initrd {
-            "the image's kernel changed".into()
-        } else if self.vmm != now.vmm || self.vmm_binary != now.vmm_binary || self.accel != now.accel {
-            format!("the VMM changed ({})", now.vmm)
-        } else if (self.vcpus, self.memory_mib, self.nic) != (now.vcpus, now.memory_mib, now.nic) {
-            "the template has another shape".into()
-        } else {
-            return None;
-        })
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct TemplateMeta {
-    inputs: TemplateInputs,
-    generation: String,
-    created_at: i64,
-    build_ms: u64,
-}
-
-/// A usable template generation.
-#[derive(Debug, Clone)]
-pub(crate) struct Template {
-    dir: PathBuf,
-    meta: TemplateMeta,
-}
-
-impl Template {
-    fn ram(&self) -> PathBuf {
-        self.dir.join("ram")
-    }
-    fn state(&self) -> PathBuf {
-        self.dir.join("state")
-    }
-    pub(crate) fn root_disk(&self) -> PathBuf {
-        self.dir.join("root.qcow2")
-    }
-    pub(crate) fn work_disk(&self) -> PathBuf {
-        self.dir.join("work.qcow2")
-    }
-    pub(crate) fn generation(&self) -> &str {
-        &self.meta.generation
-    }
-    /// Where a failed restore is recorded, with its reason: a template generation is keyed by its inputs, so
-    /// a marked one is never restored or rebuilt again; a change of inputs makes a new generation.
-    fn failed_marker(&self) -> PathBuf {
-        self.dir.join("restore-failed")
-    }
-    fn mark_failed(&self, why: &str) {
-        tracing::warn!(template = %self.meta.generation, error = %why, "template restore failed; marked failed");
-        let _ = std::fs::write(self.failed_marker(), why);
-    }
-    /// The VMM the template was made on (written by `template_inputs`; anything unknown is QEMU's, as before
-    /// the field named Firecracker).
-    fn vmm(&self) -> VmmKind {
-        self.meta.inputs.vmm.parse().unwrap_or(VmmKind::Qemu)
-    }
-    fn snapshot(&self, anchor: Option<PathBuf>) -> vmm::Snapshot {
-        vmm::Snapshot { state: self.state(), ram: self.ram(), anchor }
-    }
-}
-
-/// A restored VM waiting in the warm pool: its VMM runs, its channel is connected, it has the template's
-/// identity until it is handed out. Its directory is already `<vms>/<id>`, with no record: a daemon that
-/// dies removes it like any orphan.
-pub(crate) struct PoolEntry {
-    pub(crate) id: String,
-    pub(crate) image_id: String,
-    pub(crate) vcpus: u32,
-    pub(crate) memory_mib: u32,
-    pub(crate) pid: u32,
-    pub(crate) tap: Option<String>,
-    pub(crate) conn: Arc<GuestConn>,
-}
-
-/// Warm-start state kept by the engine.
-#[derive(Default)]
-pub(crate) struct Warm {
-    /// One build at a time per template slot.
-    slot_locks: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    pub(crate) pool: parking_lot::Mutex<Vec<PoolEntry>>,
-    /// Pool entries being restored right now (counted against the pool size).
-    pool_filling: parking_lot::Mutex<HashMap<String, usize>>,
-}
-
-/// Where a VM's boot comes from.
-pub(crate) enum BootPlan {
-    Cold { reason: Option<String> },
-    Warm(Box<Template>),
+/// The generation a slot's `current` link names (a relative link to a sibling folder).
+pub(super) fn current_generation(slot: &Path) -> Option<PathBuf> {
+    let target = std::fs::read_link(slot.join("current")).ok()?;
+    let dir = slot.join(target.file_name()?);
+    dir.is_dir().then_some(dir)
 }
 
 impl Engine {
-    fn templates_dir(&self) -> PathBuf {
+    pub(super) fn templates_dir(&self) -> PathBuf {
         self.cfg.state_dir.join("templates")
     }
 
     /// Templates of one image and shape live together; each build is a generation of its own.
-    fn template_slot(&self, image_id: &str, vmm: VmmKind, vcpus: u32, memory_mib: u32, nic: bool) -> PathBuf {
+    pub(super) fn template_slot(
+        &self,
+        image_id: &str,
+        vmm: VmmKind,
+        vcpus: u32,
+        memory_mib: u32,
+        nic: bool,
+    ) -> PathBuf {
         let net = if nic { "" } else { "-nonet" };
         let kind = self.driver(vmm).template_slot_suffix();
         self.templates_dir().join(format!("{image_id}-{vcpus}c-{memory_mib}m{net}{kind}"))
@@ -193,11 +29,11 @@ impl Engine {
 
     /// Where a Firecracker template's VMM saw its files (and where each clone's are mounted): outside the
     /// generation's folder, which is renamed when the build is published.
-    fn anchor_dir(&self, generation: &str) -> PathBuf {
+    pub(super) fn anchor_dir(&self, generation: &str) -> PathBuf {
         self.cfg.state_dir.join("template-anchors").join(generation)
     }
 
-    fn nic_enabled(&self) -> bool {
+    pub(super) fn nic_enabled(&self) -> bool {
         self.cfg.network.enabled
     }
 
@@ -230,7 +66,7 @@ impl Engine {
     }
 
     /// Why VMs of this kind can never be warm-started here, if so.
-    fn warm_unsupported(&self, vmm: VmmKind) -> Option<String> {
+    pub(super) fn warm_unsupported(&self, vmm: VmmKind) -> Option<String> {
         if !self.cfg.warm.templates {
             return Some("warm starts are off (warm.templates = false)".into());
         }
@@ -296,7 +132,7 @@ impl Engine {
         }
     }
 
-    fn slot_lock(&self, slot: &Path) -> Arc<tokio::sync::Mutex<()>> {
+    pub(super) fn slot_lock(&self, slot: &Path) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.warm.slot_locks.lock();
         locks.entry(slot.display().to_string()).or_default().clone()
     }
@@ -358,7 +194,7 @@ impl Engine {
 
     /// Boots the template guest, saves it once its agent answers, and makes it the slot's current generation.
     /// Nothing is left behind when it fails.
-    async fn build_template(
+    pub(super) async fn build_template(
         &self,
         image: &ImageRow,
         vmm: VmmKind,
@@ -397,7 +233,7 @@ impl Engine {
                     net.acquire_tap().await.map_err(|e| ApiError::internal(format!("cannot get a TAP device: {e}")))?,
                 );
             }
-            let nic = tap.clone().map(|t| (t, placeholder_net()));
+            let nic = tap.clone().map(|t| (t, super::pool::placeholder_net()));
             let memory = driver.template_memory(work.join("ram"));
             let mut spec = self.template_spec(image, &driver, &inputs, &paths, &vm_id, nic, memory);
             if driver.template_needs_anchor() {
@@ -469,7 +305,7 @@ impl Engine {
     /// The boot spec of a template and of its clones: the same device set, so a clone can load the template's
     /// device state. Only the RAM mapping, the NIC's backend and the file paths differ.
     #[allow(clippy::too_many_arguments)]
-    fn template_spec(
+    pub(super) fn template_spec(
         &self,
         image: &ImageRow,
         driver: &vmm::Driver,
@@ -508,7 +344,7 @@ impl Engine {
             let copies =
                 [(t.dir.join("overlay.ext4"), paths.overlay_disk()), (t.dir.join("work.ext4"), paths.work_disk_raw())];
             for (from, to) in copies.iter().filter(|(from, _)| from.is_file()) {
-                super::vm::copy_writable(from, to).await?;
+                crate::engine::vm::copy_writable(from, to).await?;
             }
             return Ok(());
         }
@@ -550,7 +386,7 @@ impl Engine {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn restore_clone_once(
+    pub(super) async fn restore_clone_once(
         &self,
         image: &ImageRow,
         t: &Template,
@@ -622,11 +458,16 @@ impl Engine {
         }
     }
 
-    fn clone_identity_time(&self) -> u64 {
+    pub(super) fn clone_identity_time(&self) -> u64 {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
     }
 
-    async fn send_identity(&self, vm: &str, conn: &GuestConn, identity: CloneIdentity) -> Result<(), ApiError> {
+    pub(super) async fn send_identity(
+        &self,
+        vm: &str,
+        conn: &GuestConn,
+        identity: CloneIdentity,
+    ) -> Result<(), ApiError> {
         match conn
             .request(&GuestRequest::Reidentify(identity), Duration::from_secs(30), &CancellationToken::new())
             .await
@@ -722,297 +563,6 @@ impl Engine {
                     let _ = std::fs::remove_dir(a.path());
                 }
             }
-        }
-    }
-
-    /// Refills the warm pool of the default image (default shape) in the background, as far as the size in
-    /// the config and the host's available memory allow.
-    pub(crate) fn refill_pool_later(self: &Arc<Self>) {
-        if (self.cfg.warm.pool_size == 0 && self.cfg.warm.pools.values().all(|n| *n == 0))
-            || self.warm_unsupported(self.vmm().vmm).is_some()
-        {
-            return;
-        }
-        let engine = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = engine.refill_pool().await {
-                tracing::warn!(error = %e.message, "warm pool refill failed");
-            }
-        });
-    }
-
-    /// The pool sizes the config asks for, by image: `pool_size` for the default image, `pools` by name.
-    async fn pool_targets(&self) -> Result<Vec<(ImageRow, usize)>, ApiError> {
-        let images = self.store.images().await?;
-        let mut targets: Vec<(ImageRow, usize)> = vec![];
-        let mut add = |image: &ImageRow, n: usize| match targets.iter_mut().find(|(i, _)| i.id == image.id) {
-            Some(t) => t.1 = t.1.max(n),
-            None => targets.push((image.clone(), n)),
-        };
-        if let Some(default) = images.iter().find(|i| i.is_default) {
-            add(default, self.cfg.warm.pool_size as usize);
-        }
-        for (name, n) in &self.cfg.warm.pools {
-            match images.iter().find(|i| &i.name == name) {
-                Some(image) => add(image, *n as usize),
-                None => tracing::debug!(image = %name, "warm.pools names an image that is not registered"),
-            }
-        }
-        targets.retain(|(_, n)| *n > 0);
-        Ok(targets)
-    }
-
-    async fn refill_pool(self: &Arc<Self>) -> Result<(), ApiError> {
-        let targets = self.pool_targets().await?;
-        let (vcpus, memory_mib) = (self.cfg.default_vcpus, self.cfg.default_memory_mib);
-        // Pooled VMs of images no longer pooled (the default changed, the image went) only hold memory.
-        let stale: Vec<PoolEntry> = {
-            let mut pool = self.warm.pool.lock();
-            let (keep, stale) =
-                std::mem::take(&mut *pool).into_iter().partition(|e| targets.iter().any(|(i, _)| i.id == e.image_id));
-            *pool = keep;
-            stale
-        };
-        for e in stale {
-            self.end_pooled(e).await;
-        }
-        for (image, size) in targets {
-            loop {
-                {
-                    // A refill is promised its memory like a create, under the same lock (admission.rs).
-                    let _alloc = self.alloc_lock.lock().await;
-                    let rows = self.store.vms().await?;
-                    let pool = self.warm.pool.lock();
-                    let mut filling = self.warm.pool_filling.lock();
-                    let have = pool.iter().filter(|e| e.image_id == image.id).count()
-                        + filling.get(&image.id).copied().unwrap_or(0);
-                    if have >= size {
-                        break;
-                    }
-                    let available = available_memory_mib().unwrap_or(0);
-                    if available < memory_mib as u64 + self.cfg.warm.pool_reserve_mib {
-                        tracing::info!(available_mib = available, "warm pool not refilled: host memory is short");
-                        return Ok(());
-                    }
-                    let promised =
-                        super::admission::recorded_promise_mib(&rows) + pool_promise(&pool, &filling, memory_mib);
-                    let budget =
-                        super::admission::memory_budget_mib(&self.cfg.limits, &super::admission::HostCapacity::read());
-                    if let Err(e) = super::admission::admit("a pooled VM", memory_mib as u64, promised, budget) {
-                        tracing::info!(reason = %e.message, "warm pool not refilled: the memory budget is spent");
-                        return Ok(());
-                    }
-                    *filling.entry(image.id.clone()).or_default() += 1;
-                }
-                // Restores are boots: they take their turn with creates.
-                let slot = self.slots.acquire(&CancellationToken::new(), |_| {}).await;
-                let entry = self.pool_entry(&image, vcpus, memory_mib).await;
-                drop(slot);
-                *self.warm.pool_filling.lock().entry(image.id.clone()).or_default() -= 1;
-                self.warm.pool.lock().push(entry?);
-            }
-        }
-        Ok(())
-    }
-
-    /// Restores one clone for the pool.
-    async fn pool_entry(
-        self: &Arc<Self>,
-        image: &ImageRow,
-        vcpus: u32,
-        memory_mib: u32,
-    ) -> Result<PoolEntry, ApiError> {
-        // Pooled VMs run on the host's VMM, which is what a create without --vmm gets.
-        let vmm = self.vmm().vmm;
-        let t = match self.find_template(image, vmm, vcpus, memory_mib) {
-            Ok(t) => t,
-            Err(_) => {
-                self.ensure_template(image, vmm, vcpus, memory_mib, false, &CancellationToken::new()).await?;
-                self.find_template(image, vmm, vcpus, memory_mib).map_err(ApiError::internal)?
-            }
-        };
-        let id = new_id();
-        let paths = self.vm_paths(&id);
-        // Before `result`: a directory that exists is another VM's, and a failure must not remove it.
-        super::vm::create_vm_dir(&paths.dir).await?;
-        let result = async {
-            self.clone_disks(&t, &paths).await?;
-            let tap = match self.network() {
-                Some(net) if t.meta.inputs.nic => Some(
-                    net.acquire_tap().await.map_err(|e| ApiError::internal(format!("cannot get a TAP device: {e}")))?,
-                ),
-                _ => None,
-            };
-            // The NIC's settings come with the identity at hand-out; the placeholder never reaches the guest.
-            let placeholder = tap.clone().map(|t| (t, placeholder_net()));
-            // A dry run with a placeholder identity, so the hand-out's real one finds warm code paths.
-            let rehearsal = CloneIdentity {
-                hostname: "banger-pool".into(),
-                net: t.meta.inputs.nic.then(|| GuestNetConfig {
-                    address: "169.254.77.77/32".into(),
-                    gateway: String::new(),
-                    dns: String::new(),
-                    mac: vmm::TEMPLATE_MAC.into(),
-                }),
-                ssh_authorized_key: None,
-                entropy_hex: hex::encode(rand::random::<[u8; 64]>()),
-                unix_time_ns: self.clone_identity_time(),
-                rehearsal: true,
-            };
-            let cancel = CancellationToken::new();
-            match self.restore_clone(image, &t, &id, &paths, placeholder, rehearsal, &cancel).await {
-                Ok((pid, conn)) => {
-                    // The hand-out's sync rehearsed too: its file reads and writes find translated code, and
-                    // the identity already in place is only read again (refreshed if it changed meanwhile).
-                    self.sync_into_guest(&format!("pool {id}"), &conn).await;
-                    Ok(PoolEntry { id: id.clone(), image_id: image.id.clone(), vcpus, memory_mib, pid, tap, conn })
-                }
-                Err(e) => {
-                    if let (Some(net), Some(tap)) = (self.network(), tap) {
-                        net.release_tap(&tap).await;
-                    }
-                    Err(e)
-                }
-            }
-        }
-        .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_dir_all(&paths.dir).await;
-        }
-        result
-    }
-
-    pub(crate) async fn warm_pool_status(&self) -> tools_schema::daemon::WarmPoolStatus {
-        let targets = self.pool_targets().await.unwrap_or_default();
-        let pool = self.warm.pool.lock();
-        let filling = self.warm.pool_filling.lock();
-        let images = targets
-            .iter()
-            .map(|(image, size)| tools_schema::daemon::WarmPoolImage {
-                image: image.name.clone(),
-                size: *size as u32,
-                ready: pool.iter().filter(|e| e.image_id == image.id).count() as u32,
-                filling: filling.get(&image.id).copied().unwrap_or(0) as u32,
-            })
-            .collect::<Vec<_>>();
-        tools_schema::daemon::WarmPoolStatus {
-            size: images.iter().map(|i| i.size).sum(),
-            ready: images.iter().map(|i| i.ready).sum(),
-            filling: images.iter().map(|i| i.filling).sum(),
-            vcpus: self.cfg.default_vcpus,
-            memory_mib: self.cfg.default_memory_mib,
-            images,
-        }
-    }
-
-    /// Memory promised to the pool: VMs waiting in it and refills under way (in the default shape).
-    pub(crate) fn pool_promise_mib(&self) -> u64 {
-        let pool = self.warm.pool.lock();
-        let filling = self.warm.pool_filling.lock();
-        pool_promise(&pool, &filling, self.cfg.default_memory_mib)
-    }
-
-    /// Takes a pooled VM of this image and shape, if one waits.
-    pub(crate) fn take_pooled(&self, image_id: &str, vcpus: u32, memory_mib: u32) -> Option<PoolEntry> {
-        let mut pool = self.warm.pool.lock();
-        let i = pool.iter().position(|e| e.image_id == image_id && e.vcpus == vcpus && e.memory_mib == memory_mib)?;
-        Some(pool.remove(i))
-    }
-
-    /// Ends every pooled VM (daemon shutdown, or the default image changed).
-    pub(crate) async fn drain_pool(&self) {
-        let entries: Vec<PoolEntry> = std::mem::take(&mut *self.warm.pool.lock());
-        for e in entries {
-            self.end_pooled(e).await;
-        }
-    }
-
-    async fn end_pooled(&self, e: PoolEntry) {
-        e.conn.close();
-        vmm::stop_vm_processes(&self.vm_paths(&e.id).dir, &e.id, Some(e.pid)).await;
-        if let (Some(net), Some(tap)) = (self.network(), &e.tap) {
-            net.release_tap(tap).await;
-        }
-        let _ = tokio::fs::remove_dir_all(self.vm_paths(&e.id).dir).await;
-    }
-}
-
-fn pool_promise(pool: &[PoolEntry], filling: &HashMap<String, usize>, fill_memory_mib: u32) -> u64 {
-    pool.iter().map(|e| e.memory_mib as u64).sum::<u64>()
-        + filling.values().sum::<usize>() as u64 * fill_memory_mib as u64
-}
-
-/// The NIC settings of a VM whose real ones arrive with `Reidentify` (templates, pooled VMs): never in a
-/// guest, since a template's command line carries none.
-fn placeholder_net() -> crate::network::GuestNet {
-    crate::network::GuestNet {
-        ip: std::net::Ipv4Addr::UNSPECIFIED,
-        prefix: 32,
-        gateway: std::net::Ipv4Addr::UNSPECIFIED,
-        mac: vmm::TEMPLATE_MAC.into(),
-    }
-}
-
-/// The generation a slot's `current` link names (a relative link to a sibling folder).
-fn current_generation(slot: &Path) -> Option<PathBuf> {
-    let target = std::fs::read_link(slot.join("current")).ok()?;
-    let dir = slot.join(target.file_name()?);
-    dir.is_dir().then_some(dir)
-}
-
-/// MemAvailable from /proc/meminfo, in MiB.
-fn available_memory_mib() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn inputs() -> TemplateInputs {
-        let f = |p: &str| FileStamp { path: p.into(), size: 1, mtime_ns: 1 };
-        TemplateInputs {
-            format: TEMPLATE_FORMAT,
-            banger: "0.1.0+abc".into(),
-            image_id: "img".into(),
-            image_fingerprint: "fp".into(),
-            rootfs: f("/r"),
-            work_seed: Some(f("/w")),
-            kernel: f("/k"),
-            initrd: None,
-            vmm: "qemu".into(),
-            vmm_binary: f("/q"),
-            accel: "tcg".into(),
-            vcpus: 1,
-            memory_mib: 256,
-            nic: true,
-        }
-    }
-
-    #[test]
-    fn every_input_change_makes_a_template_stale_with_a_reason() {
-        let base = inputs();
-        assert_eq!(base.stale_reason(&base), None);
-        type Change = Box<dyn Fn(&mut TemplateInputs)>;
-        let cases: Vec<(Change, &str)> = vec![
-            (Box::new(|i| i.banger = "0.1.0+def".into()), "banger's version changed"),
-            (Box::new(|i| i.kernel.mtime_ns = 2), "kernel changed"),
-            (Box::new(|i| i.initrd = Some(FileStamp { path: "/i".into(), size: 1, mtime_ns: 1 })), "kernel changed"),
-            (Box::new(|i| i.rootfs.size = 2), "image changed"),
-            (Box::new(|i| i.image_fingerprint = "other".into()), "image changed"),
-            (Box::new(|i| i.vmm_binary.size = 9), "VMM changed"),
-            (Box::new(|i| i.vmm = "firecracker".into()), "VMM changed"),
-            (Box::new(|i| i.memory_mib = 512), "another shape"),
-            (Box::new(|i| i.format += 1), "format changed"),
-        ];
-        for (change, want) in cases {
-            let mut now = base.clone();
-            change(&mut now);
-            let why = base.stale_reason(&now).expect("stale");
-            assert!(why.contains(want), "{why} should mention {want}");
         }
     }
 }
