@@ -321,6 +321,14 @@ fn attack_a_pooled_clone_gets_its_filter_at_hand_out_and_filters_survive_a_daemo
     // The daemon restarts and re-adopts both VMs: the same filters are rebuilt from the store and hold.
     d.restart();
     assert_eq!(chain_of(&d, &p_mac), p_chain, "the pooled VM's filter after a restart");
+    // The pool refills after the restart, so TAPs come and go on the bridge. A bridge following its ports' MACs
+    // would change its own with them, and the kernel flushes a bridge's neighbour table (pins included) at every
+    // such change: its MAC is set (addr_assign_type 3), and the pin is still there once the pool is full.
+    let assign = d.netns.exec(&["cat", "/sys/class/net/banger0/addr_assign_type"]);
+    assert_eq!(String::from_utf8_lossy(&assign.stdout).trim(), "3", "the bridge's MAC follows its ports");
+    wait_until("the pool to refill", Duration::from_secs(240), || {
+        d.rpc("daemon.status", json!({}))["warm_pool"]["ready"] == 1
+    });
     let entry = neighbour(&d, &p_ip);
     assert!(entry.contains(&p_mac) && entry.contains("PERMANENT"), "the pin after a restart: {entry}");
     let o_chain = chain_of(&d, &o_mac);

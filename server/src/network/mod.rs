@@ -384,7 +384,20 @@ async fn ensure_bridge(handle: &rtnetlink::Handle, name: &str, gateway: Ipv4Addr
     if !has_addr {
         handle.address().add(index, IpAddr::V4(gateway), prefix).execute().await.map_err(nl)?;
     }
+    // A bridge whose MAC was never set takes its lowest port's, so it changes as TAPs come and go, and each
+    // change makes the kernel flush the bridge's whole neighbour table, pinned entries included: the VMs'
+    // pinned ARP entries would vanish with the next pool refill. A MAC set once stays.
+    let fixed = LinkUnspec::new_with_index(index).address(bridge_mac(name).to_vec()).build();
+    handle.link().set(fixed).execute().await.map_err(nl)?;
     let up = LinkUnspec::new_with_index(index).up().build();
     handle.link().set(up).execute().await.map_err(nl)?;
     Ok(index)
+}
+
+/// The bridge's own MAC: the same for a bridge name on every start, locally administered, unicast, and
+/// outside the `02:` range guests get.
+fn bridge_mac(name: &str) -> [u8; 6] {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(format!("banger bridge {name}").as_bytes());
+    [0x0e, h[0], h[1], h[2], h[3], h[4]]
 }
