@@ -65,22 +65,13 @@ impl Engine {
         let disk = self.vm_paths(&row.id).root_disk();
         let (mut cpu, mut rss) = (None, None);
         if let Some(pid) = row.pid.filter(|_| self.is_alive(&row)) {
-            // utime and stime are fields 14 and 15 of /proc/PID/stat, in clock ticks.
-            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-                let fields: Vec<&str> =
-                    stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
-                let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-                let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
-                cpu = Some((ticks(11) + ticks(12)) / hz);
+            // The VMM's CPU time (user + system) and resident memory, from /proc through procfs.
+            if let Ok(vmm) = procfs::process::Process::new(pid as i32) {
+                if let Ok(stat) = vmm.stat() {
+                    cpu = Some((stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64);
+                }
+                rss = vmm.status().ok().and_then(|s| s.vmrss).map(|kib| kib * 1024);
             }
-            rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-                .ok()
-                .and_then(|s| {
-                    s.lines()
-                        .find(|l| l.starts_with("VmRSS:"))
-                        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                })
-                .map(|kib| kib * 1024);
         }
         let guest = if row.state == VmState::Running {
             let conn = self.guest(&row).await?;
