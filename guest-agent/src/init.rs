@@ -71,14 +71,15 @@ pub fn run() -> anyhow::Result<()> {
     }
 }
 
-/// The agent's view of its boot arguments (`tools_schema::boot`). Ones it cannot read are reported on the
-/// console (the host shows it when the guest never answers), and the guest boots with defaults.
+/// The agent's view of its boot arguments (`tools_schema::boot`). Words it cannot read are reported on the
+/// console (the host shows it when the guest never answers) and skipped; the rest still apply.
 pub fn boot_args() -> BootArgs {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    BootArgs::parse(&cmdline).unwrap_or_else(|e| {
-        eprintln!("banger-agent: {e}; booting with defaults");
-        BootArgs::default()
-    })
+    let (args, errors) = BootArgs::parse(&cmdline);
+    for e in errors {
+        eprintln!("banger-agent: {e}; ignored");
+    }
+    args
 }
 
 fn net_config(n: &BootNet) -> GuestNetConfig {

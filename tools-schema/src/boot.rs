@@ -115,67 +115,75 @@ impl BootArgs {
     }
 
     /// Reads the `banger.*` words of a kernel command line. A later word wins over an earlier one of the same
-    /// key (as the kernel's own parameters do).
-    pub fn parse(cmdline: &str) -> Result<BootArgs, BootArgsError> {
+    /// key (as the kernel's own parameters do). A word that cannot be read is reported and skipped, and every
+    /// other word still counts: one bad word must not cost the guest its channel, network and hostname.
+    pub fn parse(cmdline: &str) -> (BootArgs, Vec<BootArgsError>) {
         use base64::Engine as _;
         let mut args = BootArgs::default();
+        let mut errors = vec![];
         let (mut ip, mut gw, mut dns, mut mac) = (None, None, None, None);
         for word in cmdline.split_whitespace() {
-            let Some(rest) = word.strip_prefix(PREFIX) else { continue };
-            let (key, value) = rest.split_once('=').unwrap_or((rest, ""));
-            let bad =
-                |why: &'static str| BootArgsError::Bad { key: format!("{PREFIX}{key}"), value: value.into(), why };
-            let flag = || match value {
-                "1" => Ok(true),
-                "0" => Ok(false),
-                _ => Err(bad("expected 0 or 1")),
-            };
-            match key {
-                "hostname" if is_hostname(value) => args.hostname = Some(value.to_string()),
-                "hostname" => return Err(bad("not a hostname (letters, digits, '-', '.', at most 63)")),
-                "channel" => {
-                    args.channel = match value {
-                        "vsock" => ChannelKind::Vsock,
-                        "virtio-serial" => ChannelKind::VirtioSerial,
-                        _ => return Err(bad("expected vsock or virtio-serial")),
+            let mut read_word = || -> Result<(), BootArgsError> {
+                let Some(rest) = word.strip_prefix(PREFIX) else { return Ok(()) };
+                let (key, value) = rest.split_once('=').unwrap_or((rest, ""));
+                let bad =
+                    |why: &'static str| BootArgsError::Bad { key: format!("{PREFIX}{key}"), value: value.into(), why };
+                let flag = || match value {
+                    "1" => Ok(true),
+                    "0" => Ok(false),
+                    _ => Err(bad("expected 0 or 1")),
+                };
+                match key {
+                    "hostname" if is_hostname(value) => args.hostname = Some(value.to_string()),
+                    "hostname" => return Err(bad("not a hostname (letters, digits, '-', '.', at most 63)")),
+                    "channel" => {
+                        args.channel = match value {
+                            "vsock" => ChannelKind::Vsock,
+                            "virtio-serial" => ChannelKind::VirtioSerial,
+                            _ => return Err(bad("expected vsock or virtio-serial")),
+                        }
                     }
-                }
-                "vmm" => {
-                    args.vmm = Some(match value {
-                        "firecracker" => VmmKind::Firecracker,
-                        "qemu" => VmmKind::Qemu,
-                        _ => return Err(bad("expected firecracker or qemu")),
-                    })
-                }
-                "overlay" => args.overlay_root = flag()?,
-                "template" => args.template = flag()?,
-                "growfs" => {
-                    args.grow = value
-                        .split(',')
-                        .filter(|g| !g.is_empty())
-                        .map(|g| match g {
-                            "root" => Ok(GrowFs::Root),
-                            "work" => Ok(GrowFs::Work),
-                            _ => Err(bad("expected a list of root and work")),
+                    "vmm" => {
+                        args.vmm = Some(match value {
+                            "firecracker" => VmmKind::Firecracker,
+                            "qemu" => VmmKind::Qemu,
+                            _ => return Err(bad("expected firecracker or qemu")),
                         })
-                        .collect::<Result<_, _>>()?
+                    }
+                    "overlay" => args.overlay_root = flag()?,
+                    "template" => args.template = flag()?,
+                    "growfs" => {
+                        args.grow = value
+                            .split(',')
+                            .filter(|g| !g.is_empty())
+                            .map(|g| match g {
+                                "root" => Ok(GrowFs::Root),
+                                "work" => Ok(GrowFs::Work),
+                                _ => Err(bad("expected a list of root and work")),
+                            })
+                            .collect::<Result<_, _>>()?
+                    }
+                    "sshkey" => {
+                        let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
+                            .decode(value)
+                            .map_err(|_| bad("not base64"))?;
+                        args.ssh_key = Some(String::from_utf8(bytes).map_err(|_| bad("not UTF-8 text"))?);
+                    }
+                    "ip" => {
+                        let (a, p) = value.split_once('/').ok_or_else(|| bad("expected ADDRESS/PREFIX"))?;
+                        let prefix: u8 = p.parse().ok().filter(|p| *p <= 32).ok_or_else(|| bad("prefix is 0..=32"))?;
+                        ip = Some((a.parse::<Ipv4Addr>().map_err(|_| bad("not an IPv4 address"))?, prefix));
+                    }
+                    "gw" => gw = Some(value.parse::<Ipv4Addr>().map_err(|_| bad("not an IPv4 address"))?),
+                    "dns" => dns = Some(value.parse::<Ipv4Addr>().map_err(|_| bad("not an IPv4 address"))?),
+                    "mac" if is_mac(value) => mac = Some(value.to_ascii_lowercase()),
+                    "mac" => return Err(bad("not a MAC address (aa:bb:cc:dd:ee:ff)")),
+                    _ => return Err(BootArgsError::Unknown(word.to_string())),
                 }
-                "sshkey" => {
-                    let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
-                        .decode(value)
-                        .map_err(|_| bad("not base64"))?;
-                    args.ssh_key = Some(String::from_utf8(bytes).map_err(|_| bad("not UTF-8 text"))?);
-                }
-                "ip" => {
-                    let (a, p) = value.split_once('/').ok_or_else(|| bad("expected ADDRESS/PREFIX"))?;
-                    let prefix: u8 = p.parse().ok().filter(|p| *p <= 32).ok_or_else(|| bad("prefix is 0..=32"))?;
-                    ip = Some((a.parse::<Ipv4Addr>().map_err(|_| bad("not an IPv4 address"))?, prefix));
-                }
-                "gw" => gw = Some(value.parse::<Ipv4Addr>().map_err(|_| bad("not an IPv4 address"))?),
-                "dns" => dns = Some(value.parse::<Ipv4Addr>().map_err(|_| bad("not an IPv4 address"))?),
-                "mac" if is_mac(value) => mac = Some(value.to_ascii_lowercase()),
-                "mac" => return Err(bad("not a MAC address (aa:bb:cc:dd:ee:ff)")),
-                _ => return Err(BootArgsError::Unknown(word.to_string())),
+                Ok(())
+            };
+            if let Err(e) = read_word() {
+                errors.push(e);
             }
         }
         args.net = match (ip, mac) {
@@ -187,9 +195,12 @@ impl BootArgs {
                 mac,
             }),
             (None, None) if gw.is_none() && dns.is_none() => None,
-            _ => return Err(BootArgsError::PartialNet),
+            _ => {
+                errors.push(BootArgsError::PartialNet);
+                None
+            }
         };
-        Ok(args)
+        (args, errors)
     }
 }
 
@@ -235,7 +246,7 @@ mod tests {
                 "console=ttyS0 quiet {} root=/dev/vda init=/usr/local/bin/banger-agent",
                 args.render().join(" ")
             );
-            assert_eq!(BootArgs::parse(&cmdline).unwrap(), args, "{cmdline}");
+            assert_eq!(BootArgs::parse(&cmdline), (args, vec![]), "{cmdline}");
         }
     }
 
@@ -260,7 +271,7 @@ mod tests {
     }
 
     #[test]
-    fn bad_arguments_are_refused_by_name() {
+    fn bad_arguments_are_reported_by_name_and_the_rest_still_counts() {
         for (cmdline, key) in [
             ("banger.ip=10.0.0.300/24 banger.mac=02:00:00:00:00:01", "banger.ip"),
             ("banger.ip=10.0.0.3/33 banger.mac=02:00:00:00:00:01", "banger.ip"),
@@ -270,14 +281,17 @@ mod tests {
             ("banger.channel=pigeon", "banger.channel"),
             ("banger.template=yes", "banger.template"),
             ("banger.sshkey=!!!", "banger.sshkey"),
+            ("banger.frobnicate=1", "banger.frobnicate"),
         ] {
-            let e = BootArgs::parse(cmdline).unwrap_err();
-            assert!(e.to_string().contains(key), "{cmdline}: {e}");
+            let (_, errors) = BootArgs::parse(cmdline);
+            assert!(errors.iter().any(|e| e.to_string().contains(key)), "{cmdline}: {errors:?}");
         }
-        assert_eq!(
-            BootArgs::parse("banger.frobnicate=1").unwrap_err(),
-            BootArgsError::Unknown("banger.frobnicate=1".into())
-        );
-        assert_eq!(BootArgs::parse("banger.ip=10.0.0.3/24").unwrap_err(), BootArgsError::PartialNet);
+        assert_eq!(BootArgs::parse("banger.ip=10.0.0.3/24").1, vec![BootArgsError::PartialNet]);
+        // One unreadable word costs only itself: the channel, hostname and network still hold.
+        let mut words = full().render();
+        words.push("banger.frobnicate=1".into());
+        let (args, errors) = BootArgs::parse(&words.join(" "));
+        assert_eq!(args, full());
+        assert_eq!(errors, vec![BootArgsError::Unknown("banger.frobnicate=1".into())]);
     }
 }
