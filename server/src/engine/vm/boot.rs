@@ -143,7 +143,11 @@ impl Engine {
             ),
             dir: paths.dir.clone(),
             net,
-            extra_args: super::create::grow_args(&paths, image).into_iter().chain(self.ssh_key_arg()).collect(),
+            args: tools_schema::boot::BootArgs {
+                grow: super::create::filesystems_to_grow(&paths, image),
+                ssh_key: self.ssh_public_key(),
+                ..Default::default()
+            },
             vsock: driver.vsock(),
             memory: vmm::GuestMemory::Anonymous,
             template_mac: None,

@@ -1,21 +1,18 @@
 //! Creating a VM: checks, allocation (name, address, MAC, pool slot, memory promise), disks, and handing a pooled VM out.
 use super::*;
+use tools_schema::boot::GrowFs;
 
 /// Tells the agent which filesystems to grow at boot: a disk grown by `vm set` is bigger than its base.
-pub(super) fn grow_args(paths: &VmPaths, image: &ImageRow) -> Vec<String> {
+pub(super) fn filesystems_to_grow(paths: &VmPaths, image: &ImageRow) -> Vec<GrowFs> {
     let mut grow = vec![];
     if vmm::qcow2_virtual_size(&paths.root_disk()).is_some_and(|s| s > image.rootfs_bytes) {
-        grow.push("root");
+        grow.push(GrowFs::Root);
     }
     let seed = std::fs::metadata(&image.work_seed).map(|m| m.len()).unwrap_or(u64::MAX);
     if vmm::qcow2_virtual_size(&paths.work_disk()).is_some_and(|s| s > seed) {
-        grow.push("work");
+        grow.push(GrowFs::Work);
     }
-    if grow.is_empty() {
-        vec![]
-    } else {
-        vec![format!("banger.growfs={}", grow.join(","))]
-    }
+    grow
 }
 
 impl Engine {
@@ -353,10 +350,9 @@ impl Engine {
         rollback.push("network", async move { engine.release_net(&row).await });
     }
 
-    /// The public key for the guest's authorized_keys, on the kernel command line (base64, no spaces).
-    pub(super) fn ssh_key_arg(&self) -> Option<String> {
-        use base64::Engine as _;
+    /// The public key for the guest's authorized_keys (`BootArgs::ssh_key`).
+    pub(crate) fn ssh_public_key(&self) -> Option<String> {
         let public = std::fs::read_to_string(self.cfg.ssh_key().with_extension("pub")).ok()?;
-        Some(format!("banger.sshkey={}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(public.trim())))
+        Some(public.trim().to_string())
     }
 }

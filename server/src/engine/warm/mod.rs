@@ -72,7 +72,7 @@ pub(crate) struct TemplateInputs {
     /// `qemu` or `firecracker`, and its binary.
     vmm: String,
     vmm_binary: FileStamp,
-    accel: String,
+    accel: tools_schema::daemon::QemuAccel,
     vcpus: u32,
     memory_mib: u32,
     nic: bool,
@@ -199,7 +199,7 @@ mod tests {
             initrd: None,
             vmm: "qemu".into(),
             vmm_binary: f("/q"),
-            accel: "tcg".into(),
+            accel: tools_schema::daemon::QemuAccel::Tcg,
             vcpus: 1,
             memory_mib: 256,
             nic: true,
