@@ -105,10 +105,10 @@ impl Engine {
             (p.vcpus.unwrap_or(self.cfg.default_vcpus), p.memory_mib.unwrap_or(self.cfg.default_memory_mib));
         // Name, address, MAC, pool entry and memory promise are taken under one lock: what the checks saw
         // is still true when the record is written.
-        let _alloc = self.alloc_lock.lock().await;
+        let _alloc = self.admission.allocating().await;
         // Pooled VMs run on the host's VMM.
         let pooled = (vmm == self.vmm().vmm && p.boot.unwrap_or_default() == BootRequest::Auto)
-            .then(|| self.take_pooled(&image.id, vcpus, memory_mib))
+            .then(|| self.warm.pool.take(&image.id, vcpus, memory_mib))
             .flatten();
         let allocated =
             self.allocate_row(p, &image, vmm, vcpus, memory_mib, pooled.as_ref().map(|e| e.id.clone())).await;
@@ -116,7 +116,7 @@ impl Engine {
             Ok(row) => Ok((row, image, pooled)),
             Err(e) => {
                 if let Some(entry) = pooled {
-                    self.warm.pool.lock().push(entry);
+                    self.warm.pool.put_back(entry);
                 }
                 Err(e)
             }
@@ -124,7 +124,7 @@ impl Engine {
     }
 
     /// Picks name, address and MAC, admits the VM's memory and records it as starting. The caller holds
-    /// `alloc_lock`; `id` is a pooled VM's, whose memory is already promised.
+    /// `Admission::allocating`; `id` is a pooled VM's, whose memory is already promised.
     pub(super) async fn allocate_row(
         &self,
         p: VmCreateParams,
@@ -218,6 +218,7 @@ impl Engine {
             // Boots beyond what may run at once wait their turn, holding only the record.
             op.stage("queue");
             let _slot = self
+                .admission
                 .slots
                 .acquire(&cancel, |ahead| op.detail(&crate::engine::admission::waiting_message(ahead)))
                 .await
@@ -339,7 +340,7 @@ impl Engine {
     pub(super) fn undo_vmm(self: &Arc<Self>, rollback: &mut Rollback, row: &VmRow, pid: u32) {
         let (engine, id) = (self.clone(), row.id.clone());
         rollback.push("vmm", async move {
-            engine.drop_guest(&id);
+            engine.guests.close(&id);
             vmm::stop_vm_processes(&engine.vm_paths(&id).dir, &id, Some(pid)).await;
         });
     }

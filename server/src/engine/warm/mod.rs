@@ -170,10 +170,8 @@ pub(crate) struct PoolEntry {
 #[derive(Default)]
 pub(crate) struct Warm {
     /// One build at a time per template slot.
-    slot_locks: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    pub(crate) pool: parking_lot::Mutex<Vec<PoolEntry>>,
-    /// Pool entries being restored right now (counted against the pool size).
-    pool_filling: parking_lot::Mutex<HashMap<String, usize>>,
+    slot_locks: crate::engine::locks::KeyedLocks,
+    pub(crate) pool: pool::Pool,
 }
 
 /// Where a VM's boot comes from.

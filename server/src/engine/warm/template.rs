@@ -133,8 +133,7 @@ impl Engine {
     }
 
     pub(super) fn slot_lock(&self, slot: &Path) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.warm.slot_locks.lock();
-        locks.entry(slot.display().to_string()).or_default().clone()
+        self.warm.slot_locks.of(&slot.display().to_string())
     }
 
     pub async fn image_warm(self: &Arc<Self>, p: ImageWarmParams, ctx: CallContext) -> Result<TemplateInfo, ApiError> {
