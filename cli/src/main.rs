@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod args;
 mod bench_cmd;
 /// The client crate's JSON-RPC client, under the name the commands use.
 mod client {
