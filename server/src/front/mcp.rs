@@ -94,13 +94,24 @@ impl ServerHandler for McpServer {
         let params = serde_json::Value::Object(request.arguments.unwrap_or_default());
         let cancel = CancellationToken::new();
         let _guard = cancel.clone().drop_guard();
-        let progress = context.meta.get_progress_token().map(|token| progress_forwarder(token, context.peer.clone()));
+        let forwarder = context
+            .meta
+            .get_progress_token()
+            .map(|token| progress_forwarder(token, context.peer.clone(), request.name.to_string()));
+        let progress = forwarder.as_ref().map(|(sink, _)| sink.clone());
         let work = self.engine.dispatch(op.method, params, CallContext { cancel: cancel.clone(), progress });
         let result = tokio::select! {
             r = work => r,
             _ = context.ct.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "cancelled by the client")),
             _ = self.closed.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "the client disconnected")),
         };
+        if let Some((_, events)) = forwarder {
+            let (sent, flushed) = tokio::sync::oneshot::channel();
+            if events.send(ProgressEvent::Finish { succeeded: result.is_ok(), sent }).is_ok() {
+                // Bounded: a client that stopped reading must not hold the answer forever.
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), flushed).await;
+            }
+        }
         Ok(match result {
             Ok(value) => {
                 let summary = summarize(op, &value);
@@ -114,34 +125,67 @@ impl ServerHandler for McpServer {
     }
 }
 
+/// What the forwarder of a call's progress is told.
+enum ProgressEvent {
+    Report(f64, f64, String),
+    /// The call is over: send the last notification (at its total when the call succeeded), then answer and
+    /// send nothing more. MCP allows progress only for a request still in flight, so this happens before the
+    /// response goes out.
+    Finish {
+        succeeded: bool,
+        sent: tokio::sync::oneshot::Sender<()>,
+    },
+}
+
 /// Sends progress notifications for a call, in order, dropping any that would not increase (MCP requires
 /// progress to grow with each notification).
-struct ProgressChannel(tokio::sync::mpsc::UnboundedSender<(f64, f64, String)>);
+struct ProgressChannel(tokio::sync::mpsc::UnboundedSender<ProgressEvent>);
 
 impl ProgressSink for ProgressChannel {
     fn report(&self, progress: f64, total: f64, message: String) {
-        let _ = self.0.send((progress, total, message));
+        let _ = self.0.send(ProgressEvent::Report(progress, total, message));
     }
 }
 
-fn progress_forwarder(token: ProgressToken, peer: Peer<RoleServer>) -> Arc<dyn ProgressSink> {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(f64, f64, String)>();
+/// The call's progress sink, and the way to finish it (`ProgressEvent::Finish`).
+fn progress_forwarder(
+    token: ProgressToken,
+    peer: Peer<RoleServer>,
+    tool: String,
+) -> (Arc<dyn ProgressSink>, tokio::sync::mpsc::UnboundedSender<ProgressEvent>) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ProgressEvent>();
     tokio::spawn(async move {
-        let mut last = f64::MIN;
-        while let Some((progress, total, message)) = rx.recv().await {
-            if progress <= last {
-                continue;
-            }
-            last = progress;
+        let (mut last, mut last_total) = (f64::MIN, None::<f64>);
+        let notify = |progress: f64, total: Option<f64>, message: String| {
             let mut p = ProgressNotificationParam::new(token.clone(), progress);
-            p.total = Some(total);
+            p.total = total;
             p.message = Some(message);
-            if peer.notify_progress(p).await.is_err() {
-                return;
+            let peer = peer.clone();
+            async move { peer.notify_progress(p).await.is_ok() }
+        };
+        while let Some(event) = rx.recv().await {
+            match event {
+                ProgressEvent::Report(progress, total, message) => {
+                    if progress <= last {
+                        continue;
+                    }
+                    (last, last_total) = (progress, Some(total));
+                    if !notify(progress, Some(total), message).await {
+                        return;
+                    }
+                }
+                ProgressEvent::Finish { succeeded, sent } => {
+                    if let Some(total) = last_total.filter(|t| succeeded && last < *t) {
+                        notify(total, Some(total), format!("{tool}: done")).await;
+                    }
+                    let _ = sent.send(());
+                    // Whatever a still-running task reports from here on is for a request already answered.
+                    return;
+                }
             }
         }
     });
-    Arc::new(ProgressChannel(tx))
+    (Arc::new(ProgressChannel(tx.clone())), tx)
 }
 
 /// A failed call: `isError` with the typed error (`{code, message, hint}`) as JSON text. Not as
