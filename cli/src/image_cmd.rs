@@ -170,12 +170,13 @@ pub async fn run(cmd: ImageCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                             i.id.clone(),
                             format!("{} MiB", i.rootfs_bytes >> 20),
                             i.source.clone().unwrap_or_else(|| "registered".into()),
+                            i.provides.join(","),
                             i.fingerprint.clone(),
                             output::ago(i.created_at),
                         ]
                     })
                     .collect::<Vec<_>>();
-                output::table(&["NAME", "ID", "ROOTFS", "SOURCE", "FINGERPRINT", "CREATED"], &rows);
+                output::table(&["NAME", "ID", "ROOTFS", "SOURCE", "PROVIDES", "FINGERPRINT", "CREATED"], &rows);
             }
         }
         ImageCmd::Show { image } => output::json(&d.call::<ops::ImageShow>(&ImageRef { image }).await?),

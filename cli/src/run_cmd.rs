@@ -67,10 +67,28 @@ pub async fn run(a: RunArgs, d: &Daemon, ctx: &Ctx) -> anyhow::Result<ExitCode> 
         &r.head_commit[..12.min(r.head_commit.len())],
         r.files
     );
+    // Only what the VM's image has: suggesting an agent it lacks would fail with "command not found".
+    let provides = match d.call::<ops::ImageShow>(&tools_schema::image::ImageRef { image: vm.image.clone() }).await {
+        Ok(image) => image.provides,
+        Err(_) => vec![],
+    };
+    let agents: Vec<&str> =
+        ["claude", "opencode", "pi"].into_iter().filter(|a| provides.iter().any(|p| p == a)).collect();
     println!();
     println!("Next:");
-    println!("  banger vm session start {name} --name agent --cwd /root/repo -- claude   start a coding agent (or opencode, pi)");
-    println!("  banger vm session attach agent                                          talk to it; detaching leaves it running");
+    match agents.split_first() {
+        Some((first, rest)) => {
+            let others = if rest.is_empty() { String::new() } else { format!(" (or {})", rest.join(", ")) };
+            println!(
+                "  banger vm session start {name} --name agent --cwd /root/repo -- {first}   start a coding agent{others}"
+            );
+            println!("  banger vm session attach agent                                          talk to it; detaching leaves it running");
+        }
+        None => println!(
+            "  (image {} has no coding agent: `banger image build agent --recipe debian-agent --default` makes one)",
+            vm.image
+        ),
+    }
     println!("  banger vm exec {name} --cwd /root/repo -- git status                        look around");
     println!("  banger vm workspace export {name} | git apply                               bring its work back here");
     println!("  banger vm delete {name}                                                     when done");

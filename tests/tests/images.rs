@@ -74,12 +74,20 @@ fn building_from_an_image_with_a_script_keeps_the_base_intact_and_boots() {
     std::fs::write(
         &script,
         "#!/bin/sh\nset -e\nroot=\"$1\"\n[ -u \"$root/usr/bin/passwd\" ] || { echo 'setuid bit lost' >&2; exit 1; }\n\
-         echo customized-by-script > \"$root/etc/banger-custom\"\necho script done\n",
+         echo customized-by-script > \"$root/etc/banger-custom\"\n\
+         mkdir -p \"$root/usr/local/bin\" && printf '#!/bin/sh\\necho fake\\n' > \"$root/usr/local/bin/claude\" && \
+         chmod +x \"$root/usr/local/bin/claude\"\necho script done\n",
     )
     .unwrap();
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let r = build(&d, json!({"name": "custom", "from_image": "test", "script": script.display().to_string()}));
     assert_eq!(r["image"]["source"], "image test + script");
+    // What each image provides is read from its own filesystem: the script's `claude` is in the new image only.
+    let provides = |image: &Value| -> Vec<String> { serde_json::from_value(image["provides"].clone()).unwrap() };
+    let base = provides(&d.rpc("image.show", json!({"image": "test"})));
+    assert!(base.contains(&"bash".to_string()) && !base.contains(&"claude".to_string()), "{base:?}");
+    let custom = provides(&r["image"]);
+    assert!(custom.contains(&"claude".to_string()) && custom.contains(&"bash".to_string()), "{custom:?}");
     d.rpc("vm.create", json!({"name": "cust", "image": "custom", "memory_mib": 256}));
     assert_eq!(d.guest_ok("cust", "cat /etc/banger-custom"), "customized-by-script\n");
     assert_eq!(d.guest_ok("cust", "stat -c %A /usr/bin/passwd"), "-rwsr-xr-x\n");
@@ -148,6 +156,9 @@ fn the_agent_image_boots_and_its_coding_agents_start() {
     let d = TestDaemon::start();
     let r = build(&d, json!({"name": "agent", "recipe": "debian-agent", "make_default": true}));
     assert_eq!(r["image"]["source"], "recipe debian-agent");
+    for program in ["claude", "opencode", "pi", "node", "npm", "git", "tmux", "gcc", "make"] {
+        assert!(r["image"]["provides"].as_array().unwrap().iter().any(|p| p == program), "{program}: {r}");
+    }
     d.rpc("vm.create", json!({"name": "coder", "memory_mib": 2048, "vcpus": 2}));
 
     // The coding-agent CLIs start (these are big binaries: give software emulation its time).

@@ -270,7 +270,9 @@ fn vm_run_creates_a_vm_for_the_repository_prepares_it_and_prints_next_steps() {
     // Named after the repository's folder, and the next steps name it.
     let name = repo.path().file_name().unwrap().to_string_lossy().to_lowercase();
     assert!(stdout.contains(&format!("banger vm workspace export {name} | git apply")), "{stdout}");
-    assert!(stdout.contains("banger vm session start"), "{stdout}");
+    // The test image has no coding agent: no agent is suggested, and the way to get one is.
+    assert!(!stdout.contains("-- claude") && !stdout.contains("session start"), "{stdout}");
+    assert!(stdout.contains("has no coding agent") && stdout.contains("--recipe debian-agent"), "{stdout}");
     assert_eq!(d.rpc("vm.show", json!({"vm": name}))["state"], "running");
     let host_head = host_sh(repo.path(), "git rev-parse HEAD");
     assert_eq!(guest_sh(&d, &name, "git -C /root/repo rev-parse HEAD"), host_head);

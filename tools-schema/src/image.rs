@@ -67,7 +67,16 @@ pub struct ImageInfo {
     /// What a built image was made from, e.g. `recipe debian-agent` or `image debian-minimal + script`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// Programs of note its root filesystem has (of bash, git, python3, node, npm, claude, opencode, pi,
+    /// tmux, make, gcc, cargo, curl, sshd: `NOTABLE_PROGRAMS`), read from the filesystem itself.
+    #[serde(default)]
+    pub provides: Vec<String>,
 }
+
+/// The programs `ImageInfo::provides` looks for, in the order it lists them.
+pub const NOTABLE_PROGRAMS: &[&str] = &[
+    "bash", "git", "python3", "node", "npm", "claude", "opencode", "pi", "tmux", "make", "gcc", "cargo", "curl", "sshd",
+];
 
 /// All registered images.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]

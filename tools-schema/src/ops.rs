@@ -98,8 +98,8 @@ now."),
              "Delete an image and its files. Refused while any VM still uses it."),
             (VmCreate, vm_create, "vm.create",
              $crate::vm::VmCreateParams, $crate::vm::VmInfo, false, false, false,
-             "Create a VM from an image (the default unless named) and boot it. Returns when it is ready for \
-vm_exec; a failure or cancellation rolls back everything it made."),
+             "Create a VM from an image (the default unless named; image_list says what each provides) and boot \
+it. Returns when it is ready for vm_exec; a failure or cancellation rolls back everything it made."),
             (VmCreateBegin, vm_create_begin, "vm.create_begin",
              $crate::vm::VmCreateParams, $crate::operation::OperationInfo, false, false, false,
              "Start creating a VM and return at once with an operation id. Follow it with operation_status \

@@ -24,7 +24,15 @@ pub(crate) struct ImageSources {
     pub take_disks: bool,
 }
 
-pub(crate) fn image_info(r: &ImageRow) -> ImageInfo {
+impl Engine {
+    /// The image as callers see it, with what its root filesystem provides.
+    pub(crate) async fn image_info(&self, r: &ImageRow) -> ImageInfo {
+        let debugfs = self.cfg.find_binary("debugfs");
+        image_view(r, self.image_contents.provides(debugfs.as_deref(), &r.rootfs).await)
+    }
+}
+
+fn image_view(r: &ImageRow, provides: Vec<String>) -> ImageInfo {
     ImageInfo {
         id: r.id.clone(),
         name: r.name.clone(),
@@ -39,6 +47,7 @@ pub(crate) fn image_info(r: &ImageRow) -> ImageInfo {
         created_at: r.created_at,
         build_id: r.build_id.clone(),
         source: r.source.clone(),
+        provides,
     }
 }
 
@@ -79,7 +88,7 @@ impl Engine {
         drop(opened);
         // The new image may be the default now, or named in warm.pools.
         self.refill_pool_later();
-        Ok(image_info(&row))
+        Ok(self.image_info(&row).await)
     }
 
     /// Puts an image's files into the store (copied, or moved when `take_disks`), fingerprints them and
@@ -207,11 +216,15 @@ impl Engine {
     }
 
     pub async fn image_list(self: &Arc<Self>, _: Empty, _: CallContext) -> Result<ImageList, ApiError> {
-        Ok(ImageList { images: self.store.images().await?.iter().map(image_info).collect() })
+        let mut images = vec![];
+        for row in self.store.images().await? {
+            images.push(self.image_info(&row).await);
+        }
+        Ok(ImageList { images })
     }
 
     pub async fn image_show(self: &Arc<Self>, p: ImageRef, _: CallContext) -> Result<ImageInfo, ApiError> {
-        Ok(image_info(&self.resolve_image(Some(&p.image)).await?))
+        Ok(self.image_info(&self.resolve_image(Some(&p.image)).await?).await)
     }
 
     pub async fn image_promote(self: &Arc<Self>, p: ImageRef, _: CallContext) -> Result<ImageInfo, ApiError> {
@@ -219,7 +232,7 @@ impl Engine {
         let img = self.resolve_image(Some(&p.image)).await?;
         self.store.set_default_image(img.id.clone()).await?;
         self.refill_pool_later();
-        Ok(image_info(&self.resolve_image(Some(&img.id)).await?))
+        Ok(self.image_info(&self.resolve_image(Some(&img.id)).await?).await)
     }
 
     pub async fn image_delete(self: &Arc<Self>, p: ImageRef, _: CallContext) -> Result<ImageDeleted, ApiError> {

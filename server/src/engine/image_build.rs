@@ -16,7 +16,7 @@ use tools_schema::image::{ImageBuildParams, ImageBuildResult};
 use tools_schema::operation::OperationInfo;
 use tools_schema::{ApiError, ErrorCode};
 
-use super::image::{image_info, ImageSources};
+use super::image::ImageSources;
 use super::operation::Op;
 use super::{CallContext, Engine};
 use crate::config::is_executable;
@@ -221,7 +221,7 @@ impl Engine {
                 self.store.set_default_image(img.id.clone()).await?;
             }
             let img = self.resolve_image(Some(&img.id)).await?;
-            return Ok(ImageBuildResult { image: image_info(&img), reused: true, rootfs_cached: true });
+            return Ok(ImageBuildResult { image: self.image_info(&img).await, reused: true, rootfs_cached: true });
         }
         tokio::fs::create_dir_all(work)
             .await
@@ -295,7 +295,7 @@ impl Engine {
         };
         let build = Some((plan.build_id.clone(), plan.source.clone()));
         let row = self.install_image(&plan.name, sources, plan.make_default, build, &op.cancel).await?;
-        Ok(ImageBuildResult { image: image_info(&row), reused: false, rootfs_cached })
+        Ok(ImageBuildResult { image: self.image_info(&row).await, reused: false, rootfs_cached })
     }
 }
 

@@ -20,6 +20,7 @@ mod guard;
 mod guest_sync;
 mod image;
 mod image_build;
+mod image_contents;
 mod locks;
 mod operation;
 mod run;
@@ -62,6 +63,8 @@ pub struct Engine {
     pub(crate) guests: vm::Guests,
     /// Serialises image registry changes (register, promote, delete).
     image_lock: tokio::sync::Mutex<()>,
+    /// What each image's root filesystem provides, read once per file (`image_contents.rs`).
+    pub(crate) image_contents: image_contents::ImageContents,
     /// Long-running operations, for operation.status / wait / cancel (`operation.rs`).
     pub(crate) ops: operation::Ops,
     /// The allocation lock and the boot slots (`admission.rs`).
@@ -96,6 +99,7 @@ impl Engine {
             vms: vm::Vms::default(),
             guests: vm::Guests::default(),
             image_lock: tokio::sync::Mutex::new(()),
+            image_contents: image_contents::ImageContents::default(),
             admission,
             ops: operation::Ops::default(),
             net: std::sync::OnceLock::new(),
