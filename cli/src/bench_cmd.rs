@@ -167,12 +167,12 @@ struct Cleanup<'a> {
 
 impl Cleanup<'_> {
     async fn delete(&mut self, name: &str) {
-        let _ = self.d.call::<ops::VmDelete>(&VmRefs { vms: vec![name.to_string()] }).await;
+        let _ = self.d.call::<ops::VmDelete>(&VmRefs { vm: name.to_string().into() }).await;
         self.names.retain(|n| n != name);
     }
     async fn all(&mut self) {
         if !self.names.is_empty() {
-            let _ = self.d.call::<ops::VmDelete>(&VmRefs { vms: std::mem::take(&mut self.names) }).await;
+            let _ = self.d.call::<ops::VmDelete>(&VmRefs { vm: std::mem::take(&mut self.names).into() }).await;
         }
     }
 }
@@ -418,7 +418,7 @@ async fn load_phase(
     }
     let per_vm = (available_before - mem_available_mib()) / up.len() as f64;
     let count = up.len() as f64;
-    let _ = d.call::<ops::VmDelete>(&VmRefs { vms: names.clone() }).await;
+    let _ = d.call::<ops::VmDelete>(&VmRefs { vm: names.clone().into() }).await;
     cleanup.names.retain(|x| !names.contains(x));
     anyhow::ensure!(!exec_ms.is_empty(), "no exec succeeded under load: {failures:?}");
     Ok(LoadReport {

@@ -299,7 +299,7 @@ pub async fn run(cmd: SessionCmd, ctx: &Ctx, d: &Daemon) -> anyhow::Result<ExitC
                 let p = SessionLogsParams {
                     session: a.r.session.clone(),
                     vm: a.r.vm.clone(),
-                    from: Some(from),
+                    offset: Some(from),
                     ..Default::default()
                 };
                 let logs = d.call::<ops::SessionLogs>(&p).await?;

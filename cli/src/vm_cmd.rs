@@ -282,20 +282,20 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             }
         }
         VmCmd::Start { vms } => {
-            return Ok(print_batch("started", &d.call::<ops::VmStart>(&VmRefs { vms }).await?, ctx.json))
+            return Ok(print_batch("started", &d.call::<ops::VmStart>(&VmRefs { vm: vms.into() }).await?, ctx.json))
         }
         VmCmd::Stop { vms } => {
-            return Ok(print_batch("stopped", &d.call::<ops::VmStop>(&VmRefs { vms }).await?, ctx.json))
+            return Ok(print_batch("stopped", &d.call::<ops::VmStop>(&VmRefs { vm: vms.into() }).await?, ctx.json))
         }
         VmCmd::Restart { vms } => {
-            return Ok(print_batch("restarted", &d.call::<ops::VmRestart>(&VmRefs { vms }).await?, ctx.json))
+            return Ok(print_batch("restarted", &d.call::<ops::VmRestart>(&VmRefs { vm: vms.into() }).await?, ctx.json))
         }
         VmCmd::Kill { vms } => {
-            return Ok(print_batch("killed", &d.call::<ops::VmKill>(&VmRefs { vms }).await?, ctx.json))
+            return Ok(print_batch("killed", &d.call::<ops::VmKill>(&VmRefs { vm: vms.into() }).await?, ctx.json))
         }
         VmCmd::Set(a) => {
             let p = tools_schema::vm::VmSetParams {
-                vms: a.vms,
+                vm: a.vms.into(),
                 vcpus: a.shape.vcpus,
                 memory_mib: a.shape.memory_mib,
                 disk_gib: a.disk_gib,
@@ -383,7 +383,7 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             }
         }
         VmCmd::Delete { vms } => {
-            return Ok(print_batch("deleted", &d.call::<ops::VmDelete>(&VmRefs { vms }).await?, ctx.json))
+            return Ok(print_batch("deleted", &d.call::<ops::VmDelete>(&VmRefs { vm: vms.into() }).await?, ctx.json))
         }
         VmCmd::Exec(a) => {
             let p = VmExecParams {

@@ -48,7 +48,7 @@ async def main(banger: str, socket: str, repo: str) -> dict:
             # Follow the output without polling in a loop of our own: each read waits for what arrives next.
             text, offset = "", 0
             for _ in range(50):
-                logs = await call("session_logs", {"session": "worker", "vm": "pyagent", "from": offset, "wait_ms": 5000})
+                logs = await call("session_logs", {"session": "worker", "vm": "pyagent", "offset": offset, "wait_ms": 5000})
                 text += "".join(c["data"] for c in logs["chunks"])
                 offset = logs["next_offset"]
                 if "committed" in text and logs["state"] != "running":
@@ -58,7 +58,7 @@ async def main(banger: str, socket: str, repo: str) -> dict:
             report["files"] = exported["files"]
             report["patch"] = exported.get("patch")
             report["base_commit_used"] = exported["base_commit"]
-            deleted = await call("vm_delete", {"vms": ["pyagent"]})
+            deleted = await call("vm_delete", {"vm": "pyagent"})
             report["deleted"] = deleted
             # A typed error, as an agent sees it.
             missing = await session.call_tool("vm_show", {"vm": "pyagent"})

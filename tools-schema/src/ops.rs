@@ -107,8 +107,8 @@ it. Returns when it is ready for vm_exec; a failure or cancellation rolls back e
 operation_cancel, which rolls back everything the create made."),
             (VmRun, vm_run, "vm.run",
              $crate::workspace::VmRunParams, $crate::workspace::VmRunResult, false, false, false,
-             "Create a VM and copy a host git repository into it at /root/repo, in one operation: the agent \
-workflow's first step (stages create, sshd, prepare, reported as progress). A failure or cancellation at any \
+             "Create a VM and copy a host git repository into it at /root/repo, in one operation (stages \
+create, sshd, prepare, reported as progress). A failure or cancellation at any \
 stage deletes the VM it made."),
             (VmRunBegin, vm_run_begin, "vm.run_begin",
              $crate::workspace::VmRunParams, $crate::operation::OperationInfo, false, false, false,
@@ -202,7 +202,7 @@ says whether it applies cleanly to that host repository."),
              "Return the tail of a VM's console (boot) log. The first place to look when a VM failed to start."),
             (SessionStart, session_start, "session.start",
              $crate::session::SessionStartParams, $crate::session::SessionInfo, false, false, false,
-             "Start a long-lived command (a pipe-mode session) in a running VM; it survives daemon restarts and \
+             "Start a long-lived command (a session) in a running VM; it survives daemon restarts and \
 client disconnects. Feed it with session_send, read it with session_logs."),
             (SessionSend, session_send, "session.send",
              $crate::session::SessionSendParams, $crate::session::SessionSendResult, false, false, false,
@@ -211,8 +211,7 @@ interleave; eof: true closes stdin afterwards."),
             (SessionLogs, session_logs, "session.logs",
              $crate::session::SessionLogsParams, $crate::session::SessionLogs, true, false, true,
              "Read a session's output (stdout and stderr in order, each chunk labelled) from a byte cursor: \
-from: 0 replays everything, from: next_offset continues; wait_ms waits for output not there yet; more: \
-true means there is more to read."),
+offset 0 replays everything, next_offset continues; wait_ms waits for output not there yet."),
             (SessionList, session_list, "session.list",
              $crate::session::SessionListParams, $crate::session::SessionList, true, false, true,
              "List sessions of one VM (or of every VM) with state, exit code or signal, and output size."),

@@ -100,13 +100,13 @@ pub struct SessionLogsParams {
     #[serde(default)]
     pub vm: Option<String>,
     /// Byte offset to read from (the `next_offset` of the previous read). Default 0: from the start.
-    #[serde(default)]
-    pub from: Option<u64>,
+    #[serde(default, alias = "from")]
+    pub offset: Option<u64>,
     /// Most bytes to return (1-1048576). Default 65536; `more` says when there is more to read.
     #[serde(default)]
     #[schemars(range(min = 1, max = 1048576))]
     pub limit: Option<u64>,
-    /// Wait up to this long (0-60000 ms) for output or the session's end when nothing new is at `from`.
+    /// Wait up to this long (0-60000 ms) for output or the session's end when nothing new is at `offset`.
     /// Default 0.
     #[serde(default)]
     #[schemars(range(max = 60000))]

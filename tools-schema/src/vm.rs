@@ -111,9 +111,49 @@ pub struct VmSshInfo {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmRefs {
-    /// VM names or ids.
-    #[schemars(length(min = 1))]
-    pub vms: Vec<String>,
+    /// A VM name or id, or a list of them.
+    #[serde(alias = "vms")]
+    pub vm: VmSelection,
+}
+
+/// One VM (`"dev"`) or several (`["dev", "test"]`), by name or id: `vm` means the same in every tool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum VmSelection {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl VmSelection {
+    pub fn is_empty(&self) -> bool {
+        matches!(self, VmSelection::Many(names) if names.is_empty())
+    }
+
+    /// The names or ids, in the order given.
+    pub fn into_names(self) -> Vec<String> {
+        match self {
+            VmSelection::One(name) => vec![name],
+            VmSelection::Many(names) => names,
+        }
+    }
+}
+
+impl From<Vec<String>> for VmSelection {
+    fn from(names: Vec<String>) -> Self {
+        VmSelection::Many(names)
+    }
+}
+
+impl From<String> for VmSelection {
+    fn from(name: String) -> Self {
+        VmSelection::One(name)
+    }
+}
+
+impl Default for VmSelection {
+    fn default() -> Self {
+        VmSelection::Many(vec![])
+    }
 }
 
 /// Lifecycle state of a VM.
@@ -317,9 +357,10 @@ pub struct VmLogs {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmSetParams {
-    /// VM names or ids. Each must be stopped (its VMM cannot change shape while running).
-    #[schemars(length(min = 1))]
-    pub vms: Vec<String>,
+    /// A VM name or id, or a list (`vms` is read as the same). Each must be stopped (its VMM cannot change
+    /// shape while running).
+    #[serde(alias = "vms")]
+    pub vm: VmSelection,
     /// Virtual CPUs (1-32).
     #[serde(default)]
     #[schemars(range(min = MIN_VCPUS, max = MAX_VCPUS))]
@@ -344,7 +385,7 @@ pub struct VmSetParams {
 
 impl VmSetParams {
     pub fn validate(&self) -> Result<(), String> {
-        if self.vms.is_empty() {
+        if self.vm.is_empty() {
             return Err("name at least one VM".into());
         }
         if self.vcpus.is_none()
@@ -638,6 +679,19 @@ pub struct VmExecOutputChunk {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vm_takes_one_name_or_a_list_and_the_old_vms_still_reads() {
+        let read = |j: serde_json::Value| serde_json::from_value::<VmRefs>(j).map(|r| r.vm.into_names());
+        assert_eq!(read(serde_json::json!({"vm": "dev"})).unwrap(), ["dev"]);
+        assert_eq!(read(serde_json::json!({"vm": ["a", "b"]})).unwrap(), ["a", "b"]);
+        assert_eq!(read(serde_json::json!({"vms": ["a"]})).unwrap(), ["a"]);
+        assert!(read(serde_json::json!({"vm": 5})).is_err());
+        assert!(read(serde_json::json!({"vm": "a", "name": "b"})).is_err(), "unknown fields are still refused");
+        let logs: crate::session::SessionLogsParams =
+            serde_json::from_value(serde_json::json!({"session": "s", "from": 3})).unwrap();
+        assert_eq!(logs.offset, Some(3), "`from` reads as `offset`");
+    }
 
     /// The shape limits exist once (the consts); the schemas' ranges come from them, and every description
     /// that spells a range out must spell the same one.

@@ -111,7 +111,7 @@ impl Engine {
     /// Deletes the VM a failed or cancelled run made, and says so in the error.
     async fn delete_run_vm(self: &Arc<Self>, vm: &VmInfo, why: ApiError) -> ApiError {
         tracing::info!(vm = %vm.name, error = %why.message, "vm run ends early; deleting the VM it made");
-        let deleted = self.vm_delete(VmRefs { vms: vec![vm.id.clone()] }, CallContext::default()).await;
+        let deleted = self.vm_delete(VmRefs { vm: vm.id.clone().into() }, CallContext::default()).await;
         let failure = match deleted {
             Ok(r) if r.ok => None,
             Ok(r) => r.results.into_iter().find_map(|o| o.error).map(|e| e.message),

@@ -315,7 +315,7 @@ impl Engine {
             .guest(&vm)
             .await
             .map_err(|e| e.with_hint(format!("a session's output lives in its VM: start {} to read it", vm.name)))?;
-        let from = p.from.unwrap_or(0);
+        let from = p.offset.unwrap_or(0);
         let read = tokio::select! {
             r = conn.session_read(&row.id, from, p.limit.unwrap_or(DEFAULT_LOGS_LIMIT), p.wait_ms.unwrap_or(0), &ctx.cancel) => r,
             _ = ctx.cancel.cancelled() => return Err(ApiError::new(ErrorCode::Cancelled, "cancelled by the caller")),

@@ -203,7 +203,7 @@ impl Engine {
             }
         };
         // Delete on every path. A create that failed rolled itself back, so there is nothing to find.
-        let deleted = self.vm_delete(VmRefs { vms: vec![name.clone()] }, CallContext::default()).await;
+        let deleted = self.vm_delete(VmRefs { vm: name.clone().into() }, CallContext::default()).await;
         let leftover = match deleted {
             Ok(r) => {
                 r.results.into_iter().find_map(|o| o.error).filter(|e| e.code != tools_schema::ErrorCode::NotFound)

@@ -163,7 +163,7 @@ impl Engine {
 
     pub async fn vm_set(self: &Arc<Self>, p: VmSetParams, _: CallContext) -> Result<VmBatchResult, ApiError> {
         p.validate().map_err(ApiError::invalid)?;
-        let refs = VmRefs { vms: p.vms.clone() };
+        let refs = VmRefs { vm: p.vm.clone() };
         self.batch(refs, |engine, row| {
             let p = p.clone();
             async move {

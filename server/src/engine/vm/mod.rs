@@ -265,11 +265,12 @@ impl Engine {
         F: Fn(Arc<Engine>, VmRow) -> Fut,
         Fut: std::future::Future<Output = Result<Option<VmInfo>, ApiError>>,
     {
-        if refs.vms.is_empty() {
-            return Err(ApiError::invalid("name at least one VM"));
+        let names = refs.vm.into_names();
+        if names.is_empty() {
+            return Err(ApiError::invalid("name at least one VM").with_hint("pass vm: a VM name, or a list of names"));
         }
         let mut unique: Vec<String> = vec![];
-        for r in refs.vms {
+        for r in names {
             if !unique.contains(&r) {
                 unique.push(r);
             }

@@ -412,7 +412,7 @@ async fn vm_action(
     UrlPath((name, action)): UrlPath<(String, String)>,
 ) -> Result<Redirect, PageError> {
     vm_action_text(&action)?;
-    let refs = VmRefs { vms: vec![name.clone()] };
+    let refs = VmRefs { vm: name.clone().into() };
     let result = match action.as_str() {
         "start" => c.call::<ops::VmStart>(&refs).await?,
         "stop" => c.call::<ops::VmStop>(&refs).await?,
