@@ -158,7 +158,7 @@ impl Engine {
                 let moved = take && tokio::fs::rename(&src, &dst).await.is_ok();
                 if !moved {
                     crate::vmm::copy_sparse(&src, &dst).await.map_err(|e| {
-                        ApiError::internal(format!("copying {}: {}", src.display(), super::vm::error_chain(&e)))
+                        ApiError::internal(format!("copying {}: {}", src.display(), super::errors::error_chain(&e)))
                     })?;
                 }
                 Ok::<PathBuf, ApiError>(dst)
@@ -182,7 +182,7 @@ impl Engine {
                 crate::vmm::create_ext4_disk(&self.cfg, &seed, "banger-work", 1 << 30).await.map_err(|e| {
                     ApiError::new(
                         ErrorCode::HostUnsupported,
-                        format!("making an empty work seed: {}", super::vm::error_chain(&e)),
+                        format!("making an empty work seed: {}", super::errors::error_chain(&e)),
                     )
                     .with_hint("apt-get install e2fsprogs")
                 })?;

@@ -22,7 +22,7 @@ use tools_schema::session::{
 use tools_schema::vm::{ContentEncoding, VmState};
 use tools_schema::{ApiError, ErrorCode};
 
-use super::vm::guest_error;
+use super::errors::guest_error;
 use super::{now, CallContext, Engine};
 use crate::guest::{GuestConn, GuestError};
 use crate::store::{is_unique_violation, SessionRow, VmRow};
@@ -78,25 +78,6 @@ impl Attachments {
 
     fn is_attached(&self, session: &str) -> bool {
         self.held.lock().contains_key(session)
-    }
-}
-
-/// Agent errors about sessions, as the caller's errors where they are the caller's.
-fn session_error(vm: &str, e: GuestError) -> ApiError {
-    match e {
-        GuestError::Agent(m) if m.starts_with("no session") => ApiError::not_found(m),
-        GuestError::Agent(m) if m.starts_with("working directory") || m.starts_with("command") => {
-            ApiError::invalid(m).with_hint("check the path in the guest: banger vm exec <vm> -- ls -l <path>")
-        }
-        GuestError::Agent(m) if m.starts_with("offset") => {
-            ApiError::invalid(m).with_hint("continue from the next_offset of the previous read, or from 0")
-        }
-        GuestError::Agent(m)
-            if m.contains("no longer reads") || m.contains("closed") || m.contains("stopped reading") =>
-        {
-            ApiError::precondition(m).with_hint("`banger vm session show` says how the session ended")
-        }
-        other => guest_error(vm, other),
     }
 }
 
@@ -171,8 +152,7 @@ impl Engine {
         let conn = self.guest(vm).await?;
         match conn.request(&GuestRequest::SessionList, Duration::from_secs(10), &CancellationToken::new()).await {
             Ok(GuestResponse::Sessions { sessions }) => Ok(sessions.into_iter().map(|s| (s.id.clone(), s)).collect()),
-            Ok(GuestResponse::Error { message }) => Err(session_error(&vm.name, GuestError::Agent(message))),
-            Ok(other) => Err(guest_error(&vm.name, GuestError::Protocol(format!("{other:?}")))),
+            Ok(other) => Err(guest_error(&vm.name, GuestError::protocol(format!("{other:?}")))),
             Err(e) => Err(guest_error(&vm.name, e)),
         }
     }
@@ -261,8 +241,7 @@ impl Engine {
         let started = match conn.request(&GuestRequest::SessionStart(spec), Duration::from_secs(15), &ctx.cancel).await
         {
             Ok(GuestResponse::SessionStatus(s)) => Ok(s),
-            Ok(GuestResponse::Error { message }) => Err(session_error(&vm.name, GuestError::Agent(message))),
-            Ok(other) => Err(guest_error(&vm.name, GuestError::Protocol(format!("{other:?}")))),
+            Ok(other) => Err(guest_error(&vm.name, GuestError::protocol(format!("{other:?}")))),
             Err(e) => Err(guest_error(&vm.name, e)),
         };
         match started {
@@ -300,7 +279,7 @@ impl Engine {
         }
         let conn = self.guest(&vm).await?;
         let (bytes, stdin_open) =
-            conn.session_send(&row.id, &data, p.eof, &ctx.cancel).await.map_err(|e| session_error(&vm.name, e))?;
+            conn.session_send(&row.id, &data, p.eof, &ctx.cancel).await.map_err(|e| guest_error(&vm.name, e))?;
         Ok(SessionSendResult { session: row.id, bytes, stdin_closed: !stdin_open })
     }
 
@@ -320,7 +299,7 @@ impl Engine {
             r = conn.session_read(&row.id, from, p.limit.unwrap_or(DEFAULT_LOGS_LIMIT), p.wait_ms.unwrap_or(0), &ctx.cancel) => r,
             _ = ctx.cancel.cancelled() => return Err(ApiError::new(ErrorCode::Cancelled, "cancelled by the caller")),
         }
-        .map_err(|e| session_error(&vm.name, e))?;
+        .map_err(|e| guest_error(&vm.name, e))?;
         let (chunks, next_offset, status) = chunks(read);
         let info = self.session_info(&row, &vm, Some(&status));
         Ok(SessionLogs {
@@ -396,8 +375,7 @@ impl Engine {
             .await
         {
             Ok(GuestResponse::SessionStatus(s)) => Ok(self.session_info(&row, &vm, Some(&s))),
-            Ok(GuestResponse::Error { message }) => Err(session_error(&vm.name, GuestError::Agent(message))),
-            Ok(other) => Err(guest_error(&vm.name, GuestError::Protocol(format!("{other:?}")))),
+            Ok(other) => Err(guest_error(&vm.name, GuestError::protocol(format!("{other:?}")))),
             Err(e) => Err(guest_error(&vm.name, e)),
         }
     }
@@ -548,7 +526,7 @@ impl SessionFollower {
                     self.end(Some(status)).await;
                 }
             }
-            Err(GuestError::Agent(m)) => {
+            Err(GuestError::Agent { message: m, .. }) => {
                 tracing::warn!(session = %self.row.id, error = %m, "following a session");
                 self.end(None).await
             }

@@ -99,10 +99,7 @@ impl Engine {
         let conn = self.guest(&row).await?;
         let listeners = match conn.request(&GuestRequest::Ports, Duration::from_secs(10), &ctx.cancel).await {
             Ok(tools_schema::guest::GuestResponse::Ports { listeners }) => listeners,
-            Ok(tools_schema::guest::GuestResponse::Error { message }) => {
-                return Err(guest_error(&row.name, GuestError::Agent(message)))
-            }
-            Ok(other) => return Err(guest_error(&row.name, GuestError::Protocol(format!("{other:?}")))),
+            Ok(other) => return Err(guest_error(&row.name, GuestError::protocol(format!("{other:?}")))),
             Err(e) => return Err(guest_error(&row.name, e)),
         };
         let host = format!("{}.vm", row.name);

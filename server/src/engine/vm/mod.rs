@@ -1,5 +1,5 @@
 //! VMs: what is shared by the operations on them (their records and views, resolving a name, batches, names and
-//! MACs, the engine's error mapping), with each concern in its own file: `create` (checks, allocation,
+//! MACs), with each concern in its own file: `create` (checks, allocation,
 //! disks, pool hand-out), `boot` (cold or warm, waiting for the agent, undone by its rollback), `channel` (the
 //! live guest connection and the one shared connect), `lifecycle` (start, stop, kill, restart, set, delete),
 //! `exec` (commands and their spooled output), `files`, `inspect` (stats, ports, console logs) and
@@ -41,55 +41,7 @@ mod reconcile;
 
 pub(crate) use channel::PendingConnect;
 
-pub(crate) fn vmm_error(e: VmmError) -> ApiError {
-    match e {
-        VmmError::MissingBinary { .. } => ApiError::new(ErrorCode::HostUnsupported, e.to_string())
-            .with_hint("run scripts/setup-host.sh, then `banger doctor`"),
-        VmmError::Launch { .. } => {
-            ApiError::internal(e.to_string()).with_hint("`banger doctor` checks the host set-up")
-        }
-        VmmError::Io { .. } => ApiError::internal(format!(
-            "{e}: {}",
-            std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()
-        )),
-        // Their messages carry the VMM's own answer already.
-        VmmError::Qmp { .. } | VmmError::Firecracker { .. } | VmmError::Guest(_) => {
-            ApiError::internal(e.to_string()).with_hint("`banger doctor` checks the host set-up")
-        }
-    }
-}
-
-/// An error and its causes, `a: b: c`.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
-/// File errors from the agent: a missing file is the caller's `not_found`, a bad path `invalid_argument`.
-fn file_error(vm: &str, e: GuestError) -> ApiError {
-    match e {
-        GuestError::Agent(m) if m.contains("No such file") => ApiError::not_found(m),
-        GuestError::Agent(m) => ApiError::invalid(m),
-        other => guest_error(vm, other),
-    }
-}
-
-pub(crate) fn guest_error(vm: &str, e: GuestError) -> ApiError {
-    match e {
-        GuestError::Cancelled => ApiError::new(ErrorCode::Cancelled, "cancelled by the caller"),
-        GuestError::Timeout(_) => ApiError::new(ErrorCode::Timeout, format!("VM {vm}: {e}"))
-            .with_hint(format!("`banger vm logs {vm}` shows the guest console")),
-        GuestError::Agent(ref m) if m.starts_with("cannot run") => ApiError::invalid(m.clone()),
-        other => ApiError::new(ErrorCode::GuestUnreachable, format!("VM {vm}: {}", error_chain(&other)))
-            .with_hint(format!("`banger vm logs {vm}` shows the guest console; `banger vm restart {vm}` reboots it")),
-    }
-}
+use super::errors::{file_error, guest_error, vmm_error};
 
 const ADJECTIVES: &[&str] =
     &["brisk", "calm", "eager", "fuzzy", "jolly", "lucky", "mellow", "nimble", "quiet", "rapid", "sunny", "witty"];

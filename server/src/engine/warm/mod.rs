@@ -24,7 +24,7 @@ use tools_schema::guest::{CloneIdentity, GuestNetConfig, GuestRequest, GuestResp
 use tools_schema::image::{ImageWarmParams, TemplateInfo};
 use tools_schema::{ApiError, BuildInfo, ErrorCode};
 
-use super::vm::{guest_error, vmm_error};
+use super::errors::{guest_error, vmm_error};
 use super::{new_id, now, CallContext, Engine};
 use crate::guest::GuestConn;
 use crate::store::{ImageRow, VmRow};

@@ -473,7 +473,7 @@ impl Engine {
             .await
         {
             Ok(GuestResponse::Ok) => Ok(()),
-            Ok(GuestResponse::Error { message }) => {
+            Err(crate::guest::GuestError::Agent { message, .. }) => {
                 Err(ApiError::internal(format!("VM {vm}'s agent could not take its own identity: {message}")))
             }
             Ok(other) => Err(ApiError::internal(format!("unexpected answer to reidentify: {other:?}"))),

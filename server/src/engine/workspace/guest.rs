@@ -13,10 +13,11 @@ pub(super) fn guest_failure(vm: &str, what: &str, out: &ExecOutput) -> ApiError 
 pub(super) fn guest_err(vm: &str, e: GuestError) -> ApiError {
     match e {
         GuestError::Cancelled => ApiError::new(ErrorCode::Cancelled, "cancelled by the caller"),
-        other => {
-            ApiError::new(ErrorCode::GuestUnreachable, format!("VM {vm}: {}", crate::engine::vm::error_chain(&other)))
-                .with_hint(format!("`banger vm logs {vm}` shows the guest console"))
-        }
+        other => ApiError::new(
+            ErrorCode::GuestUnreachable,
+            format!("VM {vm}: {}", crate::engine::errors::error_chain(&other)),
+        )
+        .with_hint(format!("`banger vm logs {vm}` shows the guest console")),
     }
 }
 
