@@ -263,7 +263,7 @@ impl Engine {
         if boot.mode == BootMode::Cold
             && !cold
             && matches!(self.find_template(&image, row.vmm, row.vcpus, row.memory_mib),
-                Err(why) if !why.starts_with(crate::engine::warm::TEMPLATE_FAILED))
+                Err(miss) if !matches!(miss, crate::engine::warm::TemplateMiss::Failed(_)))
         {
             self.build_template_later(image.clone(), row.vmm, row.vcpus, row.memory_mib);
         }

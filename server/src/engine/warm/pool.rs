@@ -122,7 +122,8 @@ impl Engine {
             Ok(t) => t,
             Err(_) => {
                 self.ensure_template(image, vmm, vcpus, memory_mib, false, &CancellationToken::new()).await?;
-                self.find_template(image, vmm, vcpus, memory_mib).map_err(ApiError::internal)?
+                self.find_template(image, vmm, vcpus, memory_mib)
+                    .map_err(|miss| ApiError::internal(miss.to_string()))?
             }
         };
         let id = new_id();

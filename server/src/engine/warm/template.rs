@@ -80,29 +80,25 @@ impl Engine {
         vmm: VmmKind,
         vcpus: u32,
         memory_mib: u32,
-    ) -> Result<Template, String> {
+    ) -> Result<Template, TemplateMiss> {
         if let Some(why) = self.warm_unsupported(vmm) {
-            return Err(why);
+            return Err(TemplateMiss::Unsupported(why));
         }
-        let now = self.template_inputs(image, vmm, vcpus, memory_mib)?;
+        let now = self.template_inputs(image, vmm, vcpus, memory_mib).map_err(TemplateMiss::Inputs)?;
         let slot = self.template_slot(&image.id, vmm, vcpus, memory_mib, now.nic);
         let Some(dir) = current_generation(&slot) else {
-            return Err("no template for this image and shape yet".into());
+            return Err(TemplateMiss::Missing);
         };
         let meta: TemplateMeta = std::fs::read(dir.join("meta.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or("the template's metadata is unreadable")?;
+            .ok_or(TemplateMiss::Unreadable)?;
         if let Some(why) = meta.inputs.stale_reason(&now) {
-            return Err(format!("the template is stale: {why}"));
+            return Err(TemplateMiss::Stale(why));
         }
         let t = Template { dir, meta };
         if let Ok(why) = std::fs::read_to_string(t.failed_marker()) {
-            let why: String = why.chars().take(300).collect();
-            return Err(format!(
-                "{TEMPLATE_FAILED}: restoring it failed ({why}); it is tried again when the image, kernel, VMM or \
-                 banger changes, or after `banger image warm --rebuild`"
-            ));
+            return Err(TemplateMiss::Failed(why.chars().take(300).collect()));
         }
         let ram_ok = std::fs::metadata(t.ram()).is_ok_and(|m| m.len() == memory_mib as u64 * 1024 * 1024);
         let state_ok = std::fs::metadata(t.state()).is_ok_and(|m| m.len() > 0);
@@ -113,7 +109,7 @@ impl Engine {
         };
         let anchor_ok = !driver.template_needs_anchor() || self.anchor_dir(&t.meta.generation).is_dir();
         if !ram_ok || !state_ok || !disk.is_file() || !anchor_ok {
-            return Err("the template's files are incomplete".into());
+            return Err(TemplateMiss::Incomplete);
         }
         Ok(t)
     }
@@ -128,7 +124,7 @@ impl Engine {
         }
         match self.find_template(image, row.vmm, row.vcpus, row.memory_mib) {
             Ok(t) => BootPlan::Warm(Box::new(t)),
-            Err(reason) => BootPlan::Cold { reason: Some(reason) },
+            Err(miss) => BootPlan::Cold { reason: Some(miss.to_string()) },
         }
     }
 
@@ -180,12 +176,12 @@ impl Engine {
         let replaced = match previous {
             Ok(t) if !rebuild => return Ok(info(&t, true, None)),
             Ok(_) => Some("a rebuild was requested".to_string()),
-            Err(why) if why.starts_with(TEMPLATE_FAILED) && !rebuild => {
-                return Err(ApiError::precondition(why)
+            Err(failed @ TemplateMiss::Failed(_)) if !rebuild => {
+                return Err(ApiError::precondition(failed.to_string())
                     .with_hint("`banger image warm --rebuild` makes a new template; new VMs boot cold meanwhile"))
             }
-            Err(why) if why.starts_with("no template") => None,
-            Err(why) => Some(why),
+            Err(TemplateMiss::Missing) => None,
+            Err(why) => Some(why.to_string()),
         };
         let t = self.build_template(image, vmm, inputs, &slot, cancel).await?;
         self.collect_templates().await;
