@@ -11,6 +11,24 @@ use crate::guest::GuestError;
 use crate::store::StoreError;
 use crate::vmm::VmmError;
 
+/// Hints many errors share. Prefer a hint of the error's own; these are for failures where nothing more
+/// specific is true.
+pub(crate) mod hint {
+    /// A failure of the host or the daemon, not of the request: where its details are.
+    pub(crate) const DAEMON_LOG: &str =
+        "the daemon log has the details: `journalctl -u bangerd`, or bangerd.log in the state directory";
+    /// Something only a bug in banger can cause (a task that panicked, a result that cannot be encoded).
+    pub(crate) const BUG: &str = "this is a bug in banger: please report it with the daemon log (`journalctl -u \
+                                  bangerd`, or bangerd.log in the state directory)";
+    /// The daemon could not make or change its own files.
+    pub(crate) const STATE_DIR: &str = "check free space and permissions of the daemon's state directory \
+                                        (`banger daemon status` shows where it is)";
+    /// Arguments out of range or of the wrong shape.
+    pub(crate) const SCHEMA: &str = "the operation's schema (MCP tools/list, or docs/API.md) gives every field's range";
+    /// The caller (or its connection) cancelled.
+    pub(crate) const RUN_AGAIN: &str = "nothing more was done; run it again to retry";
+}
+
 pub(crate) fn vmm_error(e: VmmError) -> ApiError {
     match e {
         VmmError::MissingBinary { .. } => ApiError::new(ErrorCode::HostUnsupported, e.to_string())
@@ -56,7 +74,9 @@ pub(crate) fn file_error(vm: &str, e: GuestError) -> ApiError {
 /// A guest call's failure as the caller's error. An agent's error is mapped by its kind alone.
 pub(crate) fn guest_error(vm: &str, e: GuestError) -> ApiError {
     match e {
-        GuestError::Cancelled => ApiError::new(ErrorCode::Cancelled, "cancelled by the caller"),
+        GuestError::Cancelled => {
+            ApiError::new(ErrorCode::Cancelled, "cancelled by the caller").with_hint(hint::RUN_AGAIN)
+        }
         GuestError::Timeout(_) => ApiError::new(ErrorCode::Timeout, format!("VM {vm}: {e}"))
             .with_hint(format!("`banger vm logs {vm}` shows the guest console")),
         GuestError::Agent { kind, message } => agent_error(vm, kind, message),
@@ -108,6 +128,110 @@ mod tests {
             GuestResponse::Error { kind, message } => GuestError::agent(kind, &message),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Constructors of `ApiError` (called, or passed as a function) in `code` that are not followed by
+    /// `.with_hint(`, and struct literals with `hint: None`, as `(line, text)`. String literals are skipped
+    /// when matching parentheses, so a `(` inside a message cannot hide a missing hint.
+    fn unhinted(code: &str) -> Vec<(usize, String)> {
+        const CONSTRUCTORS: [&str; 5] = ["new", "invalid", "not_found", "precondition", "internal"];
+        let bytes = code.as_bytes();
+        let mut found = vec![];
+        let line_of = |at: usize| code[..at].matches('\n').count() + 1;
+        let mut from = 0;
+        while let Some(at) = code[from..].find("ApiError::").map(|i| from + i) {
+            from = at + "ApiError::".len();
+            let name: String = code[from..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            if !CONSTRUCTORS.contains(&name.as_str()) {
+                continue;
+            }
+            let mut end = from + name.len();
+            if bytes.get(end) == Some(&b'(') {
+                // Past the matching `)`, skipping string and char literals.
+                let (mut depth, mut i) = (0usize, end);
+                while i < bytes.len() {
+                    match bytes[i] {
+                        b'(' => depth += 1,
+                        b')' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                break;
+                            }
+                        }
+                        b'"' => {
+                            i += 1;
+                            while i < bytes.len() && bytes[i] != b'"' {
+                                i += if bytes[i] == b'\\' { 2 } else { 1 };
+                            }
+                        }
+                        b'\'' if bytes.get(i + 2) == Some(&b'\'') => i += 2,
+                        _ => {}
+                    }
+                    i += 1;
+                }
+                end = i + 1;
+                if code[end.min(code.len())..].trim_start().starts_with(".with_hint(") {
+                    continue;
+                }
+            }
+            found.push((line_of(at), code[at..end.min(code.len())].lines().next().unwrap_or_default().to_string()));
+        }
+        for (n, line) in code.lines().enumerate() {
+            if line.split("//").next().unwrap_or_default().contains("hint: None") {
+                found.push((n + 1, line.trim().to_string()));
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn the_hint_check_sees_every_unhinted_error() {
+        let bad = [
+            "return Err(ApiError::internal(format!(\"creating {}: {e}\", dir.display())));",
+            "p.validate().map_err(ApiError::invalid)?;",
+            "Err(ApiError::new(ErrorCode::Cancelled, \"cancelled (by you)\"))",
+            "let e = ApiError::not_found(\")\");\nlet hint = e.with_hint(\"late\");",
+            "ApiError { code, message, hint: None }",
+        ];
+        for code in bad {
+            assert_eq!(unhinted(code).len(), 1, "missed: {code}");
+        }
+        let fine = [
+            "Err(ApiError::internal(format!(\"a (b) {x}\", x = f(y))).with_hint(\"do this\"))",
+            "ApiError::invalid(m)\n    .with_hint(format!(\"`banger vm logs {vm}`\"))",
+            "fn f(e: ApiError) -> ApiError { e }",
+            "if e.code == ErrorCode::NotFound { ApiError::from(e) }",
+        ];
+        for code in fine {
+            assert_eq!(unhinted(code), vec![], "flagged: {code}");
+        }
+    }
+
+    /// Every error the daemon makes says what to do next (`ApiError::hint`): each `ApiError::new`, `invalid`,
+    /// `not_found`, `precondition` and `internal` in the daemon's sources (unit tests aside) is followed by
+    /// `.with_hint(...)`. A constructor passed as a function (`map_err(ApiError::invalid)`) cannot be, so it
+    /// fails too; write a closure with a hint instead.
+    #[test]
+    fn every_error_the_daemon_makes_carries_a_hint() {
+        let mut dirs = vec![std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
+        let (mut offenders, mut scanned) = (vec![], 0);
+        while let Some(path) = dirs.pop() {
+            if path.is_dir() {
+                dirs.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            scanned += 1;
+            let text = std::fs::read_to_string(&path).unwrap();
+            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+            for (line, what) in unhinted(code) {
+                offenders.push(format!("{}:{line}: {what}", path.display()));
+            }
+        }
+        assert!(scanned > 30, "found only {scanned} daemon sources");
+        assert!(offenders.is_empty(), "errors without a hint (add .with_hint(...)):\n{}", offenders.join("\n"));
     }
 
     #[test]

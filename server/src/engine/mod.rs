@@ -19,7 +19,7 @@ use crate::store::Store;
 mod admission;
 mod daemon_ops;
 mod doctor;
-mod errors;
+pub(crate) mod errors;
 mod guard;
 mod guest_sync;
 mod image;
@@ -214,7 +214,7 @@ macro_rules! dispatch_table {
                         $method => {
                             let params: $params = decode_params($method, params)?;
                             let result: $result = self.$handler(params, ctx).await?;
-                            serde_json::to_value(result).map_err(|e| ApiError::internal(format!("encoding result: {e}")))
+                            serde_json::to_value(result).map_err(|e| ApiError::internal(format!("encoding result: {e}")).with_hint(crate::engine::errors::hint::BUG))
                         }
                     )*
                     other => Err(ApiError::new(ErrorCode::UnknownMethod, format!("unknown method `{other}`"))

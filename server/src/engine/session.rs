@@ -103,7 +103,8 @@ impl Engine {
     /// Finds a session by id, unique id prefix (4+) or name, within one VM when `vm` is given.
     async fn resolve_session(&self, r: &str, vm: Option<&str>) -> Result<(SessionRow, VmRow), ApiError> {
         if r.is_empty() {
-            return Err(ApiError::invalid("session reference is empty"));
+            return Err(ApiError::invalid("session reference is empty")
+                .with_hint("name a session by its id, a unique id prefix or its name (`banger vm session list`)"));
         }
         let vm_row = match vm {
             Some(v) => Some(self.resolve_vm(v).await?),
@@ -138,11 +139,10 @@ impl Engine {
         };
         let vm = match vm_row {
             Some(v) => v,
-            None => self
-                .store
-                .vm(row.vm_id.clone())
-                .await?
-                .ok_or_else(|| ApiError::not_found("the session's VM is gone"))?,
+            None => self.store.vm(row.vm_id.clone()).await?.ok_or_else(|| {
+                ApiError::not_found("the session's VM is gone")
+                    .with_hint("the VM was deleted with its sessions; `banger vm session list` shows the ones left")
+            })?,
         };
         Ok((row, vm))
     }
@@ -205,7 +205,7 @@ impl Engine {
         p: SessionStartParams,
         ctx: CallContext,
     ) -> Result<SessionInfo, ApiError> {
-        p.validate().map_err(ApiError::invalid)?;
+        p.validate().map_err(|e| ApiError::invalid(e).with_hint(crate::engine::errors::hint::SCHEMA))?;
         let vm = self.resolve_vm(&p.vm).await?;
         let conn = self.guest(&vm).await?;
         let taken = || {
@@ -265,9 +265,12 @@ impl Engine {
         use base64::Engine as _;
         let data = match p.encoding.unwrap_or(ContentEncoding::Text) {
             ContentEncoding::Text => p.data.into_bytes(),
-            ContentEncoding::Base64 => base64::engine::general_purpose::STANDARD
-                .decode(p.data.as_bytes())
-                .map_err(|e| ApiError::invalid(format!("data is not valid base64: {e}")))?,
+            ContentEncoding::Base64 => {
+                base64::engine::general_purpose::STANDARD.decode(p.data.as_bytes()).map_err(|e| {
+                    ApiError::invalid(format!("data is not valid base64: {e}"))
+                        .with_hint("send text as it is, or base64 of the bytes with encoding: base64")
+                })?
+            }
         };
         if data.len() as u64 > MAX_SEND_BYTES {
             return Err(ApiError::invalid(format!("data is {} bytes; at most {MAX_SEND_BYTES} per send", data.len()))
@@ -275,7 +278,8 @@ impl Engine {
         }
         let (row, vm) = self.resolve_session(&p.session, p.vm.as_deref()).await?;
         if let Some(done) = &row.final_status {
-            return Err(ApiError::precondition(format!("session {} is {}", row.id, done.state.as_str())));
+            return Err(ApiError::precondition(format!("session {} is {}", row.id, done.state.as_str()))
+                .with_hint("`banger vm session show` says how it ended; start a new session to send input"));
         }
         let conn = self.guest(&vm).await?;
         let (bytes, stdin_open) =
@@ -288,7 +292,7 @@ impl Engine {
         p: SessionLogsParams,
         ctx: CallContext,
     ) -> Result<SessionLogs, ApiError> {
-        p.validate().map_err(ApiError::invalid)?;
+        p.validate().map_err(|e| ApiError::invalid(e).with_hint(crate::engine::errors::hint::SCHEMA))?;
         let (row, vm) = self.resolve_session(&p.session, p.vm.as_deref()).await?;
         let conn = self
             .guest(&vm)
@@ -297,7 +301,7 @@ impl Engine {
         let from = p.from.unwrap_or(0);
         let read = tokio::select! {
             r = conn.session_read(&row.id, from, p.limit.unwrap_or(DEFAULT_LOGS_LIMIT), p.wait_ms.unwrap_or(0), &ctx.cancel) => r,
-            _ = ctx.cancel.cancelled() => return Err(ApiError::new(ErrorCode::Cancelled, "cancelled by the caller")),
+            _ = ctx.cancel.cancelled() => return Err(ApiError::new(ErrorCode::Cancelled, "cancelled by the caller").with_hint(crate::engine::errors::hint::RUN_AGAIN)),
         }
         .map_err(|e| guest_error(&vm.name, e))?;
         let (chunks, next_offset, status) = chunks(read);
@@ -347,7 +351,7 @@ impl Engine {
     }
 
     pub async fn session_stop(self: &Arc<Self>, p: SessionStopParams, _: CallContext) -> Result<SessionInfo, ApiError> {
-        p.validate().map_err(ApiError::invalid)?;
+        p.validate().map_err(|e| ApiError::invalid(e).with_hint(crate::engine::errors::hint::SCHEMA))?;
         let grace = p.grace_secs.unwrap_or(DEFAULT_STOP_GRACE_SECS);
         self.signal_session(&p.session, p.vm.as_deref(), libc::SIGTERM, grace * 1000).await
     }
@@ -445,7 +449,10 @@ impl Engine {
             return Err(ApiError::invalid(format!(
                 "from {from} is past the end of the log ({} bytes)",
                 info.output_bytes
-            )));
+            ))
+            .with_hint(
+                "follow from an offset at most the session's output_bytes (`banger vm session show`), or from 0",
+            ));
         }
         if attach && info.state.is_final() {
             return Err(ApiError::precondition(format!("session {} is {}", row.id, info.state.as_str()))

@@ -161,8 +161,11 @@ impl Engine {
             Ok(String::from_utf8_lossy(&text).lines().map(str::to_string).collect())
         })
         .await
-        .map_err(|e| ApiError::internal(format!("console read task: {e}")))?
-        .map_err(|e| ApiError::internal(format!("reading {}: {e}", path.display())))?;
+        .map_err(|e| ApiError::internal(format!("console read task: {e}")).with_hint(crate::engine::errors::hint::BUG))?
+        .map_err(|e| {
+            ApiError::internal(format!("reading {}: {e}", path.display()))
+                .with_hint("check that the VM's console log in its directory is readable by the daemon")
+        })?;
         let start = lines.len().saturating_sub(tail);
         Ok(VmLogs { lines: lines[start..].to_vec(), path: path.display().to_string() })
     }

@@ -81,9 +81,10 @@ fn unused_mac(existing: &[VmRow]) -> String {
 /// another VM (or a pooled one), and sharing it would mix their disks and sockets.
 pub(crate) async fn create_vm_dir(dir: &std::path::Path) -> Result<(), ApiError> {
     if let Some(parent) = dir.parent() {
-        tokio::fs::create_dir_all(parent)
-            .await
-            .map_err(|e| ApiError::internal(format!("creating {}: {e}", parent.display())))?;
+        tokio::fs::create_dir_all(parent).await.map_err(|e| {
+            ApiError::internal(format!("creating {}: {e}", parent.display()))
+                .with_hint(crate::engine::errors::hint::STATE_DIR)
+        })?;
     }
     tokio::fs::create_dir(dir).await.map_err(|e| {
         ApiError::internal(format!("creating {}: {e}", dir.display()))
@@ -96,8 +97,10 @@ pub(crate) async fn create_vm_dir(dir: &std::path::Path) -> Result<(), ApiError>
 pub(crate) async fn copy_writable(from: &std::path::Path, to: &std::path::Path) -> Result<(), ApiError> {
     use std::os::unix::fs::PermissionsExt;
     vmm::copy_sparse(from, to).await.map_err(vmm_error)?;
-    std::fs::set_permissions(to, std::fs::Permissions::from_mode(crate::host_files::PRIVATE_FILE))
-        .map_err(|e| ApiError::internal(format!("making {} writable: {e}", to.display())))
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(crate::host_files::PRIVATE_FILE)).map_err(|e| {
+        ApiError::internal(format!("making {} writable: {e}", to.display()))
+            .with_hint(crate::engine::errors::hint::STATE_DIR)
+    })
 }
 
 /// Bytes for a JSON result: as text when asked for or when they are UTF-8 (unless base64 is asked for),
@@ -172,7 +175,8 @@ impl Engine {
     /// Finds a VM by exact id, exact name, or unique id prefix (4+ characters).
     pub(crate) async fn resolve_vm(&self, r: &str) -> Result<VmRow, ApiError> {
         if r.is_empty() {
-            return Err(ApiError::invalid("VM reference is empty"));
+            return Err(ApiError::invalid("VM reference is empty")
+                .with_hint("name a VM by its name, id or a unique id prefix (`banger vm list`)"));
         }
         let vms = self.store.vms().await?;
         if let Some(v) = vms.iter().find(|v| v.id == r || v.name == r) {
@@ -192,7 +196,9 @@ impl Engine {
     }
 
     async fn reload(&self, id: &str) -> Result<VmRow, ApiError> {
-        self.store.vm(id.to_string()).await?.ok_or_else(|| ApiError::not_found(format!("VM {id} was deleted")))
+        self.store.vm(id.to_string()).await?.ok_or_else(|| {
+            ApiError::not_found(format!("VM {id} was deleted")).with_hint("`banger vm list` shows the VMs that exist")
+        })
     }
 
     pub async fn vm_list(self: &Arc<Self>, _: Empty, _: CallContext) -> Result<VmList, ApiError> {
@@ -216,7 +222,7 @@ impl Engine {
         Fut: std::future::Future<Output = Result<Option<VmInfo>, ApiError>>,
     {
         if refs.vms.is_empty() {
-            return Err(ApiError::invalid("name at least one VM"));
+            return Err(ApiError::invalid("name at least one VM").with_hint("name the VMs, e.g. `banger vm stop dev`"));
         }
         let mut unique: Vec<String> = vec![];
         for r in refs.vms {

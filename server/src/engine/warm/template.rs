@@ -134,7 +134,7 @@ impl Engine {
     }
 
     pub async fn image_warm(self: &Arc<Self>, p: ImageWarmParams, ctx: CallContext) -> Result<TemplateInfo, ApiError> {
-        p.validate().map_err(ApiError::invalid)?;
+        p.validate().map_err(|e| ApiError::invalid(e).with_hint(crate::engine::errors::hint::SCHEMA))?;
         let image = self.resolve_image(p.image.as_deref()).await?;
         let vmm = self.vmm().vmm;
         if let Some(why) = self.warm_unsupported(vmm) {
@@ -156,9 +156,11 @@ impl Engine {
         rebuild: bool,
         cancel: &CancellationToken,
     ) -> Result<TemplateInfo, ApiError> {
-        let inputs = self
-            .template_inputs(image, vmm, vcpus, memory_mib)
-            .map_err(|e| ApiError::precondition(format!("cannot make a template of image {}: {e}", image.name)))?;
+        let inputs = self.template_inputs(image, vmm, vcpus, memory_mib).map_err(|e| {
+            ApiError::precondition(format!("cannot make a template of image {}: {e}", image.name)).with_hint(
+                "check that the image's files and the VMM binary are present (`banger image list`, `banger doctor`)",
+            )
+        })?;
         let slot = self.template_slot(&image.id, vmm, vcpus, memory_mib, inputs.nic);
         let lock = self.slot_lock(&slot);
         let _held = lock.lock().await;
@@ -209,8 +211,10 @@ impl Engine {
         let mut pid = None;
         let mut tap = None;
         let result = async {
-            std::fs::create_dir_all(&work)
-                .map_err(|e| ApiError::internal(format!("creating {}: {e}", work.display())))?;
+            std::fs::create_dir_all(&work).map_err(|e| {
+                ApiError::internal(format!("creating {}: {e}", work.display()))
+                    .with_hint(crate::engine::errors::hint::STATE_DIR)
+            })?;
             let (root, seed) = (Path::new(&image.rootfs), Path::new(&image.work_seed));
             match driver.template_layout() {
                 vmm::RootLayout::Qcow2 => {
@@ -225,16 +229,19 @@ impl Engine {
             }
             // A NIC that needs a TAP even for a template (Firecracker): clones move theirs onto their own.
             if let (true, true, Some(net)) = (driver.template_needs_tap(), inputs.nic, self.network()) {
-                tap = Some(
-                    net.acquire_tap().await.map_err(|e| ApiError::internal(format!("cannot get a TAP device: {e}")))?,
-                );
+                tap = Some(net.acquire_tap().await.map_err(|e| {
+                    ApiError::internal(format!("cannot get a TAP device: {e}"))
+                        .with_hint("`banger doctor` checks networking")
+                })?);
             }
             let nic = tap.clone().map(|t| (t, super::pool::placeholder_net()));
             let memory = driver.template_memory(work.join("ram"));
             let mut spec = self.template_spec(image, &driver, &inputs, &paths, &vm_id, nic, memory);
             if driver.template_needs_anchor() {
-                std::fs::create_dir_all(&anchor)
-                    .map_err(|e| ApiError::internal(format!("creating {}: {e}", anchor.display())))?;
+                std::fs::create_dir_all(&anchor).map_err(|e| {
+                    ApiError::internal(format!("creating {}: {e}", anchor.display()))
+                        .with_hint(crate::engine::errors::hint::STATE_DIR)
+                })?;
                 spec.anchor = Some(anchor.clone());
             }
             let launched = driver.launch(&spec).await.map_err(vmm_error)?;
@@ -264,6 +271,7 @@ impl Engine {
             let _ = tokio::fs::remove_dir(&anchor).await;
             return Err(if cancel.is_cancelled() {
                 ApiError::new(ErrorCode::Cancelled, "the template build was cancelled; nothing was kept")
+                    .with_hint("new VMs boot cold meanwhile; `banger image warm` builds the template again")
             } else {
                 ApiError::internal(format!("building the template of image {} failed: {}", image.name, e.message))
                     .with_hint(
@@ -292,7 +300,7 @@ impl Engine {
         };
         let dir = publish().map_err(|e| {
             let _ = std::fs::remove_dir_all(&work);
-            ApiError::internal(format!("saving the template: {e}"))
+            ApiError::internal(format!("saving the template: {e}")).with_hint(crate::engine::errors::hint::STATE_DIR)
         })?;
         tracing::info!(image = %image.name, %generation, build_ms = meta.build_ms, "warm-start template ready");
         Ok(Template { dir, meta })
@@ -406,7 +414,7 @@ impl Engine {
         // answered one before the snapshot), and its answer says the clone is ready.
         let identified = tokio::select! {
             r = self.send_identity(vm_id, &conn, identity) => r,
-            _ = cancel.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "cancelled")),
+            _ = cancel.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "cancelled").with_hint(crate::engine::errors::hint::RUN_AGAIN)),
         };
         match identified {
             Ok(()) => {
@@ -470,9 +478,11 @@ impl Engine {
         {
             Ok(GuestResponse::Ok) => Ok(()),
             Err(crate::guest::GuestError::Agent { message, .. }) => {
-                Err(ApiError::internal(format!("VM {vm}'s agent could not take its own identity: {message}")))
+                Err(ApiError::internal(format!("VM {vm}'s agent could not take its own identity: {message}"))
+                    .with_hint("the VM boots cold instead; `banger image warm --rebuild` makes a new template"))
             }
-            Ok(other) => Err(ApiError::internal(format!("unexpected answer to reidentify: {other:?}"))),
+            Ok(other) => Err(ApiError::internal(format!("unexpected answer to reidentify: {other:?}"))
+                .with_hint("the VM boots cold instead; `banger image warm --rebuild` makes a new template")),
             Err(e) => Err(guest_error(vm, e)),
         }
     }
