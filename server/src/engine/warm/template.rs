@@ -481,8 +481,11 @@ impl Engine {
                 Err(ApiError::internal(format!("VM {vm}'s agent could not take its own identity: {message}"))
                     .with_hint("the VM boots cold instead; `banger image warm --rebuild` makes a new template"))
             }
-            Ok(other) => Err(ApiError::internal(format!("unexpected answer to reidentify: {other:?}"))
-                .with_hint("the VM boots cold instead; `banger image warm --rebuild` makes a new template")),
+            Ok(other) => Err(ApiError::internal(format!(
+                "unexpected answer to reidentify: {}",
+                crate::guest::untrusted_text(&format!("{other:?}"))
+            ))
+            .with_hint("the VM boots cold instead; `banger image warm --rebuild` makes a new template")),
             Err(e) => Err(guest_error(vm, e)),
         }
     }

@@ -2,7 +2,8 @@
 use super::*;
 
 pub(super) fn guest_failure(vm: &str, what: &str, out: &ExecOutput) -> ApiError {
-    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    // The guest's words: capped and escaped like any guest text that reaches a caller.
+    let stderr = crate::guest::untrusted_text(String::from_utf8_lossy(&out.stderr).trim());
     if out.status.timed_out {
         return ApiError::new(ErrorCode::Timeout, format!("VM {vm}: {what} timed out"))
             .with_hint(format!("`banger vm logs {vm}` shows the guest console; retry once the guest is less busy"));
@@ -268,16 +269,20 @@ impl Engine {
         };
         let value = |k: &str| script_value(&stdout, k).map(str::to_string);
         let head_commit = value("head").ok_or_else(|| {
-            ApiError::internal(format!("prepare printed no head: {stdout}")).with_hint(format!(
-                "`banger vm exec {vm} -- git -C {GUEST_REPO} log -1` shows the guest repository",
-                vm = row.name
-            ))
+            ApiError::internal(format!("prepare printed no head: {}", crate::guest::untrusted_text(&stdout))).with_hint(
+                format!(
+                    "`banger vm exec {vm} -- git -C {GUEST_REPO} log -1` shows the guest repository",
+                    vm = row.name
+                ),
+            )
         })?;
         let base_commit = value("base").ok_or_else(|| {
-            ApiError::internal(format!("prepare printed no base: {stdout}")).with_hint(format!(
-                "`banger vm exec {vm} -- git -C {GUEST_REPO} log -1` shows the guest repository",
-                vm = row.name
-            ))
+            ApiError::internal(format!("prepare printed no base: {}", crate::guest::untrusted_text(&stdout))).with_hint(
+                format!(
+                    "`banger vm exec {vm} -- git -C {GUEST_REPO} log -1` shows the guest repository",
+                    vm = row.name
+                ),
+            )
         })?;
         tracing::info!(vm = %row.name, source = %top.display(), head = %head_commit, base = %base_commit, "workspace prepared");
         Ok(WorkspacePrepareResult {
