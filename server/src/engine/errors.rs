@@ -234,6 +234,68 @@ mod tests {
         assert!(offenders.is_empty(), "errors without a hint (add .with_hint(...)):\n{}", offenders.join("\n"));
     }
 
+    /// Whether `line` (comments aside) reads an error's text to decide something: `.contains(`,
+    /// `.starts_with(` or `.ends_with(` on a name errors and messages go by (`m`, `message`, `why`, `e`,
+    /// `err`, `stderr`, ..., or their `.message` / `.to_string()`).
+    fn classifies_by_text(line: &str) -> bool {
+        const NAMES: [&str; 11] =
+            ["m", "msg", "message", "why", "reason", "detail", "e", "err", "error", "stderr", "text"];
+        let code = line.split("//").next().unwrap_or_default();
+        ["contains(", "starts_with(", "ends_with("].iter().any(|method| {
+            code.match_indices(&format!(".{method}")).any(|(at, _)| {
+                let before = code[..at].trim_end_matches(".message").trim_end_matches(".to_string()");
+                let name: String =
+                    before.chars().rev().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect::<String>();
+                let name: String = name.chars().rev().collect();
+                NAMES.contains(&name.as_str())
+            })
+        })
+    }
+
+    #[test]
+    fn the_text_check_sees_classification_by_message() {
+        for bad in [
+            r#"GuestError::Agent(m) if m.contains("No such file") => ApiError::not_found(m),"#,
+            r#"Err(why) if why.starts_with("no template") => None,"#,
+            r#"if e.message.contains("closed") {"#,
+            r#"if err.to_string().ends_with("refused") {"#,
+        ] {
+            assert!(classifies_by_text(bad), "missed: {bad}");
+        }
+        for fine in [
+            r#"let loopback = l.address.starts_with("127.") || l.address == "::1";"#,
+            r#"if !out.ends_with(&text) {"#,
+            r#"// m.contains("x") in a comment"#,
+        ] {
+            assert!(!classifies_by_text(fine), "flagged: {fine}");
+        }
+    }
+
+    /// No error in the daemon is told apart by its text: guest errors go by `GuestErrorKind`, VMM errors by
+    /// variant, template misses by `TemplateMiss`.
+    #[test]
+    fn nothing_in_the_daemon_is_classified_by_its_text() {
+        let mut dirs = vec![std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
+        let mut offenders = vec![];
+        while let Some(path) = dirs.pop() {
+            if path.is_dir() {
+                dirs.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+            for (n, line) in code.lines().enumerate() {
+                if classifies_by_text(line) {
+                    offenders.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
+                }
+            }
+        }
+        assert!(offenders.is_empty(), "decide by a kind or a variant, not the text:\n{}", offenders.join("\n"));
+    }
+
     #[test]
     fn agent_errors_map_by_kind_never_by_text() {
         // Each message says the opposite of its kind: only the kind may decide.
