@@ -303,7 +303,7 @@ async fn bench(a: &BenchArgs, ctx: &Ctx, d: &Daemon, cleanup: &mut Cleanup<'_>) 
     Ok(BenchReport {
         image: image.name.clone(),
         vmm: status.vmm.vmm.as_str().to_string(),
-        acceleration: status.vmm.qemu_accel.clone(),
+        acceleration: status.vmm.qemu_accel.as_str().to_string(),
         kernel: format!(
             "{kernel_mib} MiB kernel, {}",
             if image.initrd.is_some() { "with initramfs" } else { "no initramfs" }
@@ -615,7 +615,7 @@ async fn bare_boot(image: &ImageInfo, memory_mib: u32, measure: Option<(u32, u32
                     mac: "52:54:00:b0:be:01".into(),
                 },
             )),
-            extra_args: vec![],
+            args: Default::default(),
             memory: vmm::GuestMemory::Anonymous,
             template_mac: None,
             anchor: None,
@@ -624,7 +624,7 @@ async fn bare_boot(image: &ImageInfo, memory_mib: u32, measure: Option<(u32, u32
             tools_schema::daemon::VmmKind::Qemu,
             &vmm::DriverSettings {
                 tools: tools.clone(),
-                qemu_accel: vmm::host::qemu_accel(vmm::host::acceleration()).to_string(),
+                qemu_accel: vmm::host::qemu_accel(vmm::host::acceleration()),
                 qemu_vsock: spec.vsock,
                 qemu_root_layout: vmm::RootLayout::Qcow2,
             },

@@ -40,7 +40,7 @@ cancels and removes everything the build made.")]
         image: Option<String>,
         /// The shape of the VMs it serves.
         #[command(flatten)]
-        shape: crate::vm_cmd::ShapeArgs,
+        shape: crate::args::ShapeArgs,
         /// Build a new template even if the current one is up to date.
         #[arg(long)]
         rebuild: bool,

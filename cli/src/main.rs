@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod args;
 mod bench_cmd;
 /// The client crate's JSON-RPC client, under the name the commands use.
 mod client {
@@ -72,8 +73,14 @@ enum Command {
     Bench(bench_cmd::BenchArgs),
     /// Serve MCP on stdio, relayed to the daemon (for `claude mcp add banger -- banger mcp`).
     #[command(after_help = "Examples:\n  claude mcp add --scope user banger -- banger mcp\n  \
-npx @modelcontextprotocol/inspector --cli banger mcp --method tools/list\n\nSee docs/AGENTS.md for opencode and pi.")]
-    Mcp,
+npx @modelcontextprotocol/inspector --cli banger mcp --method tools/list\n  \
+claude mcp add banger -- banger mcp --toolsets images,vms\n\nSee docs/AGENTS.md for opencode and pi.")]
+    Mcp {
+        /// Toolsets the client lists besides `sandbox` (sandboxes, exec, files, workspace, sessions): any of
+        /// vms, images, admin, or all. Every tool can be called by name either way.
+        #[arg(long, env = "BANGER_MCP_TOOLSETS", value_parser = check_toolsets, default_value = "")]
+        toolsets: String,
+    },
     /// Print a shell completion script.
     #[command(after_help = "Examples:\n  banger completions bash > /etc/bash_completion.d/banger\n  \
 banger completions zsh > \"${fpath[1]}/_banger\"\n  banger completions fish > ~/.config/fish/completions/banger.fish")]
@@ -185,13 +192,21 @@ async fn run(cmd: Command, ctx: &Ctx) -> anyhow::Result<ExitCode> {
         Command::Vm(v) => return vm_cmd::run(v, ctx).await,
         Command::Operation(o) => return operation_cmd::run(o, ctx).await,
         Command::Bench(b) => return bench_cmd::run(b, ctx).await,
-        Command::Mcp => return mcp_bridge::run(&ctx.socket).await,
+        Command::Mcp { toolsets } => {
+            let toolsets = tools_schema::toolsets::Toolset::parse_list(&toolsets).map_err(|e| anyhow::anyhow!(e))?;
+            return mcp_bridge::run(&ctx.socket, toolsets).await;
+        }
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "banger", &mut std::io::stdout());
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--toolsets`: a comma-separated list, or `all` (`Toolset::parse_list`), refused by clap when bad.
+fn check_toolsets(text: &str) -> Result<String, String> {
+    tools_schema::toolsets::Toolset::parse_list(text).map(|_| text.to_string())
 }
 
 #[cfg(test)]

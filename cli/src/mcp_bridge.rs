@@ -1,12 +1,13 @@
 //! `banger mcp`: relays MCP between stdio and the daemon's socket, byte for byte. The daemon serves MCP
-//! itself, so the bridge holds no state and adds no protocol of its own.
+//! itself, so the bridge holds no state; its one addition is the options line it sends first (the toolsets
+//! to list, `tools_schema::toolsets::McpSessionOptions`).
 use std::path::Path;
 use std::process::ExitCode;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 
-pub async fn run(socket: &Path) -> anyhow::Result<ExitCode> {
+pub async fn run(socket: &Path, toolsets: Vec<tools_schema::toolsets::Toolset>) -> anyhow::Result<ExitCode> {
     let stream = UnixStream::connect(socket).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot reach the banger daemon at {} ({e})\n  hint: start it with `banger daemon start`",
@@ -14,6 +15,10 @@ pub async fn run(socket: &Path) -> anyhow::Result<ExitCode> {
         )
     })?;
     let (mut rd, mut wr) = stream.into_split();
+    let options = serde_json::json!({
+        tools_schema::toolsets::MCP_OPTIONS_KEY: tools_schema::toolsets::McpSessionOptions { toolsets }
+    });
+    wr.write_all(format!("{options}\n").as_bytes()).await?;
     // stdin -> daemon runs on its own; when the client closes stdin the daemon sees EOF and ends the session.
     let upstream = tokio::spawn(async move {
         let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut wr).await;

@@ -8,8 +8,8 @@ use clap::Args;
 use tools_schema::ops;
 use tools_schema::workspace::VmRunParams;
 
+use crate::args::CreateArgs;
 use crate::client::{CallError, Daemon};
-use crate::vm_cmd::CreateArgs;
 use crate::{output, Ctx};
 
 #[derive(Args)]

@@ -81,7 +81,7 @@ pub struct StartArgs {
     #[arg(long)]
     cwd: Option<String>,
     /// Environment variable KEY=VALUE (repeatable).
-    #[arg(long = "env", value_parser = crate::vm_cmd::parse_env)]
+    #[arg(long = "env", value_parser = crate::args::parse_env)]
     env: Vec<(String, String)>,
     /// The command and its arguments.
     #[arg(last = true, required = true)]

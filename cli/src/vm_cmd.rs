@@ -3,7 +3,6 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use tools_schema::daemon::VmmKind;
 use tools_schema::ops;
 use tools_schema::vm;
 use tools_schema::vm::{
@@ -11,6 +10,7 @@ use tools_schema::vm::{
     VmRef, VmRefs, EXEC_INLINE_MAX,
 };
 
+use crate::args::{parse_env, CreateArgs, ShapeArgs};
 use crate::client::Daemon;
 use crate::{output, Ctx};
 
@@ -107,42 +107,6 @@ the command prints the exact lines."
     },
 }
 
-#[derive(Args)]
-pub struct CreateArgs {
-    /// VM name (also its DNS name <name>.vm). Generated when omitted.
-    #[arg(long)]
-    name: Option<String>,
-    /// Image name or id (default image when omitted).
-    #[arg(long)]
-    image: Option<String>,
-    #[command(flatten)]
-    shape: ShapeArgs,
-    /// Force a VMM: firecracker or qemu.
-    #[arg(long)]
-    vmm: Option<VmmKind>,
-    /// Let the VM reach other networks through NAT (by default it reaches only other VMs and DNS).
-    #[arg(long)]
-    nat: bool,
-    /// auto: from the warm pool, else the image's warm-start template, else a cold boot; template: never
-    /// the pool; cold: boot the kernel from scratch.
-    #[arg(long, value_name = "auto|template|cold")]
-    boot: Option<tools_schema::vm::BootRequest>,
-}
-
-impl CreateArgs {
-    pub fn params(self) -> VmCreateParams {
-        VmCreateParams {
-            name: self.name,
-            image: self.image,
-            vcpus: self.shape.vcpus,
-            memory_mib: self.shape.memory_mib,
-            vmm: self.vmm,
-            nat: Some(self.nat),
-            boot: self.boot,
-        }
-    }
-}
-
 /// Writes a kept command output stream to `to`, in chunks.
 async fn copy_exec_output(
     d: &Daemon,
@@ -198,17 +162,6 @@ pub fn describe_boot(b: &tools_schema::vm::BootInfo) -> String {
     }
 }
 
-/// A VM's shape, as `vm create`, `vm set` and `image warm` take it.
-#[derive(Args)]
-pub struct ShapeArgs {
-    /// Virtual CPUs (1-32).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(vm::MIN_VCPUS as i64..=vm::MAX_VCPUS as i64))]
-    pub vcpus: Option<u32>,
-    /// Guest memory in MiB (128-65536).
-    #[arg(long = "memory", value_parser = clap::value_parser!(u32).range(vm::MIN_MEMORY_MIB as i64..=vm::MAX_MEMORY_MIB as i64))]
-    pub memory_mib: Option<u32>,
-}
-
 #[derive(Args)]
 pub struct SetArgs {
     #[arg(required = true)]
@@ -252,10 +205,6 @@ fn shell_quote(word: &str) -> String {
         return word.to_string();
     }
     format!("'{}'", word.replace('\'', r"'\''"))
-}
-
-pub(crate) fn parse_env(s: &str) -> Result<(String, String), String> {
-    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
 }
 
 fn vm_rows(vms: &[VmInfo]) -> Vec<Vec<String>> {

@@ -65,7 +65,7 @@ pub struct Config {
     pub ssh_key: Option<PathBuf>,
     /// Guest channel of QEMU VMs: `virtio-serial` (default; survives snapshot restore) or `vsock`
     /// (vhost-device-vsock, the same hybrid-vsock protocol Firecracker speaks).
-    pub qemu_channel: String,
+    pub qemu_channel: tools_schema::boot::ChannelKind,
     /// Disk layout of new QEMU VMs: `qcow2` (default: qcow2 overlays of the image's root filesystem and work
     /// seed) or `overlay`, Firecracker's (the image's root filesystem raw and read-only, an overlayfs upper
     /// disk, a raw work disk; the agent builds the root as PID 1), so that layout runs on hosts where
@@ -287,7 +287,7 @@ impl Default for Config {
             ssh_config: None,
             manage_ssh_config: true,
             ssh_key: None,
-            qemu_channel: "virtio-serial".into(),
+            qemu_channel: tools_schema::boot::ChannelKind::VirtioSerial,
             qemu_root_layout: crate::vmm::RootLayout::Qcow2,
             allow_firecracker_without_hardware_kvm: false,
             cache_dir: default_cache_dir(),
@@ -351,12 +351,6 @@ impl Config {
         self.network.subnet()?;
         if self.network.bridge.is_empty() || self.network.bridge.len() > 15 {
             return Err(ConfigError::Invalid("network.bridge must be 1-15 characters".into()));
-        }
-        if !["virtio-serial", "vsock"].contains(&self.qemu_channel.as_str()) {
-            return Err(ConfigError::Invalid(format!(
-                "qemu_channel must be `virtio-serial` or `vsock`, not `{}`",
-                self.qemu_channel
-            )));
         }
         if !self.web.listen.ip().is_loopback() {
             return Err(ConfigError::Invalid(format!(
@@ -466,3 +460,20 @@ impl crate::vmm::FindBinary for Config {
 }
 
 pub(crate) use crate::vmm::is_executable;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_qemu_channel_is_refused_naming_the_choices() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "qemu_channel = \"serial\"\n").unwrap();
+        let e = Config::load(Some(&path)).unwrap_err();
+        let why = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default();
+        assert!(why.contains("qemu_channel") && why.contains("`virtio-serial`") && why.contains("`vsock`"), "{why}");
+        std::fs::write(&path, "qemu_channel = \"vsock\"\n").unwrap();
+        assert_eq!(Config::load(Some(&path)).unwrap().qemu_channel, tools_schema::boot::ChannelKind::Vsock);
+    }
+}

@@ -22,7 +22,7 @@ pub enum FirecrackerProof {
 /// hardware KVM, TCG software emulation elsewhere). A VMM that was never seen to boot a guest here is not
 /// trusted with the user's first VM.
 pub fn choose_vmm(configured: Option<VmmKind>, accel: Acceleration, firecracker: &FirecrackerProof) -> VmmChoice {
-    let qemu_accel = qemu_accel(accel).to_string();
+    let qemu_accel = qemu_accel(accel);
     let (vmm, reason) = match (configured, accel, firecracker) {
         (Some(v), _, _) => (v, format!("the config file sets vmm = \"{}\"", v.as_str())),
         (None, Acceleration::HardwareKvm, FirecrackerProof::Passed) => (
@@ -98,7 +98,11 @@ mod tests {
                         _ => VmmKind::Qemu,
                     };
                     assert_eq!(c.vmm, want, "{configured:?} {accel:?} {proof:?}: {}", c.reason);
-                    assert_eq!(c.qemu_accel, if accel == Acceleration::HardwareKvm { "kvm" } else { "tcg" });
+                    assert_eq!(c.qemu_accel, qemu_accel(accel));
+                    assert_eq!(
+                        c.qemu_accel == tools_schema::daemon::QemuAccel::Kvm,
+                        accel == Acceleration::HardwareKvm
+                    );
                     if configured.is_none() && accel == Acceleration::HardwareKvm {
                         let says = match proof {
                             FirecrackerProof::Unproven => "not yet proven on this host",

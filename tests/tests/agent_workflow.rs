@@ -126,7 +126,14 @@ fn the_python_mcp_sdk_drives_the_whole_workflow_over_banger_mcp() {
         assert!(r["tools"].as_array().unwrap().iter().any(|t| t == tool), "{tool} listed: {}", r["tools"]);
     }
     assert_eq!(r["vm_state"], "running");
-    assert!(r["progress"].as_array().unwrap().len() >= 3, "vm_create reported its stages: {}", r["progress"]);
+    let progress = r["progress"].as_array().unwrap();
+    assert!(progress.len() >= 3, "vm_create reported its stages: {progress:?}");
+    // Every notification arrived before the response (the SDK drops later ones), the last one at its total,
+    // and each message says something new.
+    let last = progress.last().unwrap();
+    assert_eq!(last["progress"], last["total"], "the last notification is at its total: {progress:?}");
+    let values: Vec<f64> = progress.iter().map(|p| p["progress"].as_f64().unwrap()).collect();
+    assert!(values.windows(2).all(|w| w[0] < w[1]), "progress only grows: {values:?}");
     assert_eq!(r["session_output"], "noted alpha\nnoted beta\ncommitted\n");
     assert_eq!(r["base_commit_used"], r["base_commit"]);
     let files: Vec<&str> = r["files"].as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap()).collect();

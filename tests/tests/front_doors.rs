@@ -18,15 +18,64 @@ fn fake_image_files(d: &TestDaemon) -> (String, String) {
 }
 
 async fn mcp_client(d: &TestDaemon) -> rmcp::service::RunningService<rmcp::RoleClient, ()> {
+    mcp_client_with(d, &[]).await
+}
+
+async fn mcp_client_with(d: &TestDaemon, args: &[&str]) -> rmcp::service::RunningService<rmcp::RoleClient, ()> {
     let mut cmd = tokio::process::Command::new(bin("banger"));
-    cmd.arg("mcp").env("BANGER_SOCKET", &d.socket);
+    cmd.arg("mcp").args(args).env("BANGER_SOCKET", &d.socket);
     ().serve(TokioChildProcess::new(cmd).expect("spawn banger mcp")).await.expect("MCP initialize through banger mcp")
+}
+
+/// The default toolset is what an agent's context pays for: at most 15 tools, at most 12 KB of names,
+/// descriptions and input schemas (what Claude-style clients show the model), at most 40 KB in all; `all`
+/// lists every operation. Prints the real sizes per toolset (docs/AGENTS.md quotes them).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_default_toolset_fits_an_agents_context_and_all_lists_every_operation() {
+    use tools_schema::toolsets::{Toolset, DEFAULT_TOOLSETS};
+    let d = TestDaemon::start();
+    let sizes = |tools: &[rmcp::model::Tool]| {
+        let context: usize = tools
+            .iter()
+            .map(|t| {
+                t.name.len()
+                    + t.description.as_deref().map_or(0, str::len)
+                    + serde_json::to_string(&t.input_schema).unwrap().len()
+            })
+            .sum();
+        (tools.len(), context, serde_json::to_string(tools).unwrap().len())
+    };
+    let client = mcp_client(&d).await;
+    let instructions = client.peer_info().and_then(|i| i.instructions.clone()).unwrap_or_default();
+    assert!(
+        instructions.contains("Toolsets listed: sandbox.") && instructions.contains("--toolsets"),
+        "{instructions}"
+    );
+    let tools = client.list_all_tools().await.unwrap();
+    let want: Vec<String> = Toolset::listed(DEFAULT_TOOLSETS).map(|op| op.tool_name()).collect();
+    let names: Vec<String> = tools.iter().map(|t| t.name.to_string()).collect();
+    assert_eq!(names, want);
+    let (count, context, total) = sizes(&tools);
+    println!("toolset sandbox (default): {count} tools, {context} bytes in context, {total} bytes in all");
+    assert!(count <= 15 && context <= 12 << 10 && total <= 40 << 10, "{count} tools, {context} B, {total} B");
+    // A tool that is not listed can still be called by name.
+    let r = client.call_tool(CallToolRequestParams::new("daemon_ping")).await.unwrap();
+    assert_eq!(r.is_error, Some(false));
+    client.cancel().await.unwrap();
+    for set in [Toolset::Vms, Toolset::Images, Toolset::Admin] {
+        let client = mcp_client_with(&d, &["--toolsets", set.name()]).await;
+        let tools = client.list_all_tools().await.unwrap();
+        let (count, context, total) = sizes(&tools);
+        println!("toolsets sandbox,{}: {count} tools, {context} bytes in context, {total} bytes in all", set.name());
+        assert_eq!(count, Toolset::listed(&[Toolset::Sandbox, set]).count());
+        client.cancel().await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mcp_over_stdio_lists_every_operation_with_schemas_and_truthful_annotations() {
     let d = TestDaemon::start();
-    let client = mcp_client(&d).await;
+    let client = mcp_client_with(&d, &["--toolsets", "all"]).await;
     let info = client.peer_info().expect("server info after initialize");
     assert_eq!(info.server_info.as_ref().map(|s| s.name.as_str()), Some("banger"));
     let tools = client.list_all_tools().await.unwrap();

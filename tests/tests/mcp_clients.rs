@@ -11,12 +11,19 @@ fn inspector() -> String {
         .expect("BANGER_TEST_MCP_INSPECTOR is not set: scripts/test.sh installs the MCP Inspector and sets it")
 }
 
-/// Runs the Inspector CLI against `banger mcp` for this test's daemon and returns its JSON answer.
+/// Runs the Inspector CLI against `banger mcp` (every toolset) for this test's daemon and returns its JSON answer.
 fn inspect(d: &TestDaemon, args: &[&str]) -> Value {
+    inspect_with_stderr(d, args).0
+}
+
+/// The Inspector's JSON answer and what it printed on stderr (its schema portability report goes there).
+fn inspect_with_stderr(d: &TestDaemon, args: &[&str]) -> (Value, String) {
     let out = Command::new(inspector())
         .arg("--cli")
         .arg("-e")
         .arg(format!("BANGER_SOCKET={}", d.socket.display()))
+        .arg("-e")
+        .arg("BANGER_MCP_TOOLSETS=all")
         .arg(bin("banger"))
         .arg("mcp")
         .args(args)
@@ -25,9 +32,24 @@ fn inspect(d: &TestDaemon, args: &[&str]) -> Value {
         .output()
         .expect("running the MCP Inspector");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(&stdout).unwrap_or_else(|e| {
-        panic!("Inspector output is not JSON ({e}): {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr))
-    })
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let answer = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("Inspector output is not JSON ({e}): {stdout}\nstderr: {stderr}"));
+    (answer, stderr)
+}
+
+/// Every tool's input and output schema passes the Inspector's portability check (`--strict` reports each
+/// finding on stderr with its path): no type arrays, no untyped schemas, no remote references.
+#[test]
+fn every_tool_schema_passes_the_mcp_inspectors_strict_portability_check() {
+    let d = TestDaemon::start();
+    let (list, stderr) = inspect_with_stderr(&d, &["--method", "tools/list", "--strict"]);
+    assert_eq!(list["tools"].as_array().map(Vec::len), Some(OPERATIONS.len()), "{list}");
+    let findings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("Warning:") || l.starts_with("Error:") || l.contains("Path:"))
+        .collect();
+    assert!(findings.is_empty() && !stderr.contains("portability"), "portability findings:\n{stderr}");
 }
 
 #[test]

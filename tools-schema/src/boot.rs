@@ -30,8 +30,9 @@ pub struct BootArgs {
     pub net: Option<BootNet>,
 }
 
-/// The guest channel's transport.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// The guest channel's transport (also the config's `qemu_channel`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum ChannelKind {
     /// The virtio-serial port `org.banger.agent.0` (QEMU's default).
     #[default]

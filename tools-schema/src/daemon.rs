@@ -63,13 +63,33 @@ pub enum Acceleration {
     None,
 }
 
+/// How QEMU runs guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum QemuAccel {
+    /// Hardware virtualisation through /dev/kvm.
+    Kvm,
+    /// Software emulation (QEMU's Tiny Code Generator).
+    Tcg,
+}
+
+impl QemuAccel {
+    /// The name QEMU's `-accel` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QemuAccel::Kvm => "kvm",
+            QemuAccel::Tcg => "tcg",
+        }
+    }
+}
+
 /// The VMM this host will use for new VMs, and why.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct VmmChoice {
     /// The VMM new VMs get unless a VM or the config asks for another.
     pub vmm: VmmKind,
     /// Whether QEMU runs guests with KVM or with software emulation (TCG).
-    pub qemu_accel: String,
+    pub qemu_accel: QemuAccel,
     /// What the host offers.
     pub acceleration: Acceleration,
     /// Why this VMM was chosen, in a sentence.

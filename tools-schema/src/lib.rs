@@ -17,8 +17,10 @@ pub mod guest;
 pub mod image;
 pub mod operation;
 pub mod ops;
+pub mod portable;
 pub mod session;
 pub mod ssh;
+pub mod toolsets;
 pub mod vm;
 pub mod workspace;
 

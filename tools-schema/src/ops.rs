@@ -98,9 +98,8 @@ now."),
              "Delete an image and its files. Refused while any VM still uses it."),
             (VmCreate, vm_create, "vm.create",
              $crate::vm::VmCreateParams, $crate::vm::VmInfo, false, false, false,
-             "Create a VM from an image (the default image unless named) and boot it. Returns when the guest \
-agent answers, so the VM is ready for vm_exec. A failure or cancellation rolls back everything \
-the create made."),
+             "Create a VM from an image (the default unless named) and boot it. Returns when it is ready for \
+vm_exec; a failure or cancellation rolls back everything it made."),
             (VmCreateBegin, vm_create_begin, "vm.create_begin",
              $crate::vm::VmCreateParams, $crate::operation::OperationInfo, false, false, false,
              "Start creating a VM and return at once with an operation id. Follow it with operation_status \
@@ -109,9 +108,8 @@ operation_cancel, which rolls back everything the create made."),
             (VmRun, vm_run, "vm.run",
              $crate::workspace::VmRunParams, $crate::workspace::VmRunResult, false, false, false,
              "Create a VM and copy a host git repository into it at /root/repo, in one operation: the agent \
-workflow's first step. Stages: create (the vm_create stages show as detail), sshd (waits until the guest's sshd \
-answers and its host key is pinned), prepare (workspace_prepare). Reports stages as progress; a failure or \
-cancellation at any stage deletes the VM it made, so nothing is left behind."),
+workflow's first step (stages create, sshd, prepare, reported as progress). A failure or cancellation at any \
+stage deletes the VM it made."),
             (VmRunBegin, vm_run_begin, "vm.run_begin",
              $crate::workspace::VmRunParams, $crate::operation::OperationInfo, false, false, false,
              "Start a vm_run and return at once with an operation id (create errors such as a taken name come \
@@ -166,13 +164,12 @@ and, while it runs, the guest's uptime, load, memory and root filesystem use."),
              "Delete one or more VMs: stops them if running and removes their disks and records. Irreversible."),
             (VmExec, vm_exec, "vm.exec",
              $crate::vm::VmExecParams, $crate::vm::VmExecResult, false, false, false,
-             "Run a command in a running VM through its guest agent (no guest network needed) and return its \
-exit code, stdout and stderr. Use [\"sh\", \"-c\", \"...\"] for shell syntax. Each stream comes back inline up to \
-max_inline_bytes (256 KiB by default); longer output is kept whole and read with vm_exec_output."),
+             "Run a command in a running VM and return its exit code, stdout and stderr (each inline up to \
+max_inline_bytes; longer output is kept whole for vm_exec_output)."),
             (VmExecOutput, vm_exec_output, "vm.exec_output",
              $crate::vm::VmExecOutputParams, $crate::vm::VmExecOutputChunk, true, false, true,
-             "Read more of a command's output when its vm_exec result was cut (stdout_truncated or \
-stderr_truncated, with an output_id): a chunk of stdout or stderr from an offset, with next_offset to go on."),
+             "Read more of a command's output when its vm_exec result was cut (an output_id): a chunk from an \
+offset, with next_offset to go on."),
             (VmSsh, vm_ssh, "vm.ssh",
              $crate::vm::VmRef, $crate::vm::VmSshInfo, true, false, true,
              "Wait (up to 30 s) until a running VM's sshd answers and the daemon has pinned its host key, and \
@@ -180,50 +177,42 @@ return how to ssh into it: its address and the ssh options (root, banger's manag
 against banger's known_hosts). `ready` says whether sshd answered in time."),
             (VmPorts, vm_ports, "vm.ports",
              $crate::vm::VmRef, $crate::vm::VmPorts, true, false, true,
-             "List a running VM's listening ports with the owning process and command line, and where to reach \
-each from the host (<name>.vm:PORT). TCP ports are probed: HTTPS first, then HTTP, so web \
-services come back as clickable URLs."),
+             "List a running VM's listening ports with their process and where to reach each from the host \
+(<name>.vm:PORT); web services come back as http(s) URLs."),
             (VmFileWrite, vm_file_write, "vm.file_write",
              $crate::vm::VmFileWriteParams, $crate::vm::VmFileWriteResult, false, true, false,
-             "Write a file in a running VM (text, or base64 for binary; up to 8 MiB per call, use append for \
-more), creating parent directories, with an optional octal mode. Replaces the file unless \
-append is set."),
+             "Write a file in a running VM (text, or base64 for binary; up to 8 MiB per call, append for more), \
+creating parent directories, with an optional octal mode."),
             (VmFileRead, vm_file_read, "vm.file_read",
              $crate::vm::VmFileReadParams, $crate::vm::VmFileReadResult, true, false, true,
-             "Read a file in a running VM: up to 8 MiB per call from an offset, as text or base64, with the \
-file's size, mode, a checksum, and next_offset when there is more to read."),
+             "Read a file in a running VM: up to 8 MiB per call from an offset, as text or base64, with its \
+size, mode, checksum, and next_offset when there is more."),
             (WorkspacePrepare, workspace_prepare, "workspace.prepare",
              $crate::workspace::WorkspacePrepareParams, $crate::workspace::WorkspacePrepareResult, false, true, false,
-             "Copy a host git repository into a running VM at /root/repo: its history (same HEAD hash), the \
-working-tree copies of tracked files (uncommitted edits included) and, in full mode, untracked files and \
-submodule contents; sets the guest repo's user.name/user.email from the host. Returns base_commit, which \
-workspace_export diffs against. Refuses a non-empty /root/repo unless force. Reports stages as progress \
-and can be cancelled (nothing half-made is kept)."),
+             "Copy a host git repository into a running VM at /root/repo: its history (same HEAD), tracked files \
+with uncommitted edits, and in full mode untracked files and submodules; the guest commits as the host's \
+user. Returns base_commit, which workspace_export diffs against. Cancelling keeps nothing half-made."),
             (WorkspaceExport, workspace_export, "workspace.export",
              $crate::workspace::WorkspaceExportParams, $crate::workspace::WorkspaceExportResult, false, false, true,
-             "One binary-safe patch of everything the guest changed in /root/repo since the prepare base: commits \
-made in the guest, uncommitted and untracked changes, deletions and renames (the guest's own index is not \
-touched). Returns the changed files, the base used, the guest HEAD, and the patch inline or, when larger \
-than max_inline_bytes, its guest path for vm_file_read. With check_repo, says whether the patch applies \
-cleanly to that host repository."),
+             "One binary-safe patch of everything the guest changed in /root/repo since the prepare base (its \
+commits, uncommitted and untracked changes, deletions, renames), with the changed files. With check_repo, \
+says whether it applies cleanly to that host repository."),
             (VmLogs, vm_logs, "vm.logs",
              $crate::vm::VmLogsParams, $crate::vm::VmLogs, true, false, true,
              "Return the tail of a VM's console (boot) log. The first place to look when a VM failed to start."),
             (SessionStart, session_start, "session.start",
              $crate::session::SessionStartParams, $crate::session::SessionInfo, false, false, false,
-             "Start a long-lived command (a pipe-mode session) in a running VM with cwd and env. The guest checks \
-first that cwd is a directory and the program exists, and says which is wrong. The session keeps running \
-across daemon restarts and client disconnects; feed it with session_send, read it with session_logs."),
+             "Start a long-lived command (a pipe-mode session) in a running VM; it survives daemon restarts and \
+client disconnects. Feed it with session_send, read it with session_logs."),
             (SessionSend, session_send, "session.send",
              $crate::session::SessionSendParams, $crate::session::SessionSendResult, false, false, false,
-             "Write data to a session's stdin without attaching (add \"\\n\" for line protocols). Each message \
-is written whole, so concurrent sends never interleave; eof: true closes stdin afterwards."),
+             "Write data to a session's stdin (add \"\\n\" for line protocols), whole, so concurrent sends never \
+interleave; eof: true closes stdin afterwards."),
             (SessionLogs, session_logs, "session.logs",
              $crate::session::SessionLogsParams, $crate::session::SessionLogs, true, false, true,
-             "Read a session's output (stdout and stderr, in order, each chunk labelled) from a byte cursor: \
-from: 0 replays everything, from: next_offset continues. wait_ms waits briefly for output that has not \
-arrived yet, so an agent can follow a session without polling fast. Results are capped by limit; more: \
-true means read again from next_offset."),
+             "Read a session's output (stdout and stderr in order, each chunk labelled) from a byte cursor: \
+from: 0 replays everything, from: next_offset continues; wait_ms waits for output not there yet; more: \
+true means there is more to read."),
             (SessionList, session_list, "session.list",
              $crate::session::SessionListParams, $crate::session::SessionList, true, false, true,
              "List sessions of one VM (or of every VM) with state, exit code or signal, and output size."),
@@ -233,8 +222,8 @@ true means read again from next_offset."),
 stdin is open and whether someone is attached, or why it was lost."),
             (SessionStop, session_stop, "session.stop",
              $crate::session::SessionStopParams, $crate::session::SessionInfo, false, false, true,
-             "Stop a session: SIGTERM to its process group, SIGKILL after grace_secs (default 5). Returns the \
-final state with the exit code or signal. Its output log stays readable."),
+             "Stop a session: SIGTERM to its process group, SIGKILL after grace_secs (default 5). Returns its \
+exit code or signal; its log stays readable."),
             (SessionKill, session_kill, "session.kill",
              $crate::session::SessionRef, $crate::session::SessionInfo, false, false, true,
              "Kill a session's process group at once (SIGKILL) and return its final state. Its output log \

@@ -27,7 +27,7 @@ pub const MAX_WAIT_MS: u64 = 60_000;
 pub struct SessionStartParams {
     /// VM name or id.
     pub vm: String,
-    /// Session name, unique within the VM (same rules as VM names). Optional; the id always works.
+    /// Session name, unique within the VM (VM name rules). Optional; the id always works.
     #[serde(default)]
     pub name: Option<String>,
     /// Program and arguments, e.g. ["python3", "-u", "agent.py"]. Use ["sh", "-c", "..."] for shell syntax.
@@ -106,8 +106,8 @@ pub struct SessionLogsParams {
     #[serde(default)]
     #[schemars(range(min = 1, max = 1048576))]
     pub limit: Option<u64>,
-    /// When nothing new is at `from` yet, wait up to this long (0-60000 ms) for output or for the session
-    /// to end. Default 0: answer at once.
+    /// Wait up to this long (0-60000 ms) for output or the session's end when nothing new is at `from`.
+    /// Default 0.
     #[serde(default)]
     #[schemars(range(max = 60000))]
     pub wait_ms: Option<u64>,

@@ -23,8 +23,8 @@ pub const MAX_DISK_GIB: u32 = 1024;
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmCreateParams {
-    /// VM name, also its DNS name `<name>.vm`: 1-63 characters, lowercase letters, digits and `-`,
-    /// starting with a letter. A name is generated when omitted.
+    /// VM name, also its DNS name `<name>.vm`: 1-63 of a-z, 0-9 and `-`, starting with a letter. Generated
+    /// when omitted.
     #[serde(default)]
     pub name: Option<String>,
     /// Image name or id. The default image when omitted.
@@ -41,13 +41,11 @@ pub struct VmCreateParams {
     /// Force a VMM for this VM instead of the host's choice.
     #[serde(default)]
     pub vmm: Option<VmmKind>,
-    /// Give the VM a route to other networks through NAT. Default false: a guest reaches only the other
-    /// guests and the host's DNS, never the host's own services.
+    /// Route to other networks through NAT. Default false: the guest reaches only other guests and DNS.
     #[serde(default)]
     pub nat: Option<bool>,
-    /// How to bring the VM up. `auto` (default): a VM waiting in the warm pool, else a restore from the
-    /// image's warm-start template for this shape, else a cold boot. `template`: never the pool. `cold`: boot
-    /// the kernel from scratch.
+    /// `auto` (default): the warm pool, else the image's warm-start template, else a cold boot; `template`:
+    /// never the pool; `cold`: always boot the kernel.
     #[serde(default)]
     pub boot: Option<BootRequest>,
 }
@@ -247,15 +245,15 @@ pub struct VmExecParams {
     /// Working directory inside the guest. Default `/root`.
     #[serde(default)]
     pub cwd: Option<String>,
-    /// Text written to the command's standard input, which is then closed. Without it stdin is empty.
+    /// Text for the command's standard input (then closed). Without it stdin is empty.
     #[serde(default)]
     pub stdin: Option<String>,
     /// Kill the command after this many seconds (1-86400). Default 600.
     #[serde(default)]
     #[schemars(range(min = 1, max = 86400))]
     pub timeout_secs: Option<u64>,
-    /// Bytes of each output stream returned in the result (default 256 KiB, at most 8 MiB). The rest is
-    /// kept: read it with vm_exec_output and the result's `output_id`.
+    /// Bytes of each output stream in the result (default 256 KiB, at most 8 MiB); read the rest with
+    /// vm_exec_output and `output_id`.
     #[serde(default)]
     #[schemars(range(min = 0, max = 8388608))]
     pub max_inline_bytes: Option<u64>,

@@ -40,17 +40,15 @@ impl WorkspaceMode {
 pub struct WorkspacePrepareParams {
     /// VM name or id. It must be running.
     pub vm: String,
-    /// Absolute path of a git work tree on the daemon's host (its top level, or any directory inside it).
+    /// Absolute path of a git work tree on the daemon's host (or any directory inside it).
     pub path: String,
-    /// `tracked` (default) or `full` (also untracked, non-ignored files and submodule contents).
+    /// `tracked` (default) or `full` (also untracked, non-ignored files and submodules).
     #[serde(default)]
     pub mode: Option<WorkspaceMode>,
-    /// Replace an existing, non-empty /root/repo in the guest. Without it prepare refuses, so the guest's
-    /// work there is never destroyed by accident.
+    /// Replace a non-empty /root/repo in the guest; without it prepare refuses.
     #[serde(default)]
     pub force: bool,
-    /// Commit author name for the guest repository. Default: `user.name` of the host repository (its own
-    /// config, then the daemon user's global config).
+    /// Commit author name in the guest. Default: the host repository's `user.name`.
     #[serde(default)]
     pub git_user_name: Option<String>,
     /// Commit author email for the guest repository; defaults like `git_user_name`.
@@ -77,13 +75,13 @@ impl WorkspacePrepareParams {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmRunParams {
-    /// Absolute path of a git work tree on the daemon's host (its top level, or any directory inside it).
+    /// Absolute path of a git work tree on the daemon's host (or any directory inside it).
     pub path: String,
-    /// `tracked` (default) or `full` (also untracked, non-ignored files and submodule contents).
+    /// `tracked` (default) or `full` (also untracked, non-ignored files and submodules).
     #[serde(default)]
     pub mode: Option<WorkspaceMode>,
-    /// The VM to create, as vm_create takes it. When it names no VM, the repository's folder name is used if
-    /// it is a valid, free VM name; otherwise a name is generated.
+    /// The VM, as vm_create takes it. Unnamed, it gets the repository folder's name if that is free, else a
+    /// generated one.
     #[serde(default)]
     pub create: crate::vm::VmCreateParams,
     /// Commit author name for the guest repository (see workspace_prepare).
@@ -163,18 +161,16 @@ pub struct WorkspacePrepareResult {
 pub struct WorkspaceExportParams {
     /// VM name or id. It must be running.
     pub vm: String,
-    /// Commit (hash or ref in the guest repository) to diff against. Default: the base recorded by the
-    /// last workspace_prepare (refs/banger/base), never the guest's moving HEAD, so commits made in the
-    /// guest are part of the patch.
+    /// Commit to diff against. Default: the base workspace_prepare recorded (refs/banger/base), so commits
+    /// made in the guest are in the patch.
     #[serde(default)]
     pub base: Option<String>,
-    /// Also check whether the patch applies cleanly (`git apply --check`) to this host repository's
-    /// working tree (absolute path).
+    /// Also check that the patch applies cleanly (`git apply --check`) to this host repository (absolute
+    /// path).
     #[serde(default)]
     pub check_repo: Option<String>,
-    /// Return the patch inline when it is at most this many bytes (0-8388608, default 4194304). A bigger
-    /// patch is never cut: the result carries no `patch` and the caller reads `patch_path` in the guest
-    /// with vm_file_read (offset/next_offset), checking `patch_sha256`.
+    /// Largest patch returned inline (0-8388608, default 4194304); a bigger one is never cut: read
+    /// `patch_path` with vm_file_read.
     #[serde(default)]
     #[schemars(range(min = 0, max = 8388608))]
     pub max_inline_bytes: Option<u64>,

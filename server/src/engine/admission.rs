@@ -5,7 +5,7 @@
 //! flight is promised its memory. A create, start or refill that would take the promised total past the
 //! budget (`limits.memory_overcommit_ratio` × MemTotal, or `limits.memory_mib` when lower) is refused
 //! before anything is made, with the numbers. The check and the record that makes the promise happen
-//! under the engine's allocation lock (`Engine::alloc_lock`), so two creates cannot both fit into the
+//! under the engine's allocation lock (`Admission::allocating`), so two creates cannot both fit into the
 //! same last slot.
 //!
 //! Slots. Boots (cold, template restore, pool refill, start) contend for the host's few cores; beyond
@@ -26,6 +26,29 @@ use tools_schema::{ApiError, ErrorCode};
 
 use crate::config::LimitsConfig;
 use crate::store::VmRow;
+
+/// Admission's state: the allocation lock and the boot slots.
+pub(crate) struct Admission {
+    /// Serialises allocation of everything a new or starting VM takes from the host: name, address, MAC, and
+    /// its memory promise; the store's unique indexes are the backstop.
+    allocation: tokio::sync::Mutex<()>,
+    /// Boots (`limits.max_concurrent_creates`), first come, first served.
+    pub(crate) slots: CreateSlots,
+}
+
+impl Admission {
+    pub(crate) fn new(limits: &LimitsConfig) -> Admission {
+        Admission {
+            allocation: tokio::sync::Mutex::new(()),
+            slots: CreateSlots::new(max_concurrent(limits, &HostCapacity::read())),
+        }
+    }
+
+    /// Held while a VM's name, address, MAC and memory promise are chosen and recorded.
+    pub(crate) async fn allocating(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.allocation.lock().await
+    }
+}
 
 /// The host's memory and CPUs, read now.
 #[derive(Debug, Clone, Copy)]
@@ -194,14 +217,14 @@ impl super::Engine {
     }
 
     /// Refuses `adds_mib` more when it would take the promise past the budget. The caller holds
-    /// `alloc_lock` until the promise is recorded.
+    /// `Admission::allocating` until the promise is recorded.
     pub(crate) fn admit_memory(&self, what: &str, adds_mib: u64, rows: &[VmRow]) -> Result<(), ApiError> {
         let budget = memory_budget_mib(&self.cfg.limits, &HostCapacity::read());
         admit(what, adds_mib, self.promised_memory_mib(rows), budget)
     }
 
     pub(crate) fn limits_status(&self, rows: &[VmRow]) -> LimitsStatus {
-        self.slots.status(&self.cfg.limits, &HostCapacity::read(), self.promised_memory_mib(rows))
+        self.admission.slots.status(&self.cfg.limits, &HostCapacity::read(), self.promised_memory_mib(rows))
     }
 }
 

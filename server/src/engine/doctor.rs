@@ -118,7 +118,7 @@ impl Engine {
 
     /// The guest channel's backend: virtio-serial needs nothing; vsock under QEMU needs vhost-device-vsock.
     fn vsock_check(&self) -> DoctorCheck {
-        if self.cfg.qemu_channel != "vsock" {
+        if self.cfg.qemu_channel != tools_schema::boot::ChannelKind::Vsock {
             return check(
                 "guest-channel",
                 CheckStatus::Pass,

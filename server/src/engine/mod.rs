@@ -3,8 +3,6 @@
 //! `Engine::dispatch` is generated from `tools_schema::for_each_operation!`, so an operation is written
 //! once (as `Engine::<tool name>`) and served identically over JSON-RPC and MCP. Handlers validate their
 //! input again here, before touching any state, whatever the front door already checked.
-use parking_lot::Mutex;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,7 +11,6 @@ use tools_schema::daemon::VmmChoice;
 use tools_schema::{ApiError, ErrorCode};
 
 use crate::config::Config;
-use crate::guest::GuestConn;
 use crate::store::Store;
 
 mod admission;
@@ -24,6 +21,7 @@ mod guard;
 mod guest_sync;
 mod image;
 mod image_build;
+mod locks;
 mod operation;
 mod run;
 mod session;
@@ -59,35 +57,24 @@ pub struct Engine {
     vmm: parking_lot::RwLock<VmmChoice>,
     /// What the host offers, classified once at start.
     pub(crate) accel: tools_schema::daemon::Acceleration,
-    /// One lock per VM id: operations on one VM are serialised, different VMs proceed in parallel.
-    /// Entries are never removed, so two callers can never hold different locks for the same id.
-    vm_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Live guest channel connections of running VMs.
-    guests: Mutex<HashMap<String, Arc<GuestConn>>>,
-    /// The connect in progress per VM, shared by every caller that finds no live connection meanwhile: they
-    /// all get its one result, success or failure, when it ends (`vm.rs`, `Engine::guest`).
-    guest_connects: Mutex<HashMap<String, vm::PendingConnect>>,
-    /// Bytes each VM's exec spool folder may still take (`vm.rs`).
-    pub(crate) spool_budgets: Mutex<HashMap<String, Arc<std::sync::atomic::AtomicU64>>>,
+    /// Each VM's lock, last boot and exec spool budget (`vm/state.rs`).
+    pub(crate) vms: vm::Vms,
+    /// Live guest connections of running VMs, and the one shared connect of each (`vm/channel.rs`).
+    pub(crate) guests: vm::Guests,
     /// Serialises image registry changes (register, promote, delete).
     image_lock: tokio::sync::Mutex<()>,
-    /// Long-running operations (creates), for operation.status / cancel.
+    /// Long-running operations, for operation.status / wait / cancel (`operation.rs`).
     pub(crate) ops: operation::Ops,
-    /// Serialises allocation of everything a new or starting VM takes from the host: name, address, MAC,
-    /// and its memory promise (admission); the store's unique indexes are the backstop.
-    pub(crate) alloc_lock: tokio::sync::Mutex<()>,
-    /// Boot slots (`limits.max_concurrent_creates`), first come, first served.
-    pub(crate) slots: admission::CreateSlots,
+    /// The allocation lock and the boot slots (`admission.rs`).
+    pub(crate) admission: admission::Admission,
     /// The VM network; set once at start-up, after reconcile, unless networking is disabled.
     pub(crate) net: std::sync::OnceLock<Arc<crate::network::Network>>,
     /// Which sessions have an attached client (one at a time).
     attachments: session::Attachments,
     /// The web console's login URL, once it listens (daemon.status reports it).
     pub(crate) web_url: std::sync::OnceLock<String>,
-    /// Template locks and the warm pool.
+    /// Template locks and the warm pool (`warm/`).
     pub(crate) warm: warm::Warm,
-    /// How each VM was last brought up by this daemon.
-    pub(crate) boots: Mutex<HashMap<String, tools_schema::vm::BootInfo>>,
 }
 
 impl Engine {
@@ -100,27 +87,22 @@ impl Engine {
             crate::host::FirecrackerProof::NotInstalled
         };
         let vmm = parking_lot::RwLock::new(crate::host::choose_vmm(cfg.vmm, accel, &proof));
-        let slots =
-            admission::CreateSlots::new(admission::max_concurrent(&cfg.limits, &admission::HostCapacity::read()));
+        let admission = admission::Admission::new(&cfg.limits);
         Arc::new(Engine {
             cfg,
             store,
             started: Instant::now(),
             vmm,
             accel,
-            vm_locks: Mutex::default(),
-            guests: Mutex::default(),
-            guest_connects: Mutex::default(),
-            spool_budgets: Mutex::default(),
+            vms: vm::Vms::default(),
+            guests: vm::Guests::default(),
             image_lock: tokio::sync::Mutex::new(()),
-            alloc_lock: tokio::sync::Mutex::new(()),
-            slots,
+            admission,
             ops: operation::Ops::default(),
             net: std::sync::OnceLock::new(),
             attachments: session::Attachments::default(),
             web_url: std::sync::OnceLock::new(),
             warm: warm::Warm::default(),
-            boots: Mutex::default(),
         })
     }
 
@@ -182,7 +164,7 @@ impl Engine {
     }
 
     pub(crate) fn vm_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.vm_locks.lock().entry(id.to_string()).or_default().clone()
+        self.vms.lock(id)
     }
 }
 

@@ -35,7 +35,7 @@ impl Engine {
             &crate::vmm::DriverSettings {
                 tools: self.cfg.tools(),
                 qemu_accel: self.vmm().qemu_accel,
-                qemu_vsock: self.cfg.qemu_channel == "vsock",
+                qemu_vsock: self.cfg.qemu_channel == tools_schema::boot::ChannelKind::Vsock,
                 qemu_root_layout: self.cfg.qemu_root_layout,
             },
         )

@@ -11,7 +11,9 @@ use rmcp::service::{Peer, RequestContext};
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, ServiceExt};
 use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
-use tools_schema::ops::{OperationSpec, OPERATIONS};
+use tools_schema::ops::OperationSpec;
+use tools_schema::portable::{portable, Direction::Input, Direction::Output};
+use tools_schema::toolsets::{McpSessionOptions, Toolset, DEFAULT_TOOLSETS, MCP_OPTIONS_KEY};
 use tools_schema::{ApiError, BuildInfo, ErrorCode};
 
 use crate::engine::{CallContext, Engine, ProgressSink};
@@ -23,6 +25,8 @@ pub struct McpServer {
     /// handlers run for a grace period after EOF; banger's rule is that a client that goes away cancels
     /// its work (and a create rolls back), so handlers watch this too.
     closed: CancellationToken,
+    /// The toolsets `tools/list` shows (`tools_schema::toolsets`); every tool can be called regardless.
+    toolsets: Vec<Toolset>,
 }
 
 /// The read half of a connection, cancelling a token at EOF or on a read error.
@@ -48,13 +52,6 @@ impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for EofSignal<R> {
     }
 }
 
-fn schema_object(schema: schemars::Schema) -> Arc<serde_json::Map<String, serde_json::Value>> {
-    match schema.to_value() {
-        serde_json::Value::Object(m) => Arc::new(m),
-        _ => Arc::new(serde_json::Map::new()),
-    }
-}
-
 /// The MCP tool for an operation.
 pub fn tool(op: &OperationSpec) -> Tool {
     let annotations = ToolAnnotations::new()
@@ -63,8 +60,8 @@ pub fn tool(op: &OperationSpec) -> Tool {
         .idempotent(op.idempotent)
         // banger acts on VMs on this host only.
         .open_world(false);
-    Tool::new_with_raw(op.tool_name(), Some(op.description.into()), schema_object((op.params_schema)()))
-        .with_raw_output_schema(schema_object((op.result_schema)()))
+    Tool::new_with_raw(op.tool_name(), Some(op.description.into()), Arc::new(portable((op.params_schema)(), Input)))
+        .with_raw_output_schema(Arc::new(portable((op.result_schema)(), Output)))
         .with_annotations(annotations)
 }
 
@@ -72,13 +69,7 @@ impl ServerHandler for McpServer {
     fn get_info(&self) -> ServerConfig {
         let mut info = ServerConfig::new(ServerCapabilities::builder().enable_tools().build());
         info.server_info = Implementation::new("banger", BuildInfo::current().version);
-        info.instructions = Some(
-            "banger runs microVM sandboxes on this host. Create one with vm_create, run commands with vm_exec, \
-             and delete it with vm_delete when done. Every tool returns structured content; a failed call has \
-             isError set and its text is a JSON error {code, message, hint}: code tells not_found from busy from \
-             guest_unreachable from invalid_argument, and hint says what to do next."
-                .into(),
-        );
+        info.instructions = Some(instructions(&self.toolsets));
         info
     }
 
@@ -87,7 +78,7 @@ impl ServerHandler for McpServer {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, McpError> {
-        Ok(ListToolsResult::with_all_items(OPERATIONS.iter().map(tool).collect()))
+        Ok(ListToolsResult::with_all_items(Toolset::listed(&self.toolsets).map(tool).collect()))
     }
 
     async fn call_tool(
@@ -103,13 +94,24 @@ impl ServerHandler for McpServer {
         let params = serde_json::Value::Object(request.arguments.unwrap_or_default());
         let cancel = CancellationToken::new();
         let _guard = cancel.clone().drop_guard();
-        let progress = context.meta.get_progress_token().map(|token| progress_forwarder(token, context.peer.clone()));
+        let forwarder = context
+            .meta
+            .get_progress_token()
+            .map(|token| progress_forwarder(token, context.peer.clone(), request.name.to_string()));
+        let progress = forwarder.as_ref().map(|(sink, _)| sink.clone());
         let work = self.engine.dispatch(op.method, params, CallContext { cancel: cancel.clone(), progress });
         let result = tokio::select! {
             r = work => r,
             _ = context.ct.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "cancelled by the client").with_hint(crate::engine::errors::hint::RUN_AGAIN)),
             _ = self.closed.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "the client disconnected").with_hint(crate::engine::errors::hint::RUN_AGAIN)),
         };
+        if let Some((_, events)) = forwarder {
+            let (sent, flushed) = tokio::sync::oneshot::channel();
+            if events.send(ProgressEvent::Finish { succeeded: result.is_ok(), sent }).is_ok() {
+                // Bounded: a client that stopped reading must not hold the answer forever.
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(5), flushed).await;
+            }
+        }
         Ok(match result {
             Ok(value) => {
                 let summary = summarize(op, &value);
@@ -123,34 +125,67 @@ impl ServerHandler for McpServer {
     }
 }
 
+/// What the forwarder of a call's progress is told.
+enum ProgressEvent {
+    Report(f64, f64, String),
+    /// The call is over: send the last notification (at its total when the call succeeded), then answer and
+    /// send nothing more. MCP allows progress only for a request still in flight, so this happens before the
+    /// response goes out.
+    Finish {
+        succeeded: bool,
+        sent: tokio::sync::oneshot::Sender<()>,
+    },
+}
+
 /// Sends progress notifications for a call, in order, dropping any that would not increase (MCP requires
 /// progress to grow with each notification).
-struct ProgressChannel(tokio::sync::mpsc::UnboundedSender<(f64, f64, String)>);
+struct ProgressChannel(tokio::sync::mpsc::UnboundedSender<ProgressEvent>);
 
 impl ProgressSink for ProgressChannel {
     fn report(&self, progress: f64, total: f64, message: String) {
-        let _ = self.0.send((progress, total, message));
+        let _ = self.0.send(ProgressEvent::Report(progress, total, message));
     }
 }
 
-fn progress_forwarder(token: ProgressToken, peer: Peer<RoleServer>) -> Arc<dyn ProgressSink> {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(f64, f64, String)>();
+/// The call's progress sink, and the way to finish it (`ProgressEvent::Finish`).
+fn progress_forwarder(
+    token: ProgressToken,
+    peer: Peer<RoleServer>,
+    tool: String,
+) -> (Arc<dyn ProgressSink>, tokio::sync::mpsc::UnboundedSender<ProgressEvent>) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ProgressEvent>();
     tokio::spawn(async move {
-        let mut last = f64::MIN;
-        while let Some((progress, total, message)) = rx.recv().await {
-            if progress <= last {
-                continue;
-            }
-            last = progress;
+        let (mut last, mut last_total) = (f64::MIN, None::<f64>);
+        let notify = |progress: f64, total: Option<f64>, message: String| {
             let mut p = ProgressNotificationParam::new(token.clone(), progress);
-            p.total = Some(total);
+            p.total = total;
             p.message = Some(message);
-            if peer.notify_progress(p).await.is_err() {
-                return;
+            let peer = peer.clone();
+            async move { peer.notify_progress(p).await.is_ok() }
+        };
+        while let Some(event) = rx.recv().await {
+            match event {
+                ProgressEvent::Report(progress, total, message) => {
+                    if progress <= last {
+                        continue;
+                    }
+                    (last, last_total) = (progress, Some(total));
+                    if !notify(progress, Some(total), message).await {
+                        return;
+                    }
+                }
+                ProgressEvent::Finish { succeeded, sent } => {
+                    if let Some(total) = last_total.filter(|t| succeeded && last < *t) {
+                        notify(total, Some(total), format!("{tool}: done")).await;
+                    }
+                    let _ = sent.send(());
+                    // Whatever a still-running task reports from here on is for a request already answered.
+                    return;
+                }
             }
         }
     });
-    Arc::new(ProgressChannel(tx))
+    (Arc::new(ProgressChannel(tx.clone())), tx)
 }
 
 /// A failed call: `isError` with the typed error (`{code, message, hint}`) as JSON text. Not as
@@ -204,10 +239,82 @@ fn summary_line(value: &serde_json::Value) -> String {
     parts.join(" ")
 }
 
+/// What `initialize` tells the agent: the job in a sentence, how errors read, and which toolsets it has and
+/// which it could ask for.
+fn instructions(sets: &[Toolset]) -> String {
+    let names = |sets: &mut dyn Iterator<Item = &Toolset>| sets.map(|s| s.name()).collect::<Vec<_>>().join(", ");
+    let listed = names(&mut sets.iter());
+    let more = names(&mut Toolset::ALL.iter().filter(|s| !sets.contains(s)));
+    let mut text = String::from(
+        "banger runs microVM sandboxes on this host. Create one with vm_create (or vm_run, which also puts a host \
+         repository in it), run commands with vm_exec, and delete it with vm_delete when done. Every tool returns \
+         structured content; a failed call has isError set and its text is a JSON error {code, message, hint}: \
+         code tells not_found from busy from guest_unreachable from invalid_argument, and hint says what to do \
+         next.",
+    );
+    text.push_str(&format!(" Toolsets listed: {listed}."));
+    if !more.is_empty() {
+        text.push_str(&format!(
+            " Not listed (start `banger mcp --toolsets {more}` to list them; their tools can still be called by \
+             name): {more}."
+        ));
+    }
+    text
+}
+
+/// The most an options line may take before the client's first MCP message.
+const OPTIONS_LINE_MAX: usize = 64 << 10;
+
+/// Reads the connection's first line: `banger mcp`'s options line (consumed), or the client's first MCP
+/// message, which is handed back to be read again. Returns the toolsets and the bytes read beyond the options.
+async fn read_options(rd: &mut (impl tokio::io::AsyncRead + Unpin)) -> Result<(Vec<Toolset>, Vec<u8>), String> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let newline = loop {
+        if let Some(i) = buf.iter().position(|b| *b == b'\n') {
+            break i;
+        }
+        if buf.len() > OPTIONS_LINE_MAX {
+            // No line yet: not an options line (they are short); rmcp reads the rest as it will.
+            return Ok((DEFAULT_TOOLSETS.to_vec(), buf));
+        }
+        let mut chunk = [0u8; 4096];
+        match rd.read(&mut chunk).await {
+            Ok(0) | Err(_) => return Ok((DEFAULT_TOOLSETS.to_vec(), buf)),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let line: Option<serde_json::Map<String, serde_json::Value>> = serde_json::from_slice(&buf[..newline]).ok();
+    let Some(options) =
+        line.as_ref().and_then(|l| l.get(MCP_OPTIONS_KEY)).filter(|_| line.as_ref().is_some_and(|l| l.len() == 1))
+    else {
+        return Ok((DEFAULT_TOOLSETS.to_vec(), buf));
+    };
+    let options: McpSessionOptions = serde_json::from_value(options.clone()).map_err(|e| {
+        format!("invalid {MCP_OPTIONS_KEY}: {e}; toolsets are {}", Toolset::ALL.map(|s| s.name()).join(", "))
+    })?;
+    let mut sets = options.toolsets;
+    sets.extend_from_slice(DEFAULT_TOOLSETS);
+    sets.sort();
+    sets.dedup();
+    Ok((sets, buf.split_off(newline + 1)))
+}
+
 pub async fn serve(stream: UnixStream, engine: Arc<Engine>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let closed = CancellationToken::new();
-    let (rd, wr) = stream.into_split();
-    let server = McpServer { engine, closed: closed.clone() };
+    let (mut rd, mut wr) = stream.into_split();
+    let (toolsets, rest) = match read_options(&mut rd).await {
+        Ok(read) => read,
+        Err(why) => {
+            // Said in JSON-RPC, which the client speaks, before anything else happens.
+            let e = serde_json::json!({"jsonrpc": "2.0", "id": null, "error": {"code": -32602, "message": why}});
+            let _ = wr.write_all(format!("{e}\n").as_bytes()).await;
+            return;
+        }
+    };
+    let rd = std::io::Cursor::new(rest).chain(rd);
+    let server = McpServer { engine, closed: closed.clone(), toolsets };
     match server.serve((EofSignal { inner: rd, closed }, wr)).await {
         Ok(running) => {
             let _ = running.waiting().await;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
-use tools_schema::daemon::VmmKind;
+use tools_schema::daemon::{QemuAccel, VmmKind};
 
 use super::{
     firecracker, process_marker, qemu, qmp, BootSpec, GuestChannel, GuestMemory, Launched, RootLayout, Tools, VmPaths,
@@ -32,8 +32,8 @@ pub enum Driver {
 #[derive(Debug, Clone)]
 pub struct QemuDriver {
     pub tools: Tools,
-    /// `kvm` or `tcg` (`host::qemu_accel`).
-    pub accel: String,
+    /// KVM or TCG (`host::qemu_accel`).
+    pub accel: QemuAccel,
     /// The guest channel over vsock (vhost-device-vsock) instead of virtio-serial.
     pub vsock: bool,
     /// The disk layout cold-booted VMs get (`qemu_root_layout`).
@@ -50,7 +50,7 @@ pub struct FirecrackerDriver {
 #[derive(Debug, Clone)]
 pub struct DriverSettings {
     pub tools: Tools,
-    pub qemu_accel: String,
+    pub qemu_accel: QemuAccel,
     pub qemu_vsock: bool,
     pub qemu_root_layout: RootLayout,
 }
@@ -71,7 +71,7 @@ impl Driver {
         match kind {
             VmmKind::Qemu => Driver::Qemu(QemuDriver {
                 tools: s.tools.clone(),
-                accel: s.qemu_accel.clone(),
+                accel: s.qemu_accel,
                 vsock: s.qemu_vsock,
                 root_layout: s.qemu_root_layout,
             }),
@@ -105,11 +105,11 @@ impl Driver {
         self.tools().find(self.binary())
     }
 
-    /// How guests are accelerated (`kvm` or `tcg`): part of what a template depends on.
-    pub fn accel(&self) -> &str {
+    /// How guests are accelerated: part of what a template depends on.
+    pub fn accel(&self) -> QemuAccel {
         match self {
-            Driver::Qemu(q) => &q.accel,
-            Driver::Firecracker(_) => "kvm",
+            Driver::Qemu(q) => q.accel,
+            Driver::Firecracker(_) => QemuAccel::Kvm,
         }
     }
 
@@ -220,7 +220,7 @@ impl Driver {
                 if let GuestMemory::TemplateFile(ram) = &spec.memory {
                     private(ram)?;
                 }
-                qemu::launch(&q.tools, &q.accel, spec).await
+                qemu::launch(&q.tools, q.accel, spec).await
             }
             Driver::Firecracker(f) => super::launch_firecracker(&f.tools, spec).await,
         }

@@ -24,11 +24,12 @@ pub fn acceleration() -> Acceleration {
 }
 
 /// How QEMU runs guests on a host like this: with KVM on hardware KVM, else software emulation.
-pub fn qemu_accel(accel: Acceleration) -> &'static str {
+pub fn qemu_accel(accel: Acceleration) -> tools_schema::daemon::QemuAccel {
+    use tools_schema::daemon::QemuAccel;
     if accel == Acceleration::HardwareKvm {
-        "kvm"
+        QemuAccel::Kvm
     } else {
-        "tcg"
+        QemuAccel::Tcg
     }
 }
 

@@ -7,6 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tools_schema::boot::{BootArgs, ChannelKind};
+use tools_schema::daemon::VmmKind;
+
 pub mod driver;
 pub mod firecracker;
 pub mod guest;
@@ -158,8 +161,10 @@ pub struct BootSpec {
     pub dir: PathBuf,
     /// The VM's NIC: a TAP on the bridge and the guest's network settings.
     pub net: Option<(String, crate::net::GuestNet)>,
-    /// More kernel command-line arguments for the guest agent.
-    pub extra_args: Vec<String>,
+    /// What the engine tells the guest's agent at boot (template, filesystems to grow, SSH key). The driver
+    /// fills in the rest from this spec (hostname, channel, VMM, root layout, network) and renders it:
+    /// `BootSpec::agent_args` is the one place `banger.*` words are made.
+    pub args: BootArgs,
     /// Use vsock instead of virtio-serial for the guest channel (QEMU; Firecracker always uses vsock).
     pub vsock: bool,
     /// Where guest RAM lives (QEMU): see `GuestMemory`.
@@ -169,6 +174,26 @@ pub struct BootSpec {
     pub template_mac: Option<String>,
     /// Firecracker templates: the directory the VMM sees its files under (see `firecracker::spawn_anchored`).
     pub anchor: Option<PathBuf>,
+}
+
+impl BootSpec {
+    /// Everything the guest's agent is told on its kernel command line: the engine's `args`, completed from
+    /// the rest of the spec. QEMU guests are not told their VMM (the agent's default); templates and their
+    /// clones get no network here, the agent sets the clone's own after the restore, so the command line
+    /// stays the template's.
+    pub fn agent_args(&self, vmm: VmmKind, channel: ChannelKind) -> BootArgs {
+        BootArgs {
+            hostname: Some(self.hostname.clone()),
+            channel,
+            vmm: (vmm == VmmKind::Firecracker).then_some(vmm),
+            overlay_root: self.layout == RootLayout::Overlay,
+            net: match (&self.net, &self.template_mac) {
+                (Some((_, net)), None) => Some(net.boot_net()),
+                _ => None,
+            },
+            ..self.args.clone()
+        }
+    }
 }
 
 /// How a guest's root filesystem is put together from its disks. Both VMMs boot both layouts (Firecracker
@@ -242,14 +267,11 @@ impl RootLayout {
         drives
     }
 
-    /// The kernel command line that goes with the layout. Without an initramfs the kernel mounts the first
+    /// The kernel's own command-line words for the layout. Without an initramfs the kernel mounts the first
     /// drive (vda) itself and starts the agent as PID 1; in the overlay layout it mounts the base read-only and
-    /// the agent builds the overlay root.
+    /// the agent builds the overlay root (`BootArgs::overlay_root`, set by `BootSpec::agent_args`).
     pub fn kernel_args(self, initrd: bool) -> Vec<String> {
         let mut args = vec![];
-        if self == RootLayout::Overlay {
-            args.push("banger.overlay=1".to_string());
-        }
         if !initrd {
             let mode = if self == RootLayout::Overlay { "ro" } else { "rw" };
             args.extend(
@@ -349,6 +371,14 @@ pub struct Launched {
 
 /// Boots a Firecracker VM: the image's root filesystem read-only, an overlay disk for its writes, a raw work
 /// disk, the TAP, and the guest channel on vsock.
+/// A Firecracker guest kernel's command line: the kernel's own words, then the agent's.
+fn firecracker_cmdline(spec: &BootSpec) -> Vec<String> {
+    let mut args: Vec<String> = ["console=ttyS0", "reboot=k", "panic=1", "pci=off", "quiet"].map(String::from).into();
+    args.extend(spec.layout.kernel_args(spec.initrd.is_some()));
+    args.extend(spec.agent_args(VmmKind::Firecracker, ChannelKind::Vsock).render());
+    args
+}
+
 pub(crate) async fn launch_firecracker(cfg: &Tools, spec: &BootSpec) -> Result<Launched, VmmError> {
     let bin = cfg.find_binary("firecracker").ok_or(VmmError::MissingBinary { binary: "firecracker" })?;
     let kernel = spec.kernel_elf.clone().ok_or_else(|| VmmError::Launch {
@@ -382,21 +412,7 @@ pub(crate) async fn launch_firecracker(cfg: &Tools, spec: &BootSpec) -> Result<L
     .map_err(fc_err)?;
     // Written at once, so a daemon that dies from here on still finds (and cleans up) the process.
     let _ = std::fs::write(paths.pidfile(), machine.pid.to_string());
-    let mut args = vec![
-        "console=ttyS0".to_string(),
-        "reboot=k".into(),
-        "panic=1".into(),
-        "pci=off".into(),
-        "quiet".into(),
-        format!("banger.hostname={}", spec.hostname),
-        "banger.channel=vsock".into(),
-        "banger.vmm=firecracker".into(),
-    ];
-    args.extend(spec.layout.kernel_args(spec.initrd.is_some()));
-    if let (Some((_, net)), None) = (&spec.net, &spec.template_mac) {
-        args.extend(net.kernel_args());
-    }
-    args.extend(spec.extra_args.iter().cloned());
+    let args = firecracker_cmdline(spec);
     let config = firecracker::FcConfig {
         vcpus: spec.vcpus,
         memory_mib: spec.memory_mib,

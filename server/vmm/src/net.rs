@@ -1,4 +1,4 @@
-//! A guest's network settings, as its kernel command line carries them.
+//! A guest's network settings, as its kernel command line carries them (`BootArgs::net`).
 use std::net::Ipv4Addr;
 
 /// Network settings of one VM, as the guest gets them on its kernel command line.
@@ -11,12 +11,14 @@ pub struct GuestNet {
 }
 
 impl GuestNet {
-    pub fn kernel_args(&self) -> Vec<String> {
-        vec![
-            format!("banger.ip={}/{}", self.ip, self.prefix),
-            format!("banger.gw={}", self.gateway),
-            format!("banger.dns={}", self.gateway),
-            format!("banger.mac={}", self.mac),
-        ]
+    /// The settings as the agent reads them; the bridge's gateway is also the guest's DNS server.
+    pub fn boot_net(&self) -> tools_schema::boot::BootNet {
+        tools_schema::boot::BootNet {
+            address: self.ip,
+            prefix: self.prefix,
+            gateway: self.gateway,
+            dns: self.gateway,
+            mac: self.mac.clone(),
+        }
     }
 }

@@ -1,9 +1,29 @@
 //! QEMU `microvm`: KVM-accelerated where hardware KVM works, software emulation (TCG) elsewhere.
 use tokio::process::Command;
 
+use tools_schema::boot::ChannelKind;
+use tools_schema::daemon::{QemuAccel, VmmKind};
+
 use super::{process_marker, BootSpec, FindBinary, Launched, Tools, VmPaths, VmmError};
 
-pub async fn launch(cfg: &Tools, accel: &str, spec: &BootSpec) -> Result<Launched, VmmError> {
+/// The guest kernel's command line: the kernel's own words, then the agent's (`BootSpec::agent_args`).
+fn kernel_cmdline(accel: QemuAccel, spec: &BootSpec, tsc_khz: Option<u64>) -> Vec<String> {
+    let mut cmdline = vec!["console=ttyS0".to_string(), "quiet".into(), "panic=-1".into()];
+    // The root disk is the first virtio-blk device on the command line, which the kernel names vda.
+    cmdline.extend(spec.layout.kernel_args(spec.initrd.is_some()));
+    if accel == QemuAccel::Tcg {
+        // Without these, most TCG boots hang calibrating the timer.
+        if let Some(khz) = tsc_khz {
+            cmdline.push(format!("tsc_early_khz={khz}"));
+        }
+        cmdline.push("tsc=reliable".into());
+    }
+    let channel = if spec.vsock { ChannelKind::Vsock } else { ChannelKind::VirtioSerial };
+    cmdline.extend(spec.agent_args(VmmKind::Qemu, channel).render());
+    cmdline
+}
+
+pub async fn launch(cfg: &Tools, accel: QemuAccel, spec: &BootSpec) -> Result<Launched, VmmError> {
     let qemu = cfg.find_binary("qemu-system-x86_64").ok_or(VmmError::MissingBinary { binary: "qemu-system-x86_64" })?;
     let paths = VmPaths::new(spec.dir.clone());
     for stale in [paths.channel(), paths.control(), paths.pidfile()] {
@@ -12,30 +32,7 @@ pub async fn launch(cfg: &Tools, accel: &str, spec: &BootSpec) -> Result<Launche
     if spec.vsock {
         start_vhost_vsock(cfg, &paths).await?;
     }
-    let mut cmdline = vec![
-        "console=ttyS0".to_string(),
-        "quiet".into(),
-        "panic=-1".into(),
-        format!("banger.hostname={}", spec.hostname),
-    ];
-    // Templates and their clones get their network settings from the agent after the restore; the
-    // command line stays the template's.
-    if let (Some((_, net)), None) = (&spec.net, &spec.template_mac) {
-        cmdline.extend(net.kernel_args());
-    }
-    cmdline.extend(spec.extra_args.iter().cloned());
-    if spec.vsock {
-        cmdline.push("banger.channel=vsock".into());
-    }
-    // The root disk is the first virtio-blk device on the command line, which the kernel names vda.
-    cmdline.extend(spec.layout.kernel_args(spec.initrd.is_some()));
-    if accel == "tcg" {
-        // Without these, most TCG boots hang calibrating the timer.
-        if let Some(khz) = crate::host::tsc_khz() {
-            cmdline.push(format!("tsc_early_khz={khz}"));
-        }
-        cmdline.push("tsc=reliable".into());
-    }
+    let cmdline = kernel_cmdline(accel, spec, crate::host::tsc_khz());
     let mut cmd = Command::new(qemu);
     match &spec.memory {
         super::GuestMemory::Anonymous => {}
@@ -67,7 +64,7 @@ pub async fn launch(cfg: &Tools, accel: &str, spec: &BootSpec) -> Result<Launche
         .arg("-kernel")
         .arg(&spec.kernel)
         .args(["-append", &cmdline.join(" ")]);
-    if accel == "tcg" {
+    if accel == QemuAccel::Tcg {
         // A smaller translation cache keeps idle RSS down without a measurable slowdown. `-cpu max` offers
         // every instruction set extension TCG emulates (SSE4, AVX2, ...): the default qemu64 model has none, and
         // modern binaries (Bun-built CLIs such as claude and opencode) die with SIGILL on it.
@@ -203,8 +200,91 @@ async fn start_vhost_vsock(cfg: &Tools, paths: &VmPaths) -> Result<(), VmmError>
 
 #[cfg(test)]
 mod tests {
-    use super::super::{DiskAccess, DiskFormat, RootLayout, VmPaths};
+    use super::super::{BootSpec, DiskAccess, DiskFormat, GuestMemory, RootLayout, VmPaths};
     use std::path::Path;
+    use tools_schema::boot::{BootArgs, BootNet, ChannelKind, GrowFs};
+    use tools_schema::daemon::{QemuAccel, VmmKind};
+
+    fn spec(layout: RootLayout, vsock: bool, template_mac: Option<&str>) -> BootSpec {
+        let paths = VmPaths::new("/vms/a".into());
+        BootSpec {
+            vm_id: "a".into(),
+            hostname: "dev-1".into(),
+            vcpus: 2,
+            memory_mib: 512,
+            kernel: "/img/vmlinux".into(),
+            initrd: None,
+            kernel_elf: None,
+            layout,
+            drives: layout.drives(&paths, Path::new("/img/root.ext4"), true),
+            dir: paths.dir.clone(),
+            net: Some((
+                "bgtap0".into(),
+                crate::net::GuestNet {
+                    ip: "10.0.0.2".parse().unwrap(),
+                    prefix: 24,
+                    gateway: "10.0.0.1".parse().unwrap(),
+                    mac: "02:00:00:00:00:02".into(),
+                },
+            )),
+            args: BootArgs {
+                grow: vec![GrowFs::Root, GrowFs::Work],
+                ssh_key: Some("ssh-ed25519 AAAAC3Nz banger".into()),
+                ..Default::default()
+            },
+            vsock,
+            memory: GuestMemory::Anonymous,
+            template_mac: template_mac.map(String::from),
+            anchor: None,
+        }
+    }
+
+    /// What the daemon puts on a guest's command line is what the agent reads back, word for word, for both
+    /// VMMs: the command lines are made only by `BootSpec::agent_args` and `BootArgs::render`.
+    #[test]
+    fn the_agent_reads_back_exactly_what_each_driver_renders() {
+        let net = BootNet {
+            address: "10.0.0.2".parse().unwrap(),
+            prefix: 24,
+            gateway: "10.0.0.1".parse().unwrap(),
+            dns: "10.0.0.1".parse().unwrap(),
+            mac: "02:00:00:00:00:02".into(),
+        };
+        let want = BootArgs {
+            hostname: Some("dev-1".into()),
+            channel: ChannelKind::VirtioSerial,
+            vmm: None,
+            overlay_root: false,
+            template: false,
+            grow: vec![GrowFs::Root, GrowFs::Work],
+            ssh_key: Some("ssh-ed25519 AAAAC3Nz banger".into()),
+            net: Some(net),
+        };
+        let read = |words: Vec<String>| {
+            let (args, errors) = BootArgs::parse(&words.join(" "));
+            assert!(errors.is_empty(), "{errors:?} in {words:?}");
+            args
+        };
+        let qemu = super::kernel_cmdline(QemuAccel::Tcg, &spec(RootLayout::Qcow2, false, None), Some(2_000_000));
+        assert!(qemu.iter().any(|w| w == "tsc_early_khz=2000000"), "{qemu:?}");
+        assert_eq!(read(qemu), want);
+        let vsock = super::kernel_cmdline(QemuAccel::Kvm, &spec(RootLayout::Overlay, true, None), None);
+        assert_eq!(read(vsock), BootArgs { channel: ChannelKind::Vsock, overlay_root: true, ..want.clone() });
+        let fc = super::super::firecracker_cmdline(&spec(RootLayout::Overlay, true, None));
+        assert_eq!(
+            read(fc),
+            BootArgs {
+                channel: ChannelKind::Vsock,
+                vmm: Some(VmmKind::Firecracker),
+                overlay_root: true,
+                ..want.clone()
+            }
+        );
+        // A template's command line carries no network: each clone's agent gets its own after the restore.
+        let template =
+            super::kernel_cmdline(QemuAccel::Tcg, &spec(RootLayout::Qcow2, false, Some("52:54:00:b0:00:01")), None);
+        assert_eq!(read(template).net, None);
+    }
 
     #[test]
     fn each_layout_renders_its_drives_with_their_format_and_access() {
@@ -232,7 +312,7 @@ mod tests {
         assert_eq!(RootLayout::Overlay.drives(&paths, Path::new("/img/r"), false).len(), 2);
         assert_eq!(
             RootLayout::Overlay.kernel_args(false),
-            ["banger.overlay=1", "root=/dev/vda", "ro", "rootfstype=ext4", "init=/usr/local/bin/banger-agent"]
+            ["root=/dev/vda", "ro", "rootfstype=ext4", "init=/usr/local/bin/banger-agent"]
         );
         assert_eq!(RootLayout::Qcow2.kernel_args(true), Vec::<String>::new());
     }

@@ -66,7 +66,7 @@ async fn a_paused_qemu_guest_stands_still_and_a_resumed_one_answers_again() {
         VmmKind::Qemu,
         &DriverSettings {
             tools,
-            qemu_accel: banger_vmm::host::qemu_accel(banger_vmm::host::acceleration()).into(),
+            qemu_accel: banger_vmm::host::qemu_accel(banger_vmm::host::acceleration()),
             qemu_vsock: false,
             qemu_root_layout: RootLayout::Qcow2,
         },
@@ -83,7 +83,7 @@ async fn a_paused_qemu_guest_stands_still_and_a_resumed_one_answers_again() {
         drives: RootLayout::Qcow2.drives(&paths, Path::new(&rootfs), false),
         dir: dir.clone(),
         net: None,
-        extra_args: vec![],
+        args: Default::default(),
         vsock: driver.vsock(),
         memory: GuestMemory::Anonymous,
         template_mac: None,

@@ -144,7 +144,11 @@ impl Engine {
             ),
             dir: paths.dir.clone(),
             net,
-            extra_args: super::create::grow_args(&paths, image).into_iter().chain(self.ssh_key_arg()).collect(),
+            args: tools_schema::boot::BootArgs {
+                grow: super::create::filesystems_to_grow(&paths, image),
+                ssh_key: self.ssh_public_key(),
+                ..Default::default()
+            },
             vsock: driver.vsock(),
             memory: vmm::GuestMemory::Anonymous,
             template_mac: None,
@@ -231,7 +235,7 @@ impl Engine {
             op.stage("ready");
         }
         self.sync_into_guest(&row.name, &conn).await;
-        self.guests.lock().insert(row.id.clone(), conn.clone());
+        self.guests.adopt(&row.id, conn.clone());
         if let (Some(net), Some(ip)) = (self.network(), row.ip) {
             // The DNS name and NAT rule are undone with the network (`release_net`).
             net.dns.set(&row.name, ip);
@@ -246,7 +250,7 @@ impl Engine {
         self.learn_host_key_later(row, conn);
         self.store.set_vm_state(row.id.clone(), VmState::Running, Some(pid), Some(now()), None).await?;
         tracing::info!(vm = %row.name, pid, mode = ?boot.mode, cold_reason = ?boot.cold_reason, boot_ms = boot.ms, "VM ready");
-        self.boots.lock().insert(row.id.clone(), boot.clone());
+        self.vms.booted(&row.id, boot.clone());
         Ok(boot)
     }
 }

@@ -1,21 +1,18 @@
 //! Creating a VM: checks, allocation (name, address, MAC, pool slot, memory promise), disks, and handing a pooled VM out.
 use super::*;
+use tools_schema::boot::GrowFs;
 
 /// Tells the agent which filesystems to grow at boot: a disk grown by `vm set` is bigger than its base.
-pub(super) fn grow_args(paths: &VmPaths, image: &ImageRow) -> Vec<String> {
+pub(super) fn filesystems_to_grow(paths: &VmPaths, image: &ImageRow) -> Vec<GrowFs> {
     let mut grow = vec![];
     if vmm::qcow2_virtual_size(&paths.root_disk()).is_some_and(|s| s > image.rootfs_bytes) {
-        grow.push("root");
+        grow.push(GrowFs::Root);
     }
     let seed = std::fs::metadata(&image.work_seed).map(|m| m.len()).unwrap_or(u64::MAX);
     if vmm::qcow2_virtual_size(&paths.work_disk()).is_some_and(|s| s > seed) {
-        grow.push("work");
+        grow.push(GrowFs::Work);
     }
-    if grow.is_empty() {
-        vec![]
-    } else {
-        vec![format!("banger.growfs={}", grow.join(","))]
-    }
+    grow
 }
 
 impl Engine {
@@ -110,10 +107,10 @@ impl Engine {
             (p.vcpus.unwrap_or(self.cfg.default_vcpus), p.memory_mib.unwrap_or(self.cfg.default_memory_mib));
         // Name, address, MAC, pool entry and memory promise are taken under one lock: what the checks saw
         // is still true when the record is written.
-        let _alloc = self.alloc_lock.lock().await;
+        let _alloc = self.admission.allocating().await;
         // Pooled VMs run on the host's VMM.
         let pooled = (vmm == self.vmm().vmm && p.boot.unwrap_or_default() == BootRequest::Auto)
-            .then(|| self.take_pooled(&image.id, vcpus, memory_mib))
+            .then(|| self.warm.pool.take(&image.id, vcpus, memory_mib))
             .flatten();
         let allocated =
             self.allocate_row(p, &image, vmm, vcpus, memory_mib, pooled.as_ref().map(|e| e.id.clone())).await;
@@ -121,7 +118,7 @@ impl Engine {
             Ok(row) => Ok((row, image, pooled)),
             Err(e) => {
                 if let Some(entry) = pooled {
-                    self.warm.pool.lock().push(entry);
+                    self.warm.pool.put_back(entry);
                 }
                 Err(e)
             }
@@ -129,7 +126,7 @@ impl Engine {
     }
 
     /// Picks name, address and MAC, admits the VM's memory and records it as starting. The caller holds
-    /// `alloc_lock`; `id` is a pooled VM's, whose memory is already promised.
+    /// `Admission::allocating`; `id` is a pooled VM's, whose memory is already promised.
     pub(super) async fn allocate_row(
         &self,
         p: VmCreateParams,
@@ -225,6 +222,7 @@ impl Engine {
             // Boots beyond what may run at once wait their turn, holding only the record.
             op.stage("queue");
             let _slot = self
+                .admission
                 .slots
                 .acquire(&cancel, |ahead| op.detail(&crate::engine::admission::waiting_message(ahead)))
                 .await
@@ -346,7 +344,7 @@ impl Engine {
     pub(super) fn undo_vmm(self: &Arc<Self>, rollback: &mut Rollback, row: &VmRow, pid: u32) {
         let (engine, id) = (self.clone(), row.id.clone());
         rollback.push("vmm", async move {
-            engine.drop_guest(&id);
+            engine.guests.close(&id);
             vmm::stop_vm_processes(&engine.vm_paths(&id).dir, &id, Some(pid)).await;
         });
     }
@@ -357,10 +355,9 @@ impl Engine {
         rollback.push("network", async move { engine.release_net(&row).await });
     }
 
-    /// The public key for the guest's authorized_keys, on the kernel command line (base64, no spaces).
-    pub(super) fn ssh_key_arg(&self) -> Option<String> {
-        use base64::Engine as _;
+    /// The public key for the guest's authorized_keys (`BootArgs::ssh_key`).
+    pub(crate) fn ssh_public_key(&self) -> Option<String> {
         let public = std::fs::read_to_string(self.cfg.ssh_key().with_extension("pub")).ok()?;
-        Some(format!("banger.sshkey={}", base64::engine::general_purpose::STANDARD_NO_PAD.encode(public.trim())))
+        Some(public.trim().to_string())
     }
 }

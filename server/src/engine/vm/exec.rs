@@ -61,13 +61,13 @@ impl Engine {
     /// When it is spent the oldest spools go first (beyond the newest one), then output is cut.
     pub(super) async fn spool_budget(&self, vm_id: &str, dir: &std::path::Path) -> Arc<std::sync::atomic::AtomicU64> {
         let cap = self.cfg.exec_spool_mib << 20;
-        let known = self.spool_budgets.lock().get(vm_id).cloned();
+        let known = self.vms.spool_budget(vm_id);
         let budget = match known {
             Some(b) => b,
             None => {
                 let used = folder_bytes(dir).await;
                 let fresh = Arc::new(std::sync::atomic::AtomicU64::new(cap.saturating_sub(used)));
-                self.spool_budgets.lock().entry(vm_id.to_string()).or_insert(fresh).clone()
+                self.vms.keep_spool_budget(vm_id, fresh)
             }
         };
         // Less than half left: make room by dropping the oldest kept outputs (the newest stays).

@@ -20,7 +20,7 @@ impl Engine {
         let image = self.resolve_image(Some(&row.image_id)).await?;
         {
             // Its memory is promised again (a stopped VM holds none): admitted and recorded under one lock.
-            let _alloc = self.alloc_lock.lock().await;
+            let _alloc = self.admission.allocating().await;
             let rows = self.store.vms().await?;
             let others: Vec<VmRow> = rows.into_iter().filter(|r| r.id != row.id).collect();
             self.admit_memory(&format!("starting VM {}", row.name), row.memory_mib as u64, &others)?;
@@ -31,7 +31,7 @@ impl Engine {
         // A VM that exists boots cold from its own disks (a clone's disks are overlays of its template's).
         let plan = BootPlan::Cold { reason: None };
         let booted = tokio::spawn(async move {
-            let Some(_slot) = engine.slots.acquire(&cancel, |_| {}).await else {
+            let Some(_slot) = engine.admission.slots.acquire(&cancel, |_| {}).await else {
                 return Err(ApiError::new(
                     ErrorCode::Cancelled,
                     format!("starting VM {} was cancelled", task_row.name),
@@ -77,7 +77,7 @@ impl Engine {
             tracing::info!(vm = %row.name, pid, "ending the VMM before taking the VM lock");
             vmm::stop_vm_processes(&self.vm_paths(&row.id).dir, &row.id, Some(pid)).await;
         }
-        self.drop_guest(&row.id);
+        self.guests.close(&row.id);
     }
 
     pub async fn vm_restart(self: &Arc<Self>, p: VmRefs, ctx: CallContext) -> Result<VmBatchResult, ApiError> {
@@ -106,7 +106,7 @@ impl Engine {
         if let Some(pid) = row.pid.filter(|_| self.is_alive(row)) {
             self.store.set_vm_state(row.id.clone(), VmState::Stopping, Some(pid), None, None).await?;
             let mut gone = false;
-            let conn = self.guests.lock().get(&row.id).cloned();
+            let conn = self.guests.last(&row.id);
             self.record_sessions_at_halt(row, conn.clone()).await;
             if !force {
                 let grace = Duration::from_secs(self.cfg.stop_grace_secs);
@@ -133,7 +133,7 @@ impl Engine {
                 vmm::stop_vm_processes(&self.vm_paths(&row.id).dir, &row.id, Some(pid)).await;
             }
         }
-        self.drop_guest(&row.id);
+        self.guests.close(&row.id);
         vmm::stop_vm_processes(&self.vm_paths(&row.id).dir, &row.id, None).await;
         self.release_net(row).await;
         self.store.set_vm_state(row.id.clone(), VmState::Stopped, None, None, None).await?;
@@ -236,8 +236,7 @@ impl Engine {
             }
             engine.store.delete_vm(row.id.clone()).await?;
             engine.forget_host_key(&row);
-            engine.boots.lock().remove(&row.id);
-            engine.spool_budgets.lock().remove(&row.id);
+            engine.vms.forget(&row.id);
             tracing::info!(vm = %row.name, id = %row.id, "VM deleted");
             Ok(None)
         })

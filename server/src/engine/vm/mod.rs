@@ -38,8 +38,10 @@ mod files;
 mod inspect;
 mod lifecycle;
 mod reconcile;
+mod state;
 
-pub(crate) use channel::PendingConnect;
+pub(crate) use channel::Guests;
+pub(crate) use state::Vms;
 
 use super::errors::{file_error, guest_error, vmm_error};
 
@@ -164,7 +166,7 @@ impl Engine {
             disk_bytes: vmm::qcow2_virtual_size(&self.vm_paths(&row.id).root_disk()),
             work_disk_bytes: vmm::qcow2_virtual_size(&self.vm_paths(&row.id).work_disk()),
             last_error: row.last_error.clone(),
-            boot: self.boots.lock().get(&row.id).cloned(),
+            boot: self.vms.last_boot(&row.id),
         }
     }
 

@@ -98,7 +98,7 @@ pub(crate) struct TemplateInputs {
     /// `qemu` or `firecracker`, and its binary.
     vmm: String,
     vmm_binary: FileStamp,
-    accel: String,
+    accel: tools_schema::daemon::QemuAccel,
     vcpus: u32,
     memory_mib: u32,
     nic: bool,
@@ -196,10 +196,8 @@ pub(crate) struct PoolEntry {
 #[derive(Default)]
 pub(crate) struct Warm {
     /// One build at a time per template slot.
-    slot_locks: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    pub(crate) pool: parking_lot::Mutex<Vec<PoolEntry>>,
-    /// Pool entries being restored right now (counted against the pool size).
-    pool_filling: parking_lot::Mutex<HashMap<String, usize>>,
+    slot_locks: crate::engine::locks::KeyedLocks,
+    pub(crate) pool: pool::Pool,
 }
 
 /// Where a VM's boot comes from.
@@ -225,7 +223,7 @@ mod tests {
             initrd: None,
             vmm: "qemu".into(),
             vmm_binary: f("/q"),
-            accel: "tcg".into(),
+            accel: tools_schema::daemon::QemuAccel::Tcg,
             vcpus: 1,
             memory_mib: 256,
             nic: true,

@@ -1,9 +1,98 @@
 //! The warm pool: restored VMs waiting to be handed out, refilled in the background within host memory.
 use super::*;
 
-pub(super) fn pool_promise(pool: &[PoolEntry], filling: &HashMap<String, usize>, fill_memory_mib: u32) -> u64 {
-    pool.iter().map(|e| e.memory_mib as u64).sum::<u64>()
-        + filling.values().sum::<usize>() as u64 * fill_memory_mib as u64
+/// The pooled VMs waiting to be handed out, and the refills under way, by image.
+#[derive(Default)]
+pub(crate) struct Pool {
+    state: parking_lot::Mutex<PoolState>,
+}
+
+#[derive(Default)]
+struct PoolState {
+    ready: Vec<PoolEntry>,
+    /// Pool entries being restored right now (counted against the pool size), by image id.
+    filling: HashMap<String, usize>,
+}
+
+impl PoolState {
+    /// Memory promised to the pool: VMs waiting in it, and refills under way at `fill_memory_mib` each.
+    fn promise_mib(&self, fill_memory_mib: u32) -> u64 {
+        self.ready.iter().map(|e| e.memory_mib as u64).sum::<u64>()
+            + self.filling.values().sum::<usize>() as u64 * fill_memory_mib as u64
+    }
+}
+
+impl Pool {
+    /// Takes a pooled VM of this image and shape, if one waits.
+    pub(crate) fn take(&self, image_id: &str, vcpus: u32, memory_mib: u32) -> Option<PoolEntry> {
+        let mut state = self.state.lock();
+        let i = state
+            .ready
+            .iter()
+            .position(|e| e.image_id == image_id && e.vcpus == vcpus && e.memory_mib == memory_mib)?;
+        Some(state.ready.remove(i))
+    }
+
+    /// A taken VM the create could not use after all.
+    pub(crate) fn put_back(&self, entry: PoolEntry) {
+        self.state.lock().ready.push(entry);
+    }
+
+    /// Takes every pooled VM out (to be ended).
+    fn drain(&self) -> Vec<PoolEntry> {
+        std::mem::take(&mut self.state.lock().ready)
+    }
+
+    /// Takes out the pooled VMs of images no longer pooled.
+    fn remove_unless(&self, keep: impl Fn(&PoolEntry) -> bool) -> Vec<PoolEntry> {
+        let mut state = self.state.lock();
+        let (kept, gone) = std::mem::take(&mut state.ready).into_iter().partition(|e| keep(e));
+        state.ready = kept;
+        gone
+    }
+
+    /// Starts one refill of `image_id` unless the pool has (or is making) `size` of them already (`Ok(false)`),
+    /// or `admit`, given the memory the pool holds now, refuses. Checked and counted under one lock.
+    fn begin_fill<E>(
+        &self,
+        image_id: &str,
+        size: usize,
+        fill_memory_mib: u32,
+        admit: impl FnOnce(u64) -> Result<(), E>,
+    ) -> Result<bool, E> {
+        let mut state = self.state.lock();
+        let have = state.ready.iter().filter(|e| e.image_id == image_id).count()
+            + state.filling.get(image_id).copied().unwrap_or(0);
+        if have >= size {
+            return Ok(false);
+        }
+        admit(state.promise_mib(fill_memory_mib))?;
+        *state.filling.entry(image_id.to_string()).or_default() += 1;
+        Ok(true)
+    }
+
+    /// A refill begun by `begin_fill` ended, with its VM if it made one.
+    fn end_fill(&self, image_id: &str, made: Option<PoolEntry>) {
+        let mut state = self.state.lock();
+        if let Some(n) = state.filling.get_mut(image_id) {
+            *n = n.saturating_sub(1);
+        }
+        state.ready.extend(made);
+    }
+
+    /// Memory promised to the pool (refills in `fill_memory_mib`).
+    pub(crate) fn promise_mib(&self, fill_memory_mib: u32) -> u64 {
+        self.state.lock().promise_mib(fill_memory_mib)
+    }
+
+    /// (ready, filling) for one image.
+    fn counts(&self, image_id: &str) -> (usize, usize) {
+        let state = self.state.lock();
+        (
+            state.ready.iter().filter(|e| e.image_id == image_id).count(),
+            state.filling.get(image_id).copied().unwrap_or(0),
+        )
+    }
 }
 
 /// The NIC settings of a VM whose real ones arrive with `Reidentify` (templates, pooled VMs): never in a
@@ -59,13 +148,7 @@ impl Engine {
         let targets = self.pool_targets().await?;
         let (vcpus, memory_mib) = (self.cfg.default_vcpus, self.cfg.default_memory_mib);
         // Pooled VMs of images no longer pooled (the default changed, the image went) only hold memory.
-        let stale: Vec<PoolEntry> = {
-            let mut pool = self.warm.pool.lock();
-            let (keep, stale) =
-                std::mem::take(&mut *pool).into_iter().partition(|e| targets.iter().any(|(i, _)| i.id == e.image_id));
-            *pool = keep;
-            stale
-        };
+        let stale = self.warm.pool.remove_unless(|e| targets.iter().any(|(i, _)| i.id == e.image_id));
         for e in stale {
             self.end_pooled(e).await;
         }
@@ -73,37 +156,38 @@ impl Engine {
             loop {
                 {
                     // A refill is promised its memory like a create, under the same lock (admission.rs).
-                    let _alloc = self.alloc_lock.lock().await;
+                    let _alloc = self.admission.allocating().await;
                     let rows = self.store.vms().await?;
-                    let pool = self.warm.pool.lock();
-                    let mut filling = self.warm.pool_filling.lock();
-                    let have = pool.iter().filter(|e| e.image_id == image.id).count()
-                        + filling.get(&image.id).copied().unwrap_or(0);
-                    if have >= size {
-                        break;
-                    }
                     let host = crate::engine::admission::HostCapacity::read();
                     let available = host.available_mib;
-                    if available < memory_mib as u64 + self.cfg.warm.pool_reserve_mib {
-                        tracing::info!(available_mib = available, "warm pool not refilled: host memory is short");
-                        return Ok(());
+                    let begun = self.warm.pool.begin_fill(&image.id, size, memory_mib, |pool_promise| {
+                        if available < memory_mib as u64 + self.cfg.warm.pool_reserve_mib {
+                            tracing::info!(available_mib = available, "warm pool not refilled: host memory is short");
+                            return Err(());
+                        }
+                        let promised = crate::engine::admission::recorded_promise_mib(&rows) + pool_promise;
+                        let budget = crate::engine::admission::memory_budget_mib(&self.cfg.limits, &host);
+                        crate::engine::admission::admit("a pooled VM", memory_mib as u64, promised, budget).map_err(
+                            |e| tracing::info!(reason = %e.message, "warm pool not refilled: the memory budget is spent"),
+                        )
+                    });
+                    match begun {
+                        Ok(true) => {}
+                        Ok(false) => break,
+                        Err(()) => return Ok(()),
                     }
-                    let promised = crate::engine::admission::recorded_promise_mib(&rows)
-                        + pool_promise(&pool, &filling, memory_mib);
-                    let budget = crate::engine::admission::memory_budget_mib(&self.cfg.limits, &host);
-                    if let Err(e) = crate::engine::admission::admit("a pooled VM", memory_mib as u64, promised, budget)
-                    {
-                        tracing::info!(reason = %e.message, "warm pool not refilled: the memory budget is spent");
-                        return Ok(());
-                    }
-                    *filling.entry(image.id.clone()).or_default() += 1;
                 }
                 // Restores are boots: they take their turn with creates.
-                let slot = self.slots.acquire(&CancellationToken::new(), |_| {}).await;
+                let slot = self.admission.slots.acquire(&CancellationToken::new(), |_| {}).await;
                 let entry = self.pool_entry(&image, vcpus, memory_mib).await;
                 drop(slot);
-                *self.warm.pool_filling.lock().entry(image.id.clone()).or_default() -= 1;
-                self.warm.pool.lock().push(entry?);
+                match entry {
+                    Ok(entry) => self.warm.pool.end_fill(&image.id, Some(entry)),
+                    Err(e) => {
+                        self.warm.pool.end_fill(&image.id, None);
+                        return Err(e);
+                    }
+                }
             }
         }
         Ok(())
@@ -183,15 +267,16 @@ impl Engine {
 
     pub(crate) async fn warm_pool_status(&self) -> tools_schema::daemon::WarmPoolStatus {
         let targets = self.pool_targets().await.unwrap_or_default();
-        let pool = self.warm.pool.lock();
-        let filling = self.warm.pool_filling.lock();
         let images = targets
             .iter()
-            .map(|(image, size)| tools_schema::daemon::WarmPoolImage {
-                image: image.name.clone(),
-                size: *size as u32,
-                ready: pool.iter().filter(|e| e.image_id == image.id).count() as u32,
-                filling: filling.get(&image.id).copied().unwrap_or(0) as u32,
+            .map(|(image, size)| {
+                let (ready, filling) = self.warm.pool.counts(&image.id);
+                tools_schema::daemon::WarmPoolImage {
+                    image: image.name.clone(),
+                    size: *size as u32,
+                    ready: ready as u32,
+                    filling: filling as u32,
+                }
             })
             .collect::<Vec<_>>();
         tools_schema::daemon::WarmPoolStatus {
@@ -206,22 +291,12 @@ impl Engine {
 
     /// Memory promised to the pool: VMs waiting in it and refills under way (in the default shape).
     pub(crate) fn pool_promise_mib(&self) -> u64 {
-        let pool = self.warm.pool.lock();
-        let filling = self.warm.pool_filling.lock();
-        pool_promise(&pool, &filling, self.cfg.default_memory_mib)
-    }
-
-    /// Takes a pooled VM of this image and shape, if one waits.
-    pub(crate) fn take_pooled(&self, image_id: &str, vcpus: u32, memory_mib: u32) -> Option<PoolEntry> {
-        let mut pool = self.warm.pool.lock();
-        let i = pool.iter().position(|e| e.image_id == image_id && e.vcpus == vcpus && e.memory_mib == memory_mib)?;
-        Some(pool.remove(i))
+        self.warm.pool.promise_mib(self.cfg.default_memory_mib)
     }
 
     /// Ends every pooled VM (daemon shutdown, or the default image changed).
     pub(crate) async fn drain_pool(&self) {
-        let entries: Vec<PoolEntry> = std::mem::take(&mut *self.warm.pool.lock());
-        for e in entries {
+        for e in self.warm.pool.drain() {
             self.end_pooled(e).await;
         }
     }

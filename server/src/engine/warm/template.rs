@@ -58,7 +58,7 @@ impl Engine {
             initrd: image.initrd.as_ref().map(|i| FileStamp::of(Path::new(i))).transpose()?,
             vmm: vmm.as_str().to_string(),
             vmm_binary: FileStamp::of(&vmm_binary)?,
-            accel: driver.accel().to_string(),
+            accel: driver.accel(),
             vcpus,
             memory_mib,
             nic: self.nic_enabled(),
@@ -129,8 +129,7 @@ impl Engine {
     }
 
     pub(super) fn slot_lock(&self, slot: &Path) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.warm.slot_locks.lock();
-        locks.entry(slot.display().to_string()).or_default().clone()
+        self.warm.slot_locks.of(&slot.display().to_string())
     }
 
     pub async fn image_warm(self: &Arc<Self>, p: ImageWarmParams, ctx: CallContext) -> Result<TemplateInfo, ApiError> {
@@ -332,7 +331,7 @@ impl Engine {
             drives: driver.template_layout().drives(paths, Path::new(&image.rootfs), !image.work_seed.is_empty()),
             dir: paths.dir.clone(),
             net: tap,
-            extra_args: vec!["banger.template=1".into()],
+            args: tools_schema::boot::BootArgs { template: true, ..Default::default() },
             vsock: false,
             memory,
             template_mac: inputs.nic.then(|| vmm::TEMPLATE_MAC.to_string()),
@@ -453,9 +452,7 @@ impl Engine {
         CloneIdentity {
             hostname: row.name.clone(),
             net,
-            ssh_authorized_key: std::fs::read_to_string(self.cfg.ssh_key().with_extension("pub"))
-                .ok()
-                .map(|k| k.trim().to_string()),
+            ssh_authorized_key: self.ssh_public_key(),
             entropy_hex: hex::encode(entropy),
             unix_time_ns: self.clone_identity_time(),
             rehearsal: false,
