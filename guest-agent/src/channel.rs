@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tools_schema::guest::{Frame, FrameDecoder, FrameKind, GuestResponse, VIRTIO_PORT_NAME};
+use tools_schema::guest::{Frame, FrameDecoder, FrameKind, GuestErrorKind, GuestResponse, VIRTIO_PORT_NAME};
 
 /// Finds the device node of the banger virtio-serial port.
 pub fn find_port() -> Option<PathBuf> {
@@ -130,4 +130,23 @@ pub fn open(path: PathBuf) -> std::io::Result<(mpsc::UnboundedSender<Frame>, mps
 /// Sends the one response of a request stream (handlers call it; the request loop owns no handler).
 pub fn respond(out: &mpsc::UnboundedSender<Frame>, stream: u32, response: GuestResponse) {
     let _ = out.send(Frame::json(FrameKind::Response, stream, &response));
+}
+
+/// A request the agent could not do: the kind the host acts on, and the message a human reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub kind: GuestErrorKind,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(kind: GuestErrorKind, message: impl Into<String>) -> Self {
+        Failure { kind, message: message.into() }
+    }
+}
+
+impl From<Failure> for GuestResponse {
+    fn from(f: Failure) -> Self {
+        GuestResponse::error(f.kind, f.message)
+    }
 }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio::sync::mpsc;
-use tools_schema::guest::{ExecSpec, ExitStatus, Frame, FrameKind, GuestResponse};
+use tools_schema::guest::{ExecSpec, ExitStatus, Frame, FrameKind, GuestErrorKind, GuestResponse};
 
 use crate::channel::respond;
 
@@ -47,7 +47,7 @@ pub async fn run(
             respond(
                 &out,
                 stream,
-                GuestResponse::Error { message: format!("cannot run `{}` in {cwd}: {e}", spec.argv[0]) },
+                GuestResponse::error(GuestErrorKind::CannotRun, format!("cannot run `{}` in {cwd}: {e}", spec.argv[0])),
             );
             return;
         }
@@ -98,7 +98,7 @@ pub async fn run(
                 duration_ms: started.elapsed().as_millis() as u64,
             })
         }
-        Err(e) => GuestResponse::Error { message: format!("waiting for `{}`: {e}", spec.argv[0]) },
+        Err(e) => GuestResponse::error(GuestErrorKind::Other, format!("waiting for `{}`: {e}", spec.argv[0])),
     };
     respond(&out, stream, response);
 }

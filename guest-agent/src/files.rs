@@ -4,7 +4,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 
 use tokio::sync::mpsc;
-use tools_schema::guest::{Frame, FrameKind, GuestResponse};
+use tools_schema::guest::{Frame, FrameKind, GuestErrorKind, GuestResponse};
 
 use crate::channel::respond;
 use crate::exec::ExecInput;
@@ -57,7 +57,7 @@ pub async fn write(
     .await;
     let response = match result {
         Ok((bytes, size)) => GuestResponse::Written { bytes, size },
-        Err(e) => GuestResponse::Error { message: format!("cannot write {path}: {e}") },
+        Err(e) => GuestResponse::error(io_kind(&e), format!("cannot write {path}: {e}")),
     };
     respond(&out, stream, response);
 }
@@ -84,7 +84,42 @@ pub fn read(stream: u32, path: &str, offset: u64, limit: u64, out: &mpsc::Unboun
     })();
     let response = match result {
         Ok((size, mode)) => GuestResponse::FileData { size, mode },
-        Err(e) => GuestResponse::Error { message: format!("cannot read {path}: {e}") },
+        Err(e) => GuestResponse::error(io_kind(&e), format!("cannot read {path}: {e}")),
     };
     respond(out, stream, response);
+}
+
+/// What a failed file operation tells the host: a missing file is `NotFound`; a path that cannot be used as
+/// asked (a directory, a file of the wrong type, no permission, a bad name) is the caller's `Invalid`;
+/// anything else (an I/O error, a full disk) is `Other`.
+fn io_kind(e: &std::io::Error) -> GuestErrorKind {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::NotFound => GuestErrorKind::NotFound,
+        K::InvalidInput
+        | K::InvalidFilename
+        | K::PermissionDenied
+        | K::IsADirectory
+        | K::NotADirectory
+        | K::ReadOnlyFilesystem
+        | K::AlreadyExists => GuestErrorKind::Invalid,
+        _ => GuestErrorKind::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_errors_carry_the_kind_the_host_maps() {
+        let open = |p: &str| std::fs::File::open(p).unwrap_err();
+        assert_eq!(io_kind(&open("/nonexistent/banger-test")), GuestErrorKind::NotFound);
+        let dir = std::env::temp_dir();
+        let write_to_dir = std::fs::OpenOptions::new().write(true).open(&dir).unwrap_err();
+        assert_eq!(io_kind(&write_to_dir), GuestErrorKind::Invalid);
+        let under_a_file = std::fs::File::open("/proc/self/status/x").unwrap_err();
+        assert_eq!(io_kind(&under_a_file), GuestErrorKind::Invalid, "{under_a_file:?}");
+        assert_eq!(io_kind(&std::io::Error::other("disk on fire")), GuestErrorKind::Other);
+    }
 }

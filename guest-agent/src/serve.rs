@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tools_schema::guest::{Frame, FrameKind, GuestHealth, GuestRequest, GuestResponse, PROTOCOL_VERSION};
+use tools_schema::guest::{
+    Frame, FrameKind, GuestErrorKind, GuestHealth, GuestRequest, GuestResponse, PROTOCOL_VERSION,
+};
 use tools_schema::BuildInfo;
 
 use crate::channel::{self, respond, Incoming};
@@ -109,7 +111,8 @@ async fn serve_connection(
                 let request: GuestRequest = match frame.parse() {
                     Ok(r) => r,
                     Err(e) => {
-                        respond(&out, stream, GuestResponse::Error { message: format!("malformed request: {e}") });
+                        let reply = GuestResponse::error(GuestErrorKind::Invalid, format!("malformed request: {e}"));
+                        respond(&out, stream, reply);
                         continue;
                     }
                 };
@@ -118,11 +121,10 @@ async fn serve_connection(
                         let reply = if protocol == PROTOCOL_VERSION {
                             GuestResponse::Hello { protocol: PROTOCOL_VERSION, agent: BuildInfo::current() }
                         } else {
-                            GuestResponse::Error {
-                                message: format!(
-                                    "guest agent speaks protocol {PROTOCOL_VERSION}, host sent {protocol}"
-                                ),
-                            }
+                            GuestResponse::error(
+                                GuestErrorKind::Other,
+                                format!("guest agent speaks protocol {PROTOCOL_VERSION}, host sent {protocol}"),
+                            )
                         };
                         respond(&out, stream, reply);
                     }
@@ -149,7 +151,7 @@ async fn serve_connection(
                         tokio::task::spawn_blocking(move || {
                             let reply = match crate::identity::ssh_host_public_key(wait) {
                                 Ok(public_key) => GuestResponse::SshHostKey { public_key },
-                                Err(message) => GuestResponse::Error { message },
+                                Err(message) => GuestResponse::error(GuestErrorKind::Other, message),
                             };
                             respond(&out, stream, reply);
                         });
@@ -160,7 +162,7 @@ async fn serve_connection(
                     GuestRequest::SessionStart(spec) => {
                         let reply = match sessions.start(spec) {
                             Ok(status) => GuestResponse::SessionStatus(status),
-                            Err(message) => GuestResponse::Error { message },
+                            Err(failure) => failure.into(),
                         };
                         respond(&out, stream, reply);
                     }
@@ -174,7 +176,7 @@ async fn serve_connection(
                         tokio::spawn(async move {
                             let reply = match sessions.read(&id, offset, limit, wait_ms, stream, &out).await {
                                 Ok(status) => GuestResponse::SessionData { from: offset, status },
-                                Err(message) => GuestResponse::Error { message },
+                                Err(failure) => failure.into(),
                             };
                             respond(&out, stream, reply);
                         });
@@ -187,7 +189,7 @@ async fn serve_connection(
                         tokio::spawn(async move {
                             let reply = match sessions.signal(&id, signal, grace_ms).await {
                                 Ok(status) => GuestResponse::SessionStatus(status),
-                                Err(message) => GuestResponse::Error { message },
+                                Err(failure) => failure.into(),
                             };
                             respond(&out, stream, reply);
                         });
@@ -197,7 +199,7 @@ async fn serve_connection(
                         tokio::task::spawn_blocking(move || {
                             let reply = match crate::identity::reidentify(&identity) {
                                 Ok(()) => GuestResponse::Ok,
-                                Err(e) => GuestResponse::Error { message: format!("reidentify: {e:#}") },
+                                Err(e) => GuestResponse::error(GuestErrorKind::Other, format!("reidentify: {e:#}")),
                             };
                             respond(&out, stream, reply);
                         });
@@ -242,11 +244,11 @@ async fn session_send(
             Some(ExecInput::Eof) => {
                 break match sessions.send(&id, message, eof).await {
                     Ok((bytes, stdin_open)) => GuestResponse::SessionSent { bytes, stdin_open },
-                    Err(message) => GuestResponse::Error { message },
+                    Err(failure) => failure.into(),
                 }
             }
             Some(ExecInput::Cancel) | None => {
-                break GuestResponse::Error { message: "send cancelled by the host; nothing was written".into() }
+                break GuestResponse::error(GuestErrorKind::Other, "send cancelled by the host; nothing was written")
             }
         }
     };

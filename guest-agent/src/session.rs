@@ -24,8 +24,10 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{ChildStdin, Command};
 use tokio::sync::{mpsc, watch};
-use tools_schema::guest::{Frame, FrameKind, MAX_PAYLOAD};
+use tools_schema::guest::{Frame, FrameKind, GuestErrorKind as Kind, MAX_PAYLOAD};
 use tools_schema::session::{GuestSessionSpec, GuestSessionStatus, SessionState};
+
+use crate::channel::Failure;
 
 pub const SESSIONS_DIR: &str = "/var/lib/banger/sessions";
 const INDEX_RECORD: usize = 13;
@@ -98,8 +100,9 @@ impl Sessions {
         Arc::new(Sessions { dir: dir.to_path_buf(), map: Mutex::new(map) })
     }
 
-    fn get(&self, id: &str) -> Result<Arc<Session>, String> {
-        self.map.lock().unwrap().get(id).cloned().ok_or_else(|| format!("no session `{id}` in the guest"))
+    fn get(&self, id: &str) -> Result<Arc<Session>, Failure> {
+        let missing = || Failure::new(Kind::NotFound, format!("no session `{id}` in the guest"));
+        self.map.lock().unwrap().get(id).cloned().ok_or_else(missing)
     }
 
     pub fn list(&self) -> Vec<GuestSessionStatus> {
@@ -110,25 +113,26 @@ impl Sessions {
     }
 
     /// Checks cwd and program, spawns the command and starts its output writer.
-    pub fn start(self: &Arc<Self>, spec: GuestSessionSpec) -> Result<GuestSessionStatus, String> {
+    pub fn start(self: &Arc<Self>, spec: GuestSessionSpec) -> Result<GuestSessionStatus, Failure> {
         if spec.id.is_empty() || !spec.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-            return Err(format!("session id `{}` is invalid", spec.id));
+            return Err(Failure::new(Kind::Invalid, format!("session id `{}` is invalid", spec.id)));
         }
         let mut map = self.map.lock().unwrap();
         if map.contains_key(&spec.id) {
-            return Err(format!("session `{}` already exists in the guest", spec.id));
+            return Err(Failure::new(Kind::Other, format!("session `{}` already exists in the guest", spec.id)));
         }
         let path_var = spec.env.get("PATH").map(String::as_str).unwrap_or(crate::exec::DEFAULT_PATH);
         let program = preflight(&spec.cwd, &spec.argv[0], path_var)?;
         let dir = self.dir.join(&spec.id);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Failure::new(Kind::Other, format!("creating {}: {e}", dir.display())))?;
         let open = |name: &str| {
             std::fs::OpenOptions::new()
                 .create(true)
                 .truncate(true)
                 .write(true)
                 .open(dir.join(name))
-                .map_err(|e| format!("creating {}/{name}: {e}", dir.display()))
+                .map_err(|e| Failure::new(Kind::Other, format!("creating {}/{name}: {e}", dir.display())))
         };
         let (output, index_file) = (open("output")?, open("index")?);
         let mut cmd = Command::new(&program);
@@ -150,7 +154,10 @@ impl Sessions {
             Ok(c) => c,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(format!("cannot start `{}` in {}: {e}", spec.argv[0], spec.cwd));
+                return Err(Failure::new(
+                    Kind::CannotRun,
+                    format!("cannot start `{}` in {}: {e}", spec.argv[0], spec.cwd),
+                ));
             }
         };
         let pid = child.id();
@@ -195,21 +202,24 @@ impl Sessions {
     }
 
     /// Writes one whole message to a session's stdin.
-    pub async fn send(&self, id: &str, data: Vec<u8>, eof: bool) -> Result<(u64, bool), String> {
+    pub async fn send(&self, id: &str, data: Vec<u8>, eof: bool) -> Result<(u64, bool), Failure> {
         let s = self.get(id)?;
         let mut stdin = s.stdin.lock().await;
         let Some(pipe) = stdin.as_mut() else {
             let state = s.status().state;
-            return Err(if state.is_final() {
-                format!("session {id} is {}: it no longer reads input", state.as_str())
-            } else {
-                format!("the stdin of session {id} is closed (an earlier send had eof)")
-            });
+            return Err(Failure::new(
+                Kind::InputClosed,
+                if state.is_final() {
+                    format!("session {id} is {}: it no longer reads input", state.as_str())
+                } else {
+                    format!("the stdin of session {id} is closed (an earlier send had eof)")
+                },
+            ));
         };
         if let Err(e) = pipe.write_all(&data).await.and(pipe.flush().await) {
             *stdin = None;
             s.status.lock().unwrap().stdin_open = false;
-            return Err(format!("session {id} stopped reading its stdin ({e})"));
+            return Err(Failure::new(Kind::InputClosed, format!("session {id} stopped reading its stdin ({e})")));
         }
         if eof {
             *stdin = None;
@@ -228,14 +238,15 @@ impl Sessions {
         wait_ms: u64,
         stream: u32,
         out: &mpsc::UnboundedSender<Frame>,
-    ) -> Result<GuestSessionStatus, String> {
+    ) -> Result<GuestSessionStatus, Failure> {
         let s = self.get(id)?;
         let mut changes = s.changed.subscribe();
         let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
         loop {
             let st = s.status();
             if offset > st.output_bytes {
-                return Err(format!("offset {offset} is past the end of the log ({} bytes)", st.output_bytes));
+                let past = format!("offset {offset} is past the end of the log ({} bytes)", st.output_bytes);
+                return Err(Failure::new(Kind::BadOffset, past));
             }
             if offset < st.output_bytes || st.state.is_final() || wait_ms == 0 {
                 break;
@@ -248,9 +259,11 @@ impl Sessions {
         let status = s.status();
         let end = status.output_bytes.min(offset.saturating_add(limit));
         if end > offset {
-            let file = std::fs::File::open(s.dir.join("output")).map_err(|e| format!("opening the log: {e}"))?;
+            let file = std::fs::File::open(s.dir.join("output"))
+                .map_err(|e| Failure::new(Kind::Other, format!("opening the log: {e}")))?;
             let mut data = vec![0u8; (end - offset) as usize];
-            file.read_exact_at(&mut data, offset).map_err(|e| format!("reading the log: {e}"))?;
+            file.read_exact_at(&mut data, offset)
+                .map_err(|e| Failure::new(Kind::Other, format!("reading the log: {e}")))?;
             for (kind, range) in label(&s.index.lock().unwrap(), offset, end) {
                 let bytes = &data[(range.0 - offset) as usize..(range.1 - offset) as usize];
                 for piece in bytes.chunks(MAX_PAYLOAD) {
@@ -264,9 +277,10 @@ impl Sessions {
 
     /// Sends `signal` to the session's process group; SIGKILL after `grace_ms` if it still runs. Waits for
     /// the end and returns the final status.
-    pub async fn signal(&self, id: &str, signal: i32, grace_ms: u64) -> Result<GuestSessionStatus, String> {
+    pub async fn signal(&self, id: &str, signal: i32, grace_ms: u64) -> Result<GuestSessionStatus, Failure> {
         let s = self.get(id)?;
-        let signal = Signal::try_from(signal).map_err(|_| format!("{signal} is not a signal"))?;
+        let signal =
+            Signal::try_from(signal).map_err(|_| Failure::new(Kind::Invalid, format!("{signal} is not a signal")))?;
         if s.status().state.is_final() {
             return Ok(s.status());
         }
@@ -275,7 +289,7 @@ impl Sessions {
         if !s.wait_end(Duration::from_millis(grace_ms)).await {
             let _ = killpg(pgid, Signal::SIGKILL);
             if !s.wait_end(Duration::from_secs(10)).await {
-                return Err(format!("session {id} did not end 10 s after SIGKILL"));
+                return Err(Failure::new(Kind::Other, format!("session {id} did not end 10 s after SIGKILL")));
             }
         }
         Ok(s.status())
@@ -334,21 +348,22 @@ impl Session {
 }
 
 /// Where the program is: a path (relative to cwd) or a name on PATH. Errors say exactly what is wrong.
-fn preflight(cwd: &str, program: &str, path_var: &str) -> Result<PathBuf, String> {
+fn preflight(cwd: &str, program: &str, path_var: &str) -> Result<PathBuf, Failure> {
+    let cannot = |message: String| Failure::new(Kind::CannotRun, message);
     match std::fs::metadata(cwd) {
         Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(format!("working directory {cwd} is not a directory in the guest")),
+        Ok(_) => return Err(cannot(format!("working directory {cwd} is not a directory in the guest"))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(format!("working directory {cwd} does not exist in the guest"))
+            return Err(cannot(format!("working directory {cwd} does not exist in the guest")))
         }
-        Err(e) => return Err(format!("working directory {cwd}: {e}")),
+        Err(e) => return Err(cannot(format!("working directory {cwd}: {e}"))),
     }
     let executable = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
     if program.contains('/') {
         let path = Path::new(cwd).join(program);
         return match std::fs::metadata(&path) {
-            Err(_) => Err(format!("command `{program}` does not exist in the guest")),
-            Ok(_) if !executable(&path) => Err(format!("command `{program}` is not an executable file")),
+            Err(_) => Err(cannot(format!("command `{program}` does not exist in the guest"))),
+            Ok(_) if !executable(&path) => Err(cannot(format!("command `{program}` is not an executable file"))),
             Ok(_) => Ok(path),
         };
     }
@@ -357,7 +372,7 @@ fn preflight(cwd: &str, program: &str, path_var: &str) -> Result<PathBuf, String
         .filter(|d| !d.is_empty())
         .map(|d| Path::new(d).join(program))
         .find(|p| executable(p))
-        .ok_or_else(|| format!("command `{program}` was not found on the guest's PATH ({path_var})"))
+        .ok_or_else(|| cannot(format!("command `{program}` was not found on the guest's PATH ({path_var})")))
 }
 
 /// Splits `[from, to)` into runs of one stream, using the chunk index.
@@ -454,14 +469,19 @@ mod tests {
     #[test]
     fn preflight_names_what_is_wrong() {
         let e = preflight("/nonexistent-dir", "sh", "/bin").unwrap_err();
+        assert_eq!(e.kind, Kind::CannotRun);
+        let e = e.message;
         assert!(e.contains("working directory /nonexistent-dir does not exist"), "{e}");
         let e = preflight("/", "no-such-program-xyz", "/bin:/usr/bin").unwrap_err();
+        assert_eq!(e.kind, Kind::CannotRun);
+        let e = e.message;
         assert!(e.contains("`no-such-program-xyz` was not found on the guest's PATH"), "{e}");
         let plain = std::env::temp_dir().join(format!("banger-preflight-{}", std::process::id()));
         std::fs::write(&plain, "not a program").unwrap();
         std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = preflight("/", plain.to_str().unwrap(), "/bin").unwrap_err();
         let _ = std::fs::remove_file(&plain);
+        let e = e.message;
         assert!(e.contains("not an executable"), "{e}");
         assert_eq!(preflight("/", "sh", "/nope:/bin").unwrap(), PathBuf::from("/bin/sh"));
     }

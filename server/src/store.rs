@@ -19,9 +19,13 @@ pub enum StoreError {
     #[error("database error")]
     Sqlite(#[from] rusqlite::Error),
     #[error("database task failed: {0}")]
-    Join(String),
-    #[error("database file: {0}")]
-    Io(String),
+    Join(#[source] tokio::task::JoinError),
+    #[error("database file: creating {path}: {source}")]
+    Create {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("database schema version {found} is newer than this bangerd understands ({known}); upgrade banger")]
     TooNew { found: i64, known: i64 },
 }
@@ -156,7 +160,7 @@ impl Store {
         // records hold the environment callers gave, API keys included.
         if path.parent().is_some_and(|d| d.is_dir()) {
             crate::host_files::create_private(path)
-                .map_err(|e| StoreError::Io(format!("creating {}: {e}", path.display())))?;
+                .map_err(|source| StoreError::Create { path: path.to_path_buf(), source })?;
         }
         let mut conn = open_connection(path)?;
         migrate(&mut conn)?;
@@ -174,7 +178,7 @@ impl Store {
             f(&mut c).map_err(StoreError::from)
         })
         .await
-        .map_err(|e| StoreError::Join(e.to_string()))?
+        .map_err(StoreError::Join)?
     }
 
     pub async fn images(&self) -> Result<Vec<ImageRow>, StoreError> {

@@ -157,6 +157,42 @@ fn attack_version_mismatch_and_garbage_floods_log_a_bounded_amount() {
 }
 
 #[test]
+fn attack_an_error_with_a_bogus_kind_and_a_hostile_message_reaches_the_caller_capped_and_escaped() {
+    let d = TestDaemon::start();
+    // Every file read and exec is answered with an error whose kind is an object, not a name, and whose
+    // message is 500 KB of terminal escapes, bidi overrides and newlines (as JSON, just under the 1 MiB a frame
+    // can carry).
+    vm_with_fake_agent(&d, "liar", json!({"read_file": "bad_error:500000", "exec": "bad_error:500000"}));
+    for (method, params) in [
+        ("vm.file_read", json!({"vm": "liar", "path": "/etc/hostname"})),
+        ("vm.exec", json!({"vm": "liar", "command": ["true"], "timeout_secs": 30})),
+    ] {
+        let r = d.rpc_raw(method, params);
+        let e = error_of(&r);
+        let message = e["message"].as_str().unwrap();
+        // The kind decoded as the catch-all: not the `not_found` the object's key names.
+        let code = e["data"]["code"].as_str().unwrap();
+        let expected = if method == "vm.file_read" { "invalid_argument" } else { "guest_unreachable" };
+        assert_eq!(code, expected, "{method}: {e}");
+        assert!(message.len() < 8 << 10, "{method}: a {} byte message reached the caller", message.len());
+        assert!(message.contains("bytes in all"), "{method}: the cut is not marked: {message}");
+        assert!(!message.chars().any(|c| c.is_control() || c == '\u{202e}'), "{method}: {message:?}");
+        assert!(message.contains("\\x1b[2J"), "{method}: the escapes are not shown escaped: {message}");
+        assert!(e["data"]["hint"].as_str().is_some_and(|h| !h.is_empty()), "{method}: no hint: {e}");
+    }
+    // The CLI prints it as one safe line too.
+    let out = d.cli(&["vm", "exec", "liar", "--", "true"]);
+    assert!(!out.status.success());
+    let out = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(out.contains("bytes in all"), "{out}");
+    assert!(!out.chars().any(|c| (c.is_control() && c != '\n') || c == '\u{202e}'), "{out:?}");
+    // The channel is fine afterwards.
+    d.set_fake_agent("liar", json!({}));
+    let r = d.rpc("vm.exec", json!({"vm": "liar", "command": ["true"], "timeout_secs": 30}));
+    assert_eq!(r["exit_code"], 0, "{r}");
+}
+
+#[test]
 fn attack_trickled_answer_meets_the_call_deadline() {
     let d = TestDaemon::start();
     // The agent answers `ports` one byte every 200 ms: a ~100-byte answer would take 20 s.

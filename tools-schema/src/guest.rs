@@ -319,9 +319,61 @@ pub enum GuestResponse {
         public_key: String,
     },
     Ok,
+    /// The request failed. The host acts on `kind` alone; `message` is for a human, and untrusted: the host
+    /// caps and escapes it before anyone sees it.
     Error {
+        /// What the host can do about it. An agent that predates kinds sends none, and a kind this side does
+        /// not know (a newer agent, or a hostile one) reads as `other`.
+        #[serde(default, deserialize_with = "GuestErrorKind::lenient")]
+        kind: GuestErrorKind,
         message: String,
     },
+}
+
+impl GuestResponse {
+    pub fn error(kind: GuestErrorKind, message: impl Into<String>) -> Self {
+        GuestResponse::Error { kind, message: message.into() }
+    }
+}
+
+/// Why the agent refused or failed a request: the cases the host tells apart, plus a catch-all. The host
+/// never reads the message to decide what a failure means.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestErrorKind {
+    /// The file, directory or session the request names does not exist in the guest.
+    NotFound,
+    /// The request is wrong as asked (a path that is a directory or not readable, an invalid id or signal,
+    /// a malformed request).
+    Invalid,
+    /// The program or its working directory cannot be used: missing, not executable, not a directory.
+    CannotRun,
+    /// A read starts past the end of a session's log.
+    BadOffset,
+    /// A session's stdin takes no more input: an earlier send closed it, the session ended, or its
+    /// program stopped reading.
+    InputClosed,
+    /// Anything else, and every kind this side does not know.
+    #[default]
+    #[serde(other)]
+    Other,
+}
+
+impl GuestErrorKind {
+    /// Any JSON value decodes: a known name is its kind, anything else (an unknown name, a number, null, an
+    /// object) is `Other`, so an agent newer, older or hostile can never make an error undecodable.
+    fn lenient<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Wire {
+            Known(GuestErrorKind),
+            Unknown(serde::de::IgnoredAny),
+        }
+        Ok(match Wire::deserialize(d)? {
+            Wire::Known(k) => k,
+            Wire::Unknown(_) => GuestErrorKind::Other,
+        })
+    }
 }
 
 /// One listening socket, as the guest's kernel reports it.
@@ -417,6 +469,51 @@ mod tests {
         let mut dec = FrameDecoder::new();
         dec.push(&bytes);
         assert_eq!(dec.next_frame(), Err(DecodeError::VersionMismatch(PROTOCOL_VERSION + 1)));
+    }
+
+    fn decode_error(json: &str) -> (GuestErrorKind, String) {
+        match serde_json::from_str::<GuestResponse>(json).unwrap() {
+            GuestResponse::Error { kind, message } => (kind, message),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn error_kinds_round_trip_by_name() {
+        for kind in [
+            GuestErrorKind::NotFound,
+            GuestErrorKind::Invalid,
+            GuestErrorKind::CannotRun,
+            GuestErrorKind::BadOffset,
+            GuestErrorKind::InputClosed,
+            GuestErrorKind::Other,
+        ] {
+            let json = serde_json::to_string(&GuestResponse::error(kind, "m")).unwrap();
+            assert_eq!(decode_error(&json), (kind, "m".to_string()), "{json}");
+        }
+        let v = serde_json::to_value(GuestResponse::error(GuestErrorKind::BadOffset, "x")).unwrap();
+        assert_eq!(v, serde_json::json!({"result": "error", "kind": "bad_offset", "message": "x"}));
+    }
+
+    #[test]
+    fn an_error_without_a_kind_from_an_older_agent_still_decodes() {
+        assert_eq!(
+            decode_error(r#"{"result":"error","message":"no session `x` in the guest"}"#),
+            (GuestErrorKind::Other, "no session `x` in the guest".to_string())
+        );
+    }
+
+    #[test]
+    fn an_unknown_or_bogus_kind_decodes_as_other() {
+        for kind in [r#""disk_on_fire""#, r#""NotFound""#, "42", "null", "true", r#"{"not_found":1}"#, r#"["x"]"#] {
+            let json = format!(r#"{{"result":"error","kind":{kind},"message":"m"}}"#);
+            assert_eq!(decode_error(&json), (GuestErrorKind::Other, "m".to_string()), "{json}");
+        }
+        // A known kind is still read when an unknown field rides along.
+        assert_eq!(
+            decode_error(r#"{"result":"error","kind":"not_found","message":"m","x":1}"#).0,
+            GuestErrorKind::NotFound
+        );
     }
 
     #[test]

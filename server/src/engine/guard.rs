@@ -46,8 +46,8 @@ impl Engine {
             // No caller to cancel it: the deadline bounds it, and a closed channel ends it at once.
             let reported = match conn.request(&ask, wait, &tokio_util::sync::CancellationToken::new()).await {
                 Ok(GuestResponse::SshHostKey { public_key }) => public_key,
-                Ok(GuestResponse::Error { message }) => {
-                    tracing::warn!(vm = %name, error = %message.chars().take(200).collect::<String>(), "no SSH host key to pin");
+                Err(crate::guest::GuestError::Agent { message, .. }) => {
+                    tracing::warn!(vm = %name, error = %message, "no SSH host key to pin");
                     return;
                 }
                 Ok(_) => {

@@ -105,7 +105,7 @@ async fn sync_git_identity(conn: &GuestConn, identity: &GitIdentity) -> Result<(
             Ok(text) => text,
             Err(_) => return Err(format!("left {GUEST_GITCONFIG} alone: it is not UTF-8")),
         },
-        Err(crate::guest::GuestError::Agent(_)) => String::new(),
+        Err(crate::guest::GuestError::Agent { .. }) => String::new(),
         Err(e) => return Err(format!("cannot read {GUEST_GITCONFIG} in the guest: {e}")),
     };
     let edited = set_git_identity(&current, identity);

@@ -57,7 +57,9 @@ impl Engine {
         p: ImageRegisterParams,
         ctx: CallContext,
     ) -> Result<ImageInfo, ApiError> {
-        validate_name("image", &p.name).map_err(ApiError::invalid)?;
+        validate_name("image", &p.name).map_err(|e| {
+            ApiError::invalid(e).with_hint("pick a name like `my-image-2`; `banger image list` shows the names in use")
+        })?;
         let sources: Vec<(&str, Option<&String>)> = vec![
             ("kernel", Some(&p.kernel)),
             ("kernel_elf", p.kernel_elf.as_ref()),
@@ -115,8 +117,8 @@ impl Engine {
             async move { engine.copy_image_files(&dir, &sources).await }
         });
         let copied = tokio::select! {
-            r = work => r.map_err(|e| ApiError::internal(format!("image copy task: {e}")))?,
-            _ = cancel.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "image registration cancelled")),
+            r = work => r.map_err(|e| ApiError::internal(format!("image copy task: {e}")).with_hint(crate::engine::errors::hint::BUG))?,
+            _ = cancel.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "image registration cancelled").with_hint("nothing was registered; run `banger image register` again")),
         };
         let (kernel, kernel_elf, initrd, rootfs, work_seed, fingerprint) = match copied {
             Ok(v) => v,
@@ -157,9 +159,10 @@ impl Engine {
         dir: &Path,
         p: &ImageSources,
     ) -> Result<(PathBuf, Option<PathBuf>, Option<PathBuf>, PathBuf, PathBuf, String), ApiError> {
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
+        tokio::fs::create_dir_all(dir).await.map_err(|e| {
+            ApiError::internal(format!("creating {}: {e}", dir.display()))
+                .with_hint(crate::engine::errors::hint::STATE_DIR)
+        })?;
         let copy = |src: &Path, name: &'static str, take: bool| {
             let dst = dir.join(name);
             let src = src.to_path_buf();
@@ -167,7 +170,8 @@ impl Engine {
                 let moved = take && tokio::fs::rename(&src, &dst).await.is_ok();
                 if !moved {
                     crate::vmm::copy_sparse(&src, &dst).await.map_err(|e| {
-                        ApiError::internal(format!("copying {}: {}", src.display(), super::vm::error_chain(&e)))
+                        ApiError::internal(format!("copying {}: {}", src.display(), super::errors::error_chain(&e)))
+                            .with_hint("check that the source file is readable and the state directory has room for it")
                     })?;
                 }
                 Ok::<PathBuf, ApiError>(dst)
@@ -191,7 +195,7 @@ impl Engine {
                 crate::vmm::create_ext4_disk(&self.cfg, &seed, "banger-work", 1 << 30).await.map_err(|e| {
                     ApiError::new(
                         ErrorCode::HostUnsupported,
-                        format!("making an empty work seed: {}", super::vm::error_chain(&e)),
+                        format!("making an empty work seed: {}", super::errors::error_chain(&e)),
                     )
                     .with_hint("apt-get install e2fsprogs")
                 })?;
@@ -210,8 +214,14 @@ impl Engine {
         let hashed = files.clone();
         let fingerprint = tokio::task::spawn_blocking(move || fingerprint(&hashed))
             .await
-            .map_err(|e| ApiError::internal(format!("fingerprint task: {e}")))?
-            .map_err(|e| ApiError::internal(format!("fingerprinting image: {e}")))?;
+            .map_err(|e| {
+                ApiError::internal(format!("fingerprint task: {e}")).with_hint(crate::engine::errors::hint::BUG)
+            })?
+            .map_err(|e| {
+                ApiError::internal(format!("fingerprinting image: {e}")).with_hint(
+                    "check that the image files are readable by the daemon and were not changed during the copy",
+                )
+            })?;
         Ok((kernel, kernel_elf, initrd, rootfs, work_seed, fingerprint))
     }
 
@@ -275,7 +285,8 @@ fn open_source(field: &str, path: &str, others_may_call: bool) -> Result<std::fs
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let pb = Path::new(path);
     if !pb.is_absolute() {
-        return Err(ApiError::invalid(format!("{field} must be an absolute path, got `{path}`")));
+        return Err(ApiError::invalid(format!("{field} must be an absolute path, got `{path}`"))
+            .with_hint("give the full path, e.g. $(realpath FILE)"));
     }
     let missing = |e: std::io::Error| {
         ApiError::invalid(format!("{field} `{path}` cannot be read: {e}"))

@@ -69,7 +69,10 @@ impl Engine {
         match (snap.image_build, snap.error) {
             (Some(b), _) => Ok(b),
             (None, Some(e)) => Err(e),
-            (None, None) => Err(ApiError::internal("image build ended without a result")),
+            (None, None) => {
+                Err(ApiError::internal("image build ended without a result")
+                    .with_hint(crate::engine::errors::hint::BUG))
+            }
         }
     }
 
@@ -80,7 +83,7 @@ impl Engine {
         p: ImageBuildParams,
         _: CallContext,
     ) -> Result<OperationInfo, ApiError> {
-        p.validate().map_err(ApiError::invalid)?;
+        p.validate().map_err(|e| ApiError::invalid(e).with_hint(crate::engine::errors::hint::SCHEMA))?;
         let plan = self.plan_build(p).await?;
         let op = self.ops.start("image.build", &plan.name, BUILD_STAGES);
         let (engine, running) = (self.clone(), op.clone());
@@ -128,8 +131,10 @@ impl Engine {
                     .with_hint(format!("recipes in {}: {known}", recipes.display())));
                 }
                 let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                let key = recipe_key(&dir)
-                    .map_err(|e| ApiError::internal(format!("reading recipe {}: {e}", dir.display())))?;
+                let key = recipe_key(&dir).map_err(|e| {
+                    ApiError::internal(format!("reading recipe {}: {e}", dir.display()))
+                        .with_hint("check that the recipe folder and its files are readable")
+                })?;
                 let size = std::fs::read_to_string(dir.join("size_gib")).ok().and_then(|s| s.trim().parse().ok());
                 let (k, ke, i) = self.cfg.build_kernel();
                 if !k.is_file() {
@@ -174,8 +179,11 @@ impl Engine {
             hashed.iter().map(|f| file_sha256(f)).collect::<std::io::Result<Vec<_>>>()
         })
         .await
-        .map_err(|e| ApiError::internal(format!("hashing task: {e}")))?
-        .map_err(|e| ApiError::internal(format!("hashing build inputs: {e}")))?;
+        .map_err(|e| ApiError::internal(format!("hashing task: {e}")).with_hint(crate::engine::errors::hint::BUG))?
+        .map_err(|e| {
+            ApiError::internal(format!("hashing build inputs: {e}"))
+                .with_hint("check that the recipe, agent, kernel and assembly script named in the build are readable")
+        })?;
         inputs.extend(digests);
         inputs.push(format!("size {size_gib}"));
         let build_id = hex::encode(&Sha256::digest(inputs.join("\n").as_bytes())[..8]);
@@ -223,9 +231,10 @@ impl Engine {
             let img = self.resolve_image(Some(&img.id)).await?;
             return Ok(ImageBuildResult { image: self.image_info(&img).await, reused: true, rootfs_cached: true });
         }
-        tokio::fs::create_dir_all(work)
-            .await
-            .map_err(|e| ApiError::internal(format!("creating {}: {e}", work.display())))?;
+        tokio::fs::create_dir_all(work).await.map_err(|e| {
+            ApiError::internal(format!("creating {}: {e}", work.display()))
+                .with_hint(crate::engine::errors::hint::STATE_DIR)
+        })?;
         let root_dir = work.join("root");
 
         op.stage("rootfs");
@@ -256,7 +265,9 @@ impl Engine {
         op.stage("customize");
         if let Some(script) = &plan.script {
             if root != root_dir {
-                tokio::fs::create_dir_all(&root_dir).await.map_err(|e| ApiError::internal(e.to_string()))?;
+                tokio::fs::create_dir_all(&root_dir)
+                    .await
+                    .map_err(|e| ApiError::internal(e.to_string()).with_hint(crate::engine::errors::hint::STATE_DIR))?;
                 let mut cmd = tokio::process::Command::new("tar");
                 cmd.arg("-C").arg(&root_dir).args(["--numeric-owner", "-xpf"]).arg(&root);
                 run_logged(cmd, op, "unpacking the root filesystem").await?;
@@ -303,7 +314,10 @@ impl Engine {
 /// group if the operation is cancelled, and failing with the last lines it printed.
 async fn run_logged(mut cmd: tokio::process::Command, op: &Op, what: &str) -> Result<(), ApiError> {
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|e| ApiError::internal(format!("cannot start {what}: {e}")))?;
+    let mut child = cmd.spawn().map_err(|e| {
+        ApiError::internal(format!("cannot start {what}: {e}"))
+            .with_hint("scripts/setup-host.sh installs what image builds run; `banger doctor` checks it")
+    })?;
     let pgid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
     let mut out = BufReader::new(child.stdout.take().expect("piped")).lines();
     let mut err = BufReader::new(child.stderr.take().expect("piped")).lines();
@@ -337,11 +351,13 @@ async fn run_logged(mut cmd: tokio::process::Command, op: &Op, what: &str) -> Re
                     let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
                 }
                 let _ = child.wait().await;
-                return Err(ApiError::new(ErrorCode::Cancelled, "image build cancelled; nothing was registered"));
+                return Err(ApiError::new(ErrorCode::Cancelled, "image build cancelled; nothing was registered").with_hint("nothing was registered; run the build again to retry"));
             }
         }
     };
-    let status = status.map_err(|e| ApiError::internal(format!("waiting for {what}: {e}")))?;
+    let status = status.map_err(|e| {
+        ApiError::internal(format!("waiting for {what}: {e}")).with_hint(crate::engine::errors::hint::DAEMON_LOG)
+    })?;
     if status.success() {
         return Ok(());
     }
@@ -356,7 +372,10 @@ async fn run_logged(mut cmd: tokio::process::Command, op: &Op, what: &str) -> Re
 /// if it is killed: nothing can leak.
 async fn extract_ext4(image: &Path, dest: &Path, mnt: &Path, op: &Op) -> Result<(), ApiError> {
     for d in [dest, mnt] {
-        tokio::fs::create_dir_all(d).await.map_err(|e| ApiError::internal(format!("creating {}: {e}", d.display())))?;
+        tokio::fs::create_dir_all(d).await.map_err(|e| {
+            ApiError::internal(format!("creating {}: {e}", d.display()))
+                .with_hint(crate::engine::errors::hint::STATE_DIR)
+        })?;
     }
     let mut cmd = tokio::process::Command::new("unshare");
     cmd.args(["--mount", "--propagation", "private", "sh", "-euc"])
@@ -370,9 +389,10 @@ async fn extract_ext4(image: &Path, dest: &Path, mnt: &Path, op: &Op) -> Result<
 
 async fn store_in_cache(tmp: &Path, cached: &Path) -> Result<(), ApiError> {
     let parent = cached.parent().expect("cache path has a parent");
-    tokio::fs::create_dir_all(parent)
-        .await
-        .map_err(|e| ApiError::internal(format!("creating {}: {e}", parent.display())))?;
+    tokio::fs::create_dir_all(parent).await.map_err(|e| {
+        ApiError::internal(format!("creating {}: {e}", parent.display()))
+            .with_hint("check free space and permissions of the cache directory (cache_dir in the config)")
+    })?;
     if tokio::fs::rename(tmp, cached).await.is_err() {
         // The cache may be on another filesystem: copy beside the entry, then rename into place.
         let partial = cached.with_extension("tar.partial");

@@ -11,11 +11,12 @@ use tools_schema::daemon::VmmChoice;
 use tools_schema::{ApiError, ErrorCode};
 
 use crate::config::Config;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 
 mod admission;
 mod daemon_ops;
 mod doctor;
+pub(crate) mod errors;
 mod guard;
 mod guest_sync;
 mod image;
@@ -199,7 +200,7 @@ macro_rules! dispatch_table {
                         $method => {
                             let params: $params = decode_params($method, params)?;
                             let result: $result = self.$handler(params, ctx).await?;
-                            serde_json::to_value(result).map_err(|e| ApiError::internal(format!("encoding result: {e}")))
+                            serde_json::to_value(result).map_err(|e| ApiError::internal(format!("encoding result: {e}")).with_hint(crate::engine::errors::hint::BUG))
                         }
                     )*
                     other => Err(ApiError::new(ErrorCode::UnknownMethod, format!("unknown method `{other}`"))
@@ -210,14 +211,6 @@ macro_rules! dispatch_table {
     };
 }
 tools_schema::for_each_operation!(dispatch_table);
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        tracing::error!(error = ?e, "store");
-        ApiError::internal(format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()))
-            .with_hint("the daemon log has details; check free space in the state directory")
-    }
-}
 
 pub(crate) fn now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)

@@ -290,7 +290,7 @@ impl super::Engine {
         p: OperationWaitParams,
         _: CallContext,
     ) -> Result<OperationInfo, ApiError> {
-        p.validate().map_err(ApiError::invalid)?;
+        p.validate().map_err(|e| ApiError::invalid(e).with_hint(crate::engine::errors::hint::SCHEMA))?;
         let op = self.ops.get(&p.id)?;
         let timeout = Duration::from_millis(p.timeout_ms.unwrap_or(DEFAULT_WAIT_MS));
         Ok(op.wait_change(p.after, timeout).await)
@@ -357,7 +357,9 @@ pub(crate) async fn join<T>(
         _ = async { caller.cancelled().await; token.cancel(); std::future::pending::<()>().await } => unreachable!(),
     };
     cancel_on_drop.disarm();
-    result.unwrap_or_else(|e| Err(ApiError::internal(format!("operation task failed: {e}"))))
+    result.unwrap_or_else(|e| {
+        Err(ApiError::internal(format!("operation task failed: {e}")).with_hint(crate::engine::errors::hint::BUG))
+    })
 }
 
 type Undo = Pin<Box<dyn Future<Output = ()> + Send>>;

@@ -33,14 +33,14 @@ impl Engine {
         match (snap.vm, snap.workspace, snap.error) {
             (Some(vm), Some(workspace), _) => Ok(VmRunResult { vm, workspace }),
             (_, _, Some(e)) => Err(e),
-            _ => Err(ApiError::internal("vm.run ended without a result")),
+            _ => Err(ApiError::internal("vm.run ended without a result").with_hint(crate::engine::errors::hint::BUG)),
         }
     }
 
     /// Checks the request, starts the create (so argument and allocation errors come back at once), then runs
     /// the rest as an operation to follow or cancel.
     pub async fn vm_run_begin(self: &Arc<Self>, p: VmRunParams, _: CallContext) -> Result<OperationInfo, ApiError> {
-        p.validate().map_err(ApiError::invalid)?;
+        p.validate().map_err(|e| ApiError::invalid(e).with_hint(crate::engine::errors::hint::SCHEMA))?;
         // A path that is not a repository is refused before anything is made.
         let top = super::workspace::work_tree_top("path", &p.path).await?;
         let mut create = p.create.clone();
@@ -77,7 +77,11 @@ impl Engine {
             (Some(vm), _) => vm,
             (None, Some(e)) if cancel.is_cancelled() => return Err(cancelled_run(&e.message)),
             (None, Some(e)) => return Err(e),
-            (None, None) => return Err(ApiError::internal("the create ended without a result")),
+            (None, None) => {
+                return Err(
+                    ApiError::internal("the create ended without a result").with_hint(crate::engine::errors::hint::BUG)
+                )
+            }
         };
         // From here on the run owns a VM: whatever ends the run early deletes it.
         let rest = async {
@@ -146,4 +150,5 @@ impl Engine {
 
 fn cancelled_run(detail: &str) -> ApiError {
     ApiError::new(ErrorCode::Cancelled, format!("vm run was cancelled ({detail})"))
+        .with_hint("whatever the run had made was deleted; run `banger vm run` again to retry")
 }

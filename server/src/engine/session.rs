@@ -22,7 +22,7 @@ use tools_schema::session::{
 use tools_schema::vm::{ContentEncoding, VmState};
 use tools_schema::{ApiError, ErrorCode};
 
-use super::vm::guest_error;
+use super::errors::guest_error;
 use super::{now, CallContext, Engine};
 use crate::guest::{GuestConn, GuestError};
 use crate::store::{is_unique_violation, SessionRow, VmRow};
@@ -81,25 +81,6 @@ impl Attachments {
     }
 }
 
-/// Agent errors about sessions, as the caller's errors where they are the caller's.
-fn session_error(vm: &str, e: GuestError) -> ApiError {
-    match e {
-        GuestError::Agent(m) if m.starts_with("no session") => ApiError::not_found(m),
-        GuestError::Agent(m) if m.starts_with("working directory") || m.starts_with("command") => {
-            ApiError::invalid(m).with_hint("check the path in the guest: banger vm exec <vm> -- ls -l <path>")
-        }
-        GuestError::Agent(m) if m.starts_with("offset") => {
-            ApiError::invalid(m).with_hint("continue from the next_offset of the previous read, or from 0")
-        }
-        GuestError::Agent(m)
-            if m.contains("no longer reads") || m.contains("closed") || m.contains("stopped reading") =>
-        {
-            ApiError::precondition(m).with_hint("`banger vm session show` says how the session ended")
-        }
-        other => guest_error(vm, other),
-    }
-}
-
 fn chunk(stream: FrameKind, offset: u64, bytes: Vec<u8>) -> OutputChunk {
     let stream = if stream == FrameKind::Stderr { OutputStream::Stderr } else { OutputStream::Stdout };
     // With no encoding asked for, bytes always encode (text if UTF-8, else base64).
@@ -122,7 +103,8 @@ impl Engine {
     /// Finds a session by id, unique id prefix (4+) or name, within one VM when `vm` is given.
     async fn resolve_session(&self, r: &str, vm: Option<&str>) -> Result<(SessionRow, VmRow), ApiError> {
         if r.is_empty() {
-            return Err(ApiError::invalid("session reference is empty"));
+            return Err(ApiError::invalid("session reference is empty")
+                .with_hint("name a session by its id, a unique id prefix or its name (`banger vm session list`)"));
         }
         let vm_row = match vm {
             Some(v) => Some(self.resolve_vm(v).await?),
@@ -157,11 +139,10 @@ impl Engine {
         };
         let vm = match vm_row {
             Some(v) => v,
-            None => self
-                .store
-                .vm(row.vm_id.clone())
-                .await?
-                .ok_or_else(|| ApiError::not_found("the session's VM is gone"))?,
+            None => self.store.vm(row.vm_id.clone()).await?.ok_or_else(|| {
+                ApiError::not_found("the session's VM is gone")
+                    .with_hint("the VM was deleted with its sessions; `banger vm session list` shows the ones left")
+            })?,
         };
         Ok((row, vm))
     }
@@ -171,8 +152,7 @@ impl Engine {
         let conn = self.guest(vm).await?;
         match conn.request(&GuestRequest::SessionList, Duration::from_secs(10), &CancellationToken::new()).await {
             Ok(GuestResponse::Sessions { sessions }) => Ok(sessions.into_iter().map(|s| (s.id.clone(), s)).collect()),
-            Ok(GuestResponse::Error { message }) => Err(session_error(&vm.name, GuestError::Agent(message))),
-            Ok(other) => Err(guest_error(&vm.name, GuestError::Protocol(format!("{other:?}")))),
+            Ok(other) => Err(guest_error(&vm.name, GuestError::protocol(format!("{other:?}")))),
             Err(e) => Err(guest_error(&vm.name, e)),
         }
     }
@@ -225,7 +205,7 @@ impl Engine {
         p: SessionStartParams,
         ctx: CallContext,
     ) -> Result<SessionInfo, ApiError> {
-        p.validate().map_err(ApiError::invalid)?;
+        p.validate().map_err(|e| ApiError::invalid(e).with_hint(crate::engine::errors::hint::SCHEMA))?;
         let vm = self.resolve_vm(&p.vm).await?;
         let conn = self.guest(&vm).await?;
         let taken = || {
@@ -261,8 +241,7 @@ impl Engine {
         let started = match conn.request(&GuestRequest::SessionStart(spec), Duration::from_secs(15), &ctx.cancel).await
         {
             Ok(GuestResponse::SessionStatus(s)) => Ok(s),
-            Ok(GuestResponse::Error { message }) => Err(session_error(&vm.name, GuestError::Agent(message))),
-            Ok(other) => Err(guest_error(&vm.name, GuestError::Protocol(format!("{other:?}")))),
+            Ok(other) => Err(guest_error(&vm.name, GuestError::protocol(format!("{other:?}")))),
             Err(e) => Err(guest_error(&vm.name, e)),
         };
         match started {
@@ -286,9 +265,12 @@ impl Engine {
         use base64::Engine as _;
         let data = match p.encoding.unwrap_or(ContentEncoding::Text) {
             ContentEncoding::Text => p.data.into_bytes(),
-            ContentEncoding::Base64 => base64::engine::general_purpose::STANDARD
-                .decode(p.data.as_bytes())
-                .map_err(|e| ApiError::invalid(format!("data is not valid base64: {e}")))?,
+            ContentEncoding::Base64 => {
+                base64::engine::general_purpose::STANDARD.decode(p.data.as_bytes()).map_err(|e| {
+                    ApiError::invalid(format!("data is not valid base64: {e}"))
+                        .with_hint("send text as it is, or base64 of the bytes with encoding: base64")
+                })?
+            }
         };
         if data.len() as u64 > MAX_SEND_BYTES {
             return Err(ApiError::invalid(format!("data is {} bytes; at most {MAX_SEND_BYTES} per send", data.len()))
@@ -296,11 +278,12 @@ impl Engine {
         }
         let (row, vm) = self.resolve_session(&p.session, p.vm.as_deref()).await?;
         if let Some(done) = &row.final_status {
-            return Err(ApiError::precondition(format!("session {} is {}", row.id, done.state.as_str())));
+            return Err(ApiError::precondition(format!("session {} is {}", row.id, done.state.as_str()))
+                .with_hint("`banger vm session show` says how it ended; start a new session to send input"));
         }
         let conn = self.guest(&vm).await?;
         let (bytes, stdin_open) =
-            conn.session_send(&row.id, &data, p.eof, &ctx.cancel).await.map_err(|e| session_error(&vm.name, e))?;
+            conn.session_send(&row.id, &data, p.eof, &ctx.cancel).await.map_err(|e| guest_error(&vm.name, e))?;
         Ok(SessionSendResult { session: row.id, bytes, stdin_closed: !stdin_open })
     }
 
@@ -309,7 +292,7 @@ impl Engine {
         p: SessionLogsParams,
         ctx: CallContext,
     ) -> Result<SessionLogs, ApiError> {
-        p.validate().map_err(ApiError::invalid)?;
+        p.validate().map_err(|e| ApiError::invalid(e).with_hint(crate::engine::errors::hint::SCHEMA))?;
         let (row, vm) = self.resolve_session(&p.session, p.vm.as_deref()).await?;
         let conn = self
             .guest(&vm)
@@ -318,9 +301,9 @@ impl Engine {
         let from = p.offset.unwrap_or(0);
         let read = tokio::select! {
             r = conn.session_read(&row.id, from, p.limit.unwrap_or(DEFAULT_LOGS_LIMIT), p.wait_ms.unwrap_or(0), &ctx.cancel) => r,
-            _ = ctx.cancel.cancelled() => return Err(ApiError::new(ErrorCode::Cancelled, "cancelled by the caller")),
+            _ = ctx.cancel.cancelled() => return Err(ApiError::new(ErrorCode::Cancelled, "cancelled by the caller").with_hint(crate::engine::errors::hint::RUN_AGAIN)),
         }
-        .map_err(|e| session_error(&vm.name, e))?;
+        .map_err(|e| guest_error(&vm.name, e))?;
         let (chunks, next_offset, status) = chunks(read);
         let info = self.session_info(&row, &vm, Some(&status));
         Ok(SessionLogs {
@@ -368,7 +351,7 @@ impl Engine {
     }
 
     pub async fn session_stop(self: &Arc<Self>, p: SessionStopParams, _: CallContext) -> Result<SessionInfo, ApiError> {
-        p.validate().map_err(ApiError::invalid)?;
+        p.validate().map_err(|e| ApiError::invalid(e).with_hint(crate::engine::errors::hint::SCHEMA))?;
         let grace = p.grace_secs.unwrap_or(DEFAULT_STOP_GRACE_SECS);
         self.signal_session(&p.session, p.vm.as_deref(), libc::SIGTERM, grace * 1000).await
     }
@@ -396,8 +379,7 @@ impl Engine {
             .await
         {
             Ok(GuestResponse::SessionStatus(s)) => Ok(self.session_info(&row, &vm, Some(&s))),
-            Ok(GuestResponse::Error { message }) => Err(session_error(&vm.name, GuestError::Agent(message))),
-            Ok(other) => Err(guest_error(&vm.name, GuestError::Protocol(format!("{other:?}")))),
+            Ok(other) => Err(guest_error(&vm.name, GuestError::protocol(format!("{other:?}")))),
             Err(e) => Err(guest_error(&vm.name, e)),
         }
     }
@@ -467,7 +449,10 @@ impl Engine {
             return Err(ApiError::invalid(format!(
                 "from {from} is past the end of the log ({} bytes)",
                 info.output_bytes
-            )));
+            ))
+            .with_hint(
+                "follow from an offset at most the session's output_bytes (`banger vm session show`), or from 0",
+            ));
         }
         if attach && info.state.is_final() {
             return Err(ApiError::precondition(format!("session {} is {}", row.id, info.state.as_str()))
@@ -548,7 +533,7 @@ impl SessionFollower {
                     self.end(Some(status)).await;
                 }
             }
-            Err(GuestError::Agent(m)) => {
+            Err(GuestError::Agent { message: m, .. }) => {
                 tracing::warn!(session = %self.row.id, error = %m, "following a session");
                 self.end(None).await
             }

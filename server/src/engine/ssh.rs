@@ -71,7 +71,7 @@ impl Engine {
                 }
                 Ok(ready)
             }
-            _ = cancel.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, format!("waiting for {vm}'s sshd was cancelled"))),
+            _ = cancel.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, format!("waiting for {vm}'s sshd was cancelled")).with_hint(format!("`banger vm ssh {vm}` waits for it again"))),
         }
     }
 }

@@ -102,8 +102,8 @@ impl ServerHandler for McpServer {
         let work = self.engine.dispatch(op.method, params, CallContext { cancel: cancel.clone(), progress });
         let result = tokio::select! {
             r = work => r,
-            _ = context.ct.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "cancelled by the client")),
-            _ = self.closed.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "the client disconnected")),
+            _ = context.ct.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "cancelled by the client").with_hint(crate::engine::errors::hint::RUN_AGAIN)),
+            _ = self.closed.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "the client disconnected").with_hint(crate::engine::errors::hint::RUN_AGAIN)),
         };
         if let Some((_, events)) = forwarder {
             let (sent, flushed) = tokio::sync::oneshot::channel();

@@ -31,10 +31,10 @@ impl JsonRpc {
             module
                 .register_async_method(method, move |params, engine, _| async move {
                     let params: Option<serde_json::Value> = params.parse().map_err(|e: ErrorObjectOwned| {
-                        to_rpc_error(ApiError::invalid(format!(
-                            "params of {method} are not valid JSON: {}",
-                            e.message()
-                        )))
+                        to_rpc_error(
+                            ApiError::invalid(format!("params of {method} are not valid JSON: {}", e.message()))
+                                .with_hint(format!("send params of {method} as a JSON object (docs/API.md)")),
+                        )
                     })?;
                     // Dropping this future (the client went away) cancels the token, and with it the work.
                     let cancel = CancellationToken::new();
@@ -77,7 +77,12 @@ fn register_session_subscriptions(module: &mut RpcModule<Arc<Engine>>) {
                     Ok(p) => p,
                     Err(e) => {
                         let msg = format!("params of {method} are not valid JSON: {}", e.message());
-                        return pending.reject(to_rpc_error(ApiError::invalid(msg))).await;
+                        return pending
+                            .reject(to_rpc_error(
+                                ApiError::invalid(msg)
+                                    .with_hint(format!("send params of {method} as a JSON object (docs/API.md)")),
+                            ))
+                            .await;
                     }
                 };
                 let follow: SessionFollowParams = match serde_json::from_value(params_or_empty(params)).map_err(|e| {

@@ -23,7 +23,10 @@ pub const TAP_PREFIX: &str = "bgtap";
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("netlink: {0}")]
-    Netlink(String),
+    Netlink(#[source] rtnetlink::Error),
+    /// A link netlink should have shown (a bridge, a TAP just made) is not there.
+    #[error("netlink: {0}")]
+    Missing(String),
     #[error("creating TAP {name}")]
     Tap {
         name: String,
@@ -41,7 +44,7 @@ pub enum NetError {
 }
 
 fn nl(e: rtnetlink::Error) -> NetError {
-    NetError::Netlink(e.to_string())
+    NetError::Netlink(e)
 }
 
 pub use banger_vmm::net::GuestNet;
@@ -196,10 +199,10 @@ impl Network {
             .map_err(|source| NetError::Tap { name: format!("{TAP_PREFIX}%d"), source })?;
         let attached = async {
             let index =
-                link_index(&self.handle, &name).await?.ok_or_else(|| NetError::Netlink(format!("{name} vanished")))?;
+                link_index(&self.handle, &name).await?.ok_or_else(|| NetError::Missing(format!("{name} vanished")))?;
             let bridge = link_index(&self.handle, &self.bridge)
                 .await?
-                .ok_or_else(|| NetError::Netlink(format!("bridge {} vanished", self.bridge)))?;
+                .ok_or_else(|| NetError::Missing(format!("bridge {} vanished", self.bridge)))?;
             attach(&self.handle, index, bridge).await
         }
         .await;
@@ -297,7 +300,7 @@ async fn bridge_neighbours(handle: &rtnetlink::Handle, bridge: &str) -> Result<V
 /// over by what a guest sends.
 async fn pin_neighbour(handle: &rtnetlink::Handle, bridge: &str, ip: Ipv4Addr, mac: &[u8; 6]) -> Result<(), NetError> {
     let index =
-        link_index(handle, bridge).await?.ok_or_else(|| NetError::Netlink(format!("bridge {bridge} vanished")))?;
+        link_index(handle, bridge).await?.ok_or_else(|| NetError::Missing(format!("bridge {bridge} vanished")))?;
     handle.neighbours().add(index, IpAddr::V4(ip)).link_layer_address(mac).replace().execute().await.map_err(nl)
 }
 
@@ -367,7 +370,7 @@ async fn ensure_bridge(handle: &rtnetlink::Handle, name: &str, gateway: Ipv4Addr
             handle.link().add(LinkBridge::new(name).build()).execute().await.map_err(nl)?;
             link_index(handle, name)
                 .await?
-                .ok_or_else(|| NetError::Netlink(format!("bridge {name} not found after creating it")))?
+                .ok_or_else(|| NetError::Missing(format!("bridge {name} not found after creating it")))?
         }
     };
     let has_addr = {

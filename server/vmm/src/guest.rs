@@ -17,8 +17,8 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 pub use tokio_util::sync::CancellationToken;
 use tools_schema::guest::{
-    ExecSpec, ExitStatus, Frame, FrameDecoder, FrameKind, GuestHealth, GuestRequest, GuestResponse, MAX_PAYLOAD,
-    PROTOCOL_VERSION,
+    ExecSpec, ExitStatus, Frame, FrameDecoder, FrameKind, GuestErrorKind, GuestHealth, GuestRequest, GuestResponse,
+    MAX_PAYLOAD, PROTOCOL_VERSION,
 };
 use tools_schema::BuildInfo;
 
@@ -30,12 +30,67 @@ pub enum GuestError {
     Closed,
     #[error("the guest agent did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("the guest agent reported: {0}")]
-    Agent(String),
+    /// The agent answered with an error. Made only by `GuestError::agent`, which caps and escapes the
+    /// message; callers decide by `kind`, never by the text.
+    #[error("the guest agent reported: {message}")]
+    Agent { kind: GuestErrorKind, message: String },
+    /// Made only by `GuestError::protocol`, which caps and escapes the detail (it quotes the guest).
     #[error("the guest agent sent an unexpected reply: {0}")]
     Protocol(String),
     #[error("cancelled")]
     Cancelled,
+}
+
+/// Most characters of guest text an error carries (a response frame can be 1 MiB).
+pub const MAX_GUEST_MESSAGE_CHARS: usize = 512;
+
+impl GuestError {
+    /// An agent's error answer, with its untrusted message made safe (`untrusted_text`).
+    pub fn agent(kind: GuestErrorKind, message: &str) -> Self {
+        GuestError::Agent { kind, message: untrusted_text(message) }
+    }
+    /// A reply that breaks the protocol; `detail` may quote the guest, so it is made safe too.
+    pub fn protocol(detail: impl AsRef<str>) -> Self {
+        GuestError::Protocol(untrusted_text(detail.as_ref()))
+    }
+    /// The agent's kind, when the agent answered with an error.
+    pub fn agent_kind(&self) -> Option<GuestErrorKind> {
+        match self {
+            GuestError::Agent { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+}
+
+/// Guest text fit to reach a user: about `MAX_GUEST_MESSAGE_CHARS` characters at most, escapes included (a cut
+/// is marked with the whole length), with C0/C1
+/// controls, DEL and the bidi embedding, override and isolate marks written as `\xNN` / `\u{NNNN}`, so it
+/// can move no cursor, colour no terminal and make no name read as another, wherever it is printed or logged.
+pub fn untrusted_text(text: &str) -> String {
+    use std::fmt::Write as _;
+    let unsafe_char = |c: char| {
+        matches!(c, '\u{0}'..='\u{1f}' | '\u{7f}'..='\u{9f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{061c}')
+    };
+    let mut out = String::with_capacity(text.len().min(MAX_GUEST_MESSAGE_CHARS * 4));
+    let mut shown = 0; // characters in `out` (escapes are ASCII, so their bytes)
+    for c in text.chars() {
+        if shown >= MAX_GUEST_MESSAGE_CHARS {
+            let _ = write!(out, "... ({} bytes in all)", text.len());
+            break;
+        }
+        if !unsafe_char(c) {
+            out.push(c);
+            shown += 1;
+        } else if (c as u32) < 0x100 {
+            let _ = write!(out, "\\x{:02x}", c as u32);
+            shown += 4;
+        } else {
+            let _ = write!(out, "\\u{{{:04x}}}", c as u32);
+            shown += 8;
+        }
+    }
+    out
 }
 
 /// Frames queued per stream before the channel's reader waits for that stream's consumer: the memory a guest
@@ -113,8 +168,8 @@ impl Stream<'_> {
             let f = self.next(deadline, limit, cancel).await?;
             match f.kind {
                 FrameKind::Response => {
-                    return match f.parse::<GuestResponse>().map_err(|e| GuestError::Protocol(e.to_string()))? {
-                        GuestResponse::Error { message } => Err(GuestError::Agent(message)),
+                    return match f.parse::<GuestResponse>().map_err(|e| GuestError::protocol(e.to_string()))? {
+                        GuestResponse::Error { kind, message } => Err(GuestError::agent(kind, &message)),
                         r => Ok(r),
                     }
                 }
@@ -127,7 +182,7 @@ impl Stream<'_> {
 
 /// A byte cap on what one call accepts from the guest.
 fn over_cap(what: &str, cap: u64) -> GuestError {
-    GuestError::Protocol(format!("the guest sent more {what} than the {cap} bytes asked for"))
+    GuestError::protocol(format!("the guest sent more {what} than the {cap} bytes asked for"))
 }
 
 impl GuestConn {
@@ -229,7 +284,8 @@ impl GuestConn {
     }
 
     /// Sends a request and waits up to `timeout` for its single response (data frames are ignored; the
-    /// response itself is at most one frame, `MAX_PAYLOAD` bytes).
+    /// response itself is at most one frame, `MAX_PAYLOAD` bytes). An `Error` answer is
+    /// `Err(GuestError::Agent)`, its message already made safe: callers decide what its kind means.
     pub async fn request(
         &self,
         req: &GuestRequest,
@@ -238,11 +294,7 @@ impl GuestConn {
     ) -> Result<GuestResponse, GuestError> {
         let mut stream = self.open_stream();
         self.send(Frame::json(FrameKind::Request, stream.id, req))?;
-        match stream.response(timeout, cancel, |_| Ok(())).await {
-            // `Error` is a valid answer to a plain request: callers decide what it means.
-            Err(GuestError::Agent(message)) => Ok(GuestResponse::Error { message }),
-            r => r,
-        }
+        stream.response(timeout, cancel, |_| Ok(())).await
     }
 
     /// Repeats `Hello` until the agent answers (the guest may still be booting), then checks the protocol.
@@ -258,8 +310,7 @@ impl GuestConn {
             let hello = GuestRequest::Hello { protocol: PROTOCOL_VERSION };
             match self.request(&hello, Duration::from_millis(500), cancel).await {
                 Ok(GuestResponse::Hello { protocol, agent }) if protocol == PROTOCOL_VERSION => return Ok(agent),
-                Ok(GuestResponse::Error { message }) => return Err(GuestError::Agent(message)),
-                Ok(other) => return Err(GuestError::Protocol(format!("{other:?}"))),
+                Ok(other) => return Err(GuestError::protocol(format!("{other:?}"))),
                 Err(GuestError::Timeout(_)) if tokio::time::Instant::now() < deadline => continue,
                 Err(e) => return Err(e),
             }
@@ -271,15 +322,14 @@ impl GuestConn {
         let req = GuestRequest::Echo { data: data.to_string() };
         match self.request(&req, Duration::from_secs(5), &CancellationToken::new()).await? {
             GuestResponse::Echo { data: back } if back == data => Ok(()),
-            other => Err(GuestError::Protocol(format!("{other:?}"))),
+            other => Err(GuestError::protocol(format!("{other:?}"))),
         }
     }
 
     pub async fn health(&self, cancel: &CancellationToken) -> Result<GuestHealth, GuestError> {
         match self.request(&GuestRequest::Health, Duration::from_secs(5), cancel).await? {
             GuestResponse::Health(h) => Ok(h),
-            GuestResponse::Error { message } => Err(GuestError::Agent(message)),
-            other => Err(GuestError::Protocol(format!("{other:?}"))),
+            other => Err(GuestError::protocol(format!("{other:?}"))),
         }
     }
 
@@ -347,11 +397,11 @@ impl GuestConn {
                 FrameKind::Stdout => stdout.push(&frame.payload),
                 FrameKind::Stderr => stderr.push(&frame.payload),
                 FrameKind::Response => {
-                    return match frame.parse::<GuestResponse>().map_err(|e| GuestError::Protocol(e.to_string()))? {
+                    return match frame.parse::<GuestResponse>().map_err(|e| GuestError::protocol(e.to_string()))? {
                         _ if cancelled => Err(GuestError::Cancelled),
                         GuestResponse::Exited(st) => Ok(st),
-                        GuestResponse::Error { message } => Err(GuestError::Agent(message)),
-                        other => Err(GuestError::Protocol(format!("{other:?}"))),
+                        GuestResponse::Error { kind, message } => Err(GuestError::agent(kind, &message)),
+                        other => Err(GuestError::protocol(format!("{other:?}"))),
                     };
                 }
                 _ => {}
@@ -382,7 +432,7 @@ impl GuestConn {
         self.send(Frame::new(FrameKind::StdinEof, stream.id, vec![]))?;
         match stream.response(transfer_deadline(data.len() as u64), cancel, |_| Ok(())).await? {
             GuestResponse::Written { size, .. } => Ok(size),
-            other => Err(GuestError::Protocol(format!("{other:?}"))),
+            other => Err(GuestError::protocol(format!("{other:?}"))),
         }
     }
 
@@ -411,7 +461,7 @@ impl GuestConn {
             .await?;
         match res {
             GuestResponse::FileData { size, mode } => Ok((data, size, mode)),
-            other => Err(GuestError::Protocol(format!("{other:?}"))),
+            other => Err(GuestError::protocol(format!("{other:?}"))),
         }
     }
 }
@@ -537,7 +587,7 @@ impl GuestConn {
         self.send(Frame::new(FrameKind::StdinEof, stream.id, vec![]))?;
         match stream.response(transfer_deadline(data.len() as u64), cancel, |_| Ok(())).await? {
             GuestResponse::SessionSent { bytes, stdin_open } => Ok((bytes, stdin_open)),
-            other => Err(GuestError::Protocol(format!("{other:?}"))),
+            other => Err(GuestError::protocol(format!("{other:?}"))),
         }
     }
 
@@ -573,7 +623,7 @@ impl GuestConn {
             .await?;
         match res {
             GuestResponse::SessionData { from, status } => Ok(SessionRead { from, runs, status }),
-            other => Err(GuestError::Protocol(format!("{other:?}"))),
+            other => Err(GuestError::protocol(format!("{other:?}"))),
         }
     }
 }
@@ -611,5 +661,26 @@ impl RateLimited {
         } else {
             self.suppressed += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_text_is_capped_and_its_controls_escaped() {
+        let hostile = "\u{1b}[2J\u{1b}]0;pwned\u{7}\u{202e}evil\r\n".repeat(100_000);
+        let safe = untrusted_text(&hostile);
+        assert!(safe.chars().count() <= MAX_GUEST_MESSAGE_CHARS + 40, "{} chars", safe.chars().count());
+        assert!(!safe.chars().any(|c| c.is_control() || c == '\u{202e}'), "{safe}");
+        assert!(safe.starts_with("\\x1b[2J\\x1b]0;pwned\\x07\\u{202e}evil\\x0d\\x0a"), "{safe}");
+        assert!(safe.ends_with(&format!("... ({} bytes in all)", hostile.len())), "{safe}");
+        // Ordinary text, non-ASCII included, passes untouched.
+        assert_eq!(untrusted_text("cannot read /tmp/ä: No such file"), "cannot read /tmp/ä: No such file");
+        let agent = GuestError::agent(GuestErrorKind::NotFound, &hostile);
+        assert_eq!(agent.agent_kind(), Some(GuestErrorKind::NotFound));
+        assert!(!agent.to_string().chars().any(|c| c.is_control()));
+        assert!(!GuestError::protocol(&hostile).to_string().chars().any(|c| c.is_control()));
     }
 }

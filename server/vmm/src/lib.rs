@@ -26,6 +26,7 @@ pub use driver::{Driver, DriverSettings, Snapshot};
 pub enum VmmError {
     #[error("{binary} is not installed")]
     MissingBinary { binary: &'static str },
+    /// A program banger ran failed; `detail` is what it printed (its stderr), not a flattened error.
     #[error("{what} failed: {detail}")]
     Launch { what: String, detail: String },
     #[error("i/o error while {what}")]
@@ -384,8 +385,7 @@ pub(crate) async fn launch_firecracker(cfg: &Tools, spec: &BootSpec) -> Result<L
         what: "starting firecracker".into(),
         detail: "the image has no ELF kernel (vmlinux); register it with --kernel-elf".into(),
     })?;
-    let fc_err =
-        |e: firecracker::FcError| VmmError::Launch { what: "starting firecracker".into(), detail: e.to_string() };
+    let fc_err = |source: firecracker::FcError| VmmError::Firecracker { what: "starting firecracker", source };
     if spec.layout != RootLayout::Overlay {
         return Err(VmmError::Launch {
             what: "starting firecracker".into(),
@@ -453,8 +453,7 @@ pub(crate) async fn restore_firecracker(
     for stale in [paths.vsock(), paths.pidfile(), paths.dir.join(firecracker::API_SOCKET_NAME)] {
         let _ = std::fs::remove_file(stale);
     }
-    let fc_err =
-        |e: firecracker::FcError| VmmError::Launch { what: "restoring firecracker".into(), detail: e.to_string() };
+    let fc_err = |source: firecracker::FcError| VmmError::Firecracker { what: "restoring firecracker", source };
     let machine = firecracker::spawn_anchored(&bin, dir, anchor, &process_marker(vm_id), &paths.console_log())
         .await
         .map_err(fc_err)?;

@@ -19,6 +19,12 @@ pub enum QmpError {
     Timeout { command: String },
     #[error("{0}")]
     Migration(String),
+    #[error("creating {path}: {source}")]
+    Create {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 pub struct Qmp {
@@ -105,7 +111,7 @@ impl Qmp {
         self.ignore_shared().await?;
         // Made 0600 first: `cat` runs under QEMU's umask (027) and truncates what exists, keeping its mode.
         crate::host_files::create_private(file)
-            .map_err(|e| QmpError::Migration(format!("creating {}: {e}", file.display())))?;
+            .map_err(|source| QmpError::Create { path: file.to_path_buf(), source })?;
         let uri = format!("exec:cat > {}", shell_quote(file));
         self.execute("migrate", json!({"uri": uri})).await?;
         self.wait_migration(Duration::from_secs(60)).await

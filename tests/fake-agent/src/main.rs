@@ -14,6 +14,9 @@
 //! - `"version_flood:N"`: first send N frames with a wrong protocol version.
 //! - `"garbage:N"`: first send N bytes that are no frame at all.
 //! - `"trickle:MS"`: write the answer one byte every MS milliseconds.
+//! - `"bad_error:N"`: answer with an `Error` whose `kind` is no kind at all (a JSON object) and whose message
+//!   is N bytes of terminal escapes, bidi overrides and newlines (its JSON is ~1.75 N: keep N under 600000,
+//!   or the frame is over the 1 MiB a frame may carry and the host skips it as garbage).
 //!
 //! Commands it runs see `BANGER_FAKE_AGENT=1`, which is how the harness knows it took over.
 use std::collections::HashMap;
@@ -25,8 +28,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tools_schema::guest::{
-    ExitStatus, Frame, FrameDecoder, FrameKind, GuestHealth, GuestRequest, GuestResponse, PROTOCOL_VERSION,
-    VIRTIO_PORT_NAME,
+    ExitStatus, Frame, FrameDecoder, FrameKind, GuestErrorKind, GuestHealth, GuestRequest, GuestResponse,
+    PROTOCOL_VERSION, VIRTIO_PORT_NAME,
 };
 use tools_schema::BuildInfo;
 
@@ -173,6 +176,20 @@ fn handle(out: &Out, stream: u32, req: GuestRequest, input: mpsc::Receiver<Frame
         }
         _ => {}
     }
+    if name == "bad_error" {
+        let piece = "\u{1b}[2J\u{1b}]0;pwned\u{7}\u{202e}evil\r\n";
+        let message: String = piece
+            .chars()
+            .cycle()
+            .scan(0usize, |len, c| {
+                *len += c.len_utf8();
+                (*len <= n as usize).then_some(c)
+            })
+            .collect();
+        let body = serde_json::json!({"result": "error", "kind": {"not_found": true}, "message": message});
+        send(out, Frame::new(FrameKind::Response, stream, body.to_string().into_bytes()));
+        return;
+    }
     let flood = (name == "flood").then_some(n);
     let claim = (name == "claim").then_some(n);
     let response = answer(out, stream, req, &input, flood, claim);
@@ -218,7 +235,15 @@ fn answer(
     flood: Option<u64>,
     claim: Option<u64>,
 ) -> GuestResponse {
-    let err = |message: String| GuestResponse::Error { message };
+    let err = |message: String| GuestResponse::error(GuestErrorKind::Other, message);
+    // File errors carry the kinds the real agent gives them, so the host maps them the same way.
+    let io_err = |path: &str, e: std::io::Error| {
+        let kind = match e.kind() {
+            std::io::ErrorKind::NotFound => GuestErrorKind::NotFound,
+            _ => GuestErrorKind::Invalid,
+        };
+        GuestResponse::error(kind, format!("{path}: {e}"))
+    };
     match req {
         GuestRequest::Hello { .. } => GuestResponse::Hello { protocol: PROTOCOL_VERSION, agent: BuildInfo::current() },
         GuestRequest::Health => GuestResponse::Health(GuestHealth {
@@ -277,7 +302,7 @@ fn answer(
                 .open(p);
             match opened.and_then(|mut f| f.write_all(&data).and_then(|_| f.metadata())) {
                 Ok(m) => GuestResponse::Written { bytes: data.len() as u64, size: m.len() },
-                Err(e) => err(format!("{path}: {e}")),
+                Err(e) => io_err(&path, e),
             }
         }
         GuestRequest::ReadFile { path, offset, limit } => {
@@ -304,7 +329,7 @@ fn answer(
                         mode: meta.permissions().mode() & 0o7777,
                     }
                 }
-                Err(e) => err(format!("{path}: {e}")),
+                Err(e) => io_err(&path, e),
             }
         }
         GuestRequest::Shutdown { reboot } => {

@@ -110,7 +110,8 @@ impl Engine {
                 }
                 if warm.is_none() {
                     if cancel.is_cancelled() {
-                        return Err(ApiError::new(ErrorCode::Cancelled, "cancelled"));
+                        return Err(ApiError::new(ErrorCode::Cancelled, "cancelled")
+                            .with_hint(crate::engine::errors::hint::RUN_AGAIN));
                     }
                     tracing::warn!(vm = %row.name, reason = ?cold_reason, "warm start failed; booting cold");
                     // The clone's disks sit on the template; a cold boot needs the image's.
@@ -157,9 +158,10 @@ impl Engine {
         // can leave the host's connection unanswered for good (`VSOCK_READY_PORT`). Firecracker's own vsock
         // refuses early connections cleanly, so there the host just retries, as it always has.
         let announced = driver.announces_vsock_ready().then(|| AnnounceSocket::bind(paths.vsock_ready()));
-        let announced = announced
-            .transpose()
-            .map_err(|e| ApiError::internal(format!("cannot listen on {}: {e}", paths.vsock_ready().display())))?;
+        let announced = announced.transpose().map_err(|e| {
+            ApiError::internal(format!("cannot listen on {}: {e}", paths.vsock_ready().display()))
+                .with_hint(crate::engine::errors::hint::STATE_DIR)
+        })?;
         let launched = driver.launch(&spec).await.map_err(vmm_error)?;
         self.undo_vmm(rollback, row, launched.pid);
         self.store.set_vm_state(row.id.clone(), VmState::Starting, Some(launched.pid), None, None).await?;

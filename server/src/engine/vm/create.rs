@@ -24,7 +24,9 @@ impl Engine {
         match (snap.vm, snap.error) {
             (Some(vm), _) => Ok(vm),
             (None, Some(e)) => Err(e),
-            (None, None) => Err(ApiError::internal("create ended without a result")),
+            (None, None) => {
+                Err(ApiError::internal("create ended without a result").with_hint(crate::engine::errors::hint::BUG))
+            }
         }
     }
 
@@ -35,7 +37,7 @@ impl Engine {
         p: VmCreateParams,
         _: CallContext,
     ) -> Result<OperationInfo, ApiError> {
-        p.validate().map_err(ApiError::invalid)?;
+        p.validate().map_err(|e| ApiError::invalid(e).with_hint(crate::engine::errors::hint::SCHEMA))?;
         let op = self.ops.start("vm.create", p.name.as_deref().unwrap_or(""), Self::CREATE_STAGES);
         op.stage("allocate");
         let cold = p.boot == Some(BootRequest::Cold);
@@ -175,10 +177,10 @@ impl Engine {
             tap: None,
             nat: p.nat.unwrap_or(false),
         };
-        self.store
-            .insert_vm(row.clone())
-            .await
-            .map_err(|e| ApiError::new(ErrorCode::AlreadyExists, format!("cannot record VM `{}`: {e}", row.name)))?;
+        self.store.insert_vm(row.clone()).await.map_err(|e| {
+            ApiError::new(ErrorCode::AlreadyExists, format!("cannot record VM `{}`: {e}", row.name))
+                .with_hint("pick another name; `banger vm list` shows the names in use")
+        })?;
         Ok(row)
     }
 
@@ -194,8 +196,10 @@ impl Engine {
     ) -> Result<(), ApiError> {
         let paths = self.vm_paths(&row.id);
         let cancel = op.cancel.clone();
-        let cancelled =
-            || ApiError::new(ErrorCode::Cancelled, format!("creating VM {} was cancelled; nothing was kept", row.name));
+        let cancelled = || {
+            ApiError::new(ErrorCode::Cancelled, format!("creating VM {} was cancelled; nothing was kept", row.name))
+                .with_hint("run the create again to retry")
+        };
         let from_pool = pooled.is_some();
         let mut rollback = Rollback::new(format!("creating VM {}", row.name));
         let (engine, id) = (self.clone(), row.id.clone());
@@ -261,7 +265,7 @@ impl Engine {
         if boot.mode == BootMode::Cold
             && !cold
             && matches!(self.find_template(&image, row.vmm, row.vcpus, row.memory_mib),
-                Err(why) if !why.starts_with(crate::engine::warm::TEMPLATE_FAILED))
+                Err(miss) if !matches!(miss, crate::engine::warm::TemplateMiss::Failed(_)))
         {
             self.build_template_later(image.clone(), row.vmm, row.vcpus, row.memory_mib);
         }

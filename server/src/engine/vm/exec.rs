@@ -78,7 +78,7 @@ impl Engine {
     }
 
     pub async fn vm_exec(self: &Arc<Self>, p: VmExecParams, ctx: CallContext) -> Result<VmExecResult, ApiError> {
-        p.validate().map_err(ApiError::invalid)?;
+        p.validate().map_err(|e| ApiError::invalid(e).with_hint(crate::engine::errors::hint::SCHEMA))?;
         let row = self.resolve_vm(&p.vm).await?;
         let conn = self.guest(&row).await?;
         let timeout_secs = p.timeout_secs.unwrap_or(DEFAULT_EXEC_TIMEOUT_SECS);
@@ -137,10 +137,12 @@ impl Engine {
         use std::io::{Read, Seek};
         let limit = p.limit.unwrap_or(EXEC_INLINE_DEFAULT);
         if limit == 0 || limit > EXEC_INLINE_MAX {
-            return Err(ApiError::invalid(format!("limit must be between 1 and {EXEC_INLINE_MAX}, got {limit}")));
+            return Err(ApiError::invalid(format!("limit must be between 1 and {EXEC_INLINE_MAX}, got {limit}"))
+                .with_hint("ask for a smaller limit and page on with offset"));
         }
         if p.output_id.is_empty() || !p.output_id.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(ApiError::invalid(format!("output_id `{}` is not one vm_exec returned", p.output_id)));
+            return Err(ApiError::invalid(format!("output_id `{}` is not one vm_exec returned", p.output_id))
+                .with_hint("pass the output_id that vm_exec returned for this VM"));
         }
         let row = self.resolve_vm(&p.vm).await?;
         let path =
@@ -159,8 +161,11 @@ impl Engine {
             Ok(Some((data, total)))
         })
         .await
-        .map_err(|e| ApiError::internal(format!("output read task: {e}")))?
-        .map_err(|e| ApiError::internal(format!("reading command output: {e}")))?;
+        .map_err(|e| ApiError::internal(format!("output read task: {e}")).with_hint(crate::engine::errors::hint::BUG))?
+        .map_err(|e| {
+            ApiError::internal(format!("reading command output: {e}"))
+                .with_hint("the spooled output may have been rotated out (16 per VM are kept); run the command again")
+        })?;
         let (data, total) = match read {
             Some(v) => v,
             // A stream that fit inline has no spool; an unknown id has neither.

@@ -9,14 +9,23 @@ impl Engine {
     ) -> Result<VmFileWriteResult, ApiError> {
         use base64::Engine as _;
         if !p.path.starts_with('/') {
-            return Err(ApiError::invalid(format!("path must be absolute, got `{}`", p.path)));
+            return Err(ApiError::invalid(format!("path must be absolute, got `{}`", p.path))
+                .with_hint("give the path from the guest's root, e.g. /root/file"));
         }
-        let mode = p.mode.as_deref().map(parse_mode).transpose().map_err(ApiError::invalid)?;
+        let mode = p
+            .mode
+            .as_deref()
+            .map(parse_mode)
+            .transpose()
+            .map_err(|e| ApiError::invalid(e).with_hint("give the mode as octal digits, e.g. 644 or 0755"))?;
         let data = match p.encoding.unwrap_or(ContentEncoding::Text) {
             ContentEncoding::Text => p.content.into_bytes(),
-            ContentEncoding::Base64 => base64::engine::general_purpose::STANDARD
-                .decode(p.content.as_bytes())
-                .map_err(|e| ApiError::invalid(format!("content is not valid base64: {e}")))?,
+            ContentEncoding::Base64 => {
+                base64::engine::general_purpose::STANDARD.decode(p.content.as_bytes()).map_err(|e| {
+                    ApiError::invalid(format!("content is not valid base64: {e}"))
+                        .with_hint("send text as it is, or base64 of the bytes with encoding: base64")
+                })?
+            }
         };
         if data.len() as u64 > MAX_FILE_CHUNK {
             return Err(ApiError::invalid(format!(
@@ -43,11 +52,13 @@ impl Engine {
         ctx: CallContext,
     ) -> Result<VmFileReadResult, ApiError> {
         if !p.path.starts_with('/') {
-            return Err(ApiError::invalid(format!("path must be absolute, got `{}`", p.path)));
+            return Err(ApiError::invalid(format!("path must be absolute, got `{}`", p.path))
+                .with_hint("give the path from the guest's root, e.g. /root/file"));
         }
         let limit = p.limit.unwrap_or(MAX_FILE_CHUNK);
         if limit == 0 || limit > MAX_FILE_CHUNK {
-            return Err(ApiError::invalid(format!("limit must be between 1 and {MAX_FILE_CHUNK}, got {limit}")));
+            return Err(ApiError::invalid(format!("limit must be between 1 and {MAX_FILE_CHUNK}, got {limit}"))
+                .with_hint("read in pieces: ask for a smaller limit and go on from next_offset"));
         }
         let offset = p.offset.unwrap_or(0);
         let row = self.resolve_vm(&p.vm).await?;

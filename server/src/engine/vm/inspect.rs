@@ -99,10 +99,7 @@ impl Engine {
         let conn = self.guest(&row).await?;
         let listeners = match conn.request(&GuestRequest::Ports, Duration::from_secs(10), &ctx.cancel).await {
             Ok(tools_schema::guest::GuestResponse::Ports { listeners }) => listeners,
-            Ok(tools_schema::guest::GuestResponse::Error { message }) => {
-                return Err(guest_error(&row.name, GuestError::Agent(message)))
-            }
-            Ok(other) => return Err(guest_error(&row.name, GuestError::Protocol(format!("{other:?}")))),
+            Ok(other) => return Err(guest_error(&row.name, GuestError::protocol(format!("{other:?}")))),
             Err(e) => return Err(guest_error(&row.name, e)),
         };
         let host = format!("{}.vm", row.name);
@@ -164,8 +161,11 @@ impl Engine {
             Ok(String::from_utf8_lossy(&text).lines().map(str::to_string).collect())
         })
         .await
-        .map_err(|e| ApiError::internal(format!("console read task: {e}")))?
-        .map_err(|e| ApiError::internal(format!("reading {}: {e}", path.display())))?;
+        .map_err(|e| ApiError::internal(format!("console read task: {e}")).with_hint(crate::engine::errors::hint::BUG))?
+        .map_err(|e| {
+            ApiError::internal(format!("reading {}: {e}", path.display()))
+                .with_hint("check that the VM's console log in its directory is readable by the daemon")
+        })?;
         let start = lines.len().saturating_sub(tail);
         Ok(VmLogs { lines: lines[start..].to_vec(), path: path.display().to_string() })
     }

@@ -35,12 +35,13 @@ impl Engine {
                 return Err(ApiError::new(
                     ErrorCode::Cancelled,
                     format!("starting VM {} was cancelled", task_row.name),
-                ));
+                )
+                .with_hint(format!("`banger vm start {}` starts it again", task_row.name)));
             };
             engine.boot(&task_row, &image, &cancel, None, plan).await
         })
         .await
-        .map_err(|e| ApiError::internal(format!("start task: {e}")))?;
+        .map_err(|e| ApiError::internal(format!("start task: {e}")).with_hint(crate::engine::errors::hint::BUG))?;
         if let Err(e) = booted {
             // A boot that failed before its VMM ran leaves the record starting: it holds no memory now.
             if self.reload(&row.id).await.is_ok_and(|r| r.state == VmState::Starting) {
@@ -162,7 +163,7 @@ impl Engine {
     }
 
     pub async fn vm_set(self: &Arc<Self>, p: VmSetParams, _: CallContext) -> Result<VmBatchResult, ApiError> {
-        p.validate().map_err(ApiError::invalid)?;
+        p.validate().map_err(|e| ApiError::invalid(e).with_hint(crate::engine::errors::hint::SCHEMA))?;
         let refs = VmRefs { vm: p.vm.clone() };
         self.batch(refs, |engine, row| {
             let p = p.clone();
@@ -193,7 +194,7 @@ impl Engine {
                             "VM {} has no {} to resize",
                             row.name,
                             if field == "disk_gib" { "root disk" } else { "work disk" }
-                        ))
+                        )).with_hint("this VM's disks are raw (the overlay layout), which `vm set` cannot grow; create a VM with the size you need")
                     })?;
                     let want = u64::from(gib) << 30;
                     if want < have {
@@ -202,7 +203,7 @@ impl Engine {
                             row.name,
                             have as f64 / (1u64 << 30) as f64,
                             have.div_ceil(1 << 30)
-                        )));
+                        )).with_hint("give a size at least as large as the current disk"));
                     }
                     if want > have {
                         grow.push((disk, want));
@@ -228,7 +229,9 @@ impl Engine {
             let dir = engine.vm_paths(&row.id).dir;
             if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
                 if e.kind() != std::io::ErrorKind::NotFound {
-                    return Err(ApiError::internal(format!("removing {}: {e}", dir.display())));
+                    return Err(ApiError::internal(format!("removing {}: {e}", dir.display())).with_hint(
+                        "check the permissions of the VM's directory under the state directory and remove it by hand",
+                    ));
                 }
             }
             engine.store.delete_vm(row.id.clone()).await?;

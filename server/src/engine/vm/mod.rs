@@ -1,5 +1,5 @@
 //! VMs: what is shared by the operations on them (their records and views, resolving a name, batches, names and
-//! MACs, the engine's error mapping), with each concern in its own file: `create` (checks, allocation,
+//! MACs), with each concern in its own file: `create` (checks, allocation,
 //! disks, pool hand-out), `boot` (cold or warm, waiting for the agent, undone by its rollback), `channel` (the
 //! live guest connection and the one shared connect), `lifecycle` (start, stop, kill, restart, set, delete),
 //! `exec` (commands and their spooled output), `files`, `inspect` (stats, ports, console logs) and
@@ -43,55 +43,7 @@ mod state;
 pub(crate) use channel::Guests;
 pub(crate) use state::Vms;
 
-pub(crate) fn vmm_error(e: VmmError) -> ApiError {
-    match e {
-        VmmError::MissingBinary { .. } => ApiError::new(ErrorCode::HostUnsupported, e.to_string())
-            .with_hint("run scripts/setup-host.sh, then `banger doctor`"),
-        VmmError::Launch { .. } => {
-            ApiError::internal(e.to_string()).with_hint("`banger doctor` checks the host set-up")
-        }
-        VmmError::Io { .. } => ApiError::internal(format!(
-            "{e}: {}",
-            std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()
-        )),
-        // Their messages carry the VMM's own answer already.
-        VmmError::Qmp { .. } | VmmError::Firecracker { .. } | VmmError::Guest(_) => {
-            ApiError::internal(e.to_string()).with_hint("`banger doctor` checks the host set-up")
-        }
-    }
-}
-
-/// An error and its causes, `a: b: c`.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
-/// File errors from the agent: a missing file is the caller's `not_found`, a bad path `invalid_argument`.
-fn file_error(vm: &str, e: GuestError) -> ApiError {
-    match e {
-        GuestError::Agent(m) if m.contains("No such file") => ApiError::not_found(m),
-        GuestError::Agent(m) => ApiError::invalid(m),
-        other => guest_error(vm, other),
-    }
-}
-
-pub(crate) fn guest_error(vm: &str, e: GuestError) -> ApiError {
-    match e {
-        GuestError::Cancelled => ApiError::new(ErrorCode::Cancelled, "cancelled by the caller"),
-        GuestError::Timeout(_) => ApiError::new(ErrorCode::Timeout, format!("VM {vm}: {e}"))
-            .with_hint(format!("`banger vm logs {vm}` shows the guest console")),
-        GuestError::Agent(ref m) if m.starts_with("cannot run") => ApiError::invalid(m.clone()),
-        other => ApiError::new(ErrorCode::GuestUnreachable, format!("VM {vm}: {}", error_chain(&other)))
-            .with_hint(format!("`banger vm logs {vm}` shows the guest console; `banger vm restart {vm}` reboots it")),
-    }
-}
+use super::errors::{file_error, guest_error, vmm_error};
 
 const ADJECTIVES: &[&str] =
     &["brisk", "calm", "eager", "fuzzy", "jolly", "lucky", "mellow", "nimble", "quiet", "rapid", "sunny", "witty"];
@@ -131,9 +83,10 @@ fn unused_mac(existing: &[VmRow]) -> String {
 /// another VM (or a pooled one), and sharing it would mix their disks and sockets.
 pub(crate) async fn create_vm_dir(dir: &std::path::Path) -> Result<(), ApiError> {
     if let Some(parent) = dir.parent() {
-        tokio::fs::create_dir_all(parent)
-            .await
-            .map_err(|e| ApiError::internal(format!("creating {}: {e}", parent.display())))?;
+        tokio::fs::create_dir_all(parent).await.map_err(|e| {
+            ApiError::internal(format!("creating {}: {e}", parent.display()))
+                .with_hint(crate::engine::errors::hint::STATE_DIR)
+        })?;
     }
     tokio::fs::create_dir(dir).await.map_err(|e| {
         ApiError::internal(format!("creating {}: {e}", dir.display()))
@@ -146,8 +99,10 @@ pub(crate) async fn create_vm_dir(dir: &std::path::Path) -> Result<(), ApiError>
 pub(crate) async fn copy_writable(from: &std::path::Path, to: &std::path::Path) -> Result<(), ApiError> {
     use std::os::unix::fs::PermissionsExt;
     vmm::copy_sparse(from, to).await.map_err(vmm_error)?;
-    std::fs::set_permissions(to, std::fs::Permissions::from_mode(crate::host_files::PRIVATE_FILE))
-        .map_err(|e| ApiError::internal(format!("making {} writable: {e}", to.display())))
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(crate::host_files::PRIVATE_FILE)).map_err(|e| {
+        ApiError::internal(format!("making {} writable: {e}", to.display()))
+            .with_hint(crate::engine::errors::hint::STATE_DIR)
+    })
 }
 
 /// Bytes for a JSON result: as text when asked for or when they are UTF-8 (unless base64 is asked for),
@@ -222,7 +177,8 @@ impl Engine {
     /// Finds a VM by exact id, exact name, or unique id prefix (4+ characters).
     pub(crate) async fn resolve_vm(&self, r: &str) -> Result<VmRow, ApiError> {
         if r.is_empty() {
-            return Err(ApiError::invalid("VM reference is empty"));
+            return Err(ApiError::invalid("VM reference is empty")
+                .with_hint("name a VM by its name, id or a unique id prefix (`banger vm list`)"));
         }
         let vms = self.store.vms().await?;
         if let Some(v) = vms.iter().find(|v| v.id == r || v.name == r) {
@@ -242,7 +198,9 @@ impl Engine {
     }
 
     async fn reload(&self, id: &str) -> Result<VmRow, ApiError> {
-        self.store.vm(id.to_string()).await?.ok_or_else(|| ApiError::not_found(format!("VM {id} was deleted")))
+        self.store.vm(id.to_string()).await?.ok_or_else(|| {
+            ApiError::not_found(format!("VM {id} was deleted")).with_hint("`banger vm list` shows the VMs that exist")
+        })
     }
 
     pub async fn vm_list(self: &Arc<Self>, _: Empty, _: CallContext) -> Result<VmList, ApiError> {

@@ -24,7 +24,7 @@ use tools_schema::guest::{CloneIdentity, GuestNetConfig, GuestRequest, GuestResp
 use tools_schema::image::{ImageWarmParams, TemplateInfo};
 use tools_schema::{ApiError, BuildInfo, ErrorCode};
 
-use super::vm::{guest_error, vmm_error};
+use super::errors::{guest_error, vmm_error};
 use super::{new_id, now, CallContext, Engine};
 use crate::guest::GuestConn;
 use crate::store::{ImageRow, VmRow};
@@ -35,8 +35,34 @@ mod template;
 
 /// Bumped whenever what a template holds or how it is restored changes: older templates are then stale.
 const TEMPLATE_FORMAT: u32 = 1;
-/// How find_template's reason starts for a template whose restore failed.
-pub(crate) const TEMPLATE_FAILED: &str = "the template is marked failed";
+/// Why there is no template to restore a VM from (`find_template`). Callers decide by the variant, never by
+/// the text, which is for people (a cold boot's `cold_reason`, an error message).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum TemplateMiss {
+    /// Warm starts are off, or this VMM cannot make templates here (`warm_unsupported`).
+    #[error("{0}")]
+    Unsupported(String),
+    /// What the template would be made from cannot be read (the VMM binary, an image file).
+    #[error("{0}")]
+    Inputs(String),
+    /// None was made for this image and shape yet.
+    #[error("no template for this image and shape yet")]
+    Missing,
+    #[error("the template's metadata is unreadable")]
+    Unreadable,
+    /// Made from other inputs than today's: the reason names the first that differs.
+    #[error("the template is stale: {0}")]
+    Stale(String),
+    /// A restore from it failed (the marker's first 300 characters): not tried again until an input changes
+    /// or a rebuild is asked for.
+    #[error(
+        "the template is marked failed: restoring it failed ({0}); it is tried again when the image, kernel, VMM \
+         or banger changes, or after `banger image warm --rebuild`"
+    )]
+    Failed(String),
+    #[error("the template's files are incomplete")]
+    Incomplete,
+}
 
 /// A file as a template saw it: replacing or touching it makes templates made from it stale.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

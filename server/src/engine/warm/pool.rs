@@ -206,7 +206,11 @@ impl Engine {
             Ok(t) => t,
             Err(_) => {
                 self.ensure_template(image, vmm, vcpus, memory_mib, false, &CancellationToken::new()).await?;
-                self.find_template(image, vmm, vcpus, memory_mib).map_err(ApiError::internal)?
+                self.find_template(image, vmm, vcpus, memory_mib).map_err(|miss| {
+                    ApiError::internal(miss.to_string()).with_hint(
+                        "the pool refills later by itself; `banger image warm --rebuild` makes the template anew",
+                    )
+                })?
             }
         };
         let id = new_id();
@@ -216,9 +220,10 @@ impl Engine {
         let result = async {
             self.clone_disks(&t, &paths).await?;
             let tap = match self.network() {
-                Some(net) if t.meta.inputs.nic => Some(
-                    net.acquire_tap().await.map_err(|e| ApiError::internal(format!("cannot get a TAP device: {e}")))?,
-                ),
+                Some(net) if t.meta.inputs.nic => Some(net.acquire_tap().await.map_err(|e| {
+                    ApiError::internal(format!("cannot get a TAP device: {e}"))
+                        .with_hint("`banger doctor` checks networking")
+                })?),
                 _ => None,
             };
             // The NIC's settings come with the identity at hand-out; the placeholder never reaches the guest.

@@ -80,29 +80,25 @@ impl Engine {
         vmm: VmmKind,
         vcpus: u32,
         memory_mib: u32,
-    ) -> Result<Template, String> {
+    ) -> Result<Template, TemplateMiss> {
         if let Some(why) = self.warm_unsupported(vmm) {
-            return Err(why);
+            return Err(TemplateMiss::Unsupported(why));
         }
-        let now = self.template_inputs(image, vmm, vcpus, memory_mib)?;
+        let now = self.template_inputs(image, vmm, vcpus, memory_mib).map_err(TemplateMiss::Inputs)?;
         let slot = self.template_slot(&image.id, vmm, vcpus, memory_mib, now.nic);
         let Some(dir) = current_generation(&slot) else {
-            return Err("no template for this image and shape yet".into());
+            return Err(TemplateMiss::Missing);
         };
         let meta: TemplateMeta = std::fs::read(dir.join("meta.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or("the template's metadata is unreadable")?;
+            .ok_or(TemplateMiss::Unreadable)?;
         if let Some(why) = meta.inputs.stale_reason(&now) {
-            return Err(format!("the template is stale: {why}"));
+            return Err(TemplateMiss::Stale(why));
         }
         let t = Template { dir, meta };
         if let Ok(why) = std::fs::read_to_string(t.failed_marker()) {
-            let why: String = why.chars().take(300).collect();
-            return Err(format!(
-                "{TEMPLATE_FAILED}: restoring it failed ({why}); it is tried again when the image, kernel, VMM or \
-                 banger changes, or after `banger image warm --rebuild`"
-            ));
+            return Err(TemplateMiss::Failed(why.chars().take(300).collect()));
         }
         let ram_ok = std::fs::metadata(t.ram()).is_ok_and(|m| m.len() == memory_mib as u64 * 1024 * 1024);
         let state_ok = std::fs::metadata(t.state()).is_ok_and(|m| m.len() > 0);
@@ -113,7 +109,7 @@ impl Engine {
         };
         let anchor_ok = !driver.template_needs_anchor() || self.anchor_dir(&t.meta.generation).is_dir();
         if !ram_ok || !state_ok || !disk.is_file() || !anchor_ok {
-            return Err("the template's files are incomplete".into());
+            return Err(TemplateMiss::Incomplete);
         }
         Ok(t)
     }
@@ -128,7 +124,7 @@ impl Engine {
         }
         match self.find_template(image, row.vmm, row.vcpus, row.memory_mib) {
             Ok(t) => BootPlan::Warm(Box::new(t)),
-            Err(reason) => BootPlan::Cold { reason: Some(reason) },
+            Err(miss) => BootPlan::Cold { reason: Some(miss.to_string()) },
         }
     }
 
@@ -137,7 +133,7 @@ impl Engine {
     }
 
     pub async fn image_warm(self: &Arc<Self>, p: ImageWarmParams, ctx: CallContext) -> Result<TemplateInfo, ApiError> {
-        p.validate().map_err(ApiError::invalid)?;
+        p.validate().map_err(|e| ApiError::invalid(e).with_hint(crate::engine::errors::hint::SCHEMA))?;
         let image = self.resolve_image(p.image.as_deref()).await?;
         let vmm = self.vmm().vmm;
         if let Some(why) = self.warm_unsupported(vmm) {
@@ -159,9 +155,11 @@ impl Engine {
         rebuild: bool,
         cancel: &CancellationToken,
     ) -> Result<TemplateInfo, ApiError> {
-        let inputs = self
-            .template_inputs(image, vmm, vcpus, memory_mib)
-            .map_err(|e| ApiError::precondition(format!("cannot make a template of image {}: {e}", image.name)))?;
+        let inputs = self.template_inputs(image, vmm, vcpus, memory_mib).map_err(|e| {
+            ApiError::precondition(format!("cannot make a template of image {}: {e}", image.name)).with_hint(
+                "check that the image's files and the VMM binary are present (`banger image list`, `banger doctor`)",
+            )
+        })?;
         let slot = self.template_slot(&image.id, vmm, vcpus, memory_mib, inputs.nic);
         let lock = self.slot_lock(&slot);
         let _held = lock.lock().await;
@@ -179,12 +177,12 @@ impl Engine {
         let replaced = match previous {
             Ok(t) if !rebuild => return Ok(info(&t, true, None)),
             Ok(_) => Some("a rebuild was requested".to_string()),
-            Err(why) if why.starts_with(TEMPLATE_FAILED) && !rebuild => {
-                return Err(ApiError::precondition(why)
+            Err(failed @ TemplateMiss::Failed(_)) if !rebuild => {
+                return Err(ApiError::precondition(failed.to_string())
                     .with_hint("`banger image warm --rebuild` makes a new template; new VMs boot cold meanwhile"))
             }
-            Err(why) if why.starts_with("no template") => None,
-            Err(why) => Some(why),
+            Err(TemplateMiss::Missing) => None,
+            Err(why) => Some(why.to_string()),
         };
         let t = self.build_template(image, vmm, inputs, &slot, cancel).await?;
         self.collect_templates().await;
@@ -212,8 +210,10 @@ impl Engine {
         let mut pid = None;
         let mut tap = None;
         let result = async {
-            std::fs::create_dir_all(&work)
-                .map_err(|e| ApiError::internal(format!("creating {}: {e}", work.display())))?;
+            std::fs::create_dir_all(&work).map_err(|e| {
+                ApiError::internal(format!("creating {}: {e}", work.display()))
+                    .with_hint(crate::engine::errors::hint::STATE_DIR)
+            })?;
             let (root, seed) = (Path::new(&image.rootfs), Path::new(&image.work_seed));
             match driver.template_layout() {
                 vmm::RootLayout::Qcow2 => {
@@ -228,16 +228,19 @@ impl Engine {
             }
             // A NIC that needs a TAP even for a template (Firecracker): clones move theirs onto their own.
             if let (true, true, Some(net)) = (driver.template_needs_tap(), inputs.nic, self.network()) {
-                tap = Some(
-                    net.acquire_tap().await.map_err(|e| ApiError::internal(format!("cannot get a TAP device: {e}")))?,
-                );
+                tap = Some(net.acquire_tap().await.map_err(|e| {
+                    ApiError::internal(format!("cannot get a TAP device: {e}"))
+                        .with_hint("`banger doctor` checks networking")
+                })?);
             }
             let nic = tap.clone().map(|t| (t, super::pool::placeholder_net()));
             let memory = driver.template_memory(work.join("ram"));
             let mut spec = self.template_spec(image, &driver, &inputs, &paths, &vm_id, nic, memory);
             if driver.template_needs_anchor() {
-                std::fs::create_dir_all(&anchor)
-                    .map_err(|e| ApiError::internal(format!("creating {}: {e}", anchor.display())))?;
+                std::fs::create_dir_all(&anchor).map_err(|e| {
+                    ApiError::internal(format!("creating {}: {e}", anchor.display()))
+                        .with_hint(crate::engine::errors::hint::STATE_DIR)
+                })?;
                 spec.anchor = Some(anchor.clone());
             }
             let launched = driver.launch(&spec).await.map_err(vmm_error)?;
@@ -267,6 +270,7 @@ impl Engine {
             let _ = tokio::fs::remove_dir(&anchor).await;
             return Err(if cancel.is_cancelled() {
                 ApiError::new(ErrorCode::Cancelled, "the template build was cancelled; nothing was kept")
+                    .with_hint("new VMs boot cold meanwhile; `banger image warm` builds the template again")
             } else {
                 ApiError::internal(format!("building the template of image {} failed: {}", image.name, e.message))
                     .with_hint(
@@ -295,7 +299,7 @@ impl Engine {
         };
         let dir = publish().map_err(|e| {
             let _ = std::fs::remove_dir_all(&work);
-            ApiError::internal(format!("saving the template: {e}"))
+            ApiError::internal(format!("saving the template: {e}")).with_hint(crate::engine::errors::hint::STATE_DIR)
         })?;
         tracing::info!(image = %image.name, %generation, build_ms = meta.build_ms, "warm-start template ready");
         Ok(Template { dir, meta })
@@ -409,7 +413,7 @@ impl Engine {
         // answered one before the snapshot), and its answer says the clone is ready.
         let identified = tokio::select! {
             r = self.send_identity(vm_id, &conn, identity) => r,
-            _ = cancel.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "cancelled")),
+            _ = cancel.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "cancelled").with_hint(crate::engine::errors::hint::RUN_AGAIN)),
         };
         match identified {
             Ok(()) => {
@@ -470,10 +474,15 @@ impl Engine {
             .await
         {
             Ok(GuestResponse::Ok) => Ok(()),
-            Ok(GuestResponse::Error { message }) => {
-                Err(ApiError::internal(format!("VM {vm}'s agent could not take its own identity: {message}")))
+            Err(crate::guest::GuestError::Agent { message, .. }) => {
+                Err(ApiError::internal(format!("VM {vm}'s agent could not take its own identity: {message}"))
+                    .with_hint("the VM boots cold instead; `banger image warm --rebuild` makes a new template"))
             }
-            Ok(other) => Err(ApiError::internal(format!("unexpected answer to reidentify: {other:?}"))),
+            Ok(other) => Err(ApiError::internal(format!(
+                "unexpected answer to reidentify: {}",
+                crate::guest::untrusted_text(&format!("{other:?}"))
+            ))
+            .with_hint("the VM boots cold instead; `banger image warm --rebuild` makes a new template")),
             Err(e) => Err(guest_error(vm, e)),
         }
     }

@@ -2,9 +2,11 @@
 use super::*;
 
 pub(super) fn guest_failure(vm: &str, what: &str, out: &ExecOutput) -> ApiError {
-    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    // The guest's words: capped and escaped like any guest text that reaches a caller.
+    let stderr = crate::guest::untrusted_text(String::from_utf8_lossy(&out.stderr).trim());
     if out.status.timed_out {
-        return ApiError::new(ErrorCode::Timeout, format!("VM {vm}: {what} timed out"));
+        return ApiError::new(ErrorCode::Timeout, format!("VM {vm}: {what} timed out"))
+            .with_hint(format!("`banger vm logs {vm}` shows the guest console; retry once the guest is less busy"));
     }
     ApiError::internal(format!("VM {vm}: {what} failed ({:?}): {stderr}", out.status.code))
         .with_hint(format!("`banger vm exec {vm} -- git -C {GUEST_REPO} status` shows the guest repository"))
@@ -12,11 +14,13 @@ pub(super) fn guest_failure(vm: &str, what: &str, out: &ExecOutput) -> ApiError 
 
 pub(super) fn guest_err(vm: &str, e: GuestError) -> ApiError {
     match e {
-        GuestError::Cancelled => ApiError::new(ErrorCode::Cancelled, "cancelled by the caller"),
-        other => {
-            ApiError::new(ErrorCode::GuestUnreachable, format!("VM {vm}: {}", crate::engine::vm::error_chain(&other)))
-                .with_hint(format!("`banger vm logs {vm}` shows the guest console"))
-        }
+        GuestError::Cancelled => ApiError::new(ErrorCode::Cancelled, "cancelled by the caller")
+            .with_hint(crate::engine::errors::hint::RUN_AGAIN),
+        other => ApiError::new(
+            ErrorCode::GuestUnreachable,
+            format!("VM {vm}: {}", crate::engine::errors::error_chain(&other)),
+        )
+        .with_hint(format!("`banger vm logs {vm}` shows the guest console")),
     }
 }
 
@@ -37,12 +41,16 @@ pub(super) async fn run_script(
         conn.exec(spec, None, SCRIPT_OUTPUT_LIMIT, cancel),
     )
     .await
-    .map_err(|_| ApiError::new(ErrorCode::Timeout, format!("VM {vm}: the guest did not answer")))?
+    .map_err(|_| {
+        ApiError::new(ErrorCode::Timeout, format!("VM {vm}: the guest did not answer"))
+            .with_hint(format!("`banger vm logs {vm}` shows the guest console; `banger vm restart {vm}` reboots it"))
+    })?
     .map_err(|e| guest_err(vm, e))?;
     if out.stdout_truncated {
         return Err(ApiError::internal(format!(
             "VM {vm}: a workspace script printed more than {SCRIPT_OUTPUT_LIMIT} bytes"
-        )));
+        ))
+        .with_hint("the guest's workspace scripts were changed or replaced; recreate the VM from its image"));
     }
     Ok(out)
 }
@@ -67,7 +75,8 @@ pub(super) async fn read_guest_file(
             .with_hint("the guest changed or replaced a file banger wrote; re-run the export"));
         }
         if cancel.is_cancelled() {
-            return Err(ApiError::new(ErrorCode::Cancelled, "cancelled by the caller"));
+            return Err(ApiError::new(ErrorCode::Cancelled, "cancelled by the caller")
+                .with_hint(crate::engine::errors::hint::RUN_AGAIN));
         }
         let (chunk, size, _) = conn
             .read_file(path, data.len() as u64, MAX_FILE_CHUNK.min(max_bytes - data.len() as u64).max(1), cancel)
@@ -126,7 +135,7 @@ impl Engine {
         p: WorkspacePrepareParams,
         ctx: CallContext,
     ) -> Result<WorkspacePrepareResult, ApiError> {
-        p.validate().map_err(ApiError::invalid)?;
+        p.validate().map_err(|e| ApiError::invalid(e).with_hint(crate::engine::errors::hint::SCHEMA))?;
         let row = self.resolve_vm(&p.vm).await?;
         let conn = self.guest(&row).await?;
         let top = work_tree_top("path", &p.path).await?;
@@ -145,8 +154,10 @@ impl Engine {
         stages: &Stages,
     ) -> Result<WorkspacePrepareResult, ApiError> {
         let cancel = stages.op.cancel.clone();
-        let cancelled =
-            || ApiError::new(ErrorCode::Cancelled, "workspace prepare was cancelled; the guest is as it was");
+        let cancelled = || {
+            ApiError::new(ErrorCode::Cancelled, "workspace prepare was cancelled; the guest is as it was")
+                .with_hint("run the prepare again to retry")
+        };
         let mode = p.mode.unwrap_or_default();
         stages.enter("check");
         // Refuse early, before packing anything, when the guest already has work in /root/repo.
@@ -163,10 +174,10 @@ impl Engine {
             return Err(repo_exists(&row.name));
         }
         stages.enter("pack");
-        let local = tempfile::Builder::new()
-            .prefix("banger-prepare-")
-            .tempdir()
-            .map_err(|e| ApiError::internal(format!("temporary directory: {e}")))?;
+        let local = tempfile::Builder::new().prefix("banger-prepare-").tempdir().map_err(|e| {
+            ApiError::internal(format!("temporary directory: {e}"))
+                .with_hint("check free space and permissions of the host's temporary directory ($TMPDIR or /tmp)")
+        })?;
         let packed = pack(top, mode, local.path()).await?;
         let git_user_name = match p.git_user_name {
             Some(n) => Some(n),
@@ -191,9 +202,11 @@ impl Engine {
         let mut sent = 0u64;
         let result = async {
             for name in uploads {
-                let data = tokio::fs::read(local.path().join(name))
-                    .await
-                    .map_err(|e| ApiError::internal(format!("reading {name}: {e}")))?;
+                let data = tokio::fs::read(local.path().join(name)).await.map_err(|e| {
+                    ApiError::internal(format!("reading {name}: {e}")).with_hint(
+                        "check free space of the host's temporary directory ($TMPDIR or /tmp), then prepare again",
+                    )
+                })?;
                 let path = format!("{stage}/{name}");
                 let mut first = true;
                 for chunk in data.chunks(MAX_FILE_CHUNK as usize).chain(data.is_empty().then_some(&[][..])) {
@@ -255,10 +268,22 @@ impl Engine {
             }
         };
         let value = |k: &str| script_value(&stdout, k).map(str::to_string);
-        let head_commit =
-            value("head").ok_or_else(|| ApiError::internal(format!("prepare printed no head: {stdout}")))?;
-        let base_commit =
-            value("base").ok_or_else(|| ApiError::internal(format!("prepare printed no base: {stdout}")))?;
+        let head_commit = value("head").ok_or_else(|| {
+            ApiError::internal(format!("prepare printed no head: {}", crate::guest::untrusted_text(&stdout))).with_hint(
+                format!(
+                    "`banger vm exec {vm} -- git -C {GUEST_REPO} log -1` shows the guest repository",
+                    vm = row.name
+                ),
+            )
+        })?;
+        let base_commit = value("base").ok_or_else(|| {
+            ApiError::internal(format!("prepare printed no base: {}", crate::guest::untrusted_text(&stdout))).with_hint(
+                format!(
+                    "`banger vm exec {vm} -- git -C {GUEST_REPO} log -1` shows the guest repository",
+                    vm = row.name
+                ),
+            )
+        })?;
         tracing::info!(vm = %row.name, source = %top.display(), head = %head_commit, base = %base_commit, "workspace prepared");
         Ok(WorkspacePrepareResult {
             vm: row.name.clone(),
@@ -283,7 +308,7 @@ impl Engine {
         p: WorkspaceExportParams,
         ctx: CallContext,
     ) -> Result<WorkspaceExportResult, ApiError> {
-        p.validate().map_err(ApiError::invalid)?;
+        p.validate().map_err(|e| ApiError::invalid(e).with_hint(crate::engine::errors::hint::SCHEMA))?;
         let row = self.resolve_vm(&p.vm).await?;
         let conn = self.guest(&row).await?;
         let check_top = match &p.check_repo {

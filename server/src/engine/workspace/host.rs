@@ -120,9 +120,13 @@ pub(crate) async fn work_tree_top(field: &str, path: &str) -> Result<PathBuf, Ap
     let p = Path::new(path);
     match tokio::fs::metadata(p).await {
         Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(ApiError::invalid(format!("{field} `{path}` is not a directory"))),
+        Ok(_) => {
+            return Err(ApiError::invalid(format!("{field} `{path}` is not a directory"))
+                .with_hint("give the folder of a git work tree"))
+        }
         Err(e) => {
-            return Err(ApiError::not_found(format!("{field} `{path}` cannot be read on the daemon's host: {e}")))
+            return Err(ApiError::not_found(format!("{field} `{path}` cannot be read on the daemon's host: {e}"))
+                .with_hint("give a path on the daemon's host that the daemon can read (it runs as its own user)"))
         }
     }
     let out = host_git(p, &["rev-parse", "--is-inside-work-tree", "--show-toplevel"]).await?;
@@ -157,13 +161,15 @@ pub(crate) async fn pack(top: &Path, mode: WorkspaceMode, stage: &Path) -> Resul
     let out = host_git_with_input(top, &["pack-objects", "--revs", "-q", &base.to_string_lossy()], b"HEAD\n").await?;
     let checksum = stdout_line(&out);
     if !out.status.success() || checksum.len() < 40 || !checksum.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(ApiError::internal(format!("git pack-objects failed in {}: {}", top.display(), stderr_text(&out))));
+        return Err(ApiError::internal(format!("git pack-objects failed in {}: {}", top.display(), stderr_text(&out)))
+            .with_hint("run `git fsck` in the repository; the message is git's"));
     }
     for ext in ["pack", "idx"] {
         let made = stage.join(format!("pack-{checksum}.{ext}"));
-        tokio::fs::rename(&made, stage.join(format!("history.{ext}")))
-            .await
-            .map_err(|e| ApiError::internal(format!("moving {}: {e}", made.display())))?;
+        tokio::fs::rename(&made, stage.join(format!("history.{ext}"))).await.map_err(|e| {
+            ApiError::internal(format!("moving {}: {e}", made.display()))
+                .with_hint("check free space of the host's temporary directory ($TMPDIR or /tmp)")
+        })?;
     }
 
     // The files whose working-tree copies go over the checkout: only what differs from HEAD (the checkout
@@ -192,7 +198,8 @@ pub(crate) async fn pack(top: &Path, mode: WorkspaceMode, stage: &Path) -> Resul
                     "git ls-files failed in {}: {}",
                     top.display(),
                     stderr_text(out)
-                )));
+                ))
+                .with_hint("run `git ls-files` in the repository; the message is git's"));
             }
         }
         let outer: std::collections::HashSet<&[u8]> = outer.stdout.split(|b| *b == 0).collect();
@@ -206,7 +213,8 @@ pub(crate) async fn pack(top: &Path, mode: WorkspaceMode, stage: &Path) -> Resul
                 "listing the changed files of {} failed: {}",
                 top.display(),
                 stderr_text(out)
-            )));
+            ))
+            .with_hint("run `git status` in the repository; the message is git's"));
         }
         names.extend(out.stdout.split(|b| *b == 0).filter(|n| !n.is_empty()).map(<[u8]>::to_vec));
     }
@@ -218,19 +226,21 @@ pub(crate) async fn pack(top: &Path, mode: WorkspaceMode, stage: &Path) -> Resul
     let (top_owned, tar_path) = (top.to_path_buf(), stage.join("tree.tar"));
     let archived = tokio::task::spawn_blocking(move || archive_beneath(&top_owned, &names, &tar_path))
         .await
-        .map_err(|e| ApiError::internal(format!("archive task: {e}")))?
+        .map_err(|e| ApiError::internal(format!("archive task: {e}")).with_hint(crate::engine::errors::hint::BUG))?
         .map_err(|e| {
             ApiError::internal(format!("archiving {} failed: {e}", top.display()))
                 .with_hint("a file may have changed or vanished while it was read; run prepare again")
         })?;
     let Archived { present, deleted, files } = archived;
-    tokio::fs::write(stage.join("deleted"), &deleted)
-        .await
-        .map_err(|e| ApiError::internal(format!("writing a file list: {e}")))?;
+    tokio::fs::write(stage.join("deleted"), &deleted).await.map_err(|e| {
+        ApiError::internal(format!("writing a file list: {e}"))
+            .with_hint("check free space of the host's temporary directory ($TMPDIR or /tmp)")
+    })?;
     // What the guest must stage over HEAD besides the deleted paths: the copied files.
-    tokio::fs::write(stage.join("changed"), present)
-        .await
-        .map_err(|e| ApiError::internal(format!("writing a file list: {e}")))?;
+    tokio::fs::write(stage.join("changed"), present).await.map_err(|e| {
+        ApiError::internal(format!("writing a file list: {e}"))
+            .with_hint("check free space of the host's temporary directory ($TMPDIR or /tmp)")
+    })?;
     Ok(Packed { top: top.to_path_buf(), head, branch, files, pack: format!("pack-{checksum}") })
 }
 

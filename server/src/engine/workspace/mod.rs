@@ -131,6 +131,7 @@ impl RepoOwner {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(dir).map_err(|e| {
             ApiError::not_found(format!("`{}` cannot be read on the daemon's host: {e}", dir.display()))
+                .with_hint("give a path on the daemon's host that the daemon can read (it runs as its own user)")
         })?;
         Ok(RepoOwner { uid: m.uid(), gid: m.gid() })
     }
@@ -155,7 +156,10 @@ impl RepoOwner {
             return Ok(());
         }
         nix::unistd::chown(dir, Some(nix::unistd::Uid::from_raw(self.uid)), Some(nix::unistd::Gid::from_raw(self.gid)))
-            .map_err(|e| ApiError::internal(format!("handing {} to the repository's owner: {e}", dir.display())))
+            .map_err(|e| {
+                ApiError::internal(format!("handing {} to the repository's owner: {e}", dir.display()))
+                    .with_hint("the repository must be on a filesystem that allows chown (not a FUSE or network mount)")
+            })
     }
 }
 

@@ -283,12 +283,17 @@ impl IntoResponse for PageError {
 impl Console {
     /// Runs one operation through the engine, exactly as the other front doors do.
     async fn call<O: Operation>(&self, params: &O::Params) -> Result<O::Result, ApiError> {
-        let params = serde_json::to_value(params).map_err(|e| ApiError::internal(format!("encoding params: {e}")))?;
+        let params = serde_json::to_value(params).map_err(|e| {
+            ApiError::internal(format!("encoding params: {e}")).with_hint(crate::engine::errors::hint::BUG)
+        })?;
         // A browser that goes away cancels the work, as a JSON-RPC client that disconnects does.
         let cancel = CancellationToken::new();
         let _guard = cancel.clone().drop_guard();
         let value = self.engine.dispatch(O::METHOD, params, CallContext { cancel, progress: None }).await?;
-        serde_json::from_value(value).map_err(|e| ApiError::internal(format!("decoding {} result: {e}", O::METHOD)))
+        serde_json::from_value(value).map_err(|e| {
+            ApiError::internal(format!("decoding {} result: {e}", O::METHOD))
+                .with_hint(crate::engine::errors::hint::BUG)
+        })
     }
 }
 
