@@ -15,6 +15,7 @@ use crate::store::Store;
 
 mod admission;
 mod daemon_ops;
+mod disks;
 mod doctor;
 pub(crate) mod errors;
 mod guard;

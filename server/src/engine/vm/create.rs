@@ -228,7 +228,7 @@ impl Engine {
                 .await
                 .ok_or_else(cancelled)?;
             op.stage("disks");
-            create_vm_dir(&paths.dir).await?;
+            crate::engine::disks::create_vm_dir(&paths.dir).await?;
             let dir = paths.dir.clone();
             rollback.push("directory", async move {
                 let _ = tokio::fs::remove_dir_all(&dir).await;
@@ -305,7 +305,7 @@ impl Engine {
     pub(crate) async fn make_raw_disks(&self, image: &ImageRow, paths: &VmPaths) -> Result<(), ApiError> {
         vmm::create_ext4_disk(&self.cfg, &paths.overlay_disk(), "banger-overlay", 4 << 30).await.map_err(vmm_error)?;
         if !image.work_seed.is_empty() {
-            copy_writable(std::path::Path::new(&image.work_seed), &paths.work_disk_raw()).await?;
+            crate::engine::disks::copy_writable(std::path::Path::new(&image.work_seed), &paths.work_disk_raw()).await?;
         }
         Ok(())
     }

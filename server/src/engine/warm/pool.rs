@@ -216,7 +216,7 @@ impl Engine {
         let id = new_id();
         let paths = self.vm_paths(&id);
         // Before `result`: a directory that exists is another VM's, and a failure must not remove it.
-        crate::engine::vm::create_vm_dir(&paths.dir).await?;
+        crate::engine::disks::create_vm_dir(&paths.dir).await?;
         let result = async {
             self.clone_disks(&t, &paths).await?;
             let tap = match self.network() {

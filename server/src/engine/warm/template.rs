@@ -347,7 +347,7 @@ impl Engine {
             let copies =
                 [(t.dir.join("overlay.ext4"), paths.overlay_disk()), (t.dir.join("work.ext4"), paths.work_disk_raw())];
             for (from, to) in copies.iter().filter(|(from, _)| from.is_file()) {
-                crate::engine::vm::copy_writable(from, to).await?;
+                crate::engine::disks::copy_writable(from, to).await?;
             }
             return Ok(());
         }
