@@ -14,6 +14,8 @@ pub mod host;
 pub mod logging;
 pub mod network;
 pub mod probe;
+#[cfg(test)]
+mod source_scan;
 pub mod ssh_config;
 pub mod store;
 

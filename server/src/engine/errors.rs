@@ -213,24 +213,14 @@ mod tests {
     /// fails too; write a closure with a hint instead.
     #[test]
     fn every_error_the_daemon_makes_carries_a_hint() {
-        let mut dirs = vec![std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
-        let (mut offenders, mut scanned) = (vec![], 0);
-        while let Some(path) = dirs.pop() {
-            if path.is_dir() {
-                dirs.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
-                continue;
-            }
-            if path.extension().is_none_or(|e| e != "rs") {
-                continue;
-            }
-            scanned += 1;
-            let text = std::fs::read_to_string(&path).unwrap();
-            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+        let sources = crate::source_scan::daemon_sources("src");
+        let mut offenders = vec![];
+        for (path, code) in &sources {
             for (line, what) in unhinted(code) {
                 offenders.push(format!("{}:{line}: {what}", path.display()));
             }
         }
-        assert!(scanned > 30, "found only {scanned} daemon sources");
+        assert!(sources.len() > 30, "found only {} daemon sources", sources.len());
         assert!(offenders.is_empty(), "errors without a hint (add .with_hint(...)):\n{}", offenders.join("\n"));
     }
 
@@ -275,18 +265,8 @@ mod tests {
     /// variant, template misses by `TemplateMiss`.
     #[test]
     fn nothing_in_the_daemon_is_classified_by_its_text() {
-        let mut dirs = vec![std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
         let mut offenders = vec![];
-        while let Some(path) = dirs.pop() {
-            if path.is_dir() {
-                dirs.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
-                continue;
-            }
-            if path.extension().is_none_or(|e| e != "rs") {
-                continue;
-            }
-            let text = std::fs::read_to_string(&path).unwrap();
-            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+        for (path, code) in crate::source_scan::daemon_sources("src") {
             for (n, line) in code.lines().enumerate() {
                 if classifies_by_text(line) {
                     offenders.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));

@@ -284,13 +284,12 @@ async fn read_options(rd: &mut (impl tokio::io::AsyncRead + Unpin)) -> Result<(V
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     };
+    // An options line is an object with that one key; anything else is the client's first MCP message.
     let line: Option<serde_json::Map<String, serde_json::Value>> = serde_json::from_slice(&buf[..newline]).ok();
-    let Some(options) =
-        line.as_ref().and_then(|l| l.get(MCP_OPTIONS_KEY)).filter(|_| line.as_ref().is_some_and(|l| l.len() == 1))
-    else {
+    let Some(options) = line.filter(|l| l.len() == 1).and_then(|mut l| l.remove(MCP_OPTIONS_KEY)) else {
         return Ok((DEFAULT_TOOLSETS.to_vec(), buf));
     };
-    let options: McpSessionOptions = serde_json::from_value(options.clone()).map_err(|e| {
+    let options: McpSessionOptions = serde_json::from_value(options).map_err(|e| {
         format!("invalid {MCP_OPTIONS_KEY}: {e}; toolsets are {}", Toolset::ALL.map(|s| s.name()).join(", "))
     })?;
     let mut sets = options.toolsets;

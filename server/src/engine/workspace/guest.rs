@@ -268,22 +268,16 @@ impl Engine {
             }
         };
         let value = |k: &str| script_value(&stdout, k).map(str::to_string);
-        let head_commit = value("head").ok_or_else(|| {
-            ApiError::internal(format!("prepare printed no head: {}", crate::guest::untrusted_text(&stdout))).with_hint(
-                format!(
-                    "`banger vm exec {vm} -- git -C {GUEST_REPO} log -1` shows the guest repository",
-                    vm = row.name
-                ),
-            )
-        })?;
-        let base_commit = value("base").ok_or_else(|| {
-            ApiError::internal(format!("prepare printed no base: {}", crate::guest::untrusted_text(&stdout))).with_hint(
-                format!(
-                    "`banger vm exec {vm} -- git -C {GUEST_REPO} log -1` shows the guest repository",
-                    vm = row.name
-                ),
-            )
-        })?;
+        let required = |k: &str| {
+            value(k).ok_or_else(|| {
+                ApiError::internal(format!("prepare printed no {k}: {}", crate::guest::untrusted_text(&stdout)))
+                    .with_hint(format!(
+                        "`banger vm exec {vm} -- git -C {GUEST_REPO} log -1` shows the guest repository",
+                        vm = row.name
+                    ))
+            })
+        };
+        let (head_commit, base_commit) = (required("head")?, required("base")?);
         tracing::info!(vm = %row.name, source = %top.display(), head = %head_commit, base = %base_commit, "workspace prepared");
         Ok(WorkspacePrepareResult {
             vm: row.name.clone(),
