@@ -619,6 +619,7 @@ async fn bare_boot(image: &ImageInfo, memory_mib: u32, measure: Option<(u32, u32
             memory: vmm::GuestMemory::Anonymous,
             template_mac: None,
             anchor: None,
+            contain: None,
         };
         let driver = vmm::Driver::new(
             tools_schema::daemon::VmmKind::Qemu,

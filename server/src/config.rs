@@ -94,6 +94,7 @@ pub struct Config {
     pub web: WebConfig,
     pub warm: WarmConfig,
     pub limits: LimitsConfig,
+    pub containment: ContainmentConfig,
 }
 
 /// How much the daemon takes on (engine/admission.rs): memory promised to VMs, and boots at once.
@@ -114,6 +115,25 @@ pub struct LimitsConfig {
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig { memory_overcommit_ratio: 1.0, memory_mib: None, max_concurrent_creates: 0 }
+    }
+}
+
+/// How each VM's host processes are contained (`engine/contain.rs`, `banger_vmm::jail`): a uid of its own,
+/// no capabilities, its own mount and PID namespaces, QEMU's seccomp sandbox, a cgroup with its limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ContainmentConfig {
+    /// On by default. Off only to debug a VMM: its processes then run as root, unconfined (doctor warns).
+    pub enabled: bool,
+    /// VM uids are `uid_base + 1 ..= uid_base + uid_count`; `uid_base` itself is the group that may read
+    /// images and templates. No account of the host may use these ids.
+    pub uid_base: u32,
+    pub uid_count: u32,
+}
+
+impl Default for ContainmentConfig {
+    fn default() -> Self {
+        ContainmentConfig { enabled: true, uid_base: 1_900_000_000, uid_count: 65_536 }
     }
 }
 
@@ -300,6 +320,7 @@ impl Default for Config {
             web: WebConfig::default(),
             warm: WarmConfig::default(),
             limits: LimitsConfig::default(),
+            containment: ContainmentConfig::default(),
         }
     }
 }
@@ -357,6 +378,14 @@ impl Config {
                 "web.listen `{}` is not a loopback address; the console serves only this machine: use \
                  127.0.0.1:PORT or [::1]:PORT (reach it remotely through an SSH tunnel)",
                 self.web.listen
+            )));
+        }
+        let c = &self.containment;
+        if c.uid_base < 65_536 || c.uid_count == 0 || c.uid_base.checked_add(c.uid_count).is_none() {
+            return Err(ConfigError::Invalid(format!(
+                "containment.uid_base {} / uid_count {}: the range must start at 65536 or above (no account's \
+                 ids), hold at least one uid and end below 2^32",
+                c.uid_base, c.uid_count
             )));
         }
         let ratio = self.limits.memory_overcommit_ratio;

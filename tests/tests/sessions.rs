@@ -8,7 +8,7 @@ use banger_e2e::*;
 
 /// A line-protocol peer: prefixes each line with `GOT:` and upper-cases it, line by line (sed -u does not
 /// buffer). Its first words go to stderr so the log holds both streams.
-const UPPER: &str = "echo \"$GREETING from $(pwd)\" >&2; exec sed -u -e 's/^/got:/' -e 'y/abcdefghijklmnopqrstuvwxyz/ABCDEFGHIJKLMNOPQRSTUVWXYZ/'";
+const UPPER: &str = "echo \"$GREETING from $(pwd)\" >&2; exec stdbuf -oL sed -e 's/^/got:/' -e 'y/abcdefghijklmnopqrstuvwxyz/ABCDEFGHIJKLMNOPQRSTUVWXYZ/'";
 
 fn start_upper(d: &TestDaemon, vm: &str, name: &str) -> Value {
     d.rpc(

@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::store::Store;
 
 mod admission;
+pub(crate) mod contain;
 mod daemon_ops;
 mod disks;
 mod doctor;
@@ -79,6 +80,8 @@ pub struct Engine {
     pub(crate) web_url: std::sync::OnceLock<String>,
     /// Template locks and the warm pool (`warm/`).
     pub(crate) warm: warm::Warm,
+    /// VM uids and the cgroup hierarchy (`contain.rs`).
+    pub(crate) contain: contain::Contain,
 }
 
 impl Engine {
@@ -92,6 +95,7 @@ impl Engine {
         };
         let vmm = parking_lot::RwLock::new(crate::host::choose_vmm(cfg.vmm, accel, &proof));
         let admission = admission::Admission::new(&cfg.limits);
+        let contain = contain::Contain::new(&cfg.containment);
         Arc::new(Engine {
             cfg,
             store,
@@ -108,6 +112,7 @@ impl Engine {
             attachments: session::Attachments::default(),
             web_url: std::sync::OnceLock::new(),
             warm: warm::Warm::default(),
+            contain,
         })
     }
 

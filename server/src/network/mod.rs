@@ -15,7 +15,7 @@ use rtnetlink::{LinkBridge, LinkUnspec};
 
 pub mod dns;
 pub mod nft;
-pub mod tap;
+pub use banger_vmm::tap;
 
 /// Prefix of every TAP banger creates; anything else on the host is never touched.
 pub const TAP_PREFIX: &str = "bgtap";

@@ -10,15 +10,19 @@ use std::time::Duration;
 use tools_schema::boot::{BootArgs, ChannelKind};
 use tools_schema::daemon::VmmKind;
 
+pub mod cgroup;
+pub mod contain;
 pub mod driver;
 pub mod firecracker;
 pub mod guest;
 pub mod host;
 pub mod host_files;
 pub mod hybrid_vsock;
+pub mod jail;
 pub mod net;
 pub mod qemu;
 pub mod qmp;
+pub mod tap;
 
 pub use driver::{Driver, DriverSettings, Snapshot};
 
@@ -174,6 +178,8 @@ pub struct BootSpec {
     pub template_mac: Option<String>,
     /// Firecracker templates: the directory the VMM sees its files under (see `firecracker::spawn_anchored`).
     pub anchor: Option<PathBuf>,
+    /// How the VM's host processes are contained (QEMU); `None` only where containment is turned off.
+    pub contain: Option<contain::Containment>,
 }
 
 impl BootSpec {
@@ -340,6 +346,10 @@ impl VmPaths {
     pub fn control(&self) -> PathBuf {
         self.dir.join("control.sock")
     }
+    /// What the VMM itself prints (start-up errors), the guest console being `console_log`.
+    pub fn vmm_log(&self) -> PathBuf {
+        self.dir.join("vmm.log")
+    }
     pub fn pidfile(&self) -> PathBuf {
         self.dir.join("vmm.pid")
     }
@@ -367,6 +377,95 @@ pub fn process_marker(vm_id: &str) -> String {
 
 pub struct Launched {
     pub pid: u32,
+}
+
+/// The files in a VM's folder its VMM opens (given to its group by `Containment::prepare_dir`).
+fn contained_files(paths: &VmPaths, spec: &BootSpec) -> Vec<PathBuf> {
+    let mut files = vec![paths.console_log(), paths.vmm_log()];
+    files.extend(spec.drives.iter().filter(|d| d.path.starts_with(&spec.dir)).map(|d| d.path.clone()));
+    if let GuestMemory::TemplateFile(ram) = &spec.memory {
+        files.push(ram.clone());
+    }
+    files
+}
+
+/// The files from outside a VM's folder its VMM reads: kernel, initrd, the image's disks and every file in
+/// its disks' backing chains, a clone's template RAM (writable where QEMU opens it so: before 8.2).
+fn outside_files(spec: &BootSpec, ram_writable: bool) -> Vec<jail::Bind> {
+    let mut files: Vec<jail::Bind> = vec![jail::Bind::read_only(&spec.kernel)];
+    files.extend(spec.initrd.iter().map(jail::Bind::read_only));
+    for d in &spec.drives {
+        if !d.path.starts_with(&spec.dir) {
+            files.push(jail::Bind::read_only(&d.path));
+        }
+        files.extend(contain::backing_chain(&d.path).into_iter().map(jail::Bind::read_only));
+    }
+    if let GuestMemory::CloneOf(ram) = &spec.memory {
+        files.push(if ram_writable { jail::Bind::writable(ram) } else { jail::Bind::read_only(ram) });
+    }
+    files.retain(|f| !f.path.starts_with(&spec.dir));
+    files
+}
+
+/// Starts one of a VM's host processes on its own (its own session, so it outlives the daemon), contained as
+/// the spec says, and returns its pid.
+fn spawn_detached(
+    spec: &BootSpec,
+    program: &jail::Program,
+    outside: &[jail::Bind],
+    kvm: bool,
+) -> Result<u32, VmmError> {
+    let what = format!("starting {}", program.binary.display());
+    let Some(c) = &spec.contain else {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = std::process::Command::new(program.binary);
+        cmd.args(program.args)
+            .env_clear()
+            .envs(program.env.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(program.output.try_clone().map_err(|source| VmmError::Io { what: what.clone(), source })?)
+            .stderr(program.output.try_clone().map_err(|source| VmmError::Io { what: what.clone(), source })?);
+        let fds = program.fds.to_vec();
+        // SAFETY: setsid and dup2 are async-signal-safe; dup2 clears close-on-exec on the copy.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                for (src, dst) in &fds {
+                    if libc::dup2(*src, *dst) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| VmmError::Io { what, source })?;
+        // A std Child is not reaped on drop; the daemon reaps VM processes by pid.
+        return Ok(child.id());
+    };
+    let jail = c
+        .jail(&spec.vm_id, &spec.dir, outside, kvm)
+        .map_err(|source| VmmError::Io { what: format!("{what} contained"), source })?;
+    jail::spawn(&jail, program).map_err(|e| VmmError::Launch { what, detail: e.to_string() })
+}
+
+/// Removes what contained a VM's processes once they are gone: its jail's root folder and its cgroups.
+pub async fn remove_containment(vm_id: &str) {
+    let root = jail::root_for(vm_id);
+    if !root.exists() {
+        return;
+    }
+    if let Ok(h) = cgroup::Hierarchy::detect() {
+        let dirs = h.dirs_of(vm_id);
+        // A cgroup goes once its last task is reaped, which can trail the kill by a moment.
+        for _ in 0..40 {
+            cgroup::remove_dirs(&dirs);
+            if dirs.iter().all(|d| !d.exists()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+    let _ = std::fs::remove_dir(root);
 }
 
 /// Boots a Firecracker VM: the image's root filesystem read-only, an overlay disk for its writes, a raw work
@@ -588,6 +687,7 @@ pub async fn stop_vm_processes(dir: &Path, vm_id: &str, pid: Option<u32>) {
         kill(pid, vm_id).await;
     }
     stop_helpers(dir).await;
+    remove_containment(vm_id).await;
 }
 
 /// Ends the VM's helper processes (vhost-device-vsock), once its VMM is gone.

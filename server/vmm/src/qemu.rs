@@ -1,5 +1,5 @@
 //! QEMU `microvm`: KVM-accelerated where hardware KVM works, software emulation (TCG) elsewhere.
-use tokio::process::Command;
+use std::path::Path;
 
 use tools_schema::boot::ChannelKind;
 use tools_schema::daemon::{QemuAccel, VmmKind};
@@ -23,107 +23,159 @@ fn kernel_cmdline(accel: QemuAccel, spec: &BootSpec, tsc_khz: Option<u64>) -> Ve
     cmdline
 }
 
+/// QEMU's own seccomp filter, every deny option on: no obsolete syscalls, no setuid/setgid/capability
+/// changes, no fork/exec (so no `exec:` migration or helper scripts), no scheduler/affinity changes.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// The QEMU version installed (major, minor), read once from `--version`.
+pub fn version(qemu: &Path) -> Option<(u32, u32)> {
+    static SEEN: std::sync::OnceLock<Option<(u32, u32)>> = std::sync::OnceLock::new();
+    *SEEN.get_or_init(|| {
+        let out = std::process::Command::new(qemu).arg("--version").output().ok()?;
+        parse_version(&String::from_utf8_lossy(&out.stdout))
+    })
+}
+
+fn parse_version(text: &str) -> Option<(u32, u32)> {
+    let v = text.split_whitespace().skip_while(|w| *w != "version").nth(1)?;
+    let mut parts = v.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Whether this QEMU maps a file read-only and copy-on-write as guest RAM (`readonly=on,rom=off`, 8.2 and
+/// later): a clone then cannot write its template's memory file. Older QEMU opens the file read-write.
+pub fn maps_ram_read_only(qemu: &Path) -> bool {
+    version(qemu).is_some_and(|v| v >= (8, 2))
+}
+
+/// The descriptor number a contained QEMU gets its TAP at (`-netdev tap,fd=3`).
+const TAP_FD: i32 = 3;
+
 pub async fn launch(cfg: &Tools, accel: QemuAccel, spec: &BootSpec) -> Result<Launched, VmmError> {
     let qemu = cfg.find_binary("qemu-system-x86_64").ok_or(VmmError::MissingBinary { binary: "qemu-system-x86_64" })?;
     let paths = VmPaths::new(spec.dir.clone());
     for stale in [paths.channel(), paths.control(), paths.pidfile()] {
         let _ = std::fs::remove_file(stale);
     }
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| VmmError::Io { what, source }
+    };
+    let log = crate::host_files::create_private(&paths.vmm_log()).map_err(io("creating the VMM log"))?;
+    log.set_len(0).map_err(io("emptying the VMM log"))?;
+    let ram_read_only = maps_ram_read_only(&qemu);
+    if let Some(c) = &spec.contain {
+        c.prepare_dir(&spec.dir, &super::contained_files(&paths, spec))
+            .map_err(io("giving the VM's folder to its VMM"))?;
+    }
     if spec.vsock {
-        start_vhost_vsock(cfg, &paths).await?;
+        start_vhost_vsock(cfg, &paths, spec).await?;
     }
     let cmdline = kernel_cmdline(accel, spec, crate::host::tsc_khz());
-    let mut cmd = Command::new(qemu);
+    let mut args: Vec<String> = vec![];
+    let mut push = |a: &[&str]| args.extend(a.iter().map(|s| s.to_string()));
     match &spec.memory {
         super::GuestMemory::Anonymous => {}
         super::GuestMemory::TemplateFile(path) | super::GuestMemory::CloneOf(path) => {
-            let share = if matches!(spec.memory, super::GuestMemory::TemplateFile(_)) { "on" } else { "off" };
-            cmd.arg("-object")
-                .arg(format!(
-                    "memory-backend-file,id=mem,size={}M,mem-path={},share={share}",
-                    spec.memory_mib,
-                    path.display()
-                ))
-                .args(["-machine", "memory-backend=mem"]);
+            let share = match (&spec.memory, ram_read_only) {
+                (super::GuestMemory::TemplateFile(_), _) => "share=on",
+                (_, true) => "share=off,readonly=on,rom=off",
+                (_, false) => "share=off",
+            };
+            let backend = format!(
+                "memory-backend-file,id=mem,size={}M,mem-path={},{share}",
+                spec.memory_mib,
+                path.display().to_string().replace(',', ",,")
+            );
+            push(&["-object", &backend, "-machine", "memory-backend=mem"]);
         }
     }
     if spec.vsock {
         // vhost-user devices need guest RAM the backend can map: a shared memfd.
-        cmd.arg("-object")
-            .arg(format!("memory-backend-memfd,id=mem,size={}M,share=on", spec.memory_mib))
-            .args(["-machine", "memory-backend=mem"])
-            .arg("-chardev")
-            .arg(format!("socket,id=vhostvsock,path={}", paths.vhost_vsock().display()))
-            .args(["-device", "vhost-user-vsock-device,chardev=vhostvsock"]);
+        let backend = format!("memory-backend-memfd,id=mem,size={}M,share=on", spec.memory_mib);
+        let chardev = format!("socket,id=vhostvsock,path={}", paths.vhost_vsock().display());
+        push(&["-object", &backend, "-machine", "memory-backend=mem", "-chardev", &chardev]);
+        push(&["-device", "vhost-user-vsock-device,chardev=vhostvsock"]);
     }
-    cmd.arg("-name")
-        .arg(format!("{},process={}", spec.hostname, process_marker(&spec.vm_id)))
-        .args(["-M", "microvm,acpi=on,pit=on,pic=on,rtc=on"])
-        .args(["-m", &spec.memory_mib.to_string(), "-smp", &spec.vcpus.to_string()])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
-        .arg("-kernel")
-        .arg(&spec.kernel)
-        .args(["-append", &cmdline.join(" ")]);
+    let name = format!("{},process={}", spec.hostname, process_marker(&spec.vm_id));
+    push(&["-name", &name, "-M", "microvm,acpi=on,pit=on,pic=on,rtc=on"]);
+    push(&["-m", &spec.memory_mib.to_string(), "-smp", &spec.vcpus.to_string()]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-sandbox", SANDBOX]);
+    push(&["-kernel", &spec.kernel.display().to_string(), "-append", &cmdline.join(" ")]);
     if accel == QemuAccel::Tcg {
         // A smaller translation cache keeps idle RSS down without a measurable slowdown. `-cpu max` offers
         // every instruction set extension TCG emulates (SSE4, AVX2, ...): the default qemu64 model has none, and
         // modern binaries (Bun-built CLIs such as claude and opencode) die with SIGILL on it.
-        cmd.args(["-accel", "tcg,tb-size=64", "-cpu", "max"]);
+        push(&["-accel", "tcg,tb-size=64", "-cpu", "max"]);
     } else {
-        cmd.args(["-accel", "kvm", "-cpu", "host"]);
+        push(&["-accel", "kvm", "-cpu", "host"]);
     }
     if let Some(initrd) = &spec.initrd {
-        cmd.arg("-initrd").arg(initrd);
+        push(&["-initrd", &initrd.display().to_string()]);
     }
+    // The TAP is opened here and handed over: the VMM gets neither /dev/net/tun nor the right to open it.
+    let tap = match &spec.net {
+        Some((tap, _)) => Some(crate::tap::open(tap).map_err(io(&format!("opening TAP {tap}")))?),
+        None => None,
+    };
     match (&spec.net, &spec.template_mac) {
-        (Some((tap, net)), mac) => {
-            cmd.arg("-netdev")
-                .arg(format!("tap,id=net0,ifname={tap},script=no,downscript=no"))
-                .arg("-device")
-                .arg(format!("virtio-net-device,netdev=net0,mac={}", mac.as_deref().unwrap_or(&net.mac)));
+        (Some((_, net)), mac) => {
+            let device = format!("virtio-net-device,netdev=net0,mac={}", mac.as_deref().unwrap_or(&net.mac));
+            push(&["-netdev", &format!("tap,id=net0,fd={TAP_FD}"), "-device", &device]);
         }
         // A template's NIC: on a hub of its own, so nothing it sends goes anywhere.
         (None, Some(mac)) => {
-            cmd.args(["-netdev", "hubport,id=net0,hubid=0"])
-                .arg("-device")
-                .arg(format!("virtio-net-device,netdev=net0,mac={mac}"));
+            let device = format!("virtio-net-device,netdev=net0,mac={mac}");
+            push(&["-netdev", "hubport,id=net0,hubid=0", "-device", &device]);
         }
         (None, None) => {}
     }
-    cmd.arg("-chardev")
-        .arg(format!("file,id=console,path={},append=on", paths.console_log().display()))
-        .args(["-serial", "chardev:console"]);
+    let console = format!("file,id=console,path={},append=on", paths.console_log().display());
+    push(&["-chardev", &console, "-serial", "chardev:console"]);
     for drive in &spec.drives {
-        cmd.arg("-drive").arg(drive_option(drive)).arg("-device").arg(format!("virtio-blk-device,drive={}", drive.id));
+        push(&["-drive", &drive_option(drive), "-device", &format!("virtio-blk-device,drive={}", drive.id)]);
     }
-    cmd.args(["-device", "virtio-rng-device"])
-        .args(["-device", "virtio-serial-device"])
-        .arg("-chardev")
-        .arg(format!("socket,id=agent,path={},server=on,wait=off", paths.channel().display()))
-        .arg("-device")
-        .arg(format!("virtserialport,chardev=agent,name={}", tools_schema::guest::VIRTIO_PORT_NAME))
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", paths.control().display()))
-        // -daemonize: QEMU reports start-up errors before detaching, then lives on its own, so a daemon
-        // restart does not take VMs with it.
-        .arg("-daemonize")
-        .arg("-pidfile")
-        .arg(paths.pidfile());
+    let agent = format!("socket,id=agent,path={},server=on,wait=off", paths.channel().display());
+    let port = format!("virtserialport,chardev=agent,name={}", tools_schema::guest::VIRTIO_PORT_NAME);
+    push(&["-device", "virtio-rng-device", "-device", "virtio-serial-device", "-chardev", &agent, "-device", &port]);
+    push(&["-qmp", &format!("unix:{},server=on,wait=off", paths.control().display())]);
     if matches!(spec.memory, super::GuestMemory::CloneOf(_)) {
-        cmd.args(["-incoming", "defer"]);
+        push(&["-incoming", "defer"]);
     }
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    let fds: Vec<(i32, i32)> = tap.iter().map(|t| (std::os::fd::AsRawFd::as_raw_fd(t), TAP_FD)).collect();
+    let program = crate::jail::Program { binary: &qemu, args: &args, env: &[], output: &log, fds: &fds };
     let launched = async {
-        let out = cmd.output().await.map_err(|source| VmmError::Io { what: "starting qemu".into(), source })?;
-        if !out.status.success() {
-            return Err(VmmError::Launch {
-                what: "starting qemu".into(),
-                detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
+        let outside = super::outside_files(spec, !ram_read_only);
+        let pid = super::spawn_detached(spec, &program, &outside, accel == QemuAccel::Kvm)?;
+        drop(tap);
+        // Written at once, so a daemon that dies from here on still finds (and cleans up) the process.
+        let _ = std::fs::write(paths.pidfile(), pid.to_string());
+        // QEMU answers on its control socket once it has started the machine; one that cannot start exits.
+        let marker = process_marker(&spec.vm_id);
+        let up = async {
+            loop {
+                if let Ok(q) = crate::qmp::Qmp::connect(&paths.control(), std::time::Duration::from_millis(50)).await {
+                    return Ok(q);
+                }
+                if !crate::host::process_matches(pid, &marker) {
+                    return Err(());
+                }
+            }
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(30), up).await {
+            Ok(Ok(_)) => Ok(pid),
+            failed => {
+                super::kill(pid, &spec.vm_id).await;
+                let log = std::fs::read_to_string(paths.vmm_log()).unwrap_or_default();
+                let detail = if failed.is_err() {
+                    "qemu did not answer on its control socket in 30 s".into()
+                } else {
+                    log.trim().to_string()
+                };
+                Err(VmmError::Launch { what: "starting qemu".into(), detail })
+            }
         }
-        std::fs::read_to_string(paths.pidfile())
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-            .ok_or_else(|| VmmError::Launch { what: "starting qemu".into(), detail: "qemu wrote no pid file".into() })
     }
     .await;
     match launched {
@@ -131,6 +183,7 @@ pub async fn launch(cfg: &Tools, accel: QemuAccel, spec: &BootSpec) -> Result<La
         Err(e) => {
             // No VMM came up, so nobody else will end the helper started for it.
             super::stop_helpers(&paths.dir).await;
+            super::remove_containment(&spec.vm_id).await;
             Err(e)
         }
     }
@@ -154,8 +207,9 @@ fn drive_option(drive: &super::Drive) -> String {
     format!("id={},file={file},format={format},if=none,{access}", drive.id)
 }
 
-/// Starts vhost-device-vsock for the VM (detached, like the VMM) and waits for its vhost-user socket.
-async fn start_vhost_vsock(cfg: &Tools, paths: &VmPaths) -> Result<(), VmmError> {
+/// Starts vhost-device-vsock for the VM (detached and contained like the VMM) and waits for its vhost-user
+/// socket.
+async fn start_vhost_vsock(cfg: &Tools, paths: &VmPaths, spec: &BootSpec) -> Result<(), VmmError> {
     let bin = cfg.find_binary("vhost-device-vsock").ok_or(VmmError::MissingBinary { binary: "vhost-device-vsock" })?;
     for stale in [paths.vhost_vsock(), paths.vsock()] {
         let _ = std::fs::remove_file(stale);
@@ -164,30 +218,27 @@ async fn start_vhost_vsock(cfg: &Tools, paths: &VmPaths) -> Result<(), VmmError>
         let what = what.to_string();
         move |source| VmmError::Io { what, source }
     };
-    let log = std::fs::File::create(paths.dir.join("vhost-vsock.log")).map_err(io("creating the vhost-vsock log"))?;
-    let mut cmd = std::process::Command::new(bin);
-    cmd.arg("--vm")
-        .arg(format!("guest-cid=3,socket={},uds-path={}", paths.vhost_vsock().display(), paths.vsock().display()))
-        // Its own log level, never the daemon's environment: enough to tell, when a guest is unreachable,
-        // whether the helper saw the connection (`vhost-vsock.log`, quoted in the error).
-        .env("RUST_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().map_err(io("logging"))?)
-        .stderr(log);
-    // SAFETY: setsid is async-signal-safe; it detaches the helper from the daemon's session.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+    let log_path = paths.dir.join("vhost-vsock.log");
+    let log = crate::host_files::create_private(&log_path).map_err(io("creating the vhost-vsock log"))?;
+    log.set_len(0).map_err(io("emptying the vhost-vsock log"))?;
+    if let Some(c) = &spec.contain {
+        c.prepare_dir(&spec.dir, std::slice::from_ref(&log_path)).map_err(io("giving the VM's folder to its helper"))?;
     }
-    let child = cmd.spawn().map_err(io("starting vhost-device-vsock"))?;
-    let pid = child.id();
-    drop(child); // a std Child is not reaped on drop; the daemon reaps helpers by pid, like VMMs
+    let args: Vec<std::ffi::OsString> = vec![
+        "--vm".into(),
+        format!("guest-cid=3,socket={},uds-path={}", paths.vhost_vsock().display(), paths.vsock().display()).into(),
+    ];
+    // Its own log level, never the daemon's environment: enough to tell, when a guest is unreachable,
+    // whether the helper saw the connection (`vhost-vsock.log`, quoted in the error).
+    let program =
+        crate::jail::Program { binary: &bin, args: &args, env: &[("RUST_LOG", "info")], output: &log, fds: &[] };
+    let pid = super::spawn_detached(spec, &program, &[], false)?;
     std::fs::write(paths.vhost_vsock_pidfile(), pid.to_string()).map_err(io("writing the vhost-vsock pid file"))?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !paths.vhost_vsock().exists() {
         if std::time::Instant::now() > deadline {
             super::stop_helpers(&paths.dir).await;
-            let log = std::fs::read_to_string(paths.dir.join("vhost-vsock.log")).unwrap_or_default();
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             return Err(VmmError::Launch {
                 what: "starting vhost-device-vsock".into(),
                 detail: log.trim().to_string(),
@@ -236,6 +287,7 @@ mod tests {
             memory: GuestMemory::Anonymous,
             template_mac: template_mac.map(String::from),
             anchor: None,
+            contain: None,
         }
     }
 
@@ -284,6 +336,14 @@ mod tests {
         let template =
             super::kernel_cmdline(QemuAccel::Tcg, &spec(RootLayout::Qcow2, false, Some("52:54:00:b0:00:01")), None);
         assert_eq!(read(template).net, None);
+    }
+
+    #[test]
+    fn the_qemu_version_is_read_from_its_banner() {
+        let seven = "QEMU emulator version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)\nCopyright (c) 2003-2022";
+        assert_eq!(super::parse_version(seven), Some((7, 2)));
+        assert_eq!(super::parse_version("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)"), Some((10, 0)));
+        assert_eq!(super::parse_version("nonsense"), None);
     }
 
     #[test]

@@ -64,6 +64,11 @@ impl Qmp {
         let mut bytes = serde_json::to_vec(&msg).expect("json");
         bytes.push(b'\n');
         self.writer.write_all(&bytes).await.map_err(|_| QmpError::Closed)?;
+        self.answer(command).await
+    }
+
+    /// Waits for the answer to the command just sent, skipping events.
+    async fn answer(&mut self, command: &str) -> Result<Value, QmpError> {
         let answer = async {
             loop {
                 let v = self.read_message().await?;
@@ -106,25 +111,59 @@ impl Qmp {
 
     /// Writes the paused guest's device state to `file`. Guest RAM lives in a shared file the template
     /// keeps, so `x-ignore-shared` leaves it out of the stream (tens of KiB instead of all of RAM).
+    /// The daemon opens the file and hands QEMU the descriptor (`getfd`, then an `fd:` migration): a
+    /// sandboxed QEMU may not run `exec:` helpers, and need not see the file's path.
     pub async fn save_state(&mut self, file: &Path) -> Result<(), QmpError> {
         self.execute("stop", json!({})).await?;
         self.ignore_shared().await?;
-        // Made 0600 first: `cat` runs under QEMU's umask (027) and truncates what exists, keeping its mode.
-        crate::host_files::create_private(file)
+        let out = crate::host_files::create_private(file)
             .map_err(|source| QmpError::Create { path: file.to_path_buf(), source })?;
-        let uri = format!("exec:cat > {}", shell_quote(file));
-        self.execute("migrate", json!({"uri": uri})).await?;
+        out.set_len(0).map_err(|source| QmpError::Create { path: file.to_path_buf(), source })?;
+        self.send_fd(MIGRATION_FD, &out).await?;
+        self.execute("migrate", json!({"uri": format!("fd:{MIGRATION_FD}")})).await?;
         self.wait_migration(Duration::from_secs(60)).await
     }
 
     /// Loads device state saved by `save_state` into a QEMU started with `-incoming defer`, and resumes it.
     pub async fn restore_state(&mut self, file: &Path) -> Result<(), QmpError> {
         self.ignore_shared().await?;
-        let uri = format!("exec:cat {}", shell_quote(file));
-        self.execute("migrate-incoming", json!({"uri": uri})).await?;
+        let input =
+            std::fs::File::open(file).map_err(|source| QmpError::Create { path: file.to_path_buf(), source })?;
+        self.send_fd(MIGRATION_FD, &input).await?;
+        self.execute("migrate-incoming", json!({"uri": format!("fd:{MIGRATION_FD}")})).await?;
         self.wait_migration(Duration::from_secs(60)).await?;
         self.execute("cont", json!({})).await?;
         Ok(())
+    }
+
+    /// Hands QEMU a descriptor under `name` (QMP `getfd`: the descriptor rides on the command's own bytes).
+    async fn send_fd(&mut self, name: &str, file: &std::fs::File) -> Result<(), QmpError> {
+        use std::os::fd::AsRawFd;
+        let msg = json!({"execute": "getfd", "arguments": {"fdname": name}});
+        let mut bytes = serde_json::to_vec(&msg).expect("json");
+        bytes.push(b'\n');
+        let fds = [file.as_raw_fd()];
+        let stream: &UnixStream = self.writer.as_ref();
+        loop {
+            stream.writable().await.map_err(|_| QmpError::Closed)?;
+            let sent = stream.try_io(tokio::io::Interest::WRITABLE, || {
+                nix::sys::socket::sendmsg::<()>(
+                    stream.as_raw_fd(),
+                    &[std::io::IoSlice::new(&bytes)],
+                    &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+                    nix::sys::socket::MsgFlags::empty(),
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match sent {
+                Ok(n) if n == bytes.len() => break,
+                Ok(_) => return Err(QmpError::Closed),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => return Err(QmpError::Closed),
+            }
+        }
+        self.answer("getfd").await.map(drop)
     }
 
     async fn ignore_shared(&mut self) -> Result<(), QmpError> {
@@ -137,7 +176,5 @@ impl Qmp {
     }
 }
 
-/// QEMU runs `exec:` URIs through /bin/sh: quote the path (banger's own paths, but still).
-fn shell_quote(p: &Path) -> String {
-    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
-}
+/// The name a migration stream's descriptor is given in QEMU (`getfd`).
+const MIGRATION_FD: &str = "banger-migration";

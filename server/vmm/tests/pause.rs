@@ -88,6 +88,7 @@ async fn a_paused_qemu_guest_stands_still_and_a_resumed_one_answers_again() {
         memory: GuestMemory::Anonymous,
         template_mac: None,
         anchor: None,
+        contain: None,
     };
     let launched = driver.launch(&spec).await.expect("QEMU starts");
     guard.pid = Some(launched.pid);

@@ -153,6 +153,7 @@ impl Engine {
             memory: vmm::GuestMemory::Anonymous,
             template_mac: None,
             anchor: None,
+            contain: self.containment(&row.id, row.vcpus, row.memory_mib)?,
         };
         // Under QEMU a vsock agent says when it listens by connecting to this socket; connecting before that
         // can leave the host's connection unanswered for good (`VSOCK_READY_PORT`). Firecracker's own vsock
@@ -162,6 +163,13 @@ impl Engine {
             ApiError::internal(format!("cannot listen on {}: {e}", paths.vsock_ready().display()))
                 .with_hint(crate::engine::errors::hint::STATE_DIR)
         })?;
+        // The announcement arrives through vhost-device-vsock, which runs as the VM's uid: let its group connect.
+        if let (Some(_), Some(c)) = (&announced, &spec.contain) {
+            vmm::contain::grant(&paths.vsock_ready(), c.gid(), 0o060).map_err(|e| {
+                ApiError::internal(format!("giving {} to the VM's group: {e}", paths.vsock_ready().display()))
+                    .with_hint(crate::engine::errors::hint::STATE_DIR)
+            })?;
+        }
         let launched = driver.launch(&spec).await.map_err(vmm_error)?;
         self.undo_vmm(rollback, row, launched.pid);
         self.store.set_vm_state(row.id.clone(), VmState::Starting, Some(launched.pid), None, None).await?;

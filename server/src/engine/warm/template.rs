@@ -236,6 +236,7 @@ impl Engine {
             let nic = tap.clone().map(|t| (t, super::pool::placeholder_net()));
             let memory = driver.template_memory(work.join("ram"));
             let mut spec = self.template_spec(image, &driver, &inputs, &paths, &vm_id, nic, memory);
+            spec.contain = self.containment(&vm_id, inputs.vcpus, inputs.memory_mib)?;
             if driver.template_needs_anchor() {
                 std::fs::create_dir_all(&anchor).map_err(|e| {
                     ApiError::internal(format!("creating {}: {e}", anchor.display()))
@@ -336,6 +337,7 @@ impl Engine {
             memory,
             template_mac: inputs.nic.then(|| vmm::TEMPLATE_MAC.to_string()),
             anchor: None,
+            contain: None,
         }
     }
 
@@ -400,7 +402,9 @@ impl Engine {
         cancel: &CancellationToken,
     ) -> Result<(u32, Arc<GuestConn>), ApiError> {
         let driver = self.driver(t.vmm());
-        let spec = self.template_spec(image, &driver, &t.meta.inputs, paths, vm_id, tap, GuestMemory::CloneOf(t.ram()));
+        let mut spec =
+            self.template_spec(image, &driver, &t.meta.inputs, paths, vm_id, tap, GuestMemory::CloneOf(t.ram()));
+        spec.contain = self.containment(vm_id, t.meta.inputs.vcpus, t.meta.inputs.memory_mib)?;
         let anchor = driver.template_needs_anchor().then(|| self.anchor_dir(&t.meta.generation));
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

@@ -29,18 +29,40 @@ pub fn create_persistent(prefix: &str) -> std::io::Result<String> {
     create(&template)
 }
 
-fn create(name: &str) -> std::io::Result<String> {
+/// Opens an existing TAP for a contained VMM, which gets the descriptor (`-netdev tap,fd=N`) and neither
+/// `/dev/net/tun` nor the capability to open it. `IFF_VNET_HDR` as QEMU itself asks for it.
+pub fn open(name: &str) -> std::io::Result<std::os::fd::OwnedFd> {
+    if name.contains('%') {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("`{name}` is not a TAP name")));
+    }
+    let (tun, _) = set_iff(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)?;
+    Ok(tun.into())
+}
+
+/// TUNSETIFF on a new /dev/net/tun descriptor: returns it and the name the kernel used.
+fn set_iff(name: &str, flags: libc::c_short) -> std::io::Result<(std::fs::File, libc::ifreq)> {
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("`{name}` is too long for an interface name"),
+        ));
+    }
     let tun = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun")?;
     // SAFETY: ifreq is plain data; we fill the name and flags, and the kernel reads exactly that.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
         *dst = src as libc::c_char;
     }
-    req.ifr_ifru.ifru_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_TUN_EXCL;
+    req.ifr_ifru.ifru_flags = flags;
     // SAFETY: valid fd, valid pointer to an initialised ifreq for the duration of the call.
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok((tun, req))
+}
+
+fn create(name: &str) -> std::io::Result<String> {
+    let (tun, req) = set_iff(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_TUN_EXCL)?;
     // The kernel wrote the name it chose back into the request (NUL-terminated).
     let chosen: Vec<u8> = req.ifr_name.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
     let chosen = String::from_utf8(chosen)
