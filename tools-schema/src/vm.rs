@@ -218,6 +218,30 @@ pub struct VmInfo {
     /// How this daemon last brought the VM up (absent when it has not, e.g. after a daemon restart).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot: Option<BootInfo>,
+    /// How the running VM's VMM is contained, as the kernel reports it (absent when it is not running,
+    /// and `contained: false` when containment is turned off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub containment: Option<VmContainment>,
+}
+
+/// A running VM's containment, read from /proc and its cgroup files.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
+pub struct VmContainment {
+    pub contained: bool,
+    /// The uid the VMM runs as.
+    pub uid: u32,
+    /// QEMU's seccomp filter is active (`Seccomp: 2`).
+    pub seccomp: bool,
+    /// 1 or 2; absent when the VM has no cgroup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_version: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_bytes: Option<u64>,
+    /// CPU time allowed, in percent of one CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit_percent: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_limit: Option<u64>,
 }
 
 /// How a VM was brought up.

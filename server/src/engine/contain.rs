@@ -1,5 +1,7 @@
 //! Containment of VM processes, the engine's part: the uid range and the cgroup hierarchy (found once), and
 //! the `Containment` each boot spec carries. The mechanism is `banger_vmm::{jail, cgroup, contain}`.
+use tools_schema::daemon::{CheckStatus, DoctorCheck};
+use tools_schema::vm::VmContainment;
 use tools_schema::ApiError;
 
 use crate::vmm::cgroup::{Hierarchy, Limits};
@@ -56,5 +58,130 @@ impl Engine {
             }
         };
         Ok(Some(Containment { uid, readers_gid: c.ids.readers_gid(), cgroup }))
+    }
+}
+
+impl Engine {
+    /// A running VM's containment as the kernel reports it: the VMM's uid and seccomp mode from
+    /// /proc/PID/status, its limits from its cgroup files. `None` unless `pid` is the VM's VMM.
+    pub(crate) fn vm_containment(&self, vm_id: &str, pid: u32) -> Option<VmContainment> {
+        if !crate::host::process_matches(pid, &crate::vmm::process_marker(vm_id)) {
+            return None;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+        };
+        let uid: u32 = field("Uid:")?.parse().ok()?;
+        let mut info = VmContainment {
+            contained: self.contain.ids.contains(uid),
+            uid,
+            seccomp: field("Seccomp:").as_deref() == Some("2"),
+            cgroup_version: None,
+            memory_limit_bytes: None,
+            cpu_limit_percent: None,
+            pids_limit: None,
+        };
+        let Some(Ok(h)) = self.contain.cgroups.get() else { return Some(info) };
+        let dirs = h.dirs_of(vm_id);
+        let read = |file: &str| dirs.iter().map(|d| d.join(file)).find_map(|f| std::fs::read_to_string(f).ok());
+        let number = |file: &str| read(file).and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok());
+        if !dirs.iter().any(|d| d.exists()) {
+            return Some(info);
+        }
+        info.cgroup_version = Some(h.version());
+        match h.version() {
+            1 => {
+                info.memory_limit_bytes = number("memory.limit_in_bytes");
+                let (quota, period) = (number("cpu.cfs_quota_us"), number("cpu.cfs_period_us"));
+                info.cpu_limit_percent = quota.zip(period).filter(|(_, p)| *p > 0).map(|(q, p)| q * 100 / p);
+            }
+            _ => {
+                info.memory_limit_bytes = number("memory.max");
+                info.cpu_limit_percent = read("cpu.max").and_then(|v| {
+                    let mut f = v.split_whitespace();
+                    let (q, p) = (f.next()?.parse::<u64>().ok()?, f.next()?.parse::<u64>().ok()?);
+                    (p > 0).then(|| q * 100 / p)
+                });
+            }
+        }
+        info.pids_limit = number("pids.max");
+        Some(info)
+    }
+}
+
+impl Engine {
+    /// What `banger doctor` says of this host's containment: namespaces, cgroups, QEMU's seccomp sandbox and
+    /// its RAM mapping, Firecracker's jailer; a warning when containment is turned off.
+    pub(crate) fn containment_checks(&self) -> Vec<DoctorCheck> {
+        let check = |name: &str, status, detail: String, fix: Option<&str>| DoctorCheck {
+            name: name.into(),
+            status,
+            detail,
+            fix: fix.map(str::to_string),
+        };
+        if !self.cfg.containment.enabled {
+            return vec![check(
+                "containment",
+                CheckStatus::Warn,
+                "turned off in the config: VMMs run as root, unconfined, with no resource limits".into(),
+                Some("set [containment] enabled = true (off is for debugging a VMM only)"),
+            )];
+        }
+        let ids = &self.contain.ids;
+        let mut checks = vec![check(
+            "containment",
+            CheckStatus::Pass,
+            format!(
+                "each VMM runs as a uid of its own ({}..={}), no capabilities, NoNewPrivs, its own mount and PID \
+                 namespaces over a read-only root with only its VM's files",
+                ids.base + 1,
+                ids.base + ids.count
+            ),
+            None,
+        )];
+        checks.push(match self.contain.hierarchy() {
+            Ok(h) => check(
+                "cgroups",
+                CheckStatus::Pass,
+                format!("per-VM limits (memory, CPU, pids, I/O weight where offered) in cgroup v{}", h.version()),
+                None,
+            ),
+            Err(why) => check(
+                "cgroups",
+                CheckStatus::Warn,
+                format!("no cgroup hierarchy: VMs run without resource limits ({why})"),
+                Some("mount cgroup v2 at /sys/fs/cgroup, or the v1 memory, cpu and pids controllers"),
+            ),
+        });
+        if let Some(qemu) = self.cfg.find_binary("qemu-system-x86_64") {
+            let version = crate::vmm::qemu::version(&qemu).map(|(a, b)| format!("{a}.{b}")).unwrap_or("unknown".into());
+            checks.push(if crate::vmm::qemu::maps_ram_read_only(&qemu) {
+                check(
+                    "qemu sandbox",
+                    CheckStatus::Pass,
+                    format!(
+                        "QEMU {version}: -sandbox {}; clones map their template's RAM read-only",
+                        crate::vmm::qemu::SANDBOX
+                    ),
+                    None,
+                )
+            } else {
+                check(
+                    "qemu sandbox",
+                    CheckStatus::Warn,
+                    format!(
+                        "QEMU {version}: -sandbox {}; but before 8.2 QEMU opens a template's RAM file read-write, so \
+                         a clone's VMM could write the memory later clones of that template start from",
+                        crate::vmm::qemu::SANDBOX
+                    ),
+                    Some("install QEMU 8.2 or later (Debian: bookworm-backports), or set [warm] templates = false"),
+                )
+            });
+        }
+        checks
     }
 }

@@ -66,6 +66,7 @@ impl Engine {
 
     pub(crate) async fn host_checks(&self) -> Vec<DoctorCheck> {
         let mut checks = vec![self.vsock_check(), self.guest_kernel_check(), self.capacity_check().await];
+        checks.extend(self.containment_checks());
         if !self.cfg.network.enabled {
             checks.push(check(
                 "network",

@@ -222,7 +222,8 @@ async fn start_vhost_vsock(cfg: &Tools, paths: &VmPaths, spec: &BootSpec) -> Res
     let log = crate::host_files::create_private(&log_path).map_err(io("creating the vhost-vsock log"))?;
     log.set_len(0).map_err(io("emptying the vhost-vsock log"))?;
     if let Some(c) = &spec.contain {
-        c.prepare_dir(&spec.dir, std::slice::from_ref(&log_path)).map_err(io("giving the VM's folder to its helper"))?;
+        c.prepare_dir(&spec.dir, std::slice::from_ref(&log_path))
+            .map_err(io("giving the VM's folder to its helper"))?;
     }
     let args: Vec<std::ffi::OsString> = vec![
         "--vm".into(),

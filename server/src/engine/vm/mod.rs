@@ -141,6 +141,7 @@ impl Engine {
             work_disk_bytes: vmm::qcow2_virtual_size(&self.vm_paths(&row.id).work_disk()),
             last_error: row.last_error.clone(),
             boot: self.vms.last_boot(&row.id),
+            containment: row.pid.and_then(|pid| self.vm_containment(&row.id, pid)),
         }
     }
 

@@ -1,0 +1,203 @@
+//! The VMM is contained (issue 17): every fact here is read from /proc, the cgroup files and the VMM's own
+//! mount namespace, never from banger's records.
+use banger_e2e::*;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+fn status_field(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("{field} missing from /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+fn vmm_pid(d: &TestDaemon, vm: &Value) -> u32 {
+    let id = vm["id"].as_str().unwrap();
+    let marker = format!("process=banger-vm-{id}");
+    let found: Vec<u32> = d
+        .processes_of_this_test()
+        .into_iter()
+        .filter(|(_, c)| c.contains("qemu-system") && c.contains(&marker))
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(found.len(), 1, "one VMM for {id}: {:?}", d.processes_of_this_test());
+    found[0]
+}
+
+/// The value of a cgroup file of `pid`'s cgroup for `controller`, from the host's own mounts.
+fn cgroup_file(pid: u32, controller: &str, v1: &str, v2: &str) -> String {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let v1_path = cgroups.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
+        ctrls.split(',').any(|c| c == controller).then(|| path.to_string())
+    });
+    let (file, path) = match v1_path {
+        Some(p) => {
+            let mount = std::fs::read_dir("/sys/fs/cgroup")
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .find(|m| m.file_name().unwrap().to_string_lossy().split(',').any(|c| c == controller))
+                .unwrap_or_else(|| panic!("no v1 mount of {controller}"));
+            (mount.join(p.trim_start_matches('/')).join(v1), p)
+        }
+        None => {
+            let p = cgroups.lines().find_map(|l| l.strip_prefix("0::")).unwrap().to_string();
+            (std::path::Path::new("/sys/fs/cgroup").join(p.trim_start_matches('/')).join(v2), p)
+        }
+    };
+    assert!(path.contains("/banger/"), "{controller} cgroup of {pid} is banger's: {path}");
+    std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display())).trim().to_string()
+}
+
+#[test]
+fn the_vmm_runs_unprivileged_filtered_namespaced_and_limited_and_sees_only_its_own_vm() {
+    let d = TestDaemon::start();
+    d.register_test_image();
+    let a = d.rpc("vm.create", json!({"name": "jailed", "memory_mib": 256, "vcpus": 2, "boot": "cold"}));
+    let b = d.rpc("vm.create", json!({"name": "neighbour", "memory_mib": 256, "vcpus": 1}));
+    let pid = vmm_pid(&d, &a);
+    let daemon = d.pid();
+
+    let uids: Vec<u32> = status_field(pid, "Uid").split_whitespace().map(|u| u.parse().unwrap()).collect();
+    assert!(uids.iter().all(|u| *u == uids[0] && *u > 1_900_000_000), "uids {uids:?}");
+    let gids: Vec<u32> = status_field(pid, "Gid").split_whitespace().map(|u| u.parse().unwrap()).collect();
+    assert!(gids.iter().all(|g| *g == uids[0]), "gids {gids:?}");
+    assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(pid, "CapPrm"), "0000000000000000");
+    assert_eq!(status_field(pid, "CapBnd"), "0000000000000000");
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    assert_eq!(status_field(pid, "Seccomp"), "2");
+    for ns in ["mnt", "pid"] {
+        let of = |p: u32| std::fs::read_link(format!("/proc/{p}/ns/{ns}")).unwrap();
+        assert_ne!(of(pid), of(daemon), "the VMM has a {ns} namespace of its own");
+    }
+    assert_eq!(status_field(pid, "NSpid").split_whitespace().last(), Some("1"), "PID 1 of its namespace");
+    let other = vmm_pid(&d, &b);
+    assert_ne!(status_field(other, "Uid"), status_field(pid, "Uid"), "each VM has a uid of its own");
+
+    // Limits follow the shape: RAM + 256 MiB, 2 vCPUs + half a CPU, 512 tasks.
+    let memory = cgroup_file(pid, "memory", "memory.limit_in_bytes", "memory.max");
+    assert_eq!(memory, ((256u64 + 256) << 20).to_string());
+    let cpu_v1 = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap().lines().any(|l| l.contains(":cpu"));
+    if cpu_v1 {
+        assert_eq!(cgroup_file(pid, "cpu", "cpu.cfs_quota_us", "cpu.max"), "250000");
+    } else {
+        assert_eq!(cgroup_file(pid, "cpu", "cpu.cfs_quota_us", "cpu.max"), "250000 100000");
+    }
+    assert_eq!(cgroup_file(pid, "pids", "pids.max", "pids.max"), "512");
+
+    // From inside the VMM's mount namespace: its own folder, not the neighbour's, not the daemon's state.
+    let state = d.state_dir.clone();
+    let inside = |path: &std::path::Path| {
+        std::process::Command::new("nsenter")
+            .args(["-t", &pid.to_string(), "-m", "--", "test", "-e"])
+            .arg(path)
+            .status()
+            .unwrap()
+            .success()
+    };
+    let own = state.join("vms").join(a["id"].as_str().unwrap());
+    assert!(inside(&own.join("console.log")), "the VMM sees its own folder");
+    assert!(!inside(&state.join("vms").join(b["id"].as_str().unwrap())), "the neighbour's disks are invisible");
+    for daemons in ["banger.db", "ssh", "bangerd.log"] {
+        if state.join(daemons).exists() {
+            assert!(!inside(&state.join(daemons)), "{daemons} is invisible to the VMM");
+        }
+    }
+    assert!(!inside(std::path::Path::new("/root")) && !inside(std::path::Path::new("/home")), "no homes");
+
+    // vm show reports what the kernel says.
+    let shown = d.rpc("vm.show", json!({"vm": "jailed"}));
+    assert_eq!(shown["containment"]["uid"], uids[0], "{shown}");
+    assert_eq!(shown["containment"]["memory_limit_bytes"], (256u64 + 256) << 20, "{shown}");
+
+    // Deleting the VM removes its cgroup and frees its uid's processes.
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    d.rpc("vm.delete", json!({"vms": ["jailed", "neighbour"]}));
+    d.assert_no_leaked_processes();
+    let mem_path = cg.lines().find(|l| l.contains(":memory:")).map(|l| l.splitn(3, ':').nth(2).unwrap().to_string());
+    if let Some(p) = mem_path {
+        let dir = std::path::Path::new("/sys/fs/cgroup/memory").join(p.trim_start_matches('/'));
+        wait_until("the VM's cgroup is removed", Duration::from_secs(5), || !dir.exists());
+    }
+}
+
+/// A guest that takes every CPU it has, forks without bound and allocates all its memory is held by its own
+/// limits: the daemon and a neighbour VM keep answering.
+#[test]
+fn a_guest_that_spins_forks_and_allocates_leaves_its_neighbour_answering() {
+    let d = TestDaemon::start();
+    d.register_test_image();
+    let hog = d.rpc("vm.create", json!({"name": "hog", "memory_mib": 256, "vcpus": 2}));
+    d.rpc("vm.create", json!({"name": "calm", "memory_mib": 256, "vcpus": 1}));
+    let pid = vmm_pid(&d, &hog);
+    // Busy loops on both vCPUs, a fork bomb and a memory hog, for 40 s at most, in a session that waits for them.
+    let script = "for i in 1 2; do timeout 40 sh -c 'while :; do :; done' & done; \
+                  timeout 40 sh -c 'b() { b | b & }; b' 2>/dev/null & \
+                  timeout 40 sh -c 'x=a; while :; do x=$x$x; done' 2>/dev/null & echo started; wait";
+    let r = d.rpc("session.start", json!({"vm": "hog", "name": "hog", "command": ["sh", "-c", script]}));
+    assert_eq!(r["state"], "running", "{r}");
+    // Let the load build up: the hog's VMM uses its whole CPU quota.
+    let ticks = |p: u32| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap();
+        let f: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    let before = ticks(pid);
+    wait_until("the hog's VMM burns CPU", Duration::from_secs(20), || ticks(pid) > before + 200);
+    let mut times = vec![];
+    let during = ticks(pid);
+    for _ in 0..5 {
+        let t = Instant::now();
+        let r = d.rpc("vm.exec", json!({"vm": "calm", "command": ["true"], "timeout_secs": 10}));
+        times.push(t.elapsed());
+        assert_eq!(r["exit_code"], 0, "{r}");
+    }
+    assert!(ticks(pid) > during + 20, "the hog kept spinning while the neighbour was probed");
+    times.sort();
+    assert!(times[2] < Duration::from_secs(1), "the neighbour answers within a second while the hog runs: {times:?}");
+    assert!(d.rpc("daemon.ping", json!({})).is_object());
+    // The hog's VMM never used more than its limit.
+    let peak = cgroup_file(pid, "memory", "memory.max_usage_in_bytes", "memory.peak").parse::<u64>().unwrap();
+    assert!(peak <= (256u64 + 256) << 20, "peak {peak}");
+    d.rpc("vm.delete", json!({"vms": ["hog", "calm"]}));
+    d.assert_no_leaked_processes();
+}
+
+#[test]
+fn doctor_reports_containment_and_warns_when_it_is_turned_off() {
+    let d = TestDaemon::start();
+    let checks = d.rpc("doctor.run", json!({}))["checks"].clone();
+    let named = |checks: &Value, name: &str| {
+        checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("{name}: {checks}"))
+    };
+    assert_eq!(named(&checks, "containment")["status"], "pass", "{checks}");
+    assert_eq!(named(&checks, "cgroups")["status"], "pass", "{checks}");
+    assert!(named(&checks, "qemu sandbox")["detail"].as_str().unwrap().contains("spawn=deny"), "{checks}");
+    drop(d);
+
+    let d = TestDaemon::start_with_config("[containment]\nenabled = false");
+    let checks = d.rpc("doctor.run", json!({}))["checks"].clone();
+    let off = named(&checks, "containment");
+    assert_eq!(off["status"], "warn", "{off}");
+    assert!(off["fix"].as_str().unwrap().contains("enabled = true"), "{off}");
+    d.register_test_image();
+    let vm = d.rpc("vm.create", json!({"name": "loose", "memory_mib": 256, "boot": "cold"}));
+    let pid = vmm_pid(&d, &vm);
+    assert_eq!(status_field(pid, "Uid").split_whitespace().next(), Some("0"));
+    let shown = d.rpc("vm.show", json!({"vm": "loose"}));
+    assert_eq!(shown["containment"]["contained"], false, "{shown}");
+    d.rpc("vm.delete", json!({"vms": ["loose"]}));
+    d.assert_no_leaked_processes();
+}
