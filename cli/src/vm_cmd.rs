@@ -149,6 +149,27 @@ pub async fn create(d: &Daemon, p: VmCreateParams, ctx: &Ctx) -> anyhow::Result<
 }
 
 /// One line on how a VM came up, with why it was not warm when it was not.
+/// One line on how a running VM's VMM is contained, as the kernel reports it.
+pub fn describe_containment(c: &tools_schema::vm::VmContainment) -> String {
+    if !c.contained {
+        return format!("no: the VMM runs as uid {} (containment is turned off in the config)", c.uid);
+    }
+    let mut parts = vec![format!("uid {}", c.uid), if c.seccomp { "seccomp on" } else { "no seccomp" }.to_string()];
+    if let Some(m) = c.memory_limit_bytes {
+        parts.push(format!("memory {} MiB", m >> 20));
+    }
+    if let Some(cpu) = c.cpu_limit_percent {
+        parts.push(format!("CPU {cpu}%"));
+    }
+    if let Some(p) = c.pids_limit {
+        parts.push(format!("{p} tasks"));
+    }
+    if let Some(v) = c.cgroup_version {
+        parts.push(format!("cgroup v{v}"));
+    }
+    parts.join(", ")
+}
+
 pub fn describe_boot(b: &tools_schema::vm::BootInfo) -> String {
     use tools_schema::vm::BootMode;
     let secs = b.ms as f64 / 1000.0;
@@ -278,7 +299,10 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             if ctx.json {
                 output::json(&info)
             } else {
-                output::table(VM_HEADER, &vm_rows(&[info]))
+                output::table(VM_HEADER, &vm_rows(&[info.clone()]));
+                if let Some(c) = &info.containment {
+                    println!("  contained:      {}", describe_containment(c));
+                }
             }
         }
         VmCmd::Start { vms } => {

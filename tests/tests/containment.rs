@@ -115,6 +115,9 @@ fn the_vmm_runs_unprivileged_filtered_namespaced_and_limited_and_sees_only_its_o
     let shown = d.rpc("vm.show", json!({"vm": "jailed"}));
     assert_eq!(shown["containment"]["uid"], uids[0], "{shown}");
     assert_eq!(shown["containment"]["memory_limit_bytes"], (256u64 + 256) << 20, "{shown}");
+    let out = d.cli(&["vm", "show", "jailed"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("uid {}, seccomp on, memory 512 MiB, CPU 250%, 512 tasks", uids[0])), "{text}");
 
     // Deleting the VM removes its cgroup and frees its uid's processes.
     let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
