@@ -299,7 +299,7 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
             if ctx.json {
                 output::json(&info)
             } else {
-                output::table(VM_HEADER, &vm_rows(&[info.clone()]));
+                output::table(VM_HEADER, &vm_rows(std::slice::from_ref(&info)));
                 if let Some(c) = &info.containment {
                     println!("  contained:      {}", describe_containment(c));
                 }

@@ -13,6 +13,7 @@ use tools_schema::daemon::VmmKind;
 pub mod cgroup;
 pub mod contain;
 pub mod driver;
+pub mod fc_jail;
 pub mod firecracker;
 pub mod guest;
 pub mod host;
