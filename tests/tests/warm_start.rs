@@ -63,6 +63,13 @@ fn two_clones_of_one_template_are_distinct_vms_that_resolve_and_survive_stop_sta
     let a = d.rpc("vm.create", json!({"name": "clone-a", "memory_mib": 256}));
     let b = d.rpc("vm.create", json!({"name": "clone-b", "memory_mib": 256}));
     assert_eq!((boot_mode(&a), boot_mode(&b)), ("warm", "warm"), "{a}\n{b}");
+    // Clones are contained like cold boots: each VMM as a uid of its own under the seccomp sandbox (the
+    // kernel's view, through vm show).
+    let contained = |vm: &str| d.rpc("vm.show", json!({"vm": vm}))["containment"].clone();
+    let (ca, cb) = (contained("clone-a"), contained("clone-b"));
+    assert_eq!((ca["contained"].clone(), ca["seccomp"].clone()), (json!(true), json!(true)), "{ca}");
+    assert_eq!(cb["contained"], true, "{cb}");
+    assert_ne!(ca["uid"], cb["uid"], "each clone has a uid of its own");
 
     let (ia, ib) = (identity(&d, "clone-a"), identity(&d, "clone-b"));
     assert_ne!(ia.mac, ib.mac, "MACs");

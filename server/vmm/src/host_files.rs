@@ -25,3 +25,26 @@ pub fn create_private(path: &Path) -> std::io::Result<File> {
 pub fn make_private(path: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(PRIVATE_FILE))
 }
+
+/// The last `max` bytes of a file (nothing if it does not exist): the one way to read a log a guest or a VMM
+/// wrote, whatever its size.
+pub fn read_tail(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+    let mut data = vec![];
+    f.take(max).read_to_end(&mut data)?;
+    Ok(data)
+}
+
+/// The last `lines` non-blank lines of a log, read from at most its last `max` bytes.
+pub fn log_tail(path: &Path, lines: usize, max: u64) -> String {
+    let text = String::from_utf8_lossy(&read_tail(path, max).unwrap_or_default()).into_owned();
+    let tail: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).rev().take(lines).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+}

@@ -79,6 +79,8 @@ pub enum JailError {
     },
     #[error("a path handed to the jail has a NUL byte: {0}")]
     Nul(String),
+    #[error("a contained process never runs as root (uid or gid 0)")]
+    Root,
     #[error("starting the contained process: {0}")]
     Clone(#[source] std::io::Error),
     #[error("the contained process could not {step}: {source}")]
@@ -243,7 +245,7 @@ impl Plan {
 /// outlives the daemon like every VMM.
 pub fn spawn(jail: &Jail, program: &Program) -> Result<u32, JailError> {
     if jail.uid == 0 || jail.gid == 0 {
-        return Err(JailError::Nul("a contained process never runs as root (uid or gid 0)".into()));
+        return Err(JailError::Root);
     }
     let plan = Plan::new(jail, program)?;
     std::fs::create_dir_all(&jail.root).map_err(|source| JailError::Prepare {

@@ -48,10 +48,27 @@ pub fn maps_ram_read_only(qemu: &Path) -> bool {
     version(qemu).is_some_and(|v| v >= (8, 2))
 }
 
+/// How much of a VMM's or helper's log a start-up error quotes.
+const LOG_TAIL_BYTES: u64 = 16 * 1024;
+
 /// The descriptor number a contained QEMU gets its TAP at (`-netdev tap,fd=3`).
 const TAP_FD: i32 = 3;
 
 pub async fn launch(cfg: &Tools, accel: QemuAccel, spec: &BootSpec) -> Result<Launched, VmmError> {
+    let launched = launch_inner(cfg, accel, spec).await;
+    if launched.is_err() {
+        // No VMM came up, so nobody else will end the helper started for it or remove its jail and cgroup,
+        // whichever step failed.
+        super::stop_helpers(&spec.dir).await;
+        super::remove_containment(&spec.vm_id).await;
+        if let Some(cgroup) = spec.contain.as_ref().and_then(|c| c.cgroup.as_ref()) {
+            cgroup.remove();
+        }
+    }
+    launched
+}
+
+async fn launch_inner(cfg: &Tools, accel: QemuAccel, spec: &BootSpec) -> Result<Launched, VmmError> {
     let qemu = cfg.find_binary("qemu-system-x86_64").ok_or(VmmError::MissingBinary { binary: "qemu-system-x86_64" })?;
     let paths = VmPaths::new(spec.dir.clone());
     for stale in [paths.channel(), paths.control(), paths.pidfile()] {
@@ -167,26 +184,18 @@ pub async fn launch(cfg: &Tools, accel: QemuAccel, spec: &BootSpec) -> Result<La
             Ok(Ok(_)) => Ok(pid),
             failed => {
                 super::kill(pid, &spec.vm_id).await;
-                let log = std::fs::read_to_string(paths.vmm_log()).unwrap_or_default();
+                // What QEMU printed, capped: a VMM's output is no more trusted than its guest's.
                 let detail = if failed.is_err() {
                     "qemu did not answer on its control socket in 30 s".into()
                 } else {
-                    log.trim().to_string()
+                    crate::host_files::log_tail(&paths.vmm_log(), 20, LOG_TAIL_BYTES)
                 };
                 Err(VmmError::Launch { what: "starting qemu".into(), detail })
             }
         }
     }
     .await;
-    match launched {
-        Ok(pid) => Ok(Launched { pid }),
-        Err(e) => {
-            // No VMM came up, so nobody else will end the helper started for it.
-            super::stop_helpers(&paths.dir).await;
-            super::remove_containment(&spec.vm_id).await;
-            Err(e)
-        }
-    }
+    launched.map(|pid| Launched { pid })
 }
 
 /// QEMU's `-drive` option for one of the VM's disks: the format said, never probed (a raw disk the guest
@@ -239,10 +248,9 @@ async fn start_vhost_vsock(cfg: &Tools, paths: &VmPaths, spec: &BootSpec) -> Res
     while !paths.vhost_vsock().exists() {
         if std::time::Instant::now() > deadline {
             super::stop_helpers(&paths.dir).await;
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             return Err(VmmError::Launch {
                 what: "starting vhost-device-vsock".into(),
-                detail: log.trim().to_string(),
+                detail: crate::host_files::log_tail(&log_path, 20, LOG_TAIL_BYTES),
             });
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;

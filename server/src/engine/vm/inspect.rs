@@ -1,5 +1,6 @@
 //! What a VM is doing: stats, listening ports, console logs, and keeping those logs bounded.
 use super::*;
+use crate::host_files::read_tail;
 
 /// Most of a console log kept before it is rotated (to `console.log.1`): a guest printing without pause costs
 /// at most about twice this on disk, plus what it prints between two checks.
@@ -37,26 +38,9 @@ pub(super) fn rotate_console(path: &std::path::Path, max: u64) -> std::io::Resul
     std::fs::OpenOptions::new().write(true).open(path)?.set_len(0)
 }
 
-/// The last `max` bytes of a file (nothing if it does not exist).
-pub(super) fn read_tail(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-        Err(e) => return Err(e),
-    };
-    let len = f.metadata()?.len();
-    f.seek(SeekFrom::Start(len.saturating_sub(max)))?;
-    let mut data = vec![];
-    f.take(max).read_to_end(&mut data)?;
-    Ok(data)
-}
-
 /// The last `lines` non-blank lines of a log (the console, a helper's), for errors about guests that never answered.
 pub(super) fn log_tail(path: &std::path::Path, lines: usize) -> String {
-    let text = String::from_utf8_lossy(&read_tail(path, TAIL_READ_BYTES).unwrap_or_default()).into_owned();
-    let tail: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).rev().take(lines).collect();
-    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    crate::host_files::log_tail(path, lines, TAIL_READ_BYTES)
 }
 
 impl Engine {
