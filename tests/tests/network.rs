@@ -104,6 +104,9 @@ fn taps_come_from_a_warm_pool_and_nothing_network_leaks_across_a_crash() {
     let pid = d.rpc("vm.show", json!({"vm": "three"}))["pid"].as_u64().unwrap() as i32;
     d.crash_and_restart_with(|| {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        // A contained VMM is PID 1 of its own namespace: its death (the namespace torn down) trails the signal,
+        // and the next daemon must meet a dead VM, not a dying one.
+        wait_until("the VMM is dead", std::time::Duration::from_secs(10), || !process_alive(pid as u32));
     });
     assert_eq!(d.rpc("vm.show", json!({"vm": "three"}))["state"], "stopped");
     assert_eq!(d.taps().len(), 2, "only the warm pool is left: {:?}", d.taps());
