@@ -592,3 +592,31 @@ impl Drop for OutsideWorld {
         let _ = self.server.wait();
     }
 }
+
+/// The value of a cgroup file of `pid`'s cgroup for `controller` (`v1` or `v2` is the file's name in that
+/// layout), read from the host's own mounts; the cgroup must be one banger made.
+pub fn cgroup_file(pid: u32, controller: &str, v1: &str, v2: &str) -> String {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let v1_path = cgroups.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
+        ctrls.split(',').any(|c| c == controller).then(|| path.to_string())
+    });
+    let (file, path) = match v1_path {
+        Some(p) => {
+            let mount = std::fs::read_dir("/sys/fs/cgroup")
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .find(|m| m.file_name().unwrap().to_string_lossy().split(',').any(|c| c == controller))
+                .unwrap_or_else(|| panic!("no v1 mount of {controller}"));
+            (mount.join(p.trim_start_matches('/')).join(v1), p)
+        }
+        None => {
+            let p = cgroups.lines().find_map(|l| l.strip_prefix("0::")).unwrap().to_string();
+            (std::path::Path::new("/sys/fs/cgroup").join(p.trim_start_matches('/')).join(v2), p)
+        }
+    };
+    assert!(path.contains("/banger/"), "{controller} cgroup of {pid} is banger's: {path}");
+    std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display())).trim().to_string()
+}

@@ -27,33 +27,6 @@ fn vmm_pid(d: &TestDaemon, vm: &Value) -> u32 {
     found[0]
 }
 
-/// The value of a cgroup file of `pid`'s cgroup for `controller`, from the host's own mounts.
-fn cgroup_file(pid: u32, controller: &str, v1: &str, v2: &str) -> String {
-    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    let v1_path = cgroups.lines().find_map(|l| {
-        let mut f = l.splitn(3, ':');
-        let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
-        ctrls.split(',').any(|c| c == controller).then(|| path.to_string())
-    });
-    let (file, path) = match v1_path {
-        Some(p) => {
-            let mount = std::fs::read_dir("/sys/fs/cgroup")
-                .unwrap()
-                .flatten()
-                .map(|e| e.path())
-                .find(|m| m.file_name().unwrap().to_string_lossy().split(',').any(|c| c == controller))
-                .unwrap_or_else(|| panic!("no v1 mount of {controller}"));
-            (mount.join(p.trim_start_matches('/')).join(v1), p)
-        }
-        None => {
-            let p = cgroups.lines().find_map(|l| l.strip_prefix("0::")).unwrap().to_string();
-            (std::path::Path::new("/sys/fs/cgroup").join(p.trim_start_matches('/')).join(v2), p)
-        }
-    };
-    assert!(path.contains("/banger/"), "{controller} cgroup of {pid} is banger's: {path}");
-    std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display())).trim().to_string()
-}
-
 #[test]
 fn the_vmm_runs_unprivileged_filtered_namespaced_and_limited_and_sees_only_its_own_vm() {
     let d = TestDaemon::start();
@@ -161,7 +134,9 @@ fn a_guest_that_spins_forks_and_allocates_leaves_its_neighbour_answering() {
         times.push(t.elapsed());
         assert_eq!(r["exit_code"], 0, "{r}");
     }
-    assert!(ticks(pid) > during + 20, "the hog kept spinning while the neighbour was probed");
+    // The probes can be quicker than a fifth of a second of the hog's CPU: it is still spinning (not
+    // starved or killed) if it burns that much soon after.
+    wait_until("the hog to keep spinning after the probes", Duration::from_secs(10), || ticks(pid) > during + 20);
     times.sort();
     assert!(times[2] < Duration::from_secs(1), "the neighbour answers within a second while the hog runs: {times:?}");
     assert!(d.rpc("daemon.ping", json!({})).is_object());
@@ -188,6 +163,7 @@ fn doctor_reports_containment_and_warns_when_it_is_turned_off() {
     assert_eq!(named(&checks, "containment")["status"], "pass", "{checks}");
     assert_eq!(named(&checks, "cgroups")["status"], "pass", "{checks}");
     assert!(named(&checks, "qemu sandbox")["detail"].as_str().unwrap().contains("spawn=deny"), "{checks}");
+    assert_eq!(named(&checks, "firecracker jailer")["status"], "pass", "{checks}");
     drop(d);
 
     let d = TestDaemon::start_with_config("[containment]\nenabled = false");

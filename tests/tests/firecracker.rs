@@ -1,6 +1,7 @@
 //! Firecracker VMs through the daemon. Firecracker guests boot only on hardware KVM: on hosts whose KVM is
 //! paravirtual (these CI machines) the daemon must refuse clearly, and the driver is exercised as far as the
-//! host allows: spawn, full configuration, start, and clean-up, checked through Firecracker's own API.
+//! host allows: spawn through its jailer, full configuration, start, and clean-up, checked through
+//! Firecracker's own API and, for its containment, /proc and the cgroup files.
 use std::time::{Duration, Instant};
 
 use banger_e2e::*;
@@ -78,7 +79,13 @@ fn the_daemon_configures_and_starts_firecracker_and_cleans_it_up() {
     }
     let vm_dir = std::fs::read_dir(d.state_dir.join("vms")).unwrap().next().expect("a VM directory").unwrap().path();
     let procs = d.processes_of_this_test();
-    assert!(procs.iter().any(|(_, c)| c.contains("firecracker") && c.contains("--id banger-vm-")), "{procs:?}");
+    let fc: Vec<u32> = procs
+        .iter()
+        .filter(|(_, c)| c.starts_with("/firecracker ") && c.contains("--id banger-vm-"))
+        .map(|(p, _)| *p)
+        .collect();
+    assert_eq!(fc.len(), 1, "one Firecracker, run by its jailer from its chroot: {procs:?}");
+    let pid = fc[0];
     // Firecracker's own view: started, with the shape the VM asked for.
     let api = vm_dir.join("firecracker.sock");
     let info = firecracker_api(&api, "/");
@@ -92,7 +99,9 @@ fn the_daemon_configures_and_starts_firecracker_and_cleans_it_up() {
     assert_eq!(config["drives"][0]["is_read_only"], true, "the image's base is shared read-only");
     assert!(config["boot-source"]["boot_args"].as_str().unwrap().contains("banger.channel=vsock"), "{config}");
     assert_eq!(config["vsock"]["guest_cid"], 3, "{config}");
-    assert!(config["network-interfaces"][0]["host_dev_name"].as_str().unwrap().starts_with("bgtap"), "{config}");
+    let tap = config["network-interfaces"][0]["host_dev_name"].as_str().unwrap().to_string();
+    assert!(tap.starts_with("bgtap"), "{config}");
+    assert_firecracker_is_contained(&d, pid, &vm_dir, &tap);
 
     let done = d.rpc("operation.cancel", json!({"id": op["id"]}));
     if done["state"] == "succeeded" {
@@ -104,6 +113,69 @@ fn the_daemon_configures_and_starts_firecracker_and_cleans_it_up() {
     assert_eq!(d.rpc("vm.list", json!({}))["vms"], json!([]));
     d.assert_no_leaked_processes();
     assert!(!vm_dir.exists(), "VM directory left behind");
+    // Its TAP, if it went back to the pool, is root's again.
+    let owner = d.netns.exec(&["cat", &format!("/sys/class/net/{tap}/owner")]);
+    if owner.status.success() {
+        assert_eq!(String::from_utf8_lossy(&owner.stdout).trim(), "0", "{tap} after its VM");
+    }
+    let jails: Vec<_> = std::fs::read_dir("/run/banger-jails")
+        .map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    let id = vm_dir.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(!jails.contains(&id), "the jail's folder of {id} is left: {jails:?}");
+}
+
+fn status_field(pid: u32, task: &str, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{task}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix(&format!("{field}:"))).unwrap().trim().to_string()
+}
+
+/// Issue 17, read from the kernel: Firecracker runs as the VM's own uid with no capabilities, every thread
+/// under Firecracker's seccomp filters with NoNewPrivs, PID 1 of its own PID namespace, in its own mount
+/// namespace whose root is the jailer's chroot (the VM's folder and its image's files in it, nothing else of
+/// the host: no other VM's folder, no daemon state), in the VM's cgroup with limits of its shape, and its TAP
+/// is its uid's alone.
+fn assert_firecracker_is_contained(d: &TestDaemon, pid: u32, vm_dir: &std::path::Path, tap: &str) {
+    let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let uid: u32 = status_field(pid, &pid.to_string(), "Uid").split_whitespace().next().unwrap().parse().unwrap();
+    assert!(uid > 1_900_000_000, "uid {uid}");
+    for task in &tasks {
+        for (field, want) in
+            [("CapEff", "0000000000000000"), ("CapPrm", "0000000000000000"), ("NoNewPrivs", "1"), ("Seccomp", "2")]
+        {
+            assert_eq!(status_field(pid, task, field), want, "{field} of thread {task} of Firecracker {pid}");
+        }
+        assert_eq!(status_field(pid, task, "Groups"), "", "supplementary groups of thread {task}");
+    }
+    assert_eq!(status_field(pid, &pid.to_string(), "NSpid").split_whitespace().last(), Some("1"));
+    for ns in ["mnt", "pid"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        assert_ne!(theirs, std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap(), "{ns} namespace");
+    }
+    let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+    let inside = |p: &std::path::Path| root.join(p.strip_prefix("/").unwrap());
+    assert!(root.join("firecracker").is_file(), "the jailer's copy of Firecracker in its chroot");
+    assert!(inside(vm_dir).join("firecracker.sock").exists(), "its own VM folder");
+    for host in ["etc", "home", "usr", "root"] {
+        assert!(!root.join(host).exists(), "/{host} of the host is not in its root");
+    }
+    assert!(!inside(&d.state_dir).join("banger.db").exists(), "the daemon's state is not in its root");
+    // The cgroup the daemon made for the VM, with the limits of 2 vCPUs and 256 MiB.
+    let memory = ((256u64 + 256) << 20).to_string();
+    assert_eq!(cgroup_file(pid, "memory", "memory.limit_in_bytes", "memory.max"), memory);
+    assert_eq!(cgroup_file(pid, "cpu", "cpu.cfs_quota_us", "cpu.max").split_whitespace().next(), Some("250000"));
+    assert_eq!(cgroup_file(pid, "pids", "pids.max", "pids.max"), "512");
+    let owner = d.netns.exec(&["cat", &format!("/sys/class/net/{tap}/owner")]);
+    assert_eq!(String::from_utf8_lossy(&owner.stdout).trim(), uid.to_string(), "the owner of {tap}");
+    // What banger reports agrees (and comes from the same files).
+    let shown = d.rpc("vm.show", json!({"vm": "cracker"}));
+    assert_eq!(shown["containment"]["uid"], uid, "{shown}");
+    assert_eq!(shown["containment"]["contained"], true, "{shown}");
+    assert_eq!(shown["containment"]["seccomp"], true, "{shown}");
 }
 
 #[test]

@@ -182,6 +182,27 @@ impl Engine {
                 )
             });
         }
+        if let Some(fc) = self.cfg.find_binary("firecracker") {
+            checks.push(match self.cfg.find_binary("jailer") {
+                Some(jailer) => check(
+                    "firecracker jailer",
+                    CheckStatus::Pass,
+                    format!(
+                        "Firecracker ({}) starts through its jailer ({}): chrooted, as the VM's uid, under its own \
+                         seccomp filters",
+                        fc.display(),
+                        jailer.display()
+                    ),
+                    None,
+                ),
+                None => check(
+                    "firecracker jailer",
+                    CheckStatus::Fail,
+                    "no `jailer` next to Firecracker: Firecracker VMs cannot start contained".into(),
+                    Some("run scripts/setup-host.sh, which installs Firecracker with its jailer"),
+                ),
+            });
+        }
         checks
     }
 }

@@ -161,6 +161,15 @@ impl Network {
 
     /// Returns a TAP whose VMM has exited: back to the pool, or deleted when the pool is full.
     pub async fn release_tap(&self, name: &str) {
+        // A Firecracker VM's TAP was its uid's (`tap::set_owner`): root's again before anyone else gets it,
+        // and not kept at all if that fails (something still has it open).
+        if let Err(e) = tap::set_owner(name, 0, 0) {
+            tracing::warn!(tap = %name, error = %e, "cannot take the TAP back; deleting it");
+            if let Err(e) = self.delete_tap(name).await {
+                tracing::warn!(tap = %name, error = %e, "cannot delete TAP");
+            }
+            return;
+        }
         let keep = {
             let mut idle = self.idle_taps.lock();
             if idle.len() < self.pool_size && !idle.iter().any(|n| n == name) {

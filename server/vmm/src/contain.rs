@@ -48,6 +48,38 @@ impl Containment {
             root: crate::jail::root_for(vm_id),
             binds,
             cgroups: self.cgroup.as_ref().map(|c| c.procs()).unwrap_or_default(),
+            finisher: crate::jail::Finisher::Here,
+        })
+    }
+
+    /// The jail Firecracker's jailer finishes (see `jail::Finisher::Jailer`): its root is the jailer's chroot
+    /// folder, in which the VM's folder appears writable at its own path and, for a template and its clones,
+    /// at the template's `anchor` too (so the paths a snapshot recorded lead each clone to its own files),
+    /// and `files` from outside it read-only. The jailer drops every supplementary group, so the readers
+    /// group does not reach Firecracker: each file also gets an ACL entry letting the VM's uid read it
+    /// (`allow_uid_read`).
+    pub fn jailer_jail(
+        &self,
+        chroot: &Path,
+        dir: &Path,
+        anchor: Option<&Path>,
+        files: &[PathBuf],
+    ) -> std::io::Result<Jail> {
+        let mut binds = vec![Bind::writable(dir)];
+        binds.extend(anchor.map(|a| Bind::writable(dir).seen_at(a)));
+        for f in files {
+            grant(f, self.readers_gid, 0o040)?;
+            allow_uid_read(f, self.uid)?;
+            binds.push(Bind::read_only(f));
+        }
+        Ok(Jail {
+            uid: self.uid,
+            gid: self.gid(),
+            groups: vec![],
+            root: chroot.to_path_buf(),
+            binds,
+            cgroups: self.cgroup.as_ref().map(|c| c.procs()).unwrap_or_default(),
+            finisher: crate::jail::Finisher::Jailer,
         })
     }
 
@@ -81,6 +113,85 @@ pub fn grant(path: &Path, gid: u32, bits: u32) -> std::io::Result<()> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode | bits))?;
     }
     Ok(())
+}
+
+/// The POSIX ACL of a file as Linux stores it in `system.posix_acl_access`: a little-endian version (2),
+/// then entries of (tag u16, permissions u16, id u32), sorted by tag and then id.
+const ACL_XATTR: &std::ffi::CStr = c"system.posix_acl_access";
+const ACL_VERSION: u32 = 2;
+const ACL_USER_OBJ: u16 = 0x01;
+const ACL_USER: u16 = 0x02;
+const ACL_GROUP_OBJ: u16 = 0x04;
+const ACL_MASK: u16 = 0x10;
+const ACL_OTHER: u16 = 0x20;
+const ACL_NO_ID: u32 = u32::MAX;
+const ACL_READ: u16 = 4;
+
+/// Adds an entry letting `uid` read `path` to its access ACL (made from its mode if it has none), with the
+/// mask widened to let it through. The entry is the read right the readers group already has, for a process
+/// that cannot have that group (Firecracker under its jailer); entries are left in place when the VM goes
+/// (a uid is only ever a banger VMM's, and uids are reused lowest first, so they do not pile up).
+pub fn allow_uid_read(path: &Path, uid: u32) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "a path with a NUL byte"))?;
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: a valid C string and a buffer of the length given.
+    let n = unsafe { libc::getxattr(c.as_ptr(), ACL_XATTR.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let mut entries = if n >= 0 {
+        parse_acl(&buf[..n as usize]).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{path:?}: an ACL banger cannot read"))
+        })?
+    } else {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENODATA) {
+            return Err(e);
+        }
+        let mode = std::fs::metadata(path)?.permissions().mode();
+        let bits = |shift: u32| ((mode >> shift) & 7) as u16;
+        vec![(ACL_USER_OBJ, bits(6), ACL_NO_ID), (ACL_GROUP_OBJ, bits(3), ACL_NO_ID), (ACL_OTHER, bits(0), ACL_NO_ID)]
+    };
+    if entries.iter().any(|&(tag, perm, id)| tag == ACL_USER && id == uid && perm & ACL_READ != 0)
+        && entries.iter().any(|&(tag, perm, _)| tag == ACL_MASK && perm & ACL_READ != 0)
+    {
+        return Ok(());
+    }
+    entries.retain(|&(tag, _, id)| !(tag == ACL_USER && id == uid));
+    entries.push((ACL_USER, ACL_READ, uid));
+    // The mask bounds every named entry and the owning group; without one it is the owning group's bits.
+    let group = entries.iter().find(|e| e.0 == ACL_GROUP_OBJ).map(|e| e.1).unwrap_or(0);
+    match entries.iter_mut().find(|e| e.0 == ACL_MASK) {
+        Some(mask) => mask.1 |= ACL_READ,
+        None => entries.push((ACL_MASK, group | ACL_READ, ACL_NO_ID)),
+    }
+    entries.sort_by_key(|&(tag, _, id)| (tag, id));
+    let mut out = ACL_VERSION.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        out.extend(tag.to_le_bytes());
+        out.extend(perm.to_le_bytes());
+        out.extend(id.to_le_bytes());
+    }
+    // SAFETY: a valid C string and a buffer of the length given.
+    if unsafe { libc::setxattr(c.as_ptr(), ACL_XATTR.as_ptr(), out.as_ptr().cast(), out.len(), 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn parse_acl(b: &[u8]) -> Option<Vec<(u16, u16, u32)>> {
+    if b.len() < 4 || u32::from_le_bytes(b[..4].try_into().ok()?) != ACL_VERSION || !(b.len() - 4).is_multiple_of(8) {
+        return None;
+    }
+    b[4..]
+        .chunks_exact(8)
+        .map(|e| {
+            Some((
+                u16::from_le_bytes(e[..2].try_into().ok()?),
+                u16::from_le_bytes(e[2..4].try_into().ok()?),
+                u32::from_le_bytes(e[4..].try_into().ok()?),
+            ))
+        })
+        .collect()
 }
 
 fn chown_group(path: &Path, gid: u32) -> std::io::Result<()> {
@@ -182,6 +293,52 @@ mod tests {
 #[cfg(test)]
 mod jailed {
     use super::*;
+
+    fn read_as(path: &Path, uid: u32) -> bool {
+        let path = path.to_path_buf();
+        std::thread::spawn(move || {
+            // Only this thread takes the uid (raw syscalls: glibc's would change every thread).
+            // SAFETY: plain system calls on this thread's credentials.
+            unsafe {
+                assert_eq!(libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()), 0);
+                assert_eq!(libc::syscall(libc::SYS_setresgid, uid, uid, uid), 0);
+                assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
+            }
+            std::fs::read(&path).is_ok()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// What Firecracker gets under its jailer, which drops the readers group: its uid alone may read the
+    /// image file it was given, once the ACL says so; the mode's group bits stay the readers group's.
+    #[test]
+    fn a_uid_read_entry_lets_that_uid_alone_read() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let image = dir.path().join("vmlinux");
+        std::fs::write(&image, "kernel").unwrap();
+        std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o400)).unwrap();
+        grant(&image, 1_900_000_000, 0o040).unwrap();
+        let (fc, other) = (1_900_065_201, 1_900_065_202);
+        assert!(!read_as(&image, fc), "no read before the entry");
+        allow_uid_read(&image, fc).unwrap();
+        allow_uid_read(&image, fc).unwrap();
+        assert!(read_as(&image, fc), "its uid reads");
+        assert!(!read_as(&image, other), "another uid does not");
+        let meta = std::fs::metadata(&image).unwrap();
+        assert_eq!((meta.permissions().mode() & 0o777, meta.gid()), (0o440, 1_900_000_000));
+        let mut buf = vec![0u8; 256];
+        let c = std::ffi::CString::new(image.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid C string and a buffer of the length given.
+        let n = unsafe { libc::getxattr(c.as_ptr(), ACL_XATTR.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        let entries = parse_acl(&buf[..n as usize]).unwrap();
+        assert_eq!(entries.iter().filter(|e| e.0 == ACL_USER).count(), 1, "one entry however often: {entries:?}");
+    }
 
     /// A contained process writes the files the daemon gave its VM's folder, makes its own there, and can
     /// neither remove nor replace the daemon's, nor read the daemon's other files.

@@ -243,7 +243,14 @@ impl Driver {
                 let what = "saving the template";
                 let fc = firecracker::FcMachine::attach(pid, dir);
                 fc.pause().await.map_err(VmmError::firecracker(what))?;
-                fc.snapshot(&snapshot.state, &snapshot.ram).await.map_err(VmmError::firecracker(what))
+                fc.snapshot(&snapshot.state, &snapshot.ram).await.map_err(VmmError::firecracker(what))?;
+                // A jailed Firecracker made these as the template's uid, which a later VM may be given: they
+                // become root's, as every template file is.
+                for f in [&snapshot.state, &snapshot.ram] {
+                    std::os::unix::fs::lchown(f, Some(0), Some(0))
+                        .map_err(|source| VmmError::Io { what: format!("taking {} back", f.display()), source })?;
+                }
+                Ok(())
             }
         }
     }
@@ -268,8 +275,7 @@ impl Driver {
                     what: "restoring firecracker".into(),
                     detail: "a Firecracker template has an anchor folder".into(),
                 })?;
-                let tap = spec.net.as_ref().map(|(tap, _)| tap.as_str());
-                super::restore_firecracker(&f.tools, &spec.vm_id, &spec.dir, anchor, snapshot, tap).await?
+                super::restore_firecracker(&f.tools, spec, anchor, snapshot).await?
             }
         };
         let resumed = async {

@@ -1,30 +1,27 @@
-//! Firecracker's own jailer: the command line that starts Firecracker through it (chroot, uid/gid drop,
-//! cgroups, a new PID namespace, optionally a network namespace; Firecracker's built-in seccomp filters stay
-//! on), and where the jail's files are. Firecracker cannot boot guests on the hosts banger is tested on, so
-//! its launch does not go through here yet; `tests/fc_jailer.rs` runs the real jailer with these arguments up
-//! to a Firecracker answering on its API socket inside the chroot, as the contained uid.
+//! Firecracker's own jailer: the command line that starts Firecracker through it, and where its chroot is.
+//!
+//! The jailer chroots (pivot_root in a mount namespace of its own) into `<base>/firecracker/<id>/root`, makes
+//! the device nodes Firecracker needs there (owned by the VM's uid), drops to the VM's uid and gid (and every
+//! supplementary group) and execs Firecracker, whose built-in seccomp filters stay on. The daemon does the
+//! rest before the jailer runs (`jail::Finisher::Jailer`): the jailer's PID namespace (so no `--new-pid-ns`,
+//! whose extra fork would make Firecracker nobody's child), the VM's cgroups, which the daemon manages for
+//! both VMMs alike (so no `--cgroup`: one place sets, reads, changes and removes limits), NoNewPrivs, and a
+//! tmpfs at the chroot with the VM's files bound in. The TAP stays in the daemon's network namespace, on the
+//! bridge (so no `--netns`).
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use crate::cgroup::Limits;
-
-/// The API socket, as Firecracker sees it inside its chroot.
-pub const API_SOCKET_IN_JAIL: &str = "/run/firecracker.socket";
-
 #[derive(Debug, Clone)]
 pub struct JailerSpec<'a> {
-    /// The VM's id (alphanumerics and hyphens, at most 64: the jailer's rule, checked here first).
+    /// The jail's id, which Firecracker also gets as `--id` (alphanumerics and hyphens, at most 64: the
+    /// jailer's rule, checked here first). The VM's process marker, so the daemon finds the process again.
     pub id: &'a str,
     pub firecracker: &'a Path,
     pub uid: u32,
     pub gid: u32,
     pub chroot_base: &'a Path,
-    pub cgroup_version: u8,
-    /// The daemon's cgroup under which the VM's is made (`--parent-cgroup`).
-    pub parent_cgroup: &'a str,
-    pub limits: Limits,
-    /// A network namespace to join (`/var/run/netns/NAME`).
-    pub netns: Option<&'a Path>,
+    /// The API socket, as Firecracker sees it inside its chroot.
+    pub api_socket: &'a Path,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,54 +48,25 @@ impl JailerSpec<'_> {
             return Err(JailerError::Root);
         }
         let mut a: Vec<OsString> = vec![];
-        let mut push = |k: &str, v: OsString| {
+        for (k, v) in [
+            ("--id", OsString::from(self.id)),
+            ("--exec-file", self.firecracker.into()),
+            ("--uid", self.uid.to_string().into()),
+            ("--gid", self.gid.to_string().into()),
+            ("--chroot-base-dir", self.chroot_base.into()),
+        ] {
             a.push(k.into());
             a.push(v);
-        };
-        push("--id", self.id.into());
-        push("--exec-file", self.firecracker.into());
-        push("--uid", self.uid.to_string().into());
-        push("--gid", self.gid.to_string().into());
-        push("--chroot-base-dir", self.chroot_base.into());
-        push("--cgroup-version", self.cgroup_version.to_string().into());
-        push("--parent-cgroup", self.parent_cgroup.into());
-        let l = self.limits;
-        let cgroups: Vec<String> = match self.cgroup_version {
-            1 => vec![
-                format!("memory.limit_in_bytes={}", l.memory_bytes),
-                format!("cpu.cfs_period_us={}", crate::cgroup::CPU_PERIOD_US),
-                format!("cpu.cfs_quota_us={}", l.cpu_quota_us),
-                format!("pids.max={}", l.pids),
-            ],
-            _ => vec![
-                format!("memory.max={}", l.memory_bytes),
-                format!("cpu.max={} {}", l.cpu_quota_us, crate::cgroup::CPU_PERIOD_US),
-                format!("pids.max={}", l.pids),
-            ],
-        };
-        for c in cgroups {
-            push("--cgroup", c.into());
         }
-        if let Some(ns) = self.netns {
-            push("--netns", ns.into());
-        }
-        a.push("--new-pid-ns".into());
-        a.push("--".into());
-        a.push("--api-sock".into());
-        a.push(API_SOCKET_IN_JAIL.into());
+        a.extend(["--".into(), "--api-sock".into(), self.api_socket.into()]);
         Ok(a)
     }
 
-    /// The jail's root on the host: `<chroot base>/<exec file name>/<id>/root`. The kernel and disks are
-    /// hard-linked (or bind-mounted) in here; Firecracker sees `/` as this folder.
+    /// The jail's root on the host: `<chroot base>/<exec file name>/<id>/root`. Firecracker sees `/` as this
+    /// folder.
     pub fn root(&self) -> PathBuf {
         let exec = self.firecracker.file_name().map(PathBuf::from).unwrap_or_default();
         self.chroot_base.join(exec).join(self.id).join("root")
-    }
-
-    /// Where the API socket is on the host.
-    pub fn api_socket(&self) -> PathBuf {
-        self.root().join(API_SOCKET_IN_JAIL.trim_start_matches('/'))
     }
 }
 
@@ -106,40 +74,30 @@ impl JailerSpec<'_> {
 mod tests {
     use super::*;
 
-    fn spec<'a>(id: &'a str, fc: &'a Path, version: u8) -> JailerSpec<'a> {
+    fn spec<'a>(id: &'a str, fc: &'a Path) -> JailerSpec<'a> {
         JailerSpec {
             id,
             firecracker: fc,
             uid: 1_900_000_005,
             gid: 1_900_000_005,
-            chroot_base: Path::new("/var/lib/banger/jailer"),
-            cgroup_version: version,
-            parent_cgroup: "banger",
-            limits: Limits::for_shape(2, 512),
-            netns: None,
+            chroot_base: Path::new("/run/banger-jails/vm-1"),
+            api_socket: Path::new("/var/lib/banger/vms/vm-1/firecracker.sock"),
         }
     }
 
     #[test]
-    fn jailer_arguments_carry_identity_limits_and_namespaces() {
+    fn jailer_arguments_carry_identity_and_the_chroot() {
         let fc = Path::new("/opt/bin/firecracker");
         let args: Vec<String> =
-            spec("vm-1", fc, 1).args().unwrap().into_iter().map(|a| a.into_string().unwrap()).collect();
-        let joined = args.join(" ");
-        assert!(joined.starts_with("--id vm-1 --exec-file /opt/bin/firecracker --uid 1900000005 --gid 1900000005"));
-        assert!(joined.contains("--cgroup-version 1 --parent-cgroup banger"));
-        assert!(joined.contains(&format!("--cgroup memory.limit_in_bytes={}", (512u64 + 256) << 20)));
-        assert!(joined.contains("--cgroup cpu.cfs_quota_us=250000") && joined.contains("--cgroup pids.max=512"));
-        assert!(joined.ends_with("--new-pid-ns -- --api-sock /run/firecracker.socket"), "{joined}");
-        let v2: Vec<String> =
-            spec("vm-1", fc, 2).args().unwrap().into_iter().map(|a| a.into_string().unwrap()).collect();
-        assert!(v2.iter().any(|a| a == "cpu.max=250000 100000"), "{v2:?}");
+            spec("vm-1", fc).args().unwrap().into_iter().map(|a| a.into_string().unwrap()).collect();
         assert_eq!(
-            spec("vm-1", fc, 1).api_socket(),
-            Path::new("/var/lib/banger/jailer/firecracker/vm-1/root/run/firecracker.socket")
+            args.join(" "),
+            "--id vm-1 --exec-file /opt/bin/firecracker --uid 1900000005 --gid 1900000005 \
+             --chroot-base-dir /run/banger-jails/vm-1 -- --api-sock /var/lib/banger/vms/vm-1/firecracker.sock"
         );
-        assert!(matches!(spec("a/b", fc, 1).args(), Err(JailerError::BadId(_))));
-        assert!(matches!(spec("ok", Path::new("/bin/qemu"), 1).args(), Err(JailerError::BadExecFile(_))));
-        assert!(matches!(JailerSpec { uid: 0, ..spec("ok", fc, 1) }.args(), Err(JailerError::Root)));
+        assert_eq!(spec("vm-1", fc).root(), Path::new("/run/banger-jails/vm-1/firecracker/vm-1/root"));
+        assert!(matches!(spec("a/b", fc).args(), Err(JailerError::BadId(_))));
+        assert!(matches!(spec("ok", Path::new("/bin/qemu")).args(), Err(JailerError::BadExecFile(_))));
+        assert!(matches!(JailerSpec { uid: 0, ..spec("ok", fc) }.args(), Err(JailerError::Root)));
     }
 }

@@ -187,10 +187,7 @@ async fn spawn_within(
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(source) => return Err(FcError::Io { what: format!("removing the stale socket {api_socket:?}"), source }),
     }
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(console_log)
+    let log = crate::host_files::open_append(console_log)
         .map_err(|source| FcError::Io { what: format!("opening the console log {console_log:?}"), source })?;
     let log_err = log
         .try_clone()
@@ -241,16 +238,67 @@ async fn spawn_within(
     let mut child = cmd.spawn().map_err(|source| FcError::Spawn { binary: firecracker.to_path_buf(), source })?;
     let pid = child.id();
     tracing::debug!(pid, ?api_socket, "started firecracker");
+    // Reaping here is ours to do: the process never became a VM anybody else knows about.
+    let exited = || child.try_wait().ok().flatten().map(|status| status.to_string());
+    await_api(pid, api_socket, console_log, wait, exited).await
+}
 
+/// Starts Firecracker through its jailer (`fc_jail`), in `jail` (built by `Containment::jailer_jail`): the
+/// jailer is PID 1 of a PID namespace of its own and execs Firecracker in place, so the pid returned is
+/// Firecracker's, the daemon's child like every contained VMM. `api_socket` is where the socket Firecracker
+/// makes in the VM's folder appears on the host. The jailer's and Firecracker's output go to `console_log`.
+pub async fn spawn_jailed(
+    jailer: &Path,
+    spec: &crate::fc_jail::JailerSpec<'_>,
+    jail: &crate::jail::Jail,
+    api_socket: &Path,
+    console_log: &Path,
+) -> Result<FcMachine, FcError> {
+    if !valid_instance_id(spec.id) {
+        return Err(FcError::InvalidMarker { marker: spec.id.to_string() });
+    }
+    if api_socket.as_os_str().len() > MAX_SOCKET_PATH || spec.api_socket.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(FcError::SocketPathTooLong { path: spec.api_socket.to_path_buf() });
+    }
+    match std::fs::remove_file(api_socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => return Err(FcError::Io { what: format!("removing the stale socket {api_socket:?}"), source }),
+    }
+    let args = spec.args().map_err(|e| FcError::Io {
+        what: "building the jailer's arguments".into(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
+    })?;
+    let log = crate::host_files::open_append(console_log)
+        .map_err(|source| FcError::Io { what: format!("opening the console log {console_log:?}"), source })?;
+    let program = crate::jail::Program { binary: jailer, args: &args, env: &[], output: &log, fds: &[] };
+    let pid = crate::jail::spawn(jail, &program)
+        .map_err(|e| FcError::Spawn { binary: jailer.to_path_buf(), source: io::Error::other(e.to_string()) })?;
+    tracing::debug!(pid, ?api_socket, "started firecracker through its jailer");
+    let exited = || {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        match waitpid(nix::unistd::Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => Some(format!("exit status: {code}")),
+            Ok(WaitStatus::Signaled(_, signal, _)) => Some(format!("killed by {signal}")),
+            _ => None,
+        }
+    };
+    await_api(pid, api_socket.to_path_buf(), console_log, SPAWN_TIMEOUT, exited).await
+}
+
+/// Waits for a just-started Firecracker's API to answer; kills it if it never does. `exited` reaps it (it
+/// is this process's child) and says how it ended, if it has.
+async fn await_api(
+    pid: u32,
+    api_socket: PathBuf,
+    console_log: &Path,
+    wait: Duration,
+    mut exited: impl FnMut() -> Option<String>,
+) -> Result<FcMachine, FcError> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        // Reaping here is ours to do: the process never became a VM anybody else knows about.
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(FcError::ExitedEarly {
-                pid,
-                status: status.to_string(),
-                console_log: console_log.to_path_buf(),
-            });
+        if let Some(status) = exited() {
+            return Err(FcError::ExitedEarly { pid, status, console_log: console_log.to_path_buf() });
         }
         if api_socket.exists()
             && call_socket(&api_socket, Method::GET, "/", None, Duration::from_millis(500)).await.is_ok()
@@ -258,9 +306,9 @@ async fn spawn_within(
             return Ok(FcMachine { pid, api_socket });
         }
         if tokio::time::Instant::now() >= deadline {
-            let _ = child.kill();
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
             for _ in 0..100 {
-                if !matches!(child.try_wait(), Ok(None)) {
+                if exited().is_some() {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;

@@ -38,20 +38,44 @@ pub struct Jail {
     pub binds: Vec<Bind>,
     /// `cgroup.procs` files the process joins before anything else.
     pub cgroups: Vec<PathBuf>,
+    /// Who finishes the confinement once the root is built.
+    pub finisher: Finisher,
+}
+
+/// Who takes the process the rest of the way once its root is built and its cgroups joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finisher {
+    /// This module: its own `/proc`, `pivot_root`, a read-only root, no capabilities, the VM's uid and gid,
+    /// NoNewPrivs, then the program.
+    Here,
+    /// Firecracker's jailer, which is the program: it gets the root (a tmpfs of its own, where it may make
+    /// its device nodes and copy Firecracker) and NoNewPrivs, and does the chroot, the uid and gid and the
+    /// exec of Firecracker itself. Nothing of the host's system folders is bound (Firecracker is static).
+    Jailer,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bind {
     pub path: PathBuf,
+    /// Where in the new root it appears: at its own path unless this says otherwise (a template's clone
+    /// sees its own folder at the template's).
+    pub at: Option<PathBuf>,
     pub writable: bool,
 }
 
 impl Bind {
     pub fn read_only(path: impl Into<PathBuf>) -> Bind {
-        Bind { path: path.into(), writable: false }
+        Bind { path: path.into(), at: None, writable: false }
     }
     pub fn writable(path: impl Into<PathBuf>) -> Bind {
-        Bind { path: path.into(), writable: true }
+        Bind { path: path.into(), at: None, writable: true }
+    }
+    /// This bind, seen at `at` in the new root.
+    pub fn seen_at(self, at: impl Into<PathBuf>) -> Bind {
+        Bind { at: Some(at.into()), ..self }
+    }
+    fn target(&self) -> &Path {
+        self.at.as_deref().unwrap_or(&self.path)
     }
 }
 
@@ -136,6 +160,7 @@ enum Op {
 
 /// Everything the child needs, made before the clone.
 struct Plan {
+    finisher: Finisher,
     root: CString,
     proc_dir: CString,
     ops: Vec<Op>,
@@ -179,20 +204,23 @@ impl Plan {
             Ok(())
         };
         // The program itself, wherever it is installed, read-only (by its real path: it may be reached
-        // through a symlinked folder such as /bin).
+        // through a symlinked folder such as /bin). The jailer runs before the new root is its root.
         let binary = std::fs::canonicalize(program.binary).map_err(prepare("looking for", program.binary))?;
         let mut binds = jail.binds.clone();
-        binds.push(Bind::read_only(&binary));
+        if jail.finisher == Finisher::Here {
+            binds.push(Bind::read_only(&binary));
+        }
         // Folders before files, shorter paths first, so nothing is bound over what was bound already.
-        binds.sort_by_key(|b| (b.path.components().count(), b.path.clone()));
+        binds.sort_by_key(|b| (b.target().components().count(), b.target().to_path_buf()));
         for bind in binds {
-            if bound.iter().any(|b| bind.path.starts_with(b)) {
+            let target = bind.target().to_path_buf();
+            if bound.iter().any(|b| target.starts_with(b)) {
                 continue;
             }
             let meta = std::fs::symlink_metadata(&bind.path).map_err(prepare("looking at", &bind.path))?;
-            let parent = bind.path.parent().unwrap_or(Path::new("/"));
+            let parent = target.parent().unwrap_or(Path::new("/"));
             mkdirs(parent, &mut ops)?;
-            let dst = cstr(under(&jail.root, &bind.path).as_os_str().as_bytes())?;
+            let dst = cstr(under(&jail.root, &target).as_os_str().as_bytes())?;
             if meta.file_type().is_symlink() && parent == Path::new("/") {
                 // A top-level symlink (merged /usr): the same link, pointing into what is bound.
                 let target = std::fs::read_link(&bind.path).map_err(prepare("reading", &bind.path))?;
@@ -201,14 +229,16 @@ impl Plan {
             }
             let is_dir = std::fs::metadata(&bind.path).map_err(prepare("looking at", &bind.path))?.is_dir();
             if is_dir {
-                mkdirs(&bind.path, &mut ops)?;
-                bound.push(bind.path.clone());
+                mkdirs(&target, &mut ops)?;
+                bound.push(target.clone());
             } else {
                 ops.push(Op::Touch(dst.clone()));
             }
             ops.push(Op::Bind { src: cstr(bind.path.as_os_str().as_bytes())?, dst, read_only: !bind.writable });
         }
-        mkdirs(Path::new("/proc"), &mut ops)?;
+        if jail.finisher == Finisher::Here {
+            mkdirs(Path::new("/proc"), &mut ops)?;
+        }
         let cgroups = jail
             .cgroups
             .iter()
@@ -223,6 +253,7 @@ impl Plan {
         }
         let envp = program.env.iter().map(|(k, v)| cstr(format!("{k}={v}").as_bytes())).collect::<Result<_, _>>()?;
         Ok(Plan {
+            finisher: jail.finisher,
             root: cstr(jail.root.as_os_str().as_bytes())?,
             proc_dir: cstr(under(&jail.root, Path::new("/proc")).as_os_str().as_bytes())?,
             ops,
@@ -318,15 +349,15 @@ unsafe fn child(plan: &Plan, report: RawFd, argv: &[*const libc::c_char], envp: 
         check!(1, libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1));
     }
     check!(2, libc::mount(null, c"/".as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()));
+    // The jailer makes its device nodes in the root and copies Firecracker (a few MB) into it, then runs it
+    // from there: that root may hold device nodes and programs, but no set-uid ones.
+    let (root_flags, root_options) = match plan.finisher {
+        Finisher::Here => (libc::MS_NOSUID | libc::MS_NODEV, c"mode=0755,size=1m"),
+        Finisher::Jailer => (libc::MS_NOSUID, c"mode=0755,size=32m"),
+    };
     check!(
         3,
-        libc::mount(
-            c"tmpfs".as_ptr(),
-            plan.root.as_ptr(),
-            c"tmpfs".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            c"mode=0755,size=1m".as_ptr().cast()
-        )
+        libc::mount(c"tmpfs".as_ptr(), plan.root.as_ptr(), c"tmpfs".as_ptr(), root_flags, root_options.as_ptr().cast())
     );
     for op in &plan.ops {
         match op {
@@ -353,6 +384,9 @@ unsafe fn child(plan: &Plan, report: RawFd, argv: &[*const libc::c_char], envp: 
             }
         }
     }
+    if plan.finisher == Finisher::Jailer {
+        finish_for_the_jailer(plan, report, argv, envp)
+    }
     check!(
         9,
         libc::mount(
@@ -369,21 +403,7 @@ unsafe fn child(plan: &Plan, report: RawFd, argv: &[*const libc::c_char], envp: 
     check!(11, libc::chdir(c"/".as_ptr()));
     let ro_root = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
     check!(12, libc::mount(null, c"/".as_ptr(), null, ro_root, std::ptr::null()));
-    // Descriptors: every source first moved out of the way (a source may be another's target number).
-    let mut moved = [0 as RawFd; 16];
-    for (i, (src, _)) in plan.fds.iter().enumerate().take(moved.len()) {
-        moved[i] = libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, 64);
-        check!(13, moved[i]);
-    }
-    check!(13, libc::dup2(plan.stdin.as_raw_fd(), 0));
-    check!(13, libc::dup2(plan.output, 1));
-    check!(13, libc::dup2(plan.output, 2));
-    for (i, (_, dst)) in plan.fds.iter().enumerate().take(moved.len()) {
-        check!(13, libc::dup2(moved[i], *dst));
-    }
-    // Whatever else is open (the daemon opens everything close-on-exec, but be sure) closes at execve.
-    let first = 3 + plan.fds.iter().map(|(_, d)| *d).max().unwrap_or(2).max(2) as libc::c_uint;
-    libc::syscall(libc::SYS_close_range, first, libc::c_uint::MAX, 4 /* CLOSE_RANGE_CLOEXEC */);
+    set_up_descriptors(plan, report);
     for cap in 0..64 {
         if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && *libc::__errno_location() != libc::EINVAL {
             fail(report, 14);
@@ -395,6 +415,49 @@ unsafe fn child(plan: &Plan, report: RawFd, argv: &[*const libc::c_char], envp: 
     check!(16, libc::syscall(libc::SYS_setresgid, plan.gid, plan.gid, plan.gid));
     check!(17, libc::syscall(libc::SYS_setresuid, plan.uid, plan.uid, plan.uid));
     check!(18, libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0));
+    libc::umask(0o077);
+    libc::execve(plan.binary.as_ptr(), argv.as_ptr(), envp.as_ptr());
+    fail(report, 19)
+}
+
+/// Descriptors: every source first moved out of the way (a source may be another's target number); then
+/// stdin, stdout and stderr; whatever else is open (the daemon opens everything close-on-exec, but be sure)
+/// closes at execve.
+unsafe fn set_up_descriptors(plan: &Plan, report: RawFd) {
+    let mut moved = [0 as RawFd; 16];
+    for (i, (src, _)) in plan.fds.iter().enumerate().take(moved.len()) {
+        moved[i] = libc::fcntl(*src, libc::F_DUPFD_CLOEXEC, 64);
+        if moved[i] < 0 {
+            fail(report, 13);
+        }
+    }
+    for (src, dst) in [(plan.stdin.as_raw_fd(), 0), (plan.output, 1), (plan.output, 2)] {
+        if libc::dup2(src, dst) < 0 {
+            fail(report, 13);
+        }
+    }
+    for (i, (_, dst)) in plan.fds.iter().enumerate().take(moved.len()) {
+        if libc::dup2(moved[i], *dst) < 0 {
+            fail(report, 13);
+        }
+    }
+    let first = 3 + plan.fds.iter().map(|(_, d)| *d).max().unwrap_or(2).max(2) as libc::c_uint;
+    libc::syscall(libc::SYS_close_range, first, libc::c_uint::MAX, 4 /* CLOSE_RANGE_CLOEXEC */);
+}
+
+/// The rest of the child's work when Firecracker's jailer finishes the confinement: it needs its
+/// capabilities to chroot, make device nodes and drop to the VM's uid, so only NoNewPrivs is set here (it
+/// keeps anything the jailer or Firecracker runs from gaining privileges).
+unsafe fn finish_for_the_jailer(
+    plan: &Plan,
+    report: RawFd,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+) -> ! {
+    set_up_descriptors(plan, report);
+    if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+        fail(report, 18);
+    }
     libc::umask(0o077);
     libc::execve(plan.binary.as_ptr(), argv.as_ptr(), envp.as_ptr());
     fail(report, 19)
@@ -435,6 +498,9 @@ mod tests {
         std::fs::create_dir_all(&other).unwrap();
         std::fs::write(other.join("disk"), "secret").unwrap();
         std::fs::write(dir.path().join("image"), "image\n").unwrap();
+        // Explicitly: another test of this process sets the daemon's umask (077) for a while.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path().join("image"), std::fs::Permissions::from_mode(0o644)).unwrap();
         nix::unistd::chown(&vm, Some(nix::unistd::Uid::from_raw(1_900_000_123)), None).unwrap();
         let out_path = vm.join("out");
         let output = std::fs::File::create(&out_path).unwrap();
@@ -448,6 +514,7 @@ mod tests {
             root: dir.path().join("root"),
             binds,
             cgroups: vec![],
+            finisher: Finisher::Here,
         };
         let script = format!(
             "id -u; id -G; grep -E '^(CapEff|CapBnd|NoNewPrivs):' /proc/self/status; echo pid $$; \
@@ -502,6 +569,7 @@ mod tests {
             root: dir.path().join("root"),
             binds: system_binds(),
             cgroups: vec![],
+            finisher: Finisher::Here,
         };
         let e = spawn(
             &jail,

@@ -466,7 +466,20 @@ pub async fn remove_containment(vm_id: &str) {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
-    let _ = std::fs::remove_dir(root);
+    remove_empty_tree(&root);
+}
+
+/// Removes `dir` and the folders below it, if they hold nothing but folders (a jail's root stays empty on the
+/// host: what is in it is mounted in the jail's own namespace). Never follows a symlink.
+fn remove_empty_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_empty_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// Boots a Firecracker VM: the image's root filesystem read-only, an overlay disk for its writes, a raw work
@@ -480,7 +493,6 @@ fn firecracker_cmdline(spec: &BootSpec) -> Vec<String> {
 }
 
 pub(crate) async fn launch_firecracker(cfg: &Tools, spec: &BootSpec) -> Result<Launched, VmmError> {
-    let bin = cfg.find_binary("firecracker").ok_or(VmmError::MissingBinary { binary: "firecracker" })?;
     let kernel = spec.kernel_elf.clone().ok_or_else(|| VmmError::Launch {
         what: "starting firecracker".into(),
         detail: "the image has no ELF kernel (vmlinux); register it with --kernel-elf".into(),
@@ -500,18 +512,18 @@ pub(crate) async fn launch_firecracker(cfg: &Tools, spec: &BootSpec) -> Result<L
         .map(|d| firecracker::FcDrive::of(d, &spec.dir, &seen.dir))
         .collect::<Result<Vec<_>, _>>()
         .map_err(fc_err)?;
-    let paths = VmPaths::new(spec.dir.clone());
-    for stale in [paths.vsock(), paths.pidfile(), paths.dir.join(firecracker::API_SOCKET_NAME)] {
-        let _ = std::fs::remove_file(stale);
-    }
-    let marker = process_marker(&spec.vm_id);
-    let machine = match &spec.anchor {
-        Some(anchor) => firecracker::spawn_anchored(&bin, &spec.dir, anchor, &marker, &paths.console_log()).await,
-        None => firecracker::spawn(&bin, &spec.dir, &marker, &paths.console_log()).await,
-    }
-    .map_err(fc_err)?;
-    // Written at once, so a daemon that dies from here on still finds (and cleans up) the process.
-    let _ = std::fs::write(paths.pidfile(), machine.pid.to_string());
+    let mut outside: Vec<PathBuf> = std::iter::once(kernel.clone()).chain(spec.initrd.clone()).collect();
+    outside.extend(spec.drives.iter().filter(|d| !d.path.starts_with(&spec.dir)).map(|d| d.path.clone()));
+    let start = FcStart {
+        vm_id: &spec.vm_id,
+        dir: &spec.dir,
+        anchor: spec.anchor.as_deref(),
+        contain: spec.contain.as_ref(),
+        in_dir: spec.drives.iter().filter(|d| d.path.starts_with(&spec.dir)).map(|d| d.path.clone()).collect(),
+        outside,
+        tap: spec.net.as_ref().map(|(tap, _)| tap.as_str()),
+    };
+    let machine = start_firecracker(cfg, &start).await?;
     let args = firecracker_cmdline(spec);
     let config = firecracker::FcConfig {
         vcpus: spec.vcpus,
@@ -529,38 +541,120 @@ pub(crate) async fn launch_firecracker(cfg: &Tools, spec: &BootSpec) -> Result<L
     }
     .await;
     if let Err(e) = started {
-        kill(machine.pid, &spec.vm_id).await;
+        stop_firecracker(&start, machine.pid).await;
         return Err(fc_err(e));
     }
     Ok(Launched { pid: machine.pid })
 }
 
-/// Starts a Firecracker clone of a template: its directory (with its copies of the template's disks) mounted
-/// at the template's anchor, the snapshot loaded with the memory file mapped private, its NIC moved to `tap`,
-/// resumed. The guest channel (vsock) comes back in the clone's directory; connections made before the
-/// snapshot are gone, so the host connects afresh.
-pub(crate) async fn restore_firecracker(
-    cfg: &Tools,
-    vm_id: &str,
-    dir: &Path,
-    anchor: &Path,
-    snapshot: &Snapshot,
-    tap: Option<&str>,
-) -> Result<Launched, VmmError> {
-    let (state, mem) = (&snapshot.state, &snapshot.ram);
+/// What starting one VM's Firecracker takes.
+struct FcStart<'a> {
+    vm_id: &'a str,
+    dir: &'a Path,
+    /// A template's (and its clones') anchor: the folder Firecracker also sees the VM's folder at.
+    anchor: Option<&'a Path>,
+    contain: Option<&'a contain::Containment>,
+    /// Files in the VM's folder Firecracker opens (its disks).
+    in_dir: Vec<PathBuf>,
+    /// Files from outside the VM's folder it reads: kernel, initrd, the image's base, a template's snapshot.
+    outside: Vec<PathBuf>,
+    tap: Option<&'a str>,
+}
+
+/// Starts a VM's Firecracker, answering on its API socket in the VM's folder: through its jailer when the VM
+/// is contained (see `fc_jail`), with its TAP handed to the VM's uid (Firecracker opens it by name); directly
+/// otherwise, seeing its folder at the anchor in a mount namespace of its own. Its pid is written to the
+/// VM's pid file at once, so a daemon that dies from here on still finds (and cleans up) the process. On
+/// failure nothing of it is left: no process, jail or cgroup.
+async fn start_firecracker(cfg: &Tools, s: &FcStart<'_>) -> Result<firecracker::FcMachine, VmmError> {
     let bin = cfg.find_binary("firecracker").ok_or(VmmError::MissingBinary { binary: "firecracker" })?;
-    let paths = VmPaths::new(dir.to_path_buf());
+    let fc_err = |source: firecracker::FcError| VmmError::Firecracker { what: "starting firecracker", source };
+    let paths = VmPaths::new(s.dir.to_path_buf());
     for stale in [paths.vsock(), paths.pidfile(), paths.dir.join(firecracker::API_SOCKET_NAME)] {
         let _ = std::fs::remove_file(stale);
     }
-    let fc_err = |source: firecracker::FcError| VmmError::Firecracker { what: "restoring firecracker", source };
-    let machine = firecracker::spawn_anchored(&bin, dir, anchor, &process_marker(vm_id), &paths.console_log())
-        .await
+    let marker = process_marker(s.vm_id);
+    let Some(c) = s.contain else {
+        let machine = match s.anchor {
+            Some(anchor) => firecracker::spawn_anchored(&bin, s.dir, anchor, &marker, &paths.console_log()).await,
+            None => firecracker::spawn(&bin, s.dir, &marker, &paths.console_log()).await,
+        }
         .map_err(fc_err)?;
-    let _ = std::fs::write(paths.pidfile(), machine.pid.to_string());
+        let _ = std::fs::write(paths.pidfile(), machine.pid.to_string());
+        return Ok(machine);
+    };
+    let started = async {
+        let jailer = cfg.find_binary("jailer").ok_or(VmmError::MissingBinary { binary: "jailer" })?;
+        let io = |what: String| move |source| VmmError::Io { what, source };
+        let mut in_dir = s.in_dir.clone();
+        in_dir.push(paths.console_log());
+        crate::host_files::open_append(&paths.console_log()).map_err(io("creating the console log".into()))?;
+        c.prepare_dir(s.dir, &in_dir).map_err(io(format!("giving {} to the VM's uid", s.dir.display())))?;
+        if let Some(tap) = s.tap {
+            tap::set_owner(tap, c.uid, c.gid()).map_err(io(format!("handing TAP {tap} to the VM's uid")))?;
+        }
+        let api_socket = paths.dir.join(firecracker::API_SOCKET_NAME);
+        let base = jail::root_for(s.vm_id);
+        let spec = fc_jail::JailerSpec {
+            id: &marker,
+            firecracker: &bin,
+            uid: c.uid,
+            gid: c.gid(),
+            chroot_base: &base,
+            api_socket: &api_socket,
+        };
+        let jail = c
+            .jailer_jail(&spec.root(), s.dir, s.anchor, &s.outside)
+            .map_err(io("giving the image's files to the VM's uid".into()))?;
+        let machine = firecracker::spawn_jailed(&jailer, &spec, &jail, &api_socket, &paths.console_log())
+            .await
+            .map_err(fc_err)?;
+        let _ = std::fs::write(paths.pidfile(), machine.pid.to_string());
+        Ok(machine)
+    }
+    .await;
+    if started.is_err() {
+        stop_firecracker(s, 0).await;
+    }
+    started
+}
+
+/// Ends a Firecracker that never became a running VM (pid 0: none started) and removes its jail and cgroup.
+async fn stop_firecracker(s: &FcStart<'_>, pid: u32) {
+    if pid != 0 {
+        kill(pid, s.vm_id).await;
+    }
+    remove_containment(s.vm_id).await;
+    if let Some(cgroup) = s.contain.and_then(|c| c.cgroup.as_ref()) {
+        cgroup.remove();
+    }
+}
+
+/// Starts a Firecracker clone of a template: its directory (with its copies of the template's disks) seen at
+/// the template's anchor, the snapshot loaded with the memory file mapped private, its NIC moved to its own
+/// TAP, resumed. The guest channel (vsock) comes back in the clone's directory; connections made before the
+/// snapshot are gone, so the host connects afresh.
+pub(crate) async fn restore_firecracker(
+    cfg: &Tools,
+    spec: &BootSpec,
+    anchor: &Path,
+    snapshot: &Snapshot,
+) -> Result<Launched, VmmError> {
+    let (state, mem) = (&snapshot.state, &snapshot.ram);
+    let tap = spec.net.as_ref().map(|(tap, _)| tap.as_str());
+    let start = FcStart {
+        vm_id: &spec.vm_id,
+        dir: &spec.dir,
+        anchor: Some(anchor),
+        contain: spec.contain.as_ref(),
+        in_dir: spec.drives.iter().filter(|d| d.path.starts_with(&spec.dir)).map(|d| d.path.clone()).collect(),
+        outside: vec![state.clone(), mem.clone()],
+        tap,
+    };
+    let machine = start_firecracker(cfg, &start).await?;
     if let Err(e) = machine.load_snapshot(state, mem, tap).await {
-        kill(machine.pid, vm_id).await;
-        return Err(fc_err(e));
+        stop_firecracker(&start, machine.pid).await;
+        return Err(VmmError::Firecracker { what: "restoring firecracker", source: e });
     }
     Ok(Launched { pid: machine.pid })
 }

@@ -10,6 +10,9 @@ use std::os::fd::AsRawFd;
 /// TUNSETIFF and TUNSETPERSIST from <linux/if_tun.h> (`_IOW('T', 202|203, int)`).
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+/// TUNSETOWNER and TUNSETGROUP (`_IOW('T', 204|206, int)`).
+const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
+const TUNSETGROUP: libc::c_ulong = 0x4004_54ce;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
@@ -39,15 +42,43 @@ pub fn open(name: &str) -> std::io::Result<std::os::fd::OwnedFd> {
     Ok(tun.into())
 }
 
+/// Gives a persistent TAP to `uid` and `gid`: only processes running as them (or holding CAP_NET_ADMIN) may
+/// attach to it. The kernel lets anyone who can open /dev/net/tun attach to a TAP that has neither, so every
+/// TAP is made root's (`create_persistent`), handed to a VM's uid only for a VMM that opens it by name
+/// (Firecracker, under its jailer), and made root's again when it goes back to the pool. Fails with EBUSY
+/// while a process has it open.
+pub fn set_owner(name: &str, uid: u32, gid: u32) -> std::io::Result<()> {
+    if name.contains('%') {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("`{name}` is not a TAP name")));
+    }
+    let (tun, _) = set_iff(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)?;
+    own(&tun, uid, gid)
+}
+
+fn own(tun: &std::fs::File, uid: u32, gid: u32) -> std::io::Result<()> {
+    for (request, id) in [(TUNSETOWNER, uid), (TUNSETGROUP, gid)] {
+        // SAFETY: TUNSETOWNER and TUNSETGROUP take the id by value.
+        if unsafe { libc::ioctl(tun.as_raw_fd(), request, id as libc::c_ulong) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// TUNSETIFF on a new /dev/net/tun descriptor: returns it and the name the kernel used.
 fn set_iff(name: &str, flags: libc::c_short) -> std::io::Result<(std::fs::File, libc::ifreq)> {
+    let tun = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun")?;
+    let req = set_iff_on(&tun, name, flags)?;
+    Ok((tun, req))
+}
+
+fn set_iff_on(tun: &std::fs::File, name: &str, flags: libc::c_short) -> std::io::Result<libc::ifreq> {
     if name.len() >= libc::IFNAMSIZ {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!("`{name}` is too long for an interface name"),
         ));
     }
-    let tun = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun")?;
     // SAFETY: ifreq is plain data; we fill the name and flags, and the kernel reads exactly that.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
@@ -58,7 +89,7 @@ fn set_iff(name: &str, flags: libc::c_short) -> std::io::Result<(std::fs::File, 
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok((tun, req))
+    Ok(req)
 }
 
 fn create(name: &str) -> std::io::Result<String> {
@@ -71,6 +102,7 @@ fn create(name: &str) -> std::io::Result<String> {
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    own(&tun, 0, 0)?;
     Ok(chosen)
 }
 
@@ -112,6 +144,42 @@ mod tests {
         let distinct: std::collections::HashSet<&String> = names.iter().collect();
         assert_eq!(distinct.len(), 16, "two creates got one TAP: {names:?}");
         assert!(names.iter().all(|n| n.starts_with("bgtap") && n[5..].parse::<u32>().is_ok()), "{names:?}");
+    }
+
+    /// A TAP is root's from the start: an unprivileged process cannot attach to it (the kernel would let it
+    /// attach to one nobody owns) until it is handed to that process's uid.
+    #[test]
+    fn only_the_owner_attaches_to_a_tap() {
+        if !require_root() {
+            return;
+        }
+        let attach_as = |name: String, uid: u32| {
+            std::thread::spawn(move || {
+                // /dev/net/tun may be root's alone (0600 here), so it is opened first: the owner check is
+                // TUNSETIFF's. Only this thread changes identity: raw syscalls, as glibc's would change every thread's.
+                // SAFETY: plain system calls on this thread's credentials.
+                let tun = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun").unwrap();
+                unsafe {
+                    assert_eq!(libc::syscall(libc::SYS_setresgid, uid, uid, uid), 0);
+                    assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
+                }
+                set_iff_on(&tun, &name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).map(|_| ()).map_err(|e| e.raw_os_error())
+            })
+            .join()
+            .unwrap()
+        };
+        let (before, after, other) = in_own_netns(move || {
+            let name = create_persistent("bgtap").expect("creating a TAP");
+            let before = attach_as(name.clone(), 1_900_065_101);
+            set_owner(&name, 1_900_065_101, 1_900_065_101).unwrap();
+            let after = attach_as(name.clone(), 1_900_065_101);
+            let other = attach_as(name, 1_900_065_102);
+            (before, after, other)
+        })
+        .expect("unshare(CLONE_NEWNET)");
+        assert_eq!(before, Err(Some(libc::EPERM)), "a root-owned TAP");
+        assert_eq!(after, Ok(()), "its owner");
+        assert_eq!(other, Err(Some(libc::EPERM)), "another uid");
     }
 
     #[test]

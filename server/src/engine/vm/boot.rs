@@ -127,7 +127,7 @@ impl Engine {
             detail(format!("cold boot: {why}"));
         }
         let driver = self.driver(row.vmm);
-        let spec = BootSpec {
+        let mut spec = BootSpec {
             vm_id: row.id.clone(),
             hostname: row.name.clone(),
             vcpus: row.vcpus,
@@ -153,7 +153,7 @@ impl Engine {
             memory: vmm::GuestMemory::Anonymous,
             template_mac: None,
             anchor: None,
-            contain: self.containment(&row.id, row.vcpus, row.memory_mib)?,
+            contain: None,
         };
         // Under QEMU a vsock agent says when it listens by connecting to this socket; connecting before that
         // can leave the host's connection unanswered for good (`VSOCK_READY_PORT`). Firecracker's own vsock
@@ -163,12 +163,21 @@ impl Engine {
             ApiError::internal(format!("cannot listen on {}: {e}", paths.vsock_ready().display()))
                 .with_hint(crate::engine::errors::hint::STATE_DIR)
         })?;
+        // Made last before the launch, which removes the VM's cgroup whenever it fails; only the grant below
+        // can fail in between, and it removes the cgroup itself.
+        spec.contain = self.containment(&row.id, row.vcpus, row.memory_mib)?;
         // The announcement arrives through vhost-device-vsock, which runs as the VM's uid: let its group connect.
         if let (Some(_), Some(c)) = (&announced, &spec.contain) {
-            vmm::contain::grant(&paths.vsock_ready(), c.gid(), 0o060).map_err(|e| {
-                ApiError::internal(format!("giving {} to the VM's group: {e}", paths.vsock_ready().display()))
-                    .with_hint(crate::engine::errors::hint::STATE_DIR)
-            })?;
+            if let Err(e) = vmm::contain::grant(&paths.vsock_ready(), c.gid(), 0o060) {
+                if let Some(cgroup) = &c.cgroup {
+                    cgroup.remove();
+                }
+                return Err(ApiError::internal(format!(
+                    "giving {} to the VM's group: {e}",
+                    paths.vsock_ready().display()
+                ))
+                .with_hint(crate::engine::errors::hint::STATE_DIR));
+            }
         }
         let launched = driver.launch(&spec).await.map_err(vmm_error)?;
         self.undo_vmm(rollback, row, launched.pid);

@@ -236,7 +236,6 @@ impl Engine {
             let nic = tap.clone().map(|t| (t, super::pool::placeholder_net()));
             let memory = driver.template_memory(work.join("ram"));
             let mut spec = self.template_spec(image, &driver, &inputs, &paths, &vm_id, nic, memory);
-            spec.contain = self.containment(&vm_id, inputs.vcpus, inputs.memory_mib)?;
             if driver.template_needs_anchor() {
                 std::fs::create_dir_all(&anchor).map_err(|e| {
                     ApiError::internal(format!("creating {}: {e}", anchor.display()))
@@ -244,6 +243,8 @@ impl Engine {
                 })?;
                 spec.anchor = Some(anchor.clone());
             }
+            // Last before the launch, which removes the cgroup whenever it fails.
+            spec.contain = self.containment(&vm_id, inputs.vcpus, inputs.memory_mib)?;
             let launched = driver.launch(&spec).await.map_err(vmm_error)?;
             pid = Some(launched.pid);
             let deadline = tokio::time::Instant::now() + Duration::from_secs(self.cfg.boot_timeout_secs);
