@@ -198,6 +198,9 @@ pub struct SetArgs {
     /// NAT to other networks: true or false.
     #[arg(long)]
     nat: Option<bool>,
+    /// CPU limit in percent of one host CPU (10-3250, 0 for the shape's default); a running VM takes it at once.
+    #[arg(long = "cpu-percent")]
+    cpu_percent: Option<u32>,
 }
 
 #[derive(Args)]
@@ -325,6 +328,7 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 disk_gib: a.disk_gib,
                 work_disk_gib: a.work_disk_gib,
                 nat: a.nat,
+                cpu_percent: a.cpu_percent,
             };
             p.validate().map_err(|e| anyhow::anyhow!(e))?;
             return Ok(print_batch("updated", &d.call::<ops::VmSet>(&p).await?, ctx.json));

@@ -92,6 +92,11 @@ const MIGRATIONS: &[&str] = &[
         at INTEGER NOT NULL,
         PRIMARY KEY (vmm, inputs)
      );",
+    // 8: containment. The uid a VM's host processes run as (its own, from the configured range; kept across
+    // stops, freed with the VM) and a CPU limit set by `vm.set` (NULL: the default of its shape).
+    "ALTER TABLE vms ADD COLUMN vmm_uid INTEGER;
+     ALTER TABLE vms ADD COLUMN cpu_percent INTEGER;
+     CREATE UNIQUE INDEX vms_vmm_uid ON vms(vmm_uid) WHERE vmm_uid IS NOT NULL;",
 ];
 
 /// The outcome of a VMM's boot self-test with given inputs.
@@ -138,6 +143,10 @@ pub struct VmRow {
     pub mac: Option<String>,
     pub tap: Option<String>,
     pub nat: bool,
+    /// The uid its VMM and helpers run as (containment), given at its first contained boot.
+    pub vmm_uid: Option<u32>,
+    /// A CPU limit other than its shape's, in percent of one host CPU.
+    pub cpu_percent: Option<u32>,
 }
 
 #[derive(Clone)]
@@ -287,6 +296,39 @@ impl Store {
         .await
     }
 
+    /// Gives a VM its uid, unless another VM has that uid (then false).
+    pub async fn claim_vm_uid(&self, id: String, uid: u32) -> Result<bool, StoreError> {
+        self.call(move |c| {
+            let taken: bool = c.query_row(
+                "SELECT EXISTS(SELECT 1 FROM vms WHERE vmm_uid = ?1 AND id != ?2)",
+                params![uid, id],
+                |r| r.get(0),
+            )?;
+            if taken {
+                return Ok(false);
+            }
+            c.execute("UPDATE vms SET vmm_uid = ?2 WHERE id = ?1", params![id, uid])?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Every uid some VM holds.
+    pub async fn vm_uids(&self) -> Result<std::collections::HashSet<u32>, StoreError> {
+        self.call(|c| {
+            let mut st = c.prepare("SELECT vmm_uid FROM vms WHERE vmm_uid IS NOT NULL")?;
+            let uids = st.query_map([], |r| r.get::<_, u32>(0))?.collect::<rusqlite::Result<_>>();
+            uids
+        })
+        .await
+    }
+
+    /// Sets (Some) or clears (None: back to its shape's default) a VM's CPU limit.
+    pub async fn set_vm_cpu_percent(&self, id: String, percent: Option<u32>) -> Result<(), StoreError> {
+        self.call(move |c| c.execute("UPDATE vms SET cpu_percent = ?2 WHERE id = ?1", params![id, percent]).map(|_| ()))
+            .await
+    }
+
     /// Records which TAP a VM holds (None once released).
     pub async fn set_vm_tap(&self, id: String, tap: Option<String>) -> Result<(), StoreError> {
         self.call(move |c| c.execute("UPDATE vms SET tap = ?2 WHERE id = ?1", params![id, tap]).map(|_| ())).await
@@ -385,6 +427,8 @@ fn vm_from_row(r: &Row) -> rusqlite::Result<VmRow> {
         mac: r.get("mac")?,
         tap: r.get("tap")?,
         nat: r.get("nat")?,
+        vmm_uid: r.get("vmm_uid")?,
+        cpu_percent: r.get("cpu_percent")?,
     })
 }
 
@@ -439,6 +483,8 @@ mod tests {
             mac: None,
             tap: None,
             nat: false,
+            vmm_uid: None,
+            cpu_percent: None,
         };
         assert!(store.insert_vm(vm).await.is_err(), "foreign keys must be enforced");
     }

@@ -29,7 +29,9 @@ fn vmm_pid(d: &TestDaemon, vm: &Value) -> u32 {
 
 #[test]
 fn the_vmm_runs_unprivileged_filtered_namespaced_and_limited_and_sees_only_its_own_vm() {
-    let d = TestDaemon::start();
+    // A uid range of this test's own: other tests' daemons (which do not know this one's store) would
+    // otherwise take the stopped VM's uid, which is theirs to take.
+    let d = TestDaemon::start_with_config("[containment]\nuid_base = 1950000000\nuid_count = 1000");
     d.register_test_image();
     let a = d.rpc("vm.create", json!({"name": "jailed", "memory_mib": 256, "vcpus": 2, "boot": "cold"}));
     let b = d.rpc("vm.create", json!({"name": "neighbour", "memory_mib": 256, "vcpus": 1}));
@@ -37,7 +39,7 @@ fn the_vmm_runs_unprivileged_filtered_namespaced_and_limited_and_sees_only_its_o
     let daemon = d.pid();
 
     let uids: Vec<u32> = status_field(pid, "Uid").split_whitespace().map(|u| u.parse().unwrap()).collect();
-    assert!(uids.iter().all(|u| *u == uids[0] && *u > 1_900_000_000), "uids {uids:?}");
+    assert!(uids.iter().all(|u| *u == uids[0] && *u > 1_950_000_000), "uids {uids:?}");
     let gids: Vec<u32> = status_field(pid, "Gid").split_whitespace().map(|u| u.parse().unwrap()).collect();
     assert!(gids.iter().all(|g| *g == uids[0]), "gids {gids:?}");
     assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
@@ -91,6 +93,32 @@ fn the_vmm_runs_unprivileged_filtered_namespaced_and_limited_and_sees_only_its_o
     let out = d.cli(&["vm", "show", "jailed"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("uid {}, seccomp on, memory 512 MiB, CPU 250%, 512 tasks", uids[0])), "{text}");
+
+    // The CPU limit changes on the running VM, in its cgroup, through either door; 0 is the shape's again.
+    let quota =
+        || cgroup_file(pid, "cpu", "cpu.cfs_quota_us", "cpu.max").split_whitespace().next().unwrap().to_string();
+    let set = d.rpc("vm.set", json!({"vm": "jailed", "cpu_percent": 30}));
+    assert_eq!(set["results"][0]["info"]["containment"]["cpu_limit_percent"], 30, "{set}");
+    assert_eq!(quota(), "30000");
+    let out = d.cli(&["vm", "set", "jailed", "--cpu-percent", "0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(quota(), "250000", "back to 2 vCPUs' default");
+    let refused = d.rpc_raw("vm.set", json!({"vm": "jailed", "cpu_percent": 5}));
+    assert!(refused["error"]["message"].as_str().unwrap().contains("between 10 and 3250"), "{refused}");
+    let refused = d.rpc_raw("vm.set", json!({"vm": "jailed", "vcpus": 1, "cpu_percent": 50}));
+    assert!(
+        refused["result"]["results"][0]["error"]["hint"].as_str().unwrap_or("").contains("cpu-percent"),
+        "{refused}"
+    );
+    assert_eq!(quota(), "250000", "a refused set changes nothing");
+    // Both the limit and the uid are the VM's (in the store): a stop and a start keep them.
+    d.rpc("vm.set", json!({"vm": "jailed", "cpu_percent": 40}));
+    d.rpc("vm.stop", json!({"vm": "jailed"}));
+    d.rpc("vm.start", json!({"vm": "jailed"}));
+    let a = d.rpc("vm.show", json!({"vm": "jailed"}));
+    let pid = vmm_pid(&d, &a);
+    assert_eq!(status_field(pid, "Uid").split_whitespace().next().unwrap(), uids[0].to_string(), "the VM's uid");
+    assert_eq!(cgroup_file(pid, "cpu", "cpu.cfs_quota_us", "cpu.max").split_whitespace().next(), Some("40000"));
 
     // Deleting the VM removes its cgroup and frees its uid's processes.
     let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();

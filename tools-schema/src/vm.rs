@@ -405,9 +405,29 @@ pub struct VmSetParams {
     /// Give the VM NAT to other networks (or take it away), from the next start.
     #[serde(default)]
     pub nat: Option<bool>,
+    /// CPU the VM's host processes may use, in percent of one host CPU (10-3250; 0 returns to the
+    /// default: 100 per vCPU plus 50). The one change a running VM takes: applied at once, and kept.
+    #[serde(default)]
+    #[schemars(range(max = MAX_CPU_PERCENT))]
+    pub cpu_percent: Option<u32>,
 }
 
+/// The least CPU limit `vm.set` takes (a guest below a tenth of a CPU barely answers its agent).
+pub const MIN_CPU_PERCENT: u32 = 10;
+/// The most: every vCPU a whole host CPU, plus half a CPU for the VMM itself.
+pub const MAX_CPU_PERCENT: u32 = MAX_VCPUS * 100 + 50;
+
 impl VmSetParams {
+    /// Whether this changes only what a running VM can take (its CPU limit).
+    pub fn is_live(&self) -> bool {
+        self.cpu_percent.is_some()
+            && self.vcpus.is_none()
+            && self.memory_mib.is_none()
+            && self.disk_gib.is_none()
+            && self.work_disk_gib.is_none()
+            && self.nat.is_none()
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.vm.is_empty() {
             return Err("name at least one VM".into());
@@ -417,8 +437,16 @@ impl VmSetParams {
             && self.disk_gib.is_none()
             && self.work_disk_gib.is_none()
             && self.nat.is_none()
+            && self.cpu_percent.is_none()
         {
-            return Err("nothing to change: give vcpus, memory_mib, disk_gib, work_disk_gib or nat".into());
+            return Err("nothing to change: give vcpus, memory_mib, disk_gib, work_disk_gib, nat or cpu_percent".into());
+        }
+        if let Some(p) = self.cpu_percent {
+            if p != 0 && !(MIN_CPU_PERCENT..=MAX_CPU_PERCENT).contains(&p) {
+                return Err(format!(
+                    "cpu_percent must be 0 (the shape's default) or between {MIN_CPU_PERCENT} and {MAX_CPU_PERCENT}, got {p}"
+                ));
+            }
         }
         VmCreateParams { vcpus: self.vcpus, memory_mib: self.memory_mib, ..Default::default() }.validate()?;
         for (field, value) in [("disk_gib", self.disk_gib), ("work_disk_gib", self.work_disk_gib)] {

@@ -26,9 +26,11 @@ impl Contain {
 }
 
 impl Engine {
-    /// The containment of a VM (or template) about to boot with this shape: a uid of its own and a cgroup
-    /// with its limits. `None` only when the config turns containment off.
-    pub(crate) fn containment(
+    /// The containment of a VM (or template) about to boot with this shape: its uid and a cgroup with its
+    /// limits. A VM keeps the uid the store gives it (`vmm_uid`) from its first contained boot until it is
+    /// deleted, unless some process outside this daemon's VMs runs as it meanwhile; a template's is its own
+    /// for as long as it runs. `None` only when the config turns containment off.
+    pub(crate) async fn containment(
         &self,
         vm_id: &str,
         vcpus: u32,
@@ -38,16 +40,31 @@ impl Engine {
             return Ok(None);
         }
         let c = &self.contain;
-        let uid = c.ids.allocate().ok_or_else(|| {
-            ApiError::internal(format!(
-                "every VM uid of the containment range ({} uids from {}) is in use",
-                c.ids.count,
-                c.ids.base + 1
-            ))
-            .with_hint("stop or delete VMs you no longer need, or widen `containment.uid_count` in the config")
-        })?;
+        let row = self.store.vm(vm_id.to_string()).await?;
+        let kept = row.as_ref().and_then(|r| r.vmm_uid).filter(|u| c.ids.contains(*u) && !c.ids.in_use(*u));
+        let uid = match kept {
+            Some(uid) => uid,
+            None => {
+                let held = self.store.vm_uids().await?;
+                let uid = c.ids.allocate(&held).ok_or_else(|| {
+                    ApiError::internal(format!(
+                        "every VM uid of the containment range ({} uids from {}) is in use",
+                        c.ids.count,
+                        c.ids.base + 1
+                    ))
+                    .with_hint("delete VMs you no longer need, or widen `containment.uid_count` in the config")
+                })?;
+                if row.is_some() && !self.store.claim_vm_uid(vm_id.to_string(), uid).await? {
+                    c.ids.release(uid);
+                    return Err(ApiError::internal(format!("uid {uid} was given to another VM meanwhile"))
+                        .with_hint(crate::engine::errors::hint::RUN_AGAIN));
+                }
+                uid
+            }
+        };
+        let limits = Limits::for_shape(vcpus, memory_mib).with_cpu_percent(row.as_ref().and_then(|r| r.cpu_percent));
         let cgroup = match c.hierarchy() {
-            Ok(h) => Some(h.create(vm_id, Limits::for_shape(vcpus, memory_mib)).map_err(|e| {
+            Ok(h) => Some(h.create(vm_id, limits).map_err(|e| {
                 c.ids.release(uid);
                 ApiError::internal(format!("creating the VM's cgroup: {e}"))
                     .with_hint("`banger doctor` checks this host's cgroups")
@@ -58,6 +75,32 @@ impl Engine {
             }
         };
         Ok(Some(Containment { uid, readers_gid: c.ids.readers_gid(), cgroup }))
+    }
+}
+
+impl Engine {
+    /// Changes a running VM's CPU limit (`vm.set` with `cpu_percent`; 0: back to its shape's) in its cgroup
+    /// at once, and keeps it for its next boots. Refused before anything changes where the VM has no cgroup.
+    pub(crate) async fn set_cpu_limit_live(&self, row: &crate::store::VmRow, percent: u32) -> Result<(), ApiError> {
+        let no_cgroup = |why: String| {
+            ApiError::precondition(format!("VM {} runs without a CPU cgroup ({why})", row.name)).with_hint(format!(
+                "`banger doctor` says why this host has no cgroups; `banger vm set {0} --cpu-percent N` while it \
+                 is stopped takes effect at its next start",
+                row.name
+            ))
+        };
+        if !self.cfg.containment.enabled {
+            return Err(no_cgroup("containment is turned off in the config".into()));
+        }
+        let h = self.contain.hierarchy().as_ref().map_err(|why| no_cgroup(why.clone()))?;
+        let quota = match percent {
+            0 => Limits::for_shape(row.vcpus, row.memory_mib).cpu_quota_us,
+            p => crate::vmm::cgroup::cpu_quota_for(p),
+        };
+        h.set_cpu_quota(&row.id, quota).map_err(|e| no_cgroup(e.to_string()))?;
+        self.store.set_vm_cpu_percent(row.id.clone(), (percent != 0).then_some(percent)).await?;
+        tracing::info!(vm = %row.name, percent, "CPU limit changed on the running VM");
+        Ok(())
     }
 }
 
@@ -86,29 +129,12 @@ impl Engine {
             pids_limit: None,
         };
         let Some(Ok(h)) = self.contain.cgroups.get() else { return Some(info) };
-        let dirs = h.dirs_of(vm_id);
-        let read = |file: &str| dirs.iter().map(|d| d.join(file)).find_map(|f| std::fs::read_to_string(f).ok());
-        let number = |file: &str| read(file).and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok());
-        if !dirs.iter().any(|d| d.exists()) {
-            return Some(info);
+        if let Some(limits) = h.enforced(vm_id) {
+            info.cgroup_version = Some(h.version());
+            info.memory_limit_bytes = limits.memory_bytes;
+            info.cpu_limit_percent = limits.cpu_percent;
+            info.pids_limit = limits.pids;
         }
-        info.cgroup_version = Some(h.version());
-        match h.version() {
-            1 => {
-                info.memory_limit_bytes = number("memory.limit_in_bytes");
-                let (quota, period) = (number("cpu.cfs_quota_us"), number("cpu.cfs_period_us"));
-                info.cpu_limit_percent = quota.zip(period).filter(|(_, p)| *p > 0).map(|(q, p)| q * 100 / p);
-            }
-            _ => {
-                info.memory_limit_bytes = number("memory.max");
-                info.cpu_limit_percent = read("cpu.max").and_then(|v| {
-                    let mut f = v.split_whitespace();
-                    let (q, p) = (f.next()?.parse::<u64>().ok()?, f.next()?.parse::<u64>().ok()?);
-                    (p > 0).then(|| q * 100 / p)
-                });
-            }
-        }
-        info.pids_limit = number("pids.max");
         Some(info)
     }
 }

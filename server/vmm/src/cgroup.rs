@@ -33,6 +33,27 @@ impl Limits {
             pids: PIDS_MAX,
         }
     }
+
+    /// These limits with the CPU quota set to `percent` of one host CPU, where one is set.
+    pub fn with_cpu_percent(self, percent: Option<u32>) -> Limits {
+        match percent {
+            Some(p) => Limits { cpu_quota_us: cpu_quota_for(p), ..self },
+            None => self,
+        }
+    }
+}
+
+/// The quota per `CPU_PERIOD_US` that is `percent` of one CPU.
+pub fn cpu_quota_for(percent: u32) -> u64 {
+    u64::from(percent) * CPU_PERIOD_US / 100
+}
+
+/// A VM's limits as its cgroup files say (what the kernel enforces, not what banger asked for).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Enforced {
+    pub memory_bytes: Option<u64>,
+    pub cpu_percent: Option<u64>,
+    pub pids: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,6 +233,52 @@ impl Hierarchy {
             }
         }
         Ok(())
+    }
+
+    /// The limits a VM's cgroup files hold; `None` if it has no cgroup (not running, or not contained).
+    pub fn enforced(&self, vm_id: &str) -> Option<Enforced> {
+        let dirs = self.dirs_of(vm_id);
+        if !dirs.iter().any(|d| d.exists()) {
+            return None;
+        }
+        let read = |file: &str| dirs.iter().map(|d| d.join(file)).find_map(|f| std::fs::read_to_string(f).ok());
+        let number = |file: &str| read(file).and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok());
+        let percent = |quota: Option<u64>, period: Option<u64>| {
+            quota.zip(period).filter(|(_, p)| *p > 0).map(|(q, p)| q * 100 / p)
+        };
+        Some(match self {
+            Hierarchy::V1 { .. } => Enforced {
+                memory_bytes: number("memory.limit_in_bytes"),
+                cpu_percent: percent(number("cpu.cfs_quota_us"), number("cpu.cfs_period_us")),
+                pids: number("pids.max"),
+            },
+            Hierarchy::V2 { .. } => Enforced {
+                memory_bytes: number("memory.max"),
+                cpu_percent: read("cpu.max").and_then(|v| {
+                    let mut f = v.split_whitespace();
+                    percent(f.next()?.parse().ok(), f.next()?.parse().ok())
+                }),
+                pids: number("pids.max"),
+            },
+        })
+    }
+
+    /// Changes the CPU quota of a running VM's cgroup (the controller applies it at once).
+    pub fn set_cpu_quota(&self, vm_id: &str, quota_us: u64) -> Result<(), CgroupError> {
+        let dir = match self {
+            Hierarchy::V1 { controllers } => controllers
+                .iter()
+                .find(|(name, _, _)| name == "cpu")
+                .map(|(_, mount, own)| (mount.join(own).join("banger").join(vm_id), "cpu.cfs_quota_us")),
+            Hierarchy::V2 { mount, own } => Some((mount.join(own).join("banger").join(vm_id), "cpu.max")),
+        };
+        let Some((dir, file)) = dir.filter(|(d, f)| d.join(f).exists()) else {
+            return Err(CgroupError::Unavailable(format!("VM {vm_id} has no CPU cgroup")));
+        };
+        match file {
+            "cpu.max" => write(&dir, file, &format!("{quota_us} {CPU_PERIOD_US}")),
+            _ => write(&dir, file, &quota_us.to_string()),
+        }
     }
 
     /// The cgroup folders a VM's processes would be in (whether or not they exist).

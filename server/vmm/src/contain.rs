@@ -1,7 +1,7 @@
 //! How a VM's host processes are contained: its identity (a uid and gid of its own from a range banger owns),
 //! its cgroup, and what of the host it may see (`jail`). The drivers turn a `Containment` into a `jail::Jail`
 //! for each process they start.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -238,15 +238,20 @@ impl Ids {
         uid > self.base && uid - self.base <= self.count
     }
 
-    /// The lowest uid of the range that is free now.
-    pub fn allocate(&self) -> Option<u32> {
+    /// The lowest uid of the range that is free now and not in `held` (the uids the store gives VMs).
+    pub fn allocate(&self, held: &HashSet<u32>) -> Option<u32> {
         let running = self.running();
         let mut handed = self.handed_out.lock();
         handed.retain(|_, at| at.elapsed() < HANDED_OUT_FOR);
         let uid = (self.base + 1..=self.base.saturating_add(self.count))
-            .find(|u| !running.contains(u) && !handed.contains_key(u))?;
+            .find(|u| !running.contains(u) && !handed.contains_key(u) && !held.contains(u))?;
         handed.insert(uid, Instant::now());
         Some(uid)
+    }
+
+    /// Whether some process runs as `uid` now.
+    pub fn in_use(&self, uid: u32) -> bool {
+        self.running().contains(&uid)
     }
 
     /// Lets a uid go at once (its VM's processes are gone).
@@ -255,15 +260,24 @@ impl Ids {
     }
 
     /// Uids of the range some process runs as.
-    fn running(&self) -> std::collections::HashSet<u32> {
+    fn running(&self) -> HashSet<u32> {
         let Ok(procs) = std::fs::read_dir("/proc") else { return Default::default() };
         procs
             .filter_map(|e| e.ok())
             .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+            .filter(|e| !is_zombie(&e.path()))
             .filter_map(|e| e.metadata().ok().map(|m| m.uid()))
             .filter(|u| self.contains(*u))
             .collect()
     }
+}
+
+/// A process that has exited and awaits its parent's wait: it runs nothing and holds nothing but its pid.
+fn is_zombie(proc_dir: &Path) -> bool {
+    std::fs::read_to_string(proc_dir.join("stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
 }
 
 /// The uid a process runs as (from /proc), to report a VM's identity as the kernel sees it.
@@ -277,15 +291,19 @@ mod tests {
 
     #[test]
     fn ids_are_handed_out_once_until_released() {
-        let ids = Ids::new(1_950_000_000, 3);
-        let a = ids.allocate().unwrap();
-        let b = ids.allocate().unwrap();
+        let ids = Ids::new(1_950_000_000, 4);
+        let none = HashSet::new();
+        let a = ids.allocate(&none).unwrap();
+        let b = ids.allocate(&none).unwrap();
         assert_ne!(a, b);
         assert!(ids.contains(a) && ids.contains(b) && !ids.contains(ids.readers_gid()));
-        let c = ids.allocate().unwrap();
-        assert_eq!(ids.allocate(), None, "the range is used up");
+        // A uid the store gives a stopped VM is not handed out.
+        let held: HashSet<u32> = [1_950_000_003].into();
+        let c = ids.allocate(&held).unwrap();
+        assert_eq!(c, 1_950_000_004);
+        assert_eq!(ids.allocate(&held), None, "the range is used up");
         ids.release(b);
-        assert_eq!(ids.allocate(), Some(b));
+        assert_eq!(ids.allocate(&held), Some(b));
         assert_eq!([a, b, c].iter().min(), Some(&1_950_000_001));
     }
 }

@@ -825,5 +825,7 @@ pub async fn wait_exit(pid: u32, marker: &str, timeout: Duration) -> bool {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    // A zombie no longer shows its command line: reap it too, or it keeps its pid and uid.
+    reap(pid);
     true
 }

@@ -165,7 +165,7 @@ impl Engine {
         })?;
         // Made last before the launch, which removes the VM's cgroup whenever it fails; only the grant below
         // can fail in between, and it removes the cgroup itself.
-        spec.contain = self.containment(&row.id, row.vcpus, row.memory_mib)?;
+        spec.contain = self.containment(&row.id, row.vcpus, row.memory_mib).await?;
         // The announcement arrives through vhost-device-vsock, which runs as the VM's uid: let its group connect.
         if let (Some(_), Some(c)) = (&announced, &spec.contain) {
             if let Err(e) = vmm::contain::grant(&paths.vsock_ready(), c.gid(), 0o060) {

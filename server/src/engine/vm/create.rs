@@ -176,6 +176,8 @@ impl Engine {
             mac: ip.map(|_| unused_mac(&existing)),
             tap: None,
             nat: p.nat.unwrap_or(false),
+            vmm_uid: None,
+            cpu_percent: None,
         };
         self.store.insert_vm(row.clone()).await.map_err(|e| {
             ApiError::new(ErrorCode::AlreadyExists, format!("cannot record VM `{}`: {e}", row.name))

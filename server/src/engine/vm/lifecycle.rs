@@ -171,14 +171,20 @@ impl Engine {
                 let lock = engine.vm_lock(&row.id);
                 let _held = lock.lock().await;
                 let row = engine.reload(&row.id).await?;
-                if matches!(row.state, VmState::Running | VmState::Starting | VmState::Stopping) {
+                let running = matches!(row.state, VmState::Running | VmState::Starting | VmState::Stopping);
+                if running && p.is_live() {
+                    engine.set_cpu_limit_live(&row, p.cpu_percent.unwrap_or(0)).await?;
+                    return Ok(Some(engine.vm_info(&engine.reload(&row.id).await?).await));
+                }
+                if running {
                     return Err(ApiError::precondition(format!(
                         "VM {} is {}; its shape can change only while stopped",
                         row.name,
                         row.state.as_str()
                     ))
                     .with_hint(format!(
-                        "banger vm stop {0} && banger vm set {0} ... && banger vm start {0}",
+                        "banger vm stop {0} && banger vm set {0} ... && banger vm start {0} (only --cpu-percent \
+                         applies to a running VM)",
                         row.name
                     )));
                 }
@@ -213,6 +219,9 @@ impl Engine {
                     vmm::resize_disk(&engine.cfg, &disk, want).await.map_err(vmm_error)?;
                 }
                 engine.store.set_vm_shape(row.id.clone(), p.vcpus, p.memory_mib, p.nat).await?;
+                if let Some(percent) = p.cpu_percent {
+                    engine.store.set_vm_cpu_percent(row.id.clone(), (percent != 0).then_some(percent)).await?;
+                }
                 Ok(Some(engine.vm_info(&engine.reload(&row.id).await?).await))
             }
         })

@@ -244,7 +244,7 @@ impl Engine {
                 spec.anchor = Some(anchor.clone());
             }
             // Last before the launch, which removes the cgroup whenever it fails.
-            spec.contain = self.containment(&vm_id, inputs.vcpus, inputs.memory_mib)?;
+            spec.contain = self.containment(&vm_id, inputs.vcpus, inputs.memory_mib).await?;
             let launched = driver.launch(&spec).await.map_err(vmm_error)?;
             pid = Some(launched.pid);
             let deadline = tokio::time::Instant::now() + Duration::from_secs(self.cfg.boot_timeout_secs);
@@ -405,7 +405,7 @@ impl Engine {
         let driver = self.driver(t.vmm());
         let mut spec =
             self.template_spec(image, &driver, &t.meta.inputs, paths, vm_id, tap, GuestMemory::CloneOf(t.ram()));
-        spec.contain = self.containment(vm_id, t.meta.inputs.vcpus, t.meta.inputs.memory_mib)?;
+        spec.contain = self.containment(vm_id, t.meta.inputs.vcpus, t.meta.inputs.memory_mib).await?;
         let anchor = driver.template_needs_anchor().then(|| self.anchor_dir(&t.meta.generation));
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
