@@ -101,7 +101,12 @@ fn taps_come_from_a_warm_pool_and_nothing_network_leaks_across_a_crash() {
     assert_eq!(d.taps().len(), 3, "one in use, two back in the pool: {:?}", d.taps());
 
     // The daemon dies; the VM dies with nobody watching; the next daemon finds the leftovers.
-    let pid = d.rpc("vm.show", json!({"vm": "three"}))["pid"].as_u64().unwrap() as i32;
+    let three = d.rpc("vm.show", json!({"vm": "three"}));
+    let pid = three["pid"].as_u64().unwrap() as i32;
+    let jail = std::path::Path::new("/run/banger-jails").join(three["id"].as_str().unwrap());
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let memory_cgroup = cgroups.lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()));
+    assert!(jail.is_dir(), "{} while the VM runs", jail.display());
     d.crash_and_restart_with(|| {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         // A contained VMM is PID 1 of its own namespace: its death (the namespace torn down) trails the signal,
@@ -110,6 +115,12 @@ fn taps_come_from_a_warm_pool_and_nothing_network_leaks_across_a_crash() {
     });
     assert_eq!(d.rpc("vm.show", json!({"vm": "three"}))["state"], "stopped");
     assert_eq!(d.taps().len(), 2, "only the warm pool is left: {:?}", d.taps());
+    // Nor of its containment: the jail's folder and the cgroup of a VMM that died unwatched are gone.
+    assert!(!jail.exists(), "{} left behind", jail.display());
+    if let Some(path) = memory_cgroup {
+        let dir = std::path::Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/'));
+        assert!(!dir.exists(), "{} left behind", dir.display());
+    }
     let out = d.netns.exec(&["getent", "hosts", "three.vm"]);
     assert!(!out.status.success(), "a dead VM's name still resolves");
     d.rpc("vm.delete", json!({"vms": ["three"]}));

@@ -218,7 +218,8 @@ impl Driver {
                 };
                 private(&VmPaths::new(spec.dir.clone()).console_log())?;
                 if let GuestMemory::TemplateFile(ram) = &spec.memory {
-                    private(ram)?;
+                    crate::host_files::create_fresh(ram)
+                        .map_err(|source| VmmError::Io { what: format!("creating {}", ram.display()), source })?;
                 }
                 qemu::launch(&q.tools, q.accel, spec).await
             }
@@ -247,7 +248,7 @@ impl Driver {
                 // A jailed Firecracker made these as the template's uid, which a later VM may be given: they
                 // become root's, as every template file is.
                 for f in [&snapshot.state, &snapshot.ram] {
-                    std::os::unix::fs::lchown(f, Some(0), Some(0))
+                    crate::host_files::take_over(f)
                         .map_err(|source| VmmError::Io { what: format!("taking {} back", f.display()), source })?;
                 }
                 Ok(())

@@ -116,9 +116,9 @@ impl Qmp {
     pub async fn save_state(&mut self, file: &Path) -> Result<(), QmpError> {
         self.execute("stop", json!({})).await?;
         self.ignore_shared().await?;
-        let out = crate::host_files::create_private(file)
+        // The template's folder is its VMM's to write: whatever it put at this path goes first.
+        let out = crate::host_files::create_fresh(file)
             .map_err(|source| QmpError::Create { path: file.to_path_buf(), source })?;
-        out.set_len(0).map_err(|source| QmpError::Create { path: file.to_path_buf(), source })?;
         self.send_fd(MIGRATION_FD, &out).await?;
         self.execute("migrate", json!({"uri": format!("fd:{MIGRATION_FD}")})).await?;
         self.wait_migration(Duration::from_secs(60)).await

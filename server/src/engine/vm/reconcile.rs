@@ -40,6 +40,10 @@ impl Engine {
                     }
                 }
             }
+            if !alive {
+                // A VMM killed while no daemon watched leaves its jail's folder and its cgroup behind.
+                vmm::remove_containment(&row.id).await;
+            }
         }
         // Directories with no record are leftovers of a create or delete that died half-way.
         let known: std::collections::HashSet<&str> = rows.iter().map(|r| r.id.as_str()).collect();
