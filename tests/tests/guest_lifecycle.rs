@@ -442,7 +442,22 @@ fn guests_are_managed_over_vsock_too() {
     assert!(cmdline["stdout"].as_str().unwrap().contains("banger.channel=vsock"), "{cmdline}");
     let r = d.rpc("vm.exec", json!({"vm": "socky", "command": ["sh", "-c", "head -c 2000000 /dev/zero | tr '\\0' v | wc -c"], "stdin": "ignored"}));
     assert_eq!(r["stdout"], "2000000\n");
-    assert!(d.processes_of_this_test().iter().any(|(_, c)| c.contains("vhost-device-vsock")), "helper runs");
+    let helper: Vec<u32> = d
+        .processes_of_this_test()
+        .into_iter()
+        .filter(|(_, c)| c.contains("vhost-device-vsock"))
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(helper.len(), 1, "helper runs");
+    // Contained like its VMM, and under banger's seccomp filter (it brings none of its own).
+    let status = std::fs::read_to_string(format!("/proc/{}/status", helper[0])).unwrap();
+    for want in ["Seccomp:	2", "NoNewPrivs:	1", "CapEff:	0000000000000000"] {
+        assert!(
+            status.contains(want),
+            "{want} missing from the helper's status:
+{status}"
+        );
+    }
     d.rpc("vm.stop", json!({"vms": ["socky"]}));
     assert!(
         !d.processes_of_this_test().iter().any(|(_, c)| c.contains("vhost-device-vsock")),

@@ -49,6 +49,7 @@ impl Containment {
             binds,
             cgroups: self.cgroup.as_ref().map(|c| c.procs()).unwrap_or_default(),
             finisher: crate::jail::Finisher::Here,
+            syscall_filter: false,
         })
     }
 
@@ -80,6 +81,7 @@ impl Containment {
             binds,
             cgroups: self.cgroup.as_ref().map(|c| c.procs()).unwrap_or_default(),
             finisher: crate::jail::Finisher::Jailer,
+            syscall_filter: false,
         })
     }
 

@@ -40,6 +40,8 @@ pub struct Jail {
     pub cgroups: Vec<PathBuf>,
     /// Who finishes the confinement once the root is built.
     pub finisher: Finisher,
+    /// Run under banger's own seccomp filter (`syscall_filter`): for a program that brings none.
+    pub syscall_filter: bool,
 }
 
 /// Who takes the process the rest of the way once its root is built and its cgroups joined.
@@ -149,6 +151,7 @@ const STEPS: &[&str] = &[
     "take its uid",
     "set NoNewPrivs",
     "run the program",
+    "install its seccomp filter",
 ];
 
 enum Op {
@@ -161,6 +164,7 @@ enum Op {
 /// Everything the child needs, made before the clone.
 struct Plan {
     finisher: Finisher,
+    filters: Vec<seccompiler::BpfProgram>,
     root: CString,
     proc_dir: CString,
     ops: Vec<Op>,
@@ -252,8 +256,17 @@ impl Plan {
             argv.push(cstr(a.as_bytes())?);
         }
         let envp = program.env.iter().map(|(k, v)| cstr(format!("{k}={v}").as_bytes())).collect::<Result<_, _>>()?;
+        let filters = match jail.syscall_filter {
+            true => crate::syscall_filter::helper_filters().map_err(|e| JailError::Prepare {
+                what: "compiling the seccomp filter for",
+                path: program.binary.to_path_buf(),
+                source: std::io::Error::other(e),
+            })?,
+            false => vec![],
+        };
         Ok(Plan {
             finisher: jail.finisher,
+            filters,
             root: cstr(jail.root.as_os_str().as_bytes())?,
             proc_dir: cstr(under(&jail.root, Path::new("/proc")).as_os_str().as_bytes())?,
             ops,
@@ -415,6 +428,9 @@ unsafe fn child(plan: &Plan, report: RawFd, argv: &[*const libc::c_char], envp: 
     check!(16, libc::syscall(libc::SYS_setresgid, plan.gid, plan.gid, plan.gid));
     check!(17, libc::syscall(libc::SYS_setresuid, plan.uid, plan.uid, plan.uid));
     check!(18, libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0));
+    for filter in &plan.filters {
+        check!(20, crate::syscall_filter::install(filter));
+    }
     libc::umask(0o077);
     libc::execve(plan.binary.as_ptr(), argv.as_ptr(), envp.as_ptr());
     fail(report, 19)
@@ -515,6 +531,7 @@ mod tests {
             binds,
             cgroups: vec![],
             finisher: Finisher::Here,
+            syscall_filter: false,
         };
         let script = format!(
             "id -u; id -G; grep -E '^(CapEff|CapBnd|NoNewPrivs):' /proc/self/status; echo pid $$; \
@@ -555,6 +572,67 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path().join("root")).unwrap().count(), 0);
     }
 
+    /// A helper under banger's seccomp filter cannot take the first step of most kernel exploits and every
+    /// jail escape (a user namespace, a mount, ptrace), while threads (clone3 refused as ENOSYS: the C
+    /// library falls back to clone) and everything ordinary work.
+    #[test]
+    fn a_filtered_process_is_refused_namespaces_mounts_and_tracing_but_runs() {
+        if !root_only() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out_path = dir.path().join("out");
+        let output = std::fs::File::create(&out_path).unwrap();
+        let jail = Jail {
+            uid: 1_900_000_125,
+            gid: 1_900_000_125,
+            groups: vec![],
+            root: dir.path().join("root"),
+            binds: system_binds(),
+            cgroups: vec![],
+            finisher: Finisher::Here,
+            syscall_filter: true,
+        };
+        let script = "grep '^Seccomp:' /proc/self/status; \
+            unshare -U true 2>/dev/null && echo userns-made || echo userns-refused; \
+            unshare -U -m true 2>/dev/null && echo mountns-made || echo mountns-refused; \
+            python3 -c 'import threading; t = threading.Thread(target=print, args=(\"thread-ran\",)); t.start(); t.join()'; \
+            ls / > /dev/null && echo ls-ran";
+        let args = ["-c".into(), script.into()];
+        let pid = spawn(
+            &jail,
+            &Program {
+                binary: Path::new("/bin/sh"),
+                args: &args,
+                env: &[("PATH", "/usr/bin:/bin")],
+                output: &output,
+                fds: &[],
+            },
+        )
+        .unwrap();
+        nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None).unwrap();
+        let out = std::fs::read_to_string(&out_path).unwrap();
+        for want in ["Seccomp:\t2", "userns-refused", "mountns-refused", "thread-ran", "ls-ran"] {
+            assert!(out.lines().any(|l| l == want), "{want} missing from:\n{out}");
+        }
+        // And without the filter the same shell may make a user namespace: the refusal is the filter's.
+        let output = std::fs::File::create(&out_path).unwrap();
+        let args = ["-c".into(), "unshare -U true && echo userns-made".into()];
+        let pid = spawn(
+            &Jail { syscall_filter: false, ..jail },
+            &Program {
+                binary: Path::new("/bin/sh"),
+                args: &args,
+                env: &[("PATH", "/usr/bin:/bin")],
+                output: &output,
+                fds: &[],
+            },
+        )
+        .unwrap();
+        nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None).unwrap();
+        assert_eq!(std::fs::read_to_string(&out_path).unwrap(), "userns-made\n");
+    }
+
     #[test]
     fn a_failing_step_is_reported_by_name() {
         if !root_only() {
@@ -570,6 +648,7 @@ mod tests {
             binds: system_binds(),
             cgroups: vec![],
             finisher: Finisher::Here,
+            syscall_filter: false,
         };
         let e = spawn(
             &jail,

@@ -23,6 +23,7 @@ pub mod jail;
 pub mod net;
 pub mod qemu;
 pub mod qmp;
+pub mod syscall_filter;
 pub mod tap;
 
 pub use driver::{Driver, DriverSettings, Snapshot};
@@ -409,12 +410,14 @@ fn outside_files(spec: &BootSpec, ram_writable: bool) -> Vec<jail::Bind> {
 }
 
 /// Starts one of a VM's host processes on its own (its own session, so it outlives the daemon), contained as
-/// the spec says, and returns its pid.
+/// the spec says (with banger's seccomp filter where `syscall_filter`: a helper that brings none), and
+/// returns its pid.
 fn spawn_detached(
     spec: &BootSpec,
     program: &jail::Program,
     outside: &[jail::Bind],
     kvm: bool,
+    syscall_filter: bool,
 ) -> Result<u32, VmmError> {
     let what = format!("starting {}", program.binary.display());
     let Some(c) = &spec.contain else {
@@ -443,9 +446,10 @@ fn spawn_detached(
         // A std Child is not reaped on drop; the daemon reaps VM processes by pid.
         return Ok(child.id());
     };
-    let jail = c
+    let mut jail = c
         .jail(&spec.vm_id, &spec.dir, outside, kvm)
         .map_err(|source| VmmError::Io { what: format!("{what} contained"), source })?;
+    jail.syscall_filter = syscall_filter;
     jail::spawn(&jail, program).map_err(|e| VmmError::Launch { what, detail: e.to_string() })
 }
 

@@ -164,7 +164,7 @@ async fn launch_inner(cfg: &Tools, accel: QemuAccel, spec: &BootSpec) -> Result<
     let program = crate::jail::Program { binary: &qemu, args: &args, env: &[], output: &log, fds: &fds };
     let launched = async {
         let outside = super::outside_files(spec, !ram_read_only);
-        let pid = super::spawn_detached(spec, &program, &outside, accel == QemuAccel::Kvm)?;
+        let pid = super::spawn_detached(spec, &program, &outside, accel == QemuAccel::Kvm, false)?;
         drop(tap);
         // Written at once, so a daemon that dies from here on still finds (and cleans up) the process.
         let _ = std::fs::write(paths.pidfile(), pid.to_string());
@@ -242,7 +242,7 @@ async fn start_vhost_vsock(cfg: &Tools, paths: &VmPaths, spec: &BootSpec) -> Res
     // whether the helper saw the connection (`vhost-vsock.log`, quoted in the error).
     let program =
         crate::jail::Program { binary: &bin, args: &args, env: &[("RUST_LOG", "info")], output: &log, fds: &[] };
-    let pid = super::spawn_detached(spec, &program, &[], false)?;
+    let pid = super::spawn_detached(spec, &program, &[], false, true)?;
     std::fs::write(paths.vhost_vsock_pidfile(), pid.to_string()).map_err(io("writing the vhost-vsock pid file"))?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !paths.vhost_vsock().exists() {
