@@ -168,9 +168,11 @@ fn a_guest_that_spins_forks_and_allocates_leaves_its_neighbour_answering() {
     times.sort();
     assert!(times[2] < Duration::from_secs(1), "the neighbour answers within a second while the hog runs: {times:?}");
     assert!(d.rpc("daemon.ping", json!({})).is_object());
-    // The hog's VMM never used more than its limit.
+    // The memory hog really filled the guest's RAM (the VMM's cgroup was charged for most of it); the guest's
+    // own kernel, not the host's, dealt with it. (A VMM that itself allocates past its limit is killed by
+    // it: `contain::jailed::a_process_that_allocates_past_its_limit_is_killed_and_the_host_holds`.)
     let peak = cgroup_file(pid, "memory", "memory.max_usage_in_bytes", "memory.peak").parse::<u64>().unwrap();
-    assert!(peak <= (256u64 + 256) << 20, "peak {peak}");
+    assert!(peak > 128 << 20, "the hog's VMM peaked at {peak} bytes: the hog never allocated");
     d.rpc("vm.delete", json!({"vms": ["hog", "calm"]}));
     d.assert_no_leaked_processes();
 }

@@ -330,6 +330,49 @@ mod jailed {
         .unwrap()
     }
 
+    /// The cgroup's memory limit, attacked: a contained process that allocates past it is killed by the
+    /// kernel (its cgroup's OOM killer, not the host's), and this process, outside the cgroup, carries on.
+    #[test]
+    fn a_process_that_allocates_past_its_limit_is_killed_and_the_host_holds() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let h = match crate::cgroup::Hierarchy::detect() {
+            Ok(h) => h,
+            Err(e) => panic!("this host has no cgroups for the test: {e}"),
+        };
+        let id = format!("oom-test-{}", std::process::id());
+        let limits = crate::cgroup::Limits { memory_bytes: 64 << 20, cpu_quota_us: 100_000, pids: 64 };
+        let cgroup = h.create(&id, limits).unwrap();
+        let c = Containment { uid: 1_900_065_301, readers_gid: 1_900_000_000, cgroup: Some(cgroup.clone()) };
+        let dir = tempfile::tempdir().unwrap();
+        let jail = c.jail(&id, dir.path(), &[], false).unwrap();
+        let out = std::fs::File::create(dir.path().join("out")).unwrap();
+        // 256 MiB, touched page by page, under a 64 MiB limit.
+        let args = ["-c".into(), "x = bytearray(256 << 20); print('allocated')".into()];
+        let pid = crate::jail::spawn(
+            &jail,
+            &crate::jail::Program {
+                binary: Path::new("/usr/bin/python3"),
+                args: &args,
+                env: &[],
+                output: &out,
+                fds: &[],
+            },
+        )
+        .unwrap();
+        let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None).unwrap();
+        let said = std::fs::read_to_string(dir.path().join("out")).unwrap();
+        let _ = std::fs::remove_dir(crate::jail::root_for(&id));
+        cgroup.remove();
+        assert!(
+            matches!(status, nix::sys::wait::WaitStatus::Signaled(_, nix::sys::signal::Signal::SIGKILL, _)),
+            "{status:?}: {said}"
+        );
+        assert!(!said.contains("allocated"), "{said}");
+    }
+
     /// What Firecracker gets under its jailer, which drops the readers group: its uid alone may read the
     /// image file it was given, once the ACL says so; the mode's group bits stay the readers group's.
     #[test]
