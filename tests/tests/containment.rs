@@ -65,6 +65,9 @@ fn the_vmm_runs_unprivileged_filtered_namespaced_and_limited_and_sees_only_its_o
         assert_eq!(cgroup_file(pid, "cpu", "cpu.cfs_quota_us", "cpu.max"), "250000 100000");
     }
     assert_eq!(cgroup_file(pid, "pids", "pids.max", "pids.max"), "512");
+    // And a CPU weight of 100 per vCPU (v1 shares: 1024 per vCPU).
+    let weight = cgroup_file(pid, "cpu", "cpu.shares", "cpu.weight");
+    assert_eq!(weight, if cpu_v1 { "2048" } else { "200" });
 
     // From inside the VMM's mount namespace: its own folder, not the neighbour's, not the daemon's state.
     let state = d.state_dir.clone();
@@ -194,6 +197,9 @@ fn doctor_reports_containment_and_warns_when_it_is_turned_off() {
     assert_eq!(named(&checks, "cgroups")["status"], "pass", "{checks}");
     assert!(named(&checks, "qemu sandbox")["detail"].as_str().unwrap().contains("spawn=deny"), "{checks}");
     assert_eq!(named(&checks, "firecracker jailer")["status"], "pass", "{checks}");
+    assert_eq!(named(&checks, "seccomp")["status"], "pass", "{checks}");
+    assert!(named(&checks, "cgroups")["detail"].as_str().unwrap().contains("memory"), "controllers named: {checks}");
+    assert!(named(&checks, "user namespaces")["detail"].as_str().unwrap().contains("do not use them"), "{checks}");
     drop(d);
 
     let d = TestDaemon::start_with_config("[containment]\nenabled = false");

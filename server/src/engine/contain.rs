@@ -173,7 +173,10 @@ impl Engine {
             Ok(h) => check(
                 "cgroups",
                 CheckStatus::Pass,
-                format!("per-VM limits (memory, CPU, pids, I/O weight where offered) in cgroup v{}", h.version()),
+                format!(
+                    "per-VM limits (memory, CPU quota and weight, pids, I/O weight where offered) in {}",
+                    crate::vmm::cgroup::describe().unwrap_or_else(|_| format!("cgroup v{}", h.version()))
+                ),
                 None,
             ),
             Err(why) => check(
@@ -183,6 +186,34 @@ impl Engine {
                 Some("mount cgroup v2 at /sys/fs/cgroup, or the v1 memory, cpu and pids controllers"),
             ),
         });
+        // Seccomp filters are what every VMM's syscall policy rests on; banger's own jails need no user
+        // namespaces (they run as root's children), and the helpers' filter refuses them.
+        let actions = std::fs::read_to_string("/proc/sys/kernel/seccomp/actions_avail").unwrap_or_default();
+        checks.push(if actions.split_whitespace().any(|a| a == "errno") {
+            check("seccomp", CheckStatus::Pass, format!("seccomp filters available ({})", actions.trim()), None)
+        } else {
+            check(
+                "seccomp",
+                CheckStatus::Fail,
+                "this kernel offers no seccomp filters: QEMU's -sandbox, Firecracker's filters and banger's cannot \
+                 be installed"
+                    .into(),
+                Some("use a kernel built with CONFIG_SECCOMP_FILTER (every distribution kernel is)"),
+            )
+        });
+        let userns = std::fs::read_to_string("/proc/sys/user/max_user_namespaces").unwrap_or_default();
+        checks.push(check(
+            "user namespaces",
+            CheckStatus::Pass,
+            match userns.trim() {
+                "" | "0" => "off on this host; banger's jails do not use them".to_string(),
+                n => format!(
+                    "up to {n} on this host; banger's jails do not use them, and refuse them to the VM helpers \
+                     they filter"
+                ),
+            },
+            None,
+        ));
         if let Some(qemu) = self.cfg.find_binary("qemu-system-x86_64") {
             let version = crate::vmm::qemu::version(&qemu).map(|(a, b)| format!("{a}.{b}")).unwrap_or("unknown".into());
             checks.push(if crate::vmm::qemu::maps_ram_read_only(&qemu) {

@@ -22,6 +22,9 @@ pub struct Limits {
     pub memory_bytes: u64,
     /// CPU time per `CPU_PERIOD_US`: each vCPU a whole CPU, plus half a CPU for the VMM's own threads.
     pub cpu_quota_us: u64,
+    /// Share of the CPU under contention, on v2's scale (100 is a default cgroup's): 100 per vCPU, so VMs
+    /// that all want more than there is get CPU in proportion to their size.
+    pub cpu_weight: u64,
     pub pids: u64,
 }
 
@@ -30,6 +33,7 @@ impl Limits {
         Limits {
             memory_bytes: (u64::from(memory_mib) + VMM_OVERHEAD_MIB) << 20,
             cpu_quota_us: u64::from(vcpus) * CPU_PERIOD_US + CPU_PERIOD_US / 2,
+            cpu_weight: (u64::from(vcpus) * 100).clamp(1, 10_000),
             pids: PIDS_MAX,
         }
     }
@@ -172,6 +176,8 @@ impl Hierarchy {
                         "cpu" => {
                             write(&dir, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
                             write(&dir, "cpu.cfs_quota_us", &limits.cpu_quota_us.to_string())?;
+                            // v1's shares are 1024 for a default cgroup where v2's weight is 100.
+                            write(&dir, "cpu.shares", &(limits.cpu_weight * 1024 / 100).to_string())?;
                         }
                         "pids" => write(&dir, "pids.max", &limits.pids.to_string())?,
                         "blkio" => {
@@ -223,6 +229,7 @@ impl Hierarchy {
                 }
                 if wanted.contains(&"cpu") {
                     write(&dir, "cpu.max", &format!("{} {CPU_PERIOD_US}", limits.cpu_quota_us))?;
+                    write(&dir, "cpu.weight", &limits.cpu_weight.to_string())?;
                 }
                 if wanted.contains(&"pids") {
                     write(&dir, "pids.max", &limits.pids.to_string())?;
@@ -376,6 +383,7 @@ mod tests {
         let l = Limits::for_shape(2, 512);
         assert_eq!(l.memory_bytes, (512 + 256) << 20);
         assert_eq!(l.cpu_quota_us, 250_000);
+        assert_eq!(l.cpu_weight, 200);
         assert_eq!(l.pids, PIDS_MAX);
     }
 

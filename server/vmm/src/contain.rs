@@ -343,7 +343,7 @@ mod jailed {
             Err(e) => panic!("this host has no cgroups for the test: {e}"),
         };
         let id = format!("oom-test-{}", std::process::id());
-        let limits = crate::cgroup::Limits { memory_bytes: 64 << 20, cpu_quota_us: 100_000, pids: 64 };
+        let limits = crate::cgroup::Limits { memory_bytes: 64 << 20, cpu_quota_us: 100_000, cpu_weight: 100, pids: 64 };
         let cgroup = h.create(&id, limits).unwrap();
         let c = Containment { uid: 1_900_065_301, readers_gid: 1_900_000_000, cgroup: Some(cgroup.clone()) };
         let dir = tempfile::tempdir().unwrap();
