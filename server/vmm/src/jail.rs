@@ -492,6 +492,22 @@ unsafe fn fail(report: RawFd, step: u32) -> ! {
 mod tests {
     use super::*;
 
+    /// Runs a shell script contained by `jail` and returns how it ended and what it printed.
+    fn run_sh(jail: &Jail, script: &str, out_path: &Path) -> (nix::sys::wait::WaitStatus, String) {
+        let output = std::fs::File::create(out_path).unwrap();
+        let args = ["-c".into(), script.into()];
+        let program = Program {
+            binary: Path::new("/bin/sh"),
+            args: &args,
+            env: &[("PATH", "/usr/bin:/bin")],
+            output: &output,
+            fds: &[],
+        };
+        let pid = spawn(jail, &program).unwrap();
+        let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None).unwrap();
+        (status, std::fs::read_to_string(out_path).unwrap())
+    }
+
     fn root_only() -> bool {
         if nix::unistd::geteuid().is_root() {
             return true;
@@ -519,7 +535,6 @@ mod tests {
         std::fs::set_permissions(dir.path().join("image"), std::fs::Permissions::from_mode(0o644)).unwrap();
         nix::unistd::chown(&vm, Some(nix::unistd::Uid::from_raw(1_900_000_123)), None).unwrap();
         let out_path = vm.join("out");
-        let output = std::fs::File::create(&out_path).unwrap();
         let mut binds = system_binds();
         binds.push(Bind::writable(&vm));
         binds.push(Bind::read_only(dir.path().join("image")));
@@ -541,20 +556,7 @@ mod tests {
             other = other.join("disk").display(),
             vm = vm.display()
         );
-        let args = ["-c".into(), script.into()];
-        let pid = spawn(
-            &jail,
-            &Program {
-                binary: Path::new("/bin/sh"),
-                args: &args,
-                env: &[("PATH", "/usr/bin:/bin")],
-                output: &output,
-                fds: &[],
-            },
-        )
-        .unwrap();
-        let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None).unwrap();
-        let out = std::fs::read_to_string(&out_path).unwrap();
+        let (status, out) = run_sh(&jail, &script, &out_path);
         assert!(matches!(status, nix::sys::wait::WaitStatus::Exited(_, 0)), "{status:?}\n{out}");
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines[0], "1900000123", "{out}");
@@ -582,7 +584,6 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let out_path = dir.path().join("out");
-        let output = std::fs::File::create(&out_path).unwrap();
         let jail = Jail {
             uid: 1_900_000_125,
             gid: 1_900_000_125,
@@ -598,39 +599,14 @@ mod tests {
             unshare -U -m true 2>/dev/null && echo mountns-made || echo mountns-refused; \
             python3 -c 'import threading; t = threading.Thread(target=print, args=(\"thread-ran\",)); t.start(); t.join()'; \
             ls / > /dev/null && echo ls-ran";
-        let args = ["-c".into(), script.into()];
-        let pid = spawn(
-            &jail,
-            &Program {
-                binary: Path::new("/bin/sh"),
-                args: &args,
-                env: &[("PATH", "/usr/bin:/bin")],
-                output: &output,
-                fds: &[],
-            },
-        )
-        .unwrap();
-        nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None).unwrap();
-        let out = std::fs::read_to_string(&out_path).unwrap();
+        let (_, out) = run_sh(&jail, script, &out_path);
         for want in ["Seccomp:\t2", "userns-refused", "mountns-refused", "thread-ran", "ls-ran"] {
             assert!(out.lines().any(|l| l == want), "{want} missing from:\n{out}");
         }
         // And without the filter the same shell may make a user namespace: the refusal is the filter's.
-        let output = std::fs::File::create(&out_path).unwrap();
-        let args = ["-c".into(), "unshare -U true && echo userns-made".into()];
-        let pid = spawn(
-            &Jail { syscall_filter: false, ..jail },
-            &Program {
-                binary: Path::new("/bin/sh"),
-                args: &args,
-                env: &[("PATH", "/usr/bin:/bin")],
-                output: &output,
-                fds: &[],
-            },
-        )
-        .unwrap();
-        nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None).unwrap();
-        assert_eq!(std::fs::read_to_string(&out_path).unwrap(), "userns-made\n");
+        let (_, out) =
+            run_sh(&Jail { syscall_filter: false, ..jail }, "unshare -U true && echo userns-made", &out_path);
+        assert_eq!(out, "userns-made\n");
     }
 
     #[test]
