@@ -117,6 +117,10 @@ fn the_vmm_runs_unprivileged_filtered_namespaced_and_limited_and_sees_only_its_o
     // Both the limit and the uid are the VM's (in the store): a stop and a start keep them.
     d.rpc("vm.set", json!({"vm": "jailed", "cpu_percent": 40}));
     d.rpc("vm.stop", json!({"vm": "jailed"}));
+    // Stopped, its folder is the daemon's alone again: nothing the VMM left there is writable by its uid.
+    let folder = std::fs::metadata(&own).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((folder.uid(), folder.gid(), folder.mode() & 0o7777), (0, 0, 0o700), "the stopped VM's folder");
     d.rpc("vm.start", json!({"vm": "jailed"}));
     let a = d.rpc("vm.show", json!({"vm": "jailed"}));
     let pid = vmm_pid(&d, &a);

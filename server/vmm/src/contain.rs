@@ -104,6 +104,12 @@ impl Containment {
     }
 }
 
+/// Undoes `prepare_dir` once the VM's processes are gone: the folder is root's, 0700.
+pub fn reclaim_dir(dir: &Path) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(dir, Some(0), Some(0))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 /// Gives `path` the group `gid` and adds `bits` (group bits) to its mode, if not already so.
 pub fn grant(path: &Path, gid: u32, bits: u32) -> std::io::Result<()> {
     let meta = std::fs::metadata(path)?;

@@ -10,15 +10,16 @@ pub const PRIVATE_FILE: u32 = 0o600;
 /// Image files: the daemon's, and read-only (every VM's overlay depends on the base never changing).
 pub const IMAGE_FILE: u32 = 0o400;
 
+/// How the daemon opens each of its own files for writing: 0600 when made, never through a symlink.
+fn private_options() -> std::fs::OpenOptions {
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).mode(PRIVATE_FILE).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    o
+}
+
 /// Opens `path` for writing, creating it 0600 if missing (never following a symlink there).
 pub fn create_private(path: &Path) -> std::io::Result<File> {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(PRIVATE_FILE)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
+    private_options().create(true).truncate(false).open(path)
 }
 
 /// A new file of the daemon's at `path`, 0600, in a folder a VMM may write to (a VM's or template's): whatever
@@ -30,20 +31,26 @@ pub fn create_fresh(path: &Path) -> std::io::Result<File> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(PRIVATE_FILE)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
+    private_options().create_new(true).open(path)
+}
+
+/// `create_fresh` with `bytes` in it: the one way the daemon writes a small file (a pid file, a template's
+/// metadata, a marker) into a folder a VMM can write to.
+pub fn write_fresh(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    create_fresh(path)?.write_all(bytes)
 }
 
 /// Takes over a file a VMM made for the daemon (a Firecracker snapshot): it must be a plain file with one
 /// name (not a symlink, not a hard link to something else), and becomes root's, 0600. Done on the open
-/// descriptor, so the VMM cannot swap the path between the check and the change.
+/// descriptor, so the VMM cannot swap the path between the check and the change; opened non-blocking, so a
+/// FIFO put there cannot hold the daemon's thread.
 pub fn take_over(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path)?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)?;
     let meta = f.metadata()?;
     if !meta.file_type().is_file() || meta.nlink() != 1 {
         return Err(std::io::Error::new(
@@ -57,12 +64,7 @@ pub fn take_over(path: &Path) -> std::io::Result<()> {
 
 /// `create_private`, appending: a log that outlives each process writing to it.
 pub fn open_append(path: &Path) -> std::io::Result<File> {
-    std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(PRIVATE_FILE)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
+    private_options().append(true).create(true).open(path)
 }
 
 /// Gives a file the daemon made through a child process (qemu-img, mkfs, cp) its private mode.
@@ -130,6 +132,9 @@ mod tests {
         std::fs::hard_link(&victim, &hard).unwrap();
         assert!(take_over(&hard).is_err(), "a hard link");
         assert_eq!(std::fs::metadata(&victim).unwrap().mode() & 0o777, 0o644, "the target is untouched");
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(take_over(&fifo).is_err(), "a FIFO is refused, not waited on");
         let own = dir.path().join("own");
         std::fs::write(&own, "snapshot").unwrap();
         std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o666)).unwrap();

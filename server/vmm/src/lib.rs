@@ -584,7 +584,7 @@ async fn start_firecracker(cfg: &Tools, s: &FcStart<'_>) -> Result<firecracker::
             None => firecracker::spawn(&bin, s.dir, &marker, &paths.console_log()).await,
         }
         .map_err(fc_err)?;
-        let _ = std::fs::write(paths.pidfile(), machine.pid.to_string());
+        let _ = host_files::write_fresh(&paths.pidfile(), machine.pid.to_string().as_bytes());
         return Ok(machine);
     };
     let started = async {
@@ -613,7 +613,7 @@ async fn start_firecracker(cfg: &Tools, s: &FcStart<'_>) -> Result<firecracker::
         let machine = firecracker::spawn_jailed(&jailer, &spec, &jail, &api_socket, &paths.console_log())
             .await
             .map_err(fc_err)?;
-        let _ = std::fs::write(paths.pidfile(), machine.pid.to_string());
+        let _ = host_files::write_fresh(&paths.pidfile(), machine.pid.to_string().as_bytes());
         Ok(machine)
     }
     .await;
@@ -787,6 +787,13 @@ pub async fn stop_vm_processes(dir: &Path, vm_id: &str, pid: Option<u32>) {
     }
     stop_helpers(dir).await;
     remove_containment(vm_id).await;
+    // With its processes gone the folder is the daemon's alone again (the next boot gives it back): nothing
+    // the VMM left there can be written to by it, nor by a later VM given the same uid.
+    if let Err(e) = contain::reclaim_dir(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot take the VM's folder back");
+        }
+    }
 }
 
 /// Ends the VM's helper processes (vhost-device-vsock), once its VMM is gone.

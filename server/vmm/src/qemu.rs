@@ -167,7 +167,7 @@ async fn launch_inner(cfg: &Tools, accel: QemuAccel, spec: &BootSpec) -> Result<
         let pid = super::spawn_detached(spec, &program, &outside, accel == QemuAccel::Kvm, false)?;
         drop(tap);
         // Written at once, so a daemon that dies from here on still finds (and cleans up) the process.
-        let _ = std::fs::write(paths.pidfile(), pid.to_string());
+        let _ = crate::host_files::write_fresh(&paths.pidfile(), pid.to_string().as_bytes());
         // QEMU answers on its control socket once it has started the machine; one that cannot start exits.
         let marker = process_marker(&spec.vm_id);
         let up = async {
@@ -243,7 +243,8 @@ async fn start_vhost_vsock(cfg: &Tools, paths: &VmPaths, spec: &BootSpec) -> Res
     let program =
         crate::jail::Program { binary: &bin, args: &args, env: &[("RUST_LOG", "info")], output: &log, fds: &[] };
     let pid = super::spawn_detached(spec, &program, &[], false, true)?;
-    std::fs::write(paths.vhost_vsock_pidfile(), pid.to_string()).map_err(io("writing the vhost-vsock pid file"))?;
+    crate::host_files::write_fresh(&paths.vhost_vsock_pidfile(), pid.to_string().as_bytes())
+        .map_err(io("writing the vhost-vsock pid file"))?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !paths.vhost_vsock().exists() {
         if std::time::Instant::now() > deadline {

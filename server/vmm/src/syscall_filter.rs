@@ -62,9 +62,30 @@ const DENIED: &[libc::c_long] = &[
 #[error("building the helpers' seccomp filter: {0}")]
 pub struct FilterError(String);
 
-/// The filters a helper runs under, in the order they are installed. Two, because seccomp has one action
-/// per filter: `clone3`, whose flags a filter cannot read, fails with ENOSYS (so the C library falls back to
-/// `clone`, whose flags it can), and everything above with EPERM.
+/// The x32 ABI's bit in a syscall number: x32 calls reach the same kernel code under numbers no x86_64 filter
+/// names, so a deny-list must refuse them all (seccompiler checks only the architecture, which x32 shares).
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+
+/// Refuses (EPERM) every syscall number with the x32 bit; allows the rest to the next filter.
+fn no_x32() -> BpfProgram {
+    use seccompiler::sock_filter;
+    // BPF_LD | BPF_W | BPF_ABS, BPF_JMP | BPF_JGE | BPF_K, BPF_RET | BPF_K (linux/bpf_common.h).
+    const BPF_LD_W_ABS: u16 = 0x20;
+    const BPF_JMP_JGE_K: u16 = 0x35;
+    const BPF_RET_K: u16 = 0x06;
+    let nr_offset = 0; // offsetof(struct seccomp_data, nr)
+    vec![
+        sock_filter { code: BPF_LD_W_ABS, jt: 0, jf: 0, k: nr_offset },
+        sock_filter { code: BPF_JMP_JGE_K, jt: 0, jf: 1, k: X32_SYSCALL_BIT },
+        sock_filter { code: BPF_RET_K, jt: 0, jf: 0, k: libc::SECCOMP_RET_ERRNO | libc::EPERM as u32 },
+        sock_filter { code: BPF_RET_K, jt: 0, jf: 0, k: libc::SECCOMP_RET_ALLOW },
+    ]
+}
+
+/// The filters a helper runs under, in the order they are installed. Three, because seccomp has one action
+/// per filter (the strictest answer of all of them wins): x32 numbers refused (`no_x32`); `clone3`, whose
+/// flags a filter cannot read, failing with ENOSYS (so the C library falls back to `clone`, whose flags it
+/// can); and everything above with EPERM.
 pub fn helper_filters() -> Result<Vec<BpfProgram>, FilterError> {
     let arch = std::env::consts::ARCH.try_into().map_err(|e| FilterError(format!("{e:?}")))?;
     let err = |e: seccompiler::BackendError| FilterError(e.to_string());
@@ -97,7 +118,11 @@ pub fn helper_filters() -> Result<Vec<BpfProgram>, FilterError> {
         arch,
     )
     .map_err(err)?;
-    [eperm, clone3].into_iter().map(|f| BpfProgram::try_from(f).map_err(|e| FilterError(e.to_string()))).collect()
+    let mut filters = vec![no_x32()];
+    for f in [eperm, clone3] {
+        filters.push(BpfProgram::try_from(f).map_err(|e| FilterError(e.to_string()))?);
+    }
+    Ok(filters)
 }
 
 /// Installs one compiled filter on the calling thread (NoNewPrivs must be set). System calls only: the

@@ -167,7 +167,7 @@ impl Template {
     }
     fn mark_failed(&self, why: &str) {
         tracing::warn!(template = %self.meta.generation, error = %why, "template restore failed; marked failed");
-        let _ = std::fs::write(self.failed_marker(), why);
+        let _ = crate::vmm::host_files::write_fresh(&self.failed_marker(), why.as_bytes());
     }
     /// The VMM the template was made on (written by `template_inputs`; anything unknown is QEMU's, as before
     /// the field named Firecracker).

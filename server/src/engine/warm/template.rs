@@ -290,7 +290,10 @@ impl Engine {
             build_ms: started.elapsed().as_millis() as u64,
         };
         let publish = || -> std::io::Result<PathBuf> {
-            std::fs::write(work.join("meta.json"), serde_json::to_vec_pretty(&meta).expect("json"))?;
+            crate::vmm::host_files::write_fresh(
+                &work.join("meta.json"),
+                &serde_json::to_vec_pretty(&meta).expect("json"),
+            )?;
             let dir = slot.join(&generation);
             std::fs::rename(&work, &dir)?;
             // Switch `current` atomically: a concurrent create sees the old generation or the new one.
