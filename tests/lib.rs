@@ -414,6 +414,20 @@ impl TestDaemon {
         found
     }
 
+    /// The pid of a VM's QEMU (found by its process marker, from `vm` as an RPC result shows it).
+    pub fn qemu_pid(&self, vm: &Value) -> u32 {
+        let id = vm["id"].as_str().unwrap();
+        let marker = format!("process=banger-vm-{id}");
+        let found: Vec<u32> = self
+            .processes_of_this_test()
+            .into_iter()
+            .filter(|(_, c)| c.contains("qemu-system") && c.contains(&marker))
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(found.len(), 1, "one VMM for {id}: {:?}", self.processes_of_this_test());
+        found[0]
+    }
+
     /// Waits for VMM processes of this test to be gone and fails if any remain.
     pub fn assert_no_leaked_processes(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);

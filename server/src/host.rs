@@ -2,7 +2,7 @@
 use tools_schema::daemon::{Acceleration, VmmChoice, VmmKind};
 
 use crate::config::Config;
-pub use banger_vmm::host::{acceleration, process_matches, qemu_accel, tsc_khz};
+pub use banger_vmm::host::{acceleration, process_matches, process_uid, qemu_accel, status_field, tsc_khz};
 
 /// What this host has shown of Firecracker: a guest booted by the current banger build, kernel and
 /// Firecracker binary (the boot self-test, recorded in the store), or not.

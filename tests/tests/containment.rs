@@ -14,19 +14,6 @@ fn status_field(pid: u32, field: &str) -> String {
         .to_string()
 }
 
-fn vmm_pid(d: &TestDaemon, vm: &Value) -> u32 {
-    let id = vm["id"].as_str().unwrap();
-    let marker = format!("process=banger-vm-{id}");
-    let found: Vec<u32> = d
-        .processes_of_this_test()
-        .into_iter()
-        .filter(|(_, c)| c.contains("qemu-system") && c.contains(&marker))
-        .map(|(p, _)| p)
-        .collect();
-    assert_eq!(found.len(), 1, "one VMM for {id}: {:?}", d.processes_of_this_test());
-    found[0]
-}
-
 #[test]
 fn the_vmm_runs_unprivileged_filtered_namespaced_and_limited_and_sees_only_its_own_vm() {
     // A uid range of this test's own: other tests' daemons (which do not know this one's store) would
@@ -35,7 +22,7 @@ fn the_vmm_runs_unprivileged_filtered_namespaced_and_limited_and_sees_only_its_o
     d.register_test_image();
     let a = d.rpc("vm.create", json!({"name": "jailed", "memory_mib": 256, "vcpus": 2, "boot": "cold"}));
     let b = d.rpc("vm.create", json!({"name": "neighbour", "memory_mib": 256, "vcpus": 1}));
-    let pid = vmm_pid(&d, &a);
+    let pid = d.qemu_pid(&a);
     let daemon = d.pid();
 
     let uids: Vec<u32> = status_field(pid, "Uid").split_whitespace().map(|u| u.parse().unwrap()).collect();
@@ -52,7 +39,7 @@ fn the_vmm_runs_unprivileged_filtered_namespaced_and_limited_and_sees_only_its_o
         assert_ne!(of(pid), of(daemon), "the VMM has a {ns} namespace of its own");
     }
     assert_eq!(status_field(pid, "NSpid").split_whitespace().last(), Some("1"), "PID 1 of its namespace");
-    let other = vmm_pid(&d, &b);
+    let other = d.qemu_pid(&b);
     assert_ne!(status_field(other, "Uid"), status_field(pid, "Uid"), "each VM has a uid of its own");
 
     // Limits follow the shape: RAM + 256 MiB, 2 vCPUs + half a CPU, 512 tasks.
@@ -123,7 +110,7 @@ fn the_vmm_runs_unprivileged_filtered_namespaced_and_limited_and_sees_only_its_o
     assert_eq!((folder.uid(), folder.gid(), folder.mode() & 0o7777), (0, 0, 0o700), "the stopped VM's folder");
     d.rpc("vm.start", json!({"vm": "jailed"}));
     let a = d.rpc("vm.show", json!({"vm": "jailed"}));
-    let pid = vmm_pid(&d, &a);
+    let pid = d.qemu_pid(&a);
     assert_eq!(status_field(pid, "Uid").split_whitespace().next().unwrap(), uids[0].to_string(), "the VM's uid");
     assert_eq!(cgroup_file(pid, "cpu", "cpu.cfs_quota_us", "cpu.max").split_whitespace().next(), Some("40000"));
 
@@ -146,7 +133,7 @@ fn a_guest_that_spins_forks_and_allocates_leaves_its_neighbour_answering() {
     d.register_test_image();
     let hog = d.rpc("vm.create", json!({"name": "hog", "memory_mib": 256, "vcpus": 2}));
     d.rpc("vm.create", json!({"name": "calm", "memory_mib": 256, "vcpus": 1}));
-    let pid = vmm_pid(&d, &hog);
+    let pid = d.qemu_pid(&hog);
     // Busy loops on both vCPUs, a fork bomb and a memory hog, for 40 s at most, in a session that waits for them.
     let script = "for i in 1 2; do timeout 40 sh -c 'while :; do :; done' & done; \
                   timeout 40 sh -c 'b() { b | b & }; b' 2>/dev/null & \
@@ -213,7 +200,7 @@ fn doctor_reports_containment_and_warns_when_it_is_turned_off() {
     assert!(off["fix"].as_str().unwrap().contains("enabled = true"), "{off}");
     d.register_test_image();
     let vm = d.rpc("vm.create", json!({"name": "loose", "memory_mib": 256, "boot": "cold"}));
-    let pid = vmm_pid(&d, &vm);
+    let pid = d.qemu_pid(&vm);
     assert_eq!(status_field(pid, "Uid").split_whitespace().next(), Some("0"));
     let shown = d.rpc("vm.show", json!({"vm": "loose"}));
     assert_eq!(shown["containment"]["contained"], false, "{shown}");

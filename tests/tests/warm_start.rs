@@ -70,6 +70,7 @@ fn two_clones_of_one_template_are_distinct_vms_that_resolve_and_survive_stop_sta
     assert_eq!((ca["contained"].clone(), ca["seccomp"].clone()), (json!(true), json!(true)), "{ca}");
     assert_eq!(cb["contained"], true, "{cb}");
     assert_ne!(ca["uid"], cb["uid"], "each clone has a uid of its own");
+    assert_clone_cannot_write_its_template(&d, &a);
 
     let (ia, ib) = (identity(&d, "clone-a"), identity(&d, "clone-b"));
     assert_ne!(ia.mac, ib.mac, "MACs");
@@ -137,6 +138,42 @@ fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// What a compromised clone VMM would do to poison every later clone: write its template's RAM. The clone
+/// maps a sealed memfd (`sealed_ram`), on every QEMU version: reopened read-write through the clone's own
+/// descriptor (as the VMM can, and as QEMU before 8.2 does), a write is refused by the kernel, even to root;
+/// and the template's RAM file is not in the clone's mount namespace at all.
+fn assert_clone_cannot_write_its_template(d: &TestDaemon, vm: &Value) {
+    use std::os::unix::fs::FileExt;
+    let pid = d.qemu_pid(vm);
+    let ram_fd = (3..64)
+        .map(|fd| format!("/proc/{pid}/fd/{fd}"))
+        .find(|p| std::fs::read_link(p).is_ok_and(|t| t.to_string_lossy().starts_with("/memfd:banger-template-ram")))
+        .unwrap_or_else(|| {
+            panic!(
+                "the clone maps no sealed template RAM: {:?}",
+                std::fs::read_dir(format!("/proc/{pid}/fd"))
+                    .unwrap()
+                    .flatten()
+                    .map(|e| std::fs::read_link(e.path()).ok())
+                    .collect::<Vec<_>>()
+            )
+        });
+    let ram = std::fs::OpenOptions::new().read(true).write(true).open(&ram_fd).unwrap();
+    let mut first = [0u8; 16];
+    ram.read_exact_at(&mut first, 0).unwrap();
+    let refused = ram.write_at(b"poisoned", 0).expect_err("a write to the template's RAM was allowed");
+    assert_eq!(refused.raw_os_error(), Some(libc::EPERM), "{refused}");
+    let hole = nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    assert!(nix::fcntl::fallocate(&ram, hole, 0, 4096).is_err(), "a hole was punched in the template's RAM");
+    let mut again = [0u8; 16];
+    ram.read_exact_at(&mut again, 0).unwrap();
+    assert_eq!(first, again);
+    let ram_file = current_template(d).join("ram");
+    assert!(ram_file.is_file(), "{}", ram_file.display());
+    let seen_by_vmm = format!("/proc/{pid}/root{}", ram_file.display());
+    assert!(std::fs::symlink_metadata(&seen_by_vmm).is_err(), "the clone's VMM sees the template's RAM file");
 }
 
 /// The current template generation's folder.

@@ -111,18 +111,14 @@ impl Engine {
         if !crate::host::process_matches(pid, &crate::vmm::process_marker(vm_id)) {
             return None;
         }
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+            crate::host::status_field(pid, name).map(|v| v.split_whitespace().next().unwrap_or("").to_string())
         };
-        let uid: u32 = field("Uid:")?.parse().ok()?;
+        let uid: u32 = field("Uid")?.parse().ok()?;
         let mut info = VmContainment {
             contained: self.contain.ids.contains(uid),
             uid,
-            seccomp: field("Seccomp:").as_deref() == Some("2"),
+            seccomp: field("Seccomp").as_deref() == Some("2"),
             cgroup_version: None,
             memory_limit_bytes: None,
             cpu_limit_percent: None,
@@ -216,28 +212,16 @@ impl Engine {
         ));
         if let Some(qemu) = self.cfg.find_binary("qemu-system-x86_64") {
             let version = crate::vmm::qemu::version(&qemu).map(|(a, b)| format!("{a}.{b}")).unwrap_or("unknown".into());
-            checks.push(if crate::vmm::qemu::maps_ram_read_only(&qemu) {
-                check(
-                    "qemu sandbox",
-                    CheckStatus::Pass,
-                    format!(
-                        "QEMU {version}: -sandbox {}; clones map their template's RAM read-only",
-                        crate::vmm::qemu::SANDBOX
-                    ),
-                    None,
-                )
-            } else {
-                check(
-                    "qemu sandbox",
-                    CheckStatus::Warn,
-                    format!(
-                        "QEMU {version}: -sandbox {}; but before 8.2 QEMU opens a template's RAM file read-write, so \
-                         a clone's VMM could write the memory later clones of that template start from",
-                        crate::vmm::qemu::SANDBOX
-                    ),
-                    Some("install QEMU 8.2 or later (Debian: bookworm-backports), or set [warm] templates = false"),
-                )
-            });
+            checks.push(check(
+                "qemu sandbox",
+                CheckStatus::Pass,
+                format!(
+                    "QEMU {version}: -sandbox {}; clones map their template's RAM from a sealed copy no process can \
+                     write",
+                    crate::vmm::qemu::SANDBOX
+                ),
+                None,
+            ));
         }
         if let Some(fc) = self.cfg.find_binary("firecracker") {
             checks.push(match self.cfg.find_binary("jailer") {

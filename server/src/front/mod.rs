@@ -63,10 +63,7 @@ impl Access {
 }
 
 fn supplementary_groups(pid: i32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
+    crate::host::status_field(pid as u32, "Groups")
         .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
         .unwrap_or_default()
 }

@@ -104,7 +104,9 @@ impl Network {
             if in_use.contains(name.as_str()) {
                 continue;
             }
-            if idle.len() < pool_size {
+            // A leftover may still be the uid's of a Firecracker VM that died with no daemon watching (or have
+            // no owner at all, made by an older daemon): pooled only once it is root's again.
+            if idle.len() < pool_size && tap::set_owner(&name, 0, 0).is_ok() {
                 attach(&handle, index, bridge_index).await?;
                 idle.push(name);
             } else {

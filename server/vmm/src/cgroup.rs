@@ -94,12 +94,29 @@ const OWN_MOUNTS: &str = "/run/banger-cgroup";
 impl Hierarchy {
     /// Finds (or mounts) the hierarchies the daemon's cgroups are in.
     pub fn detect() -> Result<Hierarchy, CgroupError> {
-        let own =
-            std::fs::read_to_string("/proc/self/cgroup").map_err(io("reading", Path::new("/proc/self/cgroup")))?;
-        Self::from_proc(&own, &mounts())
+        Self::find(true)
     }
 
-    fn from_proc(own: &str, mounts: &[(String, PathBuf, String)]) -> Result<Hierarchy, CgroupError> {
+    /// `detect`, mounting nothing: for clean-up, which must not mount hierarchies no VM was ever put in.
+    pub fn mounted() -> Result<Hierarchy, CgroupError> {
+        Self::find(false)
+    }
+
+    fn find(mount: bool) -> Result<Hierarchy, CgroupError> {
+        let own =
+            std::fs::read_to_string("/proc/self/cgroup").map_err(io("reading", Path::new("/proc/self/cgroup")))?;
+        let mount_own = |fstype: &str, options: &str, at: &Path| match mount {
+            true => mount_own(fstype, options, at),
+            false => Err(CgroupError::Unavailable(format!("{} is not mounted", at.display()))),
+        };
+        Self::from_proc(&own, &mounts(), mount_own)
+    }
+
+    fn from_proc(
+        own: &str,
+        mounts: &[(String, PathBuf, String)],
+        mount_own: impl Fn(&str, &str, &Path) -> Result<PathBuf, CgroupError>,
+    ) -> Result<Hierarchy, CgroupError> {
         let mut v1 = vec![];
         let mut v2_path = None;
         for line in own.lines() {
@@ -288,6 +305,20 @@ impl Hierarchy {
         }
     }
 
+    /// Every process in a VM's cgroups (its VMM, its helpers, and whatever they started): all of them the
+    /// VM's, whatever their command lines say now.
+    pub fn processes_of(&self, vm_id: &str) -> Vec<u32> {
+        let mut pids: Vec<u32> = self
+            .dirs_of(vm_id)
+            .iter()
+            .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
+            .flat_map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect::<Vec<u32>>())
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
     /// The cgroup folders a VM's processes would be in (whether or not they exist).
     pub fn dirs_of(&self, vm_id: &str) -> Vec<PathBuf> {
         match self {
@@ -396,7 +427,7 @@ mod tests {
             ("cgroup".to_string(), PathBuf::from("/sys/fs/cgroup/blkio"), "rw,blkio".to_string()),
         ];
         let own = "9:name=systemd:/\n8:pids:/\n7:blkio:/\n4:memory:/sandbox/x\n1:cpu,cpuacct:/\n0::/\n";
-        let h = Hierarchy::from_proc(own, &mounts).unwrap();
+        let h = Hierarchy::from_proc(own, &mounts, mount_own).unwrap();
         let Hierarchy::V1 { controllers } = &h else { panic!("{h:?}") };
         let names: Vec<&str> = controllers.iter().map(|(c, _, _)| c.as_str()).collect();
         assert_eq!(names, ["pids", "blkio", "memory", "cpu"]);
@@ -405,7 +436,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("cgroup.controllers"), "cpu memory pids\n").unwrap();
         let v2 = vec![("cgroup2".to_string(), dir.path().to_path_buf(), "rw".to_string())];
-        let h = Hierarchy::from_proc("0::/system.slice/bangerd.service\n", &v2).unwrap();
+        let h = Hierarchy::from_proc("0::/system.slice/bangerd.service\n", &v2, mount_own).unwrap();
         assert_eq!(h.dirs_of("v"), [dir.path().join("system.slice/bangerd.service/banger/v")]);
     }
 }

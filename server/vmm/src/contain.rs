@@ -68,9 +68,10 @@ impl Containment {
     ) -> std::io::Result<Jail> {
         let mut binds = vec![Bind::writable(dir)];
         binds.extend(anchor.map(|a| Bind::writable(dir).seen_at(a)));
+        let live = uids_running();
         for f in files {
             grant(f, self.readers_gid, 0o040)?;
-            allow_uid_read(f, self.uid)?;
+            allow_uid_read(f, self.uid, &live)?;
             binds.push(Bind::read_only(f));
         }
         Ok(Jail {
@@ -137,13 +138,16 @@ const ACL_READ: u16 = 4;
 
 /// Adds an entry letting `uid` read `path` to its access ACL (made from its mode if it has none), with the
 /// mask widened to let it through. The entry is the read right the readers group already has, for a process
-/// that cannot have that group (Firecracker under its jailer); entries are left in place when the VM goes
-/// (a uid is only ever a banger VMM's, and uids are reused lowest first, so they do not pile up).
-pub fn allow_uid_read(path: &Path, uid: u32) -> std::io::Result<()> {
+/// that cannot have that group (Firecracker under its jailer). Entries of other uids no process in `live`
+/// runs as go at the same time, so a file keeps about one entry per running Firecracker (the caller holds
+/// off other launches until its Firecracker runs as its uid: `lib.rs` `FC_GRANTS`).
+pub fn allow_uid_read(path: &Path, uid: u32, live: &HashSet<u32>) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "a path with a NUL byte"))?;
-    let mut buf = vec![0u8; 4096];
+    // SAFETY: a valid C string; a null buffer of length 0 asks for the size.
+    let size = unsafe { libc::getxattr(c.as_ptr(), ACL_XATTR.as_ptr(), std::ptr::null_mut(), 0) };
+    let mut buf = vec![0u8; size.max(0) as usize + 64];
     // SAFETY: a valid C string and a buffer of the length given.
     let n = unsafe { libc::getxattr(c.as_ptr(), ACL_XATTR.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     let mut entries = if n >= 0 {
@@ -159,12 +163,15 @@ pub fn allow_uid_read(path: &Path, uid: u32) -> std::io::Result<()> {
         let bits = |shift: u32| ((mode >> shift) & 7) as u16;
         vec![(ACL_USER_OBJ, bits(6), ACL_NO_ID), (ACL_GROUP_OBJ, bits(3), ACL_NO_ID), (ACL_OTHER, bits(0), ACL_NO_ID)]
     };
+    let stale = |tag: u16, id: u32| tag == ACL_USER && id != uid && !live.contains(&id);
     if entries.iter().any(|&(tag, perm, id)| tag == ACL_USER && id == uid && perm & ACL_READ != 0)
         && entries.iter().any(|&(tag, perm, _)| tag == ACL_MASK && perm & ACL_READ != 0)
+        && !entries.iter().any(|&(tag, _, id)| stale(tag, id))
     {
         return Ok(());
     }
-    entries.retain(|&(tag, _, id)| !(tag == ACL_USER && id == uid));
+    // Its own entry is written afresh below; stale ones go.
+    entries.retain(|&(tag, _, id)| tag != ACL_USER || (id != uid && live.contains(&id)));
     entries.push((ACL_USER, ACL_READ, uid));
     // The mask bounds every named entry and the owning group; without one it is the owning group's bits.
     let group = entries.iter().find(|e| e.0 == ACL_GROUP_OBJ).map(|e| e.1).unwrap_or(0);
@@ -181,7 +188,18 @@ pub fn allow_uid_read(path: &Path, uid: u32) -> std::io::Result<()> {
     }
     // SAFETY: a valid C string and a buffer of the length given.
     if unsafe { libc::setxattr(c.as_ptr(), ACL_XATTR.as_ptr(), out.as_ptr().cast(), out.len(), 0) } < 0 {
-        return Err(std::io::Error::last_os_error());
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!(
+                    "{}: its filesystem has no POSIX ACLs, which Firecracker under its jailer needs to read image \
+                     files; keep banger's state directory on ext4, xfs or btrfs (ACLs on)",
+                    path.display()
+                ),
+            ));
+        }
+        return Err(e);
     }
     Ok(())
 }
@@ -269,28 +287,17 @@ impl Ids {
 
     /// Uids of the range some process runs as.
     fn running(&self) -> HashSet<u32> {
-        let Ok(procs) = std::fs::read_dir("/proc") else { return Default::default() };
-        procs
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
-            .filter(|e| !is_zombie(&e.path()))
-            .filter_map(|e| e.metadata().ok().map(|m| m.uid()))
-            .filter(|u| self.contains(*u))
-            .collect()
+        uids_running().into_iter().filter(|u| self.contains(*u)).collect()
     }
 }
 
-/// A process that has exited and awaits its parent's wait: it runs nothing and holds nothing but its pid.
-fn is_zombie(proc_dir: &Path) -> bool {
-    std::fs::read_to_string(proc_dir.join("stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
-        .unwrap_or(false)
-}
-
-/// The uid a process runs as (from /proc), to report a VM's identity as the kernel sees it.
-pub fn process_uid(pid: u32) -> Option<u32> {
-    std::fs::metadata(format!("/proc/{pid}")).ok().map(|m| m.uid())
+/// The uids live processes run as (the kernel's process table; zombies hold none).
+pub fn uids_running() -> HashSet<u32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return Default::default() };
+    procs
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(crate::host::process_uid)
+        .collect()
 }
 
 #[cfg(test)]
@@ -395,8 +402,10 @@ mod jailed {
         grant(&image, 1_900_000_000, 0o040).unwrap();
         let (fc, other) = (1_900_065_201, 1_900_065_202);
         assert!(!read_as(&image, fc), "no read before the entry");
-        allow_uid_read(&image, fc).unwrap();
-        allow_uid_read(&image, fc).unwrap();
+        let nobody_runs = HashSet::new();
+        allow_uid_read(&image, other, &nobody_runs).unwrap();
+        allow_uid_read(&image, fc, &nobody_runs).unwrap();
+        allow_uid_read(&image, fc, &nobody_runs).unwrap();
         assert!(read_as(&image, fc), "its uid reads");
         assert!(!read_as(&image, other), "another uid does not");
         let meta = std::fs::metadata(&image).unwrap();
@@ -406,7 +415,12 @@ mod jailed {
         // SAFETY: a valid C string and a buffer of the length given.
         let n = unsafe { libc::getxattr(c.as_ptr(), ACL_XATTR.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         let entries = parse_acl(&buf[..n as usize]).unwrap();
-        assert_eq!(entries.iter().filter(|e| e.0 == ACL_USER).count(), 1, "one entry however often: {entries:?}");
+        // One entry however often it is added, and the entry of a uid no process runs as went with it.
+        let named: Vec<u32> = entries.iter().filter(|e| e.0 == ACL_USER).map(|e| e.2).collect();
+        assert_eq!(named, [fc], "{entries:?}");
+        // A uid some process runs as keeps its entry.
+        allow_uid_read(&image, other, &[fc].into()).unwrap();
+        assert!(read_as(&image, fc) && read_as(&image, other), "both entries kept");
     }
 
     /// A contained process writes the files the daemon gave its VM's folder, makes its own there, and can

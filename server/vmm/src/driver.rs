@@ -205,8 +205,17 @@ impl Driver {
         }
     }
 
-    /// Starts the VM's VMM process from `spec` and returns once it runs (not once the guest is ready).
+    /// Starts the VM's VMM process from `spec` and returns once it runs (not once the guest is ready). On
+    /// failure, whichever step failed, nothing of it is left: no helper, jail or cgroup (`undo_launch`).
     pub async fn launch(&self, spec: &BootSpec) -> Result<Launched, VmmError> {
+        let launched = self.launch_vmm(spec).await;
+        if launched.is_err() {
+            super::undo_launch(spec).await;
+        }
+        launched
+    }
+
+    async fn launch_vmm(&self, spec: &BootSpec) -> Result<Launched, VmmError> {
         match self {
             Driver::Qemu(q) => {
                 // QEMU daemonizes under umask 027: what it creates would be group-readable. The console (what
@@ -276,7 +285,11 @@ impl Driver {
                     what: "restoring firecracker".into(),
                     detail: "a Firecracker template has an anchor folder".into(),
                 })?;
-                super::restore_firecracker(&f.tools, spec, anchor, snapshot).await?
+                let restored = super::restore_firecracker(&f.tools, spec, anchor, snapshot).await;
+                if restored.is_err() {
+                    super::undo_launch(spec).await;
+                }
+                restored?
             }
         };
         let resumed = async {

@@ -57,7 +57,23 @@ pub fn process_matches(pid: u32, marker: &str) -> bool {
     }
 }
 
-fn is_zombie(pid: u32) -> bool {
+/// A line of /proc/PID/status: what follows `name:`, trimmed.
+pub fn status_field(pid: u32, name: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')).map(|v| v.trim().to_string())
+}
+
+/// The real uid a live process runs as, from its status (not the owner of /proc/PID, which a process that
+/// makes itself non-dumpable hands to root); `None` for a zombie, which holds nothing but its pid.
+pub fn process_uid(pid: u32) -> Option<u32> {
+    if is_zombie(pid) {
+        return None;
+    }
+    status_field(pid, "Uid")?.split_whitespace().next()?.parse().ok()
+}
+
+/// A process that has exited and awaits its parent's wait.
+pub fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))

@@ -23,6 +23,7 @@ pub mod jail;
 pub mod net;
 pub mod qemu;
 pub mod qmp;
+pub mod sealed_ram;
 pub mod syscall_filter;
 pub mod tap;
 
@@ -392,8 +393,8 @@ fn contained_files(paths: &VmPaths, spec: &BootSpec) -> Vec<PathBuf> {
 }
 
 /// The files from outside a VM's folder its VMM reads: kernel, initrd, the image's disks and every file in
-/// its disks' backing chains, a clone's template RAM (writable where QEMU opens it so: before 8.2).
-fn outside_files(spec: &BootSpec, ram_writable: bool) -> Vec<jail::Bind> {
+/// its disks' backing chains. (A clone's template RAM is not among them: it gets a sealed copy's descriptor.)
+fn outside_files(spec: &BootSpec) -> Vec<jail::Bind> {
     let mut files: Vec<jail::Bind> = vec![jail::Bind::read_only(&spec.kernel)];
     files.extend(spec.initrd.iter().map(jail::Bind::read_only));
     for d in &spec.drives {
@@ -401,9 +402,6 @@ fn outside_files(spec: &BootSpec, ram_writable: bool) -> Vec<jail::Bind> {
             files.push(jail::Bind::read_only(&d.path));
         }
         files.extend(contain::backing_chain(&d.path).into_iter().map(jail::Bind::read_only));
-    }
-    if let GuestMemory::CloneOf(ram) = &spec.memory {
-        files.push(if ram_writable { jail::Bind::writable(ram) } else { jail::Bind::read_only(ram) });
     }
     files.retain(|f| !f.path.starts_with(&spec.dir));
     files
@@ -455,14 +453,16 @@ fn spawn_detached(
 
 /// Removes what contained a VM's processes once they are gone: its jail's root folder and its cgroups.
 pub async fn remove_containment(vm_id: &str) {
-    let root = jail::root_for(vm_id);
-    if !root.exists() {
-        return;
-    }
-    if let Ok(h) = cgroup::Hierarchy::detect() {
+    if let Ok(h) = cgroup::Hierarchy::mounted() {
         let dirs = h.dirs_of(vm_id);
-        // A cgroup goes once its last task is reaped, which can trail the kill by a moment.
+        // A cgroup goes once its last task is reaped, which can trail the kill by a moment. Whatever is still
+        // in it is the VM's (a helper that rewrote its command line would escape `kill`'s marker check).
         for _ in 0..40 {
+            for pid in h.processes_of(vm_id) {
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+                reap(pid);
+            }
             cgroup::remove_dirs(&dirs);
             if dirs.iter().all(|d| !d.exists()) {
                 break;
@@ -470,7 +470,17 @@ pub async fn remove_containment(vm_id: &str) {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
-    remove_empty_tree(&root);
+    let root = jail::root_for(vm_id);
+    if root.exists() {
+        remove_empty_tree(&root);
+    }
+}
+
+/// Undoes a launch that failed, whichever step it failed at: the helper started for it, its jail's folder,
+/// and its cgroup (with anything left in it).
+pub(crate) async fn undo_launch(spec: &BootSpec) {
+    stop_helpers(&spec.dir).await;
+    remove_containment(&spec.vm_id).await;
 }
 
 /// Removes `dir` and the folders below it, if they hold nothing but folders (a jail's root stays empty on the
@@ -545,11 +555,13 @@ pub(crate) async fn launch_firecracker(cfg: &Tools, spec: &BootSpec) -> Result<L
     }
     .await;
     if let Err(e) = started {
-        stop_firecracker(&start, machine.pid).await;
+        kill(machine.pid, &spec.vm_id).await;
         return Err(fc_err(e));
     }
     Ok(Launched { pid: machine.pid })
 }
+
+static FC_GRANTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// What starting one VM's Firecracker takes.
 struct FcStart<'a> {
@@ -568,8 +580,8 @@ struct FcStart<'a> {
 /// Starts a VM's Firecracker, answering on its API socket in the VM's folder: through its jailer when the VM
 /// is contained (see `fc_jail`), with its TAP handed to the VM's uid (Firecracker opens it by name); directly
 /// otherwise, seeing its folder at the anchor in a mount namespace of its own. Its pid is written to the
-/// VM's pid file at once, so a daemon that dies from here on still finds (and cleans up) the process. On
-/// failure nothing of it is left: no process, jail or cgroup.
+/// VM's pid file at once, so a daemon that dies from here on still finds (and cleans up) the process. What a
+/// failure leaves (jail, cgroup) the driver's launch removes (`undo_launch`).
 async fn start_firecracker(cfg: &Tools, s: &FcStart<'_>) -> Result<firecracker::FcMachine, VmmError> {
     let bin = cfg.find_binary("firecracker").ok_or(VmmError::MissingBinary { binary: "firecracker" })?;
     let fc_err = |source: firecracker::FcError| VmmError::Firecracker { what: "starting firecracker", source };
@@ -607,31 +619,21 @@ async fn start_firecracker(cfg: &Tools, s: &FcStart<'_>) -> Result<firecracker::
             chroot_base: &base,
             api_socket: &api_socket,
         };
+        // One launch at a time from granting its uid the image's files until its Firecracker runs as that uid:
+        // granting drops the entries of uids no process runs as (`contain::allow_uid_read`).
+        let granting = FC_GRANTS.lock().await;
         let jail = c
             .jailer_jail(&spec.root(), s.dir, s.anchor, &s.outside)
             .map_err(io("giving the image's files to the VM's uid".into()))?;
         let machine = firecracker::spawn_jailed(&jailer, &spec, &jail, &api_socket, &paths.console_log())
             .await
             .map_err(fc_err)?;
+        drop(granting);
         let _ = host_files::write_fresh(&paths.pidfile(), machine.pid.to_string().as_bytes());
         Ok(machine)
     }
     .await;
-    if started.is_err() {
-        stop_firecracker(s, 0).await;
-    }
     started
-}
-
-/// Ends a Firecracker that never became a running VM (pid 0: none started) and removes its jail and cgroup.
-async fn stop_firecracker(s: &FcStart<'_>, pid: u32) {
-    if pid != 0 {
-        kill(pid, s.vm_id).await;
-    }
-    remove_containment(s.vm_id).await;
-    if let Some(cgroup) = s.contain.and_then(|c| c.cgroup.as_ref()) {
-        cgroup.remove();
-    }
 }
 
 /// Starts a Firecracker clone of a template: its directory (with its copies of the template's disks) seen at
@@ -657,7 +659,7 @@ pub(crate) async fn restore_firecracker(
     };
     let machine = start_firecracker(cfg, &start).await?;
     if let Err(e) = machine.load_snapshot(state, mem, tap).await {
-        stop_firecracker(&start, machine.pid).await;
+        kill(machine.pid, &spec.vm_id).await;
         return Err(VmmError::Firecracker { what: "restoring firecracker", source: e });
     }
     Ok(Launched { pid: machine.pid })

@@ -42,33 +42,15 @@ fn parse_version(text: &str) -> Option<(u32, u32)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
-/// Whether this QEMU maps a file read-only and copy-on-write as guest RAM (`readonly=on,rom=off`, 8.2 and
-/// later): a clone then cannot write its template's memory file. Older QEMU opens the file read-write.
-pub fn maps_ram_read_only(qemu: &Path) -> bool {
-    version(qemu).is_some_and(|v| v >= (8, 2))
-}
-
 /// How much of a VMM's or helper's log a start-up error quotes.
 const LOG_TAIL_BYTES: u64 = 16 * 1024;
 
 /// The descriptor number a contained QEMU gets its TAP at (`-netdev tap,fd=3`).
 const TAP_FD: i32 = 3;
+/// The descriptor number a clone gets its template's sealed RAM at (`mem-path=/proc/self/fd/4`).
+const RAM_FD: i32 = 4;
 
 pub async fn launch(cfg: &Tools, accel: QemuAccel, spec: &BootSpec) -> Result<Launched, VmmError> {
-    let launched = launch_inner(cfg, accel, spec).await;
-    if launched.is_err() {
-        // No VMM came up, so nobody else will end the helper started for it or remove its jail and cgroup,
-        // whichever step failed.
-        super::stop_helpers(&spec.dir).await;
-        super::remove_containment(&spec.vm_id).await;
-        if let Some(cgroup) = spec.contain.as_ref().and_then(|c| c.cgroup.as_ref()) {
-            cgroup.remove();
-        }
-    }
-    launched
-}
-
-async fn launch_inner(cfg: &Tools, accel: QemuAccel, spec: &BootSpec) -> Result<Launched, VmmError> {
     let qemu = cfg.find_binary("qemu-system-x86_64").ok_or(VmmError::MissingBinary { binary: "qemu-system-x86_64" })?;
     let paths = VmPaths::new(spec.dir.clone());
     for stale in [paths.channel(), paths.control(), paths.pidfile()] {
@@ -80,7 +62,6 @@ async fn launch_inner(cfg: &Tools, accel: QemuAccel, spec: &BootSpec) -> Result<
     };
     let log = crate::host_files::create_private(&paths.vmm_log()).map_err(io("creating the VMM log"))?;
     log.set_len(0).map_err(io("emptying the VMM log"))?;
-    let ram_read_only = maps_ram_read_only(&qemu);
     if let Some(c) = &spec.contain {
         c.prepare_dir(&spec.dir, &super::contained_files(&paths, spec))
             .map_err(io("giving the VM's folder to its VMM"))?;
@@ -91,21 +72,32 @@ async fn launch_inner(cfg: &Tools, accel: QemuAccel, spec: &BootSpec) -> Result<
     let cmdline = kernel_cmdline(accel, spec, crate::host::tsc_khz());
     let mut args: Vec<String> = vec![];
     let mut push = |a: &[&str]| args.extend(a.iter().map(|s| s.to_string()));
-    match &spec.memory {
-        super::GuestMemory::Anonymous => {}
-        super::GuestMemory::TemplateFile(path) | super::GuestMemory::CloneOf(path) => {
-            let share = match (&spec.memory, ram_read_only) {
-                (super::GuestMemory::TemplateFile(_), _) => "share=on",
-                (_, true) => "share=off,readonly=on,rom=off",
-                (_, false) => "share=off",
-            };
-            let backend = format!(
-                "memory-backend-file,id=mem,size={}M,mem-path={},{share}",
-                spec.memory_mib,
-                path.display().to_string().replace(',', ",,")
-            );
-            push(&["-object", &backend, "-machine", "memory-backend=mem"]);
+    // A clone's RAM is its template's, sealed (`sealed_ram`): every QEMU version maps it copy-on-write and
+    // none can write it, and the template's file is not in the clone's view at all.
+    let sealed_ram = match &spec.memory {
+        super::GuestMemory::CloneOf(path) => {
+            let path = path.clone();
+            let sealed = tokio::task::spawn_blocking(move || crate::sealed_ram::sealed(&path))
+                .await
+                .map_err(|e| VmmError::Io {
+                    what: "sealing the template's RAM".into(),
+                    source: std::io::Error::other(e),
+                })?
+                .map_err(io("sealing the template's RAM"))?;
+            Some(sealed)
         }
+        _ => None,
+    };
+    let ram_backend = match &spec.memory {
+        super::GuestMemory::Anonymous => None,
+        super::GuestMemory::TemplateFile(path) => {
+            Some(format!("mem-path={},share=on", path.display().to_string().replace(',', ",,")))
+        }
+        super::GuestMemory::CloneOf(_) => Some(format!("mem-path=/proc/self/fd/{RAM_FD},share=off")),
+    };
+    if let Some(file) = ram_backend {
+        let backend = format!("memory-backend-file,id=mem,size={}M,{file}", spec.memory_mib);
+        push(&["-object", &backend, "-machine", "memory-backend=mem"]);
     }
     if spec.vsock {
         // vhost-user devices need guest RAM the backend can map: a shared memfd.
@@ -160,12 +152,14 @@ async fn launch_inner(cfg: &Tools, accel: QemuAccel, spec: &BootSpec) -> Result<
         push(&["-incoming", "defer"]);
     }
     let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
-    let fds: Vec<(i32, i32)> = tap.iter().map(|t| (std::os::fd::AsRawFd::as_raw_fd(t), TAP_FD)).collect();
+    let mut fds: Vec<(i32, i32)> = tap.iter().map(|t| (std::os::fd::AsRawFd::as_raw_fd(t), TAP_FD)).collect();
+    fds.extend(sealed_ram.iter().map(|r| (std::os::fd::AsRawFd::as_raw_fd(&r.fd()), RAM_FD)));
     let program = crate::jail::Program { binary: &qemu, args: &args, env: &[], output: &log, fds: &fds };
     let launched = async {
-        let outside = super::outside_files(spec, !ram_read_only);
+        let outside = super::outside_files(spec);
         let pid = super::spawn_detached(spec, &program, &outside, accel == QemuAccel::Kvm, false)?;
         drop(tap);
+        drop(sealed_ram);
         // Written at once, so a daemon that dies from here on still finds (and cleans up) the process.
         let _ = crate::host_files::write_fresh(&paths.pidfile(), pid.to_string().as_bytes());
         // QEMU answers on its control socket once it has started the machine; one that cannot start exits.

@@ -98,11 +98,13 @@ fn create(name: &str) -> std::io::Result<String> {
     let chosen: Vec<u8> = req.ifr_name.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
     let chosen = String::from_utf8(chosen)
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "the kernel named the TAP in non-UTF-8"))?;
+    // Owned before it is made persistent: if that fails, the TAP goes with the descriptor instead of staying
+    // behind with no owner and a name nobody knows.
+    own(&tun, 0, 0)?;
     // SAFETY: TUNSETPERSIST takes an int by value.
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    own(&tun, 0, 0)?;
     Ok(chosen)
 }
 

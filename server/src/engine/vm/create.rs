@@ -333,6 +333,10 @@ impl Engine {
             }
             op.stage("boot");
             self.store.set_vm_state(row.id.clone(), VmState::Starting, Some(entry.pid), None, None).await?;
+            // Restored before it had a record, it runs as a uid of its own already: from now on the VM's.
+            if let Some(uid) = crate::host::process_uid(entry.pid).filter(|u| self.contain.ids.contains(*u)) {
+                self.store.claim_vm_uid(row.id.clone(), uid).await?;
+            }
             op.stage("agent");
             self.reidentify(row, &entry.conn).await?;
             let boot = BootInfo { mode: BootMode::Pool, cold_reason: None, ms: started.elapsed().as_millis() as u64 };

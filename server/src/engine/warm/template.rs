@@ -306,6 +306,15 @@ impl Engine {
             let _ = std::fs::remove_dir_all(&work);
             ApiError::internal(format!("saving the template: {e}")).with_hint(crate::engine::errors::hint::STATE_DIR)
         })?;
+        if matches!(driver, vmm::Driver::Qemu(_)) {
+            // The sealed copy clones map (`sealed_ram`), made now so the first clone does not wait for it; a
+            // failure here is the first clone's to report.
+            let ram = dir.join("ram");
+            let sealed = tokio::task::spawn_blocking(move || vmm::sealed_ram::sealed(&ram)).await;
+            if let Ok(Err(e)) = sealed {
+                tracing::warn!(%generation, error = %e, "sealing the template's RAM");
+            }
+        }
         tracing::info!(image = %image.name, %generation, build_ms = meta.build_ms, "warm-start template ready");
         Ok(Template { dir, meta })
     }
@@ -551,7 +560,12 @@ impl Engine {
                     let _ = tokio::fs::remove_dir_all(&path).await;
                     continue;
                 }
-                if Some(&path) == current.as_ref() || in_use.contains(&path) {
+                if Some(&path) == current.as_ref() {
+                    continue;
+                }
+                // No new clone comes from a generation that is not current: its sealed RAM can go.
+                vmm::sealed_ram::forget(&path.join("ram"));
+                if in_use.contains(&path) {
                     continue;
                 }
                 tracing::info!(template = %path.display(), "removing an unused template generation");
