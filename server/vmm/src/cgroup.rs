@@ -97,7 +97,10 @@ impl Hierarchy {
         Self::find(true)
     }
 
-    /// `detect`, mounting nothing: for clean-up, which must not mount hierarchies no VM was ever put in.
+    /// `detect` for clean-up, which must not mount a hierarchy no VM was ever put in: it mounts only where an
+    /// earlier daemon mounted banger's own (its folder under /run is left). A daemon's mounts live in its mount
+    /// namespace, so the next daemon (`ip netns exec` makes a new one each time) must mount them again to
+    /// reach the cgroups of VMs that died while no daemon watched.
     pub fn mounted() -> Result<Hierarchy, CgroupError> {
         Self::find(false)
     }
@@ -105,7 +108,7 @@ impl Hierarchy {
     fn find(mount: bool) -> Result<Hierarchy, CgroupError> {
         let own =
             std::fs::read_to_string("/proc/self/cgroup").map_err(io("reading", Path::new("/proc/self/cgroup")))?;
-        let mount_own = |fstype: &str, options: &str, at: &Path| match mount {
+        let mount_own = |fstype: &str, options: &str, at: &Path| match mount || at.is_dir() {
             true => mount_own(fstype, options, at),
             false => Err(CgroupError::Unavailable(format!("{} is not mounted", at.display()))),
         };
