@@ -39,6 +39,27 @@ pub struct SessionStartParams {
     /// Extra environment variables (PATH, HOME, USER and LANG are set unless given here).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Text written to its stdin once it runs (add "\n" yourself for line protocols). Up to 8 MiB.
+    #[serde(default)]
+    pub input: Option<String>,
+    /// Close stdin after `input` (the program sees end of file).
+    #[serde(default)]
+    pub eof: bool,
+    /// Wait up to this long (0-60000 ms) for its first output, or its end, and return it in `output`.
+    /// Default 0: return at once.
+    #[serde(default)]
+    #[schemars(range(max = 60000))]
+    pub wait_ms: Option<u64>,
+}
+
+/// A started session, and its first output when `wait_ms` asked for it.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct SessionStartResult {
+    #[serde(flatten)]
+    pub session: SessionInfo,
+    /// Output from offset 0, read after `input` was written (present when `wait_ms` was given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<SessionLogs>,
 }
 
 /// Refers to one session: by id (or unique id prefix), or by name; `vm` narrows the search to one VM.
@@ -81,6 +102,11 @@ pub struct SessionSendParams {
     /// Close the session's stdin after writing (the program sees end of file).
     #[serde(default)]
     pub eof: bool,
+    /// Wait up to this long (0-60000 ms) for output after the write, or the session's end, and return it in
+    /// `output`. Default 0: return at once.
+    #[serde(default)]
+    #[schemars(range(max = 60000))]
+    pub wait_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -90,6 +116,9 @@ pub struct SessionSendResult {
     pub bytes: u64,
     /// Whether stdin is now closed.
     pub stdin_closed: bool,
+    /// Output from where the log ended before the write (present when `wait_ms` was given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<SessionLogs>,
 }
 
 /// Read a session's output log from a cursor, optionally waiting briefly for output that has not arrived.
@@ -147,6 +176,12 @@ pub struct SessionLogs {
     pub chunks: Vec<OutputChunk>,
     /// The session's state when the read finished; `running` means more output may come.
     pub state: SessionState,
+    /// Its exit code, once it `exited`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// The signal that ended it, once it was `killed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
 }
 
 /// Where a session is in its life.
@@ -292,7 +327,25 @@ impl SessionStartParams {
                 return Err(format!("environment variable name `{k}` is invalid"));
             }
         }
-        Ok(())
+        if let Some(input) = &self.input {
+            if input.len() as u64 > MAX_SEND_BYTES {
+                return Err(format!("input is {} bytes; at most {MAX_SEND_BYTES}", input.len()));
+            }
+        }
+        validate_wait(self.wait_ms)
+    }
+}
+
+impl SessionSendParams {
+    pub fn validate(&self) -> Result<(), String> {
+        validate_wait(self.wait_ms)
+    }
+}
+
+fn validate_wait(wait_ms: Option<u64>) -> Result<(), String> {
+    match wait_ms {
+        Some(w) if w > MAX_WAIT_MS => Err(format!("wait_ms must be at most {MAX_WAIT_MS}, got {w}")),
+        _ => Ok(()),
     }
 }
 
@@ -303,12 +356,7 @@ impl SessionLogsParams {
                 return Err(format!("limit must be between 1 and {MAX_LOGS_LIMIT}, got {l}"));
             }
         }
-        if let Some(w) = self.wait_ms {
-            if w > MAX_WAIT_MS {
-                return Err(format!("wait_ms must be at most {MAX_WAIT_MS}, got {w}"));
-            }
-        }
-        Ok(())
+        validate_wait(self.wait_ms)
     }
 }
 

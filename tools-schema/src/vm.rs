@@ -20,7 +20,7 @@ pub const MIN_DISK_GIB: u32 = 1;
 pub const MAX_DISK_GIB: u32 = 1024;
 
 /// Create a VM from an image and boot it. Returns once the guest agent answers.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmCreateParams {
     /// VM name, also its DNS name `<name>.vm`: 1-63 of a-z, 0-9 and `-`, starting with a letter. Generated
@@ -631,6 +631,15 @@ pub fn validate_name(kind: &str, name: &str) -> Result<(), String> {
 }
 
 impl VmCreateParams {
+    /// The same request with vcpus and memory_mib moved into their ranges (what an error offers instead).
+    pub fn within_range(&self) -> VmCreateParams {
+        VmCreateParams {
+            vcpus: self.vcpus.map(|v| v.clamp(MIN_VCPUS, MAX_VCPUS)),
+            memory_mib: self.memory_mib.map(|m| m.clamp(MIN_MEMORY_MIB, MAX_MEMORY_MIB)),
+            ..self.clone()
+        }
+    }
+
     /// Checks every field that can be checked without daemon state.
     pub fn validate(&self) -> Result<(), String> {
         if let Some(n) = &self.name {

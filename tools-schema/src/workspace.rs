@@ -174,6 +174,10 @@ pub struct WorkspaceExportParams {
     #[serde(default)]
     #[schemars(range(min = 0, max = 8388608))]
     pub max_inline_bytes: Option<u64>,
+    /// Delete the VM once its work is safe on the host: the whole patch is in this result and, with
+    /// check_repo, applies cleanly. Otherwise the VM is kept and `kept_because` says why.
+    #[serde(default)]
+    pub delete: bool,
 }
 
 impl WorkspaceExportParams {
@@ -262,6 +266,12 @@ pub struct WorkspaceExportResult {
     /// Present when `check_repo` was given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<ApplyCheck>,
+    /// Whether the VM was deleted (`delete`).
+    #[serde(default)]
+    pub deleted: bool,
+    /// Why a `delete` was not done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_because: Option<String>,
 }
 
 /// An absolute host path without NULs or newlines (git and tar take it as an argument).

@@ -188,9 +188,11 @@ fn progress_forwarder(
     (Arc::new(ProgressChannel(tx.clone())), tx)
 }
 
-/// A failed call: `isError` with the typed error (`{code, message, hint}`) as JSON text. Not as
+/// A failed call: `isError` with the typed error (`{code, message, hint, next}`) as JSON text, its hint ending
+/// with the next steps as tool calls (`ApiError::for_mcp`). Not as
 /// structuredContent: clients validate that against the tool's output schema, which describes success.
 fn error_result(e: ApiError) -> CallToolResult {
+    let e = e.for_mcp();
     CallToolResult::error(vec![ContentBlock::text(serde_json::to_string(&e).unwrap_or_else(|_| e.display_with_hint()))])
 }
 
