@@ -192,25 +192,24 @@ size, mode, checksum, and next_offset when there is more."),
             (WorkspacePrepare, workspace_prepare, "workspace.prepare",
              $crate::workspace::WorkspacePrepareParams, $crate::workspace::WorkspacePrepareResult, false, true, false,
              "Copy a host git repository into a running VM at /root/repo: its history (same HEAD), tracked files \
-with uncommitted edits, and in full mode untracked files and submodules; the guest commits as the host's \
-user. Returns base_commit, which workspace_export diffs against. Cancelling keeps nothing half-made."),
+with uncommitted edits, in full mode also untracked files and submodules. Returns base_commit, which \
+workspace_export diffs against. Cancelling keeps nothing half-made."),
             (WorkspaceExport, workspace_export, "workspace.export",
              $crate::workspace::WorkspaceExportParams, $crate::workspace::WorkspaceExportResult, false, true, false,
-             "One binary-safe patch of everything the guest changed in /root/repo since the prepare base (its \
-commits, uncommitted and untracked changes, deletions, renames), with the changed files. check_repo: whether it \
-applies cleanly to that host repository; delete: then delete the VM (only once the patch is safely here)."),
+             "One binary-safe patch of everything the guest changed in /root/repo since the prepare base (commits, \
+uncommitted and untracked changes, deletions, renames), with the changed files; check_repo checks it applies \
+there, delete then deletes the VM."),
             (VmLogs, vm_logs, "vm.logs",
              $crate::vm::VmLogsParams, $crate::vm::VmLogs, true, false, true,
              "Return the tail of a VM's console (boot) log. The first place to look when a VM failed to start."),
             (SessionStart, session_start, "session.start",
              $crate::session::SessionStartParams, $crate::session::SessionStartResult, false, false, false,
              "Start a long-lived command (a session) in a running VM; it survives daemon restarts and \
-client disconnects. input feeds its stdin at once and wait_ms returns its first output; then session_send, \
-session_logs."),
+client disconnects. input feeds its stdin, wait_ms returns its first output."),
             (SessionSend, session_send, "session.send",
              $crate::session::SessionSendParams, $crate::session::SessionSendResult, false, false, false,
-             "Write data to a session's stdin (add \"\\n\" for line protocols), whole, so concurrent sends never \
-interleave; eof: true closes stdin afterwards; wait_ms returns the output that follows."),
+             "Write data to a session's stdin, whole (concurrent sends never interleave); wait_ms returns the \
+output that follows."),
             (SessionLogs, session_logs, "session.logs",
              $crate::session::SessionLogsParams, $crate::session::SessionLogs, true, false, true,
              "Read a session's output (stdout and stderr in order, each chunk labelled) from a byte cursor: \

@@ -27,7 +27,7 @@ pub const MAX_WAIT_MS: u64 = 60_000;
 pub struct SessionStartParams {
     /// VM name or id.
     pub vm: String,
-    /// Session name, unique within the VM (VM name rules). Optional; the id always works.
+    /// Session name, unique in the VM (VM name rules); the id always works.
     #[serde(default)]
     pub name: Option<String>,
     /// Program and arguments, e.g. ["python3", "-u", "agent.py"]. Use ["sh", "-c", "..."] for shell syntax.
@@ -36,17 +36,16 @@ pub struct SessionStartParams {
     /// Absolute working directory in the guest. Default /root.
     #[serde(default)]
     pub cwd: Option<String>,
-    /// Extra environment variables (PATH, HOME, USER and LANG are set unless given here).
+    /// Extra environment variables (PATH, HOME, USER and LANG are set unless given).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// Text written to its stdin once it runs (add "\n" yourself for line protocols). Up to 8 MiB.
+    /// Written to its stdin once it runs (add "\n" for line protocols).
     #[serde(default)]
     pub input: Option<String>,
-    /// Close stdin after `input` (the program sees end of file).
+    /// Close stdin after `input`.
     #[serde(default)]
     pub eof: bool,
-    /// Wait up to this long (0-60000 ms) for its first output, or its end, and return it in `output`.
-    /// Default 0: return at once.
+    /// Wait up to this many ms for its first output (or its end), returned in `output`.
     #[serde(default)]
     #[schemars(range(max = 60000))]
     pub wait_ms: Option<u64>,
@@ -77,7 +76,9 @@ pub struct SessionRef {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SessionStopParams {
+    /// Session id, id prefix or name.
     pub session: String,
+    /// Its VM, if the name is used in several.
     #[serde(default)]
     pub vm: Option<String>,
     /// Seconds to wait after SIGTERM before SIGKILL (0-300). Default 5.
@@ -91,19 +92,20 @@ pub struct SessionStopParams {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SessionSendParams {
+    /// Session id, id prefix or name.
     pub session: String,
+    /// Its VM, if the name is used in several.
     #[serde(default)]
     pub vm: Option<String>,
-    /// The bytes to write, as given (add "\n" yourself for line protocols). Up to 8 MiB.
+    /// The bytes to write (add "\n" for line protocols), up to 8 MiB.
     pub data: String,
     /// `text` (default) or `base64` for binary data.
     #[serde(default)]
     pub encoding: Option<ContentEncoding>,
-    /// Close the session's stdin after writing (the program sees end of file).
+    /// Close stdin after writing.
     #[serde(default)]
     pub eof: bool,
-    /// Wait up to this long (0-60000 ms) for output after the write, or the session's end, and return it in
-    /// `output`. Default 0: return at once.
+    /// Wait up to this many ms for the output that follows (or its end), returned in `output`.
     #[serde(default)]
     #[schemars(range(max = 60000))]
     pub wait_ms: Option<u64>,
@@ -125,7 +127,9 @@ pub struct SessionSendResult {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SessionLogsParams {
+    /// Session id, id prefix or name.
     pub session: String,
+    /// Its VM, if the name is used in several.
     #[serde(default)]
     pub vm: Option<String>,
     /// Byte offset to read from (the `next_offset` of the previous read). Default 0: from the start.
@@ -265,7 +269,9 @@ pub struct SessionListParams {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SessionFollowParams {
+    /// Session id, id prefix or name.
     pub session: String,
+    /// Its VM, if the name is used in several.
     #[serde(default)]
     pub vm: Option<String>,
     /// Log offset to start from. Default: the current end (only new output); 0 replays everything.

@@ -309,15 +309,14 @@ pub struct VmExecParams {
     /// Working directory inside the guest. Default `/root`.
     #[serde(default)]
     pub cwd: Option<String>,
-    /// Text for the command's standard input (then closed). Without it stdin is empty.
+    /// Text for its stdin (then closed); empty without it.
     #[serde(default)]
     pub stdin: Option<String>,
     /// Kill the command after this many seconds (1-86400). Default 600.
     #[serde(default)]
     #[schemars(range(min = 1, max = 86400))]
     pub timeout_secs: Option<u64>,
-    /// Bytes of each output stream in the result (default 256 KiB, at most 8 MiB); read the rest with
-    /// vm_exec_output and `output_id`.
+    /// Bytes of each output stream in the result (default 256 KiB); the rest via vm_exec_output.
     #[serde(default)]
     #[schemars(range(min = 0, max = 8388608))]
     pub max_inline_bytes: Option<u64>,

@@ -250,9 +250,9 @@ fn instructions(sets: &[Toolset]) -> String {
     let mut text = String::from(
         "banger runs microVM sandboxes on this host. Create one with vm_create (or vm_run, which also puts a host \
          repository in it), run commands with vm_exec, and delete it with vm_delete when done. Every tool returns \
-         structured content; a failed call has isError set and its text is a JSON error {code, message, hint}: \
-         code tells not_found from busy from guest_unreachable from invalid_argument, and hint says what to do \
-         next.",
+         structured content; a failed call has isError set and its text is a JSON error {code, message, hint, \
+         next}: code tells not_found from busy from guest_unreachable from invalid_argument, hint says what to \
+         do, and next lists the tool calls that would help, with their arguments.",
     );
     text.push_str(&format!(" Toolsets listed: {listed}."));
     if !more.is_empty() {
