@@ -179,8 +179,8 @@ return how to ssh into it: its address and the ssh options (root, banger's manag
 against banger's known_hosts). `ready` says whether sshd answered in time."),
             (VmPorts, vm_ports, "vm.ports",
              $crate::vm::VmRef, $crate::vm::VmPorts, true, false, true,
-             "List a running VM's listening ports with their process and where to reach each from the host \
-(<name>.vm:PORT); web services come back as http(s) URLs."),
+             "A running VM's listening ports, their processes and where to reach each from the host \
+(<name>.vm:PORT; web services as http(s) URLs)."),
             (VmFileWrite, vm_file_write, "vm.file_write",
              $crate::vm::VmFileWriteParams, $crate::vm::VmFileWriteResult, false, true, false,
              "Write a file in a running VM (text, or base64 for binary; up to 8 MiB per call, append for more), \

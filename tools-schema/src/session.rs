@@ -135,12 +135,11 @@ pub struct SessionLogsParams {
     /// Byte offset to read from (the `next_offset` of the previous read). Default 0: from the start.
     #[serde(default, alias = "from")]
     pub offset: Option<u64>,
-    /// Most bytes to return (1-1048576). Default 65536; `more` says when there is more to read.
+    /// Most bytes to return (default 65536); `more` says if there is more.
     #[serde(default)]
     #[schemars(range(min = 1, max = 1048576))]
     pub limit: Option<u64>,
-    /// Wait up to this long (0-60000 ms) for output or the session's end when nothing new is at `offset`.
-    /// Default 0.
+    /// Wait up to this many ms for output (or its end) when nothing new is at `offset`.
     #[serde(default)]
     #[schemars(range(max = 60000))]
     pub wait_ms: Option<u64>,

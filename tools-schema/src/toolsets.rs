@@ -195,4 +195,22 @@ mod tests {
         println!("default toolset: {total} bytes");
         assert!(total <= 12 << 10, "the default toolset costs {total} bytes of an agent's context");
     }
+
+    /// Every parameter of every tool says what it is (a nested object's own fields may rely on it, as vm_run's
+    /// `create` relies on vm_create).
+    #[test]
+    fn every_parameter_of_every_tool_is_described() {
+        use crate::portable::{portable, Direction};
+        let mut undescribed = vec![];
+        for op in OPERATIONS {
+            let schema = portable((op.params_schema)(), Direction::Input);
+            let properties = schema.get("properties").and_then(|p| p.as_object()).cloned().unwrap_or_default();
+            for (name, property) in properties {
+                if property.get("description").and_then(|d| d.as_str()).is_none_or(str::is_empty) {
+                    undescribed.push(format!("{}.{name}", op.tool_name()));
+                }
+            }
+        }
+        assert!(undescribed.is_empty(), "parameters without a description: {undescribed:?}");
+    }
 }

@@ -306,7 +306,7 @@ pub struct VmExecParams {
     /// Extra environment variables.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// Working directory inside the guest. Default `/root`.
+    /// Working directory in the guest (default /root).
     #[serde(default)]
     pub cwd: Option<String>,
     /// Text for its stdin (then closed); empty without it.
@@ -542,6 +542,7 @@ pub enum ContentEncoding {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmFileWriteParams {
+    /// VM name or id.
     pub vm: String,
     /// Absolute path in the guest.
     pub path: String,
@@ -573,6 +574,7 @@ pub struct VmFileWriteResult {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmFileReadParams {
+    /// VM name or id.
     pub vm: String,
     /// Absolute path in the guest.
     pub path: String,
