@@ -52,6 +52,20 @@ if [[ ! -f $CACHE/npm/playwright-core-$PLAYWRIGHT_VERSION/node_modules/playwrigh
   (cd "$CACHE/npm/playwright-core-$PLAYWRIGHT_VERSION" && npm install -q --no-fund --no-audit --loglevel=error \
     "playwright-core@$PLAYWRIGHT_VERSION" >/dev/null)
 fi
+# The coding agents' own CLIs, at the versions the debian-agent image installs (read from its recipe), check
+# that they see banger connected.
+AGENT_CLIS="$(grep -oE '(@anthropic-ai/claude-code|opencode-ai)@[0-9.]+' "$ROOT/images/debian-agent/recipe.sh" | sort | tr '\n' ' ')"
+AGENT_CLIS_DIR="$CACHE/npm/agent-clis-$(echo "$AGENT_CLIS" | sha256sum | cut -c1-12)"
+if [[ ! -x $AGENT_CLIS_DIR/node_modules/.bin/claude || ! -x $AGENT_CLIS_DIR/node_modules/.bin/opencode ]]; then
+  log "installing the agent CLIs ($AGENT_CLIS)"
+  rm -rf "$AGENT_CLIS_DIR" "$AGENT_CLIS_DIR.tmp"
+  mkdir -p "$AGENT_CLIS_DIR.tmp"
+  # shellcheck disable=SC2086 # one word per package
+  (cd "$AGENT_CLIS_DIR.tmp" && npm install -q --no-fund --no-audit --loglevel=error $AGENT_CLIS >/dev/null)
+  mv "$AGENT_CLIS_DIR.tmp" "$AGENT_CLIS_DIR"
+fi
+export BANGER_TEST_CLAUDE="$AGENT_CLIS_DIR/node_modules/.bin/claude"
+export BANGER_TEST_OPENCODE="$AGENT_CLIS_DIR/node_modules/.bin/opencode"
 export BANGER_TEST_PLAYWRIGHT="$CACHE/npm/playwright-core-$PLAYWRIGHT_VERSION/node_modules/playwright-core"
 export BANGER_TEST_PYTHON_MCP="$CACHE/venv/mcp-$MCP_PY_VERSION/bin/python"
 export BANGER_TEST_MCP_INSPECTOR="$CACHE/npm/inspector-$INSPECTOR_VERSION/node_modules/.bin/mcp-inspector"

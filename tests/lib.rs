@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 
 pub use serde_json::{json, Value};
 
+/// A connected MCP client (`TestDaemon::mcp_client`).
+pub type McpClient = rmcp::service::RunningService<rmcp::RoleClient, ()>;
+
 /// The workspace's built binaries (built by `cargo build --workspace` before the tests run).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -56,6 +59,19 @@ pub fn mcp_error(result: &Value) -> Value {
     assert_eq!(result["isError"], true, "expected a failed tool call: {result}");
     let text = result["content"][0]["text"].as_str().unwrap_or_else(|| panic!("error text in {result}"));
     serde_json::from_str(text).unwrap_or_else(|e| panic!("error text is not JSON ({e}): {text}"))
+}
+
+/// The next steps of a typed error (`{code, message, hint, next}`) as `(method, arguments)`.
+pub fn next_steps(e: &Value) -> Vec<(String, Value)> {
+    e["next"]
+        .as_array()
+        .map(|steps| {
+            steps
+                .iter()
+                .map(|s| (s["method"].as_str().unwrap_or_default().to_string(), s["arguments"].clone()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The bridge gateway of the default network config (the host's address on the VM network).
@@ -426,6 +442,15 @@ impl TestDaemon {
             .collect();
         assert_eq!(found.len(), 1, "one VMM for {id}: {:?}", self.processes_of_this_test());
         found[0]
+    }
+
+    /// An MCP client (rmcp) on `banger mcp ARGS` for this daemon, initialised.
+    pub async fn mcp_client(&self, args: &[&str]) -> McpClient {
+        use rmcp::ServiceExt;
+        let mut cmd = tokio::process::Command::new(bin("banger"));
+        cmd.arg("mcp").args(args).env("BANGER_SOCKET", &self.socket);
+        let transport = rmcp::transport::TokioChildProcess::new(cmd).expect("spawn banger mcp");
+        ().serve(transport).await.expect("MCP initialize through banger mcp")
     }
 
     /// Waits for VMM processes of this test to be gone and fails if any remain.

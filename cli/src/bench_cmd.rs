@@ -528,6 +528,7 @@ async fn workspace_throughput(d: &Daemon, vm: &str, payload_mib: u32) -> anyhow:
                 base: None,
                 check_repo: None,
                 max_inline_bytes: None,
+                delete: false,
             })
             .await?;
         if !exported.patch_inline {

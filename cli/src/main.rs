@@ -11,6 +11,7 @@ mod args;
 mod bench_cmd;
 /// The client crate's JSON-RPC client, under the name the commands use.
 mod client {
+    pub use banger_client::next_step;
     pub use banger_client::rpc::*;
 }
 mod cp;
@@ -258,6 +259,58 @@ mod tests {
                 tools_schema::ops::OperationSpec::by_method(method).is_some(),
                 "IRREGULAR names no operation {method}"
             );
+        }
+    }
+
+    /// Every next step an error can carry reads as a command line this CLI accepts: each is rendered
+    /// (`banger_client::next_step`), split as a shell would, and parsed by the CLI's own parser.
+    #[test]
+    fn every_next_step_renders_as_a_command_the_cli_parses() {
+        use serde_json::json;
+        let steps = [
+            ("vm.list", json!({})),
+            ("vm.show", json!({"vm": "dev"})),
+            ("vm.logs", json!({"vm": "dev"})),
+            ("vm.ssh", json!({"vm": "dev"})),
+            ("vm.ports", json!({"vm": "dev"})),
+            ("vm.stats", json!({"vm": "dev"})),
+            ("vm.start", json!({"vm": ["a", "b"]})),
+            ("vm.stop", json!({"vm": "dev"})),
+            ("vm.restart", json!({"vm": "dev"})),
+            ("vm.kill", json!({"vm": "dev"})),
+            ("vm.delete", json!({"vm": ["a", "b"]})),
+            ("vm.exec", json!({"vm": "dev", "cwd": "/root", "command": ["ls", "-la", "<folder>"]})),
+            ("vm.create", json!({"name": "dev", "image": "agent", "vcpus": 2, "memory_mib": 128})),
+            ("vm.run", json!({"path": "/src/app", "create": {"memory_mib": 512}})),
+            ("session.list", json!({"vm": "dev"})),
+            ("session.logs", json!({"session": "s", "vm": "dev"})),
+            ("session.show", json!({"session": "s", "vm": "dev"})),
+            ("session.stop", json!({"session": "s"})),
+            ("session.kill", json!({"session": "s", "vm": "dev"})),
+            ("session.start", json!({"vm": "dev", "cwd": "/root/repo", "command": ["sh", "-c", "echo 'hi'"]})),
+            ("workspace.prepare", json!({"vm": "dev", "path": "/src/my app", "force": true, "mode": "full"})),
+            ("workspace.export", json!({"vm": "dev", "check_repo": "/src/app", "delete": true})),
+            ("image.list", json!({})),
+            ("image.show", json!({"image": "agent"})),
+            ("image.delete", json!({"image": "agent"})),
+            ("image.promote", json!({"image": "agent"})),
+            ("image.warm", json!({"image": "agent", "vcpus": 2, "memory_mib": 1024, "rebuild": true})),
+            (
+                "image.register",
+                json!({"name": "x", "kernel": "/k", "initrd": "/i", "rootfs": "/r.ext4", "make_default": true}),
+            ),
+            ("doctor.run", json!({})),
+            ("daemon.status", json!({})),
+            ("operation.list", json!({})),
+        ];
+        for (method, args) in steps {
+            let step = tools_schema::error::NextStep::new(method, args, "why");
+            let line = banger_client::next_step::command_line(&step);
+            let words = shlex::split(&line).unwrap_or_else(|| panic!("{method}: `{line}` does not split"));
+            assert_eq!(words[0], "banger", "{method} has no command: {line}");
+            if let Err(e) = <super::Cli as clap::Parser>::try_parse_from(&words) {
+                panic!("{method}: `{line}` is not a command the CLI takes: {e}");
+            }
         }
     }
 }

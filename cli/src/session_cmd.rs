@@ -83,6 +83,15 @@ pub struct StartArgs {
     /// Environment variable KEY=VALUE (repeatable).
     #[arg(long = "env", value_parser = crate::args::parse_env)]
     env: Vec<(String, String)>,
+    /// Text for its stdin once it runs (a newline is added).
+    #[arg(long)]
+    input: Option<String>,
+    /// Close its stdin after --input (or at once).
+    #[arg(long)]
+    eof: bool,
+    /// Wait up to this many milliseconds for its first output and print it.
+    #[arg(long, value_name = "MS")]
+    wait_ms: Option<u64>,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -103,6 +112,9 @@ pub struct SendArgs {
     /// Close the session's stdin after this send.
     #[arg(long)]
     eof: bool,
+    /// Wait up to this many milliseconds for the output that follows and print it.
+    #[arg(long, value_name = "MS")]
+    wait_ms: Option<u64>,
 }
 
 #[derive(Args)]
@@ -130,6 +142,18 @@ pub struct LogsArgs {
     /// Keep printing new output until the session ends (or Ctrl-C).
     #[arg(long)]
     follow: bool,
+}
+
+/// A read of a session's output, each chunk to the stream it came from.
+fn print_output(logs: &tools_schema::session::SessionLogs) -> std::io::Result<()> {
+    use std::io::Write;
+    for c in &logs.chunks {
+        match c.stream {
+            OutputStream::Stdout => std::io::stdout().write_all(&decode(c))?,
+            OutputStream::Stderr => std::io::stderr().write_all(&decode(c))?,
+        }
+    }
+    std::io::stdout().flush()
 }
 
 fn decode(c: &OutputChunk) -> Vec<u8> {
@@ -236,12 +260,16 @@ pub async fn run(cmd: SessionCmd, ctx: &Ctx, d: &Daemon) -> anyhow::Result<ExitC
                 command: a.command,
                 cwd: a.cwd,
                 env: a.env.into_iter().collect::<BTreeMap<_, _>>(),
+                input: a.input.map(|i| i + "\n"),
+                eof: a.eof,
+                wait_ms: a.wait_ms,
             };
             p.validate().map_err(|e| anyhow::anyhow!(e))?;
-            let s = d.call::<ops::SessionStart>(&p).await?;
+            let started = d.call::<ops::SessionStart>(&p).await?;
             if ctx.json {
-                output::json(&s);
+                output::json(&started);
             } else {
+                let s = &started.session;
                 let r = s.name.clone().unwrap_or_else(|| s.id.clone());
                 println!(
                     "session {} ({}) runs `{}` in {} (pid {})",
@@ -254,6 +282,9 @@ pub async fn run(cmd: SessionCmd, ctx: &Ctx, d: &Daemon) -> anyhow::Result<ExitC
                 println!("  send input:  banger vm session send {r} 'text'");
                 println!("  attach:      banger vm session attach {r}");
                 println!("  read output: banger vm session logs {r}");
+                if let Some(out) = &started.output {
+                    print_output(out)?;
+                }
             }
         }
         SessionCmd::Send(a) => {
@@ -275,17 +306,21 @@ pub async fn run(cmd: SessionCmd, ctx: &Ctx, d: &Daemon) -> anyhow::Result<ExitC
                 }
             };
             let (data, encoding) = encode(bytes);
-            let p = SessionSendParams { session: a.r.session, vm: a.r.vm, data, encoding, eof: a.eof };
+            let p =
+                SessionSendParams { session: a.r.session, vm: a.r.vm, data, encoding, eof: a.eof, wait_ms: a.wait_ms };
             let r = d.call::<ops::SessionSend>(&p).await?;
             if ctx.json {
                 output::json(&r);
             } else {
-                println!(
+                eprintln!(
                     "sent {} bytes to {}{}",
                     r.bytes,
                     r.session,
                     if r.stdin_closed { " (stdin closed)" } else { "" }
                 );
+                if let Some(out) = &r.output {
+                    print_output(out)?;
+                }
             }
         }
         SessionCmd::Attach(a) => return attach(ctx, d, a).await,
@@ -461,7 +496,14 @@ async fn attach(ctx: &Ctx, d: &Daemon, a: AttachArgs) -> anyhow::Result<ExitCode
                 let Some((bytes, at_eof)) = line else { input_open = false; continue };
                 if !bytes.is_empty() || (at_eof && a.eof) {
                     let (data, encoding) = encode(bytes);
-                    let p = SessionSendParams { session: session.clone(), vm: a.r.vm.clone(), data, encoding, eof: at_eof && a.eof };
+                    let p = SessionSendParams {
+                        session: session.clone(),
+                        vm: a.r.vm.clone(),
+                        data,
+                        encoding,
+                        eof: at_eof && a.eof,
+                        wait_ms: None,
+                    };
                     loop {
                         match daemon.call::<ops::SessionSend>(&p).await {
                             Ok(_) => break,

@@ -223,14 +223,6 @@ pub struct ExecArgs {
     command: Vec<String>,
 }
 
-/// One word for a POSIX shell: single-quoted, with embedded single quotes spelled '\''.
-fn shell_quote(word: &str) -> String {
-    if !word.is_empty() && word.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:@,+".contains(&b)) {
-        return word.to_string();
-    }
-    format!("'{}'", word.replace('\'', r"'\''"))
-}
-
 fn vm_rows(vms: &[VmInfo]) -> Vec<Vec<String>> {
     vms.iter()
         .map(|v| {
@@ -256,7 +248,11 @@ fn print_batch(verb: &str, r: &VmBatchResult, json: bool) -> ExitCode {
     } else {
         for o in &r.results {
             match (&o.info, &o.error) {
-                (_, Some(e)) => eprintln!("{}: {}", o.vm, output::term_lines(&e.display_with_hint())),
+                (_, Some(e)) => eprintln!(
+                    "{}: {}",
+                    o.vm,
+                    output::term_lines(&e.display_with(&crate::client::next_step::command_line))
+                ),
                 (Some(i), None) => println!("{}: {verb} ({})", o.vm, i.state.as_str()),
                 (None, None) => println!("{}: {verb}", o.vm),
             }
@@ -342,7 +338,7 @@ pub async fn run(cmd: VmCmd, ctx: &Ctx) -> anyhow::Result<ExitCode> {
                 .args(ssh.options.iter().flat_map(|o| ["-o", o.as_str()]))
                 .arg(&ssh.host)
                 // ssh hands the remote shell one string; quote each word so it arrives as given.
-                .args(command.iter().map(|w| shell_quote(w)))
+                .args(command.iter().map(|w| crate::client::next_step::shell_quote(w)))
                 .status()
                 .map_err(|e| anyhow::anyhow!("cannot run ssh ({e})\n  hint: apt-get install openssh-client"))?;
             if let Ok(after) = d.call::<ops::VmShow>(&VmRef { vm: vm.clone() }).await {

@@ -53,6 +53,9 @@ pub enum WorkspaceCmd {
         /// Check that the patch applies cleanly to this host repository (default: the current directory).
         #[arg(long, num_args = 0..=1, default_missing_value = ".")]
         check: Option<PathBuf>,
+        /// Then delete the VM, if the whole patch came back (and, with --check, applies cleanly).
+        #[arg(long)]
+        delete: bool,
     },
 }
 
@@ -115,12 +118,13 @@ pub async fn run(cmd: WorkspaceCmd, d: &Daemon, ctx: &Ctx) -> anyhow::Result<Exi
                 println!("  bring changes back: banger vm workspace export {} | git apply", r.vm);
             }
         }
-        WorkspaceCmd::Export { vm, base, output: out_path, check } => {
+        WorkspaceCmd::Export { vm, base, output: out_path, check, delete } => {
             let p = WorkspaceExportParams {
                 vm,
                 base,
                 check_repo: check.as_deref().map(|c| canonical("repository", c)).transpose()?,
                 max_inline_bytes: None,
+                delete,
             };
             p.validate().map_err(|e| anyhow::anyhow!(e))?;
             let r = d.call::<ops::WorkspaceExport>(&p).await?;
@@ -218,6 +222,11 @@ fn summary(r: &WorkspaceExportResult, out: Option<&Path>) {
             lines.push(format!("does NOT apply cleanly to {} (HEAD {}):", c.repo, short(&c.host_head)));
             lines.extend(c.conflicts.iter().map(|l| format!("  {l}")));
         }
+    }
+    if r.deleted {
+        lines.push(format!("deleted VM {}", r.vm));
+    } else if let Some(why) = &r.kept_because {
+        lines.push(format!("kept VM {}: {why}", r.vm));
     }
     // With the patch on stdout, everything else goes to stderr so `| git apply` gets only the patch.
     // File names, ignored names and conflict lines come from the guest's repository.

@@ -1,4 +1,5 @@
 //! Running a program for the host: streamed stdout/stderr, stdin from the host, timeout and cancel.
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -7,10 +8,41 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 use tools_schema::guest::{ExecSpec, ExitStatus, Frame, FrameKind, GuestErrorKind, GuestResponse};
 
-use crate::channel::respond;
+use crate::channel::{respond, Failure};
 
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const CHUNK: usize = 64 * 1024;
+
+/// Where the program is: a path (relative to cwd) or a name on PATH. Errors say exactly which is wrong, by
+/// kind (`ProgramMissing` or `CwdMissing`) and in words naming it.
+pub fn preflight(cwd: &str, program: &str, path_var: &str) -> Result<PathBuf, Failure> {
+    use std::os::unix::fs::PermissionsExt;
+    let no_dir = |message: String| Failure::new(GuestErrorKind::CwdMissing, message);
+    let no_program = |message: String| Failure::new(GuestErrorKind::ProgramMissing, message);
+    match std::fs::metadata(cwd) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(no_dir(format!("working directory {cwd} is not a directory in the guest"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(no_dir(format!("working directory {cwd} does not exist in the guest")))
+        }
+        Err(e) => return Err(no_dir(format!("working directory {cwd}: {e}"))),
+    }
+    let executable = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if program.contains('/') {
+        let path = Path::new(cwd).join(program);
+        return match std::fs::metadata(&path) {
+            Err(_) => Err(no_program(format!("command `{program}` does not exist in the guest"))),
+            Ok(_) if !executable(&path) => Err(no_program(format!("command `{program}` is not an executable file"))),
+            Ok(_) => Ok(path),
+        };
+    }
+    path_var
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(program))
+        .find(|p| executable(p))
+        .ok_or_else(|| no_program(format!("command `{program}` was not found on the guest's PATH ({path_var})")))
+}
 
 pub enum ExecInput {
     Data(Vec<u8>),
@@ -25,6 +57,12 @@ pub async fn run(
     out: mpsc::UnboundedSender<Frame>,
 ) {
     let started = Instant::now();
+    let cwd = spec.cwd.as_deref().unwrap_or("/root");
+    let path_var = spec.env.get("PATH").map(String::as_str).unwrap_or(DEFAULT_PATH);
+    if let Err(f) = preflight(cwd, &spec.argv[0], path_var) {
+        respond(&out, stream, GuestResponse::error(f.kind, f.message));
+        return;
+    }
     let mut cmd = Command::new(&spec.argv[0]);
     cmd.args(&spec.argv[1..])
         .env_clear()
@@ -33,7 +71,7 @@ pub async fn run(
         .env("USER", "root")
         .env("LANG", "C.UTF-8")
         .envs(&spec.env)
-        .current_dir(spec.cwd.as_deref().unwrap_or("/root"))
+        .current_dir(cwd)
         .stdin(if spec.stdin { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -43,7 +81,6 @@ pub async fn run(
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            let cwd = spec.cwd.as_deref().unwrap_or("/root");
             respond(
                 &out,
                 stream,
@@ -114,5 +151,32 @@ async fn pump(mut r: impl AsyncRead + Unpin, kind: FrameKind, stream: u32, out: 
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preflight_names_what_is_wrong() {
+        let e = preflight("/nonexistent-dir", "sh", "/bin").unwrap_err();
+        assert_eq!(e.kind, GuestErrorKind::CwdMissing);
+        let e = e.message;
+        assert!(e.contains("working directory /nonexistent-dir does not exist"), "{e}");
+        let e = preflight("/", "no-such-program-xyz", "/bin:/usr/bin").unwrap_err();
+        assert_eq!(e.kind, GuestErrorKind::ProgramMissing);
+        let e = e.message;
+        assert!(e.contains("`no-such-program-xyz` was not found on the guest's PATH"), "{e}");
+        let plain = std::env::temp_dir().join(format!("banger-preflight-{}", std::process::id()));
+        std::fs::write(&plain, "not a program").unwrap();
+        std::fs::set_permissions(&plain, <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o644))
+            .unwrap();
+        let e = preflight("/", plain.to_str().unwrap(), "/bin").unwrap_err();
+        let _ = std::fs::remove_file(&plain);
+        assert_eq!(e.kind, GuestErrorKind::ProgramMissing);
+        let e = e.message;
+        assert!(e.contains("not an executable"), "{e}");
+        assert_eq!(preflight("/", "sh", "/nope:/bin").unwrap(), PathBuf::from("/bin/sh"));
     }
 }

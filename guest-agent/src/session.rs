@@ -13,7 +13,7 @@
 //! spawns and inserts in one critical section.
 use std::collections::HashMap;
 use std::io::Write;
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -122,7 +122,7 @@ impl Sessions {
             return Err(Failure::new(Kind::Other, format!("session `{}` already exists in the guest", spec.id)));
         }
         let path_var = spec.env.get("PATH").map(String::as_str).unwrap_or(crate::exec::DEFAULT_PATH);
-        let program = preflight(&spec.cwd, &spec.argv[0], path_var)?;
+        let program = crate::exec::preflight(&spec.cwd, &spec.argv[0], path_var)?;
         let dir = self.dir.join(&spec.id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| Failure::new(Kind::Other, format!("creating {}: {e}", dir.display())))?;
@@ -347,34 +347,6 @@ impl Session {
     }
 }
 
-/// Where the program is: a path (relative to cwd) or a name on PATH. Errors say exactly what is wrong.
-fn preflight(cwd: &str, program: &str, path_var: &str) -> Result<PathBuf, Failure> {
-    let cannot = |message: String| Failure::new(Kind::CannotRun, message);
-    match std::fs::metadata(cwd) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(cannot(format!("working directory {cwd} is not a directory in the guest"))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(cannot(format!("working directory {cwd} does not exist in the guest")))
-        }
-        Err(e) => return Err(cannot(format!("working directory {cwd}: {e}"))),
-    }
-    let executable = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
-    if program.contains('/') {
-        let path = Path::new(cwd).join(program);
-        return match std::fs::metadata(&path) {
-            Err(_) => Err(cannot(format!("command `{program}` does not exist in the guest"))),
-            Ok(_) if !executable(&path) => Err(cannot(format!("command `{program}` is not an executable file"))),
-            Ok(_) => Ok(path),
-        };
-    }
-    path_var
-        .split(':')
-        .filter(|d| !d.is_empty())
-        .map(|d| Path::new(d).join(program))
-        .find(|p| executable(p))
-        .ok_or_else(|| cannot(format!("command `{program}` was not found on the guest's PATH ({path_var})")))
-}
-
 /// Splits `[from, to)` into runs of one stream, using the chunk index.
 fn label(index: &[IndexEntry], from: u64, to: u64) -> Vec<(u8, (u64, u64))> {
     let mut out: Vec<(u8, (u64, u64))> = vec![];
@@ -464,25 +436,5 @@ mod tests {
         assert_eq!(label(&idx, 0, 14), vec![(STDOUT, (0, 6)), (STDERR, (6, 9)), (STDOUT, (9, 14))]);
         assert_eq!(label(&idx, 5, 10), vec![(STDOUT, (5, 6)), (STDERR, (6, 9)), (STDOUT, (9, 10))]);
         assert_eq!(label(&idx, 7, 8), vec![(STDERR, (7, 8))]);
-    }
-
-    #[test]
-    fn preflight_names_what_is_wrong() {
-        let e = preflight("/nonexistent-dir", "sh", "/bin").unwrap_err();
-        assert_eq!(e.kind, Kind::CannotRun);
-        let e = e.message;
-        assert!(e.contains("working directory /nonexistent-dir does not exist"), "{e}");
-        let e = preflight("/", "no-such-program-xyz", "/bin:/usr/bin").unwrap_err();
-        assert_eq!(e.kind, Kind::CannotRun);
-        let e = e.message;
-        assert!(e.contains("`no-such-program-xyz` was not found on the guest's PATH"), "{e}");
-        let plain = std::env::temp_dir().join(format!("banger-preflight-{}", std::process::id()));
-        std::fs::write(&plain, "not a program").unwrap();
-        std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let e = preflight("/", plain.to_str().unwrap(), "/bin").unwrap_err();
-        let _ = std::fs::remove_file(&plain);
-        let e = e.message;
-        assert!(e.contains("not an executable"), "{e}");
-        assert_eq!(preflight("/", "sh", "/nope:/bin").unwrap(), PathBuf::from("/bin/sh"));
     }
 }

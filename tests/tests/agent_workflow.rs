@@ -101,13 +101,30 @@ fn a_repository_goes_in_a_session_works_through_a_daemon_restart_and_the_patch_r
     d.rpc("vm.delete", json!({"vms": ["flow"]}));
 }
 
+/// A repository whose test fails: `add.sh` subtracts.
+fn buggy_repo() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix("banger-canonical-").tempdir().unwrap();
+    sh(
+        dir.path(),
+        "git init -q -b main . && git config user.name 'Host Dev' && git config user.email dev@example.invalid
+         printf '#!/bin/sh\\necho $(($1 - $2))\\n' > add.sh
+         printf '#!/bin/sh\\ngot=$(./add.sh 2 3)\\n[ \"$got\" = 5 ] && echo PASS || { echo \"FAIL: add 2 3 gave $got\"; exit 1; }\\n' > test.sh
+         chmod +x add.sh test.sh && git add -A && git commit -qm 'add, with a bug'",
+    );
+    assert!(!Command::new("./test.sh").current_dir(dir.path()).status().unwrap().success(), "the bug is there");
+    dir
+}
+
+/// Issue 18's canonical task, as an agent does it with the default toolset through the official Python MCP
+/// SDK: five calls (vm_run, vm_exec, vm_exec, session_start, workspace_export), every result small unless it
+/// carries what the agent asked for, progress usable by the client, and the patch fixes the host repository.
 #[test]
-fn the_python_mcp_sdk_drives_the_whole_workflow_over_banger_mcp() {
+fn the_python_mcp_sdk_does_the_canonical_task_in_five_calls() {
     let python = std::env::var("BANGER_TEST_PYTHON_MCP")
         .expect("BANGER_TEST_PYTHON_MCP is not set: scripts/test.sh installs the Python MCP SDK and sets it");
     let d = TestDaemon::start();
     d.register_test_image();
-    let repo = host_repo();
+    let repo = buggy_repo();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("py/mcp_agent_workflow.py");
     let out = Command::new(python)
         .arg(script)
@@ -121,28 +138,51 @@ fn the_python_mcp_sdk_drives_the_whole_workflow_over_banger_mcp() {
     let r: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
 
     assert_eq!(r["server"], "banger");
-    for tool in ["vm_create", "workspace_prepare", "session_start", "session_send", "session_logs", "workspace_export"]
-    {
-        assert!(r["tools"].as_array().unwrap().iter().any(|t| t == tool), "{tool} listed: {}", r["tools"]);
+    let calls = r["calls"].as_array().unwrap();
+    let tools: Vec<&str> = calls.iter().map(|c| c["tool"].as_str().unwrap()).collect();
+    assert_eq!(tools, ["vm_run", "vm_exec", "vm_exec", "session_start", "workspace_export"]);
+    for tool in &tools {
+        assert!(r["tools"].as_array().unwrap().iter().any(|t| t == tool), "{tool} is in the default toolset");
     }
+    // Small results: the VM and its repository in under 2 KB; the rest carries output or a patch the agent
+    // asked for, and nothing besides it beyond 2 KB.
+    let bytes = |i: usize| calls[i]["bytes"].as_u64().unwrap() as usize;
+    println!("result sizes: {calls:?}");
+    assert!(bytes(0) < 2048, "vm_run's result is {} bytes", bytes(0));
+    let asked = |s: &str| r[s]["stdout"].as_str().map_or(0, str::len);
+    assert!(bytes(1) - asked("failing") < 2048 && bytes(2) - asked("fixed") < 2048, "{calls:?}");
+    assert!(bytes(3) - r["session_output"].as_str().unwrap().len() < 2048, "{calls:?}");
+    assert!(bytes(4) - r["patch"].as_str().map_or(0, str::len) < 2048, "{calls:?}");
+
     assert_eq!(r["vm_state"], "running");
+    assert_eq!(r["failing"]["exit_code"], 1, "{}", r["failing"]);
+    assert_eq!(r["failing"]["stdout"], "FAIL: add 2 3 gave -1\n");
+    assert_eq!((r["fixed"]["exit_code"].clone(), r["fixed"]["stdout"].clone()), (json!(0), json!("PASS\n")));
+    assert_eq!((r["session_state"].clone(), r["session_output"].clone()), (json!("running"), json!("got ping\n")));
+    // vm_run reported its stages, every notification before the response, the last at its total, each new.
     let progress = r["progress"].as_array().unwrap();
-    assert!(progress.len() >= 3, "vm_create reported its stages: {progress:?}");
-    // Every notification arrived before the response (the SDK drops later ones), the last one at its total,
-    // and each message says something new.
+    assert!(progress.len() >= 3, "vm_run reported its stages: {progress:?}");
     let last = progress.last().unwrap();
     assert_eq!(last["progress"], last["total"], "the last notification is at its total: {progress:?}");
     let values: Vec<f64> = progress.iter().map(|p| p["progress"].as_f64().unwrap()).collect();
     assert!(values.windows(2).all(|w| w[0] < w[1]), "progress only grows: {values:?}");
-    assert_eq!(r["session_output"], "noted alpha\nnoted beta\ncommitted\n");
+    let messages: Vec<&str> = progress.iter().map(|p| p["message"].as_str().unwrap_or_default()).collect();
+    assert!(messages.windows(2).all(|w| w[0] != w[1]), "no message repeats: {messages:?}");
+
+    // The patch was checked against the host repository, the VM deleted once it was, and applying it there
+    // fixes the host's test.
     assert_eq!(r["base_commit_used"], r["base_commit"]);
+    assert_eq!(r["check"]["clean"], true, "{}", r["check"]);
+    assert_eq!(r["deleted"], true);
     let files: Vec<&str> = r["files"].as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap()).collect();
-    assert_eq!(files, ["notes.txt"]);
-    // The patch applies to the host repository and brings the agent's file.
+    assert_eq!(files, ["add.sh"]);
     let patch = r["patch"].as_str().expect("a small patch comes inline");
-    std::fs::write(repo.path().join("../py.patch"), patch).unwrap();
-    sh(repo.path(), "git apply ../py.patch && rm ../py.patch");
-    assert_eq!(std::fs::read_to_string(repo.path().join("notes.txt")).unwrap(), "alpha\nbeta\n");
-    assert_eq!(r["missing_error"]["code"], "not_found", "{}", r["missing_error"]);
-    assert!(d.rpc("vm.list", json!({}))["vms"].as_array().unwrap().is_empty());
+    std::fs::write(repo.path().join("../canonical.patch"), patch).unwrap();
+    sh(repo.path(), "git apply ../canonical.patch && rm ../canonical.patch");
+    assert_eq!(sh(repo.path(), "./test.sh"), "PASS\n");
+    assert!(d.rpc("vm.list", json!({}))["vms"].as_array().unwrap().is_empty(), "the sandbox is gone");
+    let missing = &r["missing_error"];
+    assert_eq!(missing["code"], "not_found", "{missing}");
+    assert_eq!(missing["next"][0]["tool"], "vm_list", "{missing}");
+    d.assert_no_leaked_processes();
 }

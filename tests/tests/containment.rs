@@ -97,7 +97,9 @@ fn the_vmm_runs_unprivileged_filtered_namespaced_and_limited_and_sees_only_its_o
     assert!(refused["error"]["message"].as_str().unwrap().contains("between 10 and 3250"), "{refused}");
     let refused = d.rpc_raw("vm.set", json!({"vm": "jailed", "vcpus": 1, "cpu_percent": 50}));
     assert!(
-        refused["result"]["results"][0]["error"]["hint"].as_str().unwrap_or("").contains("cpu-percent"),
+        refused["result"]["results"][0]["error"]["hint"].as_str().unwrap_or("").contains("cpu_percent")
+            && next_steps(&refused["result"]["results"][0]["error"])
+                == [("vm.stop".to_string(), json!({"vm": "jailed"}))],
         "{refused}"
     );
     assert_eq!(quota(), "250000", "a refused set changes nothing");

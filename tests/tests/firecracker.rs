@@ -57,7 +57,7 @@ fn firecracker_is_refused_up_front_where_it_cannot_boot_guests() {
     let e = d.rpc_raw("vm.create", json!({"name": "fc", "vmm": "firecracker"}));
     assert_eq!(e["error"]["data"]["code"], "host_unsupported", "{e}");
     assert!(e["error"]["message"].as_str().unwrap().contains("Firecracker needs hardware KVM"), "{e}");
-    assert!(e["error"]["data"]["hint"].as_str().unwrap().contains("--vmm qemu"), "{e}");
+    assert!(e["error"]["data"]["hint"].as_str().unwrap().contains("vmm qemu"), "{e}");
     assert_eq!(d.rpc("vm.list", json!({}))["vms"], json!([]), "nothing was made");
 }
 

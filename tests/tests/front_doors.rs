@@ -5,8 +5,6 @@ use std::os::unix::process::CommandExt;
 
 use banger_e2e::*;
 use rmcp::model::CallToolRequestParams;
-use rmcp::transport::TokioChildProcess;
-use rmcp::ServiceExt;
 
 /// Small stand-in files: registration copies and fingerprints files but never boots them.
 fn fake_image_files(d: &TestDaemon) -> (String, String) {
@@ -17,14 +15,12 @@ fn fake_image_files(d: &TestDaemon) -> (String, String) {
     (kernel.display().to_string(), rootfs.display().to_string())
 }
 
-async fn mcp_client(d: &TestDaemon) -> rmcp::service::RunningService<rmcp::RoleClient, ()> {
-    mcp_client_with(d, &[]).await
+async fn mcp_client(d: &TestDaemon) -> McpClient {
+    d.mcp_client(&[]).await
 }
 
-async fn mcp_client_with(d: &TestDaemon, args: &[&str]) -> rmcp::service::RunningService<rmcp::RoleClient, ()> {
-    let mut cmd = tokio::process::Command::new(bin("banger"));
-    cmd.arg("mcp").args(args).env("BANGER_SOCKET", &d.socket);
-    ().serve(TokioChildProcess::new(cmd).expect("spawn banger mcp")).await.expect("MCP initialize through banger mcp")
+async fn mcp_client_with(d: &TestDaemon, args: &[&str]) -> McpClient {
+    d.mcp_client(args).await
 }
 
 /// The default toolset is what an agent's context pays for: at most 15 tools, at most 12 KB of names,
@@ -126,7 +122,11 @@ async fn the_same_operation_returns_the_same_typed_result_over_mcp_and_json_rpc(
     assert_eq!(mcp_error(&serde_json::to_value(&mcp_err).unwrap())["code"], "not_found");
     let rpc_err = d.rpc_raw("vm.show", json!({"vm": "ghost"}));
     assert_eq!(rpc_err["error"]["data"]["code"], "not_found");
-    assert!(rpc_err["error"]["data"]["hint"].as_str().unwrap().contains("banger vm list"));
+    assert_eq!(next_steps(&rpc_err["error"]["data"]), [("vm.list".to_string(), json!({}))], "{rpc_err}");
+    // Over MCP the same step is named as the tool it is.
+    let over_mcp = mcp_error(&serde_json::to_value(&mcp_err).unwrap());
+    assert_eq!(over_mcp["next"][0]["tool"], "vm_list", "{over_mcp}");
+    assert!(over_mcp["hint"].as_str().unwrap().contains("call vm_list {}"), "{over_mcp}");
     client.cancel().await.unwrap();
 }
 

@@ -1,6 +1,6 @@
 //! banger driven by MCP clients it shares no code with: the MCP Inspector CLI (npm
-//! `@modelcontextprotocol/inspector`) and the official Python SDK (PyPI `mcp`), both over `banger mcp`.
-//! scripts/test.sh installs them and exports their paths.
+//! `@modelcontextprotocol/inspector`), the official Python SDK (PyPI `mcp`), and the coding agents' own CLIs
+//! (Claude Code and opencode), all over `banger mcp`. scripts/test.sh installs them and exports their paths.
 use std::process::Command;
 
 use banger_e2e::*;
@@ -84,4 +84,86 @@ fn the_mcp_inspector_lists_every_tool_with_truthful_annotations_and_calls_a_read
     let e = mcp_error(&missing);
     assert_eq!(e["code"], "not_found", "{missing}");
     assert!(e["message"].as_str().unwrap().contains("ghost") && e["hint"].is_string(), "{missing}");
+}
+
+/// The coding agents' own CLIs (npm `@anthropic-ai/claude-code` and `opencode-ai`, the versions the
+/// debian-agent image installs) see banger connected through `banger mcp`, and opencode prints nothing on
+/// stderr (it once printed a warning per non-standard schema `format`, hundreds per connection). Run in the
+/// test's network namespace, so whatever else they try reaches nothing beyond it; their config lives in the
+/// test's folder.
+#[test]
+fn claude_code_and_opencode_report_banger_connected() {
+    let tool = |var: &str| {
+        std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: scripts/test.sh installs the agent CLIs"))
+    };
+    let (claude, opencode) = (tool("BANGER_TEST_CLAUDE"), tool("BANGER_TEST_OPENCODE"));
+    let d = TestDaemon::start();
+    let home = d.dir.path().join("agent-home");
+    let project = d.dir.path().join("agent-project");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::create_dir_all(&project).unwrap();
+    let banger = bin("banger").display().to_string();
+    let socket = d.socket.display().to_string();
+    let run = |program: &str, args: &[&str]| {
+        let home_env = format!("HOME={}", home.display());
+        let path_env = format!("PATH={}", std::env::var("PATH").unwrap_or_default());
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &d.netns.name, "env", "-i", &home_env, &path_env])
+            .args([
+                "DISABLE_AUTOUPDATER=1",
+                "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1",
+                "OPENCODE_DISABLE_AUTOUPDATE=1",
+            ])
+            .arg(program)
+            .args(args)
+            .current_dir(&project);
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let add_env = format!("BANGER_SOCKET={socket}");
+    let (ok, out, err) =
+        run(&claude, &["mcp", "add", "--scope", "user", "banger", "-e", &add_env, "--", &banger, "mcp"]);
+    assert!(ok, "claude mcp add: {out}\n{err}");
+    let (ok, out, err) = run(&claude, &["mcp", "list"]);
+    println!("claude mcp list:\n{out}{err}");
+    let line =
+        out.lines().find(|l| l.starts_with("banger")).unwrap_or_else(|| panic!("banger not listed: {out}\n{err}"));
+    assert!(ok && line.contains("Connected"), "claude sees banger as: {line}\n{err}");
+
+    let config = json!({
+        "$schema": "https://opencode.ai/config.json",
+        "mcp": {"banger": {"type": "local", "command": [banger, "mcp"], "enabled": true, "environment": {"BANGER_SOCKET": socket}}}
+    });
+    std::fs::write(project.join("opencode.json"), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    let (ok, out, err) = run(&opencode, &["mcp", "list"]);
+    println!("opencode mcp list:\n{out}{err}");
+    let plain = strip_ansi(&out);
+    let line =
+        plain.lines().find(|l| l.contains("banger")).unwrap_or_else(|| panic!("banger not listed: {out}\n{err}"));
+    assert!(ok && line.to_lowercase().contains("connected"), "opencode sees banger as: {line}");
+    // Terminal control codes (its spinner's cursor hiding) are not output.
+    assert!(strip_ansi(&err).trim().is_empty(), "opencode printed on stderr: {err:?}");
+}
+
+/// Text without terminal colour codes (`ESC [ ... m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

@@ -238,7 +238,8 @@ fn a_stale_or_broken_template_is_never_restored() {
     assert!(cold_reason(&v).contains("marked failed"), "{v}");
     let refused = d.rpc_raw("image.warm", json!({"memory_mib": 256}));
     assert!(refused["error"]["message"].as_str().unwrap_or("").contains("marked failed"), "{refused}");
-    assert!(refused["error"]["data"].to_string().contains("--rebuild"), "the hint names the way out: {refused}");
+    let way_out = next_steps(&refused["error"]["data"]);
+    assert!(way_out.iter().any(|(m, a)| m == "image.warm" && a["rebuild"] == true), "the way out: {refused}");
     d.rpc("vm.delete", json!({"vms": ["not-retried"]}));
 
     // ...until a rebuild is asked for: a new generation, restored again.

@@ -167,7 +167,7 @@ fn full_mode_force_and_errors() {
     // Export before any prepare says what to do.
     let e = d.rpc_raw("workspace.export", json!({"vm": "wsx"}));
     assert_eq!(e["error"]["data"]["code"], "failed_precondition", "{e}");
-    assert!(e["error"]["data"]["hint"].as_str().unwrap().contains("workspace prepare"), "{e}");
+    assert_eq!(next_steps(&e["error"]["data"])[0].0, "workspace.prepare", "{e}");
     assert_eq!(guest_sh(&d, "wsx", "ls -A /root/repo 2>/dev/null | wc -l").trim(), "0");
 
     // Full mode brings untracked files, never ignored ones; the base snapshot includes them.
@@ -246,7 +246,7 @@ fn full_mode_force_and_errors() {
     {
         let e = d.rpc_raw(method, params);
         assert_eq!(e["error"]["data"]["code"], "failed_precondition", "{method}: {e}");
-        assert!(e["error"]["data"]["hint"].as_str().unwrap().contains("banger vm start wsx"), "{e}");
+        assert_eq!(next_steps(&e["error"]["data"]), [("vm.start".to_string(), json!({"vm": "wsx"}))], "{e}");
     }
     d.rpc("vm.delete", json!({"vms": ["wsx"]}));
     d.assert_no_leaked_processes();

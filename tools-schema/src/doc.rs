@@ -9,10 +9,12 @@ pub fn api_reference() -> String {
          Generated from `tools-schema` (do not edit by hand: `BANGER_UPDATE_DOCS=1 cargo test -p tools-schema`).\n\n\
          Every operation is a JSON-RPC 2.0 method on the daemon socket and an MCP tool of the same name with `.`\n\
          replaced by `_` (`vm.create` is the tool `vm_create` and the CLI command `banger vm create`).\n\
-         Errors carry `error.data` = `{code, message, hint}` on JSON-RPC, and the same object as\n\
-         `structuredContent` of an `isError` result on MCP. Error codes: `invalid_argument`, `not_found`,\n\
-         `already_exists`, `failed_precondition`, `busy`, `guest_unreachable`, `host_unsupported`, `timeout`,\n\
-         `cancelled`, `permission_denied`, `unknown_method`, `internal`.\n\n\
+         Errors carry `error.data` = `{code, message, hint, next}` on JSON-RPC, and the same object as the\n\
+         JSON text of an `isError` result on MCP (where the hint ends with the next steps as tool calls). `next`\n\
+         lists the operations that would help, each `{tool, method, arguments, why}`, ready to call. Error\n\
+         codes: `invalid_argument`, `not_found`, `already_exists`, `failed_precondition`, `busy`,\n\
+         `guest_unreachable`, `host_unsupported`, `timeout`, `cancelled`, `permission_denied`,\n\
+         `resource_exhausted`, `unknown_method`, `internal`.\n\n\
          | method | MCP tool | read-only | destructive | idempotent |\n|---|---|---|---|---|\n",
     );
     for op in OPERATIONS {

@@ -346,8 +346,12 @@ pub enum GuestErrorKind {
     /// The request is wrong as asked (a path that is a directory or not readable, an invalid id or signal,
     /// a malformed request).
     Invalid,
-    /// The program or its working directory cannot be used: missing, not executable, not a directory.
+    /// The program cannot be started though it and its working directory are there.
     CannotRun,
+    /// The program is not there: not on the guest's PATH, no such file, or not executable.
+    ProgramMissing,
+    /// The working directory is not there, or not a directory.
+    CwdMissing,
     /// A read starts past the end of a session's log.
     BadOffset,
     /// A session's stdin takes no more input: an earlier send closed it, the session ended, or its
@@ -484,6 +488,8 @@ mod tests {
             GuestErrorKind::NotFound,
             GuestErrorKind::Invalid,
             GuestErrorKind::CannotRun,
+            GuestErrorKind::ProgramMissing,
+            GuestErrorKind::CwdMissing,
             GuestErrorKind::BadOffset,
             GuestErrorKind::InputClosed,
             GuestErrorKind::Other,

@@ -182,6 +182,7 @@ pub struct ImageWarmParams {
     #[serde(default)]
     #[schemars(range(min = crate::vm::MIN_VCPUS, max = crate::vm::MAX_VCPUS))]
     pub vcpus: Option<u32>,
+    /// Guest memory in MiB of those VMs.
     #[serde(default)]
     #[schemars(range(min = crate::vm::MIN_MEMORY_MIB, max = crate::vm::MAX_MEMORY_MIB))]
     pub memory_mib: Option<u32>,

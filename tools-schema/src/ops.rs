@@ -28,6 +28,8 @@ pub struct OperationSpec {
     pub idempotent: bool,
     pub params_schema: fn() -> Schema,
     pub result_schema: fn() -> Schema,
+    /// Whether a JSON value decodes as this operation's params (an error's next step is checked so).
+    pub check_params: fn(&serde_json::Value) -> Result<(), String>,
 }
 
 impl OperationSpec {
@@ -177,8 +179,8 @@ return how to ssh into it: its address and the ssh options (root, banger's manag
 against banger's known_hosts). `ready` says whether sshd answered in time."),
             (VmPorts, vm_ports, "vm.ports",
              $crate::vm::VmRef, $crate::vm::VmPorts, true, false, true,
-             "List a running VM's listening ports with their process and where to reach each from the host \
-(<name>.vm:PORT); web services come back as http(s) URLs."),
+             "A running VM's listening ports, their processes and where to reach each from the host \
+(<name>.vm:PORT; web services as http(s) URLs)."),
             (VmFileWrite, vm_file_write, "vm.file_write",
              $crate::vm::VmFileWriteParams, $crate::vm::VmFileWriteResult, false, true, false,
              "Write a file in a running VM (text, or base64 for binary; up to 8 MiB per call, append for more), \
@@ -190,24 +192,24 @@ size, mode, checksum, and next_offset when there is more."),
             (WorkspacePrepare, workspace_prepare, "workspace.prepare",
              $crate::workspace::WorkspacePrepareParams, $crate::workspace::WorkspacePrepareResult, false, true, false,
              "Copy a host git repository into a running VM at /root/repo: its history (same HEAD), tracked files \
-with uncommitted edits, and in full mode untracked files and submodules; the guest commits as the host's \
-user. Returns base_commit, which workspace_export diffs against. Cancelling keeps nothing half-made."),
+with uncommitted edits, in full mode also untracked files and submodules. Returns base_commit, which \
+workspace_export diffs against. Cancelling keeps nothing half-made."),
             (WorkspaceExport, workspace_export, "workspace.export",
-             $crate::workspace::WorkspaceExportParams, $crate::workspace::WorkspaceExportResult, false, false, true,
-             "One binary-safe patch of everything the guest changed in /root/repo since the prepare base (its \
-commits, uncommitted and untracked changes, deletions, renames), with the changed files. With check_repo, \
-says whether it applies cleanly to that host repository."),
+             $crate::workspace::WorkspaceExportParams, $crate::workspace::WorkspaceExportResult, false, true, false,
+             "One binary-safe patch of everything the guest changed in /root/repo since the prepare base (commits, \
+uncommitted and untracked changes, deletions, renames), with the changed files; check_repo checks it applies \
+there, delete then deletes the VM."),
             (VmLogs, vm_logs, "vm.logs",
              $crate::vm::VmLogsParams, $crate::vm::VmLogs, true, false, true,
              "Return the tail of a VM's console (boot) log. The first place to look when a VM failed to start."),
             (SessionStart, session_start, "session.start",
-             $crate::session::SessionStartParams, $crate::session::SessionInfo, false, false, false,
+             $crate::session::SessionStartParams, $crate::session::SessionStartResult, false, false, false,
              "Start a long-lived command (a session) in a running VM; it survives daemon restarts and \
-client disconnects. Feed it with session_send, read it with session_logs."),
+client disconnects. input feeds its stdin, wait_ms returns its first output."),
             (SessionSend, session_send, "session.send",
              $crate::session::SessionSendParams, $crate::session::SessionSendResult, false, false, false,
-             "Write data to a session's stdin (add \"\\n\" for line protocols), whole, so concurrent sends never \
-interleave; eof: true closes stdin afterwards."),
+             "Write data to a session's stdin, whole (concurrent sends never interleave); wait_ms returns the \
+output that follows."),
             (SessionLogs, session_logs, "session.logs",
              $crate::session::SessionLogsParams, $crate::session::SessionLogs, true, false, true,
              "Read a session's output (stdout and stderr in order, each chunk labelled) from a byte cursor: \
@@ -254,6 +256,7 @@ macro_rules! define_operations {
                     idempotent: $idem,
                     params_schema: || schemars::schema_for!($params),
                     result_schema: || schemars::schema_for!($result),
+                    check_params: |v| serde_json::from_value::<$params>(v.clone()).map(drop).map_err(|e| e.to_string()),
                 },
             )*
         ];

@@ -27,7 +27,7 @@ pub const MAX_WAIT_MS: u64 = 60_000;
 pub struct SessionStartParams {
     /// VM name or id.
     pub vm: String,
-    /// Session name, unique within the VM (VM name rules). Optional; the id always works.
+    /// Session name, unique in the VM (VM name rules); the id always works.
     #[serde(default)]
     pub name: Option<String>,
     /// Program and arguments, e.g. ["python3", "-u", "agent.py"]. Use ["sh", "-c", "..."] for shell syntax.
@@ -36,9 +36,29 @@ pub struct SessionStartParams {
     /// Absolute working directory in the guest. Default /root.
     #[serde(default)]
     pub cwd: Option<String>,
-    /// Extra environment variables (PATH, HOME, USER and LANG are set unless given here).
+    /// Extra environment variables (PATH, HOME, USER and LANG are set unless given).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Written to its stdin once it runs (add "\n" for line protocols).
+    #[serde(default)]
+    pub input: Option<String>,
+    /// Close stdin after `input`.
+    #[serde(default)]
+    pub eof: bool,
+    /// Wait up to this many ms for its first output (or its end), returned in `output`.
+    #[serde(default)]
+    #[schemars(range(max = 60000))]
+    pub wait_ms: Option<u64>,
+}
+
+/// A started session, and its first output when `wait_ms` asked for it.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct SessionStartResult {
+    #[serde(flatten)]
+    pub session: SessionInfo,
+    /// Output from offset 0, read after `input` was written (present when `wait_ms` was given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<SessionLogs>,
 }
 
 /// Refers to one session: by id (or unique id prefix), or by name; `vm` narrows the search to one VM.
@@ -56,7 +76,9 @@ pub struct SessionRef {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SessionStopParams {
+    /// Session id, id prefix or name.
     pub session: String,
+    /// Its VM, if the name is used in several.
     #[serde(default)]
     pub vm: Option<String>,
     /// Seconds to wait after SIGTERM before SIGKILL (0-300). Default 5.
@@ -70,17 +92,23 @@ pub struct SessionStopParams {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SessionSendParams {
+    /// Session id, id prefix or name.
     pub session: String,
+    /// Its VM, if the name is used in several.
     #[serde(default)]
     pub vm: Option<String>,
-    /// The bytes to write, as given (add "\n" yourself for line protocols). Up to 8 MiB.
+    /// The bytes to write (add "\n" for line protocols), up to 8 MiB.
     pub data: String,
     /// `text` (default) or `base64` for binary data.
     #[serde(default)]
     pub encoding: Option<ContentEncoding>,
-    /// Close the session's stdin after writing (the program sees end of file).
+    /// Close stdin after writing.
     #[serde(default)]
     pub eof: bool,
+    /// Wait up to this many ms for the output that follows (or its end), returned in `output`.
+    #[serde(default)]
+    #[schemars(range(max = 60000))]
+    pub wait_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -90,24 +118,28 @@ pub struct SessionSendResult {
     pub bytes: u64,
     /// Whether stdin is now closed.
     pub stdin_closed: bool,
+    /// Output from where the log ended before the write (present when `wait_ms` was given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<SessionLogs>,
 }
 
 /// Read a session's output log from a cursor, optionally waiting briefly for output that has not arrived.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SessionLogsParams {
+    /// Session id, id prefix or name.
     pub session: String,
+    /// Its VM, if the name is used in several.
     #[serde(default)]
     pub vm: Option<String>,
     /// Byte offset to read from (the `next_offset` of the previous read). Default 0: from the start.
     #[serde(default, alias = "from")]
     pub offset: Option<u64>,
-    /// Most bytes to return (1-1048576). Default 65536; `more` says when there is more to read.
+    /// Most bytes to return (default 65536); `more` says if there is more.
     #[serde(default)]
     #[schemars(range(min = 1, max = 1048576))]
     pub limit: Option<u64>,
-    /// Wait up to this long (0-60000 ms) for output or the session's end when nothing new is at `offset`.
-    /// Default 0.
+    /// Wait up to this many ms for output (or its end) when nothing new is at `offset`.
     #[serde(default)]
     #[schemars(range(max = 60000))]
     pub wait_ms: Option<u64>,
@@ -147,6 +179,12 @@ pub struct SessionLogs {
     pub chunks: Vec<OutputChunk>,
     /// The session's state when the read finished; `running` means more output may come.
     pub state: SessionState,
+    /// Its exit code, once it `exited`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// The signal that ended it, once it was `killed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
 }
 
 /// Where a session is in its life.
@@ -230,7 +268,9 @@ pub struct SessionListParams {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SessionFollowParams {
+    /// Session id, id prefix or name.
     pub session: String,
+    /// Its VM, if the name is used in several.
     #[serde(default)]
     pub vm: Option<String>,
     /// Log offset to start from. Default: the current end (only new output); 0 replays everything.
@@ -292,7 +332,25 @@ impl SessionStartParams {
                 return Err(format!("environment variable name `{k}` is invalid"));
             }
         }
-        Ok(())
+        if let Some(input) = &self.input {
+            if input.len() as u64 > MAX_SEND_BYTES {
+                return Err(format!("input is {} bytes; at most {MAX_SEND_BYTES}", input.len()));
+            }
+        }
+        validate_wait(self.wait_ms)
+    }
+}
+
+impl SessionSendParams {
+    pub fn validate(&self) -> Result<(), String> {
+        validate_wait(self.wait_ms)
+    }
+}
+
+fn validate_wait(wait_ms: Option<u64>) -> Result<(), String> {
+    match wait_ms {
+        Some(w) if w > MAX_WAIT_MS => Err(format!("wait_ms must be at most {MAX_WAIT_MS}, got {w}")),
+        _ => Ok(()),
     }
 }
 
@@ -303,12 +361,7 @@ impl SessionLogsParams {
                 return Err(format!("limit must be between 1 and {MAX_LOGS_LIMIT}, got {l}"));
             }
         }
-        if let Some(w) = self.wait_ms {
-            if w > MAX_WAIT_MS {
-                return Err(format!("wait_ms must be at most {MAX_WAIT_MS}, got {w}"));
-            }
-        }
-        Ok(())
+        validate_wait(self.wait_ms)
     }
 }
 

@@ -169,4 +169,48 @@ mod tests {
         assert!(e.contains("`imgs`") && e.contains("sandbox, vms, images, admin"), "{e}");
         assert_eq!(Toolset::listed(&Toolset::ALL).count(), OPERATIONS.len());
     }
+
+    /// What the default toolset costs an agent's context (name, description and input schema of each tool, as
+    /// `tools/list` sends them): at most 12 KiB. Printed per tool, so a change that breaks it shows where.
+    /// (`front_doors::the_default_toolset_fits_an_agents_context_and_all_lists_every_operation` measures the
+    /// same over a real `banger mcp`.)
+    #[test]
+    fn the_default_toolset_costs_at_most_12_kib_of_context() {
+        use crate::portable::{portable, Direction};
+        let mut total = 0;
+        for op in Toolset::listed(DEFAULT_TOOLSETS) {
+            let schema = serde_json::to_string(&portable((op.params_schema)(), Direction::Input)).unwrap();
+            let bytes = op.tool_name().len() + op.description.len() + schema.len();
+            println!(
+                "{:<18} {bytes:>5} bytes (description {}, input schema {})",
+                op.tool_name(),
+                op.description.len(),
+                schema.len()
+            );
+            if std::env::var("SHOW_SCHEMA").is_ok_and(|t| t == op.tool_name()) {
+                println!("{schema}");
+            }
+            total += bytes;
+        }
+        println!("default toolset: {total} bytes");
+        assert!(total <= 12 << 10, "the default toolset costs {total} bytes of an agent's context");
+    }
+
+    /// Every parameter of every tool says what it is (a nested object's own fields may rely on it, as vm_run's
+    /// `create` relies on vm_create).
+    #[test]
+    fn every_parameter_of_every_tool_is_described() {
+        use crate::portable::{portable, Direction};
+        let mut undescribed = vec![];
+        for op in OPERATIONS {
+            let schema = portable((op.params_schema)(), Direction::Input);
+            let properties = schema.get("properties").and_then(|p| p.as_object()).cloned().unwrap_or_default();
+            for (name, property) in properties {
+                if property.get("description").and_then(|d| d.as_str()).is_none_or(str::is_empty) {
+                    undescribed.push(format!("{}.{name}", op.tool_name()));
+                }
+            }
+        }
+        assert!(undescribed.is_empty(), "parameters without a description: {undescribed:?}");
+    }
 }

@@ -20,7 +20,7 @@ pub const MIN_DISK_GIB: u32 = 1;
 pub const MAX_DISK_GIB: u32 = 1024;
 
 /// Create a VM from an image and boot it. Returns once the guest agent answers.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmCreateParams {
     /// VM name, also its DNS name `<name>.vm`: 1-63 of a-z, 0-9 and `-`, starting with a letter. Generated
@@ -306,18 +306,17 @@ pub struct VmExecParams {
     /// Extra environment variables.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// Working directory inside the guest. Default `/root`.
+    /// Working directory in the guest (default /root).
     #[serde(default)]
     pub cwd: Option<String>,
-    /// Text for the command's standard input (then closed). Without it stdin is empty.
+    /// Text for its stdin (then closed); empty without it.
     #[serde(default)]
     pub stdin: Option<String>,
     /// Kill the command after this many seconds (1-86400). Default 600.
     #[serde(default)]
     #[schemars(range(min = 1, max = 86400))]
     pub timeout_secs: Option<u64>,
-    /// Bytes of each output stream in the result (default 256 KiB, at most 8 MiB); read the rest with
-    /// vm_exec_output and `output_id`.
+    /// Bytes of each output stream in the result (default 256 KiB); the rest via vm_exec_output.
     #[serde(default)]
     #[schemars(range(min = 0, max = 8388608))]
     pub max_inline_bytes: Option<u64>,
@@ -543,6 +542,7 @@ pub enum ContentEncoding {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmFileWriteParams {
+    /// VM name or id.
     pub vm: String,
     /// Absolute path in the guest.
     pub path: String,
@@ -574,6 +574,7 @@ pub struct VmFileWriteResult {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmFileReadParams {
+    /// VM name or id.
     pub vm: String,
     /// Absolute path in the guest.
     pub path: String,
@@ -631,6 +632,15 @@ pub fn validate_name(kind: &str, name: &str) -> Result<(), String> {
 }
 
 impl VmCreateParams {
+    /// The same request with vcpus and memory_mib moved into their ranges (what an error offers instead).
+    pub fn within_range(&self) -> VmCreateParams {
+        VmCreateParams {
+            vcpus: self.vcpus.map(|v| v.clamp(MIN_VCPUS, MAX_VCPUS)),
+            memory_mib: self.memory_mib.map(|m| m.clamp(MIN_MEMORY_MIB, MAX_MEMORY_MIB)),
+            ..self.clone()
+        }
+    }
+
     /// Checks every field that can be checked without daemon state.
     pub fn validate(&self) -> Result<(), String> {
         if let Some(n) = &self.name {

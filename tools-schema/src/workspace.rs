@@ -80,9 +80,10 @@ pub struct VmRunParams {
     /// `tracked` (default) or `full` (also untracked, non-ignored files and submodules).
     #[serde(default)]
     pub mode: Option<WorkspaceMode>,
-    /// The VM, as vm_create takes it. Unnamed, it gets the repository folder's name if that is free, else a
-    /// generated one.
+    /// The VM, as vm_create takes it (see its parameters there). Unnamed, it gets the repository folder's name
+    /// if that is free, else a generated one.
     #[serde(default)]
+    #[schemars(schema_with = "create_params_undocumented")]
     pub create: crate::vm::VmCreateParams,
     /// Commit author name for the guest repository (see workspace_prepare).
     #[serde(default)]
@@ -90,6 +91,32 @@ pub struct VmRunParams {
     /// Commit author email for the guest repository (see workspace_prepare).
     #[serde(default)]
     pub git_user_email: Option<String>,
+}
+
+/// vm_run's `create`: vm_create's parameters without their descriptions, which vm_create's own schema carries
+/// (an agent's context would otherwise pay for each of them twice). Types of their own (enums) are written in
+/// place, undocumented too.
+fn create_params_undocumented(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    fn undocumented(v: &mut serde_json::Value, defs: &serde_json::Map<String, serde_json::Value>) {
+        if let Some(def) = v.get("$ref").and_then(|r| r.as_str()).and_then(|r| r.rsplit('/').next()) {
+            if let Some(def) = defs.get(def) {
+                *v = def.clone();
+            }
+        }
+        match v {
+            serde_json::Value::Object(o) => {
+                o.remove("description");
+                o.values_mut().for_each(|v| undocumented(v, defs));
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(|v| undocumented(v, defs)),
+            _ => {}
+        }
+    }
+    let schema = <crate::vm::VmCreateParams as JsonSchema>::json_schema(generator);
+    let defs = generator.definitions().clone();
+    let mut value = schema.to_value();
+    undocumented(&mut value, &defs);
+    schemars::Schema::try_from(value).unwrap_or_default()
 }
 
 impl VmRunParams {
@@ -165,8 +192,7 @@ pub struct WorkspaceExportParams {
     /// made in the guest are in the patch.
     #[serde(default)]
     pub base: Option<String>,
-    /// Also check that the patch applies cleanly (`git apply --check`) to this host repository (absolute
-    /// path).
+    /// Check that the patch applies (`git apply --check`) to this host repository (absolute path).
     #[serde(default)]
     pub check_repo: Option<String>,
     /// Largest patch returned inline (0-8388608, default 4194304); a bigger one is never cut: read
@@ -174,6 +200,10 @@ pub struct WorkspaceExportParams {
     #[serde(default)]
     #[schemars(range(min = 0, max = 8388608))]
     pub max_inline_bytes: Option<u64>,
+    /// Then delete the VM, if the whole patch is in the result (and, with check_repo, applies); else
+    /// `kept_because` says why not.
+    #[serde(default)]
+    pub delete: bool,
 }
 
 impl WorkspaceExportParams {
@@ -262,6 +292,12 @@ pub struct WorkspaceExportResult {
     /// Present when `check_repo` was given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<ApplyCheck>,
+    /// Whether the VM was deleted (`delete`).
+    #[serde(default)]
+    pub deleted: bool,
+    /// Why a `delete` was not done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_because: Option<String>,
 }
 
 /// An absolute host path without NULs or newlines (git and tar take it as an argument).

@@ -25,7 +25,7 @@ pub enum CallError {
 impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            CallError::Api(e) => write!(f, "{}", e.display_with_hint()),
+            CallError::Api(e) => write!(f, "{}", e.display_with(&crate::next_step::command_line)),
             CallError::Unreachable(m) => write!(f, "{m}"),
         }
     }

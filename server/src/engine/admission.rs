@@ -105,9 +105,11 @@ pub(crate) fn admit(what: &str, adds_mib: u64, promised_mib: u64, budget_mib: u6
         ),
     )
     .with_hint(
-        "stop or delete VMs you no longer need (`banger vm list`), ask for less memory (--memory), or raise \
-         [limits] memory_overcommit_ratio / memory_mib in the daemon's config; `banger daemon status` shows the numbers",
-    ))
+        "stop or delete VMs you no longer need, ask for less memory, or raise [limits] memory_overcommit_ratio / \
+         memory_mib in the daemon's config",
+    )
+    .with_next("vm.list", serde_json::json!({}), "shows the VMs and their memory")
+    .with_next("daemon.status", serde_json::json!({}), "shows the memory numbers"))
 }
 
 /// Boot slots, handed out first come, first served.

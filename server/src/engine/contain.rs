@@ -67,7 +67,8 @@ impl Engine {
             Ok(h) => Some(h.create(vm_id, limits).map_err(|e| {
                 c.ids.release(uid);
                 ApiError::internal(format!("creating the VM's cgroup: {e}"))
-                    .with_hint("`banger doctor` checks this host's cgroups")
+                    .with_hint("the host's cgroup hierarchy refused a new group")
+                    .with_next("doctor.run", serde_json::json!({}), "checks this host's cgroups")
             })?),
             Err(why) => {
                 tracing::warn!(vm = vm_id, %why, "no cgroup for the VM: its processes run without resource limits");
@@ -83,11 +84,10 @@ impl Engine {
     /// at once, and keeps it for its next boots. Refused before anything changes where the VM has no cgroup.
     pub(crate) async fn set_cpu_limit_live(&self, row: &crate::store::VmRow, percent: u32) -> Result<(), ApiError> {
         let no_cgroup = |why: String| {
-            ApiError::precondition(format!("VM {} runs without a CPU cgroup ({why})", row.name)).with_hint(format!(
-                "`banger doctor` says why this host has no cgroups; `banger vm set {0} --cpu-percent N` while it \
-                 is stopped takes effect at its next start",
-                row.name
-            ))
+            ApiError::precondition(format!("VM {} runs without a CPU cgroup ({why})", row.name))
+                .with_hint("a CPU limit set while the VM is stopped takes effect at its next start")
+                .with_next("doctor.run", serde_json::json!({}), "says why this host has no cgroups")
+                .with_next("vm.stop", serde_json::json!({"vm": row.name}), "stops it, so its limit can be set")
         };
         if !self.cfg.containment.enabled {
             return Err(no_cgroup("containment is turned off in the config".into()));

@@ -4,6 +4,7 @@
 //!
 //! Nothing here reads an error's text to decide what it is: VMM errors by variant, the agent's by its
 //! `GuestErrorKind` (the guest's message is untrusted and already capped and escaped by `GuestError::agent`).
+use serde_json::json;
 use tools_schema::guest::GuestErrorKind;
 use tools_schema::{ApiError, ErrorCode};
 
@@ -22,7 +23,7 @@ pub(crate) mod hint {
                                   bangerd`, or bangerd.log in the state directory)";
     /// The daemon could not make or change its own files.
     pub(crate) const STATE_DIR: &str = "check free space and permissions of the daemon's state directory \
-                                        (`banger daemon status` shows where it is)";
+                                        (daemon status shows where it is)";
     /// Arguments out of range or of the wrong shape.
     pub(crate) const SCHEMA: &str = "the operation's schema (MCP tools/list, or docs/API.md) gives every field's range";
     /// The caller (or its connection) cancelled.
@@ -32,13 +33,16 @@ pub(crate) mod hint {
 pub(crate) fn vmm_error(e: VmmError) -> ApiError {
     match e {
         VmmError::MissingBinary { .. } => ApiError::new(ErrorCode::HostUnsupported, e.to_string())
-            .with_hint("run scripts/setup-host.sh, then `banger doctor`"),
+            .with_hint("run scripts/setup-host.sh on the daemon's host")
+            .with_next("doctor.run", json!({}), "checks every host prerequisite"),
         // Their messages carry the VMM's own answer (or the program's output) already.
         VmmError::Launch { .. }
         | VmmError::Io { .. }
         | VmmError::Qmp { .. }
         | VmmError::Firecracker { .. }
-        | VmmError::Guest(_) => ApiError::internal(error_chain(&e)).with_hint("`banger doctor` checks the host set-up"),
+        | VmmError::Guest(_) => ApiError::internal(error_chain(&e))
+            .with_hint("the VMM failed on the daemon's host")
+            .with_next("doctor.run", json!({}), "checks the host set-up"),
     }
 }
 
@@ -62,11 +66,12 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 /// the caller named (a directory, no permission, a full disk) is about that path: `invalid_argument`.
 pub(crate) fn file_error(vm: &str, e: GuestError) -> ApiError {
     match e {
-        GuestError::Agent { kind: GuestErrorKind::NotFound, message } => {
-            ApiError::not_found(message).with_hint(format!("`banger vm exec {vm} -- ls -la <dir>` lists what is there"))
-        }
+        GuestError::Agent { kind: GuestErrorKind::NotFound, message } => ApiError::not_found(message)
+            .with_hint("check the path in the guest")
+            .with_next("vm.exec", json!({"vm": vm, "command": ["ls", "-la", "<folder>"]}), "lists what is there"),
         GuestError::Agent { message, .. } => ApiError::invalid(message)
-            .with_hint(format!("check the path and its permissions: `banger vm exec {vm} -- ls -ld <path>`")),
+            .with_hint("check the path and its permissions in the guest")
+            .with_next("vm.exec", json!({"vm": vm, "command": ["ls", "-ld", "<path>"]}), "shows its type and mode"),
         other => guest_error(vm, other),
     }
 }
@@ -78,33 +83,48 @@ pub(crate) fn guest_error(vm: &str, e: GuestError) -> ApiError {
             ApiError::new(ErrorCode::Cancelled, "cancelled by the caller").with_hint(hint::RUN_AGAIN)
         }
         GuestError::Timeout(_) => ApiError::new(ErrorCode::Timeout, format!("VM {vm}: {e}"))
-            .with_hint(format!("`banger vm logs {vm}` shows the guest console")),
+            .with_hint("the guest may be overloaded or hung")
+            .with_next("vm.logs", json!({"vm": vm}), "shows the guest console"),
         GuestError::Agent { kind, message } => agent_error(vm, kind, message),
         other => ApiError::new(ErrorCode::GuestUnreachable, format!("VM {vm}: {}", error_chain(&other)))
-            .with_hint(format!("`banger vm logs {vm}` shows the guest console; `banger vm restart {vm}` reboots it")),
+            .with_hint("the guest agent does not answer")
+            .with_next("vm.logs", json!({"vm": vm}), "shows the guest console")
+            .with_next("vm.restart", json!({"vm": vm}), "reboots the VM"),
     }
 }
 
 /// What each kind of agent error means to the caller, with what to do next.
 fn agent_error(vm: &str, kind: GuestErrorKind, message: String) -> ApiError {
     match kind {
-        GuestErrorKind::NotFound => {
-            ApiError::not_found(message).with_hint(format!("`banger vm session list {vm}` shows the VM's sessions"))
-        }
+        GuestErrorKind::NotFound => ApiError::not_found(message).with_hint("no such session in this VM").with_next(
+            "session.list",
+            json!({"vm": vm}),
+            "lists the VM's sessions",
+        ),
         GuestErrorKind::Invalid => ApiError::invalid(message).with_hint("fix the request's arguments and try again"),
+        GuestErrorKind::ProgramMissing => ApiError::invalid(message)
+            .with_hint(
+                "the VM's image lacks that program: install it in the guest (apt-get install ...), or create the \
+                 VM from an image that provides it",
+            )
+            .with_next("image.list", json!({}), "says what each image provides (python3, node, the coding agents...)"),
+        GuestErrorKind::CwdMissing => ApiError::invalid(message)
+            .with_hint("give an existing directory as cwd, or make it first")
+            .with_next("vm.exec", json!({"vm": vm, "command": ["mkdir", "-p", "<dir>"]}), "makes the directory"),
         GuestErrorKind::CannotRun => ApiError::invalid(message)
-            .with_hint(format!("check the program and directory in the guest: `banger vm exec {vm} -- ls -l <path>`")),
+            .with_hint("the program is there but could not be started (its interpreter or libraries?)")
+            .with_next("vm.exec", json!({"vm": vm, "command": ["ls", "-l", "<program>"]}), "shows the file"),
         GuestErrorKind::BadOffset => {
             ApiError::invalid(message).with_hint("continue from the next_offset of the previous read, or from 0")
         }
         GuestErrorKind::InputClosed => {
-            ApiError::precondition(message).with_hint("`banger vm session show` says how the session ended")
+            ApiError::precondition(message).with_hint("the session's stdin is closed: it ended or closed it")
         }
         GuestErrorKind::Other => {
             ApiError::new(ErrorCode::GuestUnreachable, format!("VM {vm}: the guest agent reported: {message}"))
-                .with_hint(format!(
-                    "`banger vm logs {vm}` shows the guest console; `banger vm restart {vm}` reboots it"
-                ))
+                .with_hint("the guest agent failed")
+                .with_next("vm.logs", json!({"vm": vm}), "shows the guest console")
+                .with_next("vm.restart", json!({"vm": vm}), "reboots the VM")
         }
     }
 }
@@ -130,6 +150,73 @@ mod tests {
         }
     }
 
+    /// Just past the `)` matching the `(` at `open`, skipping string and char literals.
+    fn call_end(bytes: &[u8], open: usize) -> usize {
+        let (mut depth, mut i) = (0usize, open);
+        while i < bytes.len() {
+            match bytes[i] {
+                b'(' => depth += 1,
+                b')' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        break;
+                    }
+                }
+                b'"' => {
+                    i += 1;
+                    while i < bytes.len() && bytes[i] != b'"' {
+                        i += if bytes[i] == b'\\' { 2 } else { 1 };
+                    }
+                }
+                b'\'' if bytes.get(i + 2) == Some(&b'\'') => i += 2,
+                _ => {}
+            }
+            i += 1;
+        }
+        i + 1
+    }
+
+    /// The argument text of every `.with_hint(...)` in `code`, as `(line, text)`.
+    fn hint_texts(code: &str) -> Vec<(usize, String)> {
+        code.match_indices(".with_hint(")
+            .map(|(at, m)| {
+                let open = at + m.len() - 1;
+                let end = call_end(code.as_bytes(), open).min(code.len());
+                (code[..at].matches('\n').count() + 1, code[open..end].to_string())
+            })
+            .collect()
+    }
+
+    /// Whether a hint's text names a `banger` command (which an MCP agent does not have): the command goes
+    /// in a next step (`with_next`), which each front door renders in its caller's terms.
+    fn names_a_cli_command(hint: &str) -> bool {
+        ["vm", "image", "daemon", "doctor", "operation", "mcp"].iter().any(|c| hint.contains(&format!("banger {c}")))
+            || hint.contains("--")
+    }
+
+    #[test]
+    fn the_cli_command_check_sees_commands_in_hints() {
+        let code = "ApiError::invalid(m)\n    .with_hint(format!(\"`banger vm logs {vm}` (a) shows it\"))\n\
+                    e.with_hint(\"choose another --name\")\ne.with_hint(\"stop it first\")";
+        let found: Vec<bool> = hint_texts(code).iter().map(|(_, t)| names_a_cli_command(t)).collect();
+        assert_eq!(found, [true, true, false]);
+    }
+
+    /// No hint the daemon writes names a `banger` command or flag: an MCP agent has neither, so a command is
+    /// a next step (`ApiError::with_next`), shown as a tool call over MCP and as a command line in the CLI.
+    #[test]
+    fn no_hint_names_a_cli_command() {
+        let mut offenders = vec![];
+        for (path, code) in crate::source_scan::daemon_sources("src") {
+            for (line, text) in hint_texts(&code) {
+                if names_a_cli_command(&text) {
+                    offenders.push(format!("{}:{line}: {}", path.display(), text.lines().next().unwrap_or_default()));
+                }
+            }
+        }
+        assert!(offenders.is_empty(), "hints naming CLI commands (make them next steps):\n{}", offenders.join("\n"));
+    }
+
     /// Constructors of `ApiError` (called, or passed as a function) in `code` that are not followed by
     /// `.with_hint(`, and struct literals with `hint: None`, as `(line, text)`. String literals are skipped
     /// when matching parentheses, so a `(` inside a message cannot hide a missing hint.
@@ -147,29 +234,7 @@ mod tests {
             }
             let mut end = from + name.len();
             if bytes.get(end) == Some(&b'(') {
-                // Past the matching `)`, skipping string and char literals.
-                let (mut depth, mut i) = (0usize, end);
-                while i < bytes.len() {
-                    match bytes[i] {
-                        b'(' => depth += 1,
-                        b')' => {
-                            depth -= 1;
-                            if depth == 0 {
-                                break;
-                            }
-                        }
-                        b'"' => {
-                            i += 1;
-                            while i < bytes.len() && bytes[i] != b'"' {
-                                i += if bytes[i] == b'\\' { 2 } else { 1 };
-                            }
-                        }
-                        b'\'' if bytes.get(i + 2) == Some(&b'\'') => i += 2,
-                        _ => {}
-                    }
-                    i += 1;
-                }
-                end = i + 1;
+                end = call_end(bytes, end);
                 if code[end.min(code.len())..].trim_start().starts_with(".with_hint(") {
                     continue;
                 }
@@ -283,6 +348,8 @@ mod tests {
             ("not_found", "cannot run it: stopped reading", ErrorCode::NotFound),
             ("invalid", "No such file or directory", ErrorCode::InvalidArgument),
             ("cannot_run", "no session `x` in the guest", ErrorCode::InvalidArgument),
+            ("program_missing", "offset 3 is past the end", ErrorCode::InvalidArgument),
+            ("cwd_missing", "no session `y`", ErrorCode::InvalidArgument),
             ("bad_offset", "the stdin is closed", ErrorCode::InvalidArgument),
             ("input_closed", "offset 9 is past the end", ErrorCode::FailedPrecondition),
             ("other", "No such file; cannot run; no session; offset; closed", ErrorCode::GuestUnreachable),

@@ -18,7 +18,8 @@ impl Engine {
         let (Some(net), Some(ip), Some(mac)) = (self.network(), row.ip, row.mac.as_deref()) else { return Ok(()) };
         net.guard_tap(tap, mac, ip, row.nat).await.map_err(|e| {
             ApiError::new(tools_schema::ErrorCode::HostUnsupported, format!("cannot filter VM {}'s TAP: {e}", row.name))
-                .with_hint("`banger doctor` checks nftables (bridge-family rules need nf_tables_bridge)")
+                .with_hint("bridge-family nftables rules need the nf_tables_bridge module")
+                .with_next("doctor.run", serde_json::json!({}), "checks nftables")
         })
     }
 

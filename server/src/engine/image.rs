@@ -58,7 +58,11 @@ impl Engine {
         ctx: CallContext,
     ) -> Result<ImageInfo, ApiError> {
         validate_name("image", &p.name).map_err(|e| {
-            ApiError::invalid(e).with_hint("pick a name like `my-image-2`; `banger image list` shows the names in use")
+            ApiError::invalid(e).with_hint("pick a name like `my-image-2`").with_next(
+                "image.list",
+                serde_json::json!({}),
+                "shows the names in use",
+            )
         })?;
         let sources: Vec<(&str, Option<&String>)> = vec![
             ("kernel", Some(&p.kernel)),
@@ -106,7 +110,8 @@ impl Engine {
         let _guard = self.image_lock.lock().await;
         if self.store.images().await?.iter().any(|i| i.name == name) {
             return Err(ApiError::new(ErrorCode::AlreadyExists, format!("an image named `{name}` already exists"))
-                .with_hint(format!("pick another name, or `banger image delete {name}` first")));
+                .with_hint("pick another name, or delete that image first")
+                .with_next("image.delete", serde_json::json!({"image": name}), "deletes the existing image"));
         }
         let id = new_id();
         let dir = self.cfg.images_dir().join(&id);
@@ -118,7 +123,7 @@ impl Engine {
         });
         let copied = tokio::select! {
             r = work => r.map_err(|e| ApiError::internal(format!("image copy task: {e}")).with_hint(crate::engine::errors::hint::BUG))?,
-            _ = cancel.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "image registration cancelled").with_hint("nothing was registered; run `banger image register` again")),
+            _ = cancel.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, "image registration cancelled").with_hint("nothing was registered; register it again to retry")),
         };
         let (kernel, kernel_elf, initrd, rootfs, work_seed, fingerprint) = match copied {
             Ok(v) => v,
@@ -252,7 +257,8 @@ impl Engine {
             self.store.vms().await?.into_iter().filter(|v| v.image_id == img.id).map(|v| v.name).collect();
         if !users.is_empty() {
             return Err(ApiError::precondition(format!("image `{}` is used by VMs: {}", img.name, users.join(", ")))
-                .with_hint("delete those VMs first (banger vm delete ...)"));
+                .with_hint("delete those VMs first")
+                .with_next("vm.delete", serde_json::json!({"vm": users}), "deletes them (irreversible)"));
         }
         self.store.delete_image(img.id.clone()).await?;
         let _ = tokio::fs::remove_dir_all(self.cfg.images_dir().join(&img.id)).await;
@@ -266,11 +272,17 @@ impl Engine {
         match r {
             None => images.into_iter().find(|i| i.is_default).ok_or_else(|| {
                 ApiError::precondition("no default image is registered")
-                    .with_hint("run scripts/quickstart.sh, or register one: banger image register --default ...")
+                    .with_hint("run scripts/quickstart.sh on the daemon's host, or register an image as the default")
+                    .with_next(
+                        "image.register",
+                        serde_json::json!({"name": "<name>", "kernel": "<kernel path>", "rootfs": "<ext4 path>", "make_default": true}),
+                        "registers an image and makes it the default",
+                    )
             }),
             Some(r) => images.into_iter().find(|i| i.name == r || i.id == r).ok_or_else(|| {
                 ApiError::not_found(format!("no image named `{r}`"))
-                    .with_hint("`banger image list` shows the registered images")
+                    .with_hint("name an image by its name or id")
+                    .with_next("image.list", serde_json::json!({}), "lists the registered images")
             }),
         }
     }

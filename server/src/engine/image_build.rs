@@ -199,7 +199,12 @@ impl Engine {
                     ErrorCode::AlreadyExists,
                     format!("an image named `{}` already exists from other inputs", p.name),
                 )
-                .with_hint(format!("pick another name, or `banger image delete {}` first", p.name)));
+                .with_hint("pick another name, or delete that image first")
+                .with_next(
+                    "image.delete",
+                    serde_json::json!({"image": p.name}),
+                    "deletes the existing image",
+                ));
             }
         }
         Ok(BuildPlan {
@@ -316,7 +321,8 @@ async fn run_logged(mut cmd: tokio::process::Command, op: &Op, what: &str) -> Re
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true);
     let mut child = cmd.spawn().map_err(|e| {
         ApiError::internal(format!("cannot start {what}: {e}"))
-            .with_hint("scripts/setup-host.sh installs what image builds run; `banger doctor` checks it")
+            .with_hint("scripts/setup-host.sh installs what image builds run")
+            .with_next("doctor.run", serde_json::json!({}), "checks the host's build tools")
     })?;
     let pgid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
     let mut out = BufReader::new(child.stdout.take().expect("piped")).lines();
@@ -404,7 +410,7 @@ async fn store_in_cache(tmp: &Path, cached: &Path) -> Result<(), ApiError> {
             // Never leave a half-copied entry in the shared cache.
             let _ = tokio::fs::remove_file(&partial).await;
             return Err(ApiError::internal(format!("caching the root filesystem in {}: {e}", parent.display()))
-                .with_hint("check free space in cache_dir (banger doctor shows it for the state directory)"));
+                .with_hint("check free space in the daemon's cache_dir"));
         }
     }
     Ok(())

@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::store::Store;
 
 mod admission;
+mod arguments;
 pub(crate) mod contain;
 mod daemon_ops;
 mod disks;
@@ -178,18 +179,6 @@ impl Engine {
     }
 }
 
-/// Parses operation params, naming the operation in the error.
-fn decode_params<T: serde::de::DeserializeOwned>(method: &str, params: serde_json::Value) -> Result<T, ApiError> {
-    serde_path_to_error::deserialize(params).map_err(|e| {
-        // Name the offending field, so the caller knows what to fix.
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let detail = if path == "." { inner.to_string() } else { format!("{path}: {inner}") };
-        ApiError::invalid(format!("invalid params for {method}: {detail}"))
-            .with_hint(format!("see the schema of {method} (MCP tools/list, or docs/API.md)"))
-    })
-}
-
 macro_rules! dispatch_table {
     ($( ($ty:ident, $handler:ident, $method:literal, $params:ty, $result:ty,
          $ro:literal, $destructive:literal, $idem:literal, $desc:literal) ),* $(,)?) => {
@@ -204,7 +193,7 @@ macro_rules! dispatch_table {
                 match method {
                     $(
                         $method => {
-                            let params: $params = decode_params($method, params)?;
+                            let params: $params = arguments::decode($method, params)?;
                             let result: $result = self.$handler(params, ctx).await?;
                             serde_json::to_value(result).map_err(|e| ApiError::internal(format!("encoding result: {e}")).with_hint(crate::engine::errors::hint::BUG))
                         }

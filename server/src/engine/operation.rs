@@ -264,7 +264,8 @@ impl Ops {
     pub fn get(&self, id: &str) -> Result<Arc<Op>, ApiError> {
         self.map.lock().get(id).cloned().ok_or_else(|| {
             ApiError::not_found(format!("no operation `{id}`"))
-                .with_hint("operations are kept for ten minutes after they finish; `banger operation list`")
+                .with_hint("operations are kept for ten minutes after they finish")
+                .with_next("operation.list", serde_json::json!({}), "lists the operations kept")
         })
     }
 

@@ -40,9 +40,23 @@ impl Engine {
     /// Checks the request, starts the create (so argument and allocation errors come back at once), then runs
     /// the rest as an operation to follow or cancel.
     pub async fn vm_run_begin(self: &Arc<Self>, p: VmRunParams, _: CallContext) -> Result<OperationInfo, ApiError> {
-        p.validate().map_err(|e| ApiError::invalid(e).with_hint(crate::engine::errors::hint::SCHEMA))?;
+        p.validate().map_err(|e| {
+            use crate::engine::arguments as a;
+            let args = a::as_arguments(&p);
+            let fix = a::absolute_path_fix(args.clone(), "path", &p.path).or_else(|| {
+                a::create_in_range(&p.create, |create| {
+                    let mut args = args.clone();
+                    args["create"] = create;
+                    args
+                })
+            });
+            a::invalid("vm.run", e, fix)
+        })?;
         // A path that is not a repository is refused before anything is made.
-        let top = super::workspace::work_tree_top("path", &p.path).await?;
+        let top = super::workspace::work_tree_top("path", &p.path).await.map_err(|e| {
+            let args = crate::engine::arguments::as_arguments(&p);
+            crate::engine::arguments::retry_with(e, "vm.run", args, "path", super::workspace::REPO_PLACEHOLDER)
+        })?;
         let mut create = p.create.clone();
         if create.name.is_none() {
             create.name = self.free_name_like(&top).await?;
@@ -125,7 +139,12 @@ impl Engine {
         e.message = match failure {
             None => format!("{} (the VM {} made for it was deleted)", e.message, vm.name),
             Some(f) => {
-                e.hint = Some(format!("delete it yourself: `banger vm delete {}`", vm.name));
+                e.hint = Some("delete it yourself".into());
+                e.next = vec![tools_schema::error::NextStep::new(
+                    "vm.delete",
+                    serde_json::json!({"vm": vm.name}),
+                    "deletes the VM the run made",
+                )];
                 format!("{} (deleting the VM {} made for it failed too: {f})", e.message, vm.name)
             }
         };
@@ -150,5 +169,5 @@ impl Engine {
 
 fn cancelled_run(detail: &str) -> ApiError {
     ApiError::new(ErrorCode::Cancelled, format!("vm run was cancelled ({detail})"))
-        .with_hint("whatever the run had made was deleted; run `banger vm run` again to retry")
+        .with_hint("whatever the run had made was deleted; run it again to retry")
 }

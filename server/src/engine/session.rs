@@ -12,12 +12,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tools_schema::guest::{FrameKind, GuestRequest, GuestResponse};
 use tools_schema::session::{
     GuestSessionSpec, GuestSessionStatus, OutputChunk, OutputStream, SessionEvent, SessionFollowParams, SessionInfo,
     SessionList, SessionListParams, SessionLogs, SessionLogsParams, SessionRef, SessionSendParams, SessionSendResult,
-    SessionStartParams, SessionState, SessionStopParams, DEFAULT_LOGS_LIMIT, MAX_SEND_BYTES,
+    SessionStartParams, SessionStartResult, SessionState, SessionStopParams, DEFAULT_LOGS_LIMIT, MAX_SEND_BYTES,
 };
 use tools_schema::vm::{ContentEncoding, VmState};
 use tools_schema::{ApiError, ErrorCode};
@@ -66,7 +67,7 @@ impl Attachments {
         if let Some((_, holder)) = held.get(session) {
             if !steal {
                 return Err(ApiError::new(ErrorCode::Busy, format!("session {session} is already attached"))
-                    .with_hint("detach the other client first, or attach with --steal (steal: true) to take it over"));
+                    .with_hint("detach the other client first, or attach with steal to take it over"));
             }
             holder.cancel();
         }
@@ -88,6 +89,40 @@ fn chunk(stream: FrameKind, offset: u64, bytes: Vec<u8>) -> OutputChunk {
     OutputChunk { stream, offset, data, encoding }
 }
 
+/// A session as the caller most likely named it: its name if it has one, else its id.
+fn label(row: &SessionRow) -> &str {
+    row.name.as_deref().unwrap_or(&row.id)
+}
+
+/// How a session that is over ended, in words: "exited with code 0".
+fn ended(s: &GuestSessionStatus) -> String {
+    match s.state {
+        SessionState::Exited => match s.exit_code {
+            Some(code) => format!("exited with code {code}"),
+            None => "exited".into(),
+        },
+        SessionState::Killed => match s.signal {
+            Some(sig) => format!("was killed by signal {sig}"),
+            None => "was killed".into(),
+        },
+        SessionState::Lost => format!("was lost ({})", s.lost_reason.as_deref().unwrap_or("no reason recorded")),
+        SessionState::Running => "is running".into(),
+    }
+}
+
+/// Input for a session that is over: what happened to it, and how to read it or run it again.
+fn ended_error(row: &SessionRow, vm: &VmRow, s: &GuestSessionStatus) -> ApiError {
+    let name = label(row);
+    ApiError::precondition(format!("session `{name}` in VM {} {}: it takes no more input", vm.name, ended(s)))
+        .with_hint("start a new session to go on")
+        .with_next("session.logs", json!({"session": name, "vm": vm.name}), "reads everything it printed")
+        .with_next(
+            "session.start",
+            json!({"vm": vm.name, "command": row.command, "cwd": row.cwd}),
+            "starts the same command again",
+        )
+}
+
 fn chunks(read: crate::guest::SessionRead) -> (Vec<OutputChunk>, u64, GuestSessionStatus) {
     let mut offset = read.from;
     let mut out = vec![];
@@ -104,7 +139,8 @@ impl Engine {
     async fn resolve_session(&self, r: &str, vm: Option<&str>) -> Result<(SessionRow, VmRow), ApiError> {
         if r.is_empty() {
             return Err(ApiError::invalid("session reference is empty")
-                .with_hint("name a session by its id, a unique id prefix or its name (`banger vm session list`)"));
+                .with_hint("name a session by its id, a unique id prefix or its name")
+                .with_next("session.list", json!({}), "lists every session"));
         }
         let vm_row = match vm {
             Some(v) => Some(self.resolve_vm(v).await?),
@@ -126,22 +162,29 @@ impl Engine {
         let row = match found.as_slice() {
             [one] => (*one).clone(),
             [] => {
-                return Err(ApiError::not_found(format!("no session `{r}`"))
-                    .with_hint("`banger vm session list` shows every session"))
+                let in_vm = vm_row.as_ref().map(|v| format!(" in VM {}", v.name)).unwrap_or_default();
+                let list = match &vm_row {
+                    Some(v) => json!({"vm": v.name}),
+                    None => json!({}),
+                };
+                return Err(ApiError::not_found(format!("no session `{r}`{in_vm}"))
+                    .with_hint("name a session by its id, a unique id prefix or its name")
+                    .with_next("session.list", list, "lists the sessions"));
             }
             many => {
                 return Err(ApiError::invalid(format!(
                     "`{r}` matches several sessions: {}",
                     many.iter().map(|s| s.id.as_str()).collect::<Vec<_>>().join(", ")
                 ))
-                .with_hint("use the session id, or name the VM (--vm)"))
+                .with_hint("use the session id, or give its VM too"))
             }
         };
         let vm = match vm_row {
             Some(v) => v,
             None => self.store.vm(row.vm_id.clone()).await?.ok_or_else(|| {
                 ApiError::not_found("the session's VM is gone")
-                    .with_hint("the VM was deleted with its sessions; `banger vm session list` shows the ones left")
+                    .with_hint("the VM was deleted with its sessions")
+                    .with_next("session.list", json!({}), "lists the sessions left")
             })?,
         };
         Ok((row, vm))
@@ -204,7 +247,7 @@ impl Engine {
         self: &Arc<Self>,
         p: SessionStartParams,
         ctx: CallContext,
-    ) -> Result<SessionInfo, ApiError> {
+    ) -> Result<SessionStartResult, ApiError> {
         p.validate().map_err(|e| ApiError::invalid(e).with_hint(crate::engine::errors::hint::SCHEMA))?;
         let vm = self.resolve_vm(&p.vm).await?;
         let conn = self.guest(&vm).await?;
@@ -213,7 +256,8 @@ impl Engine {
                 ErrorCode::AlreadyExists,
                 format!("VM {} already has a session named `{}`", vm.name, p.name.as_deref().unwrap_or("")),
             )
-            .with_hint("choose another --name, or refer to the existing one")
+            .with_hint("choose another name, or use the existing session")
+            .with_next("session.list", json!({"vm": vm.name}), "lists the VM's sessions")
         };
         if p.name.is_some() && self.store.sessions().await?.iter().any(|s| s.vm_id == vm.id && s.name == p.name) {
             return Err(taken());
@@ -244,17 +288,36 @@ impl Engine {
             Ok(other) => Err(guest_error(&vm.name, GuestError::protocol(format!("{other:?}")))),
             Err(e) => Err(guest_error(&vm.name, e)),
         };
-        match started {
-            Ok(status) => {
-                tracing::info!(vm = %vm.name, session = %row.id, program = %status.program, "session started");
-                Ok(self.session_info(&row, &vm, Some(&status)))
-            }
+        let status = match started {
+            Ok(status) => status,
             Err(e) => {
                 // Nothing runs in the guest: forget the record so the name is free again.
                 self.store.delete_session(row.id.clone()).await?;
-                Err(e)
+                return Err(e);
+            }
+        };
+        tracing::info!(vm = %vm.name, session = %row.id, program = %status.program, "session started");
+        if p.input.is_some() || p.eof {
+            let input = p.input.as_deref().unwrap_or("").as_bytes();
+            if let Err(e) = conn.session_send(&row.id, input, p.eof, &ctx.cancel).await {
+                // The session was started for this input: without it, it is undone, not left half-fed.
+                let kill = GuestRequest::SessionSignal { id: row.id.clone(), signal: libc::SIGKILL, grace_ms: 0 };
+                let _ = conn.request(&kill, Duration::from_secs(20), &CancellationToken::new()).await;
+                self.store.delete_session(row.id.clone()).await?;
+                let mut e = guest_error(&vm.name, e);
+                e.message =
+                    format!("writing the input of session `{}`: {}; the session was stopped", label(&row), e.message);
+                return Err(e);
             }
         }
+        let (output, status) = match p.wait_ms {
+            Some(wait_ms) => {
+                let (logs, status) = self.read_logs(&conn, &row, &vm, 0, DEFAULT_LOGS_LIMIT, wait_ms, &ctx).await?;
+                (Some(logs), status)
+            }
+            None => (None, status),
+        };
+        Ok(SessionStartResult { session: self.session_info(&row, &vm, Some(&status)), output })
     }
 
     pub async fn session_send(
@@ -263,6 +326,7 @@ impl Engine {
         ctx: CallContext,
     ) -> Result<SessionSendResult, ApiError> {
         use base64::Engine as _;
+        p.validate().map_err(|e| ApiError::invalid(e).with_hint(crate::engine::errors::hint::SCHEMA))?;
         let data = match p.encoding.unwrap_or(ContentEncoding::Text) {
             ContentEncoding::Text => p.data.into_bytes(),
             ContentEncoding::Base64 => {
@@ -278,13 +342,32 @@ impl Engine {
         }
         let (row, vm) = self.resolve_session(&p.session, p.vm.as_deref()).await?;
         if let Some(done) = &row.final_status {
-            return Err(ApiError::precondition(format!("session {} is {}", row.id, done.state.as_str()))
-                .with_hint("`banger vm session show` says how it ended; start a new session to send input"));
+            return Err(ended_error(&row, &vm, done));
         }
         let conn = self.guest(&vm).await?;
-        let (bytes, stdin_open) =
-            conn.session_send(&row.id, &data, p.eof, &ctx.cancel).await.map_err(|e| guest_error(&vm.name, e))?;
-        Ok(SessionSendResult { session: row.id, bytes, stdin_closed: !stdin_open })
+        // Where the log ends before the write (a wait returns what follows it), and a session that is over
+        // said as such rather than as a broken pipe.
+        let live = self.guest_sessions(&vm).await?.remove(&row.id);
+        if let Some(s) = live.as_ref().filter(|s| s.state.is_final()) {
+            return Err(ended_error(&row, &vm, s));
+        }
+        let from = live.map(|s| s.output_bytes).unwrap_or(0);
+        let (bytes, stdin_open) = match conn.session_send(&row.id, &data, p.eof, &ctx.cancel).await {
+            Ok(sent) => sent,
+            Err(e) => {
+                // It may have ended between the check and the write.
+                let now = self.guest_sessions(&vm).await.ok().and_then(|mut m| m.remove(&row.id));
+                if let Some(s) = now.filter(|s| s.state.is_final()) {
+                    return Err(ended_error(&row, &vm, &s));
+                }
+                return Err(guest_error(&vm.name, e));
+            }
+        };
+        let output = match p.wait_ms {
+            Some(wait_ms) => Some(self.read_logs(&conn, &row, &vm, from, DEFAULT_LOGS_LIMIT, wait_ms, &ctx).await?.0),
+            None => None,
+        };
+        Ok(SessionSendResult { session: row.id, bytes, stdin_closed: !stdin_open, output })
     }
 
     pub async fn session_logs(
@@ -298,23 +381,43 @@ impl Engine {
             .guest(&vm)
             .await
             .map_err(|e| e.with_hint(format!("a session's output lives in its VM: start {} to read it", vm.name)))?;
-        let from = p.offset.unwrap_or(0);
+        let limit = p.limit.unwrap_or(DEFAULT_LOGS_LIMIT);
+        let read = self.read_logs(&conn, &row, &vm, p.offset.unwrap_or(0), limit, p.wait_ms.unwrap_or(0), &ctx);
+        Ok(read.await?.0)
+    }
+
+    /// Reads a session's log from `from` (waiting up to `wait_ms` for something new there), with the state it
+    /// was in when the read finished.
+    #[allow(clippy::too_many_arguments)]
+    async fn read_logs(
+        &self,
+        conn: &GuestConn,
+        row: &SessionRow,
+        vm: &VmRow,
+        from: u64,
+        limit: u64,
+        wait_ms: u64,
+        ctx: &CallContext,
+    ) -> Result<(SessionLogs, GuestSessionStatus), ApiError> {
         let read = tokio::select! {
-            r = conn.session_read(&row.id, from, p.limit.unwrap_or(DEFAULT_LOGS_LIMIT), p.wait_ms.unwrap_or(0), &ctx.cancel) => r,
+            r = conn.session_read(&row.id, from, limit, wait_ms, &ctx.cancel) => r,
             _ = ctx.cancel.cancelled() => return Err(ApiError::new(ErrorCode::Cancelled, "cancelled by the caller").with_hint(crate::engine::errors::hint::RUN_AGAIN)),
         }
         .map_err(|e| guest_error(&vm.name, e))?;
         let (chunks, next_offset, status) = chunks(read);
-        let info = self.session_info(&row, &vm, Some(&status));
-        Ok(SessionLogs {
-            session: row.id,
+        let info = self.session_info(row, vm, Some(&status));
+        let logs = SessionLogs {
+            session: row.id.clone(),
             from,
             next_offset,
             size: status.output_bytes,
             more: next_offset < status.output_bytes,
             chunks,
             state: info.state,
-        })
+            exit_code: info.exit_code,
+            signal: info.signal,
+        };
+        Ok((logs, status))
     }
 
     pub async fn session_list(self: &Arc<Self>, p: SessionListParams, _: CallContext) -> Result<SessionList, ApiError> {
@@ -450,13 +553,17 @@ impl Engine {
                 "from {from} is past the end of the log ({} bytes)",
                 info.output_bytes
             ))
-            .with_hint(
-                "follow from an offset at most the session's output_bytes (`banger vm session show`), or from 0",
+            .with_hint("follow from an offset at most the session's output_bytes, or from 0")
+            .with_next(
+                "session.show",
+                json!({"session": label(&row), "vm": vm.name}),
+                "shows its output_bytes",
             ));
         }
         if attach && info.state.is_final() {
-            return Err(ApiError::precondition(format!("session {} is {}", row.id, info.state.as_str()))
-                .with_hint("read its output with `banger vm session logs`"));
+            return Err(ApiError::precondition(format!("session `{}` {}", label(&row), info.state.as_str()))
+                .with_hint("a session that is over cannot be attached; its output stays readable")
+                .with_next("session.logs", json!({"session": label(&row), "vm": vm.name}), "reads its output"));
         }
         let claim = if attach { Some(self.attachments.claim(&row.id, p.steal)?) } else { None };
         Ok(SessionFollower {

@@ -19,7 +19,8 @@ impl Engine {
         let row = self.resolve_vm(&p.vm).await?;
         if row.state != VmState::Running {
             return Err(ApiError::precondition(format!("VM {} is {}", row.name, row.state.as_str()))
-                .with_hint(format!("banger vm start {}", row.name)));
+                .with_hint("ssh needs a running VM")
+                .with_next("vm.start", serde_json::json!({"vm": row.name}), "starts it"));
         }
         let ip = row.ip.ok_or_else(|| {
             ApiError::precondition(format!("VM {} has no network address", row.name))
@@ -71,7 +72,7 @@ impl Engine {
                 }
                 Ok(ready)
             }
-            _ = cancel.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, format!("waiting for {vm}'s sshd was cancelled")).with_hint(format!("`banger vm ssh {vm}` waits for it again"))),
+            _ = cancel.cancelled() => Err(ApiError::new(ErrorCode::Cancelled, format!("waiting for {vm}'s sshd was cancelled")).with_hint("nothing changed in the VM").with_next("vm.ssh", serde_json::json!({"vm": vm}), "waits for it again")),
         }
     }
 }

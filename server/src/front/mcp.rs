@@ -188,9 +188,11 @@ fn progress_forwarder(
     (Arc::new(ProgressChannel(tx.clone())), tx)
 }
 
-/// A failed call: `isError` with the typed error (`{code, message, hint}`) as JSON text. Not as
+/// A failed call: `isError` with the typed error (`{code, message, hint, next}`) as JSON text, its hint ending
+/// with the next steps as tool calls (`ApiError::for_mcp`). Not as
 /// structuredContent: clients validate that against the tool's output schema, which describes success.
 fn error_result(e: ApiError) -> CallToolResult {
+    let e = e.for_mcp();
     CallToolResult::error(vec![ContentBlock::text(serde_json::to_string(&e).unwrap_or_else(|_| e.display_with_hint()))])
 }
 
@@ -248,9 +250,9 @@ fn instructions(sets: &[Toolset]) -> String {
     let mut text = String::from(
         "banger runs microVM sandboxes on this host. Create one with vm_create (or vm_run, which also puts a host \
          repository in it), run commands with vm_exec, and delete it with vm_delete when done. Every tool returns \
-         structured content; a failed call has isError set and its text is a JSON error {code, message, hint}: \
-         code tells not_found from busy from guest_unreachable from invalid_argument, and hint says what to do \
-         next.",
+         structured content; a failed call has isError set and its text is a JSON error {code, message, hint, \
+         next}: code tells not_found from busy from guest_unreachable from invalid_argument, hint says what to \
+         do, and next lists the tool calls that would help, with their arguments.",
     );
     text.push_str(&format!(" Toolsets listed: {listed}."));
     if !more.is_empty() {

@@ -74,7 +74,8 @@ impl Engine {
             (Some(net), Some(ip), Some(mac)) => {
                 let tap = net.acquire_tap().await.map_err(|e| {
                     ApiError::internal(format!("cannot get a TAP device: {e}"))
-                        .with_hint("`banger doctor` checks networking")
+                        .with_hint("the host's TAP pool or bridge is not usable")
+                        .with_next("doctor.run", serde_json::json!({}), "checks networking")
                 })?;
                 if let Err(e) = self.store.set_vm_tap(row.id.clone(), Some(tap.clone())).await {
                     net.release_tap(&tap).await;
@@ -209,7 +210,8 @@ impl Engine {
             let agent = tokio::select! {
                 r = connect => r.map_err(|e| guest_error(&row.name, e))?,
                 _ = died => return Err(ApiError::internal(format!("VM {}'s VMM exited during boot", row.name))
-                    .with_hint(format!("`banger vm logs {}` shows the guest console", row.name))),
+                    .with_hint("the guest's console says how far it got")
+                    .with_next("vm.logs", serde_json::json!({"vm": row.name}), "shows the guest console")),
             };
             Ok::<_, ApiError>(agent)
         }
@@ -259,7 +261,8 @@ impl Engine {
             if row.nat {
                 net.enable_nat(ip).await.map_err(|e| {
                     ApiError::new(ErrorCode::HostUnsupported, format!("cannot enable NAT for {}: {e}", row.name))
-                        .with_hint("`banger doctor` checks nftables")
+                        .with_hint("the host's nftables refused the rule")
+                        .with_next("doctor.run", serde_json::json!({}), "checks nftables")
                 })?;
             }
         }

@@ -87,7 +87,8 @@ impl Engine {
     pub(crate) async fn guest(&self, row: &VmRow) -> Result<Arc<GuestConn>, ApiError> {
         if row.state != VmState::Running {
             return Err(ApiError::precondition(format!("VM {} is {}", row.name, row.state.as_str()))
-                .with_hint(format!("start it first: banger vm start {}", row.name)));
+                .with_hint("the VM must be running")
+                .with_next("vm.start", serde_json::json!({"vm": row.name}), "starts it"));
         }
         // One connect per VM, shared (after a daemon restart a burst of calls finds no connection; a QEMU
         // channel socket serves one client, so parallel connects would fail with EAGAIN or wait behind each
@@ -99,7 +100,9 @@ impl Engine {
                         ErrorCode::GuestUnreachable,
                         format!("VM {}'s VMM is not running", row.name),
                     )
-                    .with_hint(format!("banger vm start {}", row.name)));
+                    .with_hint("the VM stopped without the daemon stopping it")
+                    .with_next("vm.logs", serde_json::json!({"vm": row.name}), "shows the guest console")
+                    .with_next("vm.start", serde_json::json!({"vm": row.name}), "starts it again"));
                 }
                 let (channel, name) = (self.vm_paths(&row.id).guest_channel(), row.name.clone());
                 Ok(async move {

@@ -37,7 +37,10 @@ impl Engine {
         p: VmCreateParams,
         _: CallContext,
     ) -> Result<OperationInfo, ApiError> {
-        p.validate().map_err(|e| ApiError::invalid(e).with_hint(crate::engine::errors::hint::SCHEMA))?;
+        p.validate().map_err(|e| {
+            let fix = crate::engine::arguments::create_in_range(&p, |args| args);
+            crate::engine::arguments::invalid("vm.create", e, fix)
+        })?;
         let op = self.ops.start("vm.create", p.name.as_deref().unwrap_or(""), Self::CREATE_STAGES);
         op.stage("allocate");
         let cold = p.boot == Some(BootRequest::Cold);
@@ -78,7 +81,7 @@ impl Engine {
                     self.vmm().reason
                 ),
             )
-            .with_hint("use --vmm qemu (or leave --vmm out): QEMU runs guests on this host"));
+            .with_hint("ask for vmm qemu, or leave vmm out: QEMU runs guests on this host"));
         }
         if driver.find_binary().is_none() {
             return Err(vmm_error(VmmError::MissingBinary { binary: driver.binary() }));
@@ -88,7 +91,7 @@ impl Engine {
                 "image {} has no ELF kernel, which Firecracker boots",
                 image.name
             ))
-            .with_hint("register the image again with --kernel-elf (scripts/quickstart.sh does)"));
+            .with_hint("register the image again with its ELF kernel (kernel_elf; scripts/quickstart.sh does)"));
         }
         Ok(())
     }
@@ -141,7 +144,13 @@ impl Engine {
             Some(n) => {
                 if existing.iter().any(|v| v.name == n) {
                     return Err(ApiError::new(ErrorCode::AlreadyExists, format!("a VM named `{n}` already exists"))
-                        .with_hint(format!("pick another name, or `banger vm delete {n}` first")));
+                        .with_hint("pick another name, or delete that VM first")
+                        .with_next("vm.list", serde_json::json!({}), "shows the names in use")
+                        .with_next(
+                            "vm.delete",
+                            serde_json::json!({"vm": n}),
+                            "deletes the existing VM (irreversible)",
+                        ));
                 }
                 n
             }
@@ -181,7 +190,8 @@ impl Engine {
         };
         self.store.insert_vm(row.clone()).await.map_err(|e| {
             ApiError::new(ErrorCode::AlreadyExists, format!("cannot record VM `{}`: {e}", row.name))
-                .with_hint("pick another name; `banger vm list` shows the names in use")
+                .with_hint("pick another name")
+                .with_next("vm.list", serde_json::json!({}), "shows the names in use")
         })?;
         Ok(row)
     }

@@ -32,7 +32,7 @@ impl Engine {
                 "content is {} bytes; at most {MAX_FILE_CHUNK} per call",
                 data.len()
             ))
-            .with_hint("write bigger files in chunks with append: true (banger vm cp does)"));
+            .with_hint("write bigger files in chunks: the first call, then more with append: true"));
         }
         let row = self.resolve_vm(&p.vm).await?;
         let conn = self.guest(&row).await?;

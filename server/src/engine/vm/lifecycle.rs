@@ -36,7 +36,8 @@ impl Engine {
                     ErrorCode::Cancelled,
                     format!("starting VM {} was cancelled", task_row.name),
                 )
-                .with_hint(format!("`banger vm start {}` starts it again", task_row.name)));
+                .with_hint("it is stopped again")
+                .with_next("vm.start", serde_json::json!({"vm": task_row.name}), "starts it again"));
             };
             engine.boot(&task_row, &image, &cancel, None, plan).await
         })
@@ -182,11 +183,8 @@ impl Engine {
                         row.name,
                         row.state.as_str()
                     ))
-                    .with_hint(format!(
-                        "banger vm stop {0} && banger vm set {0} ... && banger vm start {0} (only --cpu-percent \
-                         applies to a running VM)",
-                        row.name
-                    )));
+                    .with_hint("stop it, set the new shape, start it again (only cpu_percent applies to a running VM)")
+                    .with_next("vm.stop", serde_json::json!({"vm": row.name}), "stops it"));
                 }
                 let paths = engine.vm_paths(&row.id);
                 // Check both disks before growing either, so a refusal changes nothing.

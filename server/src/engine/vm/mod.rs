@@ -153,7 +153,8 @@ impl Engine {
     pub(crate) async fn resolve_vm(&self, r: &str) -> Result<VmRow, ApiError> {
         if r.is_empty() {
             return Err(ApiError::invalid("VM reference is empty")
-                .with_hint("name a VM by its name, id or a unique id prefix (`banger vm list`)"));
+                .with_hint("name a VM by its name, id or a unique id prefix")
+                .with_next("vm.list", serde_json::json!({}), "lists every VM"));
         }
         let vms = self.store.vms().await?;
         if let Some(v) = vms.iter().find(|v| v.id == r || v.name == r) {
@@ -163,7 +164,9 @@ impl Engine {
             if r.len() >= 4 { vms.iter().filter(|v| v.id.starts_with(r)).collect() } else { vec![] };
         match by_prefix.as_slice() {
             [one] => Ok((*one).clone()),
-            [] => Err(ApiError::not_found(format!("no VM named `{r}`")).with_hint("`banger vm list` shows every VM")),
+            [] => Err(ApiError::not_found(format!("no VM named `{r}`"))
+                .with_hint("name a VM by its name, id or a unique id prefix")
+                .with_next("vm.list", serde_json::json!({}), "lists every VM")),
             many => Err(ApiError::invalid(format!(
                 "`{r}` matches several VMs: {}",
                 many.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", ")
@@ -174,7 +177,9 @@ impl Engine {
 
     async fn reload(&self, id: &str) -> Result<VmRow, ApiError> {
         self.store.vm(id.to_string()).await?.ok_or_else(|| {
-            ApiError::not_found(format!("VM {id} was deleted")).with_hint("`banger vm list` shows the VMs that exist")
+            ApiError::not_found(format!("VM {id} was deleted"))
+                .with_hint("it was deleted while this call ran")
+                .with_next("vm.list", serde_json::json!({}), "lists the VMs that exist")
         })
     }
 

@@ -57,7 +57,7 @@ pub(crate) enum TemplateMiss {
     /// or a rebuild is asked for.
     #[error(
         "the template is marked failed: restoring it failed ({0}); it is tried again when the image, kernel, VMM \
-         or banger changes, or after `banger image warm --rebuild`"
+         or banger changes, or when the image is warmed again with rebuild"
     )]
     Failed(String),
     #[error("the template's files are incomplete")]

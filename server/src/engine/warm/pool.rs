@@ -207,8 +207,10 @@ impl Engine {
             Err(_) => {
                 self.ensure_template(image, vmm, vcpus, memory_mib, false, &CancellationToken::new()).await?;
                 self.find_template(image, vmm, vcpus, memory_mib).map_err(|miss| {
-                    ApiError::internal(miss.to_string()).with_hint(
-                        "the pool refills later by itself; `banger image warm --rebuild` makes the template anew",
+                    ApiError::internal(miss.to_string()).with_hint("the pool refills later by itself").with_next(
+                        "image.warm",
+                        serde_json::json!({"image": image.name, "rebuild": true}),
+                        "makes the template anew",
                     )
                 })?
             }
@@ -222,7 +224,8 @@ impl Engine {
             let tap = match self.network() {
                 Some(net) if t.meta.inputs.nic => Some(net.acquire_tap().await.map_err(|e| {
                     ApiError::internal(format!("cannot get a TAP device: {e}"))
-                        .with_hint("`banger doctor` checks networking")
+                        .with_hint("the host's TAP pool or bridge is not usable")
+                        .with_next("doctor.run", serde_json::json!({}), "checks networking")
                 })?),
                 _ => None,
             };

@@ -156,9 +156,9 @@ impl Engine {
         cancel: &CancellationToken,
     ) -> Result<TemplateInfo, ApiError> {
         let inputs = self.template_inputs(image, vmm, vcpus, memory_mib).map_err(|e| {
-            ApiError::precondition(format!("cannot make a template of image {}: {e}", image.name)).with_hint(
-                "check that the image's files and the VMM binary are present (`banger image list`, `banger doctor`)",
-            )
+            ApiError::precondition(format!("cannot make a template of image {}: {e}", image.name))
+                .with_hint("check that the image's files and the VMM binary are present")
+                .with_next("doctor.run", serde_json::json!({}), "checks the images and the VMM binaries")
         })?;
         let slot = self.template_slot(&image.id, vmm, vcpus, memory_mib, inputs.nic);
         let lock = self.slot_lock(&slot);
@@ -177,10 +177,15 @@ impl Engine {
         let replaced = match previous {
             Ok(t) if !rebuild => return Ok(info(&t, true, None)),
             Ok(_) => Some("a rebuild was requested".to_string()),
-            Err(failed @ TemplateMiss::Failed(_)) if !rebuild => {
-                return Err(ApiError::precondition(failed.to_string())
-                    .with_hint("`banger image warm --rebuild` makes a new template; new VMs boot cold meanwhile"))
-            }
+            Err(failed @ TemplateMiss::Failed(_)) if !rebuild => return Err(ApiError::precondition(
+                failed.to_string(),
+            )
+            .with_hint("new VMs boot cold meanwhile")
+            .with_next(
+                "image.warm",
+                serde_json::json!({"image": image.name, "vcpus": vcpus, "memory_mib": memory_mib, "rebuild": true}),
+                "makes a new template",
+            )),
             Err(TemplateMiss::Missing) => None,
             Err(why) => Some(why.to_string()),
         };
@@ -230,7 +235,8 @@ impl Engine {
             if let (true, true, Some(net)) = (driver.template_needs_tap(), inputs.nic, self.network()) {
                 tap = Some(net.acquire_tap().await.map_err(|e| {
                     ApiError::internal(format!("cannot get a TAP device: {e}"))
-                        .with_hint("`banger doctor` checks networking")
+                        .with_hint("the host's TAP pool or bridge is not usable")
+                        .with_next("doctor.run", serde_json::json!({}), "checks networking")
                 })?);
             }
             let nic = tap.clone().map(|t| (t, super::pool::placeholder_net()));
@@ -272,11 +278,12 @@ impl Engine {
             let _ = tokio::fs::remove_dir(&anchor).await;
             return Err(if cancel.is_cancelled() {
                 ApiError::new(ErrorCode::Cancelled, "the template build was cancelled; nothing was kept")
-                    .with_hint("new VMs boot cold meanwhile; `banger image warm` builds the template again")
+                    .with_hint("new VMs boot cold meanwhile")
+                    .with_next("image.warm", serde_json::json!({"image": image.name}), "builds the template again")
             } else {
                 ApiError::internal(format!("building the template of image {} failed: {}", image.name, e.message))
                     .with_hint(
-                        "new VMs boot cold meanwhile; `banger vm logs` is not kept for templates, see the daemon log",
+                        "new VMs boot cold meanwhile; a template's console log is not kept: the daemon log has details",
                     )
             });
         }
@@ -493,13 +500,23 @@ impl Engine {
             Ok(GuestResponse::Ok) => Ok(()),
             Err(crate::guest::GuestError::Agent { message, .. }) => {
                 Err(ApiError::internal(format!("VM {vm}'s agent could not take its own identity: {message}"))
-                    .with_hint("the VM boots cold instead; `banger image warm --rebuild` makes a new template"))
+                    .with_hint("the VM boots cold instead")
+                    .with_next(
+                        "image.warm",
+                        serde_json::json!({"image": "<the VM's image>", "rebuild": true}),
+                        "makes a new template",
+                    ))
             }
             Ok(other) => Err(ApiError::internal(format!(
                 "unexpected answer to reidentify: {}",
                 crate::guest::untrusted_text(&format!("{other:?}"))
             ))
-            .with_hint("the VM boots cold instead; `banger image warm --rebuild` makes a new template")),
+            .with_hint("the VM boots cold instead")
+            .with_next(
+                "image.warm",
+                serde_json::json!({"image": "<the VM's image>", "rebuild": true}),
+                "makes a new template",
+            )),
             Err(e) => Err(guest_error(vm, e)),
         }
     }

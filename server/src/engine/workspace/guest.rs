@@ -6,10 +6,16 @@ pub(super) fn guest_failure(vm: &str, what: &str, out: &ExecOutput) -> ApiError 
     let stderr = crate::guest::untrusted_text(String::from_utf8_lossy(&out.stderr).trim());
     if out.status.timed_out {
         return ApiError::new(ErrorCode::Timeout, format!("VM {vm}: {what} timed out"))
-            .with_hint(format!("`banger vm logs {vm}` shows the guest console; retry once the guest is less busy"));
+            .with_hint("retry once the guest is less busy")
+            .with_next("vm.logs", serde_json::json!({"vm": vm}), "shows the guest console");
     }
     ApiError::internal(format!("VM {vm}: {what} failed ({:?}): {stderr}", out.status.code))
-        .with_hint(format!("`banger vm exec {vm} -- git -C {GUEST_REPO} status` shows the guest repository"))
+        .with_hint("the guest repository may have been changed by hand")
+        .with_next(
+            "vm.exec",
+            serde_json::json!({"vm": vm, "command": ["git", "-C", GUEST_REPO, "status"]}),
+            "shows the guest repository",
+        )
 }
 
 pub(super) fn guest_err(vm: &str, e: GuestError) -> ApiError {
@@ -20,7 +26,8 @@ pub(super) fn guest_err(vm: &str, e: GuestError) -> ApiError {
             ErrorCode::GuestUnreachable,
             format!("VM {vm}: {}", crate::engine::errors::error_chain(&other)),
         )
-        .with_hint(format!("`banger vm logs {vm}` shows the guest console")),
+        .with_hint("the guest agent does not answer")
+        .with_next("vm.logs", serde_json::json!({"vm": vm}), "shows the guest console"),
     }
 }
 
@@ -43,7 +50,9 @@ pub(super) async fn run_script(
     .await
     .map_err(|_| {
         ApiError::new(ErrorCode::Timeout, format!("VM {vm}: the guest did not answer"))
-            .with_hint(format!("`banger vm logs {vm}` shows the guest console; `banger vm restart {vm}` reboots it"))
+            .with_hint("the guest agent does not answer")
+            .with_next("vm.logs", serde_json::json!({"vm": vm}), "shows the guest console")
+            .with_next("vm.restart", serde_json::json!({"vm": vm}), "reboots the VM")
     })?
     .map_err(|e| guest_err(vm, e))?;
     if out.stdout_truncated {
@@ -72,7 +81,7 @@ pub(super) async fn read_guest_file(
             return Err(ApiError::internal(format!(
                 "VM {vm}: {path} is larger than the {max_bytes} bytes the host reads of it"
             ))
-            .with_hint("the guest changed or replaced a file banger wrote; re-run the export"));
+            .with_hint("the guest changed or replaced a file banger wrote; export again"));
         }
         if cancel.is_cancelled() {
             return Err(ApiError::new(ErrorCode::Cancelled, "cancelled by the caller")
@@ -91,10 +100,15 @@ pub(super) async fn read_guest_file(
     }
 }
 
-pub(super) fn repo_exists(vm: &str) -> ApiError {
-    ApiError::new(ErrorCode::AlreadyExists, format!("VM {vm} already has a non-empty {GUEST_REPO}")).with_hint(format!(
-        "export its changes first (banger vm workspace export {vm}), then prepare again with --force to replace it"
-    ))
+pub(super) fn repo_exists(vm: &str, path: &str) -> ApiError {
+    ApiError::new(ErrorCode::AlreadyExists, format!("VM {vm} already has a non-empty {GUEST_REPO}"))
+        .with_hint("export its changes first if you want them; preparing again with force replaces them")
+        .with_next("workspace.export", serde_json::json!({"vm": vm}), "exports the changes in it as a patch")
+        .with_next(
+            "workspace.prepare",
+            serde_json::json!({"vm": vm, "path": path, "force": true}),
+            "replaces it (what the guest changed there is lost)",
+        )
 }
 
 impl Engine {
@@ -135,10 +149,20 @@ impl Engine {
         p: WorkspacePrepareParams,
         ctx: CallContext,
     ) -> Result<WorkspacePrepareResult, ApiError> {
-        p.validate().map_err(|e| ApiError::invalid(e).with_hint(crate::engine::errors::hint::SCHEMA))?;
+        p.validate().map_err(|e| {
+            let fix = crate::engine::arguments::absolute_path_fix(
+                crate::engine::arguments::as_arguments(&p),
+                "path",
+                &p.path,
+            );
+            crate::engine::arguments::invalid("workspace.prepare", e, fix)
+        })?;
         let row = self.resolve_vm(&p.vm).await?;
         let conn = self.guest(&row).await?;
-        let top = work_tree_top("path", &p.path).await?;
+        let top = work_tree_top("path", &p.path).await.map_err(|e| {
+            let args = crate::engine::arguments::as_arguments(&p);
+            crate::engine::arguments::retry_with(e, "workspace.prepare", args, "path", super::REPO_PLACEHOLDER)
+        })?;
         let stages = Arc::new(self.workspace_op("workspace.prepare", &row.name, PREPARE_STAGES, &ctx));
         let (engine, task_row, task_stages) = (self.clone(), row.clone(), stages.clone());
         let work = async move { engine.prepare_inner(&task_row, &conn, &top, p, &task_stages).await };
@@ -171,8 +195,9 @@ impl Engine {
         .await?;
         let occupied = String::from_utf8_lossy(&probe.stdout).trim() == "occupied";
         if occupied && !p.force {
-            return Err(repo_exists(&row.name));
+            return Err(repo_exists(&row.name, &p.path));
         }
+        let host_path = p.path.clone();
         stages.enter("pack");
         let local = tempfile::Builder::new().prefix("banger-prepare-").tempdir().map_err(|e| {
             ApiError::internal(format!("temporary directory: {e}"))
@@ -242,7 +267,7 @@ impl Engine {
             )
             .await?;
             if out.status.code == Some(EXIT_REPO_EXISTS) {
-                return Err(repo_exists(&row.name));
+                return Err(repo_exists(&row.name, &host_path));
             }
             if out.status.code != Some(0) {
                 return Err(guest_failure(&row.name, "unpacking the repository", &out));
@@ -271,10 +296,12 @@ impl Engine {
         let required = |k: &str| {
             value(k).ok_or_else(|| {
                 ApiError::internal(format!("prepare printed no {k}: {}", crate::guest::untrusted_text(&stdout)))
-                    .with_hint(format!(
-                        "`banger vm exec {vm} -- git -C {GUEST_REPO} log -1` shows the guest repository",
-                        vm = row.name
-                    ))
+                    .with_hint("the guest repository may have been changed by hand")
+                    .with_next(
+                        "vm.exec",
+                        serde_json::json!({"vm": row.name, "command": ["git", "-C", GUEST_REPO, "log", "-1"]}),
+                        "shows the guest repository",
+                    )
             })
         };
         let (head_commit, base_commit) = (required("head")?, required("base")?);
@@ -302,17 +329,38 @@ impl Engine {
         p: WorkspaceExportParams,
         ctx: CallContext,
     ) -> Result<WorkspaceExportResult, ApiError> {
-        p.validate().map_err(|e| ApiError::invalid(e).with_hint(crate::engine::errors::hint::SCHEMA))?;
+        p.validate().map_err(|e| {
+            let given = p.check_repo.as_deref().unwrap_or("/");
+            let args = crate::engine::arguments::as_arguments(&p);
+            let fix = crate::engine::arguments::absolute_path_fix(args, "check_repo", given);
+            crate::engine::arguments::invalid("workspace.export", e, fix)
+        })?;
         let row = self.resolve_vm(&p.vm).await?;
         let conn = self.guest(&row).await?;
         let check_top = match &p.check_repo {
-            Some(path) => Some(work_tree_top("check_repo", path).await?),
+            Some(path) => Some(work_tree_top("check_repo", path).await.map_err(|e| {
+                let args = crate::engine::arguments::as_arguments(&p);
+                crate::engine::arguments::retry_with(e, "workspace.export", args, "check_repo", super::REPO_PLACEHOLDER)
+            })?),
             None => None,
         };
+        let delete = p.delete;
         let stages = Arc::new(self.workspace_op("workspace.export", &row.name, EXPORT_STAGES, &ctx));
         let (engine, task_row, task_stages) = (self.clone(), row.clone(), stages.clone());
         let work = async move { engine.export_inner(&task_row, &conn, check_top.as_deref(), p, &task_stages).await };
-        self.run_workspace_op(stages, row, &ctx, work).await
+        let mut result = self.run_workspace_op(stages, row.clone(), &ctx, work).await?;
+        if delete {
+            result.kept_because = keep_reason(&result);
+            if result.kept_because.is_none() {
+                let refs = tools_schema::vm::VmRefs { vm: tools_schema::vm::VmSelection::One(row.id.clone()) };
+                let outcome = self.vm_delete(refs, ctx.clone()).await?;
+                match outcome.results.into_iter().find_map(|o| o.error) {
+                    None => result.deleted = true,
+                    Some(e) => result.kept_because = Some(format!("deleting it failed: {}", e.message)),
+                }
+            }
+        }
+        Ok(result)
     }
 
     pub(super) async fn export_inner(
@@ -332,7 +380,12 @@ impl Engine {
             Some(0) => {}
             Some(EXIT_NO_REPO) => {
                 return Err(ApiError::precondition(format!("VM {} has no repository at {GUEST_REPO}", row.name))
-                    .with_hint(format!("copy one in first: banger vm workspace prepare {} PATH", row.name)))
+                    .with_hint("copy a host repository in first")
+                    .with_next(
+                        "workspace.prepare",
+                        serde_json::json!({"vm": row.name, "path": "<absolute path of a git work tree on the host>"}),
+                        "copies it in",
+                    ))
             }
             Some(EXIT_BAD_BASE) if p.base.is_none() => {
                 return Err(ApiError::precondition(format!(
@@ -411,6 +464,26 @@ impl Engine {
             patch_sha256,
             patch_path,
             check,
+            deleted: false,
+            kept_because: None,
         })
+    }
+}
+
+/// Why an export's `delete` must not happen: the VM's work would not be safe on the host.
+fn keep_reason(r: &WorkspaceExportResult) -> Option<String> {
+    if !r.patch_inline {
+        return Some(format!(
+            "the patch ({} bytes) is larger than max_inline_bytes: read patch_path first, then delete the VM",
+            r.patch_bytes
+        ));
+    }
+    match &r.check {
+        Some(c) if !c.clean => Some(format!(
+            "the patch does not apply cleanly to {} ({}): the VM is kept to rework it",
+            c.repo,
+            c.conflicts.join(", ")
+        )),
+        _ => None,
     }
 }

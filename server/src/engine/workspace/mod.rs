@@ -43,6 +43,9 @@ mod host;
 
 pub(crate) use host::*;
 
+/// What an error about a host repository path offers in its place, for the caller to fill in.
+pub(crate) const REPO_PLACEHOLDER: &str = "<absolute path of a git work tree on the daemon's host>";
+
 /// Guest directory for prepare's uploads and export's patch; on the work disk, outside the repository.
 const GUEST_STAGE: &str = "/root/.banger-workspace";
 /// Guest scripts get this long; big repositories under software emulation are slow.

@@ -58,6 +58,7 @@ pub(super) fn error_box(e: &ApiError) -> Markup {
             h2 { (e.code.as_str()) }
             p { (e.message) }
             @if let Some(h) = &e.hint { p.hint { (h) } }
+            @for step in &e.next { p.next { code { (step.as_method_call()) } " " (step.why) } }
         }
     }
 }
