@@ -86,6 +86,17 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     }
 }
 
+/// A field of /proc/PID/status (`Uid`, `Seccomp`, `NoNewPrivs`, ...), as the kernel writes it.
+pub fn proc_status(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("{field} missing from /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
 /// Whether a process is alive: it exists and is not a zombie.
 pub fn process_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

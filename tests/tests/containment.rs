@@ -4,16 +4,6 @@ use banger_e2e::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-fn status_field(pid: u32, field: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("{field} missing from /proc/{pid}/status"))
-        .trim()
-        .to_string()
-}
-
 #[test]
 fn the_vmm_runs_unprivileged_filtered_namespaced_and_limited_and_sees_only_its_own_vm() {
     // A uid range of this test's own: other tests' daemons (which do not know this one's store) would
@@ -25,22 +15,22 @@ fn the_vmm_runs_unprivileged_filtered_namespaced_and_limited_and_sees_only_its_o
     let pid = d.qemu_pid(&a);
     let daemon = d.pid();
 
-    let uids: Vec<u32> = status_field(pid, "Uid").split_whitespace().map(|u| u.parse().unwrap()).collect();
+    let uids: Vec<u32> = proc_status(pid, "Uid").split_whitespace().map(|u| u.parse().unwrap()).collect();
     assert!(uids.iter().all(|u| *u == uids[0] && *u > 1_950_000_000), "uids {uids:?}");
-    let gids: Vec<u32> = status_field(pid, "Gid").split_whitespace().map(|u| u.parse().unwrap()).collect();
+    let gids: Vec<u32> = proc_status(pid, "Gid").split_whitespace().map(|u| u.parse().unwrap()).collect();
     assert!(gids.iter().all(|g| *g == uids[0]), "gids {gids:?}");
-    assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
-    assert_eq!(status_field(pid, "CapPrm"), "0000000000000000");
-    assert_eq!(status_field(pid, "CapBnd"), "0000000000000000");
-    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
-    assert_eq!(status_field(pid, "Seccomp"), "2");
+    assert_eq!(proc_status(pid, "CapEff"), "0000000000000000");
+    assert_eq!(proc_status(pid, "CapPrm"), "0000000000000000");
+    assert_eq!(proc_status(pid, "CapBnd"), "0000000000000000");
+    assert_eq!(proc_status(pid, "NoNewPrivs"), "1");
+    assert_eq!(proc_status(pid, "Seccomp"), "2");
     for ns in ["mnt", "pid"] {
         let of = |p: u32| std::fs::read_link(format!("/proc/{p}/ns/{ns}")).unwrap();
         assert_ne!(of(pid), of(daemon), "the VMM has a {ns} namespace of its own");
     }
-    assert_eq!(status_field(pid, "NSpid").split_whitespace().last(), Some("1"), "PID 1 of its namespace");
+    assert_eq!(proc_status(pid, "NSpid").split_whitespace().last(), Some("1"), "PID 1 of its namespace");
     let other = d.qemu_pid(&b);
-    assert_ne!(status_field(other, "Uid"), status_field(pid, "Uid"), "each VM has a uid of its own");
+    assert_ne!(proc_status(other, "Uid"), proc_status(pid, "Uid"), "each VM has a uid of its own");
 
     // Limits follow the shape: RAM + 256 MiB, 2 vCPUs + half a CPU, 512 tasks.
     let memory = cgroup_file(pid, "memory", "memory.limit_in_bytes", "memory.max");
@@ -113,7 +103,7 @@ fn the_vmm_runs_unprivileged_filtered_namespaced_and_limited_and_sees_only_its_o
     d.rpc("vm.start", json!({"vm": "jailed"}));
     let a = d.rpc("vm.show", json!({"vm": "jailed"}));
     let pid = d.qemu_pid(&a);
-    assert_eq!(status_field(pid, "Uid").split_whitespace().next().unwrap(), uids[0].to_string(), "the VM's uid");
+    assert_eq!(proc_status(pid, "Uid").split_whitespace().next().unwrap(), uids[0].to_string(), "the VM's uid");
     assert_eq!(cgroup_file(pid, "cpu", "cpu.cfs_quota_us", "cpu.max").split_whitespace().next(), Some("40000"));
 
     // Deleting the VM removes its cgroup and frees its uid's processes.
@@ -203,7 +193,7 @@ fn doctor_reports_containment_and_warns_when_it_is_turned_off() {
     d.register_test_image();
     let vm = d.rpc("vm.create", json!({"name": "loose", "memory_mib": 256, "boot": "cold"}));
     let pid = d.qemu_pid(&vm);
-    assert_eq!(status_field(pid, "Uid").split_whitespace().next(), Some("0"));
+    assert_eq!(proc_status(pid, "Uid").split_whitespace().next(), Some("0"));
     let shown = d.rpc("vm.show", json!({"vm": "loose"}));
     assert_eq!(shown["containment"]["contained"], false, "{shown}");
     d.rpc("vm.delete", json!({"vms": ["loose"]}));

@@ -328,6 +328,16 @@ fn the_warm_pool_hands_out_ready_vms_refills_and_stays_within_host_memory() {
     assert!(v6.lines().any(|l| l.starts_with("fe80") && !l.ends_with(" lo")), "{v6}");
     let out = d.netns.exec(&["getent", "hosts", "pooled.vm"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).split_whitespace().next(), v["ip"].as_str());
+    // It keeps the uid it was pooled with (recorded when it was handed out): its VMM runs as it, and so does
+    // the VMM of its next start.
+    let show = || d.rpc("vm.show", json!({"vm": "pooled"}));
+    let pooled_uid = show()["containment"]["uid"].as_u64().unwrap();
+    let vmm_uid = |vm: &Value| proc_status(d.qemu_pid(vm), "Uid").split_whitespace().next().unwrap().to_string();
+    assert_eq!(vmm_uid(&show()), pooled_uid.to_string());
+    d.rpc("vm.stop", json!({"vm": "pooled"}));
+    d.rpc("vm.start", json!({"vm": "pooled"}));
+    assert_eq!(show()["containment"]["uid"], pooled_uid, "the uid was kept across stop and start");
+    assert_eq!(vmm_uid(&show()), pooled_uid.to_string());
     // It refills in the background; another shape is not served from it.
     wait_until("the pools to refill", Duration::from_secs(120), || pool_status(&d)["ready"] == 2);
     let v = d.rpc("vm.create", json!({"name": "bigger", "memory_mib": 320}));

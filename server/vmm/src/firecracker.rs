@@ -15,7 +15,6 @@ use http_body_util::{BodyExt, Full};
 use hyper::{header, Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-use tokio::net::UnixStream;
 
 /// Name of the API socket inside a VM's directory; fixed so a restarted daemon can find it again.
 pub const API_SOCKET_NAME: &str = "firecracker.sock";
@@ -503,7 +502,7 @@ async fn exchange(
 ) -> Result<(StatusCode, Bytes), FcError> {
     let http_err = |source| FcError::Http { method: method.to_string(), path: path.to_string(), source };
     let request = build_request(method, path, body)?;
-    let stream = UnixStream::connect(socket)
+    let stream = crate::host::connect_vm_socket(socket)
         .await
         .map_err(|source| FcError::Io { what: format!("connecting to {socket:?}"), source })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http_err)?;

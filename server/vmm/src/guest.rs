@@ -188,7 +188,7 @@ fn over_cap(what: &str, cap: u64) -> GuestError {
 impl GuestConn {
     /// Connects to a virtio-serial channel socket. This does not wait for the guest: see `wait_ready`.
     pub async fn connect(path: &Path) -> Result<Arc<GuestConn>, GuestError> {
-        let stream = UnixStream::connect(path).await.map_err(GuestError::Connect)?;
+        let stream = crate::host::connect_vm_socket(path).await.map_err(GuestError::Connect)?;
         Ok(Self::from_stream(stream))
     }
 

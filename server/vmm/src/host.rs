@@ -87,3 +87,65 @@ pub fn cache_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| "/var/cache/banger".into())
 }
+
+/// Connects to a socket a VM's process listens on in the VM's folder (its channel, QMP, vsock or API socket).
+/// The VMM may replace what it made there, with a link to another VM's socket or to a host service's, so the
+/// listener must be of the folder's group: the VM's own gid (the folder is root's, so the VMM cannot change
+/// that), or root's where containment is off. Checked on the connected socket (SO_PEERCRED), so a swap after
+/// the check changes nothing.
+pub async fn connect_vm_socket(path: &Path) -> std::io::Result<tokio::net::UnixStream> {
+    use std::os::unix::fs::MetadataExt;
+    let stream = tokio::net::UnixStream::connect(path).await?;
+    let peer = stream.peer_cred()?;
+    let folder = path.parent().unwrap_or(Path::new("/"));
+    let want = std::fs::metadata(folder)?.gid();
+    if peer.gid() != want {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is served by a process of gid {}, not of the VM's ({want}): refused (a link the VMM left?)",
+                path.display(),
+                peer.gid()
+            ),
+        ));
+    }
+    Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listener that is not the VM's (another VM's, a host service's) is refused, even reached through a
+    /// link at the VM's socket path; the VM's own listener is connected.
+    #[tokio::test]
+    async fn a_vm_socket_served_by_another_group_is_refused() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let folder_gid = std::fs::metadata(dir.path()).unwrap().gid();
+        let own = dir.path().join("own.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&own).unwrap();
+        connect_vm_socket(&own).await.expect("the folder's group serves it");
+
+        let elsewhere = tempfile::tempdir().unwrap();
+        let foreign = elsewhere.path().join("foreign.sock");
+        let other_gid = folder_gid + 4242;
+        // A listener of another group: a child process with that gid binds and listens, then waits.
+        let script = format!(
+            "import socket,time; s=socket.socket(socket.AF_UNIX); s.bind({:?}); s.listen(); print('up', flush=True); time.sleep(30)",
+            foreign.display().to_string()
+        );
+        let mut child = std::process::Command::new("python3");
+        std::os::unix::process::CommandExt::gid(&mut child, other_gid);
+        let mut child = child.args(["-c", &script]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+        let mut up = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut up).unwrap();
+        assert_eq!(up.trim(), "up");
+        let planted = dir.path().join("qmp.sock");
+        std::os::unix::fs::symlink(&foreign, &planted).unwrap();
+        let refused = connect_vm_socket(&planted).await.expect_err("another group's listener was connected");
+        assert_eq!(refused.kind(), std::io::ErrorKind::PermissionDenied, "{refused}");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

@@ -24,7 +24,7 @@ pub async fn connect(uds: &Path, port: u32) -> io::Result<UnixStream> {
 }
 
 async fn connect_within(uds: &Path, port: u32, wait: Duration) -> io::Result<UnixStream> {
-    let mut stream = UnixStream::connect(uds).await?;
+    let mut stream = crate::host::connect_vm_socket(uds).await?;
     match tokio::time::timeout(wait, vsock_handshake(&mut stream, port)).await {
         Ok(Ok(_assigned)) => Ok(stream),
         Ok(Err(e)) => Err(e),

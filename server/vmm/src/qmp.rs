@@ -37,7 +37,7 @@ impl Qmp {
     pub async fn connect(path: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let stream = loop {
-            match UnixStream::connect(path).await {
+            match crate::host::connect_vm_socket(path).await {
                 Ok(s) => break s,
                 Err(e) if tokio::time::Instant::now() >= deadline => return Err(QmpError::Connect(e)),
                 Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
