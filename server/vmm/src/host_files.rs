@@ -41,11 +41,9 @@ pub fn write_fresh(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     create_fresh(path)?.write_all(bytes)
 }
 
-/// Takes over a file a VMM made for the daemon (a Firecracker snapshot): it must be a plain file with one
-/// name (not a symlink, not a hard link to something else), and becomes root's, 0600. Done on the open
-/// descriptor, so the VMM cannot swap the path between the check and the change; opened non-blocking, so a
-/// FIFO put there cannot hold the daemon's thread.
-pub fn take_over(path: &Path) -> std::io::Result<()> {
+/// Opens, read-only, a file in a folder a VMM could write to, only if it is a plain file with one name (not a
+/// symlink, not a second name of another file); non-blocking, so a FIFO put there cannot hold the daemon.
+pub fn open_plain(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::MetadataExt;
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -58,6 +56,15 @@ pub fn take_over(path: &Path) -> std::io::Result<()> {
             format!("{} is not a plain file of its own (a link?): refused", path.display()),
         ));
     }
+    Ok(f)
+}
+
+/// Takes over a file a VMM made for the daemon (a Firecracker snapshot): it must be a plain file with one
+/// name (not a symlink, not a hard link to something else), and becomes root's, 0600. Done on the open
+/// descriptor, so the VMM cannot swap the path between the check and the change; opened non-blocking, so a
+/// FIFO put there cannot hold the daemon's thread.
+pub fn take_over(path: &Path) -> std::io::Result<()> {
+    let f = open_plain(path)?;
     std::os::unix::fs::fchown(&f, Some(0), Some(0))?;
     f.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE))
 }

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -55,7 +55,8 @@ fn cache() -> &'static Mutex<HashMap<PathBuf, SealedRam>> {
 
 /// The sealed copy of the RAM file at `path`, made on first use. Blocking (it may copy the whole file).
 pub fn sealed(path: &Path) -> std::io::Result<SealedRam> {
-    let file = open_plain(path)?;
+    // The template's VMM had that folder: a link it left at the path is refused rather than followed.
+    let file = crate::host_files::open_plain(path)?;
     let meta = file.metadata()?;
     let source = (meta.dev(), meta.ino());
     if let Some(ram) = cache().lock().get(path).filter(|r| r.source == source && r.len == meta.len()) {
@@ -69,23 +70,6 @@ pub fn sealed(path: &Path) -> std::io::Result<SealedRam> {
 /// Drops the sealed copy of a template's RAM (the template is gone); clones running keep theirs mapped.
 pub fn forget(path: &Path) {
     cache().lock().remove(path);
-}
-
-/// The RAM file, opened read-only as a plain file of its own: the template's VMM had that folder, so a link
-/// it left there is refused rather than followed.
-fn open_plain(path: &Path) -> std::io::Result<File> {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
-        .open(path)?;
-    let meta = f.metadata()?;
-    if !meta.file_type().is_file() || meta.nlink() != 1 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("{} is not a plain file of its own (a link?): refused", path.display()),
-        ));
-    }
-    Ok(f)
 }
 
 fn seal_copy(file: &File, source: (u64, u64), len: u64) -> std::io::Result<SealedRam> {
