@@ -46,12 +46,37 @@ pub struct ShapeArgs {
     /// Virtual CPUs (1-32).
     #[arg(long, value_parser = clap::value_parser!(u32).range(vm::MIN_VCPUS as i64..=vm::MAX_VCPUS as i64))]
     pub vcpus: Option<u32>,
-    /// Guest memory in MiB (128-65536).
-    #[arg(long = "memory", value_parser = clap::value_parser!(u32).range(vm::MIN_MEMORY_MIB as i64..=vm::MAX_MEMORY_MIB as i64))]
+    /// Guest memory in MiB (128-65536), or a size such as 2G or 512M.
+    #[arg(long = "memory", value_parser = parse_memory_mib)]
     pub memory_mib: Option<u32>,
+}
+
+/// `--memory`: MiB (`2048`) or a size (`2G`, `512M`), within the guest memory range.
+pub(crate) fn parse_memory_mib(s: &str) -> Result<u32, String> {
+    let range = vm::MIN_MEMORY_MIB..=vm::MAX_MEMORY_MIB;
+    vm::parse_size(s, 1).and_then(|m| u32::try_from(m).ok()).filter(|m| range.contains(m)).ok_or_else(|| {
+        format!("give {}-{} MiB, as MiB (2048) or a size (2G, 512M); `{s}` is not", range.start(), range.end())
+    })
 }
 
 /// `KEY=VALUE`, as `--env` takes it.
 pub(crate) fn parse_env(s: &str) -> Result<(String, String), String> {
     s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_reads_as_mib_or_a_size_within_the_range() {
+        assert_eq!(parse_memory_mib("2048"), Ok(2048));
+        assert_eq!(parse_memory_mib("2G"), Ok(2048));
+        assert_eq!(parse_memory_mib("512M"), Ok(512));
+        assert_eq!(parse_memory_mib("1.5GiB"), Ok(1536));
+        for bad in ["64", "lots", "2P", "0.3M", "128T"] {
+            let e = parse_memory_mib(bad).unwrap_err();
+            assert!(e.contains(&format!("`{bad}`")) && e.contains("128-65536"), "{bad}: {e}");
+        }
+    }
 }

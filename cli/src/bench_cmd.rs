@@ -31,7 +31,7 @@ pub struct BenchArgs {
     #[arg(long)]
     image: Option<String>,
     /// Guest memory in MiB for every VM, bare boots included.
-    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(tools_schema::vm::MIN_MEMORY_MIB as i64..=tools_schema::vm::MAX_MEMORY_MIB as i64))]
+    #[arg(long, default_value_t = 512, value_parser = crate::args::parse_memory_mib)]
     memory: u32,
     /// MiB of incompressible files moved by the throughput measurements.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]

@@ -617,6 +617,28 @@ pub fn parse_mode(s: &str) -> Result<u32, String> {
 }
 
 /// Validates a VM or image name; returns a message saying what is wrong.
+/// A size as people write it, in whole units of `unit_mib` MiB (1 for a `*_mib` field, 1024 for `*_gib`): a
+/// plain number is already in that unit; `512M`, `2G`, `1.5GiB`, `1T` are converted. None when it is not a
+/// whole, positive number of the unit. The daemon mends arguments with it; the CLI reads its sizes with it.
+pub fn parse_size(text: &str, unit_mib: u64) -> Option<u64> {
+    let t = text.trim();
+    if let Ok(n) = t.parse::<u64>() {
+        return Some(n);
+    }
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (amount, unit) = t.split_at(split);
+    let amount: f64 = amount.parse().ok()?;
+    let mib = match unit.trim().to_ascii_lowercase().trim_end_matches("ib").trim_end_matches('b') {
+        "k" => amount / 1024.0,
+        "m" => amount,
+        "g" => amount * 1024.0,
+        "t" => amount * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    let n = mib / unit_mib as f64;
+    (n.fract() == 0.0 && n > 0.0).then_some(n as u64)
+}
+
 pub fn validate_name(kind: &str, name: &str) -> Result<(), String> {
     let ok_chars = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
     if name.is_empty() || name.len() > 63 {

@@ -158,32 +158,19 @@ fn is_integer(node: &Value) -> bool {
     }
 }
 
-/// A number given as text: `"2048"`, or a size with a unit for a field counted in MiB or GiB (`"2G"`,
-/// `"512M"`, `"1.5GiB"`).
+/// A number given as text: `"2048"`, or a size with a unit for a field counted in MiB or GiB (`"2G"`).
 fn as_number(field: &str, text: &str) -> Option<u64> {
-    let t = text.trim();
-    if let Ok(n) = t.parse::<u64>() {
+    if let Ok(n) = text.trim().parse::<u64>() {
         return Some(n);
     }
     let unit_mib = if field.ends_with("_mib") {
-        1.0
+        1
     } else if field.ends_with("_gib") {
-        1024.0
+        1024
     } else {
         return None;
     };
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
-    let (amount, unit) = t.split_at(split);
-    let amount: f64 = amount.parse().ok()?;
-    let mib = match unit.trim().to_ascii_lowercase().trim_end_matches("ib").trim_end_matches('b') {
-        "k" => amount / 1024.0,
-        "m" => amount,
-        "g" => amount * 1024.0,
-        "t" => amount * 1024.0 * 1024.0,
-        _ => return None,
-    };
-    let n = mib / unit_mib;
-    (n.fract() == 0.0 && n > 0.0).then_some(n as u64)
+    tools_schema::vm::parse_size(text, unit_mib)
 }
 
 /// The known name the caller most likely meant: one containing the other (`memory` for `memory_mib`), or
