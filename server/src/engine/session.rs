@@ -62,11 +62,12 @@ impl Drop for AttachClaim {
 
 impl Attachments {
     /// Checks and takes the claim in one critical section, so two attachers can never both succeed.
-    fn claim(&self, session: &str, steal: bool) -> Result<AttachClaim, ApiError> {
+    /// `named` is how the caller knows the session (its name, else its id), for the refusal.
+    fn claim(&self, session: &str, named: &str, steal: bool) -> Result<AttachClaim, ApiError> {
         let mut held = self.held.lock();
         if let Some((_, holder)) = held.get(session) {
             if !steal {
-                return Err(ApiError::new(ErrorCode::Busy, format!("session {session} is already attached"))
+                return Err(ApiError::new(ErrorCode::Busy, format!("session `{named}` is already attached"))
                     .with_hint("detach the other client first, or attach with steal to take it over"));
             }
             holder.cancel();
@@ -565,7 +566,7 @@ impl Engine {
                 .with_hint("a session that is over cannot be attached; its output stays readable")
                 .with_next("session.logs", json!({"session": label(&row), "vm": vm.name}), "reads its output"));
         }
-        let claim = if attach { Some(self.attachments.claim(&row.id, p.steal)?) } else { None };
+        let claim = if attach { Some(self.attachments.claim(&row.id, label(&row), p.steal)?) } else { None };
         Ok(SessionFollower {
             engine: self.clone(),
             row,
@@ -667,18 +668,19 @@ mod tests {
     #[test]
     fn one_attacher_at_a_time_and_a_steal_hands_over_cleanly() {
         let a = Attachments::default();
-        let first = a.claim("s1", false).unwrap();
-        assert_eq!(a.claim("s1", false).err().unwrap().code, ErrorCode::Busy);
-        drop(a.claim("s2", false).expect("other sessions are independent"));
-        let second = a.claim("s1", true).unwrap();
+        let first = a.claim("s1", "s1", false).unwrap();
+        let busy = a.claim("s1", "agent", false).err().unwrap();
+        assert_eq!((busy.code, busy.message.as_str()), (ErrorCode::Busy, "session `agent` is already attached"));
+        drop(a.claim("s2", "s2", false).expect("other sessions are independent"));
+        let second = a.claim("s1", "s1", true).unwrap();
         assert!(first.stolen.is_cancelled(), "the holder is told");
         // The old holder leaving must not release the new holder's claim.
         drop(first);
         assert!(a.is_attached("s1"));
-        assert_eq!(a.claim("s1", false).err().unwrap().code, ErrorCode::Busy);
+        assert_eq!(a.claim("s1", "s1", false).err().unwrap().code, ErrorCode::Busy);
         drop(second);
         assert!(!a.is_attached("s1"), "released when the attacher goes away");
-        assert!(a.claim("s1", false).is_ok());
+        assert!(a.claim("s1", "s1", false).is_ok());
     }
 
     #[test]
