@@ -173,7 +173,8 @@ mod tests {
     /// What the default toolset costs an agent's context (name, description and input schema of each tool, as
     /// `tools/list` sends them): at most 12 KiB. Printed per tool, so a change that breaks it shows where.
     /// (`front_doors::the_default_toolset_fits_an_agents_context_and_all_lists_every_operation` measures the
-    /// same over a real `banger mcp`.)
+    /// same over a real `banger mcp`.) `SHOW_SCHEMA=vm_run cargo test -p tools-schema --lib
+    /// the_default_toolset_costs -- --nocapture` also prints that tool's input schema.
     #[test]
     fn the_default_toolset_costs_at_most_12_kib_of_context() {
         use crate::portable::{portable, Direction};

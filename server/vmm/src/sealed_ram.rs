@@ -80,13 +80,13 @@ fn seal_copy(file: &File, source: (u64, u64), len: u64) -> std::io::Result<Seale
     let mut offset = 0u64;
     while offset < len {
         let want = CHUNK.min((len - offset) as usize);
-        let got = read_full(file, &mut buf[..want], offset)?;
-        if got < want {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("the RAM file shrank while it was copied (at {} of {len} bytes)", offset + got as u64),
-            ));
-        }
+        file.read_exact_at(&mut buf[..want], offset).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => std::io::Error::new(
+                e.kind(),
+                format!("the RAM file shrank while it was copied (before {} of {len} bytes)", offset + want as u64),
+            ),
+            _ => e,
+        })?;
         if buf[..want].iter().any(|&b| b != 0) {
             ram.write_all_at(&buf[..want], offset)?;
         }
@@ -94,19 +94,6 @@ fn seal_copy(file: &File, source: (u64, u64), len: u64) -> std::io::Result<Seale
     }
     fcntl(&ram, FcntlArg::F_ADD_SEALS(SEALS))?;
     Ok(SealedRam { fd: Arc::new(OwnedFd::from(ram)), source, len })
-}
-
-fn read_full(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 #[cfg(test)]
